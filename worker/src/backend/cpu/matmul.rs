@@ -1,0 +1,159 @@
+//! Matmul with bias: the linear layers of attention and the MLP.
+//!
+//! Weights are `(C, OC)` (`in, out`, Hugging Face `Conv1D` layout).
+
+use rayon::prelude::*;
+
+use super::mat::{matmul, MatMut, MatRef, Par};
+use super::{add_column_sums, ROW_CHUNK_ELEMS};
+
+/// `out = inp·w + bias`.
+///
+/// - `out`: `(N, OC)` where `N = B·T` rows
+/// - `inp`: `(N, C)`, `w`: `(C, OC)`, `bias`: `(OC)` or none
+pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) {
+    let out = &mut out[..n * oc];
+    let accumulate = match bias {
+        Some(b) => {
+            let rows_per_task = (ROW_CHUNK_ELEMS / oc).max(1);
+            out.par_chunks_mut(rows_per_task * oc).for_each(|chunk| {
+                for row in chunk.chunks_mut(oc) {
+                    row.copy_from_slice(b);
+                }
+            });
+            true
+        }
+        None => false,
+    };
+    // SAFETY: the views cover exactly the slices above, which do not overlap.
+    unsafe {
+        matmul(MatMut::rows(out, n, oc), MatRef::rows(inp, n, c), MatRef::rows(w, c, oc), accumulate, 1.0, Par::Pool)
+    }
+}
+
+/// Backward of [`matmul_forward`]:
+/// - `dinp = dout·wᵀ` (overwritten), `(N, C)`
+/// - `dw += inpᵀ·dout`, `(C, OC)`
+/// - `dbias += Σ_rows dout`, `(OC)`
+pub fn matmul_backward(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    let dout_m = MatRef::rows(dout, n, oc);
+    // SAFETY: distinct buffers; views within their lengths (checked by MatRef/MatMut::rows).
+    unsafe {
+        matmul(MatMut::rows(dinp, n, c), dout_m, MatRef::rows(w, c, oc).t(), false, 1.0, Par::Pool);
+        matmul(MatMut::rows(dw, c, oc), MatRef::rows(inp, n, c).t(), dout_m, true, 1.0, Par::Pool);
+    }
+    if let Some(db) = dbias {
+        add_column_sums(&mut db[..oc], &dout[..n * oc]);
+    }
+}
+
+/// The tied LM head: `logits = x·wteᵀ`.
+///
+/// - `logits`: `(N, Vp)`; `x`: `(N, C)`; `wte`: `(Vp, C)` (the token embedding, `out, in`)
+pub fn lm_head_forward(logits: &mut [f32], x: &[f32], wte: &[f32], n: usize, c: usize, vp: usize) {
+    // SAFETY: distinct buffers; views within their lengths (checked by MatRef/MatMut::rows).
+    unsafe {
+        matmul(MatMut::rows(logits, n, vp), MatRef::rows(x, n, c), MatRef::rows(wte, vp, c).t(), false, 1.0, Par::Pool)
+    }
+}
+
+/// Backward of [`lm_head_forward`]: `dx = dlogits·wte` (overwritten), `dwte += dlogitsᵀ·x`.
+pub fn lm_head_backward(dx: &mut [f32], dwte: &mut [f32], dlogits: &[f32], x: &[f32], wte: &[f32], n: usize, c: usize, vp: usize) {
+    let g = MatRef::rows(dlogits, n, vp);
+    // SAFETY: as above.
+    unsafe {
+        matmul(MatMut::rows(dx, n, c), g, MatRef::rows(wte, vp, c), false, 1.0, Par::Pool);
+        matmul(MatMut::rows(dwte, vp, c), g.t(), MatRef::rows(x, n, c), true, 1.0, Par::Pool);
+    }
+}
+
+/// Plain triple-loop reference of [`matmul_forward`] (f64 accumulation), for tests.
+pub fn matmul_forward_reference(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) {
+    for i in 0..n {
+        for o in 0..oc {
+            let mut acc = bias.map_or(0.0, |b| b[o] as f64);
+            for k in 0..c {
+                acc += inp[i * c + k] as f64 * w[k * oc + o] as f64;
+            }
+            out[i * oc + o] = acc as f32;
+        }
+    }
+}
+
+/// Plain reference of [`matmul_backward`] (f64 accumulation), for tests.
+pub fn matmul_backward_reference(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    for i in 0..n {
+        for k in 0..c {
+            let mut acc = 0.0f64;
+            for o in 0..oc {
+                acc += dout[i * oc + o] as f64 * w[k * oc + o] as f64;
+            }
+            dinp[i * c + k] = acc as f32;
+        }
+    }
+    for k in 0..c {
+        for o in 0..oc {
+            let mut acc = 0.0f64;
+            for i in 0..n {
+                acc += inp[i * c + k] as f64 * dout[i * oc + o] as f64;
+            }
+            dw[k * oc + o] += acc as f32;
+        }
+    }
+    if let Some(db) = dbias {
+        for o in 0..oc {
+            db[o] += (0..n).map(|i| dout[i * oc + o] as f64).sum::<f64>() as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::testutil::{assert_close, randn};
+
+    #[test]
+    fn fast_matches_reference_at_several_sizes() {
+        // Odd sizes exercise gemm's edge tiles.
+        for &(n, c, oc) in &[(1, 1, 1), (7, 13, 5), (64, 32, 96), (33, 65, 129)] {
+            let inp = randn(n * c, 1);
+            let w = randn(c * oc, 2);
+            let b = randn(oc, 3);
+            let dout = randn(n * oc, 4);
+            let (mut o1, mut o2) = (vec![0.0; n * oc], vec![0.0; n * oc]);
+            matmul_forward(&mut o1, &inp, &w, Some(&b), n, c, oc);
+            matmul_forward_reference(&mut o2, &inp, &w, Some(&b), n, c, oc);
+            // f32 dot products of length <= 65 against f64: 1e-5 relative is ~100 ulps of slack.
+            assert_close(&o1, &o2, 1e-5, 1e-5, "forward");
+
+            let (mut di1, mut di2) = (vec![0.0; n * c], vec![0.0; n * c]);
+            let (mut dw1, mut dw2) = (vec![0.5; c * oc], vec![0.5; c * oc]);
+            let (mut db1, mut db2) = (vec![0.25; oc], vec![0.25; oc]);
+            matmul_backward(&mut di1, &mut dw1, Some(&mut db1), &dout, &inp, &w, n, c, oc);
+            matmul_backward_reference(&mut di2, &mut dw2, Some(&mut db2), &dout, &inp, &w, n, c, oc);
+            assert_close(&di1, &di2, 1e-5, 1e-5, "dinp");
+            assert_close(&dw1, &dw2, 1e-5, 1e-5, "dw (accumulated)");
+            assert_close(&db1, &db2, 1e-5, 1e-5, "dbias (accumulated)");
+        }
+    }
+}

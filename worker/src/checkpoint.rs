@@ -1,0 +1,351 @@
+//! Checkpoints: a directory that `transformers` can load as a `GPT2LMHeadModel` and that
+//! liandan resumes from bit for bit.
+//!
+//! ```text
+//! DIR/model.safetensors      weights, Hugging Face names and layouts (wte without padding rows)
+//! DIR/optimizer.safetensors  AdamW moments "m" and "v" in the flat parameter layout
+//! DIR/config.json            Hugging Face GPT2Config
+//! DIR/state.json             step, RNG state, model and training config, data cursor, tokenizer,
+//!                            and the size and SHA-256 of every other file; its own SHA-256 too
+//! ```
+//!
+//! Writing is atomic: everything goes into a temporary sibling directory, each file is fsynced,
+//! the directory is renamed into place and its parent fsynced. A crash leaves either the old
+//! checkpoint or the new one, never a mix. Loading verifies sizes and checksums before parsing,
+//! then every tensor's name, dtype and shape against the config.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{EngineError, Result};
+use crate::model::config::GptConfig;
+use crate::model::params::{ParamKind, ParamLayout};
+use crate::train::TrainConfig;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const HF_CONFIG_FILE: &str = "config.json";
+pub const STATE_FILE: &str = "state.json";
+const FORMAT: &str = "liandan-checkpoint";
+const VERSION: u32 = 1;
+
+/// Where the data reader stands, so a resumed run reads what an uninterrupted one would.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataCursor {
+    /// Next token of the stream (single-process byte training).
+    pub position: u64,
+}
+
+/// Size and SHA-256 of one file of the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSum {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Contents of `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointState {
+    pub format: String,
+    pub version: u32,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// [`crate::rng::Rng::state`], hex (JSON numbers lose precision above 2^53 in many readers).
+    pub rng_state: String,
+    pub model_config: GptConfig,
+    pub train_config: Option<TrainConfig>,
+    /// Updates applied by AdamW (its bias-correction `t`); 0 when no optimizer state was saved.
+    pub optimizer_t: u64,
+    pub data_cursor: DataCursor,
+    /// Tokenizer the model was trained with ([`crate::tokenizer::BYTES`] or a tokenizer file name).
+    pub tokenizer: String,
+    pub files: BTreeMap<String, FileSum>,
+    /// SHA-256 of this JSON with this field empty.
+    pub sha256: String,
+}
+
+impl CheckpointState {
+    pub fn rng_state(&self) -> Result<u64> {
+        u64::from_str_radix(&self.rng_state, 16)
+            .map_err(|e| EngineError::checkpoint(STATE_FILE, format!("rng_state '{}': {e}", self.rng_state)))
+    }
+}
+
+/// What to save besides the weights.
+#[derive(Debug, Clone)]
+pub struct SaveInfo<'a> {
+    pub step: u64,
+    pub rng_state: u64,
+    pub train_config: Option<&'a TrainConfig>,
+    pub data_cursor: DataCursor,
+    pub tokenizer: &'a str,
+}
+
+/// Optimizer moments to save: `(m, v, t)` in the flat layout.
+pub type Moments<'a> = (&'a [f32], &'a [f32], u64);
+
+/// A checkpoint read back and verified.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub state: CheckpointState,
+    /// Parameters in the flat [`ParamLayout`] (padding rows zero).
+    pub params: Vec<f32>,
+    /// AdamW `m` and `v`, if the checkpoint has them.
+    pub moments: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Writes a checkpoint of `params` (and optionally optimizer moments) to `dir`, atomically.
+///
+/// # Errors
+/// I/O errors, naming the file.
+pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Moments<'_>>, info: &SaveInfo<'_>) -> Result<()> {
+    let layout = ParamLayout::new(config);
+    if params.len() != layout.len() {
+        return Err(EngineError::checkpoint(dir, format!("params have {} floats, the config needs {}", params.len(), layout.len())));
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+    let name = dir.file_name().ok_or_else(|| EngineError::checkpoint(dir, "checkpoint path has no directory name"))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+
+    let mut files = BTreeMap::new();
+    let model_bytes = serialize_model(config, &layout, params).map_err(|e| EngineError::checkpoint(dir, e))?;
+    files.insert(MODEL_FILE.to_string(), write_synced(&tmp.join(MODEL_FILE), &model_bytes)?);
+    let optimizer_t = match moments {
+        Some((m, v, t)) => {
+            let bytes = serialize_moments(m, v, layout.len()).map_err(|e| EngineError::checkpoint(dir, e))?;
+            files.insert(OPTIMIZER_FILE.to_string(), write_synced(&tmp.join(OPTIMIZER_FILE), &bytes)?);
+            t
+        }
+        None => 0,
+    };
+    let hf = serde_json::to_vec_pretty(&config.to_hf_config_json()).map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
+    files.insert(HF_CONFIG_FILE.to_string(), write_synced(&tmp.join(HF_CONFIG_FILE), &hf)?);
+
+    let mut state = CheckpointState {
+        format: FORMAT.into(),
+        version: VERSION,
+        step: info.step,
+        rng_state: format!("{:016x}", info.rng_state),
+        model_config: config.clone(),
+        train_config: info.train_config.cloned(),
+        optimizer_t,
+        data_cursor: info.data_cursor.clone(),
+        tokenizer: info.tokenizer.to_string(),
+        files,
+        sha256: String::new(),
+    };
+    state.sha256 = state_digest(&state)?;
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
+    write_synced(&tmp.join(STATE_FILE), &json)?;
+    sync_dir(&tmp)?;
+
+    // Swap into place. A directory cannot be renamed over a non-empty one, so an existing
+    // checkpoint is moved aside first and removed only after the new one is in place.
+    let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+    let had_old = dir.exists();
+    if had_old {
+        fs::rename(dir, &old).map_err(|e| EngineError::io(dir, e))?;
+    }
+    fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+    sync_dir(parent)?;
+    if had_old {
+        fs::remove_dir_all(&old).map_err(|e| EngineError::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// Reads and verifies the checkpoint in `dir`. With `expect`, the checkpoint's model config
+/// must equal it (a checkpoint of another vocabulary or shape is refused, naming the field).
+///
+/// # Errors
+/// [`EngineError::Checkpoint`] naming the file and what is wrong: missing, truncated, checksum
+/// mismatch, a tensor missing or of the wrong shape or dtype, a config that differs from `expect`.
+pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
+    let state_path = dir.join(STATE_FILE);
+    let raw = fs::read(&state_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::checkpoint(&state_path, "missing: not a liandan checkpoint (or an unfinished one)"),
+        _ => EngineError::io(&state_path, e),
+    })?;
+    let state: CheckpointState =
+        serde_json::from_slice(&raw).map_err(|e| EngineError::checkpoint(&state_path, format!("not valid checkpoint state: {e}")))?;
+    if state.format != FORMAT || state.version != VERSION {
+        return Err(EngineError::checkpoint(
+            &state_path,
+            format!("format {} v{} is not {FORMAT} v{VERSION}", state.format, state.version),
+        ));
+    }
+    let digest = state_digest(&state)?;
+    if digest != state.sha256 {
+        return Err(EngineError::checkpoint(&state_path, format!("sha256 mismatch: recorded {}, computed {digest}", state.sha256)));
+    }
+    state.model_config.validate().map_err(|e| EngineError::checkpoint(&state_path, format!("model_config: {e}")))?;
+    if let Some(want) = expect {
+        compare_configs(&state.model_config, want).map_err(|why| EngineError::checkpoint(&state_path, why))?;
+    }
+    let config = &state.model_config;
+    let layout = ParamLayout::new(config);
+
+    let model_bytes = read_verified(dir, MODEL_FILE, &state)?;
+    let model_path = dir.join(MODEL_FILE);
+    let params = deserialize_model(config, &layout, &model_bytes).map_err(|why| EngineError::checkpoint(&model_path, why))?;
+    let moments = if state.files.contains_key(OPTIMIZER_FILE) {
+        let bytes = read_verified(dir, OPTIMIZER_FILE, &state)?;
+        let path = dir.join(OPTIMIZER_FILE);
+        Some(deserialize_moments(&bytes, layout.len()).map_err(|why| EngineError::checkpoint(&path, why))?)
+    } else {
+        None
+    };
+    Ok(Checkpoint { state, params, moments })
+}
+
+fn compare_configs(got: &GptConfig, want: &GptConfig) -> std::result::Result<(), String> {
+    let pairs = [
+        ("vocab_size", got.vocab_size, want.vocab_size),
+        ("padded_vocab_size", got.padded_vocab_size, want.padded_vocab_size),
+        ("n_positions", got.n_positions, want.n_positions),
+        ("n_layer", got.n_layer, want.n_layer),
+        ("n_head", got.n_head, want.n_head),
+        ("n_embd", got.n_embd, want.n_embd),
+    ];
+    for (field, g, w) in pairs {
+        if g != w {
+            return Err(format!("model_config.{field} is {g}, expected {w}"));
+        }
+    }
+    Ok(())
+}
+
+fn read_verified(dir: &Path, name: &str, state: &CheckpointState) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    let sum = state.files.get(name).ok_or_else(|| EngineError::checkpoint(&path, "not listed in state.json"))?;
+    let bytes = fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
+    if bytes.len() as u64 != sum.bytes {
+        return Err(EngineError::checkpoint(&path, format!("truncated or extended: {} bytes, state.json records {}", bytes.len(), sum.bytes)));
+    }
+    let digest = hex(&Sha256::digest(&bytes));
+    if digest != sum.sha256 {
+        return Err(EngineError::checkpoint(&path, format!("sha256 mismatch (corrupt file): recorded {}, computed {digest}", sum.sha256)));
+    }
+    Ok(bytes)
+}
+
+fn state_digest(state: &CheckpointState) -> Result<String> {
+    let mut blank = state.clone();
+    blank.sha256 = String::new();
+    let bytes = serde_json::to_vec(&blank).map_err(|e| EngineError::checkpoint(STATE_FILE, e.to_string()))?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// The Hugging Face shape of a slice: the embedding loses its padding rows.
+fn hf_shape(config: &GptConfig, kind: ParamKind, shape: &[usize]) -> Vec<usize> {
+    if kind == ParamKind::Wte {
+        vec![config.vocab_size, config.n_embd]
+    } else {
+        shape.to_vec()
+    }
+}
+
+fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32]) -> std::result::Result<Vec<u8>, String> {
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for s in layout.named_slices(config) {
+        let shape = hf_shape(config, s.kind, &s.shape);
+        let n: usize = shape.iter().product();
+        data.push((s.kind.hf_name(s.layer), shape, f32_bytes(&params[s.offset..s.offset + n])));
+    }
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(name, shape, bytes)| TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    // transformers refuses safetensors files without format metadata.
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+}
+
+/// Parses Hugging Face-named weights into the flat layout, checking names, dtypes and shapes.
+/// Also reads PyTorch-written files (the numerics fixtures), which carry extra tensors.
+pub fn deserialize_model(config: &GptConfig, layout: &ParamLayout, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let mut params = vec![0.0f32; layout.len()];
+    for s in layout.named_slices(config) {
+        let name = s.kind.hf_name(s.layer);
+        let view = st.tensor(&name).map_err(|_| format!("tensor {name} is missing"))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(format!("tensor {name} has dtype {:?}, expected F32", view.dtype()));
+        }
+        let want = hf_shape(config, s.kind, &s.shape);
+        if view.shape() != want.as_slice() {
+            return Err(format!("tensor {name} has shape {:?}, the config expects {:?}", view.shape(), want));
+        }
+        let vals = bytes_f32(view.data());
+        params[s.offset..s.offset + vals.len()].copy_from_slice(&vals);
+    }
+    Ok(params)
+}
+
+fn serialize_moments(m: &[f32], v: &[f32], n: usize) -> std::result::Result<Vec<u8>, String> {
+    if m.len() != n || v.len() != n {
+        return Err(format!("optimizer moments have {}/{} floats, the model has {n}", m.len(), v.len()));
+    }
+    let (mb, vb) = (f32_bytes(m), f32_bytes(v));
+    let views = vec![
+        ("m".to_string(), TensorView::new(Dtype::F32, vec![n], &mb).map_err(|e| e.to_string())?),
+        ("v".to_string(), TensorView::new(Dtype::F32, vec![n], &vb).map_err(|e| e.to_string())?),
+    ];
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
+}
+
+fn deserialize_moments(bytes: &[u8], n: usize) -> std::result::Result<(Vec<f32>, Vec<f32>), String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let get = |name: &str| -> std::result::Result<Vec<f32>, String> {
+        let view = st.tensor(name).map_err(|_| format!("tensor {name} is missing"))?;
+        if view.dtype() != Dtype::F32 || view.shape() != [n] {
+            return Err(format!("tensor {name} is {:?} {:?}, expected F32 [{n}]", view.dtype(), view.shape()));
+        }
+        Ok(bytes_f32(view.data()))
+    };
+    Ok((get("m")?, get("v")?))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileSum> {
+    let mut f = File::create(path).map_err(|e| EngineError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| EngineError::io(path, e))?;
+    f.sync_all().map_err(|e| EngineError::io(path, e))?;
+    Ok(FileSum { bytes: bytes.len() as u64, sha256: hex(&Sha256::digest(bytes)) })
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(dir, e))
+}
+
+/// The checkpoint directory for `step` under `root` (`root/step-00000100`).
+pub fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:08}"))
+}

@@ -1,0 +1,225 @@
+//! The parameter layout: every tensor of the model lives in one flat `f32` buffer (the same
+//! layout for parameters, gradients and both AdamW moments), so the optimizer, clipping and
+//! all-reduce see one contiguous slice.
+
+use super::config::GptConfig;
+
+/// The sixteen parameter tensors, in buffer order. Per-layer kinds hold all `L` layers back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// `(Vp, C)` token embedding, tied with the LM head.
+    Wte,
+    /// `(maxT, C)` position embedding.
+    Wpe,
+    /// `(L, C)` first LayerNorm weight.
+    Ln1W,
+    /// `(L, C)` first LayerNorm bias.
+    Ln1B,
+    /// `(L, C, 3C)` attention input projection (query, key, value), `(in, out)`.
+    QkvW,
+    /// `(L, 3C)`.
+    QkvB,
+    /// `(L, C, C)` attention output projection.
+    AttProjW,
+    /// `(L, C)`.
+    AttProjB,
+    /// `(L, C)` second LayerNorm weight.
+    Ln2W,
+    /// `(L, C)`.
+    Ln2B,
+    /// `(L, C, 4C)` MLP up projection.
+    FcW,
+    /// `(L, 4C)`.
+    FcB,
+    /// `(L, 4C, C)` MLP down projection.
+    FcProjW,
+    /// `(L, C)`.
+    FcProjB,
+    /// `(C)` final LayerNorm weight.
+    LnfW,
+    /// `(C)`.
+    LnfB,
+}
+
+impl ParamKind {
+    pub const ALL: [ParamKind; 16] = [
+        ParamKind::Wte,
+        ParamKind::Wpe,
+        ParamKind::Ln1W,
+        ParamKind::Ln1B,
+        ParamKind::QkvW,
+        ParamKind::QkvB,
+        ParamKind::AttProjW,
+        ParamKind::AttProjB,
+        ParamKind::Ln2W,
+        ParamKind::Ln2B,
+        ParamKind::FcW,
+        ParamKind::FcB,
+        ParamKind::FcProjW,
+        ParamKind::FcProjB,
+        ParamKind::LnfW,
+        ParamKind::LnfB,
+    ];
+
+    /// Whether the tensor holds one slice per layer.
+    pub fn per_layer(self) -> bool {
+        !matches!(self, ParamKind::Wte | ParamKind::Wpe | ParamKind::LnfW | ParamKind::LnfB)
+    }
+
+    /// AdamW's decoupled weight decay applies to matrices and embeddings, not to biases or
+    /// LayerNorm parameters (as in nanoGPT and llm.c).
+    pub fn decays(self) -> bool {
+        matches!(
+            self,
+            ParamKind::Wte
+                | ParamKind::Wpe
+                | ParamKind::QkvW
+                | ParamKind::AttProjW
+                | ParamKind::FcW
+                | ParamKind::FcProjW
+        )
+    }
+
+    /// Shape of one slice (one layer's, for per-layer kinds).
+    pub fn shape(self, cfg: &GptConfig) -> Vec<usize> {
+        let c = cfg.n_embd;
+        match self {
+            ParamKind::Wte => vec![cfg.padded_vocab_size, c],
+            ParamKind::Wpe => vec![cfg.n_positions, c],
+            ParamKind::Ln1W | ParamKind::Ln1B | ParamKind::Ln2W | ParamKind::Ln2B => vec![c],
+            ParamKind::AttProjB | ParamKind::FcProjB | ParamKind::LnfW | ParamKind::LnfB => vec![c],
+            ParamKind::QkvW => vec![c, 3 * c],
+            ParamKind::QkvB => vec![3 * c],
+            ParamKind::AttProjW => vec![c, c],
+            ParamKind::FcW => vec![c, 4 * c],
+            ParamKind::FcB => vec![4 * c],
+            ParamKind::FcProjW => vec![4 * c, c],
+        }
+    }
+
+    /// The Hugging Face `GPT2LMHeadModel` state-dict name of layer `layer`'s slice.
+    pub fn hf_name(self, layer: usize) -> String {
+        let leaf = match self {
+            ParamKind::Wte => return "transformer.wte.weight".into(),
+            ParamKind::Wpe => return "transformer.wpe.weight".into(),
+            ParamKind::LnfW => return "transformer.ln_f.weight".into(),
+            ParamKind::LnfB => return "transformer.ln_f.bias".into(),
+            ParamKind::Ln1W => "ln_1.weight",
+            ParamKind::Ln1B => "ln_1.bias",
+            ParamKind::QkvW => "attn.c_attn.weight",
+            ParamKind::QkvB => "attn.c_attn.bias",
+            ParamKind::AttProjW => "attn.c_proj.weight",
+            ParamKind::AttProjB => "attn.c_proj.bias",
+            ParamKind::Ln2W => "ln_2.weight",
+            ParamKind::Ln2B => "ln_2.bias",
+            ParamKind::FcW => "mlp.c_fc.weight",
+            ParamKind::FcB => "mlp.c_fc.bias",
+            ParamKind::FcProjW => "mlp.c_proj.weight",
+            ParamKind::FcProjB => "mlp.c_proj.bias",
+        };
+        format!("transformer.h.{layer}.{leaf}")
+    }
+}
+
+/// Offsets of every tensor in the flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamLayout {
+    offsets: [usize; 16],
+    sizes: [usize; 16],
+    layers: usize,
+    total: usize,
+}
+
+/// One named slice of the layout, as a checkpoint sees it.
+#[derive(Debug, Clone)]
+pub struct NamedSlice {
+    pub kind: ParamKind,
+    pub layer: usize,
+    /// Offset and length in the flat buffer.
+    pub offset: usize,
+    pub len: usize,
+    pub shape: Vec<usize>,
+}
+
+impl ParamLayout {
+    pub fn new(cfg: &GptConfig) -> Self {
+        let mut offsets = [0; 16];
+        let mut sizes = [0; 16];
+        let mut total = 0;
+        for (i, kind) in ParamKind::ALL.iter().enumerate() {
+            let one: usize = kind.shape(cfg).iter().product();
+            let n = if kind.per_layer() { one * cfg.n_layer } else { one };
+            offsets[i] = total;
+            sizes[i] = n;
+            total += n;
+        }
+        ParamLayout { offsets, sizes, layers: cfg.n_layer, total }
+    }
+
+    /// Total number of floats.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The whole range of `kind` (all layers).
+    pub fn range(&self, kind: ParamKind) -> std::ops::Range<usize> {
+        let i = kind as usize;
+        self.offsets[i]..self.offsets[i] + self.sizes[i]
+    }
+
+    /// The range of layer `layer`'s slice of a per-layer kind (or the whole tensor otherwise).
+    pub fn layer_range(&self, kind: ParamKind, layer: usize) -> std::ops::Range<usize> {
+        let r = self.range(kind);
+        if !kind.per_layer() {
+            return r;
+        }
+        let one = r.len() / self.layers;
+        r.start + layer * one..r.start + (layer + 1) * one
+    }
+
+    /// Every slice with its Hugging Face name, in buffer order.
+    pub fn named_slices(&self, cfg: &GptConfig) -> Vec<NamedSlice> {
+        let mut out = Vec::new();
+        for kind in ParamKind::ALL {
+            let layers = if kind.per_layer() { cfg.n_layer } else { 1 };
+            for layer in 0..layers {
+                let r = self.layer_range(kind, layer);
+                out.push(NamedSlice { kind, layer, offset: r.start, len: r.len(), shape: kind.shape(cfg) });
+            }
+        }
+        out
+    }
+
+    /// A slice of a flat buffer with this layout.
+    pub fn get<'a>(&self, buf: &'a [f32], kind: ParamKind, layer: usize) -> &'a [f32] {
+        &buf[self.layer_range(kind, layer)]
+    }
+
+    /// A mutable slice of a flat buffer with this layout.
+    pub fn get_mut<'a>(&self, buf: &'a mut [f32], kind: ParamKind, layer: usize) -> &'a mut [f32] {
+        &mut buf[self.layer_range(kind, layer)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_covers_the_parameter_count_without_gaps() {
+        let cfg = GptConfig::new(100, 32, 3, 4, 32);
+        let layout = ParamLayout::new(&cfg);
+        assert_eq!(layout.len(), cfg.num_parameters());
+        let mut next = 0;
+        for s in layout.named_slices(&cfg) {
+            assert_eq!(s.offset, next, "{}", s.kind.hf_name(s.layer));
+            assert_eq!(s.len, s.shape.iter().product::<usize>());
+            next += s.len;
+        }
+        assert_eq!(next, layout.len());
+    }
+}

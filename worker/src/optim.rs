@@ -1,0 +1,195 @@
+//! AdamW, the learning-rate schedule and global-norm clipping.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::model::params::{ParamKind, ParamLayout};
+
+/// Hyper-parameters of AdamW (PyTorch's defaults except `beta2`, which follows GPT-3/nanoGPT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay, applied only to matrices and embeddings (see [`ParamKind::decays`]).
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+impl AdamWConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(EngineError::InvalidConfig { field, reason: format!("must be in [0, 1), got {v}") });
+            }
+        }
+        if !(self.eps > 0.0) {
+            return Err(EngineError::InvalidConfig { field: "eps", reason: format!("must be > 0, got {}", self.eps) });
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(EngineError::InvalidConfig { field: "weight_decay", reason: format!("must be >= 0, got {}", self.weight_decay) });
+        }
+        Ok(())
+    }
+}
+
+/// AdamW state: first and second moments in the parameters' flat layout.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// `m`: running mean of gradients.
+    pub m: Vec<f32>,
+    /// `v`: running mean of squared gradients.
+    pub v: Vec<f32>,
+    /// Updates applied so far (the `t` of bias correction).
+    pub t: u64,
+    /// Per-element weight-decay flag spans: `(range, decays)` in layout order.
+    spans: Vec<(std::ops::Range<usize>, bool)>,
+}
+
+/// Elements per parallel task of the update.
+const CHUNK: usize = 1 << 15;
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, layout: &ParamLayout) -> Self {
+        let spans = ParamKind::ALL.iter().map(|&k| (layout.range(k), k.decays())).collect();
+        AdamW { config, m: vec![0.0; layout.len()], v: vec![0.0; layout.len()], t: 0, spans }
+    }
+
+    /// One update with learning rate `lr`, in PyTorch's `torch.optim.AdamW` order:
+    /// `p ← p·(1 − lr·wd)`, then `p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + eps)`.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32) {
+        self.t += 1;
+        let c = &self.config;
+        let bc1 = 1.0 - (c.beta1 as f64).powi(self.t as i32);
+        let bc2 = 1.0 - (c.beta2 as f64).powi(self.t as i32);
+        let step_size = (lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
+        for (range, decays) in &self.spans {
+            let decay = if *decays { 1.0 - lr * c.weight_decay } else { 1.0 };
+            let r = range.clone();
+            params[r.clone()]
+                .par_chunks_mut(CHUNK)
+                .zip(grads[r.clone()].par_chunks(CHUNK))
+                .zip(self.m[r.clone()].par_chunks_mut(CHUNK).zip(self.v[r].par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| {
+                    for i in 0..p.len() {
+                        let gi = g[i];
+                        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                        let denom = v[i].sqrt() / bc2_sqrt + eps;
+                        p[i] = p[i] * decay - step_size * m[i] / denom;
+                    }
+                });
+        }
+    }
+}
+
+/// Cosine learning-rate schedule with linear warmup (as llm.c and nanoGPT):
+/// step `s < W`: `max·(s+1)/W`; then cosine from `max` down to `min` at step `S`; `min` after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrSchedule {
+    pub max_lr: f32,
+    pub min_lr: f32,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+}
+
+impl LrSchedule {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.max_lr > 0.0 && self.max_lr.is_finite()) {
+            return Err(EngineError::InvalidConfig { field: "max_lr", reason: format!("must be > 0, got {}", self.max_lr) });
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.max_lr) {
+            return Err(EngineError::InvalidConfig {
+                field: "min_lr",
+                reason: format!("must be in [0, max_lr={}], got {}", self.max_lr, self.min_lr),
+            });
+        }
+        Ok(())
+    }
+
+    /// The learning rate of step `s` (0-based).
+    pub fn lr(&self, s: u64) -> f32 {
+        let (w, total) = (self.warmup_steps, self.total_steps);
+        if s < w {
+            return self.max_lr * (s + 1) as f32 / w as f32;
+        }
+        if s >= total {
+            return self.min_lr;
+        }
+        let ratio = (s - w) as f64 / (total - w) as f64;
+        let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
+        (self.min_lr as f64 + coeff * (self.max_lr - self.min_lr) as f64) as f32
+    }
+}
+
+/// The global L2 norm of `grads`, summed in f64 over fixed chunks in order (deterministic).
+pub fn global_norm(grads: &[f32]) -> f32 {
+    let partial: Vec<f64> = grads.par_chunks(CHUNK).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum()).collect();
+    partial.iter().sum::<f64>().sqrt() as f32
+}
+
+/// Scales `grads` so their global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`:
+/// factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
+    let norm = global_norm(grads);
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        grads.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let s = LrSchedule { max_lr: 1.0, min_lr: 0.1, warmup_steps: 4, total_steps: 10 };
+        assert_eq!(s.lr(0), 0.25);
+        assert_eq!(s.lr(3), 1.0);
+        assert_eq!(s.lr(4), 1.0);
+        assert!((s.lr(7) - 0.55).abs() < 1e-6, "midpoint of the cosine is the mean");
+        assert_eq!(s.lr(10), 0.1);
+    }
+
+    #[test]
+    fn clipping_rescales_to_the_max_norm() {
+        let mut g = vec![3.0, 4.0];
+        let n = clip_grad_norm(&mut g, 1.0);
+        assert_eq!(n, 5.0);
+        assert!((global_norm(&g) - 1.0).abs() < 1e-6);
+        let mut small = vec![0.3, 0.4];
+        clip_grad_norm(&mut small, 1.0);
+        assert_eq!(small, vec![0.3, 0.4]);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_each_weight_by_lr() {
+        // With bias correction, the first step is lr·sign(g) (up to eps) plus decay on decayed tensors.
+        let cfg = crate::GptConfig::new(4, 2, 1, 1, 2);
+        let layout = ParamLayout::new(&cfg);
+        let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.5, ..Default::default() }, &layout);
+        let mut p = vec![1.0; layout.len()];
+        let g: Vec<f32> = (0..layout.len()).map(|i| if i % 2 == 0 { 2.0 } else { -3.0 }).collect();
+        opt.step(&mut p, &g, 0.1);
+        for kind in ParamKind::ALL {
+            for i in layout.range(kind) {
+                let decayed = if kind.decays() { 1.0 - 0.1 * 0.5 } else { 1.0 };
+                let want = decayed - 0.1 * g[i].signum();
+                assert!((p[i] - want).abs() < 1e-6, "{kind:?}[{i}]: {} vs {want}", p[i]);
+            }
+        }
+    }
+}

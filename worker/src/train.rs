@@ -1,0 +1,202 @@
+//! One process's training loop pieces: the training config, micro-batches, a training step with
+//! gradient accumulation, and a byte-stream batcher for plain text files.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::model::config::GptConfig;
+use crate::model::gpt::{loss_denominator, Gpt};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::rng::Rng;
+
+/// How a model is trained. Saved in every checkpoint's `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `B`: sequences per micro-batch.
+    pub batch_size: usize,
+    /// `T`: tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step; the step's batch is `grad_accum·B·T` tokens.
+    pub grad_accum: usize,
+    pub schedule: LrSchedule,
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub grad_clip: f32,
+    /// Seeds weight initialisation (and anything else random in training).
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// Checks every field against the model; the error names the field and the numbers.
+    pub fn validate(&self, model: &GptConfig) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(EngineError::InvalidConfig { field: "batch_size", reason: "must be at least 1".into() });
+        }
+        if self.seq_len == 0 || self.seq_len > model.n_positions {
+            return Err(EngineError::InvalidConfig {
+                field: "seq_len",
+                reason: format!("must be in 1..={} (the model's n_positions), got {}", model.n_positions, self.seq_len),
+            });
+        }
+        if self.grad_accum == 0 {
+            return Err(EngineError::InvalidConfig { field: "grad_accum", reason: "must be at least 1".into() });
+        }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return Err(EngineError::InvalidConfig { field: "grad_clip", reason: format!("must be >= 0, got {}", self.grad_clip) });
+        }
+        self.schedule.validate()?;
+        self.adamw.validate()
+    }
+}
+
+/// Inputs and targets of one micro-batch, `(B, T)` each; optional per-position loss weights.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    pub inputs: Vec<u32>,
+    /// Next tokens, or [`crate::backend::cpu::crossentropy::IGNORE_INDEX`] where no loss is taken.
+    pub targets: Vec<i32>,
+    pub weights: Option<Vec<f32>>,
+    pub b: usize,
+    pub t: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Index of the step just taken (0-based).
+    pub step: u64,
+    /// Mean loss over the step's counted positions.
+    pub loss: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f32,
+    pub lr: f32,
+    /// Tokens processed (all positions of all micro-batches).
+    pub tokens: usize,
+}
+
+/// A model, its optimizer and the training position.
+#[derive(Debug)]
+pub struct Trainer {
+    pub model: Gpt,
+    pub opt: AdamW,
+    pub config: TrainConfig,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    pub rng: Rng,
+}
+
+impl Trainer {
+    /// A fresh model initialised from `config.seed`.
+    pub fn new(model_config: GptConfig, config: TrainConfig) -> Result<Self> {
+        config.validate(&model_config)?;
+        let mut rng = Rng::new(config.seed);
+        let mut model = Gpt::new(model_config, config.batch_size, config.seq_len)?;
+        model.init_weights(&mut rng);
+        let opt = AdamW::new(config.adamw.clone(), &model.layout);
+        Ok(Trainer { model, opt, config, step: 0, rng })
+    }
+
+    /// One optimizer step over `micro` (gradient accumulation): the loss of every micro-batch is
+    /// divided by the summed weight of the whole step, so the accumulated gradient equals the
+    /// gradient of the step's mean loss.
+    pub fn train_step(&mut self, micro: &[MicroBatch]) -> Result<StepStats> {
+        let denom = step_denominator(micro)?;
+        self.model.zero_grad();
+        let mut loss = 0.0f64;
+        let mut tokens = 0;
+        for mb in micro {
+            self.model.forward(&mb.inputs, mb.b, mb.t)?;
+            loss += self.model.loss(&mb.targets, mb.weights.as_deref(), denom, true)? as f64;
+            self.model.backward()?;
+            tokens += mb.b * mb.t;
+        }
+        let grad_norm = if self.config.grad_clip > 0.0 {
+            clip_grad_norm(&mut self.model.grads, self.config.grad_clip)
+        } else {
+            crate::optim::global_norm(&self.model.grads)
+        };
+        let lr = self.config.schedule.lr(self.step);
+        self.opt.step(&mut self.model.params, &self.model.grads, lr);
+        let stats = StepStats { step: self.step, loss: loss as f32, grad_norm, lr, tokens };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// Mean loss over `micro` without touching gradients or the optimizer.
+    pub fn eval_loss(&mut self, micro: &[MicroBatch]) -> Result<f32> {
+        let denom = step_denominator(micro)?;
+        let mut loss = 0.0f64;
+        for mb in micro {
+            self.model.forward(&mb.inputs, mb.b, mb.t)?;
+            loss += self.model.loss(&mb.targets, mb.weights.as_deref(), denom, false)? as f64;
+        }
+        Ok(loss as f32)
+    }
+}
+
+fn step_denominator(micro: &[MicroBatch]) -> Result<f32> {
+    let denom = loss_denominator(micro.iter().map(|m| (&m.targets[..], m.weights.as_deref())));
+    if denom > 0.0 {
+        Ok(denom)
+    } else {
+        Err(EngineError::InvalidConfig { field: "batch", reason: "no position takes a loss (all targets ignored or weights zero)".into() })
+    }
+}
+
+/// Contiguous windows of a token stream: micro-batch `k` reads `B·T + 1` tokens from the cursor,
+/// which then advances by `B·T` and wraps at the end. The cursor is the checkpoint's data cursor.
+#[derive(Debug, Clone)]
+pub struct TokenStream {
+    tokens: Vec<u32>,
+    /// Next token to read.
+    pub cursor: usize,
+}
+
+impl TokenStream {
+    /// A stream over `tokens`; needs at least `b·t + 1` of them.
+    ///
+    /// # Errors
+    /// [`EngineError::Data`] naming `path` if the text is too short for one micro-batch.
+    pub fn new(tokens: Vec<u32>, b: usize, t: usize, path: &Path) -> Result<Self> {
+        if tokens.len() < b * t + 1 {
+            return Err(EngineError::Data {
+                path: path.to_path_buf(),
+                reason: if tokens.is_empty() {
+                    "is empty: nothing to train on".into()
+                } else {
+                    format!("has {} tokens; one micro-batch of B={b}, T={t} needs {}", tokens.len(), b * t + 1)
+                },
+            });
+        }
+        Ok(TokenStream { tokens, cursor: 0 })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The next `(B, T)` micro-batch with next-token targets.
+    pub fn next_batch(&mut self, b: usize, t: usize) -> MicroBatch {
+        let need = b * t + 1;
+        if self.cursor + need > self.tokens.len() {
+            self.cursor = 0;
+        }
+        let w = &self.tokens[self.cursor..self.cursor + need];
+        let mb = MicroBatch {
+            inputs: w[..b * t].to_vec(),
+            targets: w[1..].iter().map(|&x| x as i32).collect(),
+            weights: None,
+            b,
+            t,
+        };
+        self.cursor += b * t;
+        mb
+    }
+}
