@@ -200,3 +200,41 @@ impl TokenStream {
         mb
     }
 }
+
+impl Trainer {
+    /// Saves weights, optimizer moments and the training position to `dir` (atomically).
+    pub fn save(&self, dir: &Path, data_cursor: crate::checkpoint::DataCursor, tokenizer: &str) -> Result<()> {
+        let info = crate::checkpoint::SaveInfo {
+            step: self.step,
+            rng_state: self.rng.state(),
+            train_config: Some(&self.config),
+            data_cursor,
+            tokenizer,
+        };
+        crate::checkpoint::save(dir, &self.model.config, &self.model.params, Some((&self.opt.m, &self.opt.v, self.opt.t)), &info)
+    }
+
+    /// Rebuilds a trainer from a verified checkpoint, continuing exactly where it stopped.
+    ///
+    /// # Errors
+    /// The checkpoint lacks a training config or optimizer state (a weights-only export).
+    pub fn resume(dir: &Path) -> Result<(Self, crate::checkpoint::CheckpointState)> {
+        let ckpt = crate::checkpoint::load(dir, None)?;
+        let state_path = dir.join(crate::checkpoint::STATE_FILE);
+        let config = ckpt.state.train_config.clone().ok_or_else(|| {
+            EngineError::checkpoint(&state_path, "has no train_config: a weights-only checkpoint cannot resume training")
+        })?;
+        let (m, v) = ckpt.moments.ok_or_else(|| {
+            EngineError::checkpoint(dir.join(crate::checkpoint::OPTIMIZER_FILE), "missing: the checkpoint has no optimizer state to resume from")
+        })?;
+        config.validate(&ckpt.state.model_config)?;
+        let mut model = Gpt::new(ckpt.state.model_config.clone(), config.batch_size, config.seq_len)?;
+        model.params = ckpt.params;
+        let mut opt = AdamW::new(config.adamw.clone(), &model.layout);
+        opt.m = m;
+        opt.v = v;
+        opt.t = ckpt.state.optimizer_t;
+        let rng = Rng::from_state(ckpt.state.rng_state()?);
+        Ok((Trainer { model, opt, config, step: ckpt.state.step, rng }, ckpt.state))
+    }
+}
