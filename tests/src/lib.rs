@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use liandan_worker::train::{MicroBatch, TrainConfig};
+use liandan_worker::train::TrainConfig;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
 
 /// Path of a committed test fixture.
@@ -52,10 +52,4 @@ pub fn small_train_config(b: usize, t: usize, steps: u64, seed: u64) -> TrainCon
 pub fn synthetic_tokens(n: usize) -> Vec<u32> {
     let text = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？";
     text.bytes().cycle().take(n).map(u32::from).collect()
-}
-
-/// One micro-batch of next-token targets from `tokens` starting at `at`.
-pub fn window(tokens: &[u32], at: usize, b: usize, t: usize) -> MicroBatch {
-    let w = &tokens[at..at + b * t + 1];
-    MicroBatch { inputs: w[..b * t].to_vec(), targets: w[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t }
 }
