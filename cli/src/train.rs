@@ -1,0 +1,216 @@
+//! `liandan train`: one process, a text file as UTF-8 bytes, checkpoints in a run directory.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use liandan_worker::checkpoint::{self, DataCursor};
+use liandan_worker::optim::{AdamWConfig, LrSchedule};
+use liandan_worker::tokenizer::{ByteTokenizer, BYTES};
+use liandan_worker::train::{TokenStream, TrainConfig, Trainer};
+use liandan_worker::{EngineError, GptConfig};
+
+use crate::progress::Progress;
+use crate::CliError;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// UTF-8 text file to train on (its last 5% is held out for validation).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Run directory: checkpoints go to OUT/step-NNNNNNNN and OUT/latest names the newest.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Model preset: nano, tiny, small-256, gpt2.
+    #[arg(long, default_value = "nano")]
+    pub model: String,
+    /// Sequences per micro-batch (B).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence (T); at most the preset's context.
+    #[arg(long, default_value_t = 64)]
+    pub seq: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Optimizer steps in total.
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Final learning rate of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    pub min_lr: Option<f32>,
+    /// Linear warmup steps (default: 5% of steps).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f32,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+    /// Seed of weight initialisation.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Write a checkpoint every N steps (the last step is always saved).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Evaluate validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Continue from this checkpoint (or run directory); its model and training config are used.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub checkpoint: PathBuf,
+    pub train_loss: f32,
+    pub val_loss: Option<f32>,
+    pub tokens_per_s: f64,
+}
+
+pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
+    let raw = std::fs::read(&args.text).map_err(|e| EngineError::io(&args.text, e))?;
+    if raw.is_empty() {
+        return Err(EngineError::Data { path: args.text.clone(), reason: "is empty: nothing to train on".into() }.into());
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let tokens = ByteTokenizer.encode(&text);
+
+    let (mut trainer, cursor) = match &args.resume {
+        Some(dir) => {
+            let dir = resolve_checkpoint(dir)?;
+            let (t, state) = Trainer::resume(&dir)?;
+            if state.tokenizer != BYTES {
+                return Err(CliError::Usage(format!("{}: trained with tokenizer '{}', `liandan train` reads bytes", dir.display(), state.tokenizer)));
+            }
+            eprintln!("resuming {} at step {}", dir.display(), state.step);
+            (t, state.data_cursor.position as usize)
+        }
+        None => {
+            let model = GptConfig::preset(&args.model, ByteTokenizer::VOCAB_SIZE)?;
+            let config = TrainConfig {
+                batch_size: args.batch,
+                seq_len: args.seq,
+                grad_accum: args.grad_accum,
+                schedule: LrSchedule {
+                    max_lr: args.lr,
+                    min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+                    warmup_steps: args.warmup.unwrap_or(args.steps / 20),
+                    total_steps: args.steps,
+                },
+                adamw: AdamWConfig { weight_decay: args.weight_decay, ..Default::default() },
+                grad_clip: args.clip,
+                seed: args.seed,
+            };
+            (Trainer::new(model, config)?, 0)
+        }
+    };
+    let cfg = trainer.config.clone();
+    let (b, t) = (cfg.batch_size, cfg.seq_len);
+    let total = cfg.schedule.total_steps;
+
+    // Hold out the tail for validation when it fits at least one micro-batch.
+    let split = tokens.len() - tokens.len() / 20;
+    let (train_tokens, val_tokens) = if tokens.len() - split > b * t { (tokens[..split].to_vec(), Some(tokens[split..].to_vec())) } else { (tokens, None) };
+    let mut stream = TokenStream::new(train_tokens, b, t, &args.text)?;
+    stream.cursor = cursor;
+    let mut val = val_tokens.map(|v| TokenStream::new(v, b, t, &args.text)).transpose()?;
+
+    let m = &trainer.model.config;
+    eprintln!(
+        "model: L={} C={} NH={} V={} ({:.2}M parameters); B={b} T={t} accum={}; {} training tokens, {} validation",
+        m.n_layer,
+        m.n_embd,
+        m.n_head,
+        m.vocab_size,
+        m.num_real_parameters() as f64 / 1e6,
+        cfg.grad_accum,
+        stream.len(),
+        val.as_ref().map_or(0, |v| v.len()),
+    );
+
+    let progress = Progress::new(total, trainer.step, "train");
+    let started = Instant::now();
+    let mut tokens_done = 0usize;
+    let mut last_loss = f32::NAN;
+    let mut last_val = None;
+    let mut saved = None;
+    while trainer.step < total {
+        let micro: Vec<_> = (0..cfg.grad_accum).map(|_| stream.next_batch(b, t)).collect();
+        let st = trainer.train_step(&micro)?;
+        if !st.loss.is_finite() {
+            return Err(CliError::Usage(format!("loss became {} at step {}: lower --lr or check the data", st.loss, st.step)));
+        }
+        tokens_done += st.tokens;
+        last_loss = st.loss;
+        let tps = tokens_done as f64 / started.elapsed().as_secs_f64();
+        let done = trainer.step;
+        progress.step(done, total, &format!("loss {:.4} | lr {:.2e} | norm {:.2} | {:.0} tok/s", st.loss, st.lr, st.grad_norm, tps));
+        if args.eval_every > 0 && done % args.eval_every == 0 && done < total {
+            if let Some(v) = val.as_mut() {
+                let l = eval(&mut trainer, v, b, t)?;
+                progress.println(&format!("step {done}: val loss {l:.4}"));
+                last_val = Some(l);
+            }
+        }
+        let periodic = args.checkpoint_every.is_some_and(|k| k > 0 && done % k == 0);
+        if periodic || done == total {
+            let dir = checkpoint::step_dir(&args.out, done);
+            trainer.save(&dir, DataCursor { position: stream.cursor as u64 }, BYTES)?;
+            write_latest(&args.out, &dir)?;
+            saved = Some(dir);
+        }
+    }
+    progress.finish();
+    if let Some(v) = val.as_mut() {
+        last_val = Some(eval(&mut trainer, v, b, t)?);
+    }
+    let checkpoint = match saved {
+        Some(d) => d,
+        None => resolve_checkpoint(args.resume.as_deref().unwrap_or(&args.out))?,
+    };
+    let tokens_per_s = tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "done: step {total}, train loss {last_loss:.4}, val loss {}, {tokens_per_s:.0} tok/s; checkpoint {}",
+        last_val.map_or("n/a".into(), |v| format!("{v:.4}")),
+        checkpoint.display()
+    );
+    Ok(TrainOutcome { checkpoint, train_loss: last_loss, val_loss: last_val, tokens_per_s })
+}
+
+/// Mean loss over the first (up to) 8 micro-batches of the validation stream.
+fn eval(trainer: &mut Trainer, val: &mut TokenStream, b: usize, t: usize) -> Result<f32, CliError> {
+    val.cursor = 0;
+    let n = ((val.len() - 1) / (b * t)).clamp(1, 8);
+    let micro: Vec<_> = (0..n).map(|_| val.next_batch(b, t)).collect();
+    Ok(trainer.eval_loss(&micro)?)
+}
+
+/// Records `dir` as the newest checkpoint of the run `out` (atomically: temp file + rename).
+fn write_latest(out: &Path, dir: &Path) -> Result<(), CliError> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = out.join(".latest.tmp");
+    let io = |p: &Path, e| CliError::Io { path: p.display().to_string(), source: e };
+    std::fs::write(&tmp, format!("{name}\n")).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, out.join("latest")).map_err(|e| io(&out.join("latest"), e))
+}
+
+/// A checkpoint directory itself, or the newest checkpoint of a run directory.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CliError> {
+    if path.join(checkpoint::STATE_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join("latest");
+    match std::fs::read_to_string(&latest) {
+        Ok(name) => Ok(path.join(name.trim())),
+        Err(_) => Err(CliError::Usage(format!(
+            "{}: not a checkpoint (no {}) and not a run directory (no latest)",
+            path.display(),
+            checkpoint::STATE_FILE
+        ))),
+    }
+}
