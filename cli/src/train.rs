@@ -23,6 +23,15 @@ pub struct TrainArgs {
     /// Model preset: nano, tiny, small-256, gpt2.
     #[arg(long, default_value = "nano")]
     pub model: String,
+    /// Override the preset's number of layers (L).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Override the preset's attention heads (NH).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Override the preset's channels (C); must divide evenly by the heads.
+    #[arg(long)]
+    pub channels: Option<usize>,
     /// Sequences per micro-batch (B).
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -91,7 +100,11 @@ pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
             (t, state.data_cursor.position as usize)
         }
         None => {
-            let model = GptConfig::preset(&args.model, ByteTokenizer::VOCAB_SIZE)?;
+            let mut model = GptConfig::preset(&args.model, ByteTokenizer::VOCAB_SIZE)?;
+            model.n_layer = args.layers.unwrap_or(model.n_layer);
+            model.n_head = args.heads.unwrap_or(model.n_head);
+            model.n_embd = args.channels.unwrap_or(model.n_embd);
+            model.validate()?;
             let config = TrainConfig {
                 batch_size: args.batch,
                 seq_len: args.seq,

@@ -19,7 +19,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1200)]
     pub steps: u64,
 }
 
@@ -32,6 +32,9 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
         text,
         out: a.out.clone(),
         model: "nano".into(),
+        layers: None,
+        heads: None,
+        channels: None,
         batch: 8,
         seq: 128,
         grad_accum: 1,

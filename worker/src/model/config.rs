@@ -154,6 +154,8 @@ impl GptConfig {
             "embd_pdrop": 0.0,
             "attn_pdrop": 0.0,
             "tie_word_embeddings": true,
+            "bos_token_id": null,
+            "eos_token_id": null,
             "torch_dtype": "float32"
         })
     }
