@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use liandan_worker::model::profile::OpProfile;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
 use liandan_worker::rng::Rng;
 use liandan_worker::train::{MicroBatch, TrainConfig, Trainer};
@@ -42,6 +43,9 @@ pub struct BenchTrainArgs {
     /// Untimed steps first (page faults, caches, thread start-up).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Also print where the time goes, per op (forward, backward, optimizer).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn run(cmd: BenchCommand, threads: usize) -> Result<(), CliError> {
@@ -86,6 +90,9 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     for _ in 0..a.warmup {
         trainer.train_step(std::slice::from_ref(&mb))?;
     }
+    if a.profile {
+        trainer.model.profile = Some(OpProfile::default());
+    }
     let mut times = Vec::with_capacity(a.steps);
     for i in 0..a.steps {
         let t0 = Instant::now();
@@ -97,6 +104,9 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let tokens_per_s = (b * t) as f64 / mean;
     let gflops = model.train_flops_per_token(t) * tokens_per_s / 1e9;
+    if let Some(prof) = &trainer.model.profile {
+        print_profile(prof, a.steps, mean);
+    }
     println!("tokens/s: {tokens_per_s:.1}  step: {:.1} ms  achieved: {gflops:.1} GFLOP/s (6·N + 6·L·C·T per token)", mean * 1e3);
     println!(
         "bench_result impl=liandan model={} batch={b} seq={t} threads={threads} tokens_per_s={tokens_per_s:.1} step_ms={:.1} gflops={gflops:.1}",
@@ -104,4 +114,18 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
         mean * 1e3
     );
     Ok(())
+}
+
+/// A table of per-op time per step and its share of the step.
+fn print_profile(prof: &OpProfile, steps: usize, step_s: f64) {
+    let mut rows: Vec<_> = prof.entries().to_vec();
+    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    println!("{:<18} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
+    let mut accounted = 0.0;
+    for (op, d, calls) in rows {
+        let ms = d.as_secs_f64() * 1e3 / steps as f64;
+        accounted += ms;
+        println!("{op:<18} {ms:>10.1} {:>6.1}% {:>8}", 100.0 * ms / (step_s * 1e3), calls / steps as u64);
+    }
+    println!("{:<18} {:>10.1} {:>6.1}%", "(other)", step_s * 1e3 - accounted, 100.0 * (1.0 - accounted / (step_s * 1e3)));
 }

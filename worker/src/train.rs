@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 use crate::model::config::GptConfig;
 use crate::model::gpt::{loss_denominator, Gpt};
+use crate::model::profile::timed;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::rng::Rng;
 
@@ -113,13 +114,18 @@ impl Trainer {
             self.model.backward()?;
             tokens += mb.b * mb.t;
         }
-        let grad_norm = if self.config.grad_clip > 0.0 {
-            clip_grad_norm(&mut self.model.grads, self.config.grad_clip)
-        } else {
-            crate::optim::global_norm(&self.model.grads)
-        };
+        let mut prof = self.model.profile.take();
+        let grads = &mut self.model.grads;
+        let grad_norm = timed(&mut prof, "opt.clip", || {
+            if self.config.grad_clip > 0.0 {
+                clip_grad_norm(grads, self.config.grad_clip)
+            } else {
+                crate::optim::global_norm(grads)
+            }
+        });
         let lr = self.config.schedule.lr(self.step);
-        self.opt.step(&mut self.model.params, &self.model.grads, lr);
+        timed(&mut prof, "opt.adamw", || self.opt.step(&mut self.model.params, &self.model.grads, lr));
+        self.model.profile = prof;
         let stats = StepStats { step: self.step, loss: loss as f32, grad_norm, lr, tokens };
         self.step += 1;
         Ok(stats)

@@ -18,6 +18,7 @@ use crate::rng::Rng;
 use super::acts::{layer, layer_mut, Activations, GradActivations};
 use super::config::GptConfig;
 use super::params::{ParamKind as K, ParamLayout};
+use super::profile::{timed, OpProfile};
 
 /// A GPT-2 model with its training buffers.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub struct Gpt {
     shape: Option<(usize, usize)>,
     /// Set by `loss(.., with_grad = true)`: the logits buffer holds `dlogits`.
     dlogits_ready: bool,
+    /// Per-op timings, when a benchmark asks for them.
+    pub profile: Option<OpProfile>,
 }
 
 impl Gpt {
@@ -70,6 +73,7 @@ impl Gpt {
             inputs: vec![0; max_b * max_t],
             shape: None,
             dlogits_ready: false,
+            profile: None,
         })
     }
 
@@ -122,6 +126,7 @@ impl Gpt {
         self.inputs[..b * t].copy_from_slice(inputs);
         self.shape = Some((b, t));
         self.dlogits_ready = false;
+        let mut prof = self.profile.take();
 
         let cfg = &self.config;
         let (c, nh, vp) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
@@ -131,11 +136,11 @@ impl Gpt {
         let patt = self.max_b * nh * self.max_t * self.max_t;
         let (p, lay, a) = (&self.params, &self.layout, &mut self.acts);
 
-        encoder_forward(&mut a.encoded, inputs, lay.get(p, K::Wte, 0), lay.get(p, K::Wpe, 0), b, t, c, 0);
+        timed(&mut prof, "fwd.encoder", || encoder_forward(&mut a.encoded, inputs, lay.get(p, K::Wte, 0), lay.get(p, K::Wpe, 0), b, t, c, 0));
         for l in 0..cfg.n_layer {
             let res_in = if l == 0 { &a.encoded[..] } else { layer(&a.residual3, l - 1, pc) };
             let ln1 = layer_mut(&mut a.ln1, l, pc);
-            layernorm_forward(
+            timed(&mut prof, "fwd.layernorm", || layernorm_forward(
                 ln1,
                 layer_mut(&mut a.ln1_mean, l, p1),
                 layer_mut(&mut a.ln1_rstd, l, p1),
@@ -144,16 +149,16 @@ impl Gpt {
                 lay.get(p, K::Ln1B, l),
                 n,
                 c,
-            );
+            ));
             let qkv = layer_mut(&mut a.qkv, l, p3);
-            matmul_forward(qkv, ln1, lay.get(p, K::QkvW, l), Some(lay.get(p, K::QkvB, l)), n, c, 3 * c);
+            timed(&mut prof, "fwd.matmul", || matmul_forward(qkv, ln1, lay.get(p, K::QkvW, l), Some(lay.get(p, K::QkvB, l)), n, c, 3 * c));
             let atty = layer_mut(&mut a.atty, l, pc);
-            attention_forward(atty, layer_mut(&mut a.att, l, patt), qkv, b, t, c, nh);
-            matmul_forward(&mut a.proj, atty, lay.get(p, K::AttProjW, l), Some(lay.get(p, K::AttProjB, l)), n, c, c);
+            timed(&mut prof, "fwd.attention", || attention_forward(atty, layer_mut(&mut a.att, l, patt), qkv, b, t, c, nh));
+            timed(&mut prof, "fwd.matmul", || matmul_forward(&mut a.proj, atty, lay.get(p, K::AttProjW, l), Some(lay.get(p, K::AttProjB, l)), n, c, c));
             let res2 = layer_mut(&mut a.residual2, l, pc);
-            residual_forward(&mut res2[..n * c], &res_in[..n * c], &a.proj[..n * c]);
+            timed(&mut prof, "fwd.residual", || residual_forward(&mut res2[..n * c], &res_in[..n * c], &a.proj[..n * c]));
             let ln2 = layer_mut(&mut a.ln2, l, pc);
-            layernorm_forward(
+            timed(&mut prof, "fwd.layernorm", || layernorm_forward(
                 ln2,
                 layer_mut(&mut a.ln2_mean, l, p1),
                 layer_mut(&mut a.ln2_rstd, l, p1),
@@ -162,18 +167,19 @@ impl Gpt {
                 lay.get(p, K::Ln2B, l),
                 n,
                 c,
-            );
+            ));
             let fch = layer_mut(&mut a.fch, l, p4);
-            matmul_forward(fch, ln2, lay.get(p, K::FcW, l), Some(lay.get(p, K::FcB, l)), n, c, 4 * c);
+            timed(&mut prof, "fwd.matmul", || matmul_forward(fch, ln2, lay.get(p, K::FcW, l), Some(lay.get(p, K::FcB, l)), n, c, 4 * c));
             let fch_gelu = layer_mut(&mut a.fch_gelu, l, p4);
-            gelu_forward(&mut fch_gelu[..n * 4 * c], &fch[..n * 4 * c]);
-            matmul_forward(&mut a.proj, fch_gelu, lay.get(p, K::FcProjW, l), Some(lay.get(p, K::FcProjB, l)), n, 4 * c, c);
+            timed(&mut prof, "fwd.gelu", || gelu_forward(&mut fch_gelu[..n * 4 * c], &fch[..n * 4 * c]));
+            timed(&mut prof, "fwd.matmul", || matmul_forward(&mut a.proj, fch_gelu, lay.get(p, K::FcProjW, l), Some(lay.get(p, K::FcProjB, l)), n, 4 * c, c));
             let res3 = layer_mut(&mut a.residual3, l, pc);
-            residual_forward(&mut res3[..n * c], &res2[..n * c], &a.proj[..n * c]);
+            timed(&mut prof, "fwd.residual", || residual_forward(&mut res3[..n * c], &res2[..n * c], &a.proj[..n * c]));
         }
         let last = layer(&a.residual3, cfg.n_layer - 1, pc);
-        layernorm_forward(&mut a.lnf, &mut a.lnf_mean, &mut a.lnf_rstd, last, lay.get(p, K::LnfW, 0), lay.get(p, K::LnfB, 0), n, c);
-        lm_head_forward(&mut a.logits, &a.lnf, lay.get(p, K::Wte, 0), n, c, vp);
+        timed(&mut prof, "fwd.layernorm", || layernorm_forward(&mut a.lnf, &mut a.lnf_mean, &mut a.lnf_rstd, last, lay.get(p, K::LnfW, 0), lay.get(p, K::LnfB, 0), n, c));
+        timed(&mut prof, "fwd.lm_head", || lm_head_forward(&mut a.logits, &a.lnf, lay.get(p, K::Wte, 0), n, c, vp));
+        self.profile = prof;
         Ok(())
     }
 
@@ -211,13 +217,15 @@ impl Gpt {
         }
         let (v, vp) = (self.config.vocab_size, self.config.padded_vocab_size);
         let n = b * t;
-        softmax_crossentropy(&mut self.acts.logits, &mut self.acts.losses, targets, weights, 1.0 / denom, n, v, vp, with_grad);
+        let mut prof = self.profile.take();
+        timed(&mut prof, "loss.softmax_ce", || softmax_crossentropy(&mut self.acts.logits, &mut self.acts.losses, targets, weights, 1.0 / denom, n, v, vp, with_grad));
         let mut total = 0.0f64;
         for i in 0..n {
             if targets[i] != IGNORE_INDEX {
                 total += weights.map_or(1.0, |w| w[i] as f64) * self.acts.losses[i] as f64;
             }
         }
+        self.profile = prof;
         self.dlogits_ready = with_grad;
         Ok((total / denom as f64) as f32)
     }
@@ -232,6 +240,7 @@ impl Gpt {
         }
         self.dlogits_ready = false;
         let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        let mut prof = self.profile.take();
         let cfg = &self.config;
         let (c, nh, vp) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
         let n = b * t;
@@ -243,22 +252,22 @@ impl Gpt {
 
         let dres = &mut g.dresidual[..n * c];
         dres.fill(0.0);
-        lm_head_backward(&mut g.dln, lay.get_mut(grads, K::Wte, 0), &a.logits, &a.lnf, lay.get(p, K::Wte, 0), n, c, vp);
+        timed(&mut prof, "bwd.lm_head", || lm_head_backward(&mut g.dln, lay.get_mut(grads, K::Wte, 0), &a.logits, &a.lnf, lay.get(p, K::Wte, 0), n, c, vp));
         {
             let (dw, db) = pair_mut(grads, lay, K::LnfW, K::LnfB, 0);
             let last = layer(&a.residual3, cfg.n_layer - 1, pc);
-            layernorm_backward(dres, dw, db, &g.dln, last, lay.get(p, K::LnfW, 0), &a.lnf_mean, &a.lnf_rstd, n, c);
+            timed(&mut prof, "bwd.layernorm", || layernorm_backward(dres, dw, db, &g.dln, last, lay.get(p, K::LnfW, 0), &a.lnf_mean, &a.lnf_rstd, n, c));
         }
         for l in (0..cfg.n_layer).rev() {
             let res_in = if l == 0 { &a.encoded[..] } else { layer(&a.residual3, l - 1, pc) };
             // MLP block: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))).
             let (dw, db) = pair_mut(grads, lay, K::FcProjW, K::FcProjB, l);
-            matmul_backward(&mut g.dfch_gelu, dw, Some(db), dres, layer(&a.fch_gelu, l, p4), lay.get(p, K::FcProjW, l), n, 4 * c, c);
-            gelu_backward(&mut g.dfch[..n * 4 * c], &layer(&a.fch, l, p4)[..n * 4 * c], &g.dfch_gelu[..n * 4 * c]);
+            timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.dfch_gelu, dw, Some(db), dres, layer(&a.fch_gelu, l, p4), lay.get(p, K::FcProjW, l), n, 4 * c, c));
+            timed(&mut prof, "bwd.gelu", || gelu_backward(&mut g.dfch[..n * 4 * c], &layer(&a.fch, l, p4)[..n * 4 * c], &g.dfch_gelu[..n * 4 * c]));
             let (dw, db) = pair_mut(grads, lay, K::FcW, K::FcB, l);
-            matmul_backward(&mut g.dln, dw, Some(db), &g.dfch, layer(&a.ln2, l, pc), lay.get(p, K::FcW, l), n, c, 4 * c);
+            timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.dln, dw, Some(db), &g.dfch, layer(&a.ln2, l, pc), lay.get(p, K::FcW, l), n, c, 4 * c));
             let (dw, db) = pair_mut(grads, lay, K::Ln2W, K::Ln2B, l);
-            layernorm_backward(
+            timed(&mut prof, "bwd.layernorm", || layernorm_backward(
                 dres,
                 dw,
                 db,
@@ -269,15 +278,15 @@ impl Gpt {
                 layer(&a.ln2_rstd, l, p1),
                 n,
                 c,
-            );
+            ));
             // Attention block: residual2 = res_in + attproj(attention(qkv(ln1(res_in)))).
             let (dw, db) = pair_mut(grads, lay, K::AttProjW, K::AttProjB, l);
-            matmul_backward(&mut g.datty, dw, Some(db), dres, layer(&a.atty, l, pc), lay.get(p, K::AttProjW, l), n, c, c);
-            attention_backward(&mut g.dqkv, &mut g.datt, &g.datty, layer(&a.qkv, l, p3), layer(&a.att, l, patt), b, t, c, nh);
+            timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.datty, dw, Some(db), dres, layer(&a.atty, l, pc), lay.get(p, K::AttProjW, l), n, c, c));
+            timed(&mut prof, "bwd.attention", || attention_backward(&mut g.dqkv, &mut g.datt, &g.datty, layer(&a.qkv, l, p3), layer(&a.att, l, patt), b, t, c, nh));
             let (dw, db) = pair_mut(grads, lay, K::QkvW, K::QkvB, l);
-            matmul_backward(&mut g.dln, dw, Some(db), &g.dqkv, layer(&a.ln1, l, pc), lay.get(p, K::QkvW, l), n, c, 3 * c);
+            timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.dln, dw, Some(db), &g.dqkv, layer(&a.ln1, l, pc), lay.get(p, K::QkvW, l), n, c, 3 * c));
             let (dw, db) = pair_mut(grads, lay, K::Ln1W, K::Ln1B, l);
-            layernorm_backward(
+            timed(&mut prof, "bwd.layernorm", || layernorm_backward(
                 dres,
                 dw,
                 db,
@@ -288,10 +297,11 @@ impl Gpt {
                 layer(&a.ln1_rstd, l, p1),
                 n,
                 c,
-            );
+            ));
         }
         let (dwte, dwpe) = pair_mut(grads, lay, K::Wte, K::Wpe, 0);
-        encoder_backward(dwte, dwpe, dres, &self.inputs[..n], b, t, c);
+        timed(&mut prof, "bwd.encoder", || encoder_backward(dwte, dwpe, dres, &self.inputs[..n], b, t, c));
+        self.profile = prof;
         Ok(())
     }
 }

@@ -4,3 +4,4 @@ pub mod acts;
 pub mod config;
 pub mod gpt;
 pub mod params;
+pub mod profile;

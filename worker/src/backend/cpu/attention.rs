@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use super::mat::{matmul, MatMut, MatRef, Par};
+use super::math;
 
 /// Forward. `att` keeps the softmax probabilities for the backward.
 pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
@@ -43,13 +44,11 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
 /// Softmax of `row[..=i]` in place; `row[i+1..]` (future positions) set to zero.
 fn softmax_causal_row(row: &mut [f32], i: usize) {
     let (live, masked) = row.split_at_mut(i + 1);
-    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
+    let max = math::max(live);
     for x in live.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+        *x = math::exp(*x - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / math::sum(live);
     live.iter_mut().for_each(|x| *x *= inv);
     masked.fill(0.0);
 }
@@ -88,7 +87,7 @@ pub fn attention_backward(dqkv: &mut [f32], datt: &mut [f32], dout: &[f32], qkv:
             let arows = std::slice::from_raw_parts(a.ptr, t * t);
             for i in 0..t {
                 let (ar, dr) = (&arows[i * t..i * t + t], &mut da[i * t..i * t + t]);
-                let dot: f32 = (0..=i).map(|j| ar[j] * dr[j]).sum();
+                let dot = math::dot(&ar[..=i], &dr[..=i]);
                 for j in 0..=i {
                     dr[j] = ar[j] * (dr[j] - dot) * scale;
                 }
@@ -118,7 +117,7 @@ pub fn attention_forward_cached(out: &mut [f32], scores: &mut [f32], q: &[f32], 
             let qh = &q[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
             for j in 0..len {
                 let kh = &k_cache[j * c + h * hs..j * c + (h + 1) * hs];
-                s[j] = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+                s[j] = math::dot(qh, kh) * scale;
             }
             softmax_causal_row(&mut s[..len], len - 1);
             o.fill(0.0);

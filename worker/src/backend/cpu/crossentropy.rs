@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::math;
+
 /// Target value of a position that takes no loss (prompt tokens in SFT, padding).
 pub const IGNORE_INDEX: i32 = -1;
 
@@ -41,14 +43,14 @@ pub fn softmax_crossentropy(
                 return;
             }
             let target = target as usize;
-            let max = row[..v].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row[..v].iter().map(|x| (x - max).exp()).sum();
+            let max = math::max(&row[..v]);
+            let sum = math::exp_sum(&row[..v], max);
             *loss = sum.ln() + max - row[target];
             if grad {
                 let w = weights.map_or(1.0, |w| w[i]) * scale;
                 let inv = 1.0 / sum;
                 for x in row[..v].iter_mut() {
-                    *x = (*x - max).exp() * inv * w;
+                    *x = math::exp(*x - max) * inv * w;
                 }
                 row[target] -= w;
                 row[v..].fill(0.0);

@@ -1,8 +1,9 @@
 //! GELU with the tanh approximation (`gelu_new` in Hugging Face, GPT-2's activation):
-//! `gelu(x) = ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+//! `gelu(x) = ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, with the vectorised [`math::tanh`].
 
 use rayon::prelude::*;
 
+use super::math;
 use super::ROW_CHUNK_ELEMS;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -13,7 +14,7 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     out.par_chunks_mut(ROW_CHUNK_ELEMS).zip(inp.par_chunks(ROW_CHUNK_ELEMS)).for_each(|(o, x)| {
         for (o, &x) in o.iter_mut().zip(x) {
             let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-            *o = 0.5 * x * (1.0 + u.tanh());
+            *o = 0.5 * x * (1.0 + math::tanh(u));
         }
     });
 }
@@ -25,7 +26,7 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         .for_each(|(d, (x, g))| {
             for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
                 let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                let th = u.tanh();
+                let th = math::tanh(u);
                 let sech2 = 1.0 - th * th;
                 let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
                 *d = g * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::math;
 use super::COL_CHUNK;
 
 pub const EPS: f32 = 1e-5;
@@ -17,9 +18,9 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], in
         .zip(mean[..n].par_iter_mut().zip(rstd[..n].par_iter_mut()))
         .with_min_len(8)
         .for_each(|((o, x), (m, s))| {
-            // Two passes in f32 as PyTorch does on CPU; rows are short (C <= a few thousand).
-            let mu = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+            // Two passes (mean, then squared deviations): stable without Welford for rows this short.
+            let mu = math::sum(x) / c as f32;
+            let var = math::sum_sq_dev(x, mu) / c as f32;
             let r = 1.0 / (var + EPS).sqrt();
             for i in 0..c {
                 o[i] = (x[i] - mu) * r * weight[i] + bias[i];

@@ -13,6 +13,7 @@ pub mod crossentropy;
 pub mod encoder;
 pub mod gelu;
 pub mod layernorm;
+pub mod math;
 pub mod matmul;
 pub mod residual;
 
