@@ -57,6 +57,9 @@ pub fn matmul_backward(
     }
 }
 
+/// Rows of `dwte` per task in [`lm_head_backward`].
+const VOCAB_BLOCK: usize = 2048;
+
 /// The tied LM head: `logits = x·wteᵀ`.
 ///
 /// - `logits`: `(N, Vp)`; `x`: `(N, C)`; `wte`: `(Vp, C)` (the token embedding, `out, in`)
@@ -68,13 +71,24 @@ pub fn lm_head_forward(logits: &mut [f32], x: &[f32], wte: &[f32], n: usize, c: 
 }
 
 /// Backward of [`lm_head_forward`]: `dx = dlogits·wte` (overwritten), `dwte += dlogitsᵀ·x`.
+///
+/// `dwte` is computed in blocks of [`VOCAB_BLOCK`] rows, one serial matmul per task: for this
+/// tall, thin product (`Vp` ≫ `C`, a transposed left operand) that is 1.3–1.7× faster than
+/// letting `gemm` split the whole product (measured with `liandan bench train --profile`).
 pub fn lm_head_backward(dx: &mut [f32], dwte: &mut [f32], dlogits: &[f32], x: &[f32], wte: &[f32], n: usize, c: usize, vp: usize) {
     let g = MatRef::rows(dlogits, n, vp);
-    // SAFETY: as above.
-    unsafe {
-        matmul(MatMut::rows(dx, n, c), g, MatRef::rows(wte, vp, c), false, 1.0, Par::Pool);
-        matmul(MatMut::rows(dwte, vp, c), g.t(), MatRef::rows(x, n, c), true, 1.0, Par::Pool);
-    }
+    // SAFETY: distinct buffers; views within their lengths (checked by MatRef/MatMut::rows).
+    unsafe { matmul(MatMut::rows(dx, n, c), g, MatRef::rows(wte, vp, c), false, 1.0, Par::Pool) };
+    let xm = MatRef::rows(x, n, c);
+    let g_addr = dlogits.as_ptr() as usize;
+    dwte[..vp * c].par_chunks_mut(VOCAB_BLOCK * c).enumerate().for_each(|(i, block)| {
+        let rows = block.len() / c;
+        // Columns [i·VOCAB_BLOCK, +rows) of dlogits, viewed transposed: (rows, N).
+        let gt = MatRef { ptr: (g_addr as *const f32).wrapping_add(i * VOCAB_BLOCK), rows, cols: n, rs: 1, cs: vp as isize };
+        // SAFETY: `gt` stays inside dlogits (column block of an (N, Vp) matrix); each task
+        // writes only its own block of rows of dwte.
+        unsafe { matmul(MatMut::rows(block, rows, c), gt, xm, true, 1.0, Par::Serial) };
+    });
 }
 
 /// Plain triple-loop reference of [`matmul_forward`] (f64 accumulation), for tests.
@@ -155,5 +169,30 @@ mod tests {
             assert_close(&dw1, &dw2, 1e-5, 1e-5, "dw (accumulated)");
             assert_close(&db1, &db2, 1e-5, 1e-5, "dbias (accumulated)");
         }
+    }
+
+    #[test]
+    fn lm_head_matches_reference_across_vocab_blocks() {
+        // Vp spans two VOCAB_BLOCKs plus a ragged tail.
+        let (n, c, vp) = (5, 12, 2 * VOCAB_BLOCK + 37);
+        let x = randn(n * c, 5);
+        let wte = randn(vp * c, 6);
+        let dlogits = randn(n * vp, 7);
+        let mut logits = vec![0.0; n * vp];
+        lm_head_forward(&mut logits, &x, &wte, n, c, vp);
+        // logits = x·wteᵀ is matmul_forward with w = wteᵀ laid out (C, Vp).
+        let wt: Vec<f32> = (0..c * vp).map(|i| wte[(i % vp) * c + i / vp]).collect();
+        let mut want = vec![0.0; n * vp];
+        matmul_forward_reference(&mut want, &x, &wt, None, n, c, vp);
+        assert_close(&logits, &want, 1e-5, 1e-5, "logits");
+
+        let mut dx = vec![0.0; n * c];
+        let mut dwte = vec![0.5; vp * c];
+        lm_head_backward(&mut dx, &mut dwte, &dlogits, &x, &wte, n, c, vp);
+        let (mut dx2, mut dwt2) = (vec![0.0; n * c], vec![0.0; c * vp]);
+        matmul_backward_reference(&mut dx2, &mut dwt2, None, &dlogits, &x, &wt, n, c, vp);
+        assert_close(&dx, &dx2, 1e-4, 1e-5, "dx");
+        let dwte2: Vec<f32> = (0..vp * c).map(|i| 0.5 + dwt2[(i % c) * vp + i / c]).collect();
+        assert_close(&dwte, &dwte2, 1e-5, 1e-5, "dwte (accumulated)");
     }
 }
