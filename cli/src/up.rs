@@ -19,7 +19,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 600)]
     pub steps: u64,
 }
 
