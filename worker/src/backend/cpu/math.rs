@@ -37,18 +37,36 @@ pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)
 }
 
-/// Sum over 16 lanes, then the lanes in order.
-#[inline]
-pub fn sum(x: &[f32]) -> f32 {
+/// `Σ f(x_i)` over 16 lanes, then the lanes in order.
+#[inline(always)]
+fn map_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for i in 0..LANES {
-            acc[i] += c[i];
+            acc[i] += f(c[i]);
         }
     }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// `Σ x_i`.
+#[inline]
+pub fn sum(x: &[f32]) -> f32 {
+    map_sum(x, |v| v)
+}
+
+/// `Σ exp(x_i − shift)`.
+#[inline]
+pub fn exp_sum(x: &[f32], shift: f32) -> f32 {
+    map_sum(x, |v| exp(v - shift))
+}
+
+/// `Σ (x_i − mu)²`.
+#[inline]
+pub fn sum_sq_dev(x: &[f32], mu: f32) -> f32 {
+    map_sum(x, |v| (v - mu) * (v - mu))
 }
 
 /// Maximum (NaN-ignoring, like `f32::max`).
@@ -63,35 +81,6 @@ pub fn max(x: &[f32]) -> f32 {
         }
     }
     acc.iter().chain(rest).copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// `Σ exp(x_i − shift)`.
-#[inline]
-pub fn exp_sum(x: &[f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] += exp(c[i] - shift);
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().map(|&v| exp(v - shift)).sum::<f32>()
-}
-
-/// `Σ (x_i − mu)²` over 16 lanes.
-#[inline]
-pub fn sum_sq_dev(x: &[f32], mu: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            let d = c[i] - mu;
-            acc[i] += d * d;
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>()
 }
 
 /// Dot product over 16 lanes.
