@@ -1,5 +1,30 @@
-//! liandan-data: ingest, clean, deduplicate, tokenizer, split and shard, SFT and preference formats.
+//! liandan-data: the data pipeline — from raw text, JSONL, crawled HTML and the chinese-poetry
+//! collections to clean, deduplicated, tokenized shards; plus the chat formats for SFT and
+//! preference data and the poem-form verifier.
 //!
-//! Not built yet: the data pipeline arrives with its own work item. Until then `liandan train`
-//! reads a text file as UTF-8 bytes with the byte-level vocabulary of
-//! `liandan_worker::tokenizer::ByteTokenizer`.
+//! # Layout
+//! - [`ingest`]: expand files, directories and globs; read text, JSONL, HTML and chinese-poetry
+//!   JSON (gzip too) into documents; count invalid UTF-8 and malformed lines.
+//! - [`html`]: article text from an HTML page (script, style, nav, footer … dropped).
+//! - [`clean`]: named cleaning rules, each with a counter and a switch: normalisation,
+//!   Traditional→Simplified, spam-line rules, cross-document boilerplate, document filters.
+//! - [`dedup`]: exact (hash of the normalised text) and near-duplicate (MinHash LSH).
+//! - [`tokenizer`]: byte-level BPE training with the chat template's special tokens.
+//! - [`shard`]: deterministic split by document hash, binary token shards, `manifest.json`.
+//! - [`chat`]: SFT (`{prompt, response}` / `{messages}`) and preference (`{prompt, chosen,
+//!   rejected}`) JSONL, validated with file:line errors and tokenized with an assistant mask.
+//! - [`verify`]: the poem-form checker (五言/七言 绝句/律诗).
+//! - [`prepare`]: the whole pipeline with progress and a funnel report.
+
+pub mod chat;
+pub mod clean;
+pub mod dedup;
+pub mod error;
+pub mod html;
+pub mod ingest;
+pub mod prepare;
+pub mod shard;
+pub mod tokenizer;
+pub mod verify;
+
+pub use error::DataError;
