@@ -35,9 +35,20 @@ impl Default for IngestOptions {
     }
 }
 
+/// The format a document was read from: some cleaning rules apply to web pages only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocKind {
+    Text,
+    Jsonl,
+    Html,
+    Poetry,
+}
+
 /// One raw document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RawDoc {
+    pub kind: DocKind,
     /// Where it came from: `path` or `path:line` or `path#index`.
     pub source: String,
     /// The "site" the document belongs to, for cross-document boilerplate: the directory of an
@@ -202,12 +213,12 @@ pub fn read_file(path: &Path, opts: &IngestOptions) -> Result<(Vec<RawDoc>, Inge
         Format::Text => split_blocks(&text)
             .into_iter()
             .enumerate()
-            .map(|(i, t)| RawDoc { source: format!("{source}#{i}"), group: source.clone(), text: t })
+            .map(|(i, t)| RawDoc { kind: DocKind::Text, source: format!("{source}#{i}"), group: source.clone(), text: t })
             .collect(),
         Format::Html => {
             let group = path.parent().map_or(String::new(), |p| p.display().to_string());
             let t = html_to_text(&text);
-            if t.is_empty() { vec![] } else { vec![RawDoc { source: source.clone(), group, text: t }] }
+            if t.is_empty() { vec![] } else { vec![RawDoc { kind: DocKind::Html, source: source.clone(), group, text: t }] }
         }
         Format::Jsonl => read_jsonl(path, &text, opts, &mut stats)?,
         Format::PoetryJson => read_poetry(path, &text, &mut stats)?,
@@ -258,7 +269,7 @@ fn read_jsonl(path: &Path, text: &str, opts: &IngestOptions, stats: &mut IngestS
             }
         };
         match value.get(&opts.text_field).and_then(|v| v.as_str()) {
-            Some(t) => docs.push(RawDoc { source: format!("{source}:{n}"), group: source.clone(), text: t.to_string() }),
+            Some(t) => docs.push(RawDoc { kind: DocKind::Jsonl, source: format!("{source}:{n}"), group: source.clone(), text: t.to_string() }),
             None => {
                 let reason = match value.get(&opts.text_field) {
                     None => format!("field '{}' is missing", opts.text_field),
@@ -300,7 +311,7 @@ fn read_poetry(path: &Path, text: &str, stats: &mut IngestStats) -> Result<Vec<R
             lines.push(a.to_string());
         }
         lines.extend(body);
-        docs.push(RawDoc { source: format!("{source}#{i}"), group: source.clone(), text: lines.join("\n") });
+        docs.push(RawDoc { kind: DocKind::Poetry, source: format!("{source}#{i}"), group: source.clone(), text: lines.join("\n") });
     }
     Ok(docs)
 }

@@ -7,7 +7,7 @@
 use regex::Regex;
 
 /// Names of the line rules, in the order they are tried.
-pub const LINE_RULES: &[&str] = &["contact", "ad", "call_to_action", "share", "menu", "comment_prompt", "footer"];
+pub const LINE_RULES: &[&str] = &["contact", "ad", "call_to_action", "share", "menu", "comment_prompt", "footer", "page_meta"];
 
 /// Compiled line rules.
 #[derive(Debug)]
@@ -19,11 +19,15 @@ pub struct LineRules {
     share_platforms: Vec<&'static str>,
     comment: Regex,
     footer: Regex,
+    meta: Regex,
 }
 
 const AD_WORDS: &[&str] = &[
     "代充", "代购", "充值", "包邮", "秒杀", "限时", "特价", "低价", "下单", "发货", "账号", "会员", "加盟", "招商", "返利", "免费领取", "抢购", "现货",
     "批发", "团购", "爆款", "旗舰店", "正品", "优惠", "折扣", "促销", "售后", "客服", "代理", "广告", "推广", "独家", "官方授权", "升级",
+    // The same in Traditional characters, so spam is caught before (or without) conversion.
+    "代購", "包郵", "秒殺", "限時", "特價", "低價", "下單", "發貨", "帳號", "賬號", "會員", "加盟", "返利", "免費領取", "搶購", "現貨", "批發",
+    "團購", "旗艦店", "優惠", "促銷", "售後", "代理", "廣告", "推廣", "獨家", "升級",
 ];
 
 const NAV_WORDS: &[&str] = &["首页", "上一篇", "下一篇", "返回顶部", "网站地图", "登录", "注册", "返回首页", "联系我们", "关于我们", "更多", "导航"];
@@ -35,7 +39,7 @@ impl LineRules {
         LineRules {
             contact: vec![
                 // WeChat ids in the forms spammers use.
-                re(r"(?i)(微信|威信|薇信|v信|vx|wx|weixin|wechat|加v|加微)\s*号?\s*[:：]?\s*[A-Za-z][-_A-Za-z0-9]{4,}"),
+                re(r"(?i)(微信|威信|薇信|v信|vx|wx|weixin|wechat|加v|加微|line\s*id)\s*号?\s*[:：]?\s*[A-Za-z][-_A-Za-z0-9]{4,}"),
                 re(r"(?i)加(我|个)?(微信|v信|vx|薇|威信)"),
                 re(r"(?i)qq\s*(群|号)?\s*[:：]?\s*\d{5,11}"),
                 // Mobile, 400 and landline numbers.
@@ -51,7 +55,8 @@ impl LineRules {
             share: re(r"分享到|分享至|一键分享|分享给(好友|朋友)|收藏本(文|站|页)|点赞|转发到"),
             share_platforms: vec!["微信", "微博", "QQ空间", "朋友圈", "豆瓣", "知乎", "QQ"],
             comment: re(r"发表评论|发布评论|我要评论|写评论|网友评论|暂无评论|评论\s*[(（]?\d+|登录后(才能)?(发表)?评论|查看(全部|更多)评论|说点什么|我来说两句|留言板"),
-            footer: re(r"(?i)©|copyright|版权所有|保留所有权利|all rights reserved|icp备|icp证|公网安备|备案号|免责声明|转载请注明"),
+            footer: re(r"(?i)©|copyright|版权所有|版權所有|保留所有权利|all rights reserved|icp备|icp证|公网安备|备案号|免责声明|转载请注明"),
+            meta: re(r"^(发布时间|发表时间|更新时间|时间|日期|来源|作者|编辑|责任编辑|阅读|浏览|点击|發布時間|來源|作者|編輯|閱讀|點擊)\s*[:：]"),
         }
     }
 
@@ -86,6 +91,9 @@ impl LineRules {
         if enabled("footer") && short(80) && self.footer.is_match(line) {
             return Some("footer");
         }
+        if enabled("page_meta") && short(60) && self.meta.is_match(line) {
+            return Some("page_meta");
+        }
         None
     }
 }
@@ -101,6 +109,10 @@ impl Default for LineRules {
 fn is_menu(line: &str) -> bool {
     let t = line.trim();
     if NAV_WORDS.contains(&t) {
+        return true;
+    }
+    // "上一篇：… 下一篇：…" links between articles.
+    if (t.starts_with("上一篇") || t.starts_with("下一篇") || t.starts_with("上一頁") || t.starts_with("下一頁")) && t.chars().count() <= 80 {
         return true;
     }
     if t.contains(['，', '。', '！', '？', ',', '.']) {
@@ -138,6 +150,9 @@ mod tests {
             ("网友评论（12）", "comment_prompt"),
             ("Copyright © 2024 某某网 版权所有", "footer"),
             ("京ICP备12345678号", "footer"),
+            ("发布时间：2023-04-12 09:30 来源：某某网 阅读：2,381次", "page_meta"),
+            ("上一篇：一文读懂词牌与曲牌下一篇：王维山水诗里的“静”", "menu"),
+            ("GPT-4 Plus 代充升級，下單後立即獲得帳號，24小時發貨", "ad"),
         ];
         for (line, want) in positive {
             assert_eq!(rule(line), Some(want), "{line}");
@@ -152,6 +167,7 @@ mod tests {
             "李白 杜甫 王维 是唐代最著名的三位诗人，他们的作品流传至今。",
             "静夜思",
             "1234年，蒙古灭金。",
+            "作者在这篇文章里回忆了童年时在外婆家度过的夏天，那时每天傍晚都要去河边打水。",
         ];
         for line in negative {
             assert_eq!(rule(line), None, "{line}");

@@ -5,6 +5,7 @@
 //! | `normalize` | rewrite | NFKC (Chinese punctuation kept) and whitespace repair ([`normalize`]) |
 //! | `t2s` | rewrite | Traditional → Simplified with OpenCC's dictionaries (only when asked) |
 //! | `contact`, `ad`, `call_to_action`, `menu`, `share`, `comment_prompt`, `footer` | line | remove spam lines ([`lines`]) |
+//! | `short_line` | line | web pages only: remove short lines (links, labels, headings, sidebars) unless both neighbours are article paragraphs |
 //! | `boilerplate` | line | remove lines repeated across many documents of one group (site/file) |
 //! | `too_short`, `low_text_share`, `high_symbol_share`, `repeated_lines`, `repeated_ngrams` | document | drop the document ([`filters`]) |
 //!
@@ -21,7 +22,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{DataError, Result};
-use crate::ingest::RawDoc;
+use crate::ingest::{DocKind, RawDoc};
 use filters::{failing_filter, FilterConfig, DOC_FILTERS};
 use lines::{LineRules, LINE_RULES};
 
@@ -29,6 +30,7 @@ use lines::{LineRules, LINE_RULES};
 pub fn all_rules() -> Vec<&'static str> {
     let mut v = vec!["normalize", "t2s"];
     v.extend(LINE_RULES);
+    v.push("short_line");
     v.push("boilerplate");
     v.extend(DOC_FILTERS);
     v
@@ -50,6 +52,9 @@ pub struct CleanConfig {
     /// …and has at least this many characters (shorter lines, like an author's name, repeat
     /// legitimately).
     pub boilerplate_min_chars: usize,
+    /// `short_line`: on web pages, lines shorter than this many characters are not article text
+    /// unless both neighbours are at least this long.
+    pub min_web_line_chars: usize,
 }
 
 impl Default for CleanConfig {
@@ -58,9 +63,10 @@ impl Default for CleanConfig {
             t2s: false,
             disabled: BTreeSet::new(),
             filters: FilterConfig::default(),
-            boilerplate_min_docs: 3,
+            boilerplate_min_docs: 2,
             boilerplate_min_share: 0.3,
             boilerplate_min_chars: 6,
+            min_web_line_chars: 25,
         }
     }
 }
@@ -202,8 +208,26 @@ impl Cleaner {
                 None => true,
             })
             .collect();
+        let kept = if doc.kind == DocKind::Html && self.config.on("short_line") {
+            let min = self.config.min_web_line_chars;
+            let long: Vec<bool> = kept.iter().map(|l| l.chars().count() >= min).collect();
+            let mut out = Vec::with_capacity(kept.len());
+            for (i, line) in kept.iter().enumerate() {
+                let inside_article = i > 0 && i + 1 < kept.len() && long[i - 1] && long[i + 1];
+                if long[i] || inside_article {
+                    out.push(*line);
+                } else {
+                    let e = removed.entry("short_line").or_default();
+                    e.0 += 1;
+                    e.1 += line.chars().count() as i64;
+                }
+            }
+            out
+        } else {
+            kept
+        };
         let kept = kept.join("\n");
-        for rule in LINE_RULES {
+        for rule in LINE_RULES.iter().chain(&["short_line"]) {
             if let Some((lines, chars)) = removed.get(rule) {
                 stats.bump(rule, *lines, *chars);
                 rules.push(rule);
@@ -313,7 +337,7 @@ mod tests {
     use super::*;
 
     fn raw(group: &str, text: &str) -> RawDoc {
-        RawDoc { source: format!("{group}/x"), group: group.into(), text: text.into() }
+        RawDoc { kind: DocKind::Text, source: format!("{group}/x"), group: group.into(), text: text.into() }
     }
 
     #[test]
