@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use liandan_worker::checkpoint;
 use liandan_worker::generate::{Generator, SamplingConfig};
+use liandan_data::tokenizer::ChatTokenizer;
 use liandan_worker::tokenizer::{ByteTokenizer, BYTES};
 use liandan_worker::Gpt;
 
@@ -33,47 +34,89 @@ pub struct GenerateArgs {
     /// Always take the most likely token.
     #[arg(long)]
     pub greedy: bool,
-    /// Stop after this text is produced (its bytes; the first byte ends generation).
+    /// Also stop at this text's first token (BPE checkpoints always stop at <|eos|> and <|end|>).
     #[arg(long)]
     pub stop: Option<String>,
 }
 
-/// Loads a byte-level checkpoint for inference.
-pub fn load_model(path: &std::path::Path) -> Result<Gpt, CliError> {
+/// How a checkpoint's tokens map to text.
+#[derive(Debug)]
+pub enum Codec {
+    Bytes,
+    Bpe(ChatTokenizer),
+}
+
+impl Codec {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, CliError> {
+        Ok(match self {
+            Codec::Bytes => ByteTokenizer.encode(text),
+            Codec::Bpe(tk) => tk.encode(text)?,
+        })
+    }
+
+    /// Text of generated tokens (special tokens left out).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, CliError> {
+        Ok(match self {
+            Codec::Bytes => ByteTokenizer.decode(ids),
+            Codec::Bpe(tk) => tk.decode_text(ids)?,
+        })
+    }
+
+    /// Tokens that end a generation by default: `<|eos|>` and `<|end|>` for BPE, none for bytes.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        match self {
+            Codec::Bytes => vec![],
+            Codec::Bpe(tk) => vec![tk.special.eos, tk.special.end],
+        }
+    }
+}
+
+/// Loads a checkpoint for inference with the tokenizer it was trained with.
+pub fn load_model(path: &std::path::Path) -> Result<(Gpt, Codec), CliError> {
     let dir = crate::train::resolve_checkpoint(path)?;
     let ck = checkpoint::load(&dir, None)?;
-    if ck.state.tokenizer != BYTES {
-        return Err(CliError::Usage(format!("{}: tokenizer '{}' is not supported by this command yet", dir.display(), ck.state.tokenizer)));
-    }
+    let codec = if ck.state.tokenizer == BYTES {
+        Codec::Bytes
+    } else {
+        let bytes = checkpoint::read_verified(&dir, &ck.state.tokenizer, &ck.state)?;
+        let tmp = std::env::temp_dir().join(format!("liandan-tokenizer-{}.json", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(|e| CliError::Io { path: tmp.display().to_string(), source: e })?;
+        let tk = ChatTokenizer::load(&tmp, Some(ck.state.model_config.vocab_size));
+        let _ = std::fs::remove_file(&tmp);
+        Codec::Bpe(tk.map_err(|e| CliError::Usage(format!("{}: {e}", dir.join(&ck.state.tokenizer).display())))?)
+    };
     let mut model = Gpt::new(ck.state.model_config.clone(), 1, 1)?;
     model.params = ck.params;
-    Ok(model)
+    Ok((model, codec))
 }
 
 /// Continues `prompt` and returns the new text.
-pub fn complete(model: &Gpt, prompt: &str, cfg: &SamplingConfig) -> Result<String, CliError> {
-    let tok = ByteTokenizer;
-    let ids = tok.encode(prompt);
+pub fn complete(model: &Gpt, codec: &Codec, prompt: &str, cfg: &SamplingConfig) -> Result<String, CliError> {
+    let ids = codec.encode(prompt)?;
     if ids.is_empty() {
         return Err(CliError::Usage("--prompt is empty: give at least one character".into()));
     }
     let mut g = Generator::new(model);
     let out = g.generate(&ids, cfg)?;
-    Ok(tok.decode(&out.tokens))
+    codec.decode(&out.tokens)
 }
 
 pub fn run(a: GenerateArgs) -> Result<(), CliError> {
-    let model = load_model(&a.checkpoint)?;
+    let (model, codec) = load_model(&a.checkpoint)?;
+    let mut stop_tokens = codec.stop_tokens();
+    if let Some(s) = &a.stop {
+        stop_tokens.extend(codec.encode(s)?.into_iter().take(1));
+    }
     let cfg = SamplingConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
-        stop_tokens: a.stop.map(|s| ByteTokenizer.encode(&s).into_iter().take(1).collect()).unwrap_or_default(),
+        stop_tokens,
         greedy: a.greedy,
     };
-    let text = complete(&model, &a.prompt, &cfg)?;
+    let text = complete(&model, &codec, &a.prompt, &cfg)?;
     println!("{}{}", a.prompt, text);
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! Errors print as one line (`error: …`) and exit with status 1; nothing here panics on input.
 
 mod bench;
+mod data;
 mod generate;
 mod progress;
 mod train;
@@ -38,6 +39,11 @@ enum Command {
     Train(train::TrainArgs),
     /// Generate text from a checkpoint.
     Generate(generate::GenerateArgs),
+    /// The data pipeline: clean, prepare (clean + dedup + tokenizer + shards), bench.
+    Data {
+        #[command(subcommand)]
+        what: data::DataCommand,
+    },
     /// Measure training throughput.
     Bench {
         #[command(subcommand)]
@@ -50,6 +56,8 @@ enum Command {
 pub enum CliError {
     #[error(transparent)]
     Engine(#[from] liandan_worker::EngineError),
+    #[error(transparent)]
+    Data(#[from] liandan_data::DataError),
     #[error("{0}")]
     Usage(String),
     #[error("{path}: {source}")]
@@ -67,6 +75,7 @@ fn main() -> ExitCode {
         Command::Up(a) => up::run(a),
         Command::Train(a) => train::run(a).map(|_| ()),
         Command::Generate(a) => generate::run(a),
+        Command::Data { what } => data::run(what),
         Command::Bench { what } => bench::run(what, threads),
     };
     match result {

@@ -1,8 +1,10 @@
-//! `liandan train`: one process, a text file as UTF-8 bytes, checkpoints in a run directory.
+//! `liandan train`: one process; data from a prepared directory (`liandan data prepare`: token
+//! shards + tokenizer) or a plain text file read as UTF-8 bytes; checkpoints in a run directory.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use liandan_data::shard::{read_split, sha256_hex, Manifest, Split};
 use liandan_worker::checkpoint::{self, DataCursor};
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
 use liandan_worker::tokenizer::{ByteTokenizer, BYTES};
@@ -10,13 +12,20 @@ use liandan_worker::train::{TokenStream, TrainConfig, Trainer};
 use liandan_worker::{EngineError, GptConfig};
 
 use crate::progress::Progress;
+
+/// Name of the tokenizer file inside prepared data and checkpoints.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 use crate::CliError;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
-    /// UTF-8 text file to train on (its last 5% is held out for validation).
+    /// Prepared data directory (from `liandan data prepare`): trains on the train shards,
+    /// validates on the val shards, and stores the tokenizer in every checkpoint.
+    #[arg(long, required_unless_present = "text", conflicts_with = "text")]
+    pub data: Option<PathBuf>,
+    /// Or a UTF-8 text file, trained on as bytes (its last 5% is held out for validation).
     #[arg(long)]
-    pub text: PathBuf,
+    pub text: Option<PathBuf>,
     /// Run directory: checkpoints go to OUT/step-NNNNNNNN and OUT/latest names the newest.
     #[arg(long)]
     pub out: PathBuf,
@@ -81,26 +90,78 @@ pub struct TrainOutcome {
     pub tokens_per_s: f64,
 }
 
-pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
-    let raw = std::fs::read(&args.text).map_err(|e| EngineError::io(&args.text, e))?;
-    if raw.is_empty() {
-        return Err(EngineError::Data { path: args.text.clone(), reason: "is empty: nothing to train on".into() }.into());
-    }
-    let text = String::from_utf8_lossy(&raw);
-    let tokens = ByteTokenizer.encode(&text);
+/// Training and validation tokens with the tokenizer they were made with.
+struct Corpus {
+    train: Vec<u32>,
+    val: Option<Vec<u32>>,
+    vocab_size: usize,
+    /// [`BYTES`] or the tokenizer file's name inside checkpoints.
+    tokenizer: String,
+    /// Files stored in every checkpoint (the tokenizer).
+    extra_files: Vec<(String, Vec<u8>)>,
+    /// Where the data came from, for error messages.
+    origin: PathBuf,
+}
 
+fn load_corpus(args: &TrainArgs) -> Result<Corpus, CliError> {
+    if let Some(dir) = &args.data {
+        let manifest = Manifest::load(dir)?;
+        let tok_path = dir.join(&manifest.tokenizer);
+        let tok_bytes = std::fs::read(&tok_path).map_err(|e| EngineError::io(&tok_path, e))?;
+        if sha256_hex(&tok_bytes) != manifest.tokenizer_sha256 {
+            return Err(CliError::Usage(format!("{}: sha256 does not match manifest.json (corrupt or replaced tokenizer)", tok_path.display())));
+        }
+        let train = read_split(dir, &manifest, Split::Train)?;
+        let val = read_split(dir, &manifest, Split::Val)?;
+        return Ok(Corpus {
+            train,
+            val: if val.is_empty() { None } else { Some(val) },
+            vocab_size: manifest.vocab_size,
+            tokenizer: TOKENIZER_FILE.into(),
+            extra_files: vec![(TOKENIZER_FILE.to_string(), tok_bytes)],
+            origin: dir.clone(),
+        });
+    }
+    let path = args.text.clone().ok_or_else(|| CliError::Usage("give --data DIR or --text FILE".into()))?;
+    let raw = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
+    if raw.is_empty() {
+        return Err(EngineError::Data { path, reason: "is empty: nothing to train on".into() }.into());
+    }
+    let tokens = ByteTokenizer.encode(&String::from_utf8_lossy(&raw));
+    let split = tokens.len() - tokens.len() / 20;
+    Ok(Corpus {
+        train: tokens[..split].to_vec(),
+        val: Some(tokens[split..].to_vec()),
+        vocab_size: ByteTokenizer::VOCAB_SIZE,
+        tokenizer: BYTES.into(),
+        extra_files: vec![],
+        origin: path,
+    })
+}
+
+pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
+    let corpus = load_corpus(&args)?;
     let (mut trainer, cursor) = match &args.resume {
         Some(dir) => {
             let dir = resolve_checkpoint(dir)?;
             let (t, state) = Trainer::resume(&dir)?;
-            if state.tokenizer != BYTES {
-                return Err(CliError::Usage(format!("{}: trained with tokenizer '{}', `liandan train` reads bytes", dir.display(), state.tokenizer)));
+            if state.tokenizer != corpus.tokenizer {
+                return Err(CliError::Usage(format!("{}: trained with tokenizer '{}', but the data uses '{}'", dir.display(), state.tokenizer, corpus.tokenizer)));
+            }
+            if let Some((name, bytes)) = corpus.extra_files.first() {
+                let ck = liandan_worker::checkpoint::read_verified(&dir, name, &state)?;
+                if &ck != bytes {
+                    return Err(CliError::Usage(format!("{}: its {name} differs from the data's (a tokenizer from another vocabulary)", dir.display())));
+                }
+            }
+            if t.model.config.vocab_size != corpus.vocab_size {
+                return Err(CliError::Usage(format!("{}: vocab_size {} does not match the data's {}", dir.display(), t.model.config.vocab_size, corpus.vocab_size)));
             }
             eprintln!("resuming {} at step {}", dir.display(), state.step);
             (t, state.data_cursor.position as usize)
         }
         None => {
-            let mut model = GptConfig::preset(&args.model, ByteTokenizer::VOCAB_SIZE)?;
+            let mut model = GptConfig::preset(&args.model, corpus.vocab_size)?;
             model.n_layer = args.layers.unwrap_or(model.n_layer);
             model.n_head = args.heads.unwrap_or(model.n_head);
             model.n_embd = args.channels.unwrap_or(model.n_embd);
@@ -126,12 +187,10 @@ pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
     let (b, t) = (cfg.batch_size, cfg.seq_len);
     let total = cfg.schedule.total_steps;
 
-    // Hold out the tail for validation when it fits at least one micro-batch.
-    let split = tokens.len() - tokens.len() / 20;
-    let (train_tokens, val_tokens) = if tokens.len() - split > b * t { (tokens[..split].to_vec(), Some(tokens[split..].to_vec())) } else { (tokens, None) };
-    let mut stream = TokenStream::new(train_tokens, b, t, &args.text)?;
+    let mut stream = TokenStream::new(corpus.train, b, t, &corpus.origin)?;
     stream.cursor = cursor;
-    let mut val = val_tokens.map(|v| TokenStream::new(v, b, t, &args.text)).transpose()?;
+    // Validation needs at least one micro-batch of tokens.
+    let mut val = corpus.val.filter(|v| v.len() > b * t).map(|v| TokenStream::new(v, b, t, &corpus.origin)).transpose()?;
 
     let m = &trainer.model.config;
     eprintln!(
@@ -173,7 +232,7 @@ pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
         let periodic = args.checkpoint_every.is_some_and(|k| k > 0 && done % k == 0);
         if periodic || done == total {
             let dir = checkpoint::step_dir(&args.out, done);
-            trainer.save(&dir, DataCursor { position: stream.cursor as u64 }, BYTES)?;
+            trainer.save(&dir, DataCursor { position: stream.cursor as u64 }, &corpus.tokenizer, &corpus.extra_files)?;
             write_latest(&args.out, &dir)?;
             saved = Some(dir);
         }

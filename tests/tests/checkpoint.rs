@@ -13,7 +13,7 @@ fn saved(name: &str) -> (PathBuf, Trainer) {
     let cfg = GptConfig::new(256, 16, 1, 2, 16);
     let tr = Trainer::new(cfg, small_train_config(2, 16, 4, 1)).unwrap();
     let dir = scratch_dir(name).join("ckpt");
-    tr.save(&dir, DataCursor { position: 17 }, "bytes").unwrap();
+    tr.save(&dir, DataCursor { position: 17 }, "bytes", &[]).unwrap();
     (dir, tr)
 }
 
@@ -37,7 +37,7 @@ fn round_trip_keeps_weights_state_and_names() {
     let siblings: Vec<_> = fs::read_dir(dir.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(siblings.len(), 1, "{siblings:?}");
     // Saving again over the same directory replaces it atomically.
-    tr.save(&dir, DataCursor { position: 18 }, "bytes").unwrap();
+    tr.save(&dir, DataCursor { position: 18 }, "bytes", &[]).unwrap();
     assert_eq!(checkpoint::load(&dir, None).unwrap().state.data_cursor.position, 18);
 }
 

@@ -148,7 +148,7 @@ fn resume_from_checkpoint_is_bit_identical() {
     let mut s2 = TokenStream::new(tokens.clone(), 4, 32, "synthetic".as_ref()).unwrap();
     let mut losses = run_steps(&mut first, &mut s2, 5);
     let dir = scratch_dir("resume").join("ckpt");
-    first.save(&dir, DataCursor { position: s2.cursor as u64 }, "bytes").unwrap();
+    first.save(&dir, DataCursor { position: s2.cursor as u64 }, "bytes", &[]).unwrap();
     drop(first);
 
     let (mut resumed, state) = Trainer::resume(&dir).unwrap();

@@ -89,6 +89,9 @@ pub struct SaveInfo<'a> {
     pub train_config: Option<&'a TrainConfig>,
     pub data_cursor: DataCursor,
     pub tokenizer: &'a str,
+    /// Other files to store in the checkpoint (name, bytes), checksummed like the rest: the
+    /// tokenizer a model needs to be used.
+    pub extra_files: &'a [(String, Vec<u8>)],
 }
 
 /// Optimizer moments to save: `(m, v, t)` in the flat layout.
@@ -133,6 +136,12 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
         }
         None => 0,
     };
+    for (name, bytes) in info.extra_files {
+        if [MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE, STATE_FILE].contains(&name.as_str()) || name.contains('/') {
+            return Err(EngineError::checkpoint(dir, format!("extra file name '{name}' is reserved or not a plain name")));
+        }
+        files.insert(name.clone(), write_synced(&tmp.join(name), bytes)?);
+    }
     let hf = serde_json::to_vec_pretty(&config.to_hf_config_json()).map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
     files.insert(HF_CONFIG_FILE.to_string(), write_synced(&tmp.join(HF_CONFIG_FILE), &hf)?);
 
@@ -230,7 +239,8 @@ fn compare_configs(got: &GptConfig, want: &GptConfig) -> std::result::Result<(),
     Ok(())
 }
 
-fn read_verified(dir: &Path, name: &str, state: &CheckpointState) -> Result<Vec<u8>> {
+/// Reads a file of a loaded checkpoint, verifying its size and checksum against `state.json`.
+pub fn read_verified(dir: &Path, name: &str, state: &CheckpointState) -> Result<Vec<u8>> {
     let path = dir.join(name);
     let sum = state.files.get(name).ok_or_else(|| EngineError::checkpoint(&path, "not listed in state.json"))?;
     let bytes = fs::read(&path).map_err(|e| EngineError::io(&path, e))?;

@@ -209,13 +209,15 @@ impl TokenStream {
 
 impl Trainer {
     /// Saves weights, optimizer moments and the training position to `dir` (atomically).
-    pub fn save(&self, dir: &Path, data_cursor: crate::checkpoint::DataCursor, tokenizer: &str) -> Result<()> {
+    /// `extra_files` (name, bytes) are stored and checksummed with the checkpoint (the tokenizer).
+    pub fn save(&self, dir: &Path, data_cursor: crate::checkpoint::DataCursor, tokenizer: &str, extra_files: &[(String, Vec<u8>)]) -> Result<()> {
         let info = crate::checkpoint::SaveInfo {
             step: self.step,
             rng_state: self.rng.state(),
             train_config: Some(&self.config),
             data_cursor,
             tokenizer,
+            extra_files,
         };
         crate::checkpoint::save(dir, &self.model.config, &self.model.params, Some((&self.opt.m, &self.opt.v, self.opt.t)), &info)
     }

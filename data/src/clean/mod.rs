@@ -104,7 +104,8 @@ pub struct RuleCount {
     pub documents: u64,
     /// Lines removed (line rules).
     pub lines: u64,
-    /// Characters removed: by line rules and document filters; for rewrites, the net change.
+    /// Characters removed by line rules and document filters; for rewrites, characters before
+    /// minus characters after.
     pub chars: i64,
 }
 
@@ -182,7 +183,7 @@ impl Cleaner {
         if self.config.on("normalize") {
             let n = normalize::normalize(&text);
             if n != text {
-                stats.bump("normalize", 0, n.chars().count() as i64 - text.chars().count() as i64);
+                stats.bump("normalize", 0, text.chars().count() as i64 - n.chars().count() as i64);
                 rules.push("normalize");
                 text = n;
             }
