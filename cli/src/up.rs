@@ -44,7 +44,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 800)]
+    #[arg(long, default_value_t = 1200)]
     pub steps: u64,
 }
 
@@ -86,7 +86,7 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
         seq: 128,
         grad_accum: 1,
         steps: a.steps,
-        lr: 2e-3,
+        lr: 3e-3,
         min_lr: None,
         warmup: None,
         weight_decay: 0.1,

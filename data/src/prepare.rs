@@ -168,7 +168,11 @@ pub fn prepare(cfg: &PrepareConfig, progress: &dyn Progress) -> Result<Report> {
     progress.end("dedup", &format!("{} exact and {} near duplicates removed", dedup_stats.exact, dedup_stats.near));
     seconds.insert("dedup".into(), t.elapsed().as_secs_f64());
 
-    // 4. Split by document hash.
+    // 4. Split by document hash, and shuffle: documents arrive grouped by source file, and a
+    // training run that reads shards in order must not see one source after another. The order
+    // is a hash of the text, so it is deterministic and independent of the input order.
+    let mut unique = unique;
+    unique.par_sort_by_cached_key(|t| (xxhash_rust::xxh3::xxh3_64_with_seed(t.as_bytes(), 0x5A0F), *t));
     let assigned: Vec<Split> = unique.par_iter().map(|t| cfg.split.assign(t)).collect();
 
     // 5. Tokenizer: trained on the training split only, so val/test stay unseen.
