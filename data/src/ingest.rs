@@ -286,34 +286,63 @@ fn read_jsonl(path: &Path, text: &str, opts: &IngestOptions, stats: &mut IngestS
     Ok(docs)
 }
 
-/// A chinese-poetry collection: an array of objects with a body in `paragraphs` or `content`
-/// (strings, or for 诗经 a list of strings) and optional `title`/`rhythmic`/`chapter`/`author`.
+/// A chinese-poetry collection. Poems are objects with a body in `paragraphs` or `content`
+/// (strings or lists of strings) and optional `title`/`rhythmic`/`chapter`/`section` and
+/// `author`. They may sit in a top-level array (唐诗, 宋词), be the top-level object (蒙学
+/// primers), or be nested in other objects' arrays (`content: [{chapter, paragraphs}]`).
 fn read_poetry(path: &Path, text: &str, stats: &mut IngestStats) -> Result<Vec<RawDoc>> {
     let source = path.display().to_string();
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| DataError::file(path, format!("not valid JSON: {e} (JSON inputs must be chinese-poetry collections; use .jsonl for one document per line)")))?;
-    let items = value.as_array().ok_or_else(|| DataError::file(path, "expected a JSON array of poems (chinese-poetry format)"))?;
-    let mut docs = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let body = ["paragraphs", "content"].iter().find_map(|k| item.get(*k)).map(strings).unwrap_or_default();
-        if body.is_empty() {
-            stats.warn(format!("{source}#{i}: no 'paragraphs' or 'content'"));
-            continue;
-        }
-        let mut lines = Vec::new();
-        for k in ["title", "rhythmic", "chapter"] {
-            if let Some(t) = item.get(k).and_then(|v| v.as_str()) {
-                lines.push(t.to_string());
-                break;
+    let mut bodies = Vec::new();
+    collect_poems(&value, &mut bodies);
+    if bodies.is_empty() {
+        stats.warn(format!("{source}: no poems (no objects with 'paragraphs' or 'content' text)"));
+    }
+    Ok(bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, lines)| RawDoc { kind: DocKind::Poetry, source: format!("{source}#{i}"), group: source.clone(), text: lines.join("\n") })
+        .collect())
+}
+
+/// Appends the lines (heading, author, body) of every poem found in `v`.
+fn collect_poems(v: &serde_json::Value, out: &mut Vec<Vec<String>>) {
+    match v {
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_poems(x, out)),
+        serde_json::Value::Object(m) => {
+            let body = ["paragraphs", "content"].iter().find_map(|k| m.get(*k));
+            match body {
+                Some(b) if is_text(b) => {
+                    let body = strings(b);
+                    if body.iter().all(|l| l.trim().is_empty()) {
+                        return;
+                    }
+                    let mut lines = Vec::new();
+                    if let Some(t) = ["title", "rhythmic", "chapter", "section"].iter().find_map(|k| m.get(*k).and_then(|v| v.as_str())) {
+                        lines.push(t.to_string());
+                    }
+                    if let Some(a) = m.get("author").and_then(|v| v.as_str()) {
+                        lines.push(a.to_string());
+                    }
+                    lines.extend(body);
+                    out.push(lines);
+                }
+                Some(b) => collect_poems(b, out),
+                None => m.values().filter(|x| x.is_array() || x.is_object()).for_each(|x| collect_poems(x, out)),
             }
         }
-        if let Some(a) = item.get("author").and_then(|v| v.as_str()) {
-            lines.push(a.to_string());
-        }
-        lines.extend(body);
-        docs.push(RawDoc { kind: DocKind::Poetry, source: format!("{source}#{i}"), group: source.clone(), text: lines.join("\n") });
+        _ => {}
     }
-    Ok(docs)
+}
+
+/// A string, or (nested) arrays of strings only.
+fn is_text(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(_) => true,
+        serde_json::Value::Array(a) => !a.is_empty() && a.iter().all(is_text),
+        _ => false,
+    }
 }
 
 fn strings(v: &serde_json::Value) -> Vec<String> {
@@ -368,9 +397,19 @@ mod tests {
     #[test]
     fn poetry_collections_become_documents() {
         let p = tmp("poet.tang.0.json", r#"[{"author":"李白","paragraphs":["床前明月光，疑是地上霜。","举头望明月，低头思故乡。"],"title":"静夜思"},{"title":"空"}]"#.as_bytes());
-        let (docs, stats) = read_file(&p, &IngestOptions::default()).unwrap();
+        let (docs, _) = read_file(&p, &IngestOptions::default()).unwrap();
         assert_eq!(docs.len(), 1);
         assert_eq!(docs[0].text, "静夜思\n李白\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。");
+        // A primer as one object with nested chapters; 诗经's content list.
+        let p = tmp("primer.json", r#"{"title":"蒙学","content":[{"chapter":"一","paragraphs":["天地玄黄"]},{"chapter":"二","paragraphs":["宇宙洪荒"]}]}"#.as_bytes());
+        let (docs, _) = read_file(&p, &IngestOptions::default()).unwrap();
+        assert_eq!(docs.iter().map(|d| d.text.as_str()).collect::<Vec<_>>(), ["一\n天地玄黄", "二\n宇宙洪荒"]);
+        let p = tmp("shijing.json", r#"[{"title":"关雎","chapter":"国风","content":["关关雎鸠，在河之洲。"]}]"#.as_bytes());
+        assert_eq!(read_file(&p, &IngestOptions::default()).unwrap().0[0].text, "关雎\n关关雎鸠，在河之洲。");
+        // A file with no poems is a warning, not an error.
+        let p = tmp("rank.json", r#"[{"author":"x","baidu":1}]"#.as_bytes());
+        let (docs, stats) = read_file(&p, &IngestOptions::default()).unwrap();
+        assert!(docs.is_empty());
         assert_eq!(stats.malformed_lines, 1);
     }
 

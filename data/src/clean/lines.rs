@@ -51,7 +51,7 @@ impl LineRules {
                 re(r"(?i)(?:^|[^a-z0-9.-])[a-z0-9-]+\.(?:com|cn|net|org|top|xyz|cc|io|vip|shop)(?:[^a-z0-9]|$)"),
             ],
             ad_words: AD_WORDS.to_vec(),
-            cta: re(r"(?i)(点击|点此|戳)(这里|此处|链接|下方|查看|进入|下载|购买|领取|咨询|了解)|立即(购买|下载|注册|咨询|抢购|领取|订购|加入|体验|开通)|扫码|扫一扫|长按(识别|二维码)|关注(我们|公众号|微信|本站)|欢迎(咨询|订阅|来电|关注)|阅读原文|下载(app|客户端)|了解更多|马上(购买|抢|领取)|>>|》》|[>→]\s*$"),
+            cta: re(r"(?i)(点击|点此|戳)(这里|此处|链接|下方|查看|进入|下载|购买|领取|咨询|了解)|立即(购买|下载|注册|咨询|抢购|领取|订购|加入|体验|开通)|扫码|扫一扫|长按(识别|二维码)|关注(我们|公众号|微信|本站)|欢迎(咨询|订阅|来电|关注)|阅读原文|下载(app|客户端)|了解更多|马上(购买|抢|领取)|>>|》》"),
             share: re(r"分享到|分享至|一键分享|分享给(好友|朋友)|收藏本(文|站|页)|点赞|转发到"),
             share_platforms: vec!["微信", "微博", "QQ空间", "朋友圈", "豆瓣", "知乎", "QQ"],
             comment: re(r"发表评论|发布评论|我要评论|写评论|网友评论|暂无评论|评论\s*[(（]?\d+|登录后(才能)?(发表)?评论|查看(全部|更多)评论|说点什么|我来说两句|留言板"),
@@ -68,12 +68,17 @@ impl LineRules {
             return Some("contact");
         }
         if enabled("ad") {
+            // One sales word alone also occurs in ordinary and classical text (独家村, 优惠化):
+            // it takes a second one, or a commercial marker (a price, digits, Latin letters).
             let hits = self.ad_words.iter().filter(|w| line.contains(*w)).count();
-            if hits >= 2 || (hits == 1 && short(30)) {
+            let commercial = line.chars().any(|c| c.is_ascii_alphanumeric() || matches!(c, '¥' | '￥' | '$' | '%' | '元'));
+            if hits >= 2 || (hits == 1 && short(30) && commercial) {
                 return Some("ad");
             }
         }
-        if enabled("call_to_action") && short(50) && self.cta.is_match(line) {
+        // A trailing '>' is a button ("立即购买>"), unless it closes an inline <tag>.
+        let arrow = line.trim_end().ends_with(['>', '→']) && !line.contains('<');
+        if enabled("call_to_action") && short(50) && (self.cta.is_match(line) || arrow) {
             return Some("call_to_action");
         }
         if enabled("share") && short(40) {
@@ -119,7 +124,10 @@ fn is_menu(line: &str) -> bool {
         return false;
     }
     let items: Vec<&str> = t.split(['|', '｜', '/', '·', '•', '>', '»', ' ', '　']).map(str::trim).filter(|s| !s.is_empty()).collect();
-    items.len() >= 3 && items.iter().all(|s| s.chars().count() <= 6) && items.iter().any(|s| NAV_WORDS.contains(s) || s.chars().count() <= 4)
+    // Short items alone could be a list of tune names (烛影摇红/望江南): a menu also has a
+    // navigation word or the separators menus use.
+    let menu_marks = items.iter().any(|s| NAV_WORDS.contains(s)) || t.contains(['|', '｜', '»', '>']);
+    items.len() >= 3 && items.iter().all(|s| s.chars().count() <= 6) && menu_marks
 }
 
 #[cfg(test)]
@@ -168,6 +176,12 @@ mod tests {
             "静夜思",
             "1234年，蒙古灭金。",
             "作者在这篇文章里回忆了童年时在外婆家度过的夏天，那时每天傍晚都要去河边打水。",
+            // Classical lines from the chinese-poetry corpus that once tripped the rules.
+            "藉藉声名自妙年，优优惠化咏来宣。",
+            "三间茅屋独家村，风雨萧萧可断魂。",
+            "直下单提，佛祖不犯令。",
+            "烛影摇红/望江南/烛影摇红",
+            "困时节布衲里睡<鼻勾>",
         ];
         for line in negative {
             assert_eq!(rule(line), None, "{line}");

@@ -138,6 +138,8 @@ impl CleanStats {
 pub struct CleanedDoc {
     pub source: String,
     #[serde(skip)]
+    pub kind: DocKind,
+    #[serde(skip)]
     pub group: String,
     pub text: String,
     /// Rules that changed or removed something, in pipeline order.
@@ -145,6 +147,16 @@ pub struct CleanedDoc {
     /// The document filter that dropped it, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropped_by: Option<&'static str>,
+    /// Lines removed by line rules, with the rule, for inspection.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedLine>,
+}
+
+/// A line a line rule removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemovedLine {
+    pub rule: &'static str,
+    pub line: String,
 }
 
 /// A configured cleaner.
@@ -197,6 +209,7 @@ impl Cleaner {
             }
         }
         let mut removed: BTreeMap<&'static str, (u64, i64)> = BTreeMap::new();
+        let mut removed_lines = Vec::new();
         let kept: Vec<&str> = text
             .lines()
             .filter(|line| match self.lines.classify(line, |r| self.config.on(r)) {
@@ -204,6 +217,7 @@ impl Cleaner {
                     let e = removed.entry(rule).or_default();
                     e.0 += 1;
                     e.1 += line.chars().count() as i64;
+                    removed_lines.push(RemovedLine { rule, line: line.to_string() });
                     false
                 }
                 None => true,
@@ -221,6 +235,7 @@ impl Cleaner {
                     let e = removed.entry("short_line").or_default();
                     e.0 += 1;
                     e.1 += line.chars().count() as i64;
+                    removed_lines.push(RemovedLine { rule: "short_line", line: line.to_string() });
                 }
             }
             out
@@ -234,7 +249,7 @@ impl Cleaner {
                 rules.push(rule);
             }
         }
-        CleanedDoc { source: doc.source, group: doc.group, text: kept, rules, dropped_by: None }
+        CleanedDoc { source: doc.source, kind: doc.kind, group: doc.group, text: kept, rules, dropped_by: None, removed: removed_lines }
     }
 
     /// Stage 2: removes lines that repeat across many documents of the same group.
@@ -246,7 +261,10 @@ impl Cleaner {
         // Documents per group, and per (group, line) the number of documents containing it.
         let mut group_docs: HashMap<&str, usize> = HashMap::new();
         let mut line_docs: HashMap<(&str, &str), usize> = HashMap::new();
-        for d in docs.iter() {
+        // Structured collections (chinese-poetry) have no site chrome: their repeated lines are
+        // section headings that belong to the poems.
+        let applies = |d: &CleanedDoc| d.kind != DocKind::Poetry;
+        for d in docs.iter().filter(|d| applies(d)) {
             *group_docs.entry(&d.group).or_default() += 1;
             let mut seen = std::collections::HashSet::new();
             for line in d.text.lines() {
@@ -266,7 +284,8 @@ impl Cleaner {
         if boiler.is_empty() {
             return;
         }
-        for d in docs.iter_mut() {
+        for d in docs.iter_mut().filter(|d| applies(d)) {
+            let mut gone = Vec::new();
             let mut lines_removed = 0;
             let mut chars_removed = 0;
             let kept: Vec<&str> = d
@@ -277,12 +296,14 @@ impl Cleaner {
                     if hit {
                         lines_removed += 1;
                         chars_removed += l.chars().count() as i64;
+                        gone.push(RemovedLine { rule: "boilerplate", line: l.to_string() });
                     }
                     !hit
                 })
                 .collect();
             if lines_removed > 0 {
                 d.text = kept.join("\n");
+                d.removed.extend(gone);
                 d.rules.push("boilerplate");
                 stats.bump("boilerplate", lines_removed, chars_removed);
             }
