@@ -286,7 +286,7 @@ fn read_jsonl(path: &Path, text: &str, opts: &IngestOptions, stats: &mut IngestS
     Ok(docs)
 }
 
-/// A chinese-poetry collection. Poems are objects with a body in `paragraphs` or `content`
+/// A chinese-poetry collection. Poems are objects with a body in `paragraphs`, `content` or `para`
 /// (strings or lists of strings) and optional `title`/`rhythmic`/`chapter`/`section` and
 /// `author`. They may sit in a top-level array (唐诗, 宋词), be the top-level object (蒙学
 /// primers), or be nested in other objects' arrays (`content: [{chapter, paragraphs}]`).
@@ -311,7 +311,7 @@ fn collect_poems(v: &serde_json::Value, out: &mut Vec<Vec<String>>) {
     match v {
         serde_json::Value::Array(a) => a.iter().for_each(|x| collect_poems(x, out)),
         serde_json::Value::Object(m) => {
-            let body = ["paragraphs", "content"].iter().find_map(|k| m.get(*k));
+            let body = ["paragraphs", "content", "para"].iter().find_map(|k| m.get(*k));
             match body {
                 Some(b) if is_text(b) => {
                     let body = strings(b);

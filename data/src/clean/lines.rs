@@ -50,7 +50,13 @@ impl LineRules {
                 re(r"(?i)https?://|www\.[a-z0-9-]+\."),
                 re(r"(?i)(?:^|[^a-z0-9.-])[a-z0-9-]+\.(?:com|cn|net|org|top|xyz|cc|io|vip|shop)(?:[^a-z0-9]|$)"),
             ],
-            ad_words: AD_WORDS.to_vec(),
+            ad_words: {
+                // Simplified and Traditional spellings coincide for some words: count each once.
+                let mut w = AD_WORDS.to_vec();
+                w.sort_unstable();
+                w.dedup();
+                w
+            },
             cta: re(r"(?i)(点击|点此|戳)(这里|此处|链接|下方|查看|进入|下载|购买|领取|咨询|了解)|立即(购买|下载|注册|咨询|抢购|领取|订购|加入|体验|开通)|扫码|扫一扫|长按(识别|二维码)|关注(我们|公众号|微信|本站)|欢迎(咨询|订阅|来电|关注)|阅读原文|下载(app|客户端)|了解更多|马上(购买|抢|领取)|>>|》》"),
             share: re(r"分享到|分享至|一键分享|分享给(好友|朋友)|收藏本(文|站|页)|点赞|转发到"),
             share_platforms: vec!["微信", "微博", "QQ空间", "朋友圈", "豆瓣", "知乎", "QQ"],
