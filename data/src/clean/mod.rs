@@ -384,6 +384,23 @@ mod tests {
     }
 
     #[test]
+    fn short_web_lines_go_unless_inside_the_article() {
+        let cleaner = Cleaner::new(CleanConfig::default()).unwrap();
+        let long1 = "绝句是唐代最常见的诗体之一，每首四句，每句五字的称为五言绝句，每句七字的称为七言绝句。";
+        let long2 = "押韵是绝句的另一条规矩，一般在第二句和第四句的末字押韵，首句可押可不押，通常只押平声韵。";
+        let text = format!("热门文章\n{long1}\n他这样说。\n{long2}\n宋人点茶小记");
+        let mut s = CleanStats::default();
+        let html = RawDoc { kind: DocKind::Html, source: "p.html".into(), group: "site".into(), text: text.clone() };
+        let d = cleaner.clean_lines(html, &mut s);
+        // The short line between two paragraphs stays; the sidebar lines at either end go.
+        assert_eq!(d.text, format!("{long1}\n他这样说。\n{long2}"));
+        assert_eq!(s.rules["short_line"].lines, 2);
+        // Not a web page: short lines are titles and authors, and stay.
+        let d = cleaner.clean_lines(raw("g", &text), &mut s);
+        assert_eq!(d.text, text);
+    }
+
+    #[test]
     fn traditional_to_simplified_only_when_asked() {
         let text = "床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。";
         let on = Cleaner::new(CleanConfig { t2s: true, ..Default::default() }).unwrap();
