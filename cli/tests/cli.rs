@@ -1,37 +1,9 @@
 //! The `liandan` binary end to end: a short training run, generation, resume, and bad input
 //! (each refused with one line naming the file or field and a non-zero exit, never a panic).
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn liandan(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_liandan")).args(args).args(["--threads", "2"]).output().expect("run liandan")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("liandan-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Asserts a clean failure: exit status 1, exactly one stderr line starting with "error:"
-/// that contains every `needle`, and no panic.
-fn assert_one_line_error(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "'{n}' missing from: {err}");
-    }
-}
-
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{assert_one_line_error, liandan, s, scratch};
 
 #[test]
 fn empty_training_file_is_refused() {

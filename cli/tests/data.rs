@@ -1,34 +1,11 @@
 //! `liandan data …` end to end, and the bad inputs of the data pipeline: each refused with one
 //! line that names the file (and line or field), and nothing half-written left behind.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn liandan(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_liandan")).args(args).args(["--threads", "2"]).output().expect("run liandan")
-}
+use std::path::Path;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("liandan-data-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn one_line_error(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<_> = err.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "'{n}' missing from: {err}");
-    }
-}
+use common::{assert_one_line_error as one_line_error, liandan, s, scratch};
 
 /// Only the expected entries are in `dir` (no temporary leftovers).
 fn entries(dir: &Path) -> Vec<String> {
