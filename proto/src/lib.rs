@@ -1,5 +1,14 @@
-//! liandan-proto: the liandan/v1 gRPC contract between the coordinator, the workers and users.
-//!
-//! Not built yet: the `.proto` files and their tonic/prost code generation arrive with the
-//! cluster work (coordinator and workers over gRPC). Until then the `liandan` binary runs the
-//! engine in one process (`liandan train`, `liandan generate`, `liandan bench`).
+//! liandan-proto: the liandan/v1 gRPC contract (`liandan/v1/liandan.proto`) between the
+//! coordinator, the workers and users, generated with tonic + prost at build time.
+
+/// Generated messages, client and server.
+pub mod v1 {
+    tonic::include_proto!("liandan.v1");
+
+    /// Encoded descriptors, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("liandan_v1_descriptor");
+}
+
+/// Bumped on any incompatible change to the messages or their meaning; workers of another
+/// version are refused at registration.
+pub const PROTOCOL_VERSION: u32 = 1;

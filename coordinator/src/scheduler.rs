@@ -1,0 +1,122 @@
+//! Scheduling decisions, all made inside one store transaction each: which workers form a
+//! phase's group, with which ranks and generation, and when a group re-forms.
+//!
+//! - A queued job's first phase starts when `min_workers` workers are idle.
+//! - A running phase re-forms (new generation, resume from the last committed checkpoint) when a
+//!   member's lease expires, and at a checkpoint boundary when idle workers can join (up to
+//!   `max_workers` and the global batch) or a member is draining.
+//! - Metrics past the resume step are deleted on re-form: those steps will be computed again.
+
+use crate::spec::PhasePlan;
+use crate::store::{PhaseRow, Result, Store, WorkerRow};
+
+/// Why a group re-forms (for the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Start,
+    WorkerLost,
+    Boundary,
+    Waiting,
+}
+
+/// Lease expiry, lost members and queued jobs. Returns lines for the log.
+pub fn tick(s: &Store) -> Result<Vec<String>> {
+    let mut log = Vec::new();
+    let dead = s.expire_workers()?;
+    for w in &dead {
+        log.push(format!("worker {} lease expired (was {} in job {} generation {})", w.id, w.state, w.job_id, w.generation));
+    }
+    for p in s.running_phases()? {
+        let lost = dead.iter().any(|w| w.job_id == p.job_id && w.phase_idx == p.idx && w.generation == p.generation);
+        if lost {
+            log.extend(reform(s, &p, Reason::WorkerLost)?);
+        } else if p.world == 0 {
+            log.extend(reform(s, &p, Reason::Waiting)?);
+        }
+    }
+    for job in s.jobs_in_state("queued")? {
+        let phases = s.phases(job)?;
+        let Some(first) = phases.first() else { continue };
+        let idle = s.workers()?.iter().filter(|w| w.state == "idle").count() as u32;
+        if idle >= first.min_workers {
+            s.set_job_state(job, "running", "")?;
+            s.set_phase_state(job, 0, "running", "")?;
+            log.push(format!("job {job} starts phase 0 ({})", first.name));
+            let p = s.phase(job, 0)?.unwrap_or_else(|| first.clone());
+            log.extend(reform(s, &p, Reason::Start)?);
+        }
+    }
+    Ok(log)
+}
+
+/// Whether a running phase should re-form at a checkpoint boundary: a worker can join, or a
+/// member is draining.
+pub fn boundary_wants_regroup(s: &Store, p: &PhaseRow) -> Result<bool> {
+    let workers = s.workers()?;
+    let draining = workers.iter().any(|w| member(w, p) && w.state == "draining");
+    let cap = capacity(p);
+    let joiners = workers.iter().any(|w| w.state == "idle");
+    Ok(draining || (joiners && (p.world as usize) < cap))
+}
+
+fn capacity(p: &PhaseRow) -> usize {
+    let batch = serde_json::from_str::<PhasePlan>(&p.plan_json).map(|pl| pl.global_batch).unwrap_or(usize::MAX);
+    (p.max_workers as usize).min(batch).max(1)
+}
+
+fn member(w: &WorkerRow, p: &PhaseRow) -> bool {
+    w.job_id == p.job_id && w.phase_idx == p.idx && w.generation == p.generation && matches!(w.state.as_str(), "busy" | "draining")
+}
+
+/// Forms a new group for phase `p` from its live members and idle workers. Keeps the old ranks'
+/// order first so a re-formed group changes as little as possible.
+pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
+    let workers = s.workers()?;
+    let mut keep: Vec<&WorkerRow> = workers.iter().filter(|w| member(w, p) && w.state == "busy").collect();
+    keep.sort_by_key(|w| w.rank);
+    // Workers that just finished an earlier phase of the same job are as good as idle.
+    let mut fresh: Vec<&WorkerRow> = workers
+        .iter()
+        .filter(|w| w.state == "idle" || (w.state == "busy" && w.job_id == p.job_id && w.phase_idx < p.idx))
+        .collect();
+    fresh.sort_by_key(|w| w.id);
+    let cap = capacity(p);
+    let chosen: Vec<&WorkerRow> = keep.into_iter().chain(fresh).take(cap).collect();
+    if reason == Reason::Waiting && (chosen.len() as u32) < p.min_workers {
+        return Ok(vec![]);
+    }
+    // Draining members leave now; members not chosen go back to idle.
+    for w in workers.iter().filter(|w| w.job_id == p.job_id && w.phase_idx == p.idx) {
+        if w.state == "draining" {
+            s.assign_worker(w.id, 0, 0, 0, 0)?;
+            s.set_worker_state(w.id, "drained")?;
+        } else if !chosen.iter().any(|c| c.id == w.id) && w.state == "busy" {
+            s.assign_worker(w.id, 0, 0, 0, 0)?;
+        }
+    }
+    let generation = p.generation + 1;
+    let resume_step = p.last_checkpoint_step;
+    s.delete_metrics_after(p.job_id, p.idx, resume_step)?;
+    if (chosen.len() as u32) < p.min_workers {
+        s.set_phase_group(p.job_id, p.idx, generation, 0, resume_step)?;
+        return Ok(vec![format!(
+            "job {} phase {} waits for workers: {} available, min_workers {} (generation {generation})",
+            p.job_id,
+            p.idx,
+            chosen.len(),
+            p.min_workers
+        )]);
+    }
+    for (rank, w) in chosen.iter().enumerate() {
+        s.assign_worker(w.id, p.job_id, p.idx, rank as u32, generation)?;
+    }
+    s.set_phase_group(p.job_id, p.idx, generation, chosen.len() as u32, resume_step)?;
+    let ids: Vec<String> = chosen.iter().map(|w| w.id.to_string()).collect();
+    Ok(vec![format!(
+        "job {} phase {} generation {generation}: world {} (workers {}) from step {resume_step} ({reason:?})",
+        p.job_id,
+        p.idx,
+        chosen.len(),
+        ids.join(", ")
+    )])
+}

@@ -1,0 +1,320 @@
+//! Job specs: TOML in, a validated [`JobSpec`] out. Unknown keys and bad values are rejected
+//! with the key path (`phases[0].steps`) and the reason.
+//!
+//! ```toml
+//! name = "demo"
+//! [model]
+//! preset = "nano"            # nano | tiny | small-256 | gpt2; layers/heads/channels override
+//! [data]
+//! prepared = "runs/demo/data" # output of `liandan data prepare` (shards + tokenizer)
+//! [cluster]
+//! min_workers = 1            # a phase starts (and keeps running) with at least this many
+//! max_workers = 4            # and uses at most this many
+//! [checkpoint]
+//! dir = "runs/demo/checkpoints"
+//! every = 100                # steps between checkpoints
+//! [[phases]]
+//! name = "pretrain"
+//! kind = "pretrain"
+//! steps = 600
+//! global_batch = 16          # sequences per step, whatever the number of workers
+//! seq_len = 128
+//! lr = 3e-3
+//! ```
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use liandan_worker::GptConfig;
+
+/// A spec error: where (`phases[0].steps`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: {path}: {reason}")]
+pub struct SpecError {
+    pub source_name: String,
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+    pub checkpoint: CheckpointSpec,
+    pub phases: Vec<PhaseSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub preset: String,
+    pub layers: Option<usize>,
+    pub heads: Option<usize>,
+    pub channels: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// A directory written by `liandan data prepare`.
+    pub prepared: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    #[serde(default = "one")]
+    pub min_workers: u32,
+    #[serde(default = "eight")]
+    pub max_workers: u32,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec { min_workers: 1, max_workers: 8 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    pub dir: PathBuf,
+    #[serde(default = "hundred")]
+    pub every: u64,
+}
+
+/// What a phase does. Post-training phases (sft, reward, ppo) are planned; a spec naming them
+/// is refused until they exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhaseKind {
+    Pretrain,
+    Sft,
+    Reward,
+    Ppo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseSpec {
+    pub name: String,
+    pub kind: PhaseKind,
+    pub steps: u64,
+    /// Sequences per optimizer step over all workers.
+    pub global_batch: usize,
+    pub seq_len: usize,
+    pub lr: f32,
+    pub min_lr: Option<f32>,
+    pub warmup: Option<u64>,
+    #[serde(default = "weight_decay")]
+    pub weight_decay: f32,
+    #[serde(default = "grad_clip")]
+    pub grad_clip: f32,
+    #[serde(default = "seed")]
+    pub seed: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn eight() -> u32 {
+    8
+}
+fn hundred() -> u64 {
+    100
+}
+fn weight_decay() -> f32 {
+    0.1
+}
+fn grad_clip() -> f32 {
+    1.0
+}
+fn seed() -> u64 {
+    1337
+}
+
+/// What a worker needs to run one phase: the spec resolved against the data (the model's
+/// vocabulary comes from the tokenizer). Sent to workers as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhasePlan {
+    pub kind: PhaseKind,
+    pub model: GptConfig,
+    pub data_dir: PathBuf,
+    pub steps: u64,
+    pub global_batch: usize,
+    pub seq_len: usize,
+    pub max_lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+}
+
+impl JobSpec {
+    /// Parses and validates `text`; `source_name` (a file name) prefixes every error.
+    pub fn parse(text: &str, source_name: &str) -> Result<JobSpec, SpecError> {
+        let err = |path: &str, reason: String| SpecError { source_name: source_name.to_string(), path: path.to_string(), reason };
+        let de = toml::Deserializer::parse(text).map_err(|e| err("(toml)", e.to_string().trim().replace('\n', " ")))?;
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            err(if path.is_empty() || path == "." { "(root)" } else { &path }, e.into_inner().to_string().trim().replace('\n', " "))
+        })?;
+        spec.validate().map_err(|(p, r)| err(&p, r))?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |p: &str, r: String| Err((p.to_string(), r));
+        if self.name.trim().is_empty() {
+            return bad("name", "must not be empty".into());
+        }
+        if self.cluster.min_workers == 0 {
+            return bad("cluster.min_workers", "must be at least 1".into());
+        }
+        if self.cluster.max_workers < self.cluster.min_workers {
+            return bad("cluster.max_workers", format!("must be >= min_workers ({}), got {}", self.cluster.min_workers, self.cluster.max_workers));
+        }
+        if self.checkpoint.every == 0 {
+            return bad("checkpoint.every", "must be at least 1 step".into());
+        }
+        if self.phases.is_empty() {
+            return bad("phases", "at least one phase is needed".into());
+        }
+        for (i, p) in self.phases.iter().enumerate() {
+            let at = |k: &str| format!("phases[{i}].{k}");
+            if p.kind != PhaseKind::Pretrain {
+                return bad(&at("kind"), format!("{:?} phases are not implemented yet (only pretrain)", p.kind).to_lowercase());
+            }
+            if p.steps == 0 {
+                return bad(&at("steps"), "must be at least 1".into());
+            }
+            if p.global_batch == 0 {
+                return bad(&at("global_batch"), "must be at least 1 sequence".into());
+            }
+            if p.seq_len == 0 {
+                return bad(&at("seq_len"), "must be at least 1".into());
+            }
+            if !(p.lr > 0.0 && p.lr.is_finite()) {
+                return bad(&at("lr"), format!("must be > 0, got {}", p.lr));
+            }
+            if let Some(m) = p.min_lr {
+                if !(m >= 0.0 && m <= p.lr) {
+                    return bad(&at("min_lr"), format!("must be in [0, lr={}], got {m}", p.lr));
+                }
+            }
+            if !(p.grad_clip >= 0.0) || !(p.weight_decay >= 0.0) {
+                return bad(&at("grad_clip"), "grad_clip and weight_decay must be >= 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The model config for a vocabulary, with the spec's overrides.
+    pub fn model_config(&self, vocab_size: usize) -> Result<GptConfig, (String, String)> {
+        let mut m = GptConfig::preset(&self.model.preset, vocab_size).map_err(|e| ("model.preset".to_string(), e.to_string()))?;
+        m.n_layer = self.model.layers.unwrap_or(m.n_layer);
+        m.n_head = self.model.heads.unwrap_or(m.n_head);
+        m.n_embd = self.model.channels.unwrap_or(m.n_embd);
+        m.validate().map_err(|e| ("model".to_string(), e.to_string()))?;
+        Ok(m)
+    }
+
+    /// Resolves every phase against the data: reads the manifest (vocabulary), checks sequence
+    /// lengths against the model, and that the checkpoint directory is writable.
+    pub fn plans(&self, source_name: &str) -> Result<Vec<PhasePlan>, SpecError> {
+        let err = |path: String, reason: String| SpecError { source_name: source_name.to_string(), path, reason };
+        let manifest = liandan_data::shard::Manifest::load(&self.data.prepared).map_err(|e| err("data.prepared".into(), e.to_string()))?;
+        let model = self.model_config(manifest.vocab_size).map_err(|(p, r)| err(p, r))?;
+        std::fs::create_dir_all(&self.checkpoint.dir)
+            .and_then(|_| {
+                let probe = self.checkpoint.dir.join(".liandan-write-probe");
+                std::fs::write(&probe, b"ok")?;
+                std::fs::remove_file(probe)
+            })
+            .map_err(|e| err("checkpoint.dir".into(), format!("{} is not writable: {e}", self.checkpoint.dir.display())))?;
+        self.phases
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if p.seq_len > model.n_positions {
+                    return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
+                }
+                Ok(PhasePlan {
+                    kind: p.kind,
+                    model: model.clone(),
+                    data_dir: self.data.prepared.clone(),
+                    steps: p.steps,
+                    global_batch: p.global_batch,
+                    seq_len: p.seq_len,
+                    max_lr: p.lr,
+                    min_lr: p.min_lr.unwrap_or(p.lr / 10.0),
+                    warmup: p.warmup.unwrap_or(p.steps / 20),
+                    weight_decay: p.weight_decay,
+                    grad_clip: p.grad_clip,
+                    seed: p.seed,
+                    checkpoint_every: self.checkpoint.every,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+[model]
+preset = "nano"
+[data]
+prepared = "/nonexistent"
+[checkpoint]
+dir = "/tmp/x"
+[[phases]]
+name = "pretrain"
+kind = "pretrain"
+steps = 10
+global_batch = 4
+seq_len = 32
+lr = 1e-3
+"#;
+
+    #[test]
+    fn good_spec_parses_with_defaults() {
+        let s = JobSpec::parse(GOOD, "job.toml").unwrap();
+        assert_eq!(s.cluster, ClusterSpec { min_workers: 1, max_workers: 8 });
+        assert_eq!(s.checkpoint.every, 100);
+        assert_eq!(s.phases[0].seed, 1337);
+    }
+
+    #[test]
+    fn typo_and_bad_values_name_the_key() {
+        let e = JobSpec::parse(&GOOD.replace("steps = 10", "stpes = 10"), "job.toml").unwrap_err().to_string();
+        assert!(e.starts_with("job.toml: phases[0]") && e.contains("stpes"), "{e}");
+        let e = JobSpec::parse(&GOOD.replace("steps = 10", "steps = 0"), "job.toml").unwrap_err().to_string();
+        assert_eq!(e, "job.toml: phases[0].steps: must be at least 1");
+        let e = JobSpec::parse(&GOOD.replace("lr = 1e-3", "lr = -1.0"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].lr: must be > 0"), "{e}");
+        let e = JobSpec::parse(&GOOD.replace("global_batch = 4", "global_batch = \"four\""), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].global_batch"), "{e}");
+        let e = JobSpec::parse(&GOOD.replace("kind = \"pretrain\"", "kind = \"ppo\""), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].kind: ppo phases are not implemented yet"), "{e}");
+        let e = JobSpec::parse(&format!("{GOOD}\n[cluster]\nmin_workers = 3\nmax_workers = 2\n"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("cluster.max_workers: must be >= min_workers (3), got 2"), "{e}");
+    }
+
+    #[test]
+    fn plans_need_prepared_data() {
+        let s = JobSpec::parse(GOOD, "job.toml").unwrap();
+        let e = s.plans("job.toml").unwrap_err().to_string();
+        assert!(e.contains("data.prepared") && e.contains("/nonexistent/manifest.json"), "{e}");
+    }
+}
