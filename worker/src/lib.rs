@@ -8,6 +8,8 @@
 //! - [`optim`]: AdamW with decoupled weight decay, the cosine schedule with warmup, global-norm clipping.
 //! - [`train`]: a training step with gradient accumulation over micro-batches.
 //! - [`checkpoint`]: safetensors weights + optimizer moments + `state.json`, atomic, verified on load.
+//! - [`collective`]: how data-parallel ranks sum gradients: `Local` (world 1) and `TcpRing`, a
+//!   ring all-reduce over std TCP with a versioned handshake, timeouts and an abort flag.
 //! - [`generate`]: sampling with a KV cache (temperature, top-k, top-p, stop tokens, greedy).
 //! - [`rng`]: the seeded generator whose state checkpoints carry.
 //! - [`tokenizer`]: the byte-level vocabulary used until the data pipeline's BPE tokenizer lands.
@@ -25,6 +27,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod collective;
 pub mod error;
 pub mod generate;
 pub mod model;

@@ -1,0 +1,73 @@
+//! Collectives: how data-parallel ranks agree on one gradient.
+//!
+//! Data-parallel training runs the same model on `world` ranks, each on its own micro-batches.
+//! Before every optimizer step each rank needs the *sum* of all ranks' gradients, and every rank
+//! must end with exactly the same bits: replicas that differ by one rounding drift apart step by
+//! step and a checkpoint written by rank 0 would no longer describe rank 3. [`Collective`] is that
+//! contract; the runtime holds a `Box<dyn Collective>` and does not care how it is met.
+//!
+//! - [`Local`]: world 1, every op a no-op, so single-process training pays nothing.
+//! - [`TcpRing`]: the ranks form a ring over plain TCP (std only, no MPI or NCCL to install) and
+//!   sum with the bandwidth-optimal ring all-reduce. Its wire format is private to this module; a
+//!   handshake refuses peers of another protocol version, generation or world.
+//! - [`bench`](mod@bench): loopback bandwidth of the ring and of a plain memory copy, for `liandan bench`.
+//!
+//! # Failure model
+//! Ops return [`CollectiveError`] instead of panicking or hanging: every blocking socket op gives
+//! up after [`RingOptions::timeout`] without progress, and returns [`CollectiveError::Aborted`]
+//! within about 100 ms once the runtime raises the abort flag (the coordinator moved to a new
+//! generation). After any error a ring is broken for good: the bytes in flight are unknown, so
+//! the runtime drops it and connects a new ring in the next generation.
+
+pub mod bench;
+mod local;
+mod tcp_ring;
+
+pub use local::Local;
+pub use tcp_ring::{PROTOCOL_VERSION, RingListener, RingOptions, TcpRing};
+
+/// The ops data-parallel training needs. Every rank calls the same ops in the same order with
+/// buffers of the same length; a ring detects a mismatch and returns [`CollectiveError::Protocol`].
+pub trait Collective: Send {
+    /// This rank, `0..world`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// In-place sum over all ranks; every rank ends with the same bits.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Sum of one f64 per rank (losses, token counts), same result on every rank.
+    fn all_reduce_scalar(&mut self, x: f64) -> Result<f64, CollectiveError>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<(), CollectiveError>;
+}
+
+/// Errors of the collectives. Each names the peer and the op so a person can tell which rank or
+/// link to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// Bad arguments to set up a ring (rank out of range, unresolvable address, zero timeout).
+    #[error("invalid ring setup: {reason}")]
+    Config { reason: String },
+
+    /// A socket error on the link with `peer`.
+    #[error("{peer}: {source}")]
+    Io { peer: String, source: std::io::Error },
+
+    /// `op` made no progress with `peer` for `after_ms` milliseconds.
+    #[error("{op}: no progress with {peer} for {after_ms} ms")]
+    Timeout { op: &'static str, peer: String, after_ms: u64 },
+
+    /// The runtime raised the abort flag: `generation` is over.
+    #[error("aborted: generation {generation} is over")]
+    Aborted { generation: u64 },
+
+    /// The peer at `peer` is not the neighbour this rank expects (another generation, world,
+    /// protocol version, rank, or not a liandan ring at all).
+    #[error("handshake with {peer} refused: {reason}")]
+    Handshake { peer: String, reason: String },
+
+    /// The ranks disagree on what they are doing (different ops or buffer lengths), or the ring
+    /// is broken by an earlier error.
+    #[error("protocol error: {reason}")]
+    Protocol { reason: String },
+}
