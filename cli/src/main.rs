@@ -9,6 +9,7 @@
 //! Errors print as one line (`error: …`) and exit with status 1; nothing here panics on input.
 
 mod bench;
+mod cluster;
 mod data;
 mod generate;
 mod progress;
@@ -26,6 +27,12 @@ struct Cli {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Log format: pretty or json (filter with RUST_LOG, e.g. RUST_LOG=liandan=debug).
+    #[arg(long, global = true, default_value = "pretty")]
+    log_format: String,
+    /// Coordinator address for client commands.
+    #[arg(long, global = true, default_value = cluster::DEFAULT_COORDINATOR)]
+    coordinator: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +46,23 @@ enum Command {
     Train(train::TrainArgs),
     /// Generate text from a checkpoint.
     Generate(generate::GenerateArgs),
+    /// Run the coordinator (gRPC control plane with a SQLite store).
+    Coordinator(cluster::CoordinatorArgs),
+    /// Run a worker that takes assignments from the coordinator.
+    Worker(cluster::WorkerArgs),
+    /// Submit a job spec (TOML) to the coordinator.
+    Submit { file: std::path::PathBuf },
+    /// Show jobs (or one job): phase, step/total, loss, tokens/s, ETA, workers, last checkpoint.
+    Status { job: Option<u64> },
+    /// Follow a job with live progress bars until it ends.
+    Watch { job: u64 },
+    /// Cancel a job.
+    Cancel { job: u64 },
+    /// List workers, or drain one (`liandan workers drain ID`).
+    Workers {
+        #[command(subcommand)]
+        action: Option<WorkersAction>,
+    },
     /// The data pipeline: clean, prepare (clean + dedup + tokenizer + shards), bench.
     Data {
         #[command(subcommand)]
@@ -49,6 +73,12 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkersAction {
+    /// Let a worker leave cleanly at the next checkpoint boundary.
+    Drain { id: u64 },
 }
 
 /// The CLI's error: one line for the user.
@@ -71,9 +101,18 @@ fn main() -> ExitCode {
         eprintln!("error: could not start {threads} worker threads: {e}");
         return ExitCode::FAILURE;
     }
+    init_logging(&cli.log_format);
+    let coord = cli.coordinator.clone();
     let result = match cli.command {
-        Command::Up(a) => up::run(a),
-        Command::Train(a) => train::run(a).map(|_| ()),
+        Command::Coordinator(a) => cluster::coordinator(a),
+        Command::Worker(a) => cluster::worker(a),
+        Command::Submit { file } => cluster::submit(file, &coord),
+        Command::Status { job } => cluster::status(job, &coord),
+        Command::Watch { job } => cluster::watch(job, &coord),
+        Command::Cancel { job } => cluster::cancel(job, &coord),
+        Command::Workers { action } => cluster::workers(action.map(|WorkersAction::Drain { id }| id), &coord),
+        Command::Up(a) => up::run(a, threads),
+        Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Data { what } => data::run(what),
         Command::Bench { what } => bench::run(what, threads),
@@ -85,4 +124,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs through tracing-subscriber to stderr: `pretty` (human) or `json`, filtered by RUST_LOG
+/// (default: info for liandan, warn for the rest).
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,liandan=info,liandan_worker=info,liandan_coordinator=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = if format == "json" { builder.json().try_init() } else { builder.compact().try_init() };
 }

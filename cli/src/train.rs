@@ -81,15 +81,6 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
 }
 
-/// What a finished run produced.
-#[derive(Debug)]
-pub struct TrainOutcome {
-    pub checkpoint: PathBuf,
-    pub train_loss: f32,
-    pub val_loss: Option<f32>,
-    pub tokens_per_s: f64,
-}
-
 /// Training and validation tokens with the tokenizer they were made with.
 struct Corpus {
     train: Vec<u32>,
@@ -139,7 +130,7 @@ fn load_corpus(args: &TrainArgs) -> Result<Corpus, CliError> {
     })
 }
 
-pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
+pub fn run(args: TrainArgs) -> Result<(), CliError> {
     let corpus = load_corpus(&args)?;
     let (mut trainer, cursor) = match &args.resume {
         Some(dir) => {
@@ -251,7 +242,7 @@ pub fn run(args: TrainArgs) -> Result<TrainOutcome, CliError> {
         last_val.map_or("n/a".into(), |v| format!("{v:.4}")),
         checkpoint.display()
     );
-    Ok(TrainOutcome { checkpoint, train_loss: last_loss, val_loss: last_val, tokens_per_s })
+    Ok(())
 }
 
 /// Mean loss over the first (up to) 8 micro-batches of the validation stream.

@@ -1,11 +1,13 @@
-//! `liandan up`: the main job on the embedded demo data.
+//! `liandan up`: the main job on the embedded demo data, on a local cluster.
 //!
-//! Until the coordinator and workers land, the main job runs in this process:
-//! 1. the embedded raw data (Tang poems, 宋词, 诗经, 论语 and five noisy web pages, see
+//! 1. The embedded raw data (Tang poems, 宋词, 诗经, 论语 and five noisy web pages, see
 //!    `data/demo/DATA_LICENSES`) goes through `liandan data prepare` (clean with
-//!    Traditional→Simplified, dedup, BPE tokenizer, shards);
-//! 2. a small GPT pretrains on the shards, with checkpoints;
-//! 3. it writes poems for held-out titles, and the poem-form verifier scores them.
+//!    Traditional→Simplified, dedup, BPE tokenizer, shards).
+//! 2. A coordinator and N workers start as child processes (logs in `OUT/logs/`); the embedded
+//!    demo job (`examples/demo.toml`) is submitted and followed with progress bars.
+//! 3. The final checkpoint writes poems for held-out titles, and the form verifier scores them.
+//!
+//! Ctrl-C or the end of the job stops the children (SIGINT, then SIGKILL after a grace period).
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +19,6 @@ use liandan_data::shard::SplitRatios;
 use liandan_data::verify::poem_form;
 use liandan_worker::generate::SamplingConfig;
 
-use crate::train::TrainArgs;
 use crate::CliError;
 
 /// The raw demo corpus, embedded so the binary runs anywhere (built by
@@ -35,6 +36,9 @@ const RAW: &[(&str, &str)] = &[
     ("DATA_LICENSES", include_str!("../../data/demo/DATA_LICENSES")),
 ];
 
+/// The demo job, with `runs/demo` standing for the output directory.
+const DEMO_JOB: &str = include_str!("../../examples/demo.toml");
+
 /// Held-out evaluation prompts (kept out of every training file).
 const EVAL: &str = include_str!("../../data/demo/eval.jsonl");
 
@@ -43,12 +47,15 @@ pub struct UpArgs {
     /// Where the raw data copy, the prepared data and the checkpoints go.
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 1200)]
-    pub steps: u64,
+    /// Optimizer steps (default: the demo job's).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Local workers to start.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
 }
 
-pub fn run(a: UpArgs) -> Result<(), CliError> {
+pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     let raw_dir = a.out.join("raw");
     for (name, body) in RAW {
         let p = raw_dir.join(name);
@@ -72,40 +79,31 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
     )?;
     println!("{}", report.table());
 
-    eprintln!("liandan up: 2/3 pretrain: the nano model on {}", data_dir.display());
-    let ckpt_dir = a.out.join("pretrain");
-    let outcome = crate::train::run(TrainArgs {
-        data: Some(data_dir),
-        text: None,
-        out: ckpt_dir,
-        model: "nano".into(),
-        layers: None,
-        heads: None,
-        channels: None,
-        batch: 8,
-        seq: 128,
-        grad_accum: 1,
-        steps: a.steps,
-        lr: 3e-3,
-        min_lr: None,
-        warmup: None,
-        weight_decay: 0.1,
-        clip: 1.0,
-        seed: 1337,
-        checkpoint_every: Some((a.steps / 4).max(1)),
-        eval_every: (a.steps / 4).max(1),
-        resume: None,
-    })?;
+    let mut spec = DEMO_JOB.replace("runs/demo", &a.out.display().to_string());
+    if let Some(steps) = a.steps {
+        spec = spec.replace("steps = 1200", &format!("steps = {steps}"));
+    }
+    let workers = a.workers.max(1);
+    let per_worker_threads = (threads / workers).max(1);
+    eprintln!("liandan up: 2/3 train: a coordinator and {workers} local workers ({per_worker_threads} thread(s) each); logs in {}", a.out.join("logs").display());
+    let mut cluster = LocalCluster::start(&a.out, workers, per_worker_threads)?;
+    let outcome = cluster.run_job(&spec);
+    cluster.stop();
+    let final_status = outcome?;
+    print!("{}", crate::cluster::describe(&final_status));
+    if final_status.state != "succeeded" {
+        return Err(CliError::Usage(format!("job {} ended {}: {} (see {})", final_status.job_id, final_status.state, final_status.error, a.out.join("logs").display())));
+    }
+    let ckpt = final_status.phases.last().map(|p| PathBuf::from(&p.last_checkpoint)).unwrap_or_default();
 
     eprintln!("liandan up: 3/3 generate: poems for held-out titles, scored by the form verifier");
-    let (model, codec) = crate::generate::load_model(&outcome.checkpoint)?;
+    let (model, codec) = crate::generate::load_model(&ckpt)?;
     let titles = eval_titles(8);
     let mut regular = 0;
-    println!("\nsamples from {} (temperature 0.8, top-k 40); a document is 'title / author / lines':", outcome.checkpoint.display());
+    println!("\nsamples from {} (temperature 0.8, top-k 40); a document is 'title / author / lines':", ckpt.display());
     for (i, title) in titles.iter().enumerate() {
         let cfg = SamplingConfig { max_new_tokens: 80, temperature: 0.8, top_k: 40, top_p: 0.95, seed: i as u64, stop_tokens: codec.stop_tokens(), greedy: false };
-        let prompt = format!("{title}\n");
-        let text = crate::generate::complete(&model, &codec, &prompt, &cfg)?;
+        let text = crate::generate::complete(&model, &codec, &format!("{title}\n"), &cfg)?;
         // The first generated line is the author; the rest is the poem.
         let body: String = text.lines().skip(1).collect::<Vec<_>>().join("\n");
         let verdict = match poem_form(&body) {
@@ -117,15 +115,125 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
         };
         println!("  《{title}》 → {} [{verdict}]", text.trim_end().replace('\n', " / "));
     }
+    let p = final_status.phases.last();
     println!(
-        "\npretrain: train loss {:.3}, val loss {} (nats per token), {:.0} tokens/s; regular-form poems: {regular}/{}",
-        outcome.train_loss,
-        outcome.val_loss.map_or("n/a".into(), |v| format!("{v:.3}")),
-        outcome.tokens_per_s,
+        "\npretrain: {} steps, final loss {:.3} (nats per token), {:.0} tokens/s on {} worker(s); regular-form poems: {regular}/{}",
+        p.map_or(0, |p| p.step),
+        p.map_or(0.0, |p| p.loss),
+        p.map_or(0.0, |p| p.tokens_per_s),
+        workers,
         titles.len()
     );
-    println!("artifacts: {} (raw/, data/ with shards and report.json, pretrain/ with checkpoints; 'latest' names the newest)", a.out.display());
+    println!(
+        "artifacts: {} — raw/ (input), data/ (shards, tokenizer.json, report.json), checkpoints/ (step-* per phase), coordinator.db (job history), logs/",
+        a.out.display()
+    );
     Ok(())
+}
+
+/// A coordinator and workers as child processes of this one.
+struct LocalCluster {
+    children: Vec<(String, std::process::Child)>,
+    addr: String,
+}
+
+impl LocalCluster {
+    fn start(out: &Path, workers: usize, threads: usize) -> Result<Self, CliError> {
+        let exe = std::env::current_exe().map_err(|e| CliError::Usage(format!("cannot find the liandan executable: {e}")))?;
+        let logs = out.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| CliError::Io { path: logs.display().to_string(), source: e })?;
+        let addr_file = out.join("coordinator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = |name: &str| -> Result<std::fs::File, CliError> {
+            let p = logs.join(format!("{name}.log"));
+            std::fs::File::create(&p).map_err(|e| CliError::Io { path: p.display().to_string(), source: e })
+        };
+        let spawn = |name: &str, args: &[String]| -> Result<std::process::Child, CliError> {
+            let f = log(name)?;
+            let f2 = f.try_clone().map_err(|e| CliError::Io { path: name.into(), source: e })?;
+            std::process::Command::new(&exe)
+                .args(args)
+                .stdout(f)
+                .stderr(f2)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| CliError::Usage(format!("cannot start {name}: {e}")))
+        };
+        let mut children = Vec::new();
+        let store = out.join("coordinator.db");
+        children.push((
+            "coordinator".to_string(),
+            spawn("coordinator", &["coordinator".into(), "--listen".into(), "127.0.0.1:0".into(), "--store".into(), store.display().to_string(), "--addr-file".into(), addr_file.display().to_string()])?,
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let addr = loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file) {
+                if s.ends_with('\n') {
+                    break s.trim().to_string();
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                let mut c = LocalCluster { children, addr: String::new() };
+                c.stop();
+                return Err(CliError::Usage(format!("the coordinator did not start within 30 s (see {})", logs.join("coordinator.log").display())));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        for i in 0..workers {
+            let name = format!("worker-{i}");
+            children.push((name.clone(), spawn(&name, &["worker".into(), "--coordinator".into(), addr.clone(), "--threads".into(), threads.to_string()])?));
+        }
+        Ok(LocalCluster { children, addr })
+    }
+
+    /// Submits the job and follows it until it ends or Ctrl-C.
+    fn run_job(&mut self, spec: &str) -> Result<liandan_proto::v1::JobStatus, CliError> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
+        let addr = self.addr.clone();
+        rt.block_on(async move {
+            let ep = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
+            let ch = ep.connect().await.map_err(|e| CliError::Usage(format!("coordinator at {addr}: {e}")))?;
+            let mut c = liandan_proto::v1::coordinator_client::CoordinatorClient::new(ch);
+            let id = c
+                .submit_job(liandan_proto::v1::SubmitJobRequest { spec_toml: spec.to_string(), source: "examples/demo.toml".into() })
+                .await
+                .map_err(|e| CliError::Usage(e.message().to_string()))?
+                .into_inner()
+                .job_id;
+            eprintln!("job {id} submitted to {addr}");
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            tokio::select! {
+                r = crate::cluster::watch_async(&mut c, id, tty) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("interrupted: cancelling job {id} and stopping the cluster");
+                    let _ = c.cancel_job(liandan_proto::v1::JobRef { job_id: id }).await;
+                    Err(CliError::Usage("interrupted".into()))
+                }
+            }
+        })
+    }
+
+    /// SIGINT to every child, then SIGKILL to those still running after 5 s.
+    fn stop(&mut self) {
+        for (_, ch) in self.children.iter().rev() {
+            let _ = std::process::Command::new("kill").args(["-INT", &ch.id().to_string()]).status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for (name, ch) in self.children.iter_mut().rev() {
+            loop {
+                match ch.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
+                    _ => {
+                        eprintln!("{name} did not stop: killing it");
+                        let _ = ch.kill();
+                        let _ = ch.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Titles of the first `n` held-out poem requests (`写一首…，题目是《title》`).

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use liandan_worker::plan::{PhaseKind, PhasePlan};
 use liandan_worker::GptConfig;
 
 /// A spec error: where (`phases[0].steps`) and why.
@@ -88,17 +89,6 @@ pub struct CheckpointSpec {
     pub every: u64,
 }
 
-/// What a phase does. Post-training phases (sft, reward, ppo) are planned; a spec naming them
-/// is refused until they exist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PhaseKind {
-    Pretrain,
-    Sft,
-    Reward,
-    Ppo,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PhaseSpec {
@@ -136,25 +126,6 @@ fn grad_clip() -> f32 {
 }
 fn seed() -> u64 {
     1337
-}
-
-/// What a worker needs to run one phase: the spec resolved against the data (the model's
-/// vocabulary comes from the tokenizer). Sent to workers as JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PhasePlan {
-    pub kind: PhaseKind,
-    pub model: GptConfig,
-    pub data_dir: PathBuf,
-    pub steps: u64,
-    pub global_batch: usize,
-    pub seq_len: usize,
-    pub max_lr: f32,
-    pub min_lr: f32,
-    pub warmup: u64,
-    pub weight_decay: f32,
-    pub grad_clip: f32,
-    pub seed: u64,
-    pub checkpoint_every: u64,
 }
 
 impl JobSpec {

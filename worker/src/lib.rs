@@ -12,7 +12,9 @@
 //!   ring all-reduce over std TCP with a versioned handshake, timeouts and an abort flag.
 //! - [`generate`]: sampling with a KV cache (temperature, top-k, top-p, stop tokens, greedy).
 //! - [`rng`]: the seeded generator whose state checkpoints carry.
-//! - [`tokenizer`]: the byte-level vocabulary used until the data pipeline's BPE tokenizer lands.
+//! - [`tokenizer`]: the byte-level vocabulary (for plain text files; prepared data brings a BPE).
+//! - [`plan`], [`ledger`], [`phase`]: what a worker runs for the coordinator — the phase plan,
+//!   the sample ledger (which sequences each rank reads at each step), the phases themselves.
 //!
 //! # Glossary
 //! Used in every shape comment of this crate:
@@ -30,9 +32,13 @@ pub mod checkpoint;
 pub mod collective;
 pub mod error;
 pub mod generate;
+pub mod ledger;
 pub mod model;
 pub mod optim;
+pub mod phase;
+pub mod plan;
 pub mod rng;
+pub mod runtime;
 pub mod tokenizer;
 pub mod train;
 

@@ -101,7 +101,7 @@ fn run_rank(
     elems: usize,
     iters: usize,
 ) -> Result<Duration, CollectiveError> {
-    let mut ring = TcpRing::connect(listener, rank, peers, 0, opts)?;
+    let mut ring = TcpRing::connect(&listener, rank, peers, 0, opts)?;
     // Values grow by ×world per op and may reach inf; timing does not depend on them.
     let mut buf = vec![1.0f32; elems];
     ring.all_reduce_sum(&mut buf)?;

@@ -98,7 +98,7 @@ impl Default for RingOptions {
 }
 
 /// A rank's bound listener, waiting for the peer addresses. Its address is what the rank
-/// publishes; [`TcpRing::connect`] consumes it.
+/// publishes; [`TcpRing::connect`] borrows it, so one listener serves every generation's ring.
 #[derive(Debug)]
 pub struct RingListener {
     listener: TcpListener,
@@ -153,7 +153,7 @@ impl TcpRing {
     /// version, generation, rank, world) and refuses a peer from another generation/world.
     /// World 1 (`peers.len() == 1`) opens no socket.
     pub fn connect(
-        listener: RingListener,
+        listener: &RingListener,
         rank: usize,
         peers: &[String],
         generation: u64,
@@ -895,7 +895,7 @@ mod tests {
                 .map(|(rank, listener)| {
                     let (peers, generation, options, body) = (&peers, &generation, &options, &body);
                     s.spawn(move || {
-                        body(rank, TcpRing::connect(listener, rank, peers, generation(rank), options(rank)))
+                        body(rank, TcpRing::connect(&listener, rank, peers, generation(rank), options(rank)))
                     })
                 })
                 .collect();
@@ -996,7 +996,7 @@ mod tests {
     fn world_one_needs_no_sockets() {
         let listener = TcpRing::listen("127.0.0.1:0").expect("binding loopback");
         let peers = [listener.local_addr().to_string()];
-        let mut ring = TcpRing::connect(listener, 0, &peers, 3, RingOptions::default()).expect("world 1");
+        let mut ring = TcpRing::connect(&listener, 0, &peers, 3, RingOptions::default()).expect("world 1");
         let mut buf = input(0, 5);
         ring.all_reduce_sum(&mut buf).expect("world 1 all-reduce");
         assert_eq!(buf, input(0, 5));
@@ -1007,16 +1007,16 @@ mod tests {
     #[test]
     fn bad_setup_is_an_error() {
         let bind = || TcpRing::listen("127.0.0.1:0").expect("binding loopback");
-        let err = TcpRing::connect(bind(), 0, &[], 0, RingOptions::default()).unwrap_err();
+        let err = TcpRing::connect(&bind(), 0, &[], 0, RingOptions::default()).unwrap_err();
         assert!(matches!(err, CollectiveError::Config { .. }), "{err}");
         let peers = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
-        let err = TcpRing::connect(bind(), 2, &peers, 0, RingOptions::default()).unwrap_err();
+        let err = TcpRing::connect(&bind(), 2, &peers, 0, RingOptions::default()).unwrap_err();
         assert!(err.to_string().contains("rank 2 is outside a world of 2"), "{err}");
-        let err = TcpRing::connect(bind(), 0, &peers, 0, RingOptions { chunk_bytes: 2, ..RingOptions::default() })
+        let err = TcpRing::connect(&bind(), 0, &peers, 0, RingOptions { chunk_bytes: 2, ..RingOptions::default() })
             .unwrap_err();
         assert!(err.to_string().contains("chunk_bytes"), "{err}");
         let bad = ["127.0.0.1:1".to_string(), "not an address".to_string()];
-        let err = TcpRing::connect(bind(), 0, &bad, 0, RingOptions::default()).unwrap_err();
+        let err = TcpRing::connect(&bind(), 0, &bad, 0, RingOptions::default()).unwrap_err();
         assert!(matches!(err, CollectiveError::Config { .. }), "{err}");
     }
 
@@ -1070,7 +1070,7 @@ mod tests {
                 .enumerate()
                 .map(|(rank, l)| {
                     let peers = &peers;
-                    s.spawn(move || TcpRing::connect(l, rank, peers, 0, opts(10_000))?.all_reduce_scalar(1.0))
+                    s.spawn(move || TcpRing::connect(&l, rank, peers, 0, opts(10_000))?.all_reduce_scalar(1.0))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()

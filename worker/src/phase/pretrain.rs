@@ -1,0 +1,154 @@
+//! The pretrain phase on one rank: next-token loss on the prepared shards, gradients summed over
+//! the group each step, the same AdamW update on every rank, rank 0 writing checkpoints.
+//!
+//! Every rank divides its loss by the global batch's token count (`B·T`), so the all-reduced sum
+//! of gradients is the gradient of the global batch's mean loss: the trajectory does not depend on
+//! the world size except through float summation order.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use liandan_data::shard::{read_split, sha256_hex, Manifest, Split};
+
+use super::{PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
+use crate::checkpoint::{self, DataCursor, SaveInfo};
+use crate::collective::{Collective, CollectiveError};
+use crate::ledger::Ledger;
+use crate::model::gpt::Gpt;
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::plan::PhasePlan;
+use crate::rng::Rng;
+use crate::train::TrainConfig;
+
+/// Name of the tokenizer inside prepared data and checkpoints.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Runs (or resumes) the pretrain phase on this rank.
+///
+/// `resume`: a checkpoint to continue from (its step is the data cursor). `checkpoint_dir`:
+/// where rank 0 writes `step-NNNNNNNN` checkpoints.
+pub fn run_pretrain(
+    plan: &PhasePlan,
+    resume: Option<&Path>,
+    checkpoint_dir: &Path,
+    coll: &mut dyn Collective,
+    abort: &AtomicBool,
+    events: &mut dyn PhaseEvents,
+) -> Result<PhaseOutcome, PhaseError> {
+    let (rank, world) = (coll.rank(), coll.world());
+    let manifest = Manifest::load(&plan.data_dir).map_err(|e| PhaseError::Data(e.to_string()))?;
+    if manifest.vocab_size != plan.model.vocab_size {
+        return Err(PhaseError::Plan(format!("data vocabulary {} differs from the model's {}", manifest.vocab_size, plan.model.vocab_size)));
+    }
+    let tok_path = plan.data_dir.join(&manifest.tokenizer);
+    let tokenizer = std::fs::read(&tok_path).map_err(|e| PhaseError::Data(format!("{}: {e}", tok_path.display())))?;
+    if sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
+        return Err(PhaseError::Data(format!("{}: sha256 does not match manifest.json", tok_path.display())));
+    }
+    let tokens = read_split(&plan.data_dir, &manifest, Split::Train).map_err(|e| PhaseError::Data(e.to_string()))?;
+    let (b_global, t) = (plan.global_batch, plan.seq_len);
+    let mut ledger = Ledger::new(tokens.len(), t, b_global, plan.seed)
+        .ok_or_else(|| PhaseError::Data(format!("{}: {} training tokens do not make one sequence of {t}", plan.data_dir.display(), tokens.len())))?;
+    let b_max = b_global.div_ceil(world).max(1);
+
+    let mut model = Gpt::new(plan.model.clone(), b_max, t)?;
+    let mut opt = AdamW::new(plan.adamw(), &model.layout);
+    let mut step = 0u64;
+    match resume {
+        Some(dir) => {
+            let ck = checkpoint::load(dir, Some(&plan.model))?;
+            model.params = ck.params;
+            if let Some((m, v)) = ck.moments {
+                opt.m = m;
+                opt.v = v;
+                opt.t = ck.state.optimizer_t;
+            }
+            // A previous phase's output starts this phase at step 0; this phase's own
+            // checkpoint continues at its step.
+            if ck.state.train_config.as_ref().is_some_and(|c| c.schedule == plan.schedule() && c.seq_len == t) {
+                step = ck.state.step;
+            } else {
+                opt = AdamW::new(plan.adamw(), &model.layout);
+            }
+        }
+        None => model.init_weights(&mut Rng::new(plan.seed)),
+    }
+    let schedule = plan.schedule();
+    let denom = (b_global * t) as f32;
+    let train_config = TrainConfig {
+        batch_size: b_max,
+        seq_len: t,
+        grad_accum: 1,
+        schedule: schedule.clone(),
+        adamw: plan.adamw(),
+        grad_clip: plan.grad_clip,
+        seed: plan.seed,
+    };
+    let extra = vec![(TOKENIZER_FILE.to_string(), tokenizer)];
+    let aborted = |e: CollectiveError| match e {
+        CollectiveError::Aborted { .. } => Ok(PhaseOutcome::Aborted),
+        other if abort.load(Ordering::SeqCst) => {
+            let _ = other;
+            Ok(PhaseOutcome::Aborted)
+        }
+        other => Err(PhaseError::Collective(other)),
+    };
+
+    let mut inputs = Vec::with_capacity(b_max * t);
+    let mut targets = Vec::with_capacity(b_max * t);
+    while step < plan.steps {
+        if abort.load(Ordering::SeqCst) {
+            return Ok(PhaseOutcome::Aborted);
+        }
+        let started = Instant::now();
+        let offsets = ledger.rank_offsets(step, rank, world);
+        model.zero_grad();
+        let mut local_loss = 0.0f64;
+        if !offsets.is_empty() {
+            inputs.clear();
+            targets.clear();
+            for &o in &offsets {
+                inputs.extend_from_slice(&tokens[o..o + t]);
+                targets.extend(tokens[o + 1..o + t + 1].iter().map(|&x| x as i32));
+            }
+            model.forward(&inputs, offsets.len(), t)?;
+            local_loss = model.loss(&targets, None, denom, true)? as f64;
+            model.backward()?;
+        }
+        if let Err(e) = coll.all_reduce_sum(&mut model.grads) {
+            return aborted(e);
+        }
+        let loss = match coll.all_reduce_scalar(local_loss) {
+            Ok(l) => l,
+            Err(e) => return aborted(e),
+        };
+        let grad_norm = if plan.grad_clip > 0.0 { clip_grad_norm(&mut model.grads, plan.grad_clip) } else { crate::optim::global_norm(&model.grads) };
+        let lr = schedule.lr(step);
+        opt.step(&mut model.params, &model.grads, lr);
+        step += 1;
+        if rank == 0 {
+            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: (b_global * t) as u64, step_ms: started.elapsed().as_millis() as u64 });
+        }
+        let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
+        if boundary && rank == 0 {
+            let dir = checkpoint::step_dir(checkpoint_dir, step);
+            let info = SaveInfo { step, rng_state: 0, train_config: Some(&train_config), data_cursor: DataCursor { position: step }, tokenizer: TOKENIZER_FILE, extra_files: &extra };
+            checkpoint::save(&dir, &model.config, &model.params, Some((&opt.m, &opt.v, opt.t)), &info)?;
+            if step == plan.steps {
+                return Ok(PhaseOutcome::Finished { final_checkpoint: Some(dir) });
+            }
+            if events.checkpoint(step, &dir).map_err(PhaseError::Commit)? {
+                return Ok(PhaseOutcome::Regroup);
+            }
+        }
+    }
+    Ok(PhaseOutcome::Finished { final_checkpoint: None })
+}
+
+/// The newest `step-*` checkpoint under `dir`, if any (for tools and tests).
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(checkpoint::STATE_FILE).exists()).collect();
+    v.sort();
+    v.pop()
+}

@@ -1,0 +1,284 @@
+//! The worker process: register → heartbeat → assignment → run the phase → report, with retries
+//! and backoff on every RPC, and an abort flag that the heartbeat raises when the coordinator
+//! moves the group to a new generation (a member died, a worker joins or drains, the job is
+//! cancelled).
+//!
+//! The phase itself runs on a blocking thread; it reports steps and commits checkpoints through
+//! this runtime's gRPC client (`Handle::block_on`), and all-reduces over a [`TcpRing`] connected
+//! for its generation.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use liandan_proto::v1::coordinator_client::CoordinatorClient;
+use liandan_proto::v1::*;
+use liandan_proto::PROTOCOL_VERSION;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{error, info, warn};
+
+use crate::collective::{Collective, Local, RingListener, RingOptions, TcpRing};
+use crate::phase::{PhaseEvents, PhaseOutcome, StepMetrics};
+use crate::plan::{PhaseKind, PhasePlan};
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    /// Host (or IP) the ring listener binds and advertises.
+    pub ring_host: String,
+    /// Give up after this many failed attempts to reach the coordinator in a row (None: never).
+    pub max_attempts: Option<u32>,
+}
+
+/// Errors that end the worker process.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("coordinator {addr}: {reason}")]
+    Coordinator { addr: String, reason: String },
+    #[error("coordinator at {addr} not reachable after {attempts} attempts: {last}")]
+    Unreachable { addr: String, attempts: u32, last: String },
+    #[error("ring listener: {0}")]
+    Ring(String),
+}
+
+/// What the worker is doing, shared with the heartbeat task.
+#[derive(Debug, Default)]
+struct Current {
+    job: AtomicU64,
+    generation: AtomicU64,
+    step: AtomicU64,
+}
+
+/// Backoff between retries: 200 ms doubling up to 5 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((200u64 << attempt.min(5)).min(5000))
+}
+
+/// Runs until drained, or until the coordinator cannot be reached for `max_attempts` tries.
+pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
+    let listener = TcpRing::listen(&format!("{}:0", opts.ring_host)).map_err(|e| RuntimeError::Ring(e.to_string()))?;
+    let ring_address = listener.local_addr().to_string();
+    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
+        .map_err(|e| RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: format!("bad address: {e}") })?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10));
+    let client = CoordinatorClient::new(endpoint.connect_lazy());
+    let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    let register = RegisterRequest { protocol_version: PROTOCOL_VERSION, hostname, device: "cpu".into(), ring_address: ring_address.clone(), previous_id: 0 };
+    let reply = register_with_retry(&client, &register, &opts).await?;
+    let worker_id = Arc::new(AtomicU64::new(reply.worker_id));
+    info!(worker = reply.worker_id, ring = %ring_address, "registered with {}", opts.coordinator);
+
+    let current = Arc::new(Current::default());
+    let abort = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(AtomicBool::new(false));
+    {
+        let (client, current, abort, drain, worker_id) = (client.clone(), current.clone(), abort.clone(), drain.clone(), worker_id.clone());
+        let (register, opts2) = (register.clone(), opts.clone());
+        let every = Duration::from_millis(reply.heartbeat_ms.max(50));
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(every);
+            loop {
+                iv.tick().await;
+                let req = HeartbeatRequest {
+                    worker_id: worker_id.load(Ordering::SeqCst),
+                    job_id: current.job.load(Ordering::SeqCst),
+                    generation: current.generation.load(Ordering::SeqCst),
+                    step: current.step.load(Ordering::SeqCst),
+                };
+                match client.clone().heartbeat(req).await {
+                    Ok(r) => match Action::try_from(r.into_inner().action).unwrap_or(Action::Continue) {
+                        Action::Continue => {}
+                        Action::Abort => {
+                            if !abort.swap(true, Ordering::SeqCst) {
+                                warn!("coordinator: generation {} is over, aborting the assignment", current.generation.load(Ordering::SeqCst));
+                            }
+                        }
+                        Action::Drain => {
+                            drain.store(true, Ordering::SeqCst);
+                            abort.store(true, Ordering::SeqCst);
+                        }
+                        Action::Reregister => {
+                            let req = RegisterRequest { previous_id: worker_id.load(Ordering::SeqCst), ..register.clone() };
+                            if let Ok(r) = register_with_retry(&client, &req, &opts2).await {
+                                worker_id.store(r.worker_id, Ordering::SeqCst);
+                                abort.store(true, Ordering::SeqCst);
+                                warn!("re-registered as worker {}", r.worker_id);
+                            }
+                        }
+                    },
+                    Err(e) => warn!("heartbeat failed: {}", e.message()),
+                }
+            }
+        });
+    }
+
+    let listener = Arc::new(listener);
+    let mut failures = 0u32;
+    loop {
+        if drain.load(Ordering::SeqCst) {
+            info!("drained: leaving");
+            return Ok(());
+        }
+        let id = worker_id.load(Ordering::SeqCst);
+        let a = match client.clone().next_assignment(AssignmentRequest { worker_id: id }).await {
+            Ok(a) => {
+                failures = 0;
+                a.into_inner()
+            }
+            Err(e) => {
+                failures += 1;
+                if opts.max_attempts.is_some_and(|m| failures >= m) {
+                    return Err(RuntimeError::Unreachable { addr: opts.coordinator.clone(), attempts: failures, last: e.message().to_string() });
+                }
+                warn!("next assignment: {} (retry {failures} in {:?})", e.message(), backoff(failures));
+                tokio::time::sleep(backoff(failures)).await;
+                continue;
+            }
+        };
+        if !a.assigned {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
+        abort.store(false, Ordering::SeqCst);
+        current.job.store(a.job_id, Ordering::SeqCst);
+        current.generation.store(a.generation, Ordering::SeqCst);
+        current.step.store(0, Ordering::SeqCst);
+        info!(job = a.job_id, phase = %a.phase_name, rank = a.rank, world = a.world, generation = a.generation, "assignment");
+        let handle = tokio::runtime::Handle::current();
+        let (client2, abort2, listener2, current2, a2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone());
+        let wid = id;
+        let result = tokio::task::spawn_blocking(move || run_assignment(&handle, client2, wid, &a2, &listener2, abort2, &current2))
+            .await
+            .unwrap_or_else(|e| Err(format!("the phase thread panicked: {e}")));
+        current.job.store(0, Ordering::SeqCst);
+        current.generation.store(0, Ordering::SeqCst);
+        let (ok, error, final_checkpoint) = match result {
+            Ok(PhaseOutcome::Finished { final_checkpoint }) => (true, String::new(), final_checkpoint.map(|p| p.display().to_string()).unwrap_or_default()),
+            Ok(PhaseOutcome::Regroup) | Ok(PhaseOutcome::Aborted) => {
+                info!(job = a.job_id, generation = a.generation, "assignment ended by a regroup");
+                continue;
+            }
+            Err(e) => {
+                error!(job = a.job_id, generation = a.generation, "phase failed: {e}");
+                (false, e, String::new())
+            }
+        };
+        let res = AssignmentResult { worker_id: id, job_id: a.job_id, phase_index: a.phase_index, generation: a.generation, ok, error, final_checkpoint };
+        for attempt in 0..10 {
+            match client.clone().finish_assignment(res.clone()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    warn!("finish assignment: {} (retry {attempt})", e.message());
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn register_with_retry(client: &CoordinatorClient<Channel>, req: &RegisterRequest, opts: &WorkerOptions) -> Result<RegisterReply, RuntimeError> {
+    let mut attempt = 0u32;
+    loop {
+        match client.clone().register(req.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition || e.code() == tonic::Code::InvalidArgument => {
+                return Err(RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: e.message().to_string() });
+            }
+            Err(e) => {
+                attempt += 1;
+                let reason = if e.code() == tonic::Code::Unavailable { format!("not reachable ({})", e.message()) } else { e.message().to_string() };
+                if opts.max_attempts.is_some_and(|m| attempt >= m) {
+                    return Err(RuntimeError::Unreachable { addr: opts.coordinator.clone(), attempts: attempt, last: reason });
+                }
+                let wait = backoff(attempt);
+                warn!("coordinator {}: {reason}; retry {attempt} in {} ms", opts.coordinator, wait.as_millis());
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Reports steps and commits checkpoints through the coordinator, from the phase thread.
+struct Reporter<'a> {
+    handle: &'a tokio::runtime::Handle,
+    client: CoordinatorClient<Channel>,
+    worker_id: u64,
+    a: &'a Assignment,
+    current: &'a Current,
+}
+
+impl PhaseEvents for Reporter<'_> {
+    fn step(&mut self, m: StepMetrics) {
+        self.current.step.store(m.step, Ordering::SeqCst);
+        let req = StepReport {
+            worker_id: self.worker_id,
+            job_id: self.a.job_id,
+            phase_index: self.a.phase_index,
+            generation: self.a.generation,
+            step: m.step,
+            loss: m.loss,
+            lr: m.lr as f64,
+            grad_norm: m.grad_norm as f64,
+            tokens: m.tokens,
+            step_ms: m.step_ms,
+            world: self.a.world,
+        };
+        // Metrics are best effort: a coordinator that is down for a moment must not stop training.
+        if let Err(e) = self.handle.block_on(self.client.clone().report_step(req)) {
+            warn!(step = m.step, "step report not delivered: {}", e.message());
+        }
+    }
+
+    fn checkpoint(&mut self, step: u64, path: &std::path::Path) -> Result<bool, String> {
+        let req = CheckpointInfo { worker_id: self.worker_id, job_id: self.a.job_id, phase_index: self.a.phase_index, generation: self.a.generation, step, path: path.display().to_string() };
+        // The commit must land (it is the resume point): retry for up to a minute.
+        let mut last = String::new();
+        for attempt in 0..20 {
+            match self.handle.block_on(self.client.clone().commit_checkpoint(req.clone())) {
+                Ok(r) => return Ok(r.into_inner().regroup),
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => return Ok(true),
+                Err(e) => {
+                    last = e.message().to_string();
+                    std::thread::sleep(backoff(attempt));
+                }
+            }
+        }
+        Err(format!("checkpoint {} not committed: {last}", path.display()))
+    }
+}
+
+fn run_assignment(
+    handle: &tokio::runtime::Handle,
+    client: CoordinatorClient<Channel>,
+    worker_id: u64,
+    a: &Assignment,
+    listener: &RingListener,
+    abort: Arc<AtomicBool>,
+    current: &Current,
+) -> Result<PhaseOutcome, String> {
+    let plan: PhasePlan = serde_json::from_str(&a.phase_json).map_err(|e| format!("bad phase plan from the coordinator: {e}"))?;
+    let mut coll: Box<dyn Collective> = if a.world <= 1 {
+        Box::new(Local)
+    } else {
+        let opts = RingOptions { abort: Some(abort.clone()), ..Default::default() };
+        match TcpRing::connect(listener, a.rank as usize, &a.peers, a.generation, opts) {
+            Ok(r) => Box::new(r),
+            Err(e) if abort.load(Ordering::SeqCst) => {
+                info!("ring not formed, generation over: {e}");
+                return Ok(PhaseOutcome::Aborted);
+            }
+            Err(e) => return Err(format!("ring: {e}")),
+        }
+    };
+    let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint));
+    let mut reporter = Reporter { handle, client, worker_id, a, current };
+    let dir = PathBuf::from(&a.checkpoint_dir);
+    match plan.kind {
+        PhaseKind::Pretrain => crate::phase::pretrain::run_pretrain(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
+        other => Err(format!("{other:?} phases are not implemented by this worker")),
+    }
+}
