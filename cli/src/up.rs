@@ -188,12 +188,26 @@ impl LocalCluster {
 
     /// Submits the job and follows it until it ends or Ctrl-C.
     fn run_job(&mut self, spec: &str) -> Result<liandan_proto::v1::JobStatus, CliError> {
+        let expected_workers = self.children.len() - 1;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
         let addr = self.addr.clone();
         rt.block_on(async move {
             let ep = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
             let ch = ep.connect().await.map_err(|e| CliError::Usage(format!("coordinator at {addr}: {e}")))?;
             let mut c = liandan_proto::v1::coordinator_client::CoordinatorClient::new(ch);
+            // Submit once every local worker has registered, so the job starts with all of them.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let ws = c.list_workers(liandan_proto::v1::ListWorkersRequest {}).await.map_err(|e| CliError::Usage(e.message().to_string()))?.into_inner().workers;
+                if ws.iter().filter(|w| w.state == "idle").count() >= expected_workers {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    eprintln!("only {} of {expected_workers} workers registered after 30 s; starting anyway", ws.len());
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
             let id = c
                 .submit_job(liandan_proto::v1::SubmitJobRequest { spec_toml: spec.to_string(), source: "examples/demo.toml".into() })
                 .await

@@ -118,6 +118,9 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
 
     let listener = Arc::new(listener);
     let mut failures = 0u32;
+    // Broken groups per (job, generation): a generation that breaks this often without the
+    // coordinator replacing it is reported as a failure instead of retried forever.
+    let mut broken: (u64, u64, u32) = (0, 0, 0);
     loop {
         if drain.load(Ordering::SeqCst) {
             info!("drained: leaving");
@@ -161,6 +164,15 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
             Ok(PhaseOutcome::Regroup) | Ok(PhaseOutcome::Aborted) => {
                 info!(job = a.job_id, generation = a.generation, "assignment ended by a regroup");
                 continue;
+            }
+            Ok(PhaseOutcome::GroupBroken { reason }) => {
+                broken = if (broken.0, broken.1) == (a.job_id, a.generation) { (a.job_id, a.generation, broken.2 + 1) } else { (a.job_id, a.generation, 1) };
+                if broken.2 < 5 {
+                    warn!(job = a.job_id, generation = a.generation, "group broken ({reason}); waiting for the coordinator to re-form it");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                (false, format!("generation {} broke {} times without being replaced: {reason}", a.generation, broken.2), String::new())
             }
             Err(e) => {
                 error!(job = a.job_id, generation = a.generation, "phase failed: {e}");

@@ -34,8 +34,11 @@ pub enum PhaseOutcome {
     Finished { final_checkpoint: Option<PathBuf> },
     /// Stopped at a checkpoint boundary because the group re-forms.
     Regroup,
-    /// The generation ended under us (abort flag, or a collective failed because of it).
+    /// The generation ended under us (the abort flag).
     Aborted,
+    /// The group broke (a peer vanished or stopped answering) before the coordinator announced
+    /// a new generation; the runtime waits for the coordinator's decision.
+    GroupBroken { reason: String },
 }
 
 /// Why a phase failed.

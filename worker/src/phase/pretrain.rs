@@ -86,13 +86,14 @@ pub fn run_pretrain(
         seed: plan.seed,
     };
     let extra = vec![(TOKENIZER_FILE.to_string(), tokenizer)];
-    let aborted = |e: CollectiveError| match e {
-        CollectiveError::Aborted { .. } => Ok(PhaseOutcome::Aborted),
-        other if abort.load(Ordering::SeqCst) => {
-            let _ = other;
-            Ok(PhaseOutcome::Aborted)
-        }
-        other => Err(PhaseError::Collective(other)),
+    // A failed collective means the group is broken (a peer died or hung): not this phase's
+    // failure. The coordinator re-forms the group; the runtime waits for that.
+    let aborted = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> {
+        Ok(match e {
+            CollectiveError::Aborted { .. } => PhaseOutcome::Aborted,
+            _ if abort.load(Ordering::SeqCst) => PhaseOutcome::Aborted,
+            other => PhaseOutcome::GroupBroken { reason: other.to_string() },
+        })
     };
 
     let mut inputs = Vec::with_capacity(b_max * t);

@@ -1,0 +1,320 @@
+//! The cluster end to end: a real coordinator and real workers (child processes) on 127.0.0.1
+//! with ephemeral ports, synchronised by polling status with deadlines.
+//!
+//! Equivalence tolerance: the global batch is fixed, so 1, 2 or 3 workers compute the same
+//! trajectory up to float summation order (the ring sums each segment in a different order than
+//! one process's matmuls). On this tiny model that is ~1e-6 relative per step; after the few
+//! steps these tests run, the losses agree to 1e-4 relative, which any real bug (a sample read
+//! twice, a gradient not divided by the global batch, a wrong resume step) exceeds by orders of
+//! magnitude.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{liandan, s, scratch};
+use liandan_coordinator::store::Store;
+
+const TOLERANCE: f64 = 1e-4;
+
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str], log: &Path) -> Proc {
+    let f = std::fs::File::create(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_liandan"))
+        .args(args)
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn liandan");
+    Proc { child }
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics after `secs` with `what`.
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A prepared tiny corpus (shared by the tests of this binary; each test prepares its own copy).
+fn prepared(dir: &Path) -> PathBuf {
+    let raw = dir.join("raw.jsonl");
+    let mut body = String::new();
+    for i in 0..300 {
+        let line = format!("第{i}篇：床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流{i}。");
+        body.push_str(&serde_json::json!({ "text": line }).to_string());
+        body.push('\n');
+    }
+    std::fs::write(&raw, body).unwrap();
+    let out = dir.join("data");
+    let o = liandan(&["data", "prepare", s(&raw), "--out", s(&out), "--vocab-size", "320", "--split", "0.9,0.05,0.05", "--no-near-dedup"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn spec(dir: &Path, data: &Path, steps: u64, every: u64, min_workers: u32) -> PathBuf {
+    spec_with(dir, data, steps, every, min_workers, 16)
+}
+
+/// `seq_len` sets the work per step (longer steps leave time to inject a failure mid-phase).
+fn spec_with(dir: &Path, data: &Path, steps: u64, every: u64, min_workers: u32, seq_len: usize) -> PathBuf {
+    let p = dir.join("job.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"name = "test"
+[model]
+preset = "nano"
+layers = 1
+channels = 32
+heads = 2
+[data]
+prepared = "{}"
+[cluster]
+min_workers = {min_workers}
+max_workers = 3
+[checkpoint]
+dir = "{}"
+every = {every}
+[[phases]]
+name = "pretrain"
+kind = "pretrain"
+steps = {steps}
+global_batch = 6
+seq_len = {seq_len}
+lr = 1e-2
+warmup = 2
+"#,
+            data.display(),
+            dir.join("ckpt").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+struct Cluster {
+    dir: PathBuf,
+    addr: String,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+}
+
+impl Cluster {
+    fn start(dir: &Path, workers: usize) -> Cluster {
+        let addr_file = dir.join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let coordinator = spawn(
+            &["coordinator", "--listen", "127.0.0.1:0", "--store", s(&dir.join("store.db")), "--addr-file", s(&addr_file), "--lease-ms", "1500"],
+            &dir.join("coordinator.log"),
+        );
+        let addr = wait_for(20, "the coordinator's address file", || std::fs::read_to_string(&addr_file).ok().filter(|a| a.ends_with('\n'))).trim().to_string();
+        let mut c = Cluster { dir: dir.to_path_buf(), addr, coordinator: Some(coordinator), workers: vec![] };
+        for _ in 0..workers {
+            c.add_worker();
+        }
+        c.wait_idle(workers);
+        c
+    }
+
+    fn add_worker(&mut self) {
+        let i = self.workers.len();
+        let w = spawn(&["worker", "--coordinator", &self.addr, "--threads", "1"], &self.dir.join(format!("worker-{i}.log")));
+        self.workers.push(w);
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        liandan(&[args, &["--coordinator", &self.addr]].concat())
+    }
+
+    fn wait_idle(&self, n: usize) {
+        wait_for(30, &format!("{n} idle workers"), || {
+            let o = self.cli(&["workers"]);
+            let idle = String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains(" idle ")).count();
+            (idle >= n).then_some(())
+        });
+    }
+
+    fn submit(&self, spec: &Path) -> u64 {
+        let o = self.cli(&["submit", s(spec)]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn status(&self, job: u64) -> String {
+        String::from_utf8_lossy(&self.cli(&["status", &job.to_string()]).stdout).into_owned()
+    }
+
+    fn wait_state(&self, job: u64, state: &str, secs: u64) -> String {
+        wait_for(secs, &format!("job {job} to be {state}"), || {
+            let st = self.status(job);
+            assert!(!st.contains(": failed"), "job failed: {st}\n{}", self.logs());
+            st.lines().next().is_some_and(|l| l.contains(&format!(": {state}"))).then_some(st)
+        })
+    }
+
+    /// Waits until the phase has committed a checkpoint at or after `step`.
+    fn wait_checkpoint(&self, job: u64, step: u64) {
+        wait_for(120, &format!("a checkpoint at step {step}"), || {
+            let st = self.status(job);
+            let at = st.split("(step ").nth(1).and_then(|t| t.split(')').next()).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            (at >= step).then_some(())
+        });
+    }
+
+    fn losses(&self, job: u64) -> Vec<f64> {
+        let store = Store::open(&self.dir.join("store.db")).unwrap();
+        store.metrics(job, 0).unwrap().iter().map(|m| m.loss).collect()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(15).collect();
+                s.push_str(&format!("--- {}\n{}\n", e.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            }
+        }
+        s
+    }
+}
+
+fn assert_trajectories_match(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(((x - y) / y).abs() < TOLERANCE, "{what}: step {} loss {x} vs {y}", i + 1);
+    }
+}
+
+fn run_world(name: &str, workers: usize, steps: u64, every: u64, seq_len: usize) -> Vec<f64> {
+    let d = scratch(name);
+    let data = prepared(&d);
+    let c = Cluster::start(&d, workers);
+    let job = c.submit(&spec_with(&d, &data, steps, every, workers as u32, seq_len));
+    let st = c.wait_state(job, "succeeded", 180);
+    assert!(st.contains(&format!("world {workers}")), "{st}");
+    c.losses(job)
+}
+
+#[test]
+fn one_two_and_three_workers_follow_the_same_trajectory() {
+    let one = run_world("w1", 1, 8, 4, 16);
+    assert_eq!(one.len(), 8);
+    assert!(one[7] < one[0], "the loss falls: {one:?}");
+    eprintln!("1 worker: {one:?}");
+    let two = run_world("w2", 2, 8, 4, 16);
+    eprintln!("2 workers: {two:?}");
+    assert_trajectories_match(&two, &one, "2 workers vs 1");
+    let three = run_world("w3", 3, 8, 4, 16);
+    assert_trajectories_match(&three, &one, "3 workers vs 1");
+}
+
+#[test]
+fn a_killed_worker_is_replaced_by_the_survivors_from_the_last_checkpoint() {
+    // Long enough (a few seconds) that the kill lands mid-phase.
+    let (steps, every, seq_len) = (300, 50, 48);
+    let reference = run_world("kill-ref", 1, steps, every, seq_len);
+    let d = scratch("kill");
+    let data = prepared(&d);
+    let mut c = Cluster::start(&d, 2);
+    let job = c.submit(&spec_with(&d, &data, steps, every, 1, seq_len));
+    c.wait_checkpoint(job, every);
+    // SIGKILL one worker mid-phase.
+    let mut victim = c.workers.remove(1);
+    victim.child.kill().unwrap();
+    let st = c.wait_state(job, "succeeded", 180);
+    assert!(st.contains("world 1"), "the survivor finished alone: {st}");
+    let generation: u64 = st.split(" gen ").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok()).unwrap();
+    assert!(generation >= 2, "the group re-formed: {st}");
+    assert_trajectories_match(&c.losses(job), &reference, "with a failure vs 1 worker");
+    let workers = String::from_utf8_lossy(&c.cli(&["workers"]).stdout).into_owned();
+    assert!(workers.contains(" dead "), "{workers}");
+}
+
+#[test]
+fn a_late_worker_joins_at_a_checkpoint_boundary_and_a_drained_one_leaves() {
+    let d = scratch("join");
+    let data = prepared(&d);
+    let mut c = Cluster::start(&d, 1);
+    let job = c.submit(&spec_with(&d, &data, 300, 50, 1, 48));
+    wait_for(60, "the job to run", || c.status(job).contains("running").then_some(()));
+    c.add_worker();
+    // It joins at the next boundary: the phase reaches world 2.
+    wait_for(120, "world 2", || c.status(job).contains("world 2").then_some(()));
+    // Drain the newcomer: it leaves at the next boundary and its process exits cleanly.
+    let o = c.cli(&["workers", "drain", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = c.wait_state(job, "succeeded", 180);
+    let exit = wait_for(30, "the drained worker to exit", || c.workers[1].child.try_wait().unwrap());
+    assert!(exit.success(), "drained worker exit: {exit:?}");
+    let workers = String::from_utf8_lossy(&c.cli(&["workers"]).stdout).into_owned();
+    assert!(workers.contains(" drained "), "{workers}\n{st}");
+    assert_eq!(c.losses(job).len(), 300);
+}
+
+#[test]
+fn the_coordinator_restarts_from_its_store_and_the_job_finishes() {
+    let d = scratch("restart");
+    let data = prepared(&d);
+    let mut c = Cluster::start(&d, 2);
+    let job = c.submit(&spec_with(&d, &data, 300, 50, 1, 48));
+    c.wait_checkpoint(job, 50);
+    let mut coord = c.coordinator.take().unwrap();
+    coord.child.kill().unwrap();
+    let _ = coord.child.wait();
+    // Restart on the same address with the same store.
+    let listen = c.addr.trim_start_matches("http://").to_string();
+    let restarted = spawn(&["coordinator", "--listen", &listen, "--store", s(&d.join("store.db")), "--lease-ms", "1500"], &d.join("coordinator2.log"));
+    c.coordinator = Some(restarted);
+    let st = c.wait_state(job, "succeeded", 180);
+    assert!(st.contains("step 300/300"), "{st}");
+}
+
+#[test]
+fn cancel_bad_specs_and_an_absent_coordinator() {
+    let d = scratch("cancel");
+    let data = prepared(&d);
+    let c = Cluster::start(&d, 1);
+    let job = c.submit(&spec(&d, &data, 100_000, 1000, 1));
+    wait_for(60, "the job to run", || c.status(job).contains("running").then_some(()));
+    let o = c.cli(&["cancel", &job.to_string()]);
+    assert!(o.status.success());
+    c.wait_state(job, "cancelled", 30);
+    c.wait_idle(1);
+
+    // A typo'd key: refused with the key path; the store has no new job.
+    let bad = d.join("bad.toml");
+    std::fs::write(&bad, std::fs::read_to_string(spec(&d, &data, 5, 5, 1)).unwrap().replace("global_batch", "global_bacth")).unwrap();
+    let o = c.cli(&["submit", s(&bad)]);
+    common::assert_one_line_error(&o, &["bad.toml", "phases[0]", "global_bacth"]);
+    let o = c.cli(&["status"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).matches("job ").count(), 1, "only the cancelled job exists");
+    let o = c.cli(&["status", "999"]);
+    common::assert_one_line_error(&o, &["job 999 does not exist"]);
+
+    // A worker pointed at a coordinator that is not there: retries with backoff, then a clear error.
+    let o = liandan(&["worker", "--coordinator", "http://127.0.0.1:9", "--max-attempts", "3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("retry 1") && err.contains("retry 2"), "{err}");
+    assert!(err.contains("error: coordinator at http://127.0.0.1:9 not reachable after 3 attempts"), "{err}");
+}
