@@ -419,3 +419,85 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(Ack {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> CoordinatorService {
+        CoordinatorService::new(Store::in_memory().unwrap(), CoordinatorConfig::default()).unwrap()
+    }
+
+    fn reg(v: u32) -> Request<RegisterRequest> {
+        Request::new(RegisterRequest { protocol_version: v, hostname: "h".into(), device: "cpu".into(), ring_address: "127.0.0.1:1".into(), previous_id: 0 })
+    }
+
+    #[tokio::test]
+    async fn another_protocol_version_is_refused_and_nothing_is_stored() {
+        let s = svc();
+        let e = s.register(reg(PROTOCOL_VERSION + 1)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("protocol version 2 is not supported"), "{}", e.message());
+        assert!(s.list_workers(Request::new(ListWorkersRequest {})).await.unwrap().into_inner().workers.is_empty());
+        assert!(s.register(reg(PROTOCOL_VERSION)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn unknown_ids_and_stale_or_replayed_reports() {
+        let s = svc();
+        assert_eq!(s.get_job(Request::new(JobRef { job_id: 7 })).await.unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(s.cancel_job(Request::new(JobRef { job_id: 7 })).await.unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(s.drain_worker(Request::new(WorkerRef { worker_id: 7 })).await.unwrap_err().code(), tonic::Code::NotFound);
+        let hb = s.heartbeat(Request::new(HeartbeatRequest { worker_id: 7, ..Default::default() })).await.unwrap().into_inner();
+        assert_eq!(hb.action, Action::Reregister as i32);
+        let report = StepReport { job_id: 7, step: 1, ..Default::default() };
+        assert_eq!(s.report_step(Request::new(report)).await.unwrap_err().code(), tonic::Code::NotFound);
+
+        // A running phase: a report from another generation is refused, a replay is a no-op.
+        let job = s.with_store(|st| st.insert_job("j", "", &[("pretrain".into(), "{}".into(), 10)], 1, 1, "/tmp")).unwrap();
+        s.with_store(|st| {
+            st.set_job_state(job, "running", "")?;
+            st.set_phase_state(job, 0, "running", "")?;
+            st.set_phase_group(job, 0, 3, 1, 0)
+        })
+        .unwrap();
+        let r = StepReport { job_id: job, phase_index: 0, generation: 3, step: 1, loss: 2.5, tokens: 10, step_ms: 5, world: 1, ..Default::default() };
+        s.report_step(Request::new(r.clone())).await.unwrap();
+        s.report_step(Request::new(StepReport { loss: 9.0, ..r.clone() })).await.unwrap();
+        let stale = s.report_step(Request::new(StepReport { generation: 2, step: 2, ..r })).await.unwrap_err();
+        assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+        let m = s.with_store(|st| st.metrics(job, 0)).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].loss, 2.5, "the replay did not overwrite the first report");
+    }
+
+    #[tokio::test]
+    async fn a_spec_whose_checkpoint_dir_is_not_writable_is_refused() {
+        let s = svc();
+        let data = std::env::temp_dir().join(format!("liandan-svc-data-{}", std::process::id()));
+        std::fs::create_dir_all(&data).unwrap();
+        let manifest = liandan_data::shard::Manifest {
+            format: "liandan-shards".into(),
+            version: 1,
+            tokenizer: "tokenizer.json".into(),
+            tokenizer_sha256: String::new(),
+            vocab_size: 320,
+            dtype: 2,
+            eos: 1,
+            splits: Default::default(),
+        };
+        manifest.save(&data).unwrap();
+        // A regular file where the checkpoint directory should be.
+        let blocker = data.join("not-a-dir");
+        std::fs::write(&blocker, "x").unwrap();
+        let spec = format!(
+            "name = \"x\"\n[model]\npreset = \"nano\"\n[data]\nprepared = \"{}\"\n[checkpoint]\ndir = \"{}/sub\"\n[[phases]]\nname = \"p\"\nkind = \"pretrain\"\nsteps = 1\nglobal_batch = 1\nseq_len = 8\nlr = 0.001\n",
+            data.display(),
+            blocker.display()
+        );
+        let e = s.submit_job(Request::new(SubmitJobRequest { spec_toml: spec, source: "job.toml".into() })).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("checkpoint.dir") && e.message().contains("not writable"), "{}", e.message());
+        assert!(s.list_jobs(Request::new(ListJobsRequest {})).await.unwrap().into_inner().jobs.is_empty(), "nothing stored");
+    }
+}
