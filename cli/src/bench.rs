@@ -18,6 +18,36 @@ use crate::CliError;
 pub enum BenchCommand {
     /// Training-step throughput on a model preset.
     Train(BenchTrainArgs),
+    /// Ring all-reduce bus bandwidth on loopback next to memcpy bandwidth, measured in one run.
+    Allreduce(BenchAllreduceArgs),
+    /// The coordinator under many simulated workers heartbeating: RPC latency and CPU.
+    Coordinator(BenchCoordinatorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchAllreduceArgs {
+    /// World sizes (ranks run as threads over 127.0.0.1).
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
+    pub ranks: Vec<usize>,
+    /// Buffer sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub sizes_mib: Vec<usize>,
+    /// Timed iterations per point (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchCoordinatorArgs {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 1000)]
+    pub workers: usize,
+    /// Seconds of heartbeating to measure.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Heartbeat interval of each simulated worker, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,6 +81,8 @@ pub struct BenchTrainArgs {
 pub fn run(cmd: BenchCommand, threads: usize) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a, threads),
+        BenchCommand::Allreduce(a) => bench_allreduce(a),
+        BenchCommand::Coordinator(a) => bench_coordinator(a),
     }
 }
 
@@ -128,4 +160,136 @@ fn print_profile(prof: &OpProfile, steps: usize, step_s: f64) {
         println!("{op:<18} {ms:>10.1} {:>6.1}% {:>8}", 100.0 * ms / (step_s * 1e3), calls / steps as u64);
     }
     println!("{:<18} {:>10.1} {:>6.1}%", "(other)", step_s * 1e3 - accounted, 100.0 * (1.0 - accounted / (step_s * 1e3)));
+}
+
+fn bench_allreduce(a: BenchAllreduceArgs) -> Result<(), CliError> {
+    use liandan_worker::collective::bench::{memcpy_bandwidth, ring_busbw};
+    println!("ring all-reduce over 127.0.0.1 (ranks are threads of this process on {} cores); busbw = algbw·2(n−1)/n", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!("{:>6} {:>9} {:>12} {:>12} {:>12} {:>14} {:>10}", "ranks", "size", "time", "algbw GB/s", "busbw GB/s", "memcpy GB/s", "bus/memcpy");
+    for &mib in &a.sizes_mib {
+        let bytes = mib << 20;
+        // memcpy of the same size in the same run: the ceiling for moving these bytes once.
+        let mem = memcpy_bandwidth(bytes, a.iters.max(1));
+        for &n in &a.ranks {
+            let r = ring_busbw(n, bytes, a.iters.max(1)).map_err(|e| CliError::Usage(e.to_string()))?;
+            println!(
+                "{n:>6} {:>6} MiB {:>9.2} ms {:>12.2} {:>12.2} {:>14.2} {:>10.3}",
+                mib,
+                r.seconds_per_iter * 1e3,
+                r.algbw_gbps,
+                r.busbw_gbps,
+                mem,
+                r.busbw_gbps / mem
+            );
+            println!("bench_result impl=ring ranks={n} bytes={bytes} busbw_gbps={:.3} memcpy_gbps={mem:.3}", r.busbw_gbps);
+        }
+    }
+    Ok(())
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit(')').next()?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the ')'.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
+    use liandan_proto::v1::coordinator_client::CoordinatorClient;
+    use liandan_proto::v1::{HeartbeatRequest, RegisterRequest};
+    let dir = std::env::temp_dir().join(format!("liandan-bench-coordinator-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| CliError::Io { path: dir.display().to_string(), source: e })?;
+    let addr_file = dir.join("addr");
+    let exe = std::env::current_exe().map_err(|e| CliError::Usage(e.to_string()))?;
+    // The coordinator runs as its own process so its CPU time is its own; a long lease keeps the
+    // simulated workers alive whatever the load generator's scheduling.
+    let mut child = std::process::Command::new(exe)
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--store", &dir.join("store.db").display().to_string(), "--addr-file", &addr_file.display().to_string(), "--lease-ms", "60000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| CliError::Usage(format!("cannot start the coordinator: {e}")))?;
+    let pid = child.id();
+    let result = (|| -> Result<(), CliError> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        let addr = loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file) {
+                if s.ends_with('\n') {
+                    break s.trim().to_string();
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(CliError::Usage("coordinator did not start".into()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
+        rt.block_on(async move {
+            let ch = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?.connect().await.map_err(|e| CliError::Usage(e.to_string()))?;
+            let client = CoordinatorClient::new(ch);
+            let mut ids = Vec::with_capacity(a.workers);
+            let t0 = Instant::now();
+            for i in 0..a.workers {
+                let r = client
+                    .clone()
+                    .register(RegisterRequest { protocol_version: liandan_proto::PROTOCOL_VERSION, hostname: format!("sim-{i}"), device: "cpu".into(), ring_address: format!("127.0.0.1:{}", 20000 + i), previous_id: 0 })
+                    .await
+                    .map_err(|e| CliError::Usage(e.message().to_string()))?;
+                ids.push(r.into_inner().worker_id);
+            }
+            let register_s = t0.elapsed().as_secs_f64();
+            let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+            let start = Instant::now();
+            let end = start + std::time::Duration::from_secs(a.seconds);
+            let mut tasks = Vec::new();
+            for (i, id) in ids.into_iter().enumerate() {
+                let mut c = client.clone();
+                let every = std::time::Duration::from_millis(a.heartbeat_ms);
+                // Spread the workers' phases over the interval.
+                let offset = every.mul_f64(i as f64 / a.workers as f64);
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(offset).await;
+                    let mut lat = Vec::new();
+                    let mut iv = tokio::time::interval(every);
+                    while Instant::now() < end {
+                        iv.tick().await;
+                        let t = Instant::now();
+                        if c.heartbeat(HeartbeatRequest { worker_id: id, ..Default::default() }).await.is_ok() {
+                            lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    lat
+                }));
+            }
+            let mut lat = Vec::new();
+            for t in tasks {
+                lat.extend(t.await.unwrap_or_default());
+            }
+            let wall = start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+            lat.sort_by(f64::total_cmp);
+            let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(f64::NAN);
+            println!(
+                "{} simulated workers, heartbeat every {} ms, {:.1} s: {} heartbeats ({:.0}/s); registering all took {:.2} s",
+                a.workers,
+                a.heartbeat_ms,
+                wall,
+                lat.len(),
+                lat.len() as f64 / wall,
+                register_s
+            );
+            println!("heartbeat latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", pct(0.5), pct(0.99), lat.last().copied().unwrap_or(f64::NAN));
+            println!("coordinator CPU: {cpu:.2} s over {wall:.1} s = {:.1}% of one core (each heartbeat renews a lease in SQLite)", 100.0 * cpu / wall);
+            println!("bench_result impl=coordinator workers={} p50_ms={:.3} p99_ms={:.3} cpu_core_share={:.3}", a.workers, pct(0.5), pct(0.99), cpu / wall);
+            Ok(())
+        })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
