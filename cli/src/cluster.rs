@@ -171,10 +171,12 @@ pub async fn watch_async(c: &mut CoordinatorClient<Channel>, id: u64, bars: bool
                 pb.set_message(format!("{} loss {:.4} | {:.0} tok/s | eta {} | world {} gen {}", p.state, p.loss, p.tokens_per_s, fmt_eta(p.eta_ms), p.world, p.generation));
             }
         } else {
-            let line = item.phases.iter().map(|p| format!("{} {} {}/{} loss {:.4} world {}", p.name, p.state, p.step, p.total_steps, p.loss, p.world)).collect::<Vec<_>>().join("; ");
-            if line != last_line {
+            // Without a terminal: a line when a state or world changes, or every 10% of a phase.
+            let key = item.phases.iter().map(|p| format!("{}:{}:{}:{}", p.state, p.world, p.generation, p.step * 10 / p.total_steps.max(1))).collect::<Vec<_>>().join(",") + &item.state;
+            if key != last_line {
+                let line = item.phases.iter().map(|p| format!("{} {} {}/{} loss {:.4} world {} gen {}", p.name, p.state, p.step, p.total_steps, p.loss, p.world, p.generation)).collect::<Vec<_>>().join("; ");
                 eprintln!("job {} {}: {line}", item.job_id, item.state);
-                last_line = line;
+                last_line = key;
             }
         }
         last = Some(item);
