@@ -290,6 +290,27 @@ fn the_coordinator_restarts_from_its_store_and_the_job_finishes() {
 }
 
 #[test]
+fn standard_grpc_tools_see_health_and_reflection() {
+    let d = scratch("health");
+    let c = Cluster::start(&d, 0);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(c.addr.clone()).unwrap().connect().await.unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+        let r = health.check(tonic_health::pb::HealthCheckRequest { service: "liandan.v1.Coordinator".into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+        let mut refl = ServerReflectionClient::new(ch);
+        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("unexpected reflection reply") };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&"liandan.v1.Coordinator".to_string()), "{names:?}");
+    });
+}
+
+#[test]
 fn cancel_bad_specs_and_an_absent_coordinator() {
     let d = scratch("cancel");
     let data = prepared(&d);
