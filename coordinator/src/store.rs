@@ -165,6 +165,10 @@ pub fn now_ms() -> u64 {
 const PHASE_COLS: &str = "job_id, idx, name, state, plan_json, total_steps, step, generation, world, min_workers, max_workers, checkpoint_dir, input_checkpoint, last_checkpoint, last_checkpoint_step, error";
 const WORKER_COLS: &str = "id, hostname, device, ring_address, state, lease_until_ms, last_heartbeat_ms, job_id, phase_idx, rank, generation";
 
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow { id: r.get::<_, i64>(0)? as u64, name: r.get(1)?, state: r.get(2)?, error: r.get(3)?, created_ms: r.get::<_, i64>(4)? as u64 })
+}
+
 fn phase_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PhaseRow> {
     Ok(PhaseRow {
         job_id: r.get::<_, i64>(0)? as u64,
@@ -279,15 +283,13 @@ impl Store {
     pub fn job(&self, id: u64) -> Result<Option<JobRow>> {
         Ok(self
             .conn
-            .query_row("SELECT id, name, state, error, created_ms FROM jobs WHERE id = ?1", [id as i64], |r| {
-                Ok(JobRow { id: r.get::<_, i64>(0)? as u64, name: r.get(1)?, state: r.get(2)?, error: r.get(3)?, created_ms: r.get::<_, i64>(4)? as u64 })
-            })
+            .query_row("SELECT id, name, state, error, created_ms FROM jobs WHERE id = ?1", [id as i64], job_row)
             .optional()?)
     }
 
     pub fn jobs(&self) -> Result<Vec<JobRow>> {
         let mut st = self.conn.prepare("SELECT id, name, state, error, created_ms FROM jobs ORDER BY id DESC")?;
-        let rows = st.query_map([], |r| Ok(JobRow { id: r.get::<_, i64>(0)? as u64, name: r.get(1)?, state: r.get(2)?, error: r.get(3)?, created_ms: r.get::<_, i64>(4)? as u64 }))?;
+        let rows = st.query_map([], job_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

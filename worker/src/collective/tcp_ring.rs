@@ -818,23 +818,19 @@ impl Waiter<'_> {
     }
 }
 
-fn read_full(stream: &TcpStream, buf: &mut [u8], peer: &str, w: &Waiter) -> Result<(), Fail> {
+/// Moves `len` bytes with `step` (one read or write at offset `done`), waiting out socket
+/// timeouts through `w`; `closed` describes a peer that makes no more progress.
+fn transfer(len: usize, peer: &str, w: &Waiter, closed: (io::ErrorKind, &str), mut step: impl FnMut(usize) -> io::Result<usize>) -> Result<(), Fail> {
     let mut done = 0;
     let mut since = Instant::now();
-    let mut stream = stream;
-    while done < buf.len() {
-        match stream.read(&mut buf[done..]) {
-            Ok(0) => {
-                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by the peer");
-                return Err(io_error(peer, e).into());
-            }
+    while done < len {
+        match step(done) {
+            Ok(0) => return Err(io_error(peer, io::Error::new(closed.0, closed.1)).into()),
             Ok(k) => {
                 done += k;
                 since = Instant::now();
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                w.check(since, peer)?
-            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => w.check(since, peer)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io_error(peer, e).into()),
         }
@@ -842,28 +838,15 @@ fn read_full(stream: &TcpStream, buf: &mut [u8], peer: &str, w: &Waiter) -> Resu
     Ok(())
 }
 
-fn write_full(stream: &TcpStream, buf: &[u8], peer: &str, w: &Waiter) -> Result<(), Fail> {
-    let mut done = 0;
-    let mut since = Instant::now();
+fn read_full(stream: &TcpStream, buf: &mut [u8], peer: &str, w: &Waiter) -> Result<(), Fail> {
     let mut stream = stream;
-    while done < buf.len() {
-        match stream.write(&buf[done..]) {
-            Ok(0) => {
-                let e = io::Error::new(io::ErrorKind::WriteZero, "the connection accepts no more bytes");
-                return Err(io_error(peer, e).into());
-            }
-            Ok(k) => {
-                done += k;
-                since = Instant::now();
-            }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                w.check(since, peer)?
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(peer, e).into()),
-        }
-    }
-    Ok(())
+    let len = buf.len();
+    transfer(len, peer, w, (io::ErrorKind::UnexpectedEof, "connection closed by the peer"), |done| stream.read(&mut buf[done..]))
+}
+
+fn write_full(stream: &TcpStream, buf: &[u8], peer: &str, w: &Waiter) -> Result<(), Fail> {
+    let mut stream = stream;
+    transfer(buf.len(), peer, w, (io::ErrorKind::WriteZero, "the connection accepts no more bytes"), |done| stream.write(&buf[done..]))
 }
 
 #[cfg(test)]
