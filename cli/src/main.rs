@@ -9,6 +9,7 @@
 //! Errors print as one line (`error: …`) and exit with status 1; nothing here panics on input.
 
 mod bench;
+mod chat;
 mod cluster;
 mod data;
 mod generate;
@@ -46,6 +47,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Generate text from a checkpoint.
     Generate(generate::GenerateArgs),
+    /// Chat with a model in the terminal (chat template; needs a BPE checkpoint).
+    Chat(chat::ChatArgs),
     /// Run the coordinator (gRPC control plane with a SQLite store).
     Coordinator(cluster::CoordinatorArgs),
     /// Run a worker that takes assignments from the coordinator.
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
         Command::Up(a) => up::run(a, threads),
         Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Data { what } => data::run(what),
         Command::Bench { what } => bench::run(what, threads),
     };

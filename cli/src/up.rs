@@ -5,7 +5,8 @@
 //!    Traditional→Simplified, dedup, BPE tokenizer, shards).
 //! 2. A coordinator and N workers start as child processes (logs in `OUT/logs/`); the embedded
 //!    demo job (`examples/demo.toml`) is submitted and followed with progress bars.
-//! 3. The final checkpoint writes poems for held-out titles, and the form verifier scores them.
+//! 3. Each phase's final checkpoint answers the held-out prompts (`data/demo/eval.jsonl`), scored
+//!    by rule: the form verifier for poem requests, exact match for the rest.
 //!
 //! Ctrl-C or the end of the job stops the children (SIGINT, then SIGKILL after a grace period).
 
@@ -16,8 +17,6 @@ use liandan_data::dedup::DedupConfig;
 use liandan_data::ingest::IngestOptions;
 use liandan_data::prepare::PrepareConfig;
 use liandan_data::shard::SplitRatios;
-use liandan_data::verify::poem_form;
-use liandan_worker::generate::SamplingConfig;
 
 use crate::CliError;
 
@@ -34,6 +33,7 @@ const RAW: &[(&str, &str)] = &[
     ("web/qingming-diancha.html", include_str!("../../data/demo/web/qingming-diancha.html")),
     ("web/hanmo-kaishu.html", include_str!("../../data/demo/web/hanmo-kaishu.html")),
     ("DATA_LICENSES", include_str!("../../data/demo/DATA_LICENSES")),
+    ("sft.jsonl", include_str!("../../data/demo/sft.jsonl")),
 ];
 
 /// The demo job, with `runs/demo` standing for the output directory.
@@ -81,7 +81,7 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
 
     let mut spec = DEMO_JOB.replace("runs/demo", &a.out.display().to_string());
     if let Some(steps) = a.steps {
-        spec = spec.replace("steps = 1200", &format!("steps = {steps}"));
+        spec = spec.replace("steps = 1200", &format!("steps = {steps}")).replace("steps = 600", &format!("steps = {}", steps.div_ceil(2)));
     }
     let workers = a.workers.max(1);
     let per_worker_threads = (threads / workers).max(1);
@@ -94,39 +94,44 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     if final_status.state != "succeeded" {
         return Err(CliError::Usage(format!("job {} ended {}: {} (see {})", final_status.job_id, final_status.state, final_status.error, a.out.join("logs").display())));
     }
-    let ckpt = final_status.phases.last().map(|p| PathBuf::from(&p.last_checkpoint)).unwrap_or_default();
+    let ckpts: Vec<PathBuf> = final_status.phases.iter().map(|p| PathBuf::from(&p.last_checkpoint)).collect();
 
-    eprintln!("liandan up: 3/3 generate: poems for held-out titles, scored by the form verifier");
-    let (model, codec) = crate::generate::load_model(&ckpt)?;
-    let titles = eval_titles(8);
-    let mut regular = 0;
-    println!("\nsamples from {} (temperature 0.8, top-k 40); a document is 'title / author / lines':", ckpt.display());
-    for (i, title) in titles.iter().enumerate() {
-        let cfg = SamplingConfig { max_new_tokens: 80, temperature: 0.8, top_k: 40, top_p: 0.95, seed: i as u64, stop_tokens: codec.stop_tokens(), greedy: false };
-        let text = crate::generate::complete(&model, &codec, &format!("{title}\n"), &cfg)?;
-        // The first generated line is the author; the rest is the poem.
-        let body: String = text.lines().skip(1).collect::<Vec<_>>().join("\n");
-        let verdict = match poem_form(&body) {
-            Ok(form) => {
-                regular += 1;
-                form.name().to_string()
-            }
-            Err(e) => format!("not regular: {e}"),
-        };
-        println!("  《{title}》 → {} [{verdict}]", text.trim_end().replace('\n', " / "));
+    eprintln!("liandan up: 3/3 evaluate: held-out prompts answered after each phase, scored by rule");
+    let items: Vec<liandan_worker::eval::EvalItem> = EVAL.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut reports = Vec::new();
+    for (phase, ckpt) in final_status.phases.iter().zip(&ckpts) {
+        let (model, codec) = crate::generate::load_model(ckpt)?;
+        let crate::generate::Codec::Bpe(tk) = &codec else { continue };
+        let r = liandan_worker::eval::evaluate(&model, tk, &items, 20, 64).map_err(CliError::Usage)?;
+        reports.push((phase.name.clone(), r));
     }
-    let p = final_status.phases.last();
+    let tasks: Vec<String> = reports.first().map(|(_, r)| r.tasks.iter().map(|t| t.0.clone()).collect()).unwrap_or_default();
+    println!("\nheld-out prompts passed (20 per task; poem = the form verifier, others = exact match):");
+    print!("{:<12}", "after");
+    for t in &tasks {
+        print!("{t:>12}");
+    }
+    println!();
+    for (phase, r) in &reports {
+        print!("{phase:<12}");
+        for t in &r.tasks {
+            print!("{:>12}", format!("{}/{}", t.1, t.2));
+        }
+        println!();
+    }
+    if let Some((phase, r)) = reports.last() {
+        println!("\nsample answers after {phase}:");
+        for (prompt, answer, ok) in r.samples.iter().take(10) {
+            println!("  {} {prompt} → {}", if *ok { "✓" } else { "✗" }, answer.trim().replace('\n', " / "));
+        }
+    }
+    for p in &final_status.phases {
+        println!("{}: {} steps, final loss {:.3} nats per token, {:.0} tokens/s on {} worker(s)", p.name, p.step, p.loss, p.tokens_per_s, p.world);
+    }
     println!(
-        "\npretrain: {} steps, final loss {:.3} (nats per token), {:.0} tokens/s on {} worker(s); regular-form poems: {regular}/{}",
-        p.map_or(0, |p| p.step),
-        p.map_or(0.0, |p| p.loss),
-        p.map_or(0.0, |p| p.tokens_per_s),
-        workers,
-        titles.len()
-    );
-    println!(
-        "artifacts: {} — raw/ (input), data/ (shards, tokenizer.json, report.json), checkpoints/ (step-* per phase), coordinator.db (job history), logs/",
-        a.out.display()
+        "artifacts: {} — raw/ (input), data/ (shards, tokenizer.json, report.json), checkpoints/ (step-* per phase), coordinator.db (job history), logs/\nchat with the result: liandan chat --checkpoint {}",
+        a.out.display(),
+        ckpts.last().map(|c| c.display().to_string()).unwrap_or_default()
     );
     Ok(())
 }
@@ -248,16 +253,6 @@ impl LocalCluster {
             }
         }
     }
-}
-
-/// Titles of the first `n` held-out poem requests (`写一首…，题目是《title》`).
-fn eval_titles(n: usize) -> Vec<String> {
-    EVAL.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["task"] == "poem")
-        .filter_map(|v| v["prompt"].as_str().and_then(|p| p.split('《').nth(1)).and_then(|t| t.split('》').next()).map(str::to_string))
-        .take(n)
-        .collect()
 }
 
 fn write(path: &Path, body: &str) -> Result<(), CliError> {

@@ -107,6 +107,8 @@ pub struct PhaseSpec {
     pub grad_clip: f32,
     #[serde(default = "seed")]
     pub seed: u64,
+    /// sft: the JSONL of examples (`{prompt, response}` or `{messages}`).
+    pub data: Option<PathBuf>,
 }
 
 fn one() -> u32 {
@@ -160,8 +162,17 @@ impl JobSpec {
         }
         for (i, p) in self.phases.iter().enumerate() {
             let at = |k: &str| format!("phases[{i}].{k}");
-            if p.kind != PhaseKind::Pretrain {
-                return bad(&at("kind"), format!("{:?} phases are not implemented yet (only pretrain)", p.kind).to_lowercase());
+            match p.kind {
+                PhaseKind::Pretrain => {}
+                PhaseKind::Sft => {
+                    if i == 0 {
+                        return bad(&at("kind"), "an sft phase fine-tunes an earlier phase's output: put a pretrain phase before it".into());
+                    }
+                    if p.data.is_none() {
+                        return bad(&at("data"), "an sft phase needs a JSONL file of examples".into());
+                    }
+                }
+                other => return bad(&at("kind"), format!("{other:?} phases are not implemented yet (pretrain and sft are)").to_lowercase()),
             }
             if p.steps == 0 {
                 return bad(&at("steps"), "must be at least 1".into());
@@ -214,6 +225,10 @@ impl JobSpec {
             .iter()
             .enumerate()
             .map(|(i, p)| {
+                if let Some(file) = &p.data {
+                    // Validate every example now: a bad line fails the submission, not a worker.
+                    liandan_data::chat::read_sft(file).map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
+                }
                 if p.seq_len > model.n_positions {
                     return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
                 }
@@ -231,6 +246,7 @@ impl JobSpec {
                     grad_clip: p.grad_clip,
                     seed: p.seed,
                     checkpoint_every: self.checkpoint.every,
+                    sft_data: p.data.clone(),
                 })
             })
             .collect()
@@ -278,6 +294,8 @@ lr = 1e-3
         assert!(e.contains("phases[0].global_batch"), "{e}");
         let e = JobSpec::parse(&GOOD.replace("kind = \"pretrain\"", "kind = \"ppo\""), "job.toml").unwrap_err().to_string();
         assert!(e.contains("phases[0].kind: ppo phases are not implemented yet"), "{e}");
+        let e = JobSpec::parse(&GOOD.replace("kind = \"pretrain\"", "kind = \"sft\""), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].kind: an sft phase fine-tunes an earlier phase"), "{e}");
         let e = JobSpec::parse(&format!("{GOOD}\n[cluster]\nmin_workers = 3\nmax_workers = 2\n"), "job.toml").unwrap_err().to_string();
         assert!(e.contains("cluster.max_workers: must be >= min_workers (3), got 2"), "{e}");
     }

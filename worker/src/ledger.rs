@@ -13,7 +13,8 @@ use crate::rng::Rng;
 #[derive(Debug, Clone)]
 pub struct Ledger {
     n_seq: usize,
-    seq_len: usize,
+    /// Tokens between the starts of consecutive sequences.
+    stride: usize,
     global_batch: usize,
     seed: u64,
     /// Permutation of the epoch cached last.
@@ -24,7 +25,13 @@ impl Ledger {
     /// A ledger over `train_tokens` tokens. `None` if not even one sequence fits.
     pub fn new(train_tokens: usize, seq_len: usize, global_batch: usize, seed: u64) -> Option<Self> {
         let n_seq = train_tokens.saturating_sub(1) / seq_len.max(1);
-        (n_seq > 0 && global_batch > 0).then_some(Ledger { n_seq, seq_len, global_batch, seed, cached: None })
+        (n_seq > 0 && global_batch > 0).then_some(Ledger { n_seq, stride: seq_len, global_batch, seed, cached: None })
+    }
+
+    /// A ledger over `rows` prepared rows of `row_len` tokens each, stored back to back (packed
+    /// SFT examples). `None` if there are no rows.
+    pub fn over_rows(rows: usize, row_len: usize, global_batch: usize, seed: u64) -> Option<Self> {
+        (rows > 0 && global_batch > 0).then_some(Ledger { n_seq: rows, stride: row_len, global_batch, seed, cached: None })
     }
 
     /// Sequences per epoch.
@@ -39,7 +46,13 @@ impl Ledger {
 
     /// Start offsets (in tokens) of the sequences `rank` reads at `step`.
     pub fn rank_offsets(&mut self, step: u64, rank: usize, world: usize) -> Vec<usize> {
-        Self::share(self.global_batch, rank, world).map(|j| self.sequence(step * self.global_batch as u64 + j as u64) * self.seq_len).collect()
+        Self::share(self.global_batch, rank, world).map(|j| self.sequence(step * self.global_batch as u64 + j as u64) * self.stride).collect()
+    }
+
+    /// Start offsets of the whole global batch of `step` (every rank can compute the global loss
+    /// denominator from them).
+    pub fn step_offsets(&mut self, step: u64) -> Vec<usize> {
+        self.rank_offsets(step, 0, 1)
     }
 
     /// The sequence index of global sample `g`.

@@ -31,6 +31,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod collective;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod ledger;
 pub mod model;

@@ -39,6 +39,9 @@ pub struct PhasePlan {
     pub seed: u64,
     /// Steps between checkpoints.
     pub checkpoint_every: u64,
+    /// SFT examples (JSONL), for sft phases.
+    #[serde(default)]
+    pub sft_data: Option<PathBuf>,
 }
 
 impl PhasePlan {

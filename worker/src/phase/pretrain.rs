@@ -1,9 +1,10 @@
-//! The pretrain phase on one rank: next-token loss on the prepared shards, gradients summed over
-//! the group each step, the same AdamW update on every rank, rank 0 writing checkpoints.
+//! Language-model phases on one rank (pretrain, SFT): a [`BatchSource`] says which rows this
+//! rank trains on at each step; gradients are summed over the group each step, every rank applies
+//! the same AdamW update, rank 0 writes checkpoints.
 //!
-//! Every rank divides its loss by the global batch's token count (`B·T`), so the all-reduced sum
-//! of gradients is the gradient of the global batch's mean loss: the trajectory does not depend on
-//! the world size except through float summation order.
+//! Every rank divides its loss by the global batch's count of target tokens, so the all-reduced
+//! sum of gradients is the gradient of the global batch's mean loss: the trajectory does not
+//! depend on the world size except through float summation order.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,53 @@ use crate::train::TrainConfig;
 /// Name of the tokenizer inside prepared data and checkpoints.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
+/// Rows of a phase's data: `T + 1` tokens each (inputs are the first `T`, targets the last `T`).
+pub trait BatchSource {
+    /// Inputs `(b, T)` and targets `(b, T)` (`-1` where no loss is taken) of this rank's rows at
+    /// `step`, appended to the vectors; returns `b`.
+    fn rank_batch(&mut self, step: u64, rank: usize, world: usize, inputs: &mut Vec<u32>, targets: &mut Vec<i32>) -> usize;
+    /// Target tokens that take a loss in the whole global batch of `step`.
+    fn global_denominator(&mut self, step: u64) -> f32;
+}
+
+/// Pretraining rows: windows of the training split chosen by the [`Ledger`].
+#[derive(Debug)]
+pub struct TokenWindows {
+    tokens: Vec<u32>,
+    ledger: Ledger,
+    t: usize,
+    global_batch: usize,
+}
+
+impl BatchSource for TokenWindows {
+    fn rank_batch(&mut self, step: u64, rank: usize, world: usize, inputs: &mut Vec<u32>, targets: &mut Vec<i32>) -> usize {
+        let offsets = self.ledger.rank_offsets(step, rank, world);
+        for &o in &offsets {
+            inputs.extend_from_slice(&self.tokens[o..o + self.t]);
+            targets.extend(self.tokens[o + 1..o + self.t + 1].iter().map(|&x| x as i32));
+        }
+        offsets.len()
+    }
+
+    fn global_denominator(&mut self, _step: u64) -> f32 {
+        (self.global_batch * self.t) as f32
+    }
+}
+
+/// The prepared data's tokenizer file, verified against its manifest.
+pub fn data_tokenizer(plan: &PhasePlan) -> Result<(Manifest, Vec<u8>), PhaseError> {
+    let manifest = Manifest::load(&plan.data_dir).map_err(|e| PhaseError::Data(e.to_string()))?;
+    if manifest.vocab_size != plan.model.vocab_size {
+        return Err(PhaseError::Plan(format!("data vocabulary {} differs from the model's {}", manifest.vocab_size, plan.model.vocab_size)));
+    }
+    let tok_path = plan.data_dir.join(&manifest.tokenizer);
+    let tokenizer = std::fs::read(&tok_path).map_err(|e| PhaseError::Data(format!("{}: {e}", tok_path.display())))?;
+    if sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
+        return Err(PhaseError::Data(format!("{}: sha256 does not match manifest.json", tok_path.display())));
+    }
+    Ok((manifest, tokenizer))
+}
+
 /// Runs (or resumes) the pretrain phase on this rank.
 ///
 /// `resume`: a checkpoint to continue from (its step is the data cursor). `checkpoint_dir`:
@@ -36,20 +84,28 @@ pub fn run_pretrain(
     abort: &AtomicBool,
     events: &mut dyn PhaseEvents,
 ) -> Result<PhaseOutcome, PhaseError> {
-    let (rank, world) = (coll.rank(), coll.world());
-    let manifest = Manifest::load(&plan.data_dir).map_err(|e| PhaseError::Data(e.to_string()))?;
-    if manifest.vocab_size != plan.model.vocab_size {
-        return Err(PhaseError::Plan(format!("data vocabulary {} differs from the model's {}", manifest.vocab_size, plan.model.vocab_size)));
-    }
-    let tok_path = plan.data_dir.join(&manifest.tokenizer);
-    let tokenizer = std::fs::read(&tok_path).map_err(|e| PhaseError::Data(format!("{}: {e}", tok_path.display())))?;
-    if sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
-        return Err(PhaseError::Data(format!("{}: sha256 does not match manifest.json", tok_path.display())));
-    }
+    let (manifest, tokenizer) = data_tokenizer(plan)?;
     let tokens = read_split(&plan.data_dir, &manifest, Split::Train).map_err(|e| PhaseError::Data(e.to_string()))?;
-    let (b_global, t) = (plan.global_batch, plan.seq_len);
-    let mut ledger = Ledger::new(tokens.len(), t, b_global, plan.seed)
+    let t = plan.seq_len;
+    let ledger = Ledger::new(tokens.len(), t, plan.global_batch, plan.seed)
         .ok_or_else(|| PhaseError::Data(format!("{}: {} training tokens do not make one sequence of {t}", plan.data_dir.display(), tokens.len())))?;
+    let mut source = TokenWindows { tokens, ledger, t, global_batch: plan.global_batch };
+    run_lm_phase(plan, &mut source, tokenizer, resume, checkpoint_dir, coll, abort, events)
+}
+
+/// The data-parallel training loop shared by the language-model phases.
+pub fn run_lm_phase(
+    plan: &PhasePlan,
+    source: &mut dyn BatchSource,
+    tokenizer: Vec<u8>,
+    resume: Option<&Path>,
+    checkpoint_dir: &Path,
+    coll: &mut dyn Collective,
+    abort: &AtomicBool,
+    events: &mut dyn PhaseEvents,
+) -> Result<PhaseOutcome, PhaseError> {
+    let (rank, world) = (coll.rank(), coll.world());
+    let (b_global, t) = (plan.global_batch, plan.seq_len);
     let b_max = b_global.div_ceil(world).max(1);
 
     let mut model = Gpt::new(plan.model.clone(), b_max, t)?;
@@ -64,9 +120,10 @@ pub fn run_pretrain(
                 opt.v = v;
                 opt.t = ck.state.optimizer_t;
             }
-            // A previous phase's output starts this phase at step 0; this phase's own
-            // checkpoint continues at its step.
-            if ck.state.train_config.as_ref().is_some_and(|c| c.schedule == plan.schedule() && c.seq_len == t) {
+            // This phase's own checkpoint (under its checkpoint directory) continues at its
+            // step with its optimizer state; a previous phase's output starts this one at step 0
+            // with a fresh optimizer.
+            if dir.starts_with(checkpoint_dir) {
                 step = ck.state.step;
             } else {
                 opt = AdamW::new(plan.adamw(), &model.layout);
@@ -75,7 +132,6 @@ pub fn run_pretrain(
         None => model.init_weights(&mut Rng::new(plan.seed)),
     }
     let schedule = plan.schedule();
-    let denom = (b_global * t) as f32;
     let train_config = TrainConfig {
         batch_size: b_max,
         seq_len: t,
@@ -103,17 +159,14 @@ pub fn run_pretrain(
             return Ok(PhaseOutcome::Aborted);
         }
         let started = Instant::now();
-        let offsets = ledger.rank_offsets(step, rank, world);
+        inputs.clear();
+        targets.clear();
+        let b = source.rank_batch(step, rank, world, &mut inputs, &mut targets);
+        let denom = source.global_denominator(step).max(1.0);
         model.zero_grad();
         let mut local_loss = 0.0f64;
-        if !offsets.is_empty() {
-            inputs.clear();
-            targets.clear();
-            for &o in &offsets {
-                inputs.extend_from_slice(&tokens[o..o + t]);
-                targets.extend(tokens[o + 1..o + t + 1].iter().map(|&x| x as i32));
-            }
-            model.forward(&inputs, offsets.len(), t)?;
+        if b > 0 && targets.iter().any(|&x| x >= 0) {
+            model.forward(&inputs, b, t)?;
             local_loss = model.loss(&targets, None, denom, true)? as f64;
             model.backward()?;
         }
@@ -129,7 +182,7 @@ pub fn run_pretrain(
         opt.step(&mut model.params, &model.grads, lr);
         step += 1;
         if rank == 0 {
-            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: (b_global * t) as u64, step_ms: started.elapsed().as_millis() as u64 });
+            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: denom as u64, step_ms: started.elapsed().as_millis() as u64 });
         }
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {

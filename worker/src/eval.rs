@@ -1,0 +1,113 @@
+//! Evaluation on held-out prompts: the model answers with the chat template (greedy), and each
+//! answer is scored by rule — exact match for next-line, idiom and 歇后语 answers and for a poem's
+//! source, the poem-form verifier for poem requests — so no learned model is the judge.
+
+use std::path::Path;
+
+use liandan_data::chat::{prompt_ids, Message, Role};
+use liandan_data::tokenizer::ChatTokenizer;
+use liandan_data::verify::{poem_form, PoemForm};
+use serde::{Deserialize, Serialize};
+
+use crate::generate::{Generator, SamplingConfig};
+use crate::model::gpt::Gpt;
+
+/// One held-out prompt (`data/demo/eval.jsonl`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalItem {
+    pub prompt: String,
+    pub reference: String,
+    pub task: String,
+    /// For poem requests: the form asked for (`五言绝句`, …).
+    #[serde(default)]
+    pub form: Option<String>,
+}
+
+/// Reads an eval JSONL file; the error names the file and line.
+pub fn read_eval(path: &Path) -> Result<Vec<EvalItem>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1)))
+        .collect()
+}
+
+/// Whether `answer` passes `item`'s rule.
+pub fn passes(item: &EvalItem, answer: &str) -> bool {
+    let norm = |s: &str| s.chars().filter(|c| !c.is_whitespace() && !"，。！？；、,.!?;".contains(*c)).collect::<String>();
+    match item.task.as_str() {
+        "poem" => item.form.as_deref().and_then(PoemForm::from_name).is_some_and(|f| poem_form(answer) == Ok(f)),
+        _ => !answer.trim().is_empty() && norm(answer) == norm(&item.reference),
+    }
+}
+
+/// The model's greedy answer to `prompt` with the chat template (up to `max_new` tokens).
+pub fn answer(model: &Gpt, tk: &ChatTokenizer, prompt: &str, max_new: usize) -> Result<String, String> {
+    let ids = prompt_ids(tk, &[Message { role: Role::User, content: prompt.to_string() }]).map_err(|e| e.to_string())?;
+    let room = model.config.n_positions.saturating_sub(ids.len());
+    if room == 0 {
+        return Ok(String::new());
+    }
+    let cfg = SamplingConfig { max_new_tokens: max_new.min(room), greedy: true, stop_tokens: vec![tk.special.end, tk.special.eos], ..Default::default() };
+    let out = Generator::new(model).generate(&ids, &cfg).map_err(|e| e.to_string())?;
+    tk.decode_text(&out.tokens).map_err(|e| e.to_string())
+}
+
+/// Pass counts per task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EvalReport {
+    /// `(task, passed, total)` in first-seen order.
+    pub tasks: Vec<(String, usize, usize)>,
+    /// A few `(prompt, answer, passed)` samples.
+    pub samples: Vec<(String, String, bool)>,
+}
+
+impl EvalReport {
+    pub fn rate(&self, task: &str) -> Option<f64> {
+        self.tasks.iter().find(|t| t.0 == task).map(|t| t.1 as f64 / t.2.max(1) as f64)
+    }
+}
+
+/// Scores `items` (at most `per_task` of each task).
+pub fn evaluate(model: &Gpt, tk: &ChatTokenizer, items: &[EvalItem], per_task: usize, max_new: usize) -> Result<EvalReport, String> {
+    let mut report = EvalReport::default();
+    for item in items {
+        let idx = match report.tasks.iter().position(|t| t.0 == item.task) {
+            Some(i) => i,
+            None => {
+                report.tasks.push((item.task.clone(), 0, 0));
+                report.tasks.len() - 1
+            }
+        };
+        if report.tasks[idx].2 >= per_task {
+            continue;
+        }
+        let a = answer(model, tk, &item.prompt, max_new)?;
+        let ok = passes(item, &a);
+        report.tasks[idx].2 += 1;
+        if ok {
+            report.tasks[idx].1 += 1;
+        }
+        if report.tasks[idx].2 <= 2 {
+            report.samples.push((item.prompt.clone(), a, ok));
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_score_answers() {
+        let poem = EvalItem { prompt: "写一首五言绝句".into(), reference: String::new(), task: "poem".into(), form: Some("五言绝句".into()) };
+        assert!(passes(&poem, "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"));
+        assert!(!passes(&poem, "朝辞白帝彩云间，千里江陵一日还。两岸猿声啼不住，轻舟已过万重山。"));
+        let line = EvalItem { prompt: "请接出下一句：床前明月光，".into(), reference: "疑是地上霜。".into(), task: "next_line".into(), form: None };
+        assert!(passes(&line, "疑是地上霜"));
+        assert!(!passes(&line, "疑是地上雪。"));
+        assert!(!passes(&line, ""));
+    }
+}

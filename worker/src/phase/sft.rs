@@ -1,0 +1,145 @@
+//! The SFT phase: supervised fine-tuning on `{prompt, response}` / `{messages}` examples with the
+//! chat template, loss only on the assistant's tokens.
+//!
+//! Examples are tokenized once, then packed greedily into rows of `T + 1` tokens (short examples
+//! share a row; an example longer than a row is cut). A target is the next token where that token
+//! belongs to an assistant turn, and ignored elsewhere, so prompts and padding teach nothing.
+//! Packed examples can attend to the earlier examples of their row (no block-diagonal mask), as
+//! in most packing implementations; each starts with `<|bos|>`, which marks the boundary.
+//! 5% of the examples (chosen by a hash of their text) are held out for validation.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use liandan_data::chat::{read_sft, tokenize_chat, SftExample};
+use liandan_data::tokenizer::ChatTokenizer;
+
+use super::pretrain::{data_tokenizer, run_lm_phase, BatchSource};
+use super::{PhaseError, PhaseEvents, PhaseOutcome};
+use crate::collective::Collective;
+use crate::ledger::Ledger;
+use crate::plan::PhasePlan;
+
+/// Share of examples held out for validation.
+pub const VAL_SHARE: f64 = 0.05;
+
+/// Packed rows: `rows × (T + 1)` input tokens and the matching targets.
+#[derive(Debug, Clone)]
+pub struct PackedRows {
+    pub row_len: usize,
+    /// Tokens, `rows × row_len`.
+    pub tokens: Vec<u32>,
+    /// `targets[r·row_len + i]` is the target of position `i` of row `r` (the next token if it
+    /// is an assistant token, else −1); the last position of a row has none.
+    pub targets: Vec<i32>,
+}
+
+impl PackedRows {
+    pub fn rows(&self) -> usize {
+        self.tokens.len() / self.row_len
+    }
+}
+
+/// Whether an example is held out (by a hash of its text, so the split is stable).
+pub fn held_out(ex: &SftExample) -> bool {
+    let text: String = ex.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\u{1}");
+    let h = xxh(text.as_bytes());
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < VAL_SHARE
+}
+
+fn xxh(b: &[u8]) -> u64 {
+    // FNV-1a: small, stable across versions and platforms.
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Tokenizes and packs examples into rows of `seq_len + 1` tokens.
+pub fn pack(tk: &ChatTokenizer, examples: &[SftExample], seq_len: usize) -> Result<PackedRows, PhaseError> {
+    let row_len = seq_len + 1;
+    let pad = tk.special.pad;
+    let mut tokens = Vec::new();
+    let mut learn = Vec::new();
+    let mut row_fill = 0;
+    for ex in examples {
+        let mut c = tokenize_chat(tk, &ex.messages).map_err(|e| PhaseError::Data(format!("{}: {e}", ex.source)))?;
+        c.ids.truncate(row_len);
+        c.mask.truncate(row_len);
+        if row_fill + c.ids.len() > row_len {
+            // Pad the rest of the row.
+            let rest = row_len - row_fill;
+            tokens.extend(std::iter::repeat_n(pad, rest));
+            learn.extend(std::iter::repeat_n(0u8, rest));
+            row_fill = 0;
+        }
+        row_fill += c.ids.len();
+        tokens.extend(c.ids);
+        learn.extend(c.mask);
+        if row_fill == row_len {
+            row_fill = 0;
+        }
+    }
+    if row_fill > 0 {
+        let rest = row_len - row_fill;
+        tokens.extend(std::iter::repeat_n(pad, rest));
+        learn.extend(std::iter::repeat_n(0u8, rest));
+    }
+    let mut targets = vec![-1i32; tokens.len()];
+    for r in 0..tokens.len() / row_len {
+        for i in 0..row_len - 1 {
+            let at = r * row_len + i;
+            if learn[at + 1] == 1 {
+                targets[at] = tokens[at + 1] as i32;
+            }
+        }
+    }
+    Ok(PackedRows { row_len, tokens, targets })
+}
+
+/// Rows for the training loop, chosen by a [`Ledger`] over rows.
+#[derive(Debug)]
+pub struct SftRows {
+    pub packed: PackedRows,
+    ledger: Ledger,
+}
+
+impl BatchSource for SftRows {
+    fn rank_batch(&mut self, step: u64, rank: usize, world: usize, inputs: &mut Vec<u32>, targets: &mut Vec<i32>) -> usize {
+        let t = self.packed.row_len - 1;
+        let offsets = self.ledger.rank_offsets(step, rank, world);
+        for &o in &offsets {
+            inputs.extend_from_slice(&self.packed.tokens[o..o + t]);
+            targets.extend_from_slice(&self.packed.targets[o..o + t]);
+        }
+        offsets.len()
+    }
+
+    fn global_denominator(&mut self, step: u64) -> f32 {
+        let t = self.packed.row_len - 1;
+        self.ledger.step_offsets(step).iter().map(|&o| self.packed.targets[o..o + t].iter().filter(|&&x| x >= 0).count()).sum::<usize>() as f32
+    }
+}
+
+/// Loads the tokenizer of the plan's data.
+pub fn load_tokenizer(plan: &PhasePlan) -> Result<(ChatTokenizer, Vec<u8>), PhaseError> {
+    let (manifest, bytes) = data_tokenizer(plan)?;
+    let tk = ChatTokenizer::load(&plan.data_dir.join(&manifest.tokenizer), Some(plan.model.vocab_size)).map_err(|e| PhaseError::Data(e.to_string()))?;
+    Ok((tk, bytes))
+}
+
+/// Runs (or resumes) the SFT phase on this rank, from the previous phase's checkpoint.
+pub fn run_sft(
+    plan: &PhasePlan,
+    resume: Option<&Path>,
+    checkpoint_dir: &Path,
+    coll: &mut dyn Collective,
+    abort: &AtomicBool,
+    events: &mut dyn PhaseEvents,
+) -> Result<PhaseOutcome, PhaseError> {
+    let file = plan.sft_data.as_ref().ok_or_else(|| PhaseError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
+    let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
+    let train: Vec<SftExample> = examples.into_iter().filter(|e| !held_out(e)).collect();
+    let (tk, tok_bytes) = load_tokenizer(plan)?;
+    let packed = pack(&tk, &train, plan.seq_len)?;
+    let ledger = Ledger::over_rows(packed.rows(), packed.row_len, plan.global_batch, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training examples", file.display())))?;
+    let mut source = SftRows { packed, ledger };
+    run_lm_phase(plan, &mut source, tok_bytes, resume, checkpoint_dir, coll, abort, events)
+}
