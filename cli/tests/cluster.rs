@@ -339,3 +339,32 @@ fn cancel_bad_specs_and_an_absent_coordinator() {
     assert!(err.contains("retry 1") && err.contains("retry 2"), "{err}");
     assert!(err.contains("error: coordinator at http://127.0.0.1:9 not reachable after 3 attempts"), "{err}");
 }
+
+#[test]
+fn pretrain_then_sft_with_lineage_and_a_bad_sft_file_refused_at_submit() {
+    let d = scratch("sft");
+    let data = prepared(&d);
+    let sft = d.join("sft.jsonl");
+    let mut lines = String::new();
+    for i in 0..60 {
+        lines.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "response": "疑是地上霜。"}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(&sft, lines).unwrap();
+    let base = std::fs::read_to_string(spec(&d, &data, 6, 3, 1)).unwrap();
+    let two_phase = format!("{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 16\nlr = 1e-3\n", sft.display());
+    let spec_path = d.join("two.toml");
+    std::fs::write(&spec_path, &two_phase).unwrap();
+    let c = Cluster::start(&d, 2);
+    let job = c.submit(&spec_path);
+    let st = c.wait_state(job, "succeeded", 180);
+    assert!(st.contains("phase 1 sft") && st.contains("step 4/4"), "{st}");
+    assert!(st.contains("from ") && st.contains("0-pretrain/step-00000006"), "the sft phase records its input checkpoint: {st}");
+    let store = Store::open(&d.join("store.db")).unwrap();
+    assert_eq!(store.metrics(job, 1).unwrap().len(), 4);
+
+    // An SFT line without a response: refused before any training, naming file, line and field.
+    std::fs::write(&sft, "{\"prompt\": \"只有问题\"}\n").unwrap();
+    let o = c.cli(&["submit", s(&spec_path)]);
+    common::assert_one_line_error(&o, &["phases[1].data", "sft.jsonl:1", "field 'response' is missing"]);
+}

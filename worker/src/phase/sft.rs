@@ -143,3 +143,40 @@ pub fn run_sft(
     let mut source = SftRows { packed, ledger };
     run_lm_phase(plan, &mut source, tok_bytes, resume, checkpoint_dir, coll, abort, events)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use liandan_data::chat::{Message, Role};
+
+    fn tokenizer() -> ChatTokenizer {
+        let corpus = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "请接出下一句：白日依山尽，黄河入海流。"];
+        ChatTokenizer::train(corpus.iter().cycle().take(100), 320).unwrap()
+    }
+
+    fn ex(p: &str, r: &str) -> SftExample {
+        SftExample { messages: vec![Message { role: Role::User, content: p.into() }, Message { role: Role::Assistant, content: r.into() }], task: None, source: "t:1".into() }
+    }
+
+    #[test]
+    fn packing_takes_loss_only_on_assistant_tokens() {
+        let tk = tokenizer();
+        let examples = [ex("请接出下一句：床前明月光，", "疑是地上霜。"), ex("举头望明月，", "低头思故乡。")];
+        let packed = pack(&tk, &examples, 63).unwrap();
+        assert_eq!(packed.tokens.len() % packed.row_len, 0);
+        // The learned targets, decoded, are exactly the two replies with their end markers.
+        let learned: Vec<u32> = packed.targets.iter().filter(|&&t| t >= 0).map(|&t| t as u32).collect();
+        assert_eq!(tk.decode(&learned).unwrap(), "疑是地上霜。<|end|>低头思故乡。<|end|>");
+        // Every target is the next input token.
+        for (i, &t) in packed.targets.iter().enumerate() {
+            if t >= 0 {
+                assert_eq!(packed.tokens[i + 1] as i32, t);
+            }
+        }
+        // A row too short for both examples puts the second in a new row, padded.
+        let small = pack(&tk, &examples, 20).unwrap();
+        assert!(small.rows() >= 2);
+        let learned: Vec<u32> = small.targets.iter().filter(|&&t| t >= 0).map(|&t| t as u32).collect();
+        assert!(tk.decode(&learned).unwrap().contains("低头思故乡"));
+    }
+}
