@@ -34,6 +34,7 @@ const RAW: &[(&str, &str)] = &[
     ("web/hanmo-kaishu.html", include_str!("../../data/demo/web/hanmo-kaishu.html")),
     ("DATA_LICENSES", include_str!("../../data/demo/DATA_LICENSES")),
     ("sft.jsonl", include_str!("../../data/demo/sft.jsonl")),
+    ("preference.jsonl", include_str!("../../data/demo/preference.jsonl")),
 ];
 
 /// The demo job, with `runs/demo` standing for the output directory.
@@ -99,7 +100,14 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     eprintln!("liandan up: 3/3 evaluate: held-out prompts answered after each phase, scored by rule");
     let items: Vec<liandan_worker::eval::EvalItem> = EVAL.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let mut reports = Vec::new();
+    let mut reward_accuracy = None;
     for (phase, ckpt) in final_status.phases.iter().zip(&ckpts) {
+        if phase.name == "reward" {
+            let state = liandan_worker::checkpoint::load(ckpt, None)?.state;
+            let bytes = liandan_worker::checkpoint::read_verified(ckpt, liandan_worker::phase::reward::EVAL_FILE, &state)?;
+            reward_accuracy = serde_json::from_slice::<liandan_worker::phase::reward::RewardEval>(&bytes).ok();
+            continue;
+        }
         let (model, codec) = crate::generate::load_model(ckpt)?;
         let crate::generate::Codec::Bpe(tk) = &codec else { continue };
         let r = liandan_worker::eval::evaluate(&model, tk, &items, 20, 64).map_err(CliError::Usage)?;
@@ -125,13 +133,16 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
             println!("  {} {prompt} → {}", if *ok { "✓" } else { "✗" }, answer.trim().replace('\n', " / "));
         }
     }
+    if let Some(r) = reward_accuracy {
+        println!("\nreward model: pairwise accuracy {:.1}% on {} held-out rule-derived comparisons ({} correct)", 100.0 * r.accuracy, r.pairs, r.correct);
+    }
     for p in &final_status.phases {
-        println!("{}: {} steps, final loss {:.3} nats per token, {:.0} tokens/s on {} worker(s)", p.name, p.step, p.loss, p.tokens_per_s, p.world);
+        println!("{}: {} steps, final loss {:.3}, {:.0} tokens/s on {} worker(s)", p.name, p.step, p.loss, p.tokens_per_s, p.world);
     }
     println!(
         "artifacts: {} — raw/ (input), data/ (shards, tokenizer.json, report.json), checkpoints/ (step-* per phase), coordinator.db (job history), logs/\nchat with the result: liandan chat --checkpoint {}",
         a.out.display(),
-        ckpts.last().map(|c| c.display().to_string()).unwrap_or_default()
+        final_status.phases.iter().zip(&ckpts).filter(|(p, _)| p.name == "sft").map(|(_, c)| c.display().to_string()).next().unwrap_or_default()
     );
     Ok(())
 }

@@ -107,7 +107,8 @@ pub struct PhaseSpec {
     pub grad_clip: f32,
     #[serde(default = "seed")]
     pub seed: u64,
-    /// sft: the JSONL of examples (`{prompt, response}` or `{messages}`).
+    /// sft: the JSONL of examples (`{prompt, response}` or `{messages}`); reward: the JSONL of
+    /// comparisons (`{prompt, chosen, rejected, label_source}`).
     pub data: Option<PathBuf>,
 }
 
@@ -164,15 +165,16 @@ impl JobSpec {
             let at = |k: &str| format!("phases[{i}].{k}");
             match p.kind {
                 PhaseKind::Pretrain => {}
-                PhaseKind::Sft => {
+                PhaseKind::Sft | PhaseKind::Reward => {
+                    let kind = format!("{:?}", p.kind).to_lowercase();
                     if i == 0 {
-                        return bad(&at("kind"), "an sft phase fine-tunes an earlier phase's output: put a pretrain phase before it".into());
+                        return bad(&at("kind"), format!("an {kind} phase fine-tunes an earlier phase's output: put a pretrain phase before it"));
                     }
                     if p.data.is_none() {
-                        return bad(&at("data"), "an sft phase needs a JSONL file of examples".into());
+                        return bad(&at("data"), format!("an {kind} phase needs a JSONL file of examples"));
                     }
                 }
-                other => return bad(&at("kind"), format!("{other:?} phases are not implemented yet (pretrain and sft are)").to_lowercase()),
+                other => return bad(&at("kind"), format!("{other:?} phases are not implemented yet (pretrain, sft and reward are)").to_lowercase()),
             }
             if p.steps == 0 {
                 return bad(&at("steps"), "must be at least 1".into());
@@ -227,7 +229,11 @@ impl JobSpec {
             .map(|(i, p)| {
                 if let Some(file) = &p.data {
                     // Validate every example now: a bad line fails the submission, not a worker.
-                    liandan_data::chat::read_sft(file).map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
+                    let checked = match p.kind {
+                        PhaseKind::Reward => liandan_data::chat::read_preferences(file).map(|_| ()),
+                        _ => liandan_data::chat::read_sft(file).map(|_| ()),
+                    };
+                    checked.map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
                 }
                 if p.seq_len > model.n_positions {
                     return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
@@ -246,7 +252,7 @@ impl JobSpec {
                     grad_clip: p.grad_clip,
                     seed: p.seed,
                     checkpoint_every: self.checkpoint.every,
-                    sft_data: p.data.clone(),
+                    examples: p.data.clone(),
                 })
             })
             .collect()

@@ -39,9 +39,9 @@ pub struct PhasePlan {
     pub seed: u64,
     /// Steps between checkpoints.
     pub checkpoint_every: u64,
-    /// SFT examples (JSONL), for sft phases.
+    /// The phase's examples (JSONL): SFT pairs for sft, comparisons for reward.
     #[serde(default)]
-    pub sft_data: Option<PathBuf>,
+    pub examples: Option<PathBuf>,
 }
 
 impl PhasePlan {

@@ -291,6 +291,7 @@ fn run_assignment(
     let dir = PathBuf::from(&a.checkpoint_dir);
     match plan.kind {
         PhaseKind::Pretrain => crate::phase::pretrain::run_pretrain(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
+        PhaseKind::Reward => crate::phase::reward::run_reward(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
         PhaseKind::Sft => crate::phase::sft::run_sft(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
         other => Err(format!("{other:?} phases are not implemented by this worker")),
     }

@@ -239,6 +239,32 @@ impl Gpt {
             return Err(EngineError::NoForward);
         }
         self.dlogits_ready = false;
+        self.backward_impl(None)
+    }
+
+    /// The final hidden states of the last forward, `(B, T, C)` (after the last LayerNorm): what
+    /// a scalar head (reward, value) reads.
+    pub fn hidden(&self) -> &[f32] {
+        let (b, t) = self.shape.unwrap_or((0, 0));
+        &self.acts.lnf[..b * t * self.config.n_embd]
+    }
+
+    /// Backward from a gradient of the final hidden states, `dhidden` `(B, T, C)`, instead of from
+    /// the LM head's logits (for reward and value heads); adds into `grads`.
+    ///
+    /// # Errors
+    /// No forward ran, or `dhidden` has the wrong length.
+    pub fn backward_from_hidden(&mut self, dhidden: &[f32]) -> Result<()> {
+        let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        let n = b * t * self.config.n_embd;
+        if dhidden.len() != n {
+            return Err(EngineError::BadLength { what: "dhidden", expected: n, got: dhidden.len() });
+        }
+        self.dlogits_ready = false;
+        self.backward_impl(Some(dhidden))
+    }
+
+    fn backward_impl(&mut self, dhidden: Option<&[f32]>) -> Result<()> {
         let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
         let mut prof = self.profile.take();
         let cfg = &self.config;
@@ -252,7 +278,10 @@ impl Gpt {
 
         let dres = &mut g.dresidual[..n * c];
         dres.fill(0.0);
-        timed(&mut prof, "bwd.lm_head", || lm_head_backward(&mut g.dln, lay.get_mut(grads, K::Wte, 0), &a.logits, &a.lnf, lay.get(p, K::Wte, 0), n, c, vp));
+        match dhidden {
+            Some(d) => g.dln[..n * c].copy_from_slice(d),
+            None => timed(&mut prof, "bwd.lm_head", || lm_head_backward(&mut g.dln, lay.get_mut(grads, K::Wte, 0), &a.logits, &a.lnf, lay.get(p, K::Wte, 0), n, c, vp)),
+        }
         {
             let (dw, db) = pair_mut(grads, lay, K::LnfW, K::LnfB, 0);
             let last = layer(&a.residual3, cfg.n_layer - 1, pc);

@@ -1,6 +1,7 @@
 //! Phases as workers run them, one rank of a data-parallel group each.
 
 pub mod pretrain;
+pub mod reward;
 pub mod sft;
 
 use std::path::PathBuf;

@@ -134,7 +134,7 @@ pub fn run_sft(
     abort: &AtomicBool,
     events: &mut dyn PhaseEvents,
 ) -> Result<PhaseOutcome, PhaseError> {
-    let file = plan.sft_data.as_ref().ok_or_else(|| PhaseError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
+    let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
     let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
     let train: Vec<SftExample> = examples.into_iter().filter(|e| !held_out(e)).collect();
     let (tk, tok_bytes) = load_tokenizer(plan)?;
