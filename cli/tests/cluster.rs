@@ -368,3 +368,44 @@ fn pretrain_then_sft_with_lineage_and_a_bad_sft_file_refused_at_submit() {
     let o = c.cli(&["submit", s(&spec_path)]);
     common::assert_one_line_error(&o, &["phases[1].data", "sft.jsonl:1", "field 'response' is missing"]);
 }
+
+#[test]
+fn a_reward_phase_after_sft_and_a_degenerate_pair_refused_at_submit() {
+    let d = scratch("reward");
+    let data = prepared(&d);
+    let sft = d.join("sft.jsonl");
+    let pref = d.join("pref.jsonl");
+    let (mut a, mut b) = (String::new(), String::new());
+    for i in 0..40 {
+        a.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "response": "疑是地上霜。"}).to_string());
+        a.push('\n');
+        b.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "chosen": "疑是地上霜。", "rejected": "黄河入海流。", "label_source": "rule"}).to_string());
+        b.push('\n');
+    }
+    std::fs::write(&sft, a).unwrap();
+    std::fs::write(&pref, b).unwrap();
+    let base = std::fs::read_to_string(spec(&d, &data, 4, 2, 1)).unwrap();
+    let phases = format!(
+        "{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 16\nlr = 1e-3\n\n[[phases]]\nname = \"reward\"\nkind = \"reward\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 16\nlr = 1e-3\n",
+        sft.display(),
+        pref.display()
+    );
+    let spec_path = d.join("three.toml");
+    std::fs::write(&spec_path, &phases).unwrap();
+    let c = Cluster::start(&d, 2);
+    let job = c.submit(&spec_path);
+    let st = c.wait_state(job, "succeeded", 180);
+    assert!(st.contains("phase 2 reward") && st.contains("step 4/4"), "{st}");
+    let store = Store::open(&d.join("store.db")).unwrap();
+    let losses: Vec<f64> = store.metrics(job, 2).unwrap().iter().map(|m| m.loss).collect();
+    assert_eq!(losses.len(), 4);
+    // The head starts at zero, so the first Bradley–Terry loss is exactly ln 2.
+    assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-9, "{losses:?}");
+    let ckpt = store.phase(job, 2).unwrap().unwrap().last_checkpoint;
+    assert!(Path::new(&ckpt).join("reward_eval.json").exists() && Path::new(&ckpt).join("score_head.json").exists(), "{ckpt}");
+
+    // chosen == rejected: refused before any training, naming file, line and fields.
+    std::fs::write(&pref, "{\"prompt\": \"p\", \"chosen\": \"同\", \"rejected\": \"同\"}\n").unwrap();
+    let o = c.cli(&["submit", s(&spec_path)]);
+    common::assert_one_line_error(&o, &["phases[2].data", "pref.jsonl:1", "'chosen' and 'rejected' are the same"]);
+}
