@@ -57,3 +57,47 @@ pub enum PhaseError {
     #[error("{0}")]
     Plan(String),
 }
+
+/// What a failed collective means for the phase: the generation ended (abort flag), or the group
+/// broke before the coordinator said so; never the phase's own failure.
+pub(crate) fn collective_outcome(e: crate::collective::CollectiveError, abort: &std::sync::atomic::AtomicBool) -> PhaseOutcome {
+    use crate::collective::CollectiveError;
+    match e {
+        CollectiveError::Aborted { .. } => PhaseOutcome::Aborted,
+        _ if abort.load(std::sync::atomic::Ordering::SeqCst) => PhaseOutcome::Aborted,
+        other => PhaseOutcome::GroupBroken { reason: other.to_string() },
+    }
+}
+
+/// Rank 0 at a checkpoint boundary: writes `step-N` under `checkpoint_dir` (with `extra` files),
+/// then either finishes the phase (last step) or commits the checkpoint. `Some(outcome)` when the
+/// phase stops here.
+pub(crate) fn save_boundary(
+    checkpoint_dir: &std::path::Path,
+    step: u64,
+    total: u64,
+    model: &crate::model::gpt::Gpt,
+    opt: &crate::optim::AdamW,
+    train_config: &crate::train::TrainConfig,
+    extra: &[(String, Vec<u8>)],
+    events: &mut dyn PhaseEvents,
+) -> Result<Option<PhaseOutcome>, PhaseError> {
+    use crate::checkpoint::{self, DataCursor, SaveInfo};
+    let dir = checkpoint::step_dir(checkpoint_dir, step);
+    let info = SaveInfo {
+        step,
+        rng_state: 0,
+        train_config: Some(train_config),
+        data_cursor: DataCursor { position: step },
+        tokenizer: pretrain::TOKENIZER_FILE,
+        extra_files: extra,
+    };
+    checkpoint::save(&dir, &model.config, &model.params, Some((&opt.m, &opt.v, opt.t)), &info)?;
+    if step == total {
+        return Ok(Some(PhaseOutcome::Finished { final_checkpoint: Some(dir) }));
+    }
+    if events.checkpoint(step, &dir).map_err(PhaseError::Commit)? {
+        return Ok(Some(PhaseOutcome::Regroup));
+    }
+    Ok(None)
+}

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use liandan_data::shard::{read_split, sha256_hex, Manifest, Split};
 
-use super::{PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
-use crate::checkpoint::{self, DataCursor, SaveInfo};
+use super::{collective_outcome, save_boundary, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
+use crate::checkpoint;
 use crate::collective::{Collective, CollectiveError};
 use crate::ledger::Ledger;
 use crate::model::gpt::Gpt;
@@ -142,16 +142,7 @@ pub fn run_lm_phase(
         seed: plan.seed,
     };
     let extra = vec![(TOKENIZER_FILE.to_string(), tokenizer)];
-    // A failed collective means the group is broken (a peer died or hung): not this phase's
-    // failure. The coordinator re-forms the group; the runtime waits for that.
-    let aborted = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> {
-        Ok(match e {
-            CollectiveError::Aborted { .. } => PhaseOutcome::Aborted,
-            _ if abort.load(Ordering::SeqCst) => PhaseOutcome::Aborted,
-            other => PhaseOutcome::GroupBroken { reason: other.to_string() },
-        })
-    };
-
+    let aborted = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> { Ok(collective_outcome(e, abort)) };
     let mut inputs = Vec::with_capacity(b_max * t);
     let mut targets = Vec::with_capacity(b_max * t);
     while step < plan.steps {
@@ -186,14 +177,8 @@ pub fn run_lm_phase(
         }
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {
-            let dir = checkpoint::step_dir(checkpoint_dir, step);
-            let info = SaveInfo { step, rng_state: 0, train_config: Some(&train_config), data_cursor: DataCursor { position: step }, tokenizer: TOKENIZER_FILE, extra_files: &extra };
-            checkpoint::save(&dir, &model.config, &model.params, Some((&opt.m, &opt.v, opt.t)), &info)?;
-            if step == plan.steps {
-                return Ok(PhaseOutcome::Finished { final_checkpoint: Some(dir) });
-            }
-            if events.checkpoint(step, &dir).map_err(PhaseError::Commit)? {
-                return Ok(PhaseOutcome::Regroup);
+            if let Some(outcome) = save_boundary(checkpoint_dir, step, plan.steps, &model, &opt, &train_config, &extra, events)? {
+                return Ok(outcome);
             }
         }
     }

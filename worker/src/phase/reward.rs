@@ -13,8 +13,8 @@ use liandan_data::tokenizer::ChatTokenizer;
 use serde::{Deserialize, Serialize};
 
 use super::sft::load_tokenizer;
-use super::{PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
-use crate::checkpoint::{self, DataCursor, SaveInfo};
+use super::{collective_outcome, save_boundary, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
+use crate::checkpoint;
 use crate::collective::{Collective, CollectiveError};
 use crate::ledger::Ledger;
 use crate::model::gpt::Gpt;
@@ -152,13 +152,7 @@ pub fn run_reward(
     let (mut hm, mut hv) = (vec![0.0f32; c + 1], vec![0.0f32; c + 1]);
     let schedule = plan.schedule();
     let train_config = TrainConfig { batch_size: 2 * b_max, seq_len: t, grad_accum: 1, schedule: schedule.clone(), adamw: plan.adamw(), grad_clip: plan.grad_clip, seed: plan.seed };
-    let broken = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> {
-        Ok(match e {
-            CollectiveError::Aborted { .. } => PhaseOutcome::Aborted,
-            _ if abort.load(Ordering::SeqCst) => PhaseOutcome::Aborted,
-            other => PhaseOutcome::GroupBroken { reason: other.to_string() },
-        })
-    };
+    let broken = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> { Ok(collective_outcome(e, abort)) };
     while step < plan.steps {
         if abort.load(Ordering::SeqCst) {
             return Ok(PhaseOutcome::Aborted);
@@ -216,14 +210,8 @@ pub fn run_reward(
                 (HEAD_FILE.to_string(), serde_json::to_vec(&head).unwrap_or_default()),
                 (EVAL_FILE.to_string(), serde_json::to_vec(&eval).unwrap_or_default()),
             ];
-            let out = checkpoint::step_dir(checkpoint_dir, step);
-            let info = SaveInfo { step, rng_state: 0, train_config: Some(&train_config), data_cursor: DataCursor { position: step }, tokenizer: crate::phase::pretrain::TOKENIZER_FILE, extra_files: &extra };
-            checkpoint::save(&out, &model.config, &model.params, Some((&opt.m, &opt.v, opt.t)), &info)?;
-            if step == plan.steps {
-                return Ok(PhaseOutcome::Finished { final_checkpoint: Some(out) });
-            }
-            if events.checkpoint(step, &out).map_err(PhaseError::Commit)? {
-                return Ok(PhaseOutcome::Regroup);
+            if let Some(outcome) = save_boundary(checkpoint_dir, step, plan.steps, &model, &opt, &train_config, &extra, events)? {
+                return Ok(outcome);
             }
         }
     }
