@@ -133,6 +133,14 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
             println!("  {} {prompt} → {}", if *ok { "✓" } else { "✗" }, answer.trim().replace('\n', " / "));
         }
     }
+    if let Some((p, c)) = final_status.phases.iter().zip(&ckpts).find(|(p, _)| p.name == "sft") {
+        let state = liandan_worker::checkpoint::load(c, None)?.state;
+        if let Ok(bytes) = liandan_worker::checkpoint::read_verified(c, liandan_worker::phase::sft::EVAL_FILE, &state) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                println!("\n{}: validation loss {:.3} nats per assistant token on {} held-out examples", p.name, v["val_loss"].as_f64().unwrap_or(f64::NAN), v["examples"]);
+            }
+        }
+    }
     if let Some(r) = reward_accuracy {
         println!("\nreward model: pairwise accuracy {:.1}% on {} held-out rule-derived comparisons ({} correct)", 100.0 * r.accuracy, r.pairs, r.correct);
     }

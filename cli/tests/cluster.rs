@@ -346,13 +346,13 @@ fn pretrain_then_sft_with_lineage_and_a_bad_sft_file_refused_at_submit() {
     let data = prepared(&d);
     let sft = d.join("sft.jsonl");
     let mut lines = String::new();
-    for i in 0..60 {
+    for i in 0..200 {
         lines.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "response": "疑是地上霜。"}).to_string());
         lines.push('\n');
     }
     std::fs::write(&sft, lines).unwrap();
     let base = std::fs::read_to_string(spec(&d, &data, 6, 3, 1)).unwrap();
-    let two_phase = format!("{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 16\nlr = 1e-3\n", sft.display());
+    let two_phase = format!("{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n", sft.display());
     let spec_path = d.join("two.toml");
     std::fs::write(&spec_path, &two_phase).unwrap();
     let c = Cluster::start(&d, 2);
@@ -362,6 +362,9 @@ fn pretrain_then_sft_with_lineage_and_a_bad_sft_file_refused_at_submit() {
     assert!(st.contains("from ") && st.contains("0-pretrain/step-00000006"), "the sft phase records its input checkpoint: {st}");
     let store = Store::open(&d.join("store.db")).unwrap();
     assert_eq!(store.metrics(job, 1).unwrap().len(), 4);
+    let ckpt = store.phase(job, 1).unwrap().unwrap().last_checkpoint;
+    let eval: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&ckpt).join("sft_eval.json")).unwrap()).unwrap();
+    assert!(eval["val_loss"].as_f64().is_some_and(|l| l.is_finite() && l > 0.0), "{eval}");
 
     // An SFT line without a response: refused before any training, naming file, line and field.
     std::fs::write(&sft, "{\"prompt\": \"只有问题\"}\n").unwrap();
@@ -386,7 +389,7 @@ fn a_reward_phase_after_sft_and_a_degenerate_pair_refused_at_submit() {
     std::fs::write(&pref, b).unwrap();
     let base = std::fs::read_to_string(spec(&d, &data, 4, 2, 1)).unwrap();
     let phases = format!(
-        "{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 16\nlr = 1e-3\n\n[[phases]]\nname = \"reward\"\nkind = \"reward\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 16\nlr = 1e-3\n",
+        "{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n\n[[phases]]\nname = \"reward\"\nkind = \"reward\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n",
         sft.display(),
         pref.display()
     );

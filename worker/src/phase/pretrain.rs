@@ -90,8 +90,11 @@ pub fn run_pretrain(
     let ledger = Ledger::new(tokens.len(), t, plan.global_batch, plan.seed)
         .ok_or_else(|| PhaseError::Data(format!("{}: {} training tokens do not make one sequence of {t}", plan.data_dir.display(), tokens.len())))?;
     let mut source = TokenWindows { tokens, ledger, t, global_batch: plan.global_batch };
-    run_lm_phase(plan, &mut source, tokenizer, resume, checkpoint_dir, coll, abort, events)
+    run_lm_phase(plan, &mut source, tokenizer, resume, checkpoint_dir, coll, abort, events, None)
 }
+
+/// Evaluation at each checkpoint boundary (rank 0): returns a file to store in the checkpoint.
+pub type BoundaryEval<'a> = &'a mut dyn FnMut(&mut Gpt) -> Result<(String, Vec<u8>), PhaseError>;
 
 /// The data-parallel training loop shared by the language-model phases.
 pub fn run_lm_phase(
@@ -103,6 +106,7 @@ pub fn run_lm_phase(
     coll: &mut dyn Collective,
     abort: &AtomicBool,
     events: &mut dyn PhaseEvents,
+    mut boundary_eval: Option<BoundaryEval<'_>>,
 ) -> Result<PhaseOutcome, PhaseError> {
     let (rank, world) = (coll.rank(), coll.world());
     let (b_global, t) = (plan.global_batch, plan.seq_len);
@@ -177,7 +181,11 @@ pub fn run_lm_phase(
         }
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {
-            if let Some(outcome) = save_boundary(checkpoint_dir, step, plan.steps, &model, &opt, &train_config, &extra, events)? {
+            let mut files = extra.clone();
+            if let Some(eval) = boundary_eval.as_mut() {
+                files.push(eval(&mut model)?);
+            }
+            if let Some(outcome) = save_boundary(checkpoint_dir, step, plan.steps, &model, &opt, &train_config, &files, events)? {
                 return Ok(outcome);
             }
         }

@@ -2,7 +2,8 @@
 //! chat template, loss only on the assistant's tokens.
 //!
 //! Examples are tokenized once, then packed greedily into rows of `T + 1` tokens (short examples
-//! share a row; an example longer than a row is cut). A target is the next token where that token
+//! share a row; an example longer than a row is cut, and one whose answer is cut away entirely is
+//! skipped). A target is the next token where that token
 //! belongs to an assistant turn, and ignored elsewhere, so prompts and padding teach nothing.
 //! Packed examples can attend to the earlier examples of their row (no block-diagonal mask), as
 //! in most packing implementations; each starts with `<|bos|>`, which marks the boundary.
@@ -63,6 +64,10 @@ pub fn pack(tk: &ChatTokenizer, examples: &[SftExample], seq_len: usize) -> Resu
         let mut c = tokenize_chat(tk, &ex.messages).map_err(|e| PhaseError::Data(format!("{}: {e}", ex.source)))?;
         c.ids.truncate(row_len);
         c.mask.truncate(row_len);
+        // An example whose answer does not fit in a row teaches nothing: skip it.
+        if !c.mask.contains(&1) {
+            continue;
+        }
         if row_fill + c.ids.len() > row_len {
             // Pad the rest of the row.
             let rest = row_len - row_fill;
@@ -136,12 +141,51 @@ pub fn run_sft(
 ) -> Result<PhaseOutcome, PhaseError> {
     let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
     let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
-    let train: Vec<SftExample> = examples.into_iter().filter(|e| !held_out(e)).collect();
+    let (train, val): (Vec<SftExample>, Vec<SftExample>) = examples.into_iter().partition(|e| !held_out(e));
     let (tk, tok_bytes) = load_tokenizer(plan)?;
     let packed = pack(&tk, &train, plan.seq_len)?;
+    let val_rows = pack(&tk, &val, plan.seq_len)?;
     let ledger = Ledger::over_rows(packed.rows(), packed.row_len, plan.global_batch, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training examples", file.display())))?;
     let mut source = SftRows { packed, ledger };
-    run_lm_phase(plan, &mut source, tok_bytes, resume, checkpoint_dir, coll, abort, events)
+    let mut eval = |model: &mut crate::model::gpt::Gpt| -> Result<(String, Vec<u8>), PhaseError> {
+        let loss = validation_loss(model, &val_rows)?;
+        tracing::info!(val_loss = loss, examples = val.len(), "sft validation loss on held-out examples");
+        Ok((EVAL_FILE.to_string(), serde_json::to_vec(&serde_json::json!({ "val_loss": loss, "examples": val.len() })).unwrap_or_default()))
+    };
+    run_lm_phase(plan, &mut source, tok_bytes, resume, checkpoint_dir, coll, abort, events, Some(&mut eval))
+}
+
+/// File of the validation result inside an SFT checkpoint.
+pub const EVAL_FILE: &str = "sft_eval.json";
+
+/// Mean loss over the assistant tokens of packed held-out rows (0 when there are none).
+pub fn validation_loss(model: &mut crate::model::gpt::Gpt, rows: &PackedRows) -> Result<f64, PhaseError> {
+    let t = rows.row_len - 1;
+    let denom = rows.targets.iter().filter(|&&x| x >= 0).count();
+    if denom == 0 {
+        return Ok(0.0);
+    }
+    let (max_b, _) = model.max_batch();
+    let mut total = 0.0f64;
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let n = rows.rows();
+    let mut r = 0;
+    while r < n {
+        let b = max_b.min(n - r);
+        inputs.clear();
+        targets.clear();
+        for k in r..r + b {
+            let o = k * rows.row_len;
+            inputs.extend_from_slice(&rows.tokens[o..o + t]);
+            targets.extend_from_slice(&rows.targets[o..o + t]);
+        }
+        model.forward(&inputs, b, t)?;
+        if targets.iter().any(|&x| x >= 0) {
+            total += model.loss(&targets, None, denom as f32, false)? as f64;
+        }
+        r += b;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
