@@ -79,11 +79,7 @@ pub fn load_model(path: &std::path::Path) -> Result<(Gpt, Codec), CliError> {
         Codec::Bytes
     } else {
         let bytes = checkpoint::read_verified(&dir, &ck.state.tokenizer, &ck.state)?;
-        let tmp = std::env::temp_dir().join(format!("liandan-tokenizer-{}.json", std::process::id()));
-        std::fs::write(&tmp, &bytes).map_err(|e| CliError::Io { path: tmp.display().to_string(), source: e })?;
-        let tk = ChatTokenizer::load(&tmp, Some(ck.state.model_config.vocab_size));
-        let _ = std::fs::remove_file(&tmp);
-        Codec::Bpe(tk.map_err(|e| CliError::Usage(format!("{}: {e}", dir.join(&ck.state.tokenizer).display())))?)
+        Codec::Bpe(ChatTokenizer::from_bytes(&bytes, &dir.join(&ck.state.tokenizer), Some(ck.state.model_config.vocab_size))?)
     };
     let mut model = Gpt::new(ck.state.model_config.clone(), 1, 1)?;
     model.params = ck.params;

@@ -12,9 +12,7 @@ use liandan_worker::train::{TokenStream, TrainConfig, Trainer};
 use liandan_worker::{EngineError, GptConfig};
 
 use crate::progress::Progress;
-
-/// Name of the tokenizer file inside prepared data and checkpoints.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+use liandan_worker::phase::pretrain::TOKENIZER_FILE;
 use crate::CliError;
 
 #[derive(Debug, Clone, clap::Args)]

@@ -104,12 +104,25 @@ impl ChatTokenizer {
         }
         let inner = Tokenizer::from_file(path).map_err(|e| DataError::file(path, format!("not a tokenizers JSON file: {e}")))?;
         let t = Self::from_tokenizer(inner, path)?;
-        if let Some(v) = expect_vocab {
-            if t.vocab_size() != v {
-                return Err(DataError::file(path, format!("vocabulary has {} tokens, expected {v} (a tokenizer from another vocabulary)", t.vocab_size())));
-            }
-        }
+        t.check_vocab(path, expect_vocab)?;
         Ok(t)
+    }
+
+    /// Parses a `tokenizer.json` held in memory (from a checkpoint); `what` names it in errors.
+    pub fn from_bytes(bytes: &[u8], what: &Path, expect_vocab: Option<usize>) -> Result<Self> {
+        let inner = Tokenizer::from_bytes(bytes).map_err(|e| DataError::file(what, format!("not a tokenizers JSON file: {e}")))?;
+        let t = Self::from_tokenizer(inner, what)?;
+        t.check_vocab(what, expect_vocab)?;
+        Ok(t)
+    }
+
+    fn check_vocab(&self, path: &Path, expect_vocab: Option<usize>) -> Result<()> {
+        match expect_vocab {
+            Some(v) if self.vocab_size() != v => {
+                Err(DataError::file(path, format!("vocabulary has {} tokens, expected {v} (a tokenizer from another vocabulary)", self.vocab_size())))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Tokens, special tokens included.

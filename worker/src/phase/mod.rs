@@ -101,3 +101,10 @@ pub(crate) fn save_boundary(
     }
     Ok(None)
 }
+
+/// Whether a piece of data is held out, from a stable hash of its text (FNV-1a: the same on every
+/// platform and version), so the split never depends on order or on the world size.
+pub(crate) fn held_out_by_hash(text: &str, share: f64) -> bool {
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3));
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < share
+}

@@ -6,7 +6,7 @@
 //! sum of gradients is the gradient of the global batch's mean loss: the trajectory does not
 //! depend on the world size except through float summation order.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -191,11 +191,4 @@ pub fn run_lm_phase(
         }
     }
     Ok(PhaseOutcome::Finished { final_checkpoint: None })
-}
-
-/// The newest `step-*` checkpoint under `dir`, if any (for tools and tests).
-pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(checkpoint::STATE_FILE).exists()).collect();
-    v.sort();
-    v.pop()
 }

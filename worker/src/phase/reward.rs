@@ -65,8 +65,7 @@ pub fn bradley_terry(rc: &[f32], rr: &[f32], n: f32) -> (f64, Vec<f32>, Vec<f32>
 }
 
 fn held_out(p: &PreferencePair) -> bool {
-    let h = format!("{}\u{1}{}\u{1}{}", p.prompt, p.chosen, p.rejected).bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3));
-    ((h >> 11) as f64 / (1u64 << 53) as f64) < 0.1
+    super::held_out_by_hash(&format!("{}\u{1}{}\u{1}{}", p.prompt, p.chosen, p.rejected), 0.1)
 }
 
 /// Token ids of prompt + answer (cut to `t`), and the index of the last token.

@@ -44,13 +44,7 @@ impl PackedRows {
 /// Whether an example is held out (by a hash of its text, so the split is stable).
 pub fn held_out(ex: &SftExample) -> bool {
     let text: String = ex.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\u{1}");
-    let h = xxh(text.as_bytes());
-    ((h >> 11) as f64 / (1u64 << 53) as f64) < VAL_SHARE
-}
-
-fn xxh(b: &[u8]) -> u64 {
-    // FNV-1a: small, stable across versions and platforms.
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3))
+    super::held_out_by_hash(&text, VAL_SHARE)
 }
 
 /// Tokenizes and packs examples into rows of `seq_len + 1` tokens.
