@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::scheduler::{self, Reason};
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, PhasePlan};
 use crate::store::{now_ms, MetricRow, Store, StoreError};
 
 /// Timing of membership.
@@ -112,6 +112,8 @@ impl CoordinatorService {
                     world: p.world,
                     error: p.error.clone(),
                     input_checkpoint: p.input_checkpoint.clone(),
+                    values: recent.first().map(|m| m.values.clone().into_iter().collect()).unwrap_or_default(),
+                    evaluation: checkpoint_evaluation(&p.last_checkpoint),
                 });
             }
             Ok(Some(JobStatus { job_id, name: job.name, state: job.state, phases, workers, error: job.error, created_ms: job.created_ms }))
@@ -201,6 +203,7 @@ impl Coordinator for CoordinatorService {
             let mut group: Vec<_> = s.workers()?.into_iter().filter(|x| x.job_id == p.job_id && x.phase_idx == p.idx && x.generation == p.generation).collect();
             group.sort_by_key(|x| x.rank);
             let resume = if p.last_checkpoint.is_empty() { p.input_checkpoint.clone() } else { p.last_checkpoint.clone() };
+            let phase_json = resolve_plan_inputs(s, &p)?;
             Ok(Some(Assignment {
                 assigned: true,
                 job_id: p.job_id,
@@ -210,7 +213,7 @@ impl Coordinator for CoordinatorService {
                 world: p.world,
                 generation: p.generation,
                 peers: group.iter().map(|x| x.ring_address.clone()).collect(),
-                phase_json: p.plan_json.clone(),
+                phase_json,
                 resume_checkpoint: resume,
                 checkpoint_dir: p.checkpoint_dir.clone(),
             }))
@@ -225,7 +228,7 @@ impl Coordinator for CoordinatorService {
             if p.generation != r.generation || p.state != "running" {
                 return Ok(Err(Status::failed_precondition(format!("stale report: generation {} is not the current {}", r.generation, p.generation))));
             }
-            let m = MetricRow { step: r.step, loss: r.loss, lr: r.lr, grad_norm: r.grad_norm, tokens: r.tokens, step_ms: r.step_ms, world: r.world, generation: r.generation };
+            let m = MetricRow { step: r.step, loss: r.loss, lr: r.lr, grad_norm: r.grad_norm, tokens: r.tokens, step_ms: r.step_ms, world: r.world, generation: r.generation, values: r.values.into_iter().collect() };
             s.insert_metric(r.job_id, r.phase_index, &m)?;
             s.advance_phase(r.job_id, r.phase_index, r.step.min(p.total_steps))?;
             Ok(Ok(()))
@@ -280,7 +283,7 @@ impl Coordinator for CoordinatorService {
                     log.push(format!("job {} phase {} ({}) succeeded: {}", r.job_id, p.idx, p.name, r.final_checkpoint));
                     match s.phase(r.job_id, r.phase_index + 1)? {
                         Some(next) => {
-                            s.set_phase_input(r.job_id, next.idx, &r.final_checkpoint)?;
+                            s.set_phase_input(r.job_id, next.idx, &phase_input(s, &next)?)?;
                             s.set_phase_state(r.job_id, next.idx, "running", "")?;
                             let next = s.phase(r.job_id, next.idx)?.unwrap_or(next);
                             log.extend(scheduler::reform(s, &next, Reason::Start)?);
@@ -418,6 +421,44 @@ impl Coordinator for CoordinatorService {
         info!("worker {id} asked to drain");
         Ok(Response::new(Ack {}))
     }
+}
+
+/// The checkpoint a phase starts from: the output of the phase it names (`from_phase`), or the
+/// checkpoint its spec names (`init`), or none.
+fn phase_input(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreError> {
+    let Ok(plan) = serde_json::from_str::<PhasePlan>(&p.plan_json) else { return Ok(String::new()) };
+    Ok(match plan.from_phase {
+        Some(k) => s.phase(p.job_id, k as u32)?.map(|q| q.last_checkpoint).unwrap_or_default(),
+        None => plan.init_checkpoint.map(|d| d.display().to_string()).unwrap_or_default(),
+    })
+}
+
+/// The plan sent to workers, with the checkpoints it needs from other phases filled in: the
+/// starting checkpoint (a ppo phase's frozen reference) and a ppo phase's reward model.
+fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreError> {
+    let Ok(mut plan) = serde_json::from_str::<PhasePlan>(&p.plan_json) else { return Ok(p.plan_json.clone()) };
+    if plan.init_checkpoint.is_none() && !p.input_checkpoint.is_empty() {
+        plan.init_checkpoint = Some(p.input_checkpoint.clone().into());
+    }
+    if let Some(k) = plan.reward_phase {
+        let done = s.phase(p.job_id, k as u32)?.map(|q| q.last_checkpoint).unwrap_or_default();
+        if !done.is_empty() {
+            plan.reward_checkpoint = Some(done.into());
+        }
+    }
+    Ok(serde_json::to_string(&plan).unwrap_or_else(|_| p.plan_json.clone()))
+}
+
+/// The evaluation a checkpoint recorded about itself (one of the phases' eval files), or "".
+fn checkpoint_evaluation(dir: &str) -> String {
+    if dir.is_empty() {
+        return String::new();
+    }
+    liandan_worker::phase::EVAL_FILES
+        .iter()
+        .find_map(|f| std::fs::read_to_string(std::path::Path::new(dir).join(f)).ok())
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

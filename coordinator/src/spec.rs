@@ -108,8 +108,21 @@ pub struct PhaseSpec {
     #[serde(default = "seed")]
     pub seed: u64,
     /// sft: the JSONL of examples (`{prompt, response}` or `{messages}`); reward: the JSONL of
-    /// comparisons (`{prompt, chosen, rejected, label_source}`).
+    /// comparisons (`{prompt, chosen, rejected, label_source}`); ppo: the prompts (SFT format;
+    /// the answers are not used).
     pub data: Option<PathBuf>,
+    /// Start from this checkpoint instead of an earlier phase's output.
+    pub init: Option<PathBuf>,
+    /// Start from the output of this earlier phase (by name). Default: the previous phase; for
+    /// ppo the last sft phase before it.
+    pub from: Option<String>,
+    /// ppo: the reward phase (by name) whose model scores the answers. Default: the last reward
+    /// phase before it.
+    pub reward_model: Option<String>,
+    /// ppo: a reward-model checkpoint (a reward phase's output) instead of a reward phase.
+    pub reward_checkpoint: Option<PathBuf>,
+    /// ppo: the algorithm's settings (`[phases.ppo]`; every field has a default).
+    pub ppo: Option<liandan_worker::plan::PpoSettings>,
 }
 
 fn one() -> u32 {
@@ -163,18 +176,27 @@ impl JobSpec {
         }
         for (i, p) in self.phases.iter().enumerate() {
             let at = |k: &str| format!("phases[{i}].{k}");
-            match p.kind {
-                PhaseKind::Pretrain => {}
-                PhaseKind::Sft | PhaseKind::Reward => {
-                    let kind = format!("{:?}", p.kind).to_lowercase();
-                    if i == 0 {
-                        return bad(&at("kind"), format!("an {kind} phase fine-tunes an earlier phase's output: put a pretrain phase before it"));
-                    }
-                    if p.data.is_none() {
-                        return bad(&at("data"), format!("an {kind} phase needs a JSONL file of examples"));
-                    }
+            let kind = format!("{:?}", p.kind).to_lowercase();
+            let a = if p.kind == PhaseKind::Sft { "an" } else { "a" };
+            if p.kind != PhaseKind::Pretrain {
+                if i == 0 && p.init.is_none() {
+                    return bad(&at("kind"), format!("{a} {kind} phase fine-tunes an earlier phase's output: put a pretrain phase before it (or give `init`)"));
                 }
-                other => return bad(&at("kind"), format!("{other:?} phases are not implemented yet (pretrain, sft and reward are)").to_lowercase()),
+                if p.data.is_none() {
+                    return bad(&at("data"), format!("{a} {kind} phase needs a JSONL file of examples"));
+                }
+            }
+            if p.init.is_some() && p.from.is_some() {
+                return bad(&at("from"), "give `init` (a checkpoint) or `from` (a phase), not both".into());
+            }
+            self.from_phase(i).map_err(|r| (at("from"), r))?;
+            if p.kind == PhaseKind::Ppo {
+                self.reward_phase(i).map_err(|r| (at("reward_model"), r))?;
+                if let Some(s) = &p.ppo {
+                    s.validate().map_err(|(f, r)| (at(&format!("ppo.{f}")), r))?;
+                }
+            } else if p.ppo.is_some() || p.reward_model.is_some() || p.reward_checkpoint.is_some() {
+                return bad(&at("ppo"), format!("`ppo`, `reward_model` and `reward_checkpoint` belong to ppo phases, not {kind}"));
             }
             if p.steps == 0 {
                 return bad(&at("steps"), "must be at least 1".into());
@@ -198,6 +220,44 @@ impl JobSpec {
             }
         }
         Ok(())
+    }
+
+    /// The earlier phase that phase `i` starts from, if any.
+    pub fn from_phase(&self, i: usize) -> Result<Option<usize>, String> {
+        let p = &self.phases[i];
+        if p.init.is_some() {
+            return Ok(None);
+        }
+        if let Some(name) = &p.from {
+            return self.phases[..i].iter().position(|q| &q.name == name).map(Some).ok_or_else(|| format!("no phase named '{name}' before this one"));
+        }
+        if p.kind == PhaseKind::Ppo {
+            return self.phases[..i]
+                .iter()
+                .rposition(|q| q.kind == PhaseKind::Sft)
+                .map(Some)
+                .ok_or_else(|| "a ppo phase starts from an SFT model: put an sft phase before it, or give `from` or `init`".into());
+        }
+        Ok(i.checked_sub(1))
+    }
+
+    /// The reward phase whose model a ppo phase `i` uses (`None` with `reward_checkpoint`).
+    pub fn reward_phase(&self, i: usize) -> Result<Option<usize>, String> {
+        let p = &self.phases[i];
+        match (&p.reward_model, &p.reward_checkpoint) {
+            (Some(_), Some(_)) => Err("give `reward_model` (a phase) or `reward_checkpoint`, not both".into()),
+            (None, Some(_)) => Ok(None),
+            (Some(name), None) => match self.phases[..i].iter().position(|q| &q.name == name) {
+                Some(k) if self.phases[k].kind == PhaseKind::Reward => Ok(Some(k)),
+                Some(_) => Err(format!("phase '{name}' is not a reward phase")),
+                None => Err(format!("no phase named '{name}' before this one")),
+            },
+            (None, None) => self.phases[..i]
+                .iter()
+                .rposition(|q| q.kind == PhaseKind::Reward)
+                .map(Some)
+                .ok_or_else(|| "a ppo phase needs a reward model: put a reward phase before it, or give `reward_checkpoint`".into()),
+        }
     }
 
     /// The model config for a vocabulary, with the spec's overrides.
@@ -235,6 +295,15 @@ impl JobSpec {
                     };
                     checked.map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
                 }
+                // Checkpoints named in the spec must exist and fit the model now, not when a
+                // worker reaches the phase.
+                if let Some(dir) = &p.init {
+                    liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                }
+                if let Some(dir) = &p.reward_checkpoint {
+                    let ck = liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+                    liandan_worker::phase::ppo::load_reward_head(dir, &ck.state).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+                }
                 if p.seq_len > model.n_positions {
                     return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
                 }
@@ -253,6 +322,12 @@ impl JobSpec {
                     seed: p.seed,
                     checkpoint_every: self.checkpoint.every,
                     examples: p.data.clone(),
+                    // Validated by `parse`.
+                    from_phase: self.from_phase(i).unwrap_or(None),
+                    reward_phase: if p.kind == PhaseKind::Ppo { self.reward_phase(i).unwrap_or(None) } else { None },
+                    init_checkpoint: p.init.clone(),
+                    reward_checkpoint: p.reward_checkpoint.clone(),
+                    ppo: (p.kind == PhaseKind::Ppo).then(|| p.ppo.clone().unwrap_or_default()),
                 })
             })
             .collect()
@@ -299,11 +374,35 @@ lr = 1e-3
         let e = JobSpec::parse(&GOOD.replace("global_batch = 4", "global_batch = \"four\""), "job.toml").unwrap_err().to_string();
         assert!(e.contains("phases[0].global_batch"), "{e}");
         let e = JobSpec::parse(&GOOD.replace("kind = \"pretrain\"", "kind = \"ppo\""), "job.toml").unwrap_err().to_string();
-        assert!(e.contains("phases[0].kind: ppo phases are not implemented yet"), "{e}");
+        assert!(e.contains("phases[0].kind: a ppo phase fine-tunes an earlier phase"), "{e}");
         let e = JobSpec::parse(&GOOD.replace("kind = \"pretrain\"", "kind = \"sft\""), "job.toml").unwrap_err().to_string();
         assert!(e.contains("phases[0].kind: an sft phase fine-tunes an earlier phase"), "{e}");
         let e = JobSpec::parse(&format!("{GOOD}\n[cluster]\nmin_workers = 3\nmax_workers = 2\n"), "job.toml").unwrap_err().to_string();
         assert!(e.contains("cluster.max_workers: must be >= min_workers (3), got 2"), "{e}");
+    }
+
+    fn with_phase(extra: &str) -> String {
+        format!("{GOOD}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-4\n{extra}")
+    }
+
+    #[test]
+    fn ppo_phases_need_an_sft_model_and_a_reward_model() {
+        let ppo = "[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-5\n";
+        let e = JobSpec::parse(&with_phase(ppo), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[2].reward_model: a ppo phase needs a reward model"), "{e}");
+        let rm = "[[phases]]\nname = \"rm\"\nkind = \"reward\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-4\n";
+        let spec = JobSpec::parse(&with_phase(&format!("{rm}{ppo}")), "job.toml").unwrap();
+        // ppo starts from the sft phase (index 1), not from the reward phase just before it.
+        assert_eq!((spec.from_phase(3), spec.reward_phase(3)), (Ok(Some(1)), Ok(Some(2))));
+        assert_eq!(spec.from_phase(2), Ok(Some(1)));
+        let e = JobSpec::parse(&with_phase(&format!("{rm}{ppo}[phases.ppo]\nclip = 1.5\n")), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[3].ppo.clip: must be in (0, 1)"), "{e}");
+        let e = JobSpec::parse(&with_phase(&format!("{rm}{ppo}[phases.ppo]\ncilp = 0.1\n")), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[3].ppo") && e.contains("cilp"), "{e}");
+        let e = JobSpec::parse(&with_phase(&format!("{rm}{}", ppo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"sft\""))), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[3].reward_model: phase 'sft' is not a reward phase"), "{e}");
+        let e = JobSpec::parse(&with_phase("[phases.ppo]\nclip = 0.1\n"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[1].ppo: `ppo`, `reward_model` and `reward_checkpoint` belong to ppo phases"), "{e}");
     }
 
     #[test]

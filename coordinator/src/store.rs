@@ -82,6 +82,8 @@ CREATE TABLE datasets (
     tokenizer_sha256 TEXT NOT NULL,
     registered_ms   INTEGER NOT NULL
 );
+"#, r#"
+ALTER TABLE metrics ADD COLUMN values_json TEXT NOT NULL DEFAULT '{}';
 "#];
 
 /// Store errors.
@@ -150,6 +152,8 @@ pub struct MetricRow {
     pub step_ms: u64,
     pub world: u32,
     pub generation: u64,
+    /// Phase-specific values (ppo: reward, kl, …), by name.
+    pub values: std::collections::BTreeMap<String, f64>,
 }
 
 /// The SQLite store.
@@ -350,15 +354,28 @@ impl Store {
     /// Records a step's metrics; a replayed step is ignored. Returns whether it was new.
     pub fn insert_metric(&self, job_id: u64, idx: u32, m: &MetricRow) -> Result<bool> {
         let n = self.conn.execute(
-            "INSERT OR IGNORE INTO metrics (job_id, phase_idx, step, loss, lr, grad_norm, tokens, step_ms, world, generation, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![job_id as i64, idx as i64, m.step as i64, m.loss, m.lr, m.grad_norm, m.tokens as i64, m.step_ms as i64, m.world as i64, m.generation as i64, now_ms() as i64],
+            "INSERT OR IGNORE INTO metrics (job_id, phase_idx, step, loss, lr, grad_norm, tokens, step_ms, world, generation, at_ms, values_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                job_id as i64,
+                idx as i64,
+                m.step as i64,
+                m.loss,
+                m.lr,
+                m.grad_norm,
+                m.tokens as i64,
+                m.step_ms as i64,
+                m.world as i64,
+                m.generation as i64,
+                now_ms() as i64,
+                serde_json::to_string(&m.values).unwrap_or_else(|_| "{}".into())
+            ],
         )?;
         Ok(n == 1)
     }
 
     /// The most recent `n` metrics of a phase, newest first.
     pub fn recent_metrics(&self, job_id: u64, idx: u32, n: usize) -> Result<Vec<MetricRow>> {
-        let mut st = self.conn.prepare("SELECT step, loss, lr, grad_norm, tokens, step_ms, world, generation FROM metrics WHERE job_id = ?1 AND phase_idx = ?2 ORDER BY step DESC LIMIT ?3")?;
+        let mut st = self.conn.prepare("SELECT step, loss, lr, grad_norm, tokens, step_ms, world, generation, values_json FROM metrics WHERE job_id = ?1 AND phase_idx = ?2 ORDER BY step DESC LIMIT ?3")?;
         let rows = st.query_map(params![job_id as i64, idx as i64, n as i64], |r| {
             Ok(MetricRow {
                 step: r.get::<_, i64>(0)? as u64,
@@ -369,6 +386,8 @@ impl Store {
                 step_ms: r.get::<_, i64>(5)? as u64,
                 world: r.get::<_, i64>(6)? as u32,
                 generation: r.get::<_, i64>(7)? as u64,
+                // Written by this store from a map of numbers; unreadable JSON reads as none.
+                values: serde_json::from_str(&r.get::<_, String>(8)?).unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -490,10 +509,12 @@ mod tests {
         let mut s = Store::in_memory().unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         let id = s.insert_job("j", "toml", &[("pretrain".into(), "{}".into(), 10)], 1, 2, "/tmp/c").unwrap();
-        let m = MetricRow { step: 1, loss: 2.0, lr: 0.1, grad_norm: 1.0, tokens: 10, step_ms: 5, world: 1, generation: 1 };
+        let values = [("kl".to_string(), 0.25)].into_iter().collect();
+        let m = MetricRow { step: 1, loss: 2.0, lr: 0.1, grad_norm: 1.0, tokens: 10, step_ms: 5, world: 1, generation: 1, values };
         assert!(s.insert_metric(id, 0, &m).unwrap());
         assert!(!s.insert_metric(id, 0, &MetricRow { loss: 9.0, ..m.clone() }).unwrap(), "a replayed step is a no-op");
         assert_eq!(s.metrics(id, 0).unwrap()[0].loss, 2.0);
+        assert_eq!(s.metrics(id, 0).unwrap()[0].values["kl"], 0.25, "phase-specific values round-trip");
         s.commit_checkpoint(id, 0, 5, "/c/5", 1).unwrap();
         s.commit_checkpoint(id, 0, 3, "/c/3", 1).unwrap();
         assert_eq!(s.phase(id, 0).unwrap().unwrap().last_checkpoint, "/c/5", "an older commit never moves the resume point back");

@@ -91,6 +91,19 @@ pub fn is_form(text: &str, form: PoemForm) -> bool {
     poem_form(text) == Ok(form)
 }
 
+/// A graded form score in `[0, 1]`, for rewards: the share of `form`'s lines that `text` has
+/// at the right length (its first `n` lines of `k` characters, out of `max(n, lines)`), 0 with
+/// a disallowed character, and 1 exactly when [`is_form`] holds.
+pub fn form_score(text: &str, form: PoemForm) -> f32 {
+    if text.chars().any(|c| BAD.contains(&c) || c.is_ascii_alphanumeric()) {
+        return 0.0;
+    }
+    let lines = poem_lines(text);
+    let (n, k) = form.shape();
+    let right = lines.iter().take(n).filter(|l| l.chars().count() == k).count();
+    right as f32 / n.max(lines.len()) as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +131,16 @@ mod tests {
         assert_eq!(poem_form(""), Err(FormError::Empty));
         assert!(is_form("床前明月光，疑是地上霜。举头望明月，低头思故乡。", PoemForm::WuyanJueju));
         assert!(!is_form("床前明月光，疑是地上霜。举头望明月，低头思故乡。", PoemForm::QiyanJueju));
+    }
+
+    #[test]
+    fn form_score_grades_and_is_one_exactly_on_the_form() {
+        let f = PoemForm::WuyanJueju;
+        assert_eq!(form_score("床前明月光，疑是地上霜。举头望明月，低头思故乡。", f), 1.0);
+        assert_eq!(form_score("床前明月光，疑是地上霜。举头望明月。", f), 0.75);
+        assert_eq!(form_score("床前明月光，疑是地上霜。举头望明月，低头思故乡。床前明月光，", f), 0.8);
+        assert_eq!(form_score("床前明月光，疑是地上霜啊。", f), 0.25);
+        assert_eq!(form_score("床前明月光2，", f), 0.0);
+        assert_eq!(form_score("", f), 0.0);
     }
 }

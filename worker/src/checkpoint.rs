@@ -282,7 +282,7 @@ fn hf_shape(config: &GptConfig, kind: ParamKind, shape: &[usize]) -> Vec<usize> 
     }
 }
 
-fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32]) -> std::result::Result<Vec<u8>, String> {
+pub fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32]) -> std::result::Result<Vec<u8>, String> {
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for s in layout.named_slices(config) {
         let shape = hf_shape(config, s.kind, &s.shape);
@@ -320,7 +320,7 @@ pub fn deserialize_model(config: &GptConfig, layout: &ParamLayout, bytes: &[u8])
     Ok(params)
 }
 
-fn serialize_moments(m: &[f32], v: &[f32], n: usize) -> std::result::Result<Vec<u8>, String> {
+pub fn serialize_moments(m: &[f32], v: &[f32], n: usize) -> std::result::Result<Vec<u8>, String> {
     if m.len() != n || v.len() != n {
         return Err(format!("optimizer moments have {}/{} floats, the model has {n}", m.len(), v.len()));
     }
@@ -332,7 +332,7 @@ fn serialize_moments(m: &[f32], v: &[f32], n: usize) -> std::result::Result<Vec<
     safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
-fn deserialize_moments(bytes: &[u8], n: usize) -> std::result::Result<(Vec<f32>, Vec<f32>), String> {
+pub fn deserialize_moments(bytes: &[u8], n: usize) -> std::result::Result<(Vec<f32>, Vec<f32>), String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
     let get = |name: &str| -> std::result::Result<Vec<f32>, String> {
         let view = st.tensor(name).map_err(|_| format!("tensor {name} is missing"))?;

@@ -42,6 +42,136 @@ pub struct PhasePlan {
     /// The phase's examples (JSONL): SFT pairs for sft, comparisons for reward.
     #[serde(default)]
     pub examples: Option<PathBuf>,
+    /// The phase (index in the job) whose output this one starts from; `None` for a phase that
+    /// starts from scratch or from an explicit checkpoint.
+    #[serde(default)]
+    pub from_phase: Option<usize>,
+    /// ppo: the reward phase whose model scores the rollouts (when no explicit checkpoint is given).
+    #[serde(default)]
+    pub reward_phase: Option<usize>,
+    /// The checkpoint this phase starts from when it is not a previous phase's output (`init` in
+    /// the spec); for ppo also the frozen reference policy. Filled by the coordinator at
+    /// assignment time from `from_phase` when that is set.
+    #[serde(default)]
+    pub init_checkpoint: Option<PathBuf>,
+    /// ppo: the reward model's checkpoint (with `score_head.json`), from the spec or resolved by
+    /// the coordinator from `reward_phase`.
+    #[serde(default)]
+    pub reward_checkpoint: Option<PathBuf>,
+    /// ppo: the algorithm's settings.
+    #[serde(default)]
+    pub ppo: Option<PpoSettings>,
+}
+
+/// What a PPO phase rewards at the end of each answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RewardSource {
+    /// The learned reward model's score.
+    Model,
+    /// The poem-form verifier's graded score (0..1) for prompts that ask for a form; 0 elsewhere.
+    Verifier,
+    /// The reward model's score plus `verifier_weight` × the verifier's.
+    Both,
+}
+
+/// PPO settings (`[phases.ppo]` in a job spec). Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoSettings {
+    /// The reward at the end of an answer: `model`, `verifier` or `both`.
+    pub reward: RewardSource,
+    /// Weight of the verifier's score under `both`.
+    pub verifier_weight: f32,
+    /// Only prompts of these tasks (the examples' `task` field); empty = all.
+    pub tasks: Vec<String>,
+    /// Longest sampled answer, tokens.
+    pub max_new_tokens: usize,
+    /// Sampling temperature of the rollouts.
+    pub temperature: f32,
+    /// Passes over each rollout batch.
+    pub epochs: usize,
+    /// Minibatches per pass (each one optimizer step).
+    pub minibatches: usize,
+    /// PPO's ratio clip ε: the surrogate ignores ratios beyond 1 ± ε.
+    pub clip: f32,
+    /// Clip of the value update around the rollout's values.
+    pub value_clip: f32,
+    /// Discount γ.
+    pub gamma: f32,
+    /// GAE λ.
+    pub lambda: f32,
+    /// β of the per-token penalty −β·(log π − log π_ref).
+    pub kl_coef: f32,
+    /// With a target, β adapts toward it (nats per answer): β·(1 + clip(KL/target − 1, ±0.2)·B/horizon).
+    pub kl_target: Option<f32>,
+    pub kl_horizon: f32,
+    /// Peak learning rate of the value model (default: the phase's `lr`).
+    pub value_lr: Option<f32>,
+    /// Weight of the entropy bonus.
+    pub entropy_coef: f32,
+}
+
+impl Default for PpoSettings {
+    fn default() -> Self {
+        PpoSettings {
+            reward: RewardSource::Model,
+            verifier_weight: 1.0,
+            tasks: Vec::new(),
+            max_new_tokens: 48,
+            temperature: 1.0,
+            epochs: 2,
+            minibatches: 1,
+            clip: 0.2,
+            value_clip: 0.2,
+            gamma: 1.0,
+            lambda: 0.95,
+            kl_coef: 0.05,
+            kl_target: None,
+            kl_horizon: 10_000.0,
+            value_lr: None,
+            entropy_coef: 0.0,
+        }
+    }
+}
+
+impl PpoSettings {
+    /// Checks every field: `Err((field, reason))`.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let unit = |f: f32| (0.0..=1.0).contains(&f);
+        let checks: [(&'static str, bool, &str); 11] = [
+            ("verifier_weight", self.verifier_weight >= 0.0 && self.verifier_weight.is_finite(), "must be >= 0"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature > 0.0 && self.temperature.is_finite(), "must be > 0"),
+            ("epochs", self.epochs >= 1, "must be at least 1"),
+            ("minibatches", self.minibatches >= 1, "must be at least 1"),
+            ("clip", self.clip > 0.0 && self.clip < 1.0, "must be in (0, 1)"),
+            ("value_clip", self.value_clip > 0.0 && self.value_clip.is_finite(), "must be > 0"),
+            ("gamma", unit(self.gamma), "must be in [0, 1]"),
+            ("lambda", unit(self.lambda), "must be in [0, 1]"),
+            ("kl_coef", self.kl_coef >= 0.0 && self.kl_coef.is_finite(), "must be >= 0"),
+            ("entropy_coef", self.entropy_coef >= 0.0 && self.entropy_coef.is_finite(), "must be >= 0"),
+        ];
+        for (field, ok, why) in checks {
+            if !ok {
+                return Err((field, why.to_string()));
+            }
+        }
+        if let Some(t) = self.kl_target {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(("kl_target", format!("must be > 0, got {t}")));
+            }
+            if !(self.kl_horizon > 0.0) {
+                return Err(("kl_horizon", "must be > 0".into()));
+            }
+        }
+        if let Some(v) = self.value_lr {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(("value_lr", format!("must be > 0, got {v}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PhasePlan {

@@ -238,6 +238,7 @@ impl PhaseEvents for Reporter<'_> {
             tokens: m.tokens,
             step_ms: m.step_ms,
             world: self.a.world,
+            values: m.values.into_iter().collect(),
         };
         // Metrics are best effort: a coordinator that is down for a moment must not stop training.
         if let Err(e) = self.handle.block_on(self.client.clone().report_step(req)) {
@@ -286,13 +287,15 @@ fn run_assignment(
             Err(e) => return Err(format!("ring: {e}")),
         }
     };
-    let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint));
+    // Where the phase starts: its own last checkpoint or its input (from the coordinator), else
+    // the checkpoint its spec names.
+    let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint)).or_else(|| plan.init_checkpoint.clone());
     let mut reporter = Reporter { handle, client, worker_id, a, current };
     let dir = PathBuf::from(&a.checkpoint_dir);
     match plan.kind {
         PhaseKind::Pretrain => crate::phase::pretrain::run_pretrain(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
         PhaseKind::Reward => crate::phase::reward::run_reward(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
         PhaseKind::Sft => crate::phase::sft::run_sft(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
-        other => Err(format!("{other:?} phases are not implemented by this worker")),
+        PhaseKind::Ppo => crate::phase::ppo::run_ppo(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
     }
 }

@@ -264,6 +264,22 @@ impl Gpt {
         self.backward_impl(Some(dhidden))
     }
 
+    /// Backward from a gradient of the logits: `write` receives the logits of the last forward,
+    /// `(B, T, Vp)`, and must overwrite them in place with `dloss/dlogits` (padding columns
+    /// `V..Vp` zero); then the gradient flows back as from [`Gpt::loss`]. For losses the fused
+    /// cross-entropy does not express (PPO's clipped surrogate). Adds into `grads`.
+    ///
+    /// # Errors
+    /// No forward ran, or its logits were already consumed.
+    pub fn backward_from_logits(&mut self, write: impl FnOnce(&mut [f32])) -> Result<()> {
+        let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        if self.dlogits_ready {
+            return Err(EngineError::NoForward);
+        }
+        write(&mut self.acts.logits[..b * t * self.config.padded_vocab_size]);
+        self.backward_impl(None)
+    }
+
     fn backward_impl(&mut self, dhidden: Option<&[f32]>) -> Result<()> {
         let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
         let mut prof = self.profile.take();

@@ -1,13 +1,18 @@
 //! Phases as workers run them, one rank of a data-parallel group each.
 
+pub mod ppo;
 pub mod pretrain;
 pub mod reward;
 pub mod sft;
 
 use std::path::PathBuf;
 
+/// The files in which phases record an evaluation of their checkpoint (SFT validation loss,
+/// reward-model held-out accuracy, PPO step statistics).
+pub const EVAL_FILES: [&str; 3] = [sft::EVAL_FILE, reward::EVAL_FILE, ppo::EVAL_FILE];
+
 /// Metrics of one optimizer step over the whole group.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepMetrics {
     /// Steps completed (1-based).
     pub step: u64,
@@ -18,6 +23,8 @@ pub struct StepMetrics {
     /// Tokens of the global batch.
     pub tokens: u64,
     pub step_ms: u64,
+    /// Phase-specific values (ppo: reward, kl, clip_frac, entropy, value_loss, verifier_pass, …).
+    pub values: Vec<(String, f64)>,
 }
 
 /// How a phase talks to the outside (the coordinator, or a test).

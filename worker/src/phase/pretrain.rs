@@ -177,7 +177,7 @@ pub fn run_lm_phase(
         opt.step(&mut model.params, &model.grads, lr);
         step += 1;
         if rank == 0 {
-            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: denom as u64, step_ms: started.elapsed().as_millis() as u64 });
+            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: denom as u64, step_ms: started.elapsed().as_millis() as u64, values: Vec::new() });
         }
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {

@@ -198,7 +198,7 @@ pub fn run_reward(
         step += 1;
         if rank == 0 {
             tracing::debug!(step, accuracy = correct / b_global as f64, "reward step");
-            events.step(StepMetrics { step, loss: loss / b_global as f64, lr, grad_norm, tokens: (2 * b_global * t) as u64, step_ms: started.elapsed().as_millis() as u64 });
+            events.step(StepMetrics { step, loss: loss / b_global as f64, lr, grad_norm, tokens: (2 * b_global * t) as u64, step_ms: started.elapsed().as_millis() as u64, values: Vec::new() });
         }
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {
@@ -226,7 +226,7 @@ fn evaluate(model: &mut Gpt, head: &ScalarHead, pairs: &[(Vec<u32>, Vec<u32>)], 
 }
 
 /// Adam for the head (no weight decay on a 1-output head).
-fn adam_head(head: &mut ScalarHead, g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: u64) {
+pub(crate) fn adam_head(head: &mut ScalarHead, g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: u64) {
     let (b1, b2, eps) = (0.9f32, 0.95f32, 1e-8f32);
     let bc1 = 1.0 - b1.powi(t as i32);
     let bc2 = 1.0 - b2.powi(t as i32);
