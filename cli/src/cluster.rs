@@ -121,6 +121,14 @@ pub fn describe(j: &JobStatus) -> String {
             if p.last_checkpoint.is_empty() { "-".to_string() } else { format!("{} (step {})", p.last_checkpoint, p.last_checkpoint_step) },
             if p.input_checkpoint.is_empty() { String::new() } else { format!("  from {}", p.input_checkpoint) },
         ));
+        if !p.values.is_empty() {
+            let mut v: Vec<_> = p.values.iter().collect();
+            v.sort_by(|a, b| a.0.cmp(b.0));
+            out.push_str(&format!("    last step: {}\n", v.iter().map(|(k, x)| format!("{k} {x:.4}")).collect::<Vec<_>>().join("  ")));
+        }
+        if !p.evaluation.is_empty() {
+            out.push_str(&format!("    evaluation: {}\n", p.evaluation));
+        }
     }
     if !j.workers.is_empty() {
         out.push_str(&format!("  workers (by rank): {:?}\n", j.workers));
@@ -202,6 +210,62 @@ pub fn cancel(id: u64, coordinator: &str) -> Result<(), CliError> {
         let mut c = connect(coordinator).await?;
         c.cancel_job(JobRef { job_id: id }).await.map_err(status_err)?;
         println!("job {id} cancelled");
+        Ok(())
+    })
+}
+
+pub fn resume(id: u64, coordinator: &str) -> Result<(), CliError> {
+    rt()?.block_on(async {
+        let mut c = connect(coordinator).await?;
+        c.resume_job(JobRef { job_id: id }).await.map_err(status_err)?;
+        println!("job {id} resumes at its failed phase (follow it with `liandan watch {id}`)");
+        Ok(())
+    })
+}
+
+/// `liandan label JOB`: shows a prompt and two sampled answers, reads 1 / 2 / t / s / q from
+/// stdin, and stores each choice through the coordinator, until `q`, the end of input, or
+/// `count` labels.
+pub fn label(job: u64, labeler: &str, count: Option<u64>, coordinator: &str) -> Result<(), CliError> {
+    use std::io::{BufRead, Write};
+    rt()?.block_on(async {
+        let mut c = connect(coordinator).await?;
+        let stdin = std::io::stdin();
+        let mut done = 0u64;
+        while count.is_none_or(|n| done < n) {
+            let cmp = c.next_comparison(ComparisonRequest { job_id: job }).await.map_err(status_err)?.into_inner();
+            println!(
+                "\ncomparison {} (job {}, {} of {} labelled; answers sampled from {})\n问 {}\n[1] {}\n[2] {}",
+                cmp.comparison_id,
+                cmp.job_id,
+                cmp.labelled,
+                cmp.total,
+                cmp.checkpoint,
+                cmp.prompt,
+                cmp.answer_a.replace('\n', " / "),
+                cmp.answer_b.replace('\n', " / ")
+            );
+            let choice = loop {
+                print!("better answer: 1 / 2 / t (tie) / s (skip) / q (quit)> ");
+                let _ = std::io::stdout().flush();
+                let mut line = String::new();
+                if stdin.lock().read_line(&mut line).map_err(|e| CliError::Io { path: "stdin".into(), source: e })? == 0 {
+                    break None;
+                }
+                match line.trim() {
+                    "1" => break Some("a"),
+                    "2" => break Some("b"),
+                    "t" | "tie" => break Some("tie"),
+                    "s" | "skip" => break Some("skip"),
+                    "q" | "quit" => break None,
+                    other => println!("'{other}' is not one of 1, 2, t, s, q"),
+                }
+            };
+            let Some(choice) = choice else { break };
+            c.submit_preference(PreferenceLabel { comparison_id: cmp.comparison_id, choice: choice.into(), labeler: labeler.into() }).await.map_err(status_err)?;
+            done += 1;
+        }
+        println!("{done} comparison(s) labelled as {labeler} (label_source = human)");
         Ok(())
     })
 }

@@ -12,6 +12,7 @@ mod bench;
 mod chat;
 mod cluster;
 mod data;
+mod evaluate;
 mod generate;
 mod progress;
 mod train;
@@ -49,6 +50,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat with a model in the terminal (chat template; needs a BPE checkpoint).
     Chat(chat::ChatArgs),
+    /// Score a checkpoint on held-out prompts (form verifier for poems, exact match otherwise).
+    Eval(evaluate::EvalArgs),
     /// Run the coordinator (gRPC control plane with a SQLite store).
     Coordinator(cluster::CoordinatorArgs),
     /// Run a worker that takes assignments from the coordinator.
@@ -61,6 +64,18 @@ enum Command {
     Watch { job: u64 },
     /// Cancel a job.
     Cancel { job: u64 },
+    /// Resume a failed job at the phase that failed, from its last checkpoint.
+    Resume { job: u64 },
+    /// Label comparisons of two sampled answers for a job's reward model (human feedback).
+    Label {
+        job: u64,
+        /// Your name, stored with each label.
+        #[arg(long, default_value_t = default_labeler())]
+        labeler: String,
+        /// Stop after this many labels (default: until `q` or the end of input).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// List workers, or drain one (`liandan workers drain ID`).
     Workers {
         #[command(subcommand)]
@@ -113,11 +128,14 @@ fn main() -> ExitCode {
         Command::Status { job } => cluster::status(job, &coord),
         Command::Watch { job } => cluster::watch(job, &coord),
         Command::Cancel { job } => cluster::cancel(job, &coord),
+        Command::Resume { job } => cluster::resume(job, &coord),
+        Command::Label { job, labeler, count } => cluster::label(job, &labeler, count, &coord),
         Command::Workers { action } => cluster::workers(action.map(|WorkersAction::Drain { id }| id), &coord),
         Command::Up(a) => up::run(a, threads),
         Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Eval(a) => evaluate::run(a),
         Command::Data { what } => data::run(what),
         Command::Bench { what } => bench::run(what, threads),
     };
@@ -128,6 +146,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The labeler name when none is given: the login name.
+fn default_labeler() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("USERNAME")).unwrap_or_else(|_| "anonymous".into())
 }
 
 /// Logs through tracing-subscriber to stderr: `pretty` (human) or `json`, filtered by RUST_LOG

@@ -98,7 +98,7 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     let ckpts: Vec<PathBuf> = final_status.phases.iter().map(|p| PathBuf::from(&p.last_checkpoint)).collect();
 
     eprintln!("liandan up: 3/3 evaluate: held-out prompts answered after each phase, scored by rule");
-    let items: Vec<liandan_worker::eval::EvalItem> = EVAL.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let items = eval_items();
     let mut reports = Vec::new();
     let mut reward_accuracy = None;
     for (phase, ckpt) in final_status.phases.iter().zip(&ckpts) {
@@ -153,6 +153,11 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
         final_status.phases.iter().zip(&ckpts).filter(|(p, _)| p.name == "sft").map(|(_, c)| c.display().to_string()).next().unwrap_or_default()
     );
     Ok(())
+}
+
+/// The embedded held-out prompts.
+pub fn eval_items() -> Vec<liandan_worker::eval::EvalItem> {
+    EVAL.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// A coordinator and workers as child processes of this one.

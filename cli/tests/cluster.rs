@@ -372,32 +372,41 @@ fn pretrain_then_sft_with_lineage_and_a_bad_sft_file_refused_at_submit() {
     common::assert_one_line_error(&o, &["phases[1].data", "sft.jsonl:1", "field 'response' is missing"]);
 }
 
-#[test]
-fn a_reward_phase_after_sft_and_a_degenerate_pair_refused_at_submit() {
-    let d = scratch("reward");
-    let data = prepared(&d);
+/// Writes the SFT examples and rule-derived comparisons of the recipe tests.
+fn recipe_files(d: &Path) -> (PathBuf, PathBuf) {
     let sft = d.join("sft.jsonl");
     let pref = d.join("pref.jsonl");
     let (mut a, mut b) = (String::new(), String::new());
     for i in 0..40 {
-        a.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "response": "疑是地上霜。"}).to_string());
+        a.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "response": "疑是地上霜。", "task": "next_line"}).to_string());
         a.push('\n');
         b.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "chosen": "疑是地上霜。", "rejected": "黄河入海流。", "label_source": "rule"}).to_string());
         b.push('\n');
     }
     std::fs::write(&sft, a).unwrap();
     std::fs::write(&pref, b).unwrap();
+    (sft, pref)
+}
+
+const PPO_PHASE: &str = "\n[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"SFT\"\nsteps = 3\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n";
+
+#[test]
+fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_submit() {
+    let d = scratch("reward");
+    let data = prepared(&d);
+    let (sft, pref) = recipe_files(&d);
     let base = std::fs::read_to_string(spec(&d, &data, 4, 2, 1)).unwrap();
     let phases = format!(
-        "{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n\n[[phases]]\nname = \"reward\"\nkind = \"reward\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n",
+        "{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n\n[[phases]]\nname = \"reward\"\nkind = \"reward\"\ndata = \"{}\"\nsteps = 4\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n{}",
         sft.display(),
-        pref.display()
+        pref.display(),
+        PPO_PHASE.replace("SFT", s(&sft))
     );
-    let spec_path = d.join("three.toml");
+    let spec_path = d.join("four.toml");
     std::fs::write(&spec_path, &phases).unwrap();
     let c = Cluster::start(&d, 2);
     let job = c.submit(&spec_path);
-    let st = c.wait_state(job, "succeeded", 180);
+    let st = c.wait_state(job, "succeeded", 240);
     assert!(st.contains("phase 2 reward") && st.contains("step 4/4"), "{st}");
     let store = Store::open(&d.join("store.db")).unwrap();
     let losses: Vec<f64> = store.metrics(job, 2).unwrap().iter().map(|m| m.loss).collect();
@@ -407,8 +416,117 @@ fn a_reward_phase_after_sft_and_a_degenerate_pair_refused_at_submit() {
     let ckpt = store.phase(job, 2).unwrap().unwrap().last_checkpoint;
     assert!(Path::new(&ckpt).join("reward_eval.json").exists() && Path::new(&ckpt).join("score_head.json").exists(), "{ckpt}");
 
+    // PPO started from the SFT model (not from the reward model just before it), reported its
+    // statistics with every step, and the status shows them with the lineage and evaluations.
+    let sft_ckpt = store.phase(job, 1).unwrap().unwrap().last_checkpoint;
+    let ppo = store.phase(job, 3).unwrap().unwrap();
+    assert_eq!(ppo.input_checkpoint, sft_ckpt);
+    let m = store.metrics(job, 3).unwrap();
+    assert_eq!(m.len(), 3);
+    assert_eq!(m[0].values["kl"], 0.0, "the first rollout comes from the reference itself");
+    for k in ["reward", "rm_score", "clip_frac", "entropy", "value_loss", "verifier_pass"] {
+        assert!(m.iter().all(|r| r.values[k].is_finite()), "{k}: {m:?}");
+    }
+    for f in ["critic.safetensors", "critic_optimizer.safetensors", "ppo_state.json", "ppo_eval.json", "tokenizer.json"] {
+        assert!(Path::new(&ppo.last_checkpoint).join(f).exists(), "{f} in {}", ppo.last_checkpoint);
+    }
+    assert!(st.contains("phase 3 ppo") && st.contains(&format!("from {sft_ckpt}")), "{st}");
+    assert!(st.contains("last step:") && st.contains("kl ") && st.contains("evaluation: {") && st.contains("\"accuracy\""), "{st}");
+
     // chosen == rejected: refused before any training, naming file, line and fields.
     std::fs::write(&pref, "{\"prompt\": \"p\", \"chosen\": \"同\", \"rejected\": \"同\"}\n").unwrap();
     let o = c.cli(&["submit", s(&spec_path)]);
     common::assert_one_line_error(&o, &["phases[2].data", "pref.jsonl:1", "'chosen' and 'rejected' are the same"]);
+    // A ppo phase whose reward checkpoint is of another kind (the SFT model has no scalar head).
+    let bad = format!("{base}{}reward_checkpoint = \"{sft_ckpt}\"\ninit = \"{sft_ckpt}\"\n", PPO_PHASE.replace("SFT", s(&sft)).replace("[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n", ""));
+    std::fs::write(&spec_path, bad).unwrap();
+    let o = c.cli(&["submit", s(&spec_path)]);
+    common::assert_one_line_error(&o, &["phases[1].reward_checkpoint", "is not a reward-model checkpoint"]);
+}
+
+/// `liandan label` with its answers piped in.
+fn label(c: &Cluster, job: u64, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_liandan"))
+        .args(["label", &job.to_string(), "--labeler", "tester", "--coordinator", &c.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn human_labels_train_a_reward_model_and_a_failed_job_resumes_at_its_phase() {
+    let d = scratch("label");
+    let data = prepared(&d);
+    let (sft, _) = recipe_files(&d);
+    let base = std::fs::read_to_string(spec(&d, &data, 2, 2, 1)).unwrap();
+    let spec_a = d.join("a.toml");
+    std::fs::write(&spec_a, format!("{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n", sft.display())).unwrap();
+    let c = Cluster::start(&d, 1);
+    let a = c.submit(&spec_a);
+    c.wait_state(a, "succeeded", 180);
+
+    // Three comparisons shown; 1, 2, then an unknown key, then skip.
+    let o = label(&c, a, "1\n2\nx\ns\n");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("[1] ") && out.contains("[2] ") && out.contains("'x' is not one of") && out.contains("3 comparison(s) labelled as tester"), "{out}");
+    let store = Store::open(&d.join("store.db")).unwrap();
+    // A fourth was shown when the input ended: it stays open for the next session.
+    assert_eq!(store.comparison_counts(a).unwrap(), (4, 3));
+    assert_eq!(store.open_comparison(a).unwrap().map(|c| c.id), Some(4));
+    assert_eq!(store.decided_comparisons().unwrap().len(), 2, "the skipped one trains nothing");
+
+    // Bad labels: refused with the right status, nothing changes.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let cl = liandan_proto::v1::coordinator_client::CoordinatorClient::connect(c.addr.clone()).await.unwrap();
+        let cases = [(1, "b", tonic::Code::FailedPrecondition), (999, "a", tonic::Code::NotFound), (1, "best", tonic::Code::InvalidArgument)];
+        for (id, choice, code) in cases {
+            let req = liandan_proto::v1::PreferenceLabel { comparison_id: id, choice: choice.into(), labeler: "x".into() };
+            assert_eq!(cl.clone().submit_preference(req).await.unwrap_err().code(), code, "comparison {id} '{choice}'");
+        }
+    });
+    assert_eq!(store.comparison(1).unwrap().unwrap().choice, "a");
+
+    // Job B: a reward model on the human labels, then PPO, both from job A's SFT model. The
+    // PPO prompts vanish while the reward phase runs: the job fails in the ppo phase, and
+    // resumes there once they are back.
+    let sft_ckpt = store.phase(a, 1).unwrap().unwrap().last_checkpoint;
+    let prompts = d.join("prompts.jsonl");
+    std::fs::copy(&sft, &prompts).unwrap();
+    let spec_b = d.join("b.toml");
+    let head = base.split("[[phases]]").next().unwrap();
+    std::fs::write(
+        &spec_b,
+        format!(
+            "{head}[[phases]]\nname = \"reward\"\nkind = \"reward\"\ninit = \"{sft_ckpt}\"\ncomparisons = \"labelled\"\nsteps = 20\nglobal_batch = 2\nseq_len = 64\nlr = 1e-3\n{}init = \"{sft_ckpt}\"\n",
+            PPO_PHASE.replace("SFT", s(&prompts)).replace("[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n", "")
+        ),
+    )
+    .unwrap();
+    let b = c.submit(&spec_b);
+    std::fs::remove_file(&prompts).unwrap();
+    let st = wait_for(180, "job b to fail", || {
+        let st = c.status(b);
+        st.lines().next().is_some_and(|l| l.contains(": failed")).then_some(st)
+    });
+    assert!(st.contains("phase 1 ppo") && st.contains("prompts.jsonl"), "{st}");
+    let reward = store.phase(b, 0).unwrap().unwrap();
+    let exported = std::fs::read_to_string(Path::new(&reward.checkpoint_dir).join("labelled_comparisons.jsonl")).unwrap();
+    assert_eq!(exported.lines().count(), 2);
+    assert!(exported.lines().all(|l| l.contains("\"label_source\":\"human\"") && l.contains("\"labeler\":\"tester\"")), "{exported}");
+    std::fs::copy(&sft, &prompts).unwrap();
+    let o = c.cli(&["resume", &b.to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = c.wait_state(b, "succeeded", 180);
+    assert!(st.contains("phase 0 reward") && st.contains("step 20/20"), "the reward phase was not run again: {st}");
+    assert_eq!(store.metrics(b, 0).unwrap().len(), 20);
+    assert_eq!(store.metrics(b, 1).unwrap().len(), 3);
+    let o = c.cli(&["resume", &b.to_string()]);
+    common::assert_one_line_error(&o, &["only a failed job resumes"]);
 }

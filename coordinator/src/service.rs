@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::scheduler::{self, Reason};
-use crate::spec::{JobSpec, PhasePlan};
+use crate::spec::{JobSpec, PhaseKind, PhasePlan};
 use crate::store::{now_ms, MetricRow, Store, StoreError};
 
 /// Timing of membership.
@@ -39,6 +39,16 @@ impl Default for CoordinatorConfig {
 pub struct CoordinatorService {
     store: Arc<Mutex<Store>>,
     pub config: CoordinatorConfig,
+    /// The model that samples answers for human comparisons, loaded once per checkpoint.
+    sampler: Arc<Mutex<Option<Sampler>>>,
+}
+
+/// A checkpoint loaded to sample answers for comparisons.
+#[derive(Debug)]
+struct Sampler {
+    checkpoint: String,
+    model: liandan_worker::Gpt,
+    tokenizer: liandan_data::tokenizer::ChatTokenizer,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -49,7 +59,7 @@ impl CoordinatorService {
     pub fn new(store: Store, config: CoordinatorConfig) -> Result<Self, StoreError> {
         // After a restart, give workers a full lease to reconnect before declaring them dead.
         store.renew_all_leases(config.lease_ms)?;
-        Ok(CoordinatorService { store: Arc::new(Mutex::new(store)), config })
+        Ok(CoordinatorService { store: Arc::new(Mutex::new(store)), config, sampler: Arc::new(Mutex::new(None)) })
     }
 
     fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, Status> {
@@ -119,6 +129,46 @@ impl CoordinatorService {
             Ok(Some(JobStatus { job_id, name: job.name, state: job.state, phases, workers, error: job.error, created_ms: job.created_ms }))
         })?
         .ok_or_else(|| Status::not_found(format!("job {job_id} does not exist")))
+    }
+
+    /// A new comparison for `job_id`: a prompt of the job's SFT data and two answers sampled
+    /// from its newest SFT or PPO checkpoint (blocking: runs the model).
+    pub fn make_comparison(&self, job_id: u64) -> Result<crate::store::NewComparison, Status> {
+        let (checkpoint, examples, made) = self.with_store(|s| {
+            let Some(_) = s.job(job_id)? else { return Ok(Err(Status::not_found(format!("job {job_id} does not exist")))) };
+            let plans: Vec<(crate::store::PhaseRow, PhasePlan)> =
+                s.phases(job_id)?.into_iter().filter_map(|p| serde_json::from_str::<PhasePlan>(&p.plan_json).ok().map(|pl| (p, pl))).collect();
+            let chat = |k: PhaseKind| matches!(k, PhaseKind::Sft | PhaseKind::Ppo);
+            let Some((p, _)) = plans.iter().rev().find(|(p, pl)| chat(pl.kind) && !p.last_checkpoint.is_empty()) else {
+                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no SFT or PPO checkpoint yet to sample answers from"))));
+            };
+            let Some(examples) = plans.iter().find(|(_, pl)| pl.kind == PhaseKind::Sft).and_then(|(_, pl)| pl.examples.clone()) else {
+                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no sft phase whose prompts could be asked"))));
+            };
+            Ok(Ok((p.last_checkpoint.clone(), examples, s.comparison_counts(job_id)?.0)))
+        })??;
+        let prompts = liandan_data::chat::read_sft(&examples).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let mut guard = self.sampler.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|m| m.checkpoint != checkpoint) {
+            let (model, tokenizer) = liandan_worker::eval::load_chat_model(std::path::Path::new(&checkpoint)).map_err(Status::failed_precondition)?;
+            *guard = Some(Sampler { checkpoint: checkpoint.clone(), model, tokenizer });
+        }
+        let Some(m) = guard.as_ref() else { return Err(Status::internal("sampler not loaded")) };
+        // Walk the prompts in a fixed pseudo-random order; skip pairs whose answers are equal.
+        for attempt in 0..16u64 {
+            let k = made * 16 + attempt;
+            let ex = &prompts[(k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) as usize % prompts.len()];
+            let Some(prompt) = ex.messages.iter().find(|m| m.role == liandan_data::chat::Role::User).map(|m| m.content.clone()) else { continue };
+            let sample = |seed: u64| {
+                let cfg = liandan_worker::generate::SamplingConfig { max_new_tokens: 64, temperature: 0.9, top_k: 50, top_p: 0.95, seed, ..Default::default() };
+                liandan_worker::eval::answer_with(&m.model, &m.tokenizer, &prompt, cfg).map_err(Status::internal)
+            };
+            let (a, b) = (sample(2 * k)?, sample(2 * k + 1)?);
+            if a.trim() != b.trim() && !a.trim().is_empty() && !b.trim().is_empty() {
+                return Ok(crate::store::NewComparison { job_id, prompt, task: ex.task.clone().unwrap_or_default(), answer_a: a.trim().into(), answer_b: b.trim().into(), checkpoint });
+            }
+        }
+        Err(Status::resource_exhausted(format!("{checkpoint}: 16 attempts gave no two different answers")))
     }
 
     /// Submits a spec; the error names the key (INVALID_ARGUMENT).
@@ -421,6 +471,77 @@ impl Coordinator for CoordinatorService {
         info!("worker {id} asked to drain");
         Ok(Response::new(Ack {}))
     }
+
+    async fn next_comparison(&self, req: Request<ComparisonRequest>) -> Result<Response<Comparison>, Status> {
+        let job_id = req.into_inner().job_id;
+        let open = self.with_store(|s| s.open_comparison(job_id))?;
+        let row = match open {
+            Some(row) => row,
+            None => {
+                let me = self.clone();
+                let new = tokio::task::spawn_blocking(move || me.make_comparison(job_id)).await.map_err(|e| Status::internal(e.to_string()))??;
+                let id = self.with_store(|s| s.insert_comparison(&new))?;
+                info!(job = job_id, comparison = id, "new comparison sampled from {}", new.checkpoint);
+                crate::store::ComparisonRow { id, new, choice: String::new(), labeler: String::new() }
+            }
+        };
+        let (total, labelled) = self.with_store(|s| s.comparison_counts(job_id))?;
+        let n = row.new;
+        Ok(Response::new(Comparison {
+            comparison_id: row.id,
+            job_id,
+            prompt: n.prompt,
+            answer_a: n.answer_a,
+            answer_b: n.answer_b,
+            task: n.task,
+            checkpoint: n.checkpoint,
+            total,
+            labelled,
+        }))
+    }
+
+    async fn submit_preference(&self, req: Request<PreferenceLabel>) -> Result<Response<Ack>, Status> {
+        let r = req.into_inner();
+        if !["a", "b", "tie", "skip"].contains(&r.choice.as_str()) {
+            warn!(comparison = r.comparison_id, "label refused: choice '{}'", r.choice);
+            return Err(Status::invalid_argument(format!("choice must be a, b, tie or skip, got '{}'", r.choice)));
+        }
+        self.with_store(|s| {
+            let Some(c) = s.comparison(r.comparison_id)? else { return Ok(Err(Status::not_found(format!("comparison {} does not exist", r.comparison_id)))) };
+            if !s.label_comparison(c.id, &r.choice, &r.labeler)? {
+                return Ok(Err(Status::failed_precondition(format!("comparison {} was already labelled ('{}' by '{}')", c.id, c.choice, c.labeler))));
+            }
+            Ok(Ok(()))
+        })?
+        .inspect_err(|e| warn!(comparison = r.comparison_id, "label refused: {}", e.message()))?;
+        info!(comparison = r.comparison_id, choice = %r.choice, labeler = %r.labeler, "comparison labelled");
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn resume_job(&self, req: Request<JobRef>) -> Result<Response<Ack>, Status> {
+        let id = req.into_inner().job_id;
+        let log = self.with_store(|s| {
+            s.transaction(|s| {
+                let Some(job) = s.job(id)? else { return Ok(Err(Status::not_found(format!("job {id} does not exist")))) };
+                if job.state != "failed" {
+                    return Ok(Err(Status::failed_precondition(format!("job {id} is {}: only a failed job resumes", job.state))));
+                }
+                let Some(p) = s.phases(id)?.into_iter().find(|p| p.state == "failed") else {
+                    return Ok(Err(Status::failed_precondition(format!("job {id} has no failed phase"))));
+                };
+                s.set_job_state(id, "running", "")?;
+                s.set_phase_state(id, p.idx, "running", "")?;
+                let p = s.phase(id, p.idx)?.unwrap_or(p);
+                let mut log = vec![format!("job {id} resumes phase {} ({}) from step {}", p.idx, p.name, p.last_checkpoint_step)];
+                log.extend(scheduler::reform(s, &p, Reason::Start)?);
+                Ok(Ok(log))
+            })
+        })??;
+        for line in log {
+            info!(target: "liandan::scheduler", "{line}");
+        }
+        Ok(Response::new(Ack {}))
+    }
 }
 
 /// The checkpoint a phase starts from: the output of the phase it names (`from_phase`), or the
@@ -440,6 +561,9 @@ fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Result<String, 
     if plan.init_checkpoint.is_none() && !p.input_checkpoint.is_empty() {
         plan.init_checkpoint = Some(p.input_checkpoint.clone().into());
     }
+    if plan.kind == PhaseKind::Reward && plan.comparisons != crate::spec::ComparisonSource::File {
+        plan.labelled_examples = Some(export_labelled(s, p)?);
+    }
     if let Some(k) = plan.reward_phase {
         let done = s.phase(p.job_id, k as u32)?.map(|q| q.last_checkpoint).unwrap_or_default();
         if !done.is_empty() {
@@ -447,6 +571,32 @@ fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Result<String, 
         }
     }
     Ok(serde_json::to_string(&plan).unwrap_or_else(|_| p.plan_json.clone()))
+}
+
+/// Writes the comparisons labelled so far (with a winner) to `labelled_comparisons.jsonl` in the
+/// phase's checkpoint directory, once: later generations of the phase train on the same set.
+fn export_labelled(s: &Store, p: &crate::store::PhaseRow) -> Result<std::path::PathBuf, StoreError> {
+    let path = std::path::Path::new(&p.checkpoint_dir).join("labelled_comparisons.jsonl");
+    if path.exists() {
+        return Ok(path);
+    }
+    let mut body = String::new();
+    for c in s.decided_comparisons()? {
+        let n = &c.new;
+        let (chosen, rejected) = if c.choice == "a" { (&n.answer_a, &n.answer_b) } else { (&n.answer_b, &n.answer_a) };
+        let line = serde_json::json!({
+            "prompt": n.prompt, "chosen": chosen, "rejected": rejected, "label_source": "human",
+            "task": n.task, "comparison_id": c.id, "labeler": c.labeler, "sampled_from": n.checkpoint,
+        });
+        body.push_str(&line.to_string());
+        body.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+    std::fs::create_dir_all(&p.checkpoint_dir).map_err(io)?;
+    std::fs::write(&tmp, body).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(path)
 }
 
 /// The evaluation a checkpoint recorded about itself (one of the phases' eval files), or "".

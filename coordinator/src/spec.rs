@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use liandan_worker::plan::{PhaseKind, PhasePlan};
+pub use liandan_worker::plan::{ComparisonSource, PhaseKind, PhasePlan};
 use liandan_worker::GptConfig;
 
 /// A spec error: where (`phases[0].steps`) and why.
@@ -123,6 +123,10 @@ pub struct PhaseSpec {
     pub reward_checkpoint: Option<PathBuf>,
     /// ppo: the algorithm's settings (`[phases.ppo]`; every field has a default).
     pub ppo: Option<liandan_worker::plan::PpoSettings>,
+    /// reward: `file` (the `data` JSONL, default), `labelled` (comparisons labelled through
+    /// `liandan label`), or `both`.
+    #[serde(default)]
+    pub comparisons: liandan_worker::plan::ComparisonSource,
 }
 
 fn one() -> u32 {
@@ -182,7 +186,8 @@ impl JobSpec {
                 if i == 0 && p.init.is_none() {
                     return bad(&at("kind"), format!("{a} {kind} phase fine-tunes an earlier phase's output: put a pretrain phase before it (or give `init`)"));
                 }
-                if p.data.is_none() {
+                let labelled_only = p.kind == PhaseKind::Reward && p.comparisons == ComparisonSource::Labelled;
+                if p.data.is_none() && !labelled_only {
                     return bad(&at("data"), format!("{a} {kind} phase needs a JSONL file of examples"));
                 }
             }
@@ -197,6 +202,9 @@ impl JobSpec {
                 }
             } else if p.ppo.is_some() || p.reward_model.is_some() || p.reward_checkpoint.is_some() {
                 return bad(&at("ppo"), format!("`ppo`, `reward_model` and `reward_checkpoint` belong to ppo phases, not {kind}"));
+            }
+            if p.kind != PhaseKind::Reward && p.comparisons != ComparisonSource::File {
+                return bad(&at("comparisons"), format!("`comparisons` belongs to reward phases, not {kind}"));
             }
             if p.steps == 0 {
                 return bad(&at("steps"), "must be at least 1".into());
@@ -328,6 +336,8 @@ impl JobSpec {
                     init_checkpoint: p.init.clone(),
                     reward_checkpoint: p.reward_checkpoint.clone(),
                     ppo: (p.kind == PhaseKind::Ppo).then(|| p.ppo.clone().unwrap_or_default()),
+                    comparisons: p.comparisons,
+                    labelled_examples: None,
                 })
             })
             .collect()

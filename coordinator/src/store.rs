@@ -84,6 +84,21 @@ CREATE TABLE datasets (
 );
 "#, r#"
 ALTER TABLE metrics ADD COLUMN values_json TEXT NOT NULL DEFAULT '{}';
+"#, r#"
+CREATE TABLE comparisons (
+    id          INTEGER PRIMARY KEY,
+    job_id      INTEGER NOT NULL,
+    prompt      TEXT NOT NULL,
+    task        TEXT NOT NULL DEFAULT '',
+    answer_a    TEXT NOT NULL,
+    answer_b    TEXT NOT NULL,
+    checkpoint  TEXT NOT NULL,
+    choice      TEXT NOT NULL DEFAULT '',
+    labeler     TEXT NOT NULL DEFAULT '',
+    created_ms  INTEGER NOT NULL,
+    answered_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX comparisons_open ON comparisons (job_id, choice);
 "#];
 
 /// Store errors.
@@ -93,6 +108,9 @@ pub enum StoreError {
     Open { path: String, source: rusqlite::Error },
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// A file the coordinator writes from the store (exported comparisons).
+    #[error("{0}")]
+    Io(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -154,6 +172,38 @@ pub struct MetricRow {
     pub generation: u64,
     /// Phase-specific values (ppo: reward, kl, …), by name.
     pub values: std::collections::BTreeMap<String, f64>,
+}
+
+/// A comparison to store: a prompt and two sampled answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewComparison {
+    pub job_id: u64,
+    pub prompt: String,
+    pub task: String,
+    pub answer_a: String,
+    pub answer_b: String,
+    /// The checkpoint that sampled the answers.
+    pub checkpoint: String,
+}
+
+/// A stored comparison; `choice` is `""` until labelled, then `a`, `b`, `tie` or `skip`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComparisonRow {
+    pub id: u64,
+    pub new: NewComparison,
+    pub choice: String,
+    pub labeler: String,
+}
+
+const COMPARISON_COLS: &str = "id, job_id, prompt, task, answer_a, answer_b, checkpoint, choice, labeler";
+
+fn comparison_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ComparisonRow> {
+    Ok(ComparisonRow {
+        id: r.get::<_, i64>(0)? as u64,
+        new: NewComparison { job_id: r.get::<_, i64>(1)? as u64, prompt: r.get(2)?, task: r.get(3)?, answer_a: r.get(4)?, answer_b: r.get(5)?, checkpoint: r.get(6)? },
+        choice: r.get(7)?,
+        labeler: r.get(8)?,
+    })
 }
 
 /// The SQLite store.
@@ -419,6 +469,55 @@ impl Store {
         Ok(())
     }
 
+    // ---- human comparisons ----
+
+    /// Stores a new comparison to label; returns its id.
+    pub fn insert_comparison(&self, c: &NewComparison) -> Result<u64> {
+        self.conn.execute(
+            "INSERT INTO comparisons (job_id, prompt, task, answer_a, answer_b, checkpoint, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![c.job_id as i64, c.prompt, c.task, c.answer_a, c.answer_b, c.checkpoint, now_ms() as i64],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    pub fn comparison(&self, id: u64) -> Result<Option<ComparisonRow>> {
+        Ok(self.conn.query_row(&format!("SELECT {COMPARISON_COLS} FROM comparisons WHERE id = ?1"), [id as i64], comparison_row).optional()?)
+    }
+
+    /// The oldest comparison of a job nobody has labelled yet.
+    pub fn open_comparison(&self, job_id: u64) -> Result<Option<ComparisonRow>> {
+        Ok(self
+            .conn
+            .query_row(&format!("SELECT {COMPARISON_COLS} FROM comparisons WHERE job_id = ?1 AND choice = '' ORDER BY id LIMIT 1"), [job_id as i64], comparison_row)
+            .optional()?)
+    }
+
+    /// Records a label (`a`, `b`, `tie`, `skip`) on an open comparison. Returns false when the
+    /// comparison was already labelled (nothing changes then).
+    pub fn label_comparison(&self, id: u64, choice: &str, labeler: &str) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE comparisons SET choice = ?2, labeler = ?3, answered_ms = ?4 WHERE id = ?1 AND choice = ''",
+            params![id as i64, choice, labeler, now_ms() as i64],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Every labelled comparison with a winner (`a` or `b`), oldest first.
+    pub fn decided_comparisons(&self) -> Result<Vec<ComparisonRow>> {
+        let mut st = self.conn.prepare(&format!("SELECT {COMPARISON_COLS} FROM comparisons WHERE choice IN ('a', 'b') ORDER BY id"))?;
+        let rows = st.query_map([], comparison_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Comparisons of a job: `(total, labelled)`.
+    pub fn comparison_counts(&self, job_id: u64) -> Result<(u64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(choice != ''), 0) FROM comparisons WHERE job_id = ?1",
+            [job_id as i64],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
     pub fn register_dataset(&self, path: &str, vocab_size: usize, train_tokens: u64, tokenizer_sha256: &str) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO datasets (path, vocab_size, train_tokens, tokenizer_sha256, registered_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -518,6 +617,21 @@ mod tests {
         s.commit_checkpoint(id, 0, 5, "/c/5", 1).unwrap();
         s.commit_checkpoint(id, 0, 3, "/c/3", 1).unwrap();
         assert_eq!(s.phase(id, 0).unwrap().unwrap().last_checkpoint, "/c/5", "an older commit never moves the resume point back");
+    }
+
+    #[test]
+    fn a_comparison_is_labelled_once() {
+        let s = Store::in_memory().unwrap();
+        let c = NewComparison { job_id: 4, prompt: "p".into(), task: "poem".into(), answer_a: "a".into(), answer_b: "b".into(), checkpoint: "/c".into() };
+        let id = s.insert_comparison(&c).unwrap();
+        assert_eq!(s.open_comparison(4).unwrap().unwrap().id, id);
+        assert!(s.label_comparison(id, "b", "ann").unwrap());
+        assert!(!s.label_comparison(id, "a", "bob").unwrap(), "a second label is refused");
+        let row = s.comparison(id).unwrap().unwrap();
+        assert_eq!((row.choice.as_str(), row.labeler.as_str()), ("b", "ann"));
+        assert_eq!(s.open_comparison(4).unwrap(), None);
+        assert_eq!(s.comparison_counts(4).unwrap(), (1, 1));
+        assert_eq!(s.decided_comparisons().unwrap().len(), 1);
     }
 
     #[test]

@@ -44,14 +44,32 @@ pub fn passes(item: &EvalItem, answer: &str) -> bool {
 
 /// The model's greedy answer to `prompt` with the chat template (up to `max_new` tokens).
 pub fn answer(model: &Gpt, tk: &ChatTokenizer, prompt: &str, max_new: usize) -> Result<String, String> {
+    answer_with(model, tk, prompt, SamplingConfig { max_new_tokens: max_new, greedy: true, ..Default::default() })
+}
+
+/// The model's answer to `prompt` with the chat template, sampled by `cfg` (its stop tokens
+/// are the template's; its length is cut to the context).
+pub fn answer_with(model: &Gpt, tk: &ChatTokenizer, prompt: &str, mut cfg: SamplingConfig) -> Result<String, String> {
     let ids = prompt_ids(tk, &[Message { role: Role::User, content: prompt.to_string() }]).map_err(|e| e.to_string())?;
     let room = model.config.n_positions.saturating_sub(ids.len());
     if room == 0 {
         return Ok(String::new());
     }
-    let cfg = SamplingConfig { max_new_tokens: max_new.min(room), greedy: true, stop_tokens: vec![tk.special.end, tk.special.eos], ..Default::default() };
+    cfg.max_new_tokens = cfg.max_new_tokens.min(room);
+    cfg.stop_tokens = vec![tk.special.end, tk.special.eos];
     let out = Generator::new(model).generate(&ids, &cfg).map_err(|e| e.to_string())?;
     tk.decode_text(&out.tokens).map_err(|e| e.to_string())
+}
+
+/// A checkpoint and the chat tokenizer stored in it, for answering prompts.
+pub fn load_chat_model(dir: &Path) -> Result<(Gpt, ChatTokenizer), String> {
+    let ck = crate::checkpoint::load(dir, None).map_err(|e| e.to_string())?;
+    let bytes = crate::checkpoint::read_verified(dir, &ck.state.tokenizer, &ck.state).map_err(|e| e.to_string())?;
+    let tk = ChatTokenizer::from_bytes(&bytes, &dir.join(&ck.state.tokenizer), Some(ck.state.model_config.vocab_size))
+        .map_err(|e| format!("{}: not a chat model ({e})", dir.display()))?;
+    let mut model = Gpt::new(ck.state.model_config.clone(), 1, 1).map_err(|e| e.to_string())?;
+    model.params = ck.params;
+    Ok((model, tk))
 }
 
 /// Pass counts per task.

@@ -61,6 +61,27 @@ pub struct PhasePlan {
     /// ppo: the algorithm's settings.
     #[serde(default)]
     pub ppo: Option<PpoSettings>,
+    /// reward: which comparisons to train on.
+    #[serde(default)]
+    pub comparisons: ComparisonSource,
+    /// reward: the comparisons labelled through the coordinator (`liandan label`), exported to a
+    /// JSONL file by the coordinator when the phase starts.
+    #[serde(default)]
+    pub labelled_examples: Option<PathBuf>,
+}
+
+/// Where a reward phase's comparisons come from. Every comparison keeps its `label_source`
+/// (`rule` or `human`), so a model trained on rule-derived ones is never passed off as human-aligned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComparisonSource {
+    /// The phase's `data` file.
+    #[default]
+    File,
+    /// Comparisons labelled through the coordinator (`liandan label`).
+    Labelled,
+    /// Both.
+    Both,
 }
 
 /// What a PPO phase rewards at the end of each answer.
@@ -87,7 +108,7 @@ pub struct PpoSettings {
     pub tasks: Vec<String>,
     /// Longest sampled answer, tokens.
     pub max_new_tokens: usize,
-    /// Sampling temperature of the rollouts.
+    /// Sampling temperature τ of the rollouts; the policy PPO optimises is softmax(logits/τ).
     pub temperature: f32,
     /// Passes over each rollout batch.
     pub epochs: usize,

@@ -181,20 +181,21 @@ pub fn clipped_value_loss(v: f32, v_old: f32, ret: f32, clip: f32) -> (f64, f32)
     }
 }
 
-/// `log softmax(row)[target]` and the softmax's entropy, over a row of real-vocabulary logits.
-fn logp_entropy(row: &[f32], target: usize) -> (f32, f64) {
+/// `log softmax(row/τ)[target]` and that softmax's entropy, over a row of real-vocabulary
+/// logits (`inv_temp` = 1/τ: the rollouts' sampling distribution).
+fn logp_entropy(row: &[f32], target: usize, inv_temp: f32) -> (f32, f64) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f64;
     let mut dot = 0.0f64;
     for &x in row {
-        let z = (x - max) as f64;
+        let z = ((x - max) * inv_temp) as f64;
         let e = z.exp();
         sum += e;
         dot += e * z;
     }
     let lse = sum.ln();
     // log p = z_target − lse; H = lse − Σ p·z.
-    (((row[target] - max) as f64 - lse) as f32, lse - dot / sum)
+    ((((row[target] - max) * inv_temp) as f64 - lse) as f32, lse - dot / sum)
 }
 
 /// Sums of the policy loss over a set of rows.
@@ -207,11 +208,12 @@ pub struct PolicyStats {
     pub tokens: f64,
 }
 
-/// Turns the logits of a forward over `rows` (each padded to `t`) into the gradient of the
-/// minibatch's policy loss `Σ_tokens [surrogate − entropy_coef·H] / denom`:
-/// `d/dz = g·(onehot − p) + entropy_coef·p·(log p + H)/denom` at each answer position, with
-/// `g = d surrogate / d log π / denom`; zero elsewhere and in the padding columns.
-pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usize, vp: usize, eps: f32, entropy_coef: f32, denom: f32) -> PolicyStats {
+/// Turns the logits `x` of a forward over `rows` (each padded to `t`) into the gradient of the
+/// minibatch's policy loss `Σ_tokens [surrogate − entropy_coef·H] / denom`, where the policy is
+/// `π = softmax(x/τ)` (`inv_temp` = 1/τ):
+/// `d/dx = (1/τ)·[g·(onehot − p) + entropy_coef·p·(log p + H)/denom]` at each answer position,
+/// with `g = d surrogate / d log π / denom`; zero elsewhere and in the padding columns.
+pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usize, vp: usize, inv_temp: f32, eps: f32, entropy_coef: f32, denom: f32) -> PolicyStats {
     let mut stats = PolicyStats::default();
     for (i, r) in rows.iter().enumerate() {
         let answer = r.prompt_len - 1..r.ids.len() - 1;
@@ -223,19 +225,20 @@ pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usiz
             }
             let k = pos + 1 - r.prompt_len;
             let target = r.ids[pos + 1] as usize;
-            let (logp, entropy) = logp_entropy(&row[..v], target);
+            let (logp, entropy) = logp_entropy(&row[..v], target, inv_temp);
             let (loss, dlogp, clipped) = clipped_surrogate(logp, r.old_logp[k], r.adv[k], eps);
             stats.loss += (loss - entropy_coef as f64 * entropy) / denom as f64;
             stats.clipped += clipped as u8 as f64;
             stats.tokens += 1.0;
             let g = dlogp / denom;
-            let lse = row[target] - logp;
+            // log p_j = x_j/τ − (x_target/τ − log p_target).
+            let shift = row[target] * inv_temp - logp;
             let h = entropy as f32;
-            for (j, z) in row[..v].iter_mut().enumerate() {
-                let logp_j = *z - lse;
+            for (j, x) in row[..v].iter_mut().enumerate() {
+                let logp_j = *x * inv_temp - shift;
                 let p = logp_j.exp();
                 let onehot = if j == target { 1.0 } else { 0.0 };
-                *z = g * (onehot - p) + entropy_coef * p * (logp_j + h) / denom;
+                *x = inv_temp * (g * (onehot - p) + entropy_coef * p * (logp_j + h) / denom);
             }
             row[v..].fill(0.0);
         }
@@ -253,8 +256,9 @@ fn padded(rows: &[&Rollout], t: usize, pad: u32) -> Vec<u32> {
     tokens
 }
 
-/// `log π` (and the entropy) of every answer token under `model`, per row.
-fn answer_logps(model: &mut Gpt, rows: &[&Rollout], t: usize, pad: u32) -> Result<Vec<(Vec<f32>, f64)>, PhaseError> {
+/// `log π` (and the entropy) of every answer token under `model` at temperature `1/inv_temp`,
+/// per row.
+fn answer_logps(model: &mut Gpt, rows: &[&Rollout], t: usize, pad: u32, inv_temp: f32) -> Result<Vec<(Vec<f32>, f64)>, PhaseError> {
     model.forward(&padded(rows, t, pad), rows.len(), t)?;
     let (v, vp) = (model.config.vocab_size, model.config.padded_vocab_size);
     let logits = model.logits();
@@ -266,7 +270,7 @@ fn answer_logps(model: &mut Gpt, rows: &[&Rollout], t: usize, pad: u32) -> Resul
             let lp = (0..r.answer_len())
                 .map(|k| {
                     let pos = r.position(k);
-                    let (lp, h) = logp_entropy(&logits[(i * t + pos) * vp..(i * t + pos) * vp + v], r.ids[pos + 1] as usize);
+                    let (lp, h) = logp_entropy(&logits[(i * t + pos) * vp..(i * t + pos) * vp + v], r.ids[pos + 1] as usize, inv_temp);
                     ent += h;
                     lp
                 })
@@ -476,6 +480,9 @@ pub fn run_ppo(
     let train_config = TrainConfig { batch_size: b_max, seq_len: t, grad_accum: 1, schedule: schedule.clone(), adamw: plan.adamw(), grad_clip: plan.grad_clip, seed: plan.seed };
     let (v, vp, c) = (plan.model.vocab_size, plan.model.padded_vocab_size, plan.model.n_embd);
     let stop = vec![tk.special.end, tk.special.eos];
+    // The policy is the sampling distribution softmax(logits/τ): log-probs, ratios, KL and
+    // entropy are all taken at the rollouts' temperature.
+    let inv_temp = 1.0 / s.temperature;
     macro_rules! collective {
         ($e:expr) => {
             match $e {
@@ -522,8 +529,8 @@ pub fn run_ppo(
         let beta = m.state.beta;
         if !rolls.is_empty() {
             let rows: Vec<&Rollout> = rolls.iter().collect();
-            let old = answer_logps(&mut m.policy, &rows, t, pad)?;
-            let refs = answer_logps(&mut m.reference, &rows, t, pad)?;
+            let old = answer_logps(&mut m.policy, &rows, t, pad, inv_temp)?;
+            let refs = answer_logps(&mut m.reference, &rows, t, pad, inv_temp)?;
             let values = answer_values(&mut m.critic, &m.state.value_head, &rows, t, pad)?;
             let convs: Vec<&Vec<u32>> = rows.iter().map(|r| &r.ids).collect();
             let rm = super::reward::scores(&mut m.reward, &m.reward_head, &convs, t, pad)?;
@@ -589,7 +596,7 @@ pub fn run_ppo(
                 if !rows.is_empty() {
                     m.policy.forward(&padded(&rows, t, pad), rows.len(), t)?;
                     let mut st = PolicyStats::default();
-                    m.policy.backward_from_logits(|logits| st = policy_loss_grad(logits, &rows, t, v, vp, s.clip, s.entropy_coef, denom))?;
+                    m.policy.backward_from_logits(|logits| st = policy_loss_grad(logits, &rows, t, v, vp, inv_temp, s.clip, s.entropy_coef, denom))?;
                     local[0] = st.loss;
                     local[1] = st.clipped;
                     local[2] = value_backward(&mut m.critic, &m.state.value_head, &mut head_grad, &rows, t, pad, s.value_clip, denom)?;
@@ -731,7 +738,7 @@ mod tests {
         let ids = vec![1u32, 5, 9, 3, 7, 2];
         let mut r = Rollout { ids, prompt_len: 3, adv: vec![adv; 3], ..Default::default() };
         let rows = [&r.clone()];
-        let (lp, _) = answer_logps(&mut m, &rows, 8, 0).unwrap().remove(0);
+        let (lp, _) = answer_logps(&mut m, &rows, 8, 0, 1.0 / 0.7).unwrap().remove(0);
         // Old log-probs a little off the current ones, so ratios are not all 1.
         r.old_logp = lp.iter().enumerate().map(|(i, x)| x + 0.05 * i as f32).collect();
         (m, r)
@@ -743,7 +750,7 @@ mod tests {
         m.forward(&padded(&[&r], 8, 0), 1, 8).unwrap();
         m.zero_grad();
         m.backward_from_logits(|lg| {
-            policy_loss_grad(lg, &[&r], 8, 40, 128, 0.2, 0.0, 3.0);
+            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.0, 3.0);
         })
         .unwrap();
         assert!(m.grads.iter().all(|&g| g == 0.0), "max |g| = {}", m.grads.iter().fold(0.0f32, |a, g| a.max(g.abs())));
@@ -755,12 +762,12 @@ mod tests {
         let loss = |m: &mut Gpt| -> f64 {
             m.forward(&padded(&[&r], 8, 0), 1, 8).unwrap();
             let mut lg = m.logits().to_vec();
-            policy_loss_grad(&mut lg, &[&r], 8, 40, 128, 0.2, 0.01, 3.0).loss
+            policy_loss_grad(&mut lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 3.0).loss
         };
         loss(&mut m);
         m.zero_grad();
         m.backward_from_logits(|lg| {
-            policy_loss_grad(lg, &[&r], 8, 40, 128, 0.2, 0.01, 3.0);
+            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 3.0);
         })
         .unwrap();
         let g = m.grads.clone();

@@ -64,6 +64,30 @@ pub fn bradley_terry(rc: &[f32], rr: &[f32], n: f32) -> (f64, Vec<f32>, Vec<f32>
     (loss, dc, dr)
 }
 
+/// The phase's comparisons: its `data` file, the comparisons labelled through the coordinator,
+/// or both (`comparisons`). Logs how many of each label source it trains on.
+pub fn comparisons(plan: &PhasePlan) -> Result<Vec<PreferencePair>, PhaseError> {
+    use crate::plan::ComparisonSource as S;
+    let mut pairs = Vec::new();
+    if matches!(plan.comparisons, S::File | S::Both) {
+        let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a reward phase needs `data` (a JSONL of comparisons)".into()))?;
+        pairs.extend(read_preferences(file).map_err(|e| PhaseError::Data(e.to_string()))?);
+    }
+    if matches!(plan.comparisons, S::Labelled | S::Both) {
+        let file = plan.labelled_examples.as_ref().ok_or_else(|| PhaseError::Plan("the coordinator did not export the labelled comparisons".into()))?;
+        let empty = std::fs::metadata(file).map(|m| m.len() == 0).unwrap_or(false);
+        if empty && plan.comparisons == S::Labelled {
+            return Err(PhaseError::Data(format!("{}: no comparison has been labelled yet (label some with `liandan label JOB`)", file.display())));
+        }
+        if !empty {
+            pairs.extend(read_preferences(file).map_err(|e| PhaseError::Data(e.to_string()))?);
+        }
+    }
+    let human = pairs.iter().filter(|p| p.label_source == liandan_data::chat::LabelSource::Human).count();
+    tracing::info!(human, rule = pairs.len() - human, "reward model comparisons by label source");
+    Ok(pairs)
+}
+
 fn held_out(p: &PreferencePair) -> bool {
     super::held_out_by_hash(&format!("{}\u{1}{}\u{1}{}", p.prompt, p.chosen, p.rejected), 0.1)
 }
@@ -115,8 +139,9 @@ pub fn run_reward(
     events: &mut dyn PhaseEvents,
 ) -> Result<PhaseOutcome, PhaseError> {
     let (rank, world) = (coll.rank(), coll.world());
-    let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a reward phase needs `data` (a JSONL of comparisons)".into()))?;
-    let pairs = read_preferences(file).map_err(|e| PhaseError::Data(e.to_string()))?;
+    let pairs = comparisons(plan)?;
+    let file = plan.examples.clone().or_else(|| plan.labelled_examples.clone()).unwrap_or_default();
+    let file = &file;
     let (tk, tok_bytes) = load_tokenizer(plan)?;
     let t = plan.seq_len;
     let pad = tk.special.pad;
