@@ -40,6 +40,10 @@ const RAW: &[(&str, &str)] = &[
 /// The demo job, with `runs/demo` standing for the output directory.
 const DEMO_JOB: &str = include_str!("../../examples/demo.toml");
 
+/// Held-out prompts answered per task in the final table (the demo has 80 poem requests and 30
+/// of each other task).
+const EVAL_PER_TASK: usize = 80;
+
 /// Held-out evaluation prompts (kept out of every training file).
 const EVAL: &str = include_str!("../../data/demo/eval.jsonl");
 
@@ -48,7 +52,7 @@ pub struct UpArgs {
     /// Where the raw data copy, the prepared data and the checkpoints go.
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Optimizer steps (default: the demo job's).
+    /// Pretrain steps (SFT gets half; default: the demo job's).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Local workers to start.
@@ -101,20 +105,24 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     let items = eval_items();
     let mut reports = Vec::new();
     let mut reward_accuracy = None;
+    let mut ppo_stats = None;
     for (phase, ckpt) in final_status.phases.iter().zip(&ckpts) {
-        if phase.name == "reward" {
-            let state = liandan_worker::checkpoint::load(ckpt, None)?.state;
-            let bytes = liandan_worker::checkpoint::read_verified(ckpt, liandan_worker::phase::reward::EVAL_FILE, &state)?;
+        let state = liandan_worker::checkpoint::load(ckpt, None)?.state;
+        let eval_file = |name: &str| liandan_worker::checkpoint::read_verified(ckpt, name, &state).ok();
+        if let Some(bytes) = eval_file(liandan_worker::phase::reward::EVAL_FILE) {
             reward_accuracy = serde_json::from_slice::<liandan_worker::phase::reward::RewardEval>(&bytes).ok();
             continue;
         }
+        if let Some(bytes) = eval_file(liandan_worker::phase::ppo::EVAL_FILE) {
+            ppo_stats = serde_json::from_slice::<liandan_worker::phase::ppo::PpoStepStats>(&bytes).ok();
+        }
         let (model, codec) = crate::generate::load_model(ckpt)?;
         let crate::generate::Codec::Bpe(tk) = &codec else { continue };
-        let r = liandan_worker::eval::evaluate(&model, tk, &items, 20, 64).map_err(CliError::Usage)?;
+        let r = liandan_worker::eval::evaluate(&model, tk, &items, EVAL_PER_TASK, 64).map_err(CliError::Usage)?;
         reports.push((phase.name.clone(), r));
     }
     let tasks: Vec<String> = reports.first().map(|(_, r)| r.tasks.iter().map(|t| t.0.clone()).collect()).unwrap_or_default();
-    println!("\nheld-out prompts passed (20 per task; poem = the form verifier, others = exact match):");
+    println!("\nheld-out prompts passed (greedy answers; poem = the form verifier, others = exact match):");
     print!("{:<12}", "after");
     for t in &tasks {
         print!("{t:>12}");
@@ -142,7 +150,17 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
         }
     }
     if let Some(r) = reward_accuracy {
-        println!("\nreward model: pairwise accuracy {:.1}% on {} held-out rule-derived comparisons ({} correct)", 100.0 * r.accuracy, r.pairs, r.correct);
+        let tasks: Vec<String> = r.by_task.iter().map(|(t, (c, n))| format!("{t} {:.0}% of {n}", 100.0 * *c as f64 / (*n).max(1) as f64)).collect();
+        println!("reward model: pairwise accuracy {:.1}% on {} held-out rule-derived comparisons ({})", 100.0 * r.accuracy, r.pairs, tasks.join(", "));
+    }
+    if let Some(s) = ppo_stats {
+        println!(
+            "ppo, last rollout batch: KL to the SFT model {:.2} nats per answer (β {:.3}), verifier pass {:.1}% of sampled poems, reward-model score {:.3}",
+            s.kl,
+            s.beta,
+            100.0 * s.verifier_pass,
+            s.rm_score
+        );
     }
     for p in &final_status.phases {
         println!("{}: {} steps, final loss {:.3}, {:.0} tokens/s on {} worker(s)", p.name, p.step, p.loss, p.tokens_per_s, p.world);
@@ -150,7 +168,7 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     println!(
         "artifacts: {} — raw/ (input), data/ (shards, tokenizer.json, report.json), checkpoints/ (step-* per phase), coordinator.db (job history), logs/\nchat with the result: liandan chat --checkpoint {}",
         a.out.display(),
-        final_status.phases.iter().zip(&ckpts).filter(|(p, _)| p.name == "sft").map(|(_, c)| c.display().to_string()).next().unwrap_or_default()
+        ckpts.last().map(|c| c.display().to_string()).unwrap_or_default()
     );
     Ok(())
 }

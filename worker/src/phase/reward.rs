@@ -40,12 +40,14 @@ impl ScalarHead {
     }
 }
 
-/// Held-out pairwise accuracy.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Held-out pairwise accuracy, overall and per task (`(correct, pairs)`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RewardEval {
     pub pairs: usize,
     pub correct: usize,
     pub accuracy: f64,
+    #[serde(default)]
+    pub by_task: std::collections::BTreeMap<String, (usize, usize)>,
 }
 
 /// Bradley–Terry over pairs: the summed loss and `dL/dr` for chosen and rejected, each divided
@@ -147,9 +149,15 @@ pub fn run_reward(
     let pad = tk.special.pad;
     let mut train = Vec::new();
     let mut heldout = Vec::new();
+    let mut heldout_tasks = Vec::new();
     for p in &pairs {
         let pair = (conversation(&tk, &p.prompt, &p.chosen, t)?, conversation(&tk, &p.prompt, &p.rejected, t)?);
-        if held_out(p) { heldout.push(pair) } else { train.push(pair) }
+        if held_out(p) {
+            heldout.push(pair);
+            heldout_tasks.push(p.task.clone().unwrap_or_default());
+        } else {
+            train.push(pair)
+        }
     }
     let b_global = plan.global_batch;
     let b_max = b_global.div_ceil(world).max(1);
@@ -227,7 +235,7 @@ pub fn run_reward(
         }
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {
-            let eval = evaluate(&mut model, &head, &heldout, t, pad)?;
+            let eval = evaluate(&mut model, &head, &heldout, &heldout_tasks, t, pad)?;
             tracing::info!(step, accuracy = eval.accuracy, pairs = eval.pairs, "reward model held-out pairwise accuracy");
             let extra = vec![
                 (crate::phase::pretrain::TOKENIZER_FILE.to_string(), tok_bytes.clone()),
@@ -242,12 +250,18 @@ pub fn run_reward(
     Ok(PhaseOutcome::Finished { final_checkpoint: None })
 }
 
-fn evaluate(model: &mut Gpt, head: &ScalarHead, pairs: &[(Vec<u32>, Vec<u32>)], t: usize, pad: u32) -> Result<RewardEval, PhaseError> {
+fn evaluate(model: &mut Gpt, head: &ScalarHead, pairs: &[(Vec<u32>, Vec<u32>)], tasks: &[String], t: usize, pad: u32) -> Result<RewardEval, PhaseError> {
     let convs: Vec<&Vec<u32>> = pairs.iter().map(|p| &p.0).chain(pairs.iter().map(|p| &p.1)).collect();
     let r = scores(model, head, &convs, t, pad)?;
     let (rc, rr) = r.split_at(pairs.len());
-    let correct = rc.iter().zip(rr).filter(|(a, b)| a > b).count();
-    Ok(RewardEval { pairs: pairs.len(), correct, accuracy: correct as f64 / pairs.len().max(1) as f64 })
+    let mut by_task = std::collections::BTreeMap::new();
+    for ((c, r), task) in rc.iter().zip(rr).zip(tasks) {
+        let e: &mut (usize, usize) = by_task.entry(task.clone()).or_default();
+        e.0 += (c > r) as usize;
+        e.1 += 1;
+    }
+    let correct = by_task.values().map(|v| v.0).sum();
+    Ok(RewardEval { pairs: pairs.len(), correct, accuracy: correct as f64 / pairs.len().max(1) as f64, by_task })
 }
 
 /// Adam for the head (no weight decay on a 1-output head).
