@@ -84,6 +84,40 @@ impl<T: DeviceRepr> DevBuf<T> {
     pub fn ptr(&self) -> DPtr {
         DPtr(self.base)
     }
+
+    /// Elements `offset..offset + len` as a [`View`] that ops check their shapes against.
+    ///
+    /// # Panics
+    /// When the range is outside the buffer: offsets come from the model's own sizes (the batch
+    /// is validated first), so this is a bug in this crate, not bad input.
+    pub fn view(&self, offset: usize, len: usize) -> View {
+        assert!(offset.checked_add(len).is_some_and(|e| e <= self.len()), "view {offset}+{len} outside a buffer of {}", self.len());
+        View { ptr: self.at(offset), len }
+    }
+
+    /// The whole buffer as a [`View`].
+    pub fn all(&self) -> View {
+        View { ptr: self.ptr(), len: self.len() }
+    }
+}
+
+/// `len` elements at `ptr`: what an op receives, so it can check that every operand is large
+/// enough for the shapes it is given before it launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub ptr: DPtr,
+    pub len: usize,
+}
+
+impl View {
+    /// Elements `offset..offset + len` of this view (in units of the view's element type).
+    ///
+    /// # Panics
+    /// When the range is outside the view (a bug in this crate, see [`DevBuf::view`]).
+    pub fn sub(self, offset: usize, len: usize, elem_bytes: usize) -> View {
+        assert!(offset + len <= self.len, "sub-view {offset}+{len} outside a view of {}", self.len);
+        View { ptr: DPtr(self.ptr.0 + (offset * elem_bytes) as u64), len }
+    }
 }
 
 /// One kernel argument.

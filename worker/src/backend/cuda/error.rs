@@ -41,6 +41,10 @@ pub enum CudaError {
     #[error("{op}: {reason}")]
     Shape { op: &'static str, reason: String },
 
+    /// The engine rejected the model, batch or targets (same checks as the CPU backend).
+    #[error(transparent)]
+    Engine(#[from] crate::error::EngineError),
+
     /// The on-disk kernel cache could not be read or written.
     #[error("kernel cache {}: {source}", path.display())]
     Cache { path: PathBuf, source: std::io::Error },

@@ -45,6 +45,12 @@ pub struct Blas {
 // (not `Sync`-shared across threads by this crate) guarantees.
 unsafe impl Send for Blas {}
 
+impl std::fmt::Debug for Blas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blas").field("workspace_bytes", &self.workspace.len()).finish_non_exhaustive()
+    }
+}
+
 impl Blas {
     /// A handle and a workspace sized as NVIDIA recommends (32 MiB on Hopper, 4 MiB before).
     pub fn new(stream: Arc<CudaStream>, sm_major: i32) -> Result<Blas> {
