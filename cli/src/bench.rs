@@ -10,6 +10,7 @@ use liandan_worker::model::profile::OpProfile;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
 use liandan_worker::rng::Rng;
 use liandan_worker::train::{MicroBatch, TrainConfig, Trainer};
+use liandan_worker::backend::Device;
 use liandan_worker::GptConfig;
 
 use crate::CliError;
@@ -52,10 +53,13 @@ pub struct BenchCoordinatorArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchTrainArgs {
-    /// Backend: cpu (cuda arrives with the GPU backend).
+    /// Backend: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Preset: tiny, small-256, nano, gpt2.
+    /// Matmul precision on cuda: bf16 (f32 accumulation, f32 master weights) or f32.
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
+    /// Preset: tiny, small-256, nano, gpt2 (alias gpt2-124m).
     #[arg(long, default_value = "tiny")]
     pub model: String,
     /// Sequences per step (B).
@@ -87,13 +91,14 @@ pub fn run(cmd: BenchCommand, threads: usize) -> Result<(), CliError> {
 }
 
 fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
-    if a.device != "cpu" {
-        return Err(CliError::Usage(format!("--device {}: only the cpu backend is built so far", a.device)));
-    }
+    let device: Device = a.device.parse().map_err(CliError::Usage)?;
     if a.steps == 0 {
         return Err(CliError::Usage("--steps must be at least 1".into()));
     }
-    let model = GptConfig::preset(&a.model, a.vocab)?;
+    if device == Device::Cuda {
+        return bench_train_cuda(a);
+    }
+    let model = GptConfig::preset(preset_name(&a.model), a.vocab)?;
     let (b, t) = (a.batch, a.seq.unwrap_or(model.n_positions));
     let config = TrainConfig {
         batch_size: b,
@@ -144,6 +149,79 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
         "bench_result impl=liandan model={} batch={b} seq={t} threads={threads} tokens_per_s={tokens_per_s:.1} step_ms={:.1} gflops={gflops:.1}",
         a.model,
         mean * 1e3
+    );
+    Ok(())
+}
+
+/// The preset behind a model name (`gpt2-124m` is GPT-2 small, the `gpt2` preset).
+fn preset_name(model: &str) -> &str {
+    if model == "gpt2-124m" { "gpt2" } else { model }
+}
+
+/// `bench train --device cuda`: the same step on one GPU, with MFU against the device's
+/// datasheet peak ([`liandan_worker::backend::cuda::peak`]).
+fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
+    use liandan_worker::backend::cuda::{peak::peak_flops, trainer::CudaTrainer, CudaDevice, Precision};
+    if let Some(e) = Device::cuda_unavailable_reason() {
+        return Err(e.into());
+    }
+    let precision = match a.precision.as_str() {
+        "bf16" => Precision::Bf16,
+        "f32" => Precision::F32,
+        other => return Err(CliError::Usage(format!("--precision {other}: expected bf16 or f32"))),
+    };
+    let model = GptConfig::preset(preset_name(&a.model), a.vocab)?;
+    let (b, t) = (a.batch, a.seq.unwrap_or(model.n_positions));
+    let config = TrainConfig {
+        batch_size: b,
+        seq_len: t,
+        grad_accum: 1,
+        schedule: LrSchedule { max_lr: 3e-4, min_lr: 3e-5, warmup_steps: 0, total_steps: (a.steps + a.warmup) as u64 },
+        adamw: AdamWConfig::default(),
+        grad_clip: 1.0,
+        seed: 1,
+    };
+    let dev = std::sync::Arc::new(CudaDevice::open(0)?);
+    let mut trainer = CudaTrainer::new(dev.clone(), model.clone(), config, precision)?;
+    let mut rng = Rng::new(2);
+    let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
+    let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
+    eprintln!(
+        "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {} warmup + {} timed steps",
+        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
+    );
+    for _ in 0..a.warmup {
+        trainer.train_step(std::slice::from_ref(&mb), None, None)?;
+    }
+    let mut times = Vec::with_capacity(a.steps);
+    for i in 0..a.steps {
+        let t0 = Instant::now();
+        // train_step ends with a device-to-host copy of the norm, so the step's work is done.
+        let st = trainer.train_step(std::slice::from_ref(&mb), None, None)?;
+        let dt = t0.elapsed().as_secs_f64();
+        times.push(dt);
+        eprintln!("step {i}: {:.1} ms, loss {:.4}", dt * 1e3, st.loss);
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let tokens_per_s = (b * t) as f64 / mean;
+    let flops = model.train_flops_per_token(t) * tokens_per_s;
+    let peak = peak_flops(&dev.name, precision);
+    let mfu = peak.map(|p| flops / p);
+    println!(
+        "tokens/s: {tokens_per_s:.1}  step: {:.1} ms  achieved: {:.1} TFLOP/s  MFU: {} (6·N + 6·L·C·T per token; peak {} for {})",
+        mean * 1e3,
+        flops / 1e12,
+        mfu.map_or("n/a".to_string(), |m| format!("{:.1}%", 100.0 * m)),
+        peak.map_or("unknown".to_string(), |p| format!("{:.0} TFLOP/s", p / 1e12)),
+        dev.name
+    );
+    println!(
+        "bench_result impl=liandan-cuda device=\"{}\" model={} precision={precision:?} batch={b} seq={t} tokens_per_s={tokens_per_s:.1} step_ms={:.1} tflops={:.2} mfu={}",
+        dev.name,
+        a.model,
+        mean * 1e3,
+        flops / 1e12,
+        mfu.map_or("nan".to_string(), |m| format!("{m:.4}"))
     );
     Ok(())
 }

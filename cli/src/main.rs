@@ -3,7 +3,8 @@
 //! # Layout
 //! - `train`: single-process training on a text file (byte-level vocabulary) with checkpoints
 //! - `generate`: sampling from a checkpoint
-//! - `bench`: training throughput (tokens/s, GFLOP/s) on a preset
+//! - `bench`: training throughput (tokens/s, GFLOP/s, MFU on a GPU) on a preset
+//! - `selftest`: the CUDA backend's kernels and a training step against the CPU backend
 //! - `up`: the main job on the embedded demo text — train, checkpoint, generate
 //!
 //! Errors print as one line (`error: …`) and exit with status 1; nothing here panics on input.
@@ -15,6 +16,7 @@ mod data;
 mod evaluate;
 mod generate;
 mod progress;
+mod selftest;
 mod train;
 mod up;
 
@@ -86,6 +88,8 @@ enum Command {
         #[command(subcommand)]
         what: data::DataCommand,
     },
+    /// Check the CUDA backend against the CPU backend (every kernel, a training step, NCCL).
+    Selftest(selftest::SelftestArgs),
     /// Measure training throughput.
     Bench {
         #[command(subcommand)]
@@ -108,6 +112,8 @@ pub enum CliError {
     Data(#[from] liandan_data::DataError),
     #[error("{0}")]
     Usage(String),
+    #[error("--device cuda: {0}")]
+    Cuda(#[from] liandan_worker::backend::cuda::CudaError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 }
@@ -138,6 +144,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => evaluate::run(a),
         Command::Data { what } => data::run(what),
         Command::Bench { what } => bench::run(what, threads),
+        Command::Selftest(a) => selftest::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,9 @@
-//! Compute backends. `cpu` is the reference for every op and the backend CI runs; a CUDA backend
-//! built on the same op list follows, each kernel checked against its CPU counterpart here.
+//! Compute backends. `cpu` is the reference for every op and the backend CI runs; `cuda` holds
+//! the same ops as NVRTC-compiled kernels plus cuBLASLt matmuls, each checked against its CPU
+//! counterpart by `liandan selftest --device cuda`.
 
 pub mod cpu;
+pub mod cuda;
+
+mod device;
+pub use device::Device;

@@ -10,6 +10,10 @@
 //! - [`TcpRing`]: the ranks form a ring over plain TCP (std only, no MPI or NCCL to install) and
 //!   sum with the bandwidth-optimal ring all-reduce. Its wire format is private to this module; a
 //!   handshake refuses peers of another protocol version, generation or world.
+//! - [`Nccl`]: NCCL through cudarc for GPU workers, one rank per GPU; gradients are summed on the
+//!   device in buckets ([`Nccl::all_reduce_device`]), and the trait's host-buffer ops stage through
+//!   a device bucket. Rank 0's unique id travels through a rendezvous function the caller supplies
+//!   (the coordinator's `PublishRendezvous`); an abort flag ends a stuck op with `ncclCommAbort`.
 //! - [`bench`](mod@bench): loopback bandwidth of the ring and of a plain memory copy, for `liandan bench`.
 //!
 //! # Failure model
@@ -21,9 +25,11 @@
 
 pub mod bench;
 mod local;
+mod nccl;
 mod tcp_ring;
 
 pub use local::Local;
+pub use nccl::{Nccl, NcclId, NcclOptions};
 pub use tcp_ring::{PROTOCOL_VERSION, RingListener, RingOptions, TcpRing};
 
 /// The ops data-parallel training needs. Every rank calls the same ops in the same order with
@@ -65,6 +71,10 @@ pub enum CollectiveError {
     /// protocol version, rank, or not a liandan ring at all).
     #[error("handshake with {peer} refused: {reason}")]
     Handshake { peer: String, reason: String },
+
+    /// The GPU side failed: NCCL or the CUDA driver returned an error (`op` names the call).
+    #[error("{op}: {reason}")]
+    Device { op: &'static str, reason: String },
 
     /// The ranks disagree on what they are doing (different ops or buffer lengths), or the ring
     /// is broken by an earlier error.

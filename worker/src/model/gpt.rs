@@ -80,23 +80,7 @@ impl Gpt {
     /// GPT-2's initialisation: weights `N(0, 0.02)`, the two residual projections
     /// `N(0, 0.02/√(2L))`, biases 0, LayerNorm weights 1; padded embedding rows stay 0.
     pub fn init_weights(&mut self, rng: &mut Rng) {
-        let cfg = self.config.clone();
-        let resid_std = 0.02 / (2.0 * cfg.n_layer as f32).sqrt();
-        for kind in K::ALL {
-            let range = self.layout.range(kind);
-            let p = &mut self.params[range];
-            match kind {
-                K::Ln1W | K::Ln2W | K::LnfW => p.fill(1.0),
-                K::Ln1B | K::Ln2B | K::LnfB | K::QkvB | K::AttProjB | K::FcB | K::FcProjB => p.fill(0.0),
-                K::Wte => {
-                    let real = cfg.vocab_size * cfg.n_embd;
-                    p[..real].iter_mut().for_each(|x| *x = 0.02 * rng.normal());
-                    p[real..].fill(0.0);
-                }
-                K::AttProjW | K::FcProjW => p.iter_mut().for_each(|x| *x = resid_std * rng.normal()),
-                K::Wpe | K::QkvW | K::FcW => p.iter_mut().for_each(|x| *x = 0.02 * rng.normal()),
-            }
-        }
+        init_params(&self.config, &self.layout, &mut self.params, rng);
     }
 
     /// Largest `(B, T)` the buffers hold.
@@ -351,6 +335,27 @@ impl Gpt {
     }
 }
 
+/// GPT-2's initialisation of a flat parameter buffer (see [`Gpt::init_weights`]); shared with
+/// the CUDA backend, which initialises on the host and uploads.
+pub fn init_params(cfg: &GptConfig, layout: &ParamLayout, params: &mut [f32], rng: &mut Rng) {
+    let resid_std = 0.02 / (2.0 * cfg.n_layer as f32).sqrt();
+    for kind in K::ALL {
+        let range = layout.range(kind);
+        let p = &mut params[range];
+        match kind {
+            K::Ln1W | K::Ln2W | K::LnfW => p.fill(1.0),
+            K::Ln1B | K::Ln2B | K::LnfB | K::QkvB | K::AttProjB | K::FcB | K::FcProjB => p.fill(0.0),
+            K::Wte => {
+                let real = cfg.vocab_size * cfg.n_embd;
+                p[..real].iter_mut().for_each(|x| *x = 0.02 * rng.normal());
+                p[real..].fill(0.0);
+            }
+            K::AttProjW | K::FcProjW => p.iter_mut().for_each(|x| *x = resid_std * rng.normal()),
+            K::Wpe | K::QkvW | K::FcW => p.iter_mut().for_each(|x| *x = 0.02 * rng.normal()),
+        }
+    }
+}
+
 /// The loss denominator for a set of micro-batches: the summed weights of positions whose target
 /// is not ignored (their count without weights).
 pub fn loss_denominator<'a>(batches: impl IntoIterator<Item = (&'a [i32], Option<&'a [f32]>)>) -> f32 {
@@ -365,7 +370,7 @@ pub fn loss_denominator<'a>(batches: impl IntoIterator<Item = (&'a [i32], Option
     total as f32
 }
 
-fn validate_targets(targets: &[i32], weights: Option<&[f32]>, n: usize, vocab: usize) -> Result<()> {
+pub(crate) fn validate_targets(targets: &[i32], weights: Option<&[f32]>, n: usize, vocab: usize) -> Result<()> {
     if targets.len() != n {
         return Err(EngineError::BadLength { what: "targets", expected: n, got: targets.len() });
     }

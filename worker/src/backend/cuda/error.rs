@@ -1,0 +1,61 @@
+//! The CUDA backend's error type. Every variant names what to fix: the library, the kernel file
+//! and NVRTC's log, the op and the shapes.
+
+use std::path::PathBuf;
+
+/// Errors of the CUDA backend and the NCCL collective. Nothing in the backend panics on a
+/// missing library or device: cudarc would (it panics when a dlopen fails), so every entry point
+/// checks the library first and returns [`CudaError::LibraryMissing`].
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// A CUDA library could not be loaded (`lib` is the name cudarc dlopens).
+    #[error("{lib} not found ({hint})")]
+    LibraryMissing { lib: &'static str, hint: String },
+
+    /// The driver loaded but offers no usable device.
+    #[error("no CUDA device: {reason}")]
+    NoDevice { reason: String },
+
+    /// No folder with `cuda_bf16.h` for NVRTC to include.
+    #[error("CUDA headers not found: no cuda_bf16.h in {looked} (set LIANDAN_CUDA_INCLUDE to the folder that holds it)")]
+    IncludeMissing { looked: String },
+
+    /// NVRTC rejected a kernel file; `log` is NVRTC's own (file, line, message).
+    #[error("NVRTC could not compile {file} for {arch}:\n{log}")]
+    Compile { file: &'static str, arch: String, log: String },
+
+    /// A CUDA driver call failed.
+    #[error("CUDA driver: {op}: {source}")]
+    Driver { op: String, source: cudarc::driver::DriverError },
+
+    /// A cuBLASLt call failed (`CUBLAS_STATUS_NOT_SUPPORTED` from the heuristic means no algorithm
+    /// exists for that shape, type and alignment).
+    #[error("cuBLASLt: {op}: {status}")]
+    Blas { op: String, status: String },
+
+    /// An NCCL call failed.
+    #[error("NCCL: {op}: {status}")]
+    Nccl { op: &'static str, status: String },
+
+    /// Arguments that do not fit the buffers or the kernels (shapes, lengths, head size).
+    #[error("{op}: {reason}")]
+    Shape { op: &'static str, reason: String },
+
+    /// The engine rejected the model, batch or targets (same checks as the CPU backend).
+    #[error(transparent)]
+    Engine(#[from] crate::error::EngineError),
+
+    /// The on-disk kernel cache could not be read or written.
+    #[error("kernel cache {}: {source}", path.display())]
+    Cache { path: PathBuf, source: std::io::Error },
+}
+
+impl CudaError {
+    /// Wraps a driver error with the op that failed.
+    pub fn driver(op: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
+        let op = op.into();
+        move |source| CudaError::Driver { op, source }
+    }
+}
+
+pub type Result<T, E = CudaError> = std::result::Result<T, E>;

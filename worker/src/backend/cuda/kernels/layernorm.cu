@@ -1,0 +1,80 @@
+// LayerNorm over the channel dimension, eps = 1e-5 (GPT-2's).
+
+#define LN_EPS 1e-5f
+
+// CPU reference: backend::cpu::layernorm::layernorm_forward
+// out = (inp − mean)·rstd·weight + bias per row; out, inp (N,C); mean, rstd (N); weight, bias (C).
+// One warp per row, two passes (mean, then squared deviations) like the CPU.
+extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                                             const float* weight, const float* bias, int N, int C) {
+    const int warps = blockDim.x / LD_WARP;
+    const int row = blockIdx.x * warps + threadIdx.x / LD_WARP;
+    const int lane = threadIdx.x % LD_WARP;
+    if (row >= N) return;
+    const float* x = inp + (long long)row * C;
+    float s = 0.0f;
+    for (int i = lane; i < C; i += LD_WARP) s += x[i];
+    const float mu = warp_sum(s) / C;
+    float v = 0.0f;
+    for (int i = lane; i < C; i += LD_WARP) {
+        const float d = x[i] - mu;
+        v += d * d;
+    }
+    const float r = 1.0f / sqrtf(warp_sum(v) / C + LN_EPS);
+    float* o = out + (long long)row * C;
+    for (int i = lane; i < C; i += LD_WARP) o[i] = (x[i] - mu) * r * weight[i] + bias[i];
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+}
+
+// CPU reference: backend::cpu::layernorm::layernorm_backward (the dinp half)
+// dinp += (dnorm − mean(dnorm) − norm·mean(dnorm·norm))·rstd with dnorm = weight·dout
+// (accumulated: the residual stream's gradient arrives from two branches). One warp per row.
+extern "C" __global__ void layernorm_backward_input(float* dinp, const float* dout, const float* inp, const float* weight,
+                                                    const float* mean, const float* rstd, int N, int C) {
+    const int warps = blockDim.x / LD_WARP;
+    const int row = blockIdx.x * warps + threadIdx.x / LD_WARP;
+    const int lane = threadIdx.x % LD_WARP;
+    if (row >= N) return;
+    const long long base = (long long)row * C;
+    const float mu = mean[row], r = rstd[row];
+    float dm = 0.0f, dnm = 0.0f;
+    for (int i = lane; i < C; i += LD_WARP) {
+        const float norm = (inp[base + i] - mu) * r;
+        const float dnorm = weight[i] * dout[base + i];
+        dm += dnorm;
+        dnm += dnorm * norm;
+    }
+    dm = warp_sum(dm) / C;
+    dnm = warp_sum(dnm) / C;
+    for (int i = lane; i < C; i += LD_WARP) {
+        const float norm = (inp[base + i] - mu) * r;
+        const float dnorm = weight[i] * dout[base + i];
+        dinp[base + i] += (dnorm - dm - norm * dnm) * r;
+    }
+}
+
+// CPU reference: backend::cpu::layernorm::layernorm_backward (the dweight/dbias half, stage 1)
+// partial[k, 0:C] = Σ_{rows of chunk k} dout·x̂ and partial[k, C:2C] = Σ dout, for chunk k of
+// `rows_per_chunk` rows. Grid (ceil(C/blockDim), chunks); one thread per column, rows in order.
+// Stage 2 is residual.cu's column_sum_reduce, run once for dweight and once for dbias.
+extern "C" __global__ void layernorm_backward_params_partial(float* partial, const float* dout, const float* inp,
+                                                             const float* mean, const float* rstd,
+                                                             int N, int C, int rows_per_chunk) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    const int k = blockIdx.y;
+    if (col >= C) return;
+    const int r0 = k * rows_per_chunk;
+    const int r1 = min(N, r0 + rows_per_chunk);
+    float dw = 0.0f, db = 0.0f;
+    for (int row = r0; row < r1; row++) {
+        const long long at = (long long)row * C + col;
+        const float g = dout[at];
+        dw += g * (inp[at] - mean[row]) * rstd[row];
+        db += g;
+    }
+    partial[(long long)k * 2 * C + col] = dw;
+    partial[(long long)k * 2 * C + C + col] = db;
+}

@@ -1,0 +1,357 @@
+//! The GPT-2 model on the CUDA backend: the same forward, loss and backward as
+//! [`crate::model::gpt::Gpt`], op for op, on device buffers allocated once.
+//!
+//! Mixed precision: parameters, gradients, optimizer moments and activations are f32 (the
+//! master copy); with [`Precision::Bf16`] the optimizer also keeps a bf16 copy of the parameters
+//! and every matmul casts its activation operand to bf16 and runs on cuBLASLt with f32
+//! accumulation. [`Precision::F32`] runs the matmuls in f32, which is what the CPU comparison uses.
+//! Attention keeps one log-sum-exp per query row instead of the `(B,NH,T,T)` probabilities.
+
+use std::sync::Arc;
+
+use crate::backend::cpu::crossentropy::IGNORE_INDEX;
+use crate::model::config::GptConfig;
+use crate::model::gpt::validate_targets;
+use crate::model::params::{ParamKind as K, ParamLayout};
+use crate::error::EngineError;
+
+use super::device::{CudaDevice, DevBuf, View};
+use super::error::Result;
+use super::matmul::Precision;
+use super::ops::{self, Bf16Scratch};
+
+/// Forward activations, laid out as the CPU's [`crate::model::acts::Activations`] (per-layer
+/// buffers hold `L` slots of `maxB·maxT·width`).
+#[derive(Debug)]
+struct Acts {
+    encoded: DevBuf<f32>,
+    ln1: DevBuf<f32>,
+    ln1_mean: DevBuf<f32>,
+    ln1_rstd: DevBuf<f32>,
+    qkv: DevBuf<f32>,
+    /// `(L, B, NH, T)` log-sum-exp of each query row's scores (replaces the CPU's `att`).
+    lse: DevBuf<f32>,
+    atty: DevBuf<f32>,
+    residual2: DevBuf<f32>,
+    ln2: DevBuf<f32>,
+    ln2_mean: DevBuf<f32>,
+    ln2_rstd: DevBuf<f32>,
+    fch: DevBuf<f32>,
+    fch_gelu: DevBuf<f32>,
+    residual3: DevBuf<f32>,
+    lnf: DevBuf<f32>,
+    lnf_mean: DevBuf<f32>,
+    lnf_rstd: DevBuf<f32>,
+    logits: DevBuf<f32>,
+    losses: DevBuf<f32>,
+    proj: DevBuf<f32>,
+}
+
+/// Activation gradients (one layer's worth, reused), as the CPU's `GradActivations`.
+#[derive(Debug)]
+struct GradActs {
+    dresidual: DevBuf<f32>,
+    dln: DevBuf<f32>,
+    dqkv: DevBuf<f32>,
+    /// `(B, NH, T)`: Σ_d dout·out per query row, the attention backward's softmax term.
+    delta: DevBuf<f32>,
+    datty: DevBuf<f32>,
+    dfch: DevBuf<f32>,
+    dfch_gelu: DevBuf<f32>,
+}
+
+/// A GPT-2 model with its training buffers on one GPU.
+#[derive(Debug)]
+pub struct CudaGpt {
+    pub dev: Arc<CudaDevice>,
+    pub config: GptConfig,
+    pub layout: ParamLayout,
+    pub precision: Precision,
+    /// f32 master parameters, in [`ParamLayout`] order.
+    pub params: DevBuf<f32>,
+    /// bf16 copy of `params` (bits in u16), refreshed by the optimizer and by `set_params`.
+    pub params_bf16: DevBuf<u16>,
+    /// Gradients, same layout; accumulated by `backward`, cleared by `zero_grad`.
+    pub grads: DevBuf<f32>,
+    acts: Acts,
+    gacts: GradActs,
+    inputs: DevBuf<u32>,
+    targets: DevBuf<i32>,
+    weights: DevBuf<f32>,
+    /// bf16 casts of matmul activation operands, `maxB·maxT·max(4C, Vp)` each.
+    scratch_a: DevBuf<u16>,
+    scratch_b: DevBuf<u16>,
+    /// Partial column sums (bias and LayerNorm parameter gradients).
+    partial: DevBuf<f32>,
+    max_b: usize,
+    max_t: usize,
+    shape: Option<(usize, usize)>,
+    dlogits_ready: bool,
+}
+
+impl CudaGpt {
+    /// A model with zeroed parameters and buffers for batches up to `max_b × max_t`.
+    ///
+    /// # Errors
+    /// The config is invalid, `max_t` exceeds `n_positions`, or the device is out of memory.
+    pub fn new(dev: Arc<CudaDevice>, config: GptConfig, max_b: usize, max_t: usize, precision: Precision) -> Result<Self> {
+        config.validate()?;
+        if max_b == 0 || max_t == 0 || max_t > config.n_positions {
+            return Err(EngineError::InvalidConfig { field: "seq_len", reason: format!("B={max_b}, T={max_t}: need B >= 1 and T in 1..={}", config.n_positions) }.into());
+        }
+        let layout = ParamLayout::new(&config);
+        let (c, l, nh, vp) = (config.n_embd, config.n_layer, config.n_head, config.padded_vocab_size);
+        let bt = max_b * max_t;
+        let z = |n: usize| dev.alloc::<f32>(n);
+        let acts = Acts {
+            encoded: z(bt * c)?,
+            ln1: z(l * bt * c)?,
+            ln1_mean: z(l * bt)?,
+            ln1_rstd: z(l * bt)?,
+            qkv: z(l * bt * 3 * c)?,
+            lse: z(l * max_b * nh * max_t)?,
+            atty: z(l * bt * c)?,
+            residual2: z(l * bt * c)?,
+            ln2: z(l * bt * c)?,
+            ln2_mean: z(l * bt)?,
+            ln2_rstd: z(l * bt)?,
+            fch: z(l * bt * 4 * c)?,
+            fch_gelu: z(l * bt * 4 * c)?,
+            residual3: z(l * bt * c)?,
+            lnf: z(bt * c)?,
+            lnf_mean: z(bt)?,
+            lnf_rstd: z(bt)?,
+            logits: z(bt * vp)?,
+            losses: z(bt)?,
+            proj: z(bt * c)?,
+        };
+        let gacts = GradActs {
+            dresidual: z(bt * c)?,
+            dln: z(bt * c)?,
+            dqkv: z(bt * 3 * c)?,
+            delta: z(max_b * nh * max_t)?,
+            datty: z(bt * c)?,
+            dfch: z(bt * 4 * c)?,
+            dfch_gelu: z(bt * 4 * c)?,
+        };
+        let scratch = match precision {
+            Precision::Bf16 => bt * (4 * c).max(vp),
+            Precision::F32 => 1,
+        };
+        Ok(CudaGpt {
+            params: z(layout.len())?,
+            params_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { layout.len() } else { 1 })?,
+            grads: z(layout.len())?,
+            acts,
+            gacts,
+            inputs: dev.alloc::<u32>(bt)?,
+            targets: dev.alloc::<i32>(bt)?,
+            weights: z(bt)?,
+            scratch_a: dev.alloc::<u16>(scratch)?,
+            scratch_b: dev.alloc::<u16>(scratch)?,
+            partial: z(ops::partial_len(bt, 4 * c))?,
+            dev,
+            layout,
+            config,
+            precision,
+            max_b,
+            max_t,
+            shape: None,
+            dlogits_ready: false,
+        })
+    }
+
+    /// Copies host parameters (in [`ParamLayout`] order) to the device, and their bf16 copy.
+    ///
+    /// # Errors
+    /// Wrong length, or a failed copy.
+    pub fn set_params(&mut self, params: &[f32]) -> Result<()> {
+        if params.len() != self.layout.len() {
+            return Err(EngineError::BadLength { what: "params", expected: self.layout.len(), got: params.len() }.into());
+        }
+        self.dev.upload(&self.params, 0, params)?;
+        if self.precision == Precision::Bf16 {
+            ops::cast_to_bf16(&self.dev, self.params_bf16.all(), self.params.all(), params.len())?;
+        }
+        Ok(())
+    }
+
+    /// The parameters, copied to the host.
+    pub fn params_to_host(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; self.layout.len()];
+        self.dev.download(&self.params, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// The gradients, copied to the host.
+    pub fn grads_to_host(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; self.layout.len()];
+        self.dev.download(&self.grads, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Logits of the last forward `(B, T, Vp)`, copied to the host (gradients after
+    /// `loss(.., true)`, as on the CPU).
+    pub fn logits_to_host(&self) -> Result<Vec<f32>> {
+        let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        let mut out = vec![0.0; b * t * self.config.padded_vocab_size];
+        self.dev.download(&self.acts.logits, 0, &mut out)?;
+        Ok(out)
+    }
+
+    pub fn zero_grad(&mut self) -> Result<()> {
+        self.dev.zero(&self.grads, 0, self.grads.len())
+    }
+
+    fn p(&self, kind: K, l: usize) -> View {
+        let r = self.layout.layer_range(kind, l);
+        self.params.view(r.start, r.len())
+    }
+
+    fn pb(&self, kind: K, l: usize) -> View {
+        if self.precision == Precision::F32 {
+            return self.params_bf16.view(0, 0);
+        }
+        let r = self.layout.layer_range(kind, l);
+        self.params_bf16.view(r.start, r.len())
+    }
+
+    fn g(&self, kind: K, l: usize) -> View {
+        let r = self.layout.layer_range(kind, l);
+        self.grads.view(r.start, r.len())
+    }
+
+    fn scratch(&self) -> Bf16Scratch {
+        Bf16Scratch { a: self.scratch_a.all(), b: self.scratch_b.all() }
+    }
+
+    /// Forward pass of `inputs` `(B, T)` (the CPU's [`crate::model::gpt::Gpt::forward`]).
+    ///
+    /// # Errors
+    /// The batch does not fit, a token is outside the vocabulary, or a launch fails.
+    pub fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<()> {
+        if b == 0 || t == 0 || b > self.max_b || t > self.max_t {
+            return Err(EngineError::BatchTooLarge { b, t, max_b: self.max_b, max_t: self.max_t }.into());
+        }
+        if inputs.len() != b * t {
+            return Err(EngineError::BadLength { what: "inputs", expected: b * t, got: inputs.len() }.into());
+        }
+        let v = self.config.vocab_size;
+        if let Some((i, &tok)) = inputs.iter().enumerate().find(|(_, tok)| **tok as usize >= v) {
+            return Err(EngineError::TokenOutOfRange { what: "inputs", position: i, token: tok as i64, vocab: v }.into());
+        }
+        self.dev.upload(&self.inputs, 0, inputs)?;
+        self.shape = Some((b, t));
+        self.dlogits_ready = false;
+        let (dev, a, prec, sc) = (&*self.dev, &self.acts, self.precision, self.scratch());
+        let cfg = &self.config;
+        let (c, nh, vp) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
+        let n = b * t;
+        let cap = self.max_b * self.max_t;
+        let (pc, p1, p3, p4, pl) = (cap * c, cap, cap * 3 * c, cap * 4 * c, self.max_b * nh * self.max_t);
+        let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
+
+        ops::encoder_forward(dev, a.encoded.view(0, n * c), self.inputs.view(0, n), self.p(K::Wte, 0), self.p(K::Wpe, 0), b, t, c, 0)?;
+        for l in 0..cfg.n_layer {
+            let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
+            let ln1 = lv(&a.ln1, l, pc, n * c);
+            ops::layernorm_forward(dev, ln1, lv(&a.ln1_mean, l, p1, n), lv(&a.ln1_rstd, l, p1, n), res_in, self.p(K::Ln1W, l), self.p(K::Ln1B, l), n, c)?;
+            let qkv = lv(&a.qkv, l, p3, n * 3 * c);
+            ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c)?;
+            let atty = lv(&a.atty, l, pc, n * c);
+            ops::attention_forward(dev, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh)?;
+            let proj = a.proj.view(0, n * c);
+            ops::matmul_forward(dev, prec, proj, atty, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)?;
+            let res2 = lv(&a.residual2, l, pc, n * c);
+            ops::residual_forward(dev, res2, res_in, proj, n * c)?;
+            let ln2 = lv(&a.ln2, l, pc, n * c);
+            ops::layernorm_forward(dev, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res2, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c)?;
+            let fch = lv(&a.fch, l, p4, n * 4 * c);
+            ops::matmul_forward(dev, prec, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), Some(self.p(K::FcB, l)), sc, n, c, 4 * c)?;
+            let fch_gelu = lv(&a.fch_gelu, l, p4, n * 4 * c);
+            ops::gelu_forward(dev, fch_gelu, fch, n * 4 * c)?;
+            ops::matmul_forward(dev, prec, proj, fch_gelu, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)?;
+            ops::residual_forward(dev, lv(&a.residual3, l, pc, n * c), res2, proj, n * c)?;
+        }
+        let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
+        let lnf = a.lnf.view(0, n * c);
+        ops::layernorm_forward(dev, lnf, a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), last, self.p(K::LnfW, 0), self.p(K::LnfB, 0), n, c)?;
+        ops::lm_head_forward(dev, prec, a.logits.view(0, n * vp), lnf, self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
+    }
+
+    /// The loss `Σ_i w_i·ce_i / denom` of the last forward; with `with_grad`, prepares dlogits
+    /// (the CPU's [`crate::model::gpt::Gpt::loss`]).
+    ///
+    /// # Errors
+    /// No forward ran, bad targets or weights, `denom <= 0`, or a launch fails.
+    pub fn loss(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32, with_grad: bool) -> Result<f32> {
+        let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        if self.dlogits_ready {
+            return Err(EngineError::NoForward.into());
+        }
+        validate_targets(targets, weights, b * t, self.config.vocab_size)?;
+        if !(denom > 0.0 && denom.is_finite()) {
+            return Err(EngineError::InvalidConfig { field: "loss denominator", reason: format!("must be positive and finite, got {denom}") }.into());
+        }
+        let n = b * t;
+        let (v, vp) = (self.config.vocab_size, self.config.padded_vocab_size);
+        self.dev.upload(&self.targets, 0, targets)?;
+        if let Some(w) = weights {
+            self.dev.upload(&self.weights, 0, w)?;
+        }
+        let wv = weights.map(|_| self.weights.view(0, n));
+        ops::softmax_crossentropy(&self.dev, self.acts.logits.view(0, n * vp), self.acts.losses.view(0, n), self.targets.view(0, n), wv, 1.0 / denom, n, v, vp, with_grad)?;
+        let mut losses = vec![0.0f32; n];
+        self.dev.download(&self.acts.losses, 0, &mut losses)?;
+        let mut total = 0.0f64;
+        for i in 0..n {
+            if targets[i] != IGNORE_INDEX {
+                total += weights.map_or(1.0, |w| w[i] as f64) * losses[i] as f64;
+            }
+        }
+        self.dlogits_ready = with_grad;
+        Ok((total / denom as f64) as f32)
+    }
+
+    /// Backward of the last forward + `loss(.., true)`; adds into `grads`.
+    ///
+    /// # Errors
+    /// No loss gradient to propagate, or a launch fails.
+    pub fn backward(&mut self) -> Result<()> {
+        if !self.dlogits_ready {
+            return Err(EngineError::NoForward.into());
+        }
+        self.dlogits_ready = false;
+        let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        let (dev, a, g, prec, sc) = (&*self.dev, &self.acts, &self.gacts, self.precision, self.scratch());
+        let cfg = &self.config;
+        let (c, nh, vp) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
+        let n = b * t;
+        let cap = self.max_b * self.max_t;
+        let (pc, p1, p3, p4, pl) = (cap * c, cap, cap * 3 * c, cap * 4 * c, self.max_b * nh * self.max_t);
+        let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
+        let partial = self.partial.all();
+
+        let dres = g.dresidual.view(0, n * c);
+        let dln = g.dln.view(0, n * c);
+        dev.zero(&g.dresidual, 0, n * c)?;
+        ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), a.logits.view(0, n * vp), a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)?;
+        let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
+        ops::layernorm_backward(dev, dres, self.g(K::LnfW, 0), self.g(K::LnfB, 0), dln, last, self.p(K::LnfW, 0), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), partial, n, c)?;
+        for l in (0..cfg.n_layer).rev() {
+            let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
+            let (dfch, dfch_gelu) = (g.dfch.view(0, n * 4 * c), g.dfch_gelu.view(0, n * 4 * c));
+            ops::matmul_backward(dev, prec, dfch_gelu, self.g(K::FcProjW, l), Some(self.g(K::FcProjB, l)), dres, lv(&a.fch_gelu, l, p4, n * 4 * c), self.p(K::FcProjW, l), self.pb(K::FcProjW, l), sc, partial, n, 4 * c, c)?;
+            ops::gelu_backward(dev, dfch, lv(&a.fch, l, p4, n * 4 * c), dfch_gelu, n * 4 * c)?;
+            ops::matmul_backward(dev, prec, dln, self.g(K::FcW, l), Some(self.g(K::FcB, l)), dfch, lv(&a.ln2, l, pc, n * c), self.p(K::FcW, l), self.pb(K::FcW, l), sc, partial, n, c, 4 * c)?;
+            ops::layernorm_backward(dev, dres, self.g(K::Ln2W, l), self.g(K::Ln2B, l), dln, lv(&a.residual2, l, pc, n * c), self.p(K::Ln2W, l), lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), partial, n, c)?;
+            let datty = g.datty.view(0, n * c);
+            ops::matmul_backward(dev, prec, datty, self.g(K::AttProjW, l), Some(self.g(K::AttProjB, l)), dres, lv(&a.atty, l, pc, n * c), self.p(K::AttProjW, l), self.pb(K::AttProjW, l), sc, partial, n, c, c)?;
+            let dqkv = g.dqkv.view(0, n * 3 * c);
+            ops::attention_backward(dev, dqkv, g.delta.view(0, b * nh * t), datty, lv(&a.qkv, l, p3, n * 3 * c), lv(&a.atty, l, pc, n * c), lv(&a.lse, l, pl, b * nh * t), b, t, c, nh)?;
+            ops::matmul_backward(dev, prec, dln, self.g(K::QkvW, l), Some(self.g(K::QkvB, l)), dqkv, lv(&a.ln1, l, pc, n * c), self.p(K::QkvW, l), self.pb(K::QkvW, l), sc, partial, n, c, 3 * c)?;
+            ops::layernorm_backward(dev, dres, self.g(K::Ln1W, l), self.g(K::Ln1B, l), dln, res_in, self.p(K::Ln1W, l), lv(&a.ln1_mean, l, p1, n), lv(&a.ln1_rstd, l, p1, n), partial, n, c)?;
+        }
+        ops::encoder_backward(dev, self.g(K::Wte, 0), self.g(K::Wpe, 0), dres, self.inputs.view(0, n), b, t, c)
+    }
+}

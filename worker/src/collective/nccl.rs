@@ -1,0 +1,310 @@
+//! The NCCL collective: one rank per GPU, through cudarc's NCCL bindings (dlopen of libnccl).
+//!
+//! # Rendezvous
+//! NCCL ranks meet through a 128-byte unique id that rank 0 creates ([`NcclId::new`]) and every
+//! other rank must receive before [`Nccl::connect`] can return. This module does not know how
+//! the bytes travel: the caller passes a `rendezvous` function. For rank 0 it is called with
+//! `Some(id_bytes)` and must publish them (the worker runtime sends them in the coordinator's
+//! `PublishRendezvous` for this job and generation) and return them; for other ranks it is
+//! called with `None` and must return rank 0's bytes (from the coordinator's `Assignment` of the
+//! same generation). `ncclCommInitRank` then blocks until all `world` ranks have joined.
+//!
+//! # Failure model
+//! Every op is enqueued on the device's stream and then waited for by polling, so the wait can
+//! look at the abort flag (raised by the runtime when the coordinator moves to a new generation)
+//! and at NCCL's asynchronous error. On abort or timeout the communicator is torn down with
+//! `ncclCommAbort` and the op returns [`CollectiveError::Aborted`] or `Timeout`; after any
+//! error the communicator is broken for good, as with the TCP ring.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::nccl::sys;
+
+use super::{Collective, CollectiveError};
+use crate::backend::cuda::device::{CudaDevice, DevBuf, View};
+
+/// NCCL's unique id: 128 opaque bytes, created by rank 0 and shared with every rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NcclId(pub [u8; 128]);
+
+impl NcclId {
+    /// A fresh id (rank 0 only).
+    ///
+    /// # Errors
+    /// libnccl is missing or NCCL fails.
+    pub fn new() -> Result<NcclId, CollectiveError> {
+        require_nccl()?;
+        let id = cudarc::nccl::result::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+        Ok(NcclId(id.internal.map(|c| c as u8)))
+    }
+
+    /// The id as bytes, to publish.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.to_vec()
+    }
+
+    /// An id received as bytes.
+    ///
+    /// # Errors
+    /// The slice is not 128 bytes long.
+    pub fn from_bytes(bytes: &[u8]) -> Result<NcclId, CollectiveError> {
+        let arr: [u8; 128] = bytes.try_into().map_err(|_| CollectiveError::Config { reason: format!("an NCCL unique id is 128 bytes, got {}", bytes.len()) })?;
+        Ok(NcclId(arr))
+    }
+}
+
+/// Options of an NCCL communicator.
+#[derive(Debug, Clone)]
+pub struct NcclOptions {
+    /// Elements (f32) per all-reduce call: gradients are reduced bucket by bucket, so a stuck
+    /// peer is noticed within one bucket and host-buffer ops need only one bucket of staging.
+    pub bucket_elems: usize,
+    /// Longest an op may wait without completing before the communicator is aborted.
+    pub timeout: Duration,
+    /// Raised by the runtime when the generation changes: the op in flight is aborted.
+    pub abort: Option<Arc<AtomicBool>>,
+}
+
+impl Default for NcclOptions {
+    fn default() -> Self {
+        NcclOptions { bucket_elems: 25 << 18, timeout: Duration::from_secs(300), abort: None }
+    }
+}
+
+/// An NCCL communicator of `world` ranks on one GPU of this process.
+pub struct Nccl {
+    comm: sys::ncclComm_t,
+    dev: Arc<CudaDevice>,
+    rank: usize,
+    world: usize,
+    generation: u64,
+    opts: NcclOptions,
+    /// Device staging for the trait's host-buffer ops, `bucket_elems` floats.
+    staging: DevBuf<f32>,
+    staging_f64: DevBuf<f64>,
+    /// Why the communicator is unusable, once it is.
+    broken: Option<String>,
+    aborted: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
+// concurrent; `Nccl` is used through `&mut self` only.
+unsafe impl Send for Nccl {}
+
+impl std::fmt::Debug for Nccl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nccl").field("rank", &self.rank).field("world", &self.world).field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+fn require_nccl() -> Result<(), CollectiveError> {
+    // SAFETY: only tries to dlopen libnccl by its candidate names.
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(CollectiveError::Config { reason: "libnccl not found: put a folder with libnccl.so (a link to libnccl.so.2, e.g. from the nvidia-nccl-cu13 wheel) on LD_LIBRARY_PATH".into() })
+    }
+}
+
+fn nccl_err(op: &'static str, e: cudarc::nccl::result::NcclError) -> CollectiveError {
+    CollectiveError::Device { op, reason: format!("{:?}", e.0) }
+}
+
+impl Nccl {
+    /// Joins a communicator of `world` ranks as `rank` for `generation`. `rendezvous` moves rank
+    /// 0's unique id to the others (see the module docs); it is called exactly once.
+    ///
+    /// # Errors
+    /// Bad rank or world, libnccl missing, the rendezvous fails, or NCCL fails to initialise.
+    pub fn connect(
+        dev: Arc<CudaDevice>,
+        rank: usize,
+        world: usize,
+        generation: u64,
+        opts: NcclOptions,
+        rendezvous: impl FnOnce(Option<&[u8]>) -> Result<Vec<u8>, String>,
+    ) -> Result<Nccl, CollectiveError> {
+        if world == 0 || rank >= world {
+            return Err(CollectiveError::Config { reason: format!("rank {rank} of world {world}") });
+        }
+        if opts.bucket_elems == 0 {
+            return Err(CollectiveError::Config { reason: "bucket_elems must be at least 1".into() });
+        }
+        require_nccl()?;
+        let bytes = if rank == 0 {
+            let id = NcclId::new()?;
+            rendezvous(Some(&id.to_bytes())).map_err(|reason| CollectiveError::Config { reason: format!("rendezvous: {reason}") })?
+        } else {
+            rendezvous(None).map_err(|reason| CollectiveError::Config { reason: format!("rendezvous: {reason}") })?
+        };
+        let id = NcclId::from_bytes(&bytes)?;
+        let unique = sys::ncclUniqueId { internal: id.0.map(|b| b as ::core::ffi::c_char) };
+        dev.ctx.bind_to_thread().map_err(|e| CollectiveError::Device { op: "bind context", reason: e.to_string() })?;
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; the id is 128 bytes as NCCL requires.
+        unsafe { cudarc::nccl::result::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }.map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        let alloc = |e: crate::backend::cuda::CudaError| CollectiveError::Device { op: "allocate staging", reason: e.to_string() };
+        let staging = dev.alloc::<f32>(opts.bucket_elems).map_err(alloc)?;
+        let staging_f64 = dev.alloc::<f64>(1).map_err(alloc)?;
+        Ok(Nccl { comm, dev, rank, world, generation, opts, staging, staging_f64, broken: None, aborted: false })
+    }
+
+    /// The generation this communicator belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Tears the communicator down with `ncclCommAbort` (idempotent); every later op fails.
+    pub fn abort(&mut self) {
+        if !self.aborted {
+            // SAFETY: `comm` came from ncclCommInitRank and is aborted once.
+            let _ = unsafe { cudarc::nccl::result::comm_abort(self.comm) };
+            self.aborted = true;
+        }
+        self.broken.get_or_insert_with(|| format!("generation {} aborted", self.generation));
+    }
+
+    fn check(&mut self) -> Result<(), CollectiveError> {
+        if self.opts.abort.as_deref().is_some_and(|a| a.load(Ordering::Relaxed)) {
+            self.abort();
+            return Err(CollectiveError::Aborted { generation: self.generation });
+        }
+        match &self.broken {
+            Some(why) => Err(CollectiveError::Protocol { reason: format!("the NCCL communicator is broken: {why}") }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the stream, watching the abort flag, NCCL's async error and the timeout.
+    fn wait(&mut self, op: &'static str) -> Result<(), CollectiveError> {
+        let start = Instant::now();
+        loop {
+            // SAFETY: the stream belongs to the device this communicator was created on.
+            let q = unsafe { cudarc::driver::sys::cuStreamQuery(self.dev.stream.cu_stream()) };
+            match q {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => {
+                    self.abort();
+                    return Err(CollectiveError::Device { op, reason: format!("{other:?}") });
+                }
+            }
+            if self.opts.abort.as_deref().is_some_and(|a| a.load(Ordering::Relaxed)) {
+                self.abort();
+                return Err(CollectiveError::Aborted { generation: self.generation });
+            }
+            let mut async_err = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is alive (not aborted: `check` ran before the op); valid out-pointer.
+            let _ = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
+            if async_err != sys::ncclResult_t::ncclSuccess && async_err != sys::ncclResult_t::ncclInProgress {
+                self.abort();
+                return Err(CollectiveError::Device { op, reason: format!("asynchronous NCCL error {async_err:?}") });
+            }
+            if start.elapsed() > self.opts.timeout {
+                self.abort();
+                return Err(CollectiveError::Timeout { op, peer: format!("NCCL world {}", self.world), after_ms: self.opts.timeout.as_millis() as u64 });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// In-place sum of `n` f32 of `buf` (device memory) over all ranks, bucket by bucket.
+    ///
+    /// # Errors
+    /// Aborted (new generation), timeout, NCCL error, or `buf` shorter than `n`.
+    pub fn all_reduce_device(&mut self, dev: &CudaDevice, buf: View, n: usize) -> Result<(), crate::backend::cuda::CudaError> {
+        let to_cuda = |e: CollectiveError| crate::backend::cuda::CudaError::Nccl { op: "all-reduce", status: e.to_string() };
+        if buf.len < n {
+            return Err(crate::backend::cuda::CudaError::Shape { op: "all_reduce_device", reason: format!("buffer of {} for {n} elements", buf.len) });
+        }
+        let _ = dev; // the communicator's own device; the parameter documents where `buf` lives
+        self.check().map_err(to_cuda)?;
+        let mut off = 0;
+        while off < n {
+            let len = self.opts.bucket_elems.min(n - off);
+            let ptr = buf.sub(off, len, 4).ptr.0;
+            self.enqueue_sum(ptr, len, sys::ncclDataType_t::ncclFloat32).map_err(to_cuda)?;
+            self.wait("ncclAllReduce").map_err(to_cuda)?;
+            off += len;
+        }
+        Ok(())
+    }
+
+    fn enqueue_sum(&mut self, ptr: u64, count: usize, dtype: sys::ncclDataType_t) -> Result<(), CollectiveError> {
+        // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's device (the
+        // callers take it from a checked view); in place is allowed by NCCL.
+        let r = unsafe {
+            cudarc::nccl::result::all_reduce(ptr as *const _, ptr as *mut _, count, dtype, sys::ncclRedOp_t::ncclSum, self.comm, self.dev.stream.cu_stream() as _)
+        };
+        r.map(|_| ()).map_err(|e| {
+            let err = nccl_err("ncclAllReduce", e);
+            self.abort();
+            err
+        })
+    }
+}
+
+impl Collective for Nccl {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.check()?;
+        let dev = self.dev.clone();
+        let dev_err = |e: crate::backend::cuda::CudaError| CollectiveError::Device { op: "staging copy", reason: e.to_string() };
+        for chunk in buf.chunks_mut(self.opts.bucket_elems) {
+            dev.upload(&self.staging, 0, chunk).map_err(dev_err)?;
+            let ptr = self.staging.ptr().0;
+            self.enqueue_sum(ptr, chunk.len(), sys::ncclDataType_t::ncclFloat32)?;
+            self.wait("ncclAllReduce")?;
+            dev.download(&self.staging, 0, chunk).map_err(dev_err)?;
+        }
+        Ok(())
+    }
+
+    fn all_reduce_scalar(&mut self, x: f64) -> Result<f64, CollectiveError> {
+        self.check()?;
+        let dev = self.dev.clone();
+        let dev_err = |e: crate::backend::cuda::CudaError| CollectiveError::Device { op: "staging copy", reason: e.to_string() };
+        dev.upload(&self.staging_f64, 0, &[x]).map_err(dev_err)?;
+        let ptr = self.staging_f64.ptr().0;
+        self.enqueue_sum(ptr, 1, sys::ncclDataType_t::ncclFloat64)?;
+        self.wait("ncclAllReduce")?;
+        let mut out = [0.0f64];
+        dev.download(&self.staging_f64, 0, &mut out).map_err(dev_err)?;
+        Ok(out[0])
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        self.all_reduce_scalar(0.0).map(|_| ())
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        if !self.aborted {
+            // SAFETY: `comm` came from ncclCommInitRank; destroyed once (abort already freed it otherwise).
+            let _ = unsafe { cudarc::nccl::result::comm_destroy(self.comm) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_as_bytes_and_reject_other_lengths() {
+        let id = NcclId([7u8; 128]);
+        assert_eq!(NcclId::from_bytes(&id.to_bytes()).expect("128 bytes"), id);
+        let msg = NcclId::from_bytes(&[0u8; 12]).unwrap_err().to_string();
+        assert!(msg.contains("128") && msg.contains("12"), "{msg}");
+    }
+}
