@@ -34,6 +34,8 @@ struct Cli {
     /// Coordinator address for client commands.
     #[arg(long, global = true, default_value = cluster::DEFAULT_COORDINATOR)]
     coordinator: String,
+    #[command(flatten)]
+    creds: cluster::Credentials,
     #[command(subcommand)]
     command: Command,
 }
@@ -105,10 +107,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     init_logging(&cli.log_format);
-    let coord = cli.coordinator.clone();
+    let coord = cluster::Target { addr: cli.coordinator.clone(), creds: cli.creds.clone() };
     let result = match cli.command {
-        Command::Coordinator(a) => cluster::coordinator(a),
-        Command::Worker(a) => cluster::worker(a),
+        Command::Coordinator(a) => cluster::coordinator(a, &cli.creds),
+        Command::Worker(a) => cluster::worker(a, &cli.creds),
         Command::Submit { file } => cluster::submit(file, &coord),
         Command::Status { job } => cluster::status(job, &coord),
         Command::Watch { job } => cluster::watch(job, &coord),

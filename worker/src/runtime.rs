@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use liandan_proto::v1::coordinator_client::CoordinatorClient;
+use liandan_proto::auth::{Client, TlsFiles, TokenSource};
 use liandan_proto::v1::*;
 use liandan_proto::PROTOCOL_VERSION;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
 use crate::collective::{Collective, Local, RingListener, RingOptions, TcpRing};
@@ -31,6 +30,11 @@ pub struct WorkerOptions {
     pub ring_host: String,
     /// Give up after this many failed attempts to reach the coordinator in a row (None: never).
     pub max_attempts: Option<u32>,
+    /// The worker token sent with every call (None: send none; a coordinator with tokens then
+    /// refuses the worker at registration).
+    pub token: Option<TokenSource>,
+    /// TLS files (the cluster CA to verify the coordinator; a certificate and key for mutual TLS).
+    pub tls: TlsFiles,
 }
 
 /// Errors that end the worker process.
@@ -61,11 +65,11 @@ fn backoff(attempt: u32) -> Duration {
 pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
     let listener = TcpRing::listen(&format!("{}:0", opts.ring_host)).map_err(|e| RuntimeError::Ring(e.to_string()))?;
     let ring_address = listener.local_addr().to_string();
-    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
-        .map_err(|e| RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: format!("bad address: {e}") })?
+    let endpoint = liandan_proto::auth::endpoint(&opts.coordinator, &opts.tls)
+        .map_err(|e| RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: e.to_string() })?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10));
-    let client = CoordinatorClient::new(endpoint.connect_lazy());
+    let client = liandan_proto::auth::client(endpoint.connect_lazy(), opts.token.clone());
     let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     let register = RegisterRequest { protocol_version: PROTOCOL_VERSION, hostname, device: "cpu".into(), ring_address: ring_address.clone(), previous_id: 0 };
     let reply = register_with_retry(&client, &register, &opts).await?;
@@ -192,12 +196,13 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
     }
 }
 
-async fn register_with_retry(client: &CoordinatorClient<Channel>, req: &RegisterRequest, opts: &WorkerOptions) -> Result<RegisterReply, RuntimeError> {
+async fn register_with_retry(client: &Client, req: &RegisterRequest, opts: &WorkerOptions) -> Result<RegisterReply, RuntimeError> {
     let mut attempt = 0u32;
     loop {
         match client.clone().register(req.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(e) if e.code() == tonic::Code::FailedPrecondition || e.code() == tonic::Code::InvalidArgument => {
+            // Retrying cannot fix a refused token or another protocol version.
+            Err(e) if matches!(e.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
                 return Err(RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: e.message().to_string() });
             }
             Err(e) => {
@@ -217,7 +222,7 @@ async fn register_with_retry(client: &CoordinatorClient<Channel>, req: &Register
 /// Reports steps and commits checkpoints through the coordinator, from the phase thread.
 struct Reporter<'a> {
     handle: &'a tokio::runtime::Handle,
-    client: CoordinatorClient<Channel>,
+    client: Client,
     worker_id: u64,
     a: &'a Assignment,
     current: &'a Current,
@@ -265,7 +270,7 @@ impl PhaseEvents for Reporter<'_> {
 
 fn run_assignment(
     handle: &tokio::runtime::Handle,
-    client: CoordinatorClient<Channel>,
+    client: Client,
     worker_id: u64,
     a: &Assignment,
     listener: &RingListener,
