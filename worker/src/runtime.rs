@@ -154,11 +154,14 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         current.job.store(a.job_id, Ordering::SeqCst);
         current.generation.store(a.generation, Ordering::SeqCst);
         current.step.store(0, Ordering::SeqCst);
-        info!(job = a.job_id, phase = %a.phase_name, rank = a.rank, world = a.world, generation = a.generation, "assignment");
+        // Every line logged while this assignment runs (on the phase thread, or here about it)
+        // carries job, phase, rank and generation.
+        let span = tracing::info_span!("phase", job = a.job_id, phase = %a.phase_name, rank = a.rank, generation = a.generation);
+        info!(parent: &span, world = a.world, peers = a.peers.len(), "assignment");
         let handle = tokio::runtime::Handle::current();
-        let (client2, abort2, listener2, current2, a2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone());
+        let (client2, abort2, listener2, current2, a2, span2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone());
         let wid = id;
-        let result = tokio::task::spawn_blocking(move || run_assignment(&handle, client2, wid, &a2, &listener2, abort2, &current2))
+        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, client2, wid, &a2, &listener2, abort2, &current2)))
             .await
             .unwrap_or_else(|e| Err(format!("the phase thread panicked: {e}")));
         current.job.store(0, Ordering::SeqCst);
@@ -166,29 +169,32 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         let (ok, error, final_checkpoint) = match result {
             Ok(PhaseOutcome::Finished { final_checkpoint }) => (true, String::new(), final_checkpoint.map(|p| p.display().to_string()).unwrap_or_default()),
             Ok(PhaseOutcome::Regroup) | Ok(PhaseOutcome::Aborted) => {
-                info!(job = a.job_id, generation = a.generation, "assignment ended by a regroup");
+                info!(parent: &span, "assignment ended by a regroup");
                 continue;
             }
             Ok(PhaseOutcome::GroupBroken { reason }) => {
                 broken = if (broken.0, broken.1) == (a.job_id, a.generation) { (a.job_id, a.generation, broken.2 + 1) } else { (a.job_id, a.generation, 1) };
                 if broken.2 < 5 {
-                    warn!(job = a.job_id, generation = a.generation, "group broken ({reason}); waiting for the coordinator to re-form it");
+                    warn!(parent: &span, "group broken ({reason}); waiting for the coordinator to re-form it");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
                 (false, format!("generation {} broke {} times without being replaced: {reason}", a.generation, broken.2), String::new())
             }
             Err(e) => {
-                error!(job = a.job_id, generation = a.generation, "phase failed: {e}");
+                error!(parent: &span, "phase failed: {e}");
                 (false, e, String::new())
             }
         };
         let res = AssignmentResult { worker_id: id, job_id: a.job_id, phase_index: a.phase_index, generation: a.generation, ok, error, final_checkpoint };
         for attempt in 0..10 {
             match client.clone().finish_assignment(res.clone()).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    info!(parent: &span, ok, "assignment finished");
+                    break;
+                }
                 Err(e) => {
-                    warn!("finish assignment: {} (retry {attempt})", e.message());
+                    warn!(parent: &span, "finish assignment: {} (retry {attempt})", e.message());
                     tokio::time::sleep(backoff(attempt)).await;
                 }
             }
@@ -256,7 +262,11 @@ impl PhaseEvents for Reporter<'_> {
         let mut last = String::new();
         for attempt in 0..20 {
             match self.handle.block_on(self.client.clone().commit_checkpoint(req.clone())) {
-                Ok(r) => return Ok(r.into_inner().regroup),
+                Ok(r) => {
+                    let regroup = r.into_inner().regroup;
+                    info!(step, regroup, path = %path.display(), "checkpoint committed");
+                    return Ok(regroup);
+                }
                 Err(e) if e.code() == tonic::Code::FailedPrecondition => return Ok(true),
                 Err(e) => {
                     last = e.message().to_string();
