@@ -74,6 +74,13 @@ pub struct CoordinatorArgs {
     /// Accept calls without tokens; only allowed when listening on a loopback address.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// Serve the dashboard, its JSON API and Prometheus /metrics on this address (port 0 picks
+    /// a free port). Off when absent.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Write the bound HTTP address here once listening (for scripts and tests).
+    #[arg(long)]
+    pub http_addr_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,9 +132,21 @@ pub fn coordinator(a: CoordinatorArgs, creds: &Credentials) -> Result<(), CliErr
         let (listener, addr) = liandan_coordinator::bind(&a.listen).await.map_err(|e| CliError::Usage(e.to_string()))?;
         let auth = coordinator_auth(&a, addr.ip().is_loopback())?;
         let tls = creds.tls();
-        let opts = liandan_coordinator::ServeOptions { auth, tls: (!tls.is_empty()).then_some(tls) };
+        let http = match &a.http {
+            Some(h) => {
+                let (l, haddr) = liandan_coordinator::bind(h).await.map_err(|e| CliError::Usage(format!("--http: {e}")))?;
+                if let Some(f) = &a.http_addr_file {
+                    std::fs::write(f, format!("http://{haddr}\n")).map_err(|e| CliError::Io { path: f.display().to_string(), source: e })?;
+                }
+                tracing::info!("dashboard on http://{haddr}/ (JSON under /api, Prometheus /metrics)");
+                Some(l)
+            }
+            None => None,
+        };
+        let scheme = if tls.is_empty() { "http" } else { "https" };
+        let opts = liandan_coordinator::ServeOptions { auth, tls: (!tls.is_empty()).then_some(tls), http };
         if let Some(f) = &a.addr_file {
-            std::fs::write(f, format!("http://{addr}\n")).map_err(|e| CliError::Io { path: f.display().to_string(), source: e })?;
+            std::fs::write(f, format!("{scheme}://{addr}\n")).map_err(|e| CliError::Io { path: f.display().to_string(), source: e })?;
         }
         tracing::info!("coordinator listening on {addr}, store {}", a.store.display());
         let config = liandan_coordinator::service::CoordinatorConfig { lease_ms: a.lease_ms, ..Default::default() };

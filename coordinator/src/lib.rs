@@ -8,9 +8,11 @@
 //! - [`service`]: the tonic implementation of `liandan.v1.Coordinator`.
 //! - [`auth`]: which token each call needs; the tower layer that checks it and times calls.
 //! - [`metrics`]: Prometheus text exposition.
+//! - [`http`]: the dashboard, its JSON API and `/metrics` (axum, own port).
 //! - [`serve`]: the server with health and reflection, behind [`auth`], optionally over TLS.
 
 pub mod auth;
+pub mod http;
 pub mod metrics;
 pub mod scheduler;
 pub mod service;
@@ -37,6 +39,8 @@ pub struct ServeOptions {
     /// TLS: the coordinator's certificate and key, and the cluster CA that client certificates
     /// must be signed by (None: plain HTTP/2).
     pub tls: Option<TlsFiles>,
+    /// Where the dashboard, the JSON API and `/metrics` are served (None: not served).
+    pub http: Option<tokio::net::TcpListener>,
 }
 
 /// Errors starting the coordinator.
@@ -71,7 +75,25 @@ pub async fn serve(
         .map_err(|e| ServeError::Server(e.to_string()))?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let rpc_metrics = Arc::new(metrics::RpcMetrics::default());
-    let edge = auth::GrpcEdge { auth: Arc::new(opts.auth), metrics: rpc_metrics.clone() };
+    let auth = Arc::new(opts.auth);
+    let edge = auth::GrpcEdge { auth: auth.clone(), metrics: rpc_metrics.clone() };
+    // One shutdown signal for both servers.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let http_task = opts.http.map(|listener| {
+        let app = http::router(http::HttpState { svc: svc.clone(), auth: auth.clone(), rpc: rpc_metrics.clone() });
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!("HTTP server: {e}");
+            }
+        })
+    });
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &opts.tls {
         let identity = tls.identity()?.ok_or_else(|| ServeError::Server("TLS needs --tls-cert and --tls-key".into()))?;
@@ -88,7 +110,11 @@ pub async fn serve(
         .add_service(CoordinatorServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| ServeError::Server(e.to_string()))
+        .map_err(|e| ServeError::Server(e.to_string()))?;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    Ok(())
 }
 
 /// Binds `addr` (port 0 picks a free one).
