@@ -276,8 +276,10 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
-    use liandan_proto::v1::coordinator_client::CoordinatorClient;
+    use liandan_proto::auth::{random_token, TokenSource, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
     use liandan_proto::v1::{HeartbeatRequest, RegisterRequest};
+    let usage = |e: liandan_proto::auth::AuthError| CliError::Usage(e.to_string());
+    let (admin_token, worker_token) = (random_token().map_err(usage)?, random_token().map_err(usage)?);
     let dir = std::env::temp_dir().join(format!("liandan-bench-coordinator-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| CliError::Io { path: dir.display().to_string(), source: e })?;
@@ -286,6 +288,8 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
     // The coordinator runs as its own process so its CPU time is its own; a long lease keeps the
     // simulated workers alive whatever the load generator's scheduling.
     let mut child = std::process::Command::new(exe)
+        .env(ADMIN_TOKEN_ENV, &admin_token)
+        .env(WORKER_TOKEN_ENV, &worker_token)
         .args(["coordinator", "--listen", "127.0.0.1:0", "--store", &dir.join("store.db").display().to_string(), "--addr-file", &addr_file.display().to_string(), "--lease-ms", "60000"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -308,7 +312,8 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
         rt.block_on(async move {
             let ch = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?.connect().await.map_err(|e| CliError::Usage(e.to_string()))?;
-            let client = CoordinatorClient::new(ch);
+            // Every heartbeat carries the worker token, as a real worker's does.
+            let client = liandan_proto::auth::client(ch, Some(TokenSource::literal(&worker_token, "worker token").map_err(usage)?));
             let mut ids = Vec::with_capacity(a.workers);
             let t0 = Instant::now();
             for i in 0..a.workers {

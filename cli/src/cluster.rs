@@ -5,14 +5,51 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use liandan_proto::v1::coordinator_client::CoordinatorClient;
+use liandan_proto::auth::{Client, TlsFiles, TokenSource, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
 use liandan_proto::v1::*;
-use tonic::transport::Channel;
 
 use crate::CliError;
 
 /// Default coordinator address for the client commands.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
+
+/// Credentials of this process (every command takes them).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Credentials {
+    /// File with the bearer token to send, one per line, the first is sent (default: the
+    /// LIANDAN_ADMIN_TOKEN variable for client commands, LIANDAN_WORKER_TOKEN for `worker`).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// TLS: this process's certificate, PEM (the coordinator's server certificate; a client's
+    /// certificate for mutual TLS).
+    #[arg(long, global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the key of --tls-cert, PEM.
+    #[arg(long, global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the cluster CA, PEM (clients verify the coordinator with it; the coordinator requires
+    /// client certificates signed by it). Clients then use https:// coordinator addresses.
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Credentials {
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles { cert: self.tls_cert.clone(), key: self.tls_key.clone(), ca: self.tls_ca.clone() }
+    }
+
+    /// The token a client sends: --token-file, else the variable `env`.
+    pub fn token(&self, env: &str) -> Result<Option<TokenSource>, CliError> {
+        TokenSource::from_file_or_env(self.token_file.as_deref(), env).map_err(|e| CliError::Usage(e.to_string()))
+    }
+}
+
+/// Where client commands go and with which credentials.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: String,
+    pub creds: Credentials,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct CoordinatorArgs {
@@ -28,6 +65,22 @@ pub struct CoordinatorArgs {
     /// Milliseconds without a heartbeat after which a worker is dead.
     #[arg(long, default_value_t = 3000)]
     pub lease_ms: u64,
+    /// File with the admin tokens, one per line (default: the LIANDAN_ADMIN_TOKEN variable).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// File with the worker tokens, one per line (default: the LIANDAN_WORKER_TOKEN variable).
+    #[arg(long)]
+    pub worker_token_file: Option<PathBuf>,
+    /// Accept calls without tokens; only allowed when listening on a loopback address.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Serve the dashboard, its JSON API and Prometheus /metrics on this address (port 0 picks
+    /// a free port). Off when absent.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Write the bound HTTP address here once listening (for scripts and tests).
+    #[arg(long)]
+    pub http_addr_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,11 +100,53 @@ fn rt() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(format!("tokio runtime: {e}")))
 }
 
-pub fn coordinator(a: CoordinatorArgs) -> Result<(), CliError> {
+/// The coordinator's accepted tokens, or the refusal to start without them.
+fn coordinator_auth(a: &CoordinatorArgs, loopback: bool) -> Result<liandan_coordinator::auth::Auth, CliError> {
+    use liandan_coordinator::auth::Auth;
+    let usage = |e: liandan_proto::auth::AuthError| CliError::Usage(e.to_string());
+    let admin = TokenSource::from_file_or_env(a.admin_token_file.as_deref(), ADMIN_TOKEN_ENV).map_err(usage)?;
+    let worker = TokenSource::from_file_or_env(a.worker_token_file.as_deref(), WORKER_TOKEN_ENV).map_err(usage)?;
+    if a.insecure_no_auth {
+        if !loopback {
+            return Err(CliError::Usage(format!("--insecure-no-auth is only allowed on a loopback address, not {}", a.listen)));
+        }
+        tracing::warn!("no authentication (--insecure-no-auth): any local process may call this coordinator");
+        return Ok(Auth::insecure());
+    }
+    match (admin, worker) {
+        (Some(admin), Some(worker)) => {
+            if admin.tokens().iter().any(|t| worker.accepts(t.as_bytes())) {
+                return Err(CliError::Usage("the admin and worker tokens must differ (a worker would have the admin's rights)".into()));
+            }
+            tracing::info!("tokens: admin from {}, worker from {}", admin.origin(), worker.origin());
+            Ok(Auth::new(admin, worker))
+        }
+        _ => Err(CliError::Usage(format!(
+            "the coordinator needs an admin token (--admin-token-file or {ADMIN_TOKEN_ENV}) and a worker token (--worker-token-file or {WORKER_TOKEN_ENV}); --insecure-no-auth runs without them on a loopback address"
+        ))),
+    }
+}
+
+pub fn coordinator(a: CoordinatorArgs, creds: &Credentials) -> Result<(), CliError> {
     rt()?.block_on(async move {
         let (listener, addr) = liandan_coordinator::bind(&a.listen).await.map_err(|e| CliError::Usage(e.to_string()))?;
+        let auth = coordinator_auth(&a, addr.ip().is_loopback())?;
+        let tls = creds.tls();
+        let http = match &a.http {
+            Some(h) => {
+                let (l, haddr) = liandan_coordinator::bind(h).await.map_err(|e| CliError::Usage(format!("--http: {e}")))?;
+                if let Some(f) = &a.http_addr_file {
+                    std::fs::write(f, format!("http://{haddr}\n")).map_err(|e| CliError::Io { path: f.display().to_string(), source: e })?;
+                }
+                tracing::info!("dashboard on http://{haddr}/ (JSON under /api, Prometheus /metrics)");
+                Some(l)
+            }
+            None => None,
+        };
+        let scheme = if tls.is_empty() { "http" } else { "https" };
+        let opts = liandan_coordinator::ServeOptions { auth, tls: (!tls.is_empty()).then_some(tls), http };
         if let Some(f) = &a.addr_file {
-            std::fs::write(f, format!("http://{addr}\n")).map_err(|e| CliError::Io { path: f.display().to_string(), source: e })?;
+            std::fs::write(f, format!("{scheme}://{addr}\n")).map_err(|e| CliError::Io { path: f.display().to_string(), source: e })?;
         }
         tracing::info!("coordinator listening on {addr}, store {}", a.store.display());
         let config = liandan_coordinator::service::CoordinatorConfig { lease_ms: a.lease_ms, ..Default::default() };
@@ -59,16 +154,19 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<(), CliError> {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        liandan_coordinator::serve(&a.store, listener, config, shutdown).await.map_err(|e| CliError::Usage(e.to_string()))
+        liandan_coordinator::serve(&a.store, listener, config, opts, shutdown).await.map_err(|e| CliError::Usage(e.to_string()))
     })
 }
 
-pub fn worker(a: WorkerArgs) -> Result<(), CliError> {
+pub fn worker(a: WorkerArgs, creds: &Credentials) -> Result<(), CliError> {
+    let token = creds.token(WORKER_TOKEN_ENV)?;
     rt()?.block_on(async move {
         let opts = liandan_worker::runtime::WorkerOptions {
             coordinator: a.coordinator,
             ring_host: a.ring_host,
             max_attempts: (a.max_attempts > 0).then_some(a.max_attempts),
+            token,
+            tls: creds.tls(),
         };
         tokio::select! {
             r = liandan_worker::runtime::run_worker(opts) => r.map_err(|e| CliError::Usage(e.to_string())),
@@ -77,17 +175,20 @@ pub fn worker(a: WorkerArgs) -> Result<(), CliError> {
     })
 }
 
-async fn connect(addr: &str) -> Result<CoordinatorClient<Channel>, CliError> {
-    let ep = tonic::transport::Endpoint::from_shared(addr.to_string()).map_err(|e| CliError::Usage(format!("--coordinator {addr}: {e}")))?;
+/// A client of the coordinator at `t.addr` that sends the admin token.
+pub async fn connect(t: &Target) -> Result<Client, CliError> {
+    let addr = &t.addr;
+    let token = t.creds.token(ADMIN_TOKEN_ENV)?;
+    let ep = liandan_proto::auth::endpoint(addr, &t.creds.tls()).map_err(|e| CliError::Usage(format!("--coordinator {addr}: {e}")))?;
     let ch = ep.connect_timeout(Duration::from_secs(3)).connect().await.map_err(|e| CliError::Usage(format!("coordinator at {addr} not reachable: {e}")))?;
-    Ok(CoordinatorClient::new(ch))
+    Ok(liandan_proto::auth::client(ch, token))
 }
 
 fn status_err(s: tonic::Status) -> CliError {
     CliError::Usage(s.message().to_string())
 }
 
-pub fn submit(file: PathBuf, coordinator: &str) -> Result<(), CliError> {
+pub fn submit(file: PathBuf, coordinator: &Target) -> Result<(), CliError> {
     let spec = std::fs::read_to_string(&file).map_err(|e| CliError::Io { path: file.display().to_string(), source: e })?;
     rt()?.block_on(async {
         let mut c = connect(coordinator).await?;
@@ -136,7 +237,7 @@ pub fn describe(j: &JobStatus) -> String {
     out
 }
 
-pub fn status(job: Option<u64>, coordinator: &str) -> Result<(), CliError> {
+pub fn status(job: Option<u64>, coordinator: &Target) -> Result<(), CliError> {
     rt()?.block_on(async {
         let mut c = connect(coordinator).await?;
         match job {
@@ -156,7 +257,7 @@ pub fn status(job: Option<u64>, coordinator: &str) -> Result<(), CliError> {
 }
 
 /// Streams a job's status with a progress bar per phase until it ends; returns the final status.
-pub async fn watch_async(c: &mut CoordinatorClient<Channel>, id: u64, bars: bool) -> Result<JobStatus, CliError> {
+pub async fn watch_async(c: &mut Client, id: u64, bars: bool) -> Result<JobStatus, CliError> {
     let mut stream = c.watch_job(JobRef { job_id: id }).await.map_err(status_err)?.into_inner();
     let multi = MultiProgress::new();
     let mut pbs: Vec<ProgressBar> = Vec::new();
@@ -195,7 +296,7 @@ pub async fn watch_async(c: &mut CoordinatorClient<Channel>, id: u64, bars: bool
     last.ok_or_else(|| CliError::Usage(format!("job {id}: no status received")))
 }
 
-pub fn watch(id: u64, coordinator: &str) -> Result<(), CliError> {
+pub fn watch(id: u64, coordinator: &Target) -> Result<(), CliError> {
     rt()?.block_on(async {
         let mut c = connect(coordinator).await?;
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -205,7 +306,7 @@ pub fn watch(id: u64, coordinator: &str) -> Result<(), CliError> {
     })
 }
 
-pub fn cancel(id: u64, coordinator: &str) -> Result<(), CliError> {
+pub fn cancel(id: u64, coordinator: &Target) -> Result<(), CliError> {
     rt()?.block_on(async {
         let mut c = connect(coordinator).await?;
         c.cancel_job(JobRef { job_id: id }).await.map_err(status_err)?;
@@ -214,7 +315,7 @@ pub fn cancel(id: u64, coordinator: &str) -> Result<(), CliError> {
     })
 }
 
-pub fn resume(id: u64, coordinator: &str) -> Result<(), CliError> {
+pub fn resume(id: u64, coordinator: &Target) -> Result<(), CliError> {
     rt()?.block_on(async {
         let mut c = connect(coordinator).await?;
         c.resume_job(JobRef { job_id: id }).await.map_err(status_err)?;
@@ -226,7 +327,7 @@ pub fn resume(id: u64, coordinator: &str) -> Result<(), CliError> {
 /// `liandan label JOB`: shows a prompt and two sampled answers, reads 1 / 2 / t / s / q from
 /// stdin, and stores each choice through the coordinator, until `q`, the end of input, or
 /// `count` labels.
-pub fn label(job: u64, labeler: &str, count: Option<u64>, coordinator: &str) -> Result<(), CliError> {
+pub fn label(job: u64, labeler: &str, count: Option<u64>, coordinator: &Target) -> Result<(), CliError> {
     use std::io::{BufRead, Write};
     rt()?.block_on(async {
         let mut c = connect(coordinator).await?;
@@ -270,7 +371,7 @@ pub fn label(job: u64, labeler: &str, count: Option<u64>, coordinator: &str) -> 
     })
 }
 
-pub fn workers(drain: Option<u64>, coordinator: &str) -> Result<(), CliError> {
+pub fn workers(drain: Option<u64>, coordinator: &Target) -> Result<(), CliError> {
     rt()?.block_on(async {
         let mut c = connect(coordinator).await?;
         if let Some(id) = drain {

@@ -37,6 +37,8 @@ struct Cli {
     /// Coordinator address for client commands.
     #[arg(long, global = true, default_value = cluster::DEFAULT_COORDINATOR)]
     coordinator: String,
+    #[command(flatten)]
+    creds: cluster::Credentials,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,11 +127,15 @@ fn main() -> ExitCode {
         eprintln!("error: could not start {threads} worker threads: {e}");
         return ExitCode::FAILURE;
     }
+    if !matches!(cli.log_format.as_str(), "pretty" | "json") {
+        eprintln!("error: --log-format {}: expected pretty or json", cli.log_format);
+        return ExitCode::FAILURE;
+    }
     init_logging(&cli.log_format);
-    let coord = cli.coordinator.clone();
+    let coord = cluster::Target { addr: cli.coordinator.clone(), creds: cli.creds.clone() };
     let result = match cli.command {
-        Command::Coordinator(a) => cluster::coordinator(a),
-        Command::Worker(a) => cluster::worker(a),
+        Command::Coordinator(a) => cluster::coordinator(a, &cli.creds),
+        Command::Worker(a) => cluster::worker(a, &cli.creds),
         Command::Submit { file } => cluster::submit(file, &coord),
         Command::Status { job } => cluster::status(job, &coord),
         Command::Watch { job } => cluster::watch(job, &coord),
@@ -165,6 +171,9 @@ fn default_labeler() -> String {
 fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,liandan=info,liandan_worker=info,liandan_coordinator=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    let _ = if format == "json" { builder.json().try_init() } else { builder.compact().try_init() };
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    // JSON: one object per line, the span's fields (job, phase, rank, generation) under "span".
+    let _ = if format == "json" { builder.json().with_current_span(true).with_span_list(false).try_init() } else { builder.compact().try_init() };
 }

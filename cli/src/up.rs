@@ -178,10 +178,12 @@ pub fn eval_items() -> Vec<liandan_worker::eval::EvalItem> {
     EVAL.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-/// A coordinator and workers as child processes of this one.
+/// A coordinator and workers as child processes of this one, with tokens made for this run
+/// and passed through the environment (the admin token to the coordinator only).
 struct LocalCluster {
     children: Vec<(String, std::process::Child)>,
     addr: String,
+    admin_token: String,
 }
 
 impl LocalCluster {
@@ -195,11 +197,18 @@ impl LocalCluster {
             let p = logs.join(format!("{name}.log"));
             std::fs::File::create(&p).map_err(|e| CliError::Io { path: p.display().to_string(), source: e })
         };
+        use liandan_proto::auth::{random_token, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
+        let token = || random_token().map_err(|e| CliError::Usage(e.to_string()));
+        let (admin_token, worker_token) = (token()?, token()?);
         let spawn = |name: &str, args: &[String]| -> Result<std::process::Child, CliError> {
             let f = log(name)?;
             let f2 = f.try_clone().map_err(|e| CliError::Io { path: name.into(), source: e })?;
-            std::process::Command::new(&exe)
-                .args(args)
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.env(WORKER_TOKEN_ENV, &worker_token).env_remove(ADMIN_TOKEN_ENV);
+            if name == "coordinator" {
+                cmd.env(ADMIN_TOKEN_ENV, &admin_token);
+            }
+            cmd.args(args)
                 .stdout(f)
                 .stderr(f2)
                 .stdin(std::process::Stdio::null())
@@ -220,7 +229,7 @@ impl LocalCluster {
                 }
             }
             if std::time::Instant::now() > deadline {
-                let mut c = LocalCluster { children, addr: String::new() };
+                let mut c = LocalCluster { children, addr: String::new(), admin_token };
                 c.stop();
                 return Err(CliError::Usage(format!("the coordinator did not start within 30 s (see {})", logs.join("coordinator.log").display())));
             }
@@ -230,18 +239,20 @@ impl LocalCluster {
             let name = format!("worker-{i}");
             children.push((name.clone(), spawn(&name, &["worker".into(), "--coordinator".into(), addr.clone(), "--threads".into(), threads.to_string()])?));
         }
-        Ok(LocalCluster { children, addr })
+        Ok(LocalCluster { children, addr, admin_token })
     }
 
     /// Submits the job and follows it until it ends or Ctrl-C.
     fn run_job(&mut self, spec: &str) -> Result<liandan_proto::v1::JobStatus, CliError> {
         let expected_workers = self.children.len() - 1;
+        let admin_token = self.admin_token.clone();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
         let addr = self.addr.clone();
         rt.block_on(async move {
             let ep = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
             let ch = ep.connect().await.map_err(|e| CliError::Usage(format!("coordinator at {addr}: {e}")))?;
-            let mut c = liandan_proto::v1::coordinator_client::CoordinatorClient::new(ch);
+            let token = liandan_proto::auth::TokenSource::literal(&admin_token, "the local cluster's admin token").map_err(|e| CliError::Usage(e.to_string()))?;
+            let mut c = liandan_proto::auth::client(ch, Some(token));
             // Submit once every local worker has registered, so the job starts with all of them.
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
             loop {

@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{liandan, s, scratch};
@@ -32,7 +32,7 @@ impl Drop for Proc {
 
 fn spawn(args: &[&str], log: &Path) -> Proc {
     let f = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_liandan"))
+    let child = common::command()
         .args(args)
         .stdout(f.try_clone().unwrap())
         .stderr(f)
@@ -297,12 +297,17 @@ fn standard_grpc_tools_see_health_and_reflection() {
     rt.block_on(async {
         let ch = tonic::transport::Endpoint::from_shared(c.addr.clone()).unwrap().connect().await.unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+        // Health needs no token (load balancers and probes have none); reflection needs the admin token.
         let r = health.check(tonic_health::pb::HealthCheckRequest { service: "liandan.v1.Coordinator".into() }).await.unwrap().into_inner();
         assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
         use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
         let mut refl = ServerReflectionClient::new(ch);
         let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-        let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let refused = refl.server_reflection_info(tokio_stream::iter(vec![req.clone()])).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let mut authed = tonic::Request::new(tokio_stream::iter(vec![req]));
+        authed.metadata_mut().insert("authorization", format!("Bearer {}", common::ADMIN_TOKEN).parse().unwrap());
+        let mut stream = refl.server_reflection_info(authed).await.unwrap().into_inner();
         let resp = stream.message().await.unwrap().unwrap();
         let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("unexpected reflection reply") };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
@@ -447,7 +452,7 @@ fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_sub
 /// `liandan label` with its answers piped in.
 fn label(c: &Cluster, job: u64, input: &str) -> std::process::Output {
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_liandan"))
+    let mut child = common::command()
         .args(["label", &job.to_string(), "--labeler", "tester", "--coordinator", &c.addr])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -487,7 +492,8 @@ fn human_labels_train_a_reward_model_and_a_failed_job_resumes_at_its_phase() {
         let cl = liandan_proto::v1::coordinator_client::CoordinatorClient::connect(c.addr.clone()).await.unwrap();
         let cases = [(1, "b", tonic::Code::FailedPrecondition), (999, "a", tonic::Code::NotFound), (1, "best", tonic::Code::InvalidArgument)];
         for (id, choice, code) in cases {
-            let req = liandan_proto::v1::PreferenceLabel { comparison_id: id, choice: choice.into(), labeler: "x".into() };
+            let mut req = tonic::Request::new(liandan_proto::v1::PreferenceLabel { comparison_id: id, choice: choice.into(), labeler: "x".into() });
+            req.metadata_mut().insert("authorization", format!("Bearer {}", common::ADMIN_TOKEN).parse().unwrap());
             assert_eq!(cl.clone().submit_preference(req).await.unwrap_err().code(), code, "comparison {id} '{choice}'");
         }
     });

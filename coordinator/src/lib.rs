@@ -6,8 +6,14 @@
 //! - [`store`]: SQLite (WAL, migrations): jobs, phases, workers, metrics, checkpoints, datasets.
 //! - [`scheduler`]: group formation, generations, re-forms on loss, join and drain.
 //! - [`service`]: the tonic implementation of `liandan.v1.Coordinator`.
-//! - [`serve`]: the server with health and reflection.
+//! - [`auth`]: which token each call needs; the tower layer that checks it and times calls.
+//! - [`metrics`]: Prometheus text exposition.
+//! - [`http`]: the dashboard, its JSON API and `/metrics` (axum, own port).
+//! - [`serve`]: the server with health and reflection, behind [`auth`], optionally over TLS.
 
+pub mod auth;
+pub mod http;
+pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod spec;
@@ -15,9 +21,27 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
+use liandan_proto::auth::TlsFiles;
 use liandan_proto::v1::coordinator_server::CoordinatorServer;
 use service::{CoordinatorConfig, CoordinatorService};
+
+/// The largest gRPC message the coordinator decodes; larger ones are refused with OUT_OF_RANGE
+/// before they are decoded. A job spec is a few KiB; this leaves room for long inline specs.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Who may call the coordinator and how it is reached.
+#[derive(Debug, Default)]
+pub struct ServeOptions {
+    /// The accepted tokens ([`auth::Auth::insecure`] for none).
+    pub auth: auth::Auth,
+    /// TLS: the coordinator's certificate and key, and the cluster CA that client certificates
+    /// must be signed by (None: plain HTTP/2).
+    pub tls: Option<TlsFiles>,
+    /// Where the dashboard, the JSON API and `/metrics` are served (None: not served).
+    pub http: Option<tokio::net::TcpListener>,
+}
 
 /// Errors starting the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +52,8 @@ pub enum ServeError {
     Bind { addr: String, source: std::io::Error },
     #[error("gRPC server: {0}")]
     Server(String),
+    #[error(transparent)]
+    Credentials(#[from] liandan_proto::auth::AuthError),
 }
 
 /// Opens the store and serves on `listener` until `shutdown` resolves.
@@ -35,6 +61,7 @@ pub async fn serve(
     store_path: &Path,
     listener: tokio::net::TcpListener,
     config: CoordinatorConfig,
+    opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let store = store::Store::open(store_path)?;
@@ -47,13 +74,47 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| ServeError::Server(e.to_string()))?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let rpc_metrics = Arc::new(metrics::RpcMetrics::default());
+    let auth = Arc::new(opts.auth);
+    let edge = auth::GrpcEdge { auth: auth.clone(), metrics: rpc_metrics.clone() };
+    // One shutdown signal for both servers.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let http_task = opts.http.map(|listener| {
+        let app = http::router(http::HttpState { svc: svc.clone(), auth: auth.clone(), rpc: rpc_metrics.clone() });
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!("HTTP server: {e}");
+            }
+        })
+    });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        let identity = tls.identity()?.ok_or_else(|| ServeError::Server("TLS needs --tls-cert and --tls-key".into()))?;
+        let mut c = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = tls.ca()? {
+            c = c.client_ca_root(ca);
+        }
+        builder = builder.tls_config(c).map_err(|e| ServeError::Server(format!("TLS: {e}")))?;
+    }
+    builder
+        .layer(edge)
         .add_service(health)
         .add_service(reflection)
-        .add_service(CoordinatorServer::new(svc).max_decoding_message_size(16 << 20))
+        .add_service(CoordinatorServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| ServeError::Server(e.to_string()))
+        .map_err(|e| ServeError::Server(e.to_string()))?;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    Ok(())
 }
 
 /// Binds `addr` (port 0 picks a free one).

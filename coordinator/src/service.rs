@@ -62,7 +62,7 @@ impl CoordinatorService {
         Ok(CoordinatorService { store: Arc::new(Mutex::new(store)), config, sampler: Arc::new(Mutex::new(None)) })
     }
 
-    fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, Status> {
+    pub(crate) fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, Status> {
         let mut guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard).map_err(internal)
     }

@@ -597,6 +597,31 @@ impl Store {
         )?;
         Ok(())
     }
+
+    /// Every committed checkpoint of a job, by phase and step (the dashboard's lineage view).
+    pub fn checkpoints(&self, job_id: u64) -> Result<Vec<CheckpointRow>> {
+        let mut st = self.conn.prepare("SELECT phase_idx, step, path, generation, committed_ms FROM checkpoints WHERE job_id = ?1 ORDER BY phase_idx, step")?;
+        let rows = st.query_map(params![job_id as i64], |r| {
+            Ok(CheckpointRow {
+                phase_idx: r.get::<_, i64>(0)? as u32,
+                step: r.get::<_, i64>(1)? as u64,
+                path: r.get(2)?,
+                generation: r.get::<_, i64>(3)? as u64,
+                committed_ms: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// A committed checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRow {
+    pub phase_idx: u32,
+    pub step: u64,
+    pub path: String,
+    pub generation: u64,
+    pub committed_ms: u64,
 }
 
 #[cfg(test)]
@@ -617,6 +642,7 @@ mod tests {
         s.commit_checkpoint(id, 0, 5, "/c/5", 1).unwrap();
         s.commit_checkpoint(id, 0, 3, "/c/3", 1).unwrap();
         assert_eq!(s.phase(id, 0).unwrap().unwrap().last_checkpoint, "/c/5", "an older commit never moves the resume point back");
+        assert_eq!(s.checkpoints(id).unwrap().iter().map(|c| c.step).collect::<Vec<_>>(), [3, 5]);
     }
 
     #[test]

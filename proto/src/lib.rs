@@ -1,5 +1,8 @@
 //! liandan-proto: the liandan/v1 gRPC contract (`liandan/v1/liandan.proto`) between the
-//! coordinator, the workers and users, generated with tonic + prost at build time.
+//! coordinator, the workers and users, generated with tonic + prost at build time, and the
+//! credentials that go with every call ([`auth`]: bearer tokens, TLS).
+
+pub mod auth;
 
 /// Generated messages, client and server.
 pub mod v1 {

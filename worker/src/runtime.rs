@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use liandan_proto::v1::coordinator_client::CoordinatorClient;
+use liandan_proto::auth::{Client, TlsFiles, TokenSource};
 use liandan_proto::v1::*;
 use liandan_proto::PROTOCOL_VERSION;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
 use crate::collective::{Collective, Local, RingListener, RingOptions, TcpRing};
@@ -31,6 +30,11 @@ pub struct WorkerOptions {
     pub ring_host: String,
     /// Give up after this many failed attempts to reach the coordinator in a row (None: never).
     pub max_attempts: Option<u32>,
+    /// The worker token sent with every call (None: send none; a coordinator with tokens then
+    /// refuses the worker at registration).
+    pub token: Option<TokenSource>,
+    /// TLS files (the cluster CA to verify the coordinator; a certificate and key for mutual TLS).
+    pub tls: TlsFiles,
 }
 
 /// Errors that end the worker process.
@@ -61,11 +65,11 @@ fn backoff(attempt: u32) -> Duration {
 pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
     let listener = TcpRing::listen(&format!("{}:0", opts.ring_host)).map_err(|e| RuntimeError::Ring(e.to_string()))?;
     let ring_address = listener.local_addr().to_string();
-    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
-        .map_err(|e| RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: format!("bad address: {e}") })?
+    let endpoint = liandan_proto::auth::endpoint(&opts.coordinator, &opts.tls)
+        .map_err(|e| RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: e.to_string() })?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10));
-    let client = CoordinatorClient::new(endpoint.connect_lazy());
+    let client = liandan_proto::auth::client(endpoint.connect_lazy(), opts.token.clone());
     let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     let register = RegisterRequest { protocol_version: PROTOCOL_VERSION, hostname, device: "cpu".into(), ring_address: ring_address.clone(), previous_id: 0 };
     let reply = register_with_retry(&client, &register, &opts).await?;
@@ -150,11 +154,14 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         current.job.store(a.job_id, Ordering::SeqCst);
         current.generation.store(a.generation, Ordering::SeqCst);
         current.step.store(0, Ordering::SeqCst);
-        info!(job = a.job_id, phase = %a.phase_name, rank = a.rank, world = a.world, generation = a.generation, "assignment");
+        // Every line logged while this assignment runs (on the phase thread, or here about it)
+        // carries job, phase, rank and generation.
+        let span = tracing::info_span!("phase", job = a.job_id, phase = %a.phase_name, rank = a.rank, generation = a.generation);
+        info!(parent: &span, world = a.world, peers = a.peers.len(), "assignment");
         let handle = tokio::runtime::Handle::current();
-        let (client2, abort2, listener2, current2, a2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone());
+        let (client2, abort2, listener2, current2, a2, span2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone());
         let wid = id;
-        let result = tokio::task::spawn_blocking(move || run_assignment(&handle, client2, wid, &a2, &listener2, abort2, &current2))
+        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, client2, wid, &a2, &listener2, abort2, &current2)))
             .await
             .unwrap_or_else(|e| Err(format!("the phase thread panicked: {e}")));
         current.job.store(0, Ordering::SeqCst);
@@ -162,29 +169,32 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         let (ok, error, final_checkpoint) = match result {
             Ok(PhaseOutcome::Finished { final_checkpoint }) => (true, String::new(), final_checkpoint.map(|p| p.display().to_string()).unwrap_or_default()),
             Ok(PhaseOutcome::Regroup) | Ok(PhaseOutcome::Aborted) => {
-                info!(job = a.job_id, generation = a.generation, "assignment ended by a regroup");
+                info!(parent: &span, "assignment ended by a regroup");
                 continue;
             }
             Ok(PhaseOutcome::GroupBroken { reason }) => {
                 broken = if (broken.0, broken.1) == (a.job_id, a.generation) { (a.job_id, a.generation, broken.2 + 1) } else { (a.job_id, a.generation, 1) };
                 if broken.2 < 5 {
-                    warn!(job = a.job_id, generation = a.generation, "group broken ({reason}); waiting for the coordinator to re-form it");
+                    warn!(parent: &span, "group broken ({reason}); waiting for the coordinator to re-form it");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
                 (false, format!("generation {} broke {} times without being replaced: {reason}", a.generation, broken.2), String::new())
             }
             Err(e) => {
-                error!(job = a.job_id, generation = a.generation, "phase failed: {e}");
+                error!(parent: &span, "phase failed: {e}");
                 (false, e, String::new())
             }
         };
         let res = AssignmentResult { worker_id: id, job_id: a.job_id, phase_index: a.phase_index, generation: a.generation, ok, error, final_checkpoint };
         for attempt in 0..10 {
             match client.clone().finish_assignment(res.clone()).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    info!(parent: &span, ok, "assignment finished");
+                    break;
+                }
                 Err(e) => {
-                    warn!("finish assignment: {} (retry {attempt})", e.message());
+                    warn!(parent: &span, "finish assignment: {} (retry {attempt})", e.message());
                     tokio::time::sleep(backoff(attempt)).await;
                 }
             }
@@ -192,12 +202,13 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
     }
 }
 
-async fn register_with_retry(client: &CoordinatorClient<Channel>, req: &RegisterRequest, opts: &WorkerOptions) -> Result<RegisterReply, RuntimeError> {
+async fn register_with_retry(client: &Client, req: &RegisterRequest, opts: &WorkerOptions) -> Result<RegisterReply, RuntimeError> {
     let mut attempt = 0u32;
     loop {
         match client.clone().register(req.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(e) if e.code() == tonic::Code::FailedPrecondition || e.code() == tonic::Code::InvalidArgument => {
+            // Retrying cannot fix a refused token or another protocol version.
+            Err(e) if matches!(e.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
                 return Err(RuntimeError::Coordinator { addr: opts.coordinator.clone(), reason: e.message().to_string() });
             }
             Err(e) => {
@@ -217,7 +228,7 @@ async fn register_with_retry(client: &CoordinatorClient<Channel>, req: &Register
 /// Reports steps and commits checkpoints through the coordinator, from the phase thread.
 struct Reporter<'a> {
     handle: &'a tokio::runtime::Handle,
-    client: CoordinatorClient<Channel>,
+    client: Client,
     worker_id: u64,
     a: &'a Assignment,
     current: &'a Current,
@@ -252,7 +263,11 @@ impl PhaseEvents for Reporter<'_> {
         let mut last = String::new();
         for attempt in 0..20 {
             match self.handle.block_on(self.client.clone().commit_checkpoint(req.clone())) {
-                Ok(r) => return Ok(r.into_inner().regroup),
+                Ok(r) => {
+                    let regroup = r.into_inner().regroup;
+                    info!(step, regroup, path = %path.display(), "checkpoint committed");
+                    return Ok(regroup);
+                }
                 Err(e) if e.code() == tonic::Code::FailedPrecondition => return Ok(true),
                 Err(e) => {
                     last = e.message().to_string();
@@ -266,7 +281,7 @@ impl PhaseEvents for Reporter<'_> {
 
 fn run_assignment(
     handle: &tokio::runtime::Handle,
-    client: CoordinatorClient<Channel>,
+    client: Client,
     worker_id: u64,
     a: &Assignment,
     listener: &RingListener,

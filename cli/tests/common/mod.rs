@@ -4,9 +4,23 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod local;
+
+/// The tokens every test cluster uses (the coordinator reads both from the environment, a
+/// worker sends the worker token, the CLI the admin token).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const WORKER_TOKEN: &str = "test-worker-token-0123456789";
+
+/// The `liandan` command with the test tokens in its environment.
+pub fn command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_liandan"));
+    c.env("LIANDAN_ADMIN_TOKEN", ADMIN_TOKEN).env("LIANDAN_WORKER_TOKEN", WORKER_TOKEN);
+    c
+}
+
 /// Runs the `liandan` binary with two worker threads.
 pub fn liandan(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_liandan")).args(args).args(["--threads", "2"]).output().expect("run liandan")
+    command().args(args).args(["--threads", "2"]).output().expect("run liandan")
 }
 
 /// A fresh directory under the system temp dir, unique to this process and `name`.

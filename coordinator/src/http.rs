@@ -1,0 +1,213 @@
+//! The coordinator's HTTP side (axum, on its own port): the dashboard page, the JSON API it
+//! reads, and Prometheus `/metrics`.
+//!
+//! Routes:
+//! - `GET /` the dashboard, one static HTML+JS file (`dashboard.html`, embedded); public, it
+//!   holds no data. It takes the admin token once (`#token=` or a prompt), keeps it in the tab's
+//!   sessionStorage and sends it as a bearer header; it polls `/api/overview` every second.
+//! - `GET /healthz` `ok`; public, for probes.
+//! - `GET /metrics` Prometheus text ([`crate::metrics`]); admin token.
+//! - `GET /api/overview` jobs (phases, progress, throughput, ETA, lineage) and workers; admin.
+//! - `GET /api/jobs/{id}` one job with each phase's curves (downsampled) and its checkpoints; admin.
+//! - `GET /api/workers` every worker; admin.
+//!
+//! Extending: a page for human comparisons (labeling) mounts its routes in [`router`] where the
+//! `labeling` comment says, under `/label` and `/api/label/...`; the admin check covers every
+//! route added to `protected`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::auth::{Auth, Role};
+use crate::metrics::RpcMetrics;
+use crate::service::CoordinatorService;
+use crate::store::now_ms;
+
+/// The dashboard page.
+pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// Points per curve in `/api/jobs/{id}` (a long phase is downsampled evenly; the last step is kept).
+const MAX_POINTS: usize = 400;
+
+/// Steps in the moving window of the tokens/s curve.
+const TPS_WINDOW: usize = 10;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    pub svc: CoordinatorService,
+    pub auth: Arc<Auth>,
+    pub rpc: Arc<RpcMetrics>,
+}
+
+/// The whole HTTP router.
+pub fn router(state: HttpState) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/overview", get(overview))
+        .route("/api/jobs/{id}", get(job))
+        .route("/api/workers", get(workers));
+    // labeling: `.route("/api/label/next", ...)` and friends go here, the page beside `/`.
+    let protected = protected.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/", get(|| async { ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD_HTML)) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(protected)
+        .with_state(state)
+}
+
+async fn require_admin(State(st): State<HttpState>, req: Request, next: Next) -> Response {
+    match st.auth.check(Role::Admin, req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            tracing::warn!(path = %req.uri().path(), "refused an HTTP request: {}", refusal.reason());
+            let code = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            let mut r = (code, Json(json!({ "error": refusal.status(req.uri().path()).message() }))).into_response();
+            if code == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            r
+        }
+    }
+}
+
+/// An internal error as a JSON 500.
+fn fail(e: tonic::Status) -> Response {
+    let code = if e.code() == tonic::Code::NotFound { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
+    (code, Json(json!({ "error": e.message() }))).into_response()
+}
+
+async fn metrics(State(st): State<HttpState>) -> Response {
+    match crate::metrics::render(&st.svc, &st.rpc) {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+fn phase_json(p: &liandan_proto::v1::PhaseStatus) -> Value {
+    json!({
+        "index": p.index, "name": p.name, "state": p.state, "step": p.step, "total_steps": p.total_steps,
+        "generation": p.generation, "world": p.world, "loss": p.loss, "tokens_per_s": p.tokens_per_s,
+        "eta_ms": p.eta_ms, "last_checkpoint": p.last_checkpoint, "last_checkpoint_step": p.last_checkpoint_step,
+        "input_checkpoint": p.input_checkpoint, "error": p.error,
+    })
+}
+
+fn job_json(j: &liandan_proto::v1::JobStatus) -> Value {
+    json!({
+        "job_id": j.job_id, "name": j.name, "state": j.state, "error": j.error, "created_ms": j.created_ms,
+        "workers": j.workers, "phases": j.phases.iter().map(phase_json).collect::<Vec<_>>(),
+    })
+}
+
+fn workers_json(svc: &CoordinatorService) -> Result<Vec<Value>, tonic::Status> {
+    let now = now_ms();
+    let ws = svc.with_store(|s| s.workers())?;
+    Ok(ws
+        .into_iter()
+        .map(|w| {
+            json!({
+                "worker_id": w.id, "hostname": w.hostname, "device": w.device, "ring_address": w.ring_address,
+                "state": w.state, "heartbeat_age_ms": now.saturating_sub(w.last_heartbeat_ms),
+                "job_id": w.job_id, "phase_index": w.phase_idx, "rank": w.rank, "generation": w.generation,
+            })
+        })
+        .collect())
+}
+
+async fn overview(State(st): State<HttpState>) -> Response {
+    let run = || -> Result<Value, tonic::Status> {
+        let ids: Vec<u64> = st.svc.with_store(|s| Ok(s.jobs()?.into_iter().map(|j| j.id).collect()))?;
+        let jobs = ids.into_iter().map(|id| st.svc.job_status(id).map(|j| job_json(&j))).collect::<Result<Vec<_>, _>>()?;
+        Ok(json!({ "now_ms": now_ms(), "jobs": jobs, "workers": workers_json(&st.svc)? }))
+    };
+    match run() {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+/// Every `k`-th point of `n` so that at most [`MAX_POINTS`] remain, always with the last.
+fn sample_indices(n: usize) -> Vec<usize> {
+    if n <= MAX_POINTS {
+        return (0..n).collect();
+    }
+    let k = n.div_ceil(MAX_POINTS);
+    let mut v: Vec<usize> = (0..n).step_by(k).collect();
+    if v.last() != Some(&(n - 1)) {
+        v.push(n - 1);
+    }
+    v
+}
+
+async fn job(State(st): State<HttpState>, Path(id): Path<u64>) -> Response {
+    let run = || -> Result<Value, tonic::Status> {
+        let j = st.svc.job_status(id)?;
+        let checkpoints = st.svc.with_store(|s| s.checkpoints(id))?;
+        let mut phases = Vec::new();
+        for p in &j.phases {
+            let m = st.svc.with_store(|s| s.metrics(id, p.index))?;
+            let idx = sample_indices(m.len());
+            // Throughput over a window of steps: one step's wall time is too coarse (ms) to plot.
+            let (mut tok, mut ms, mut tps) = (0u64, 0u64, Vec::with_capacity(m.len()));
+            for (i, r) in m.iter().enumerate() {
+                (tok, ms) = (tok + r.tokens, ms + r.step_ms);
+                if i >= TPS_WINDOW {
+                    (tok, ms) = (tok - m[i - TPS_WINDOW].tokens, ms - m[i - TPS_WINDOW].step_ms);
+                }
+                tps.push(if ms > 0 { tok as f64 * 1000.0 / ms as f64 } else { f64::NAN });
+            }
+            let col = |f: &dyn Fn(&crate::store::MetricRow) -> f64| idx.iter().map(|&i| f(&m[i])).collect::<Vec<f64>>();
+            let mut v = phase_json(p);
+            v["series"] = json!({
+                "step": col(&|r| r.step as f64),
+                "loss": col(&|r| r.loss),
+                "lr": col(&|r| r.lr),
+                "grad_norm": col(&|r| r.grad_norm),
+                "tokens_per_s": idx.iter().map(|&i| tps[i]).map(|x| if x.is_finite() { json!(x) } else { Value::Null }).collect::<Vec<_>>(),
+                "world": col(&|r| r.world as f64),
+            });
+            v["checkpoints"] = checkpoints
+                .iter()
+                .filter(|c| c.phase_idx == p.index)
+                .map(|c| json!({ "step": c.step, "path": c.path, "generation": c.generation, "committed_ms": c.committed_ms }))
+                .collect();
+            phases.push(v);
+        }
+        let mut v = job_json(&j);
+        v["phases"] = Value::Array(phases);
+        Ok(v)
+    };
+    match run() {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn workers(State(st): State<HttpState>) -> Response {
+    match workers_json(&st.svc) {
+        Ok(w) => Json(json!({ "workers": w })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downsampling_keeps_the_ends_and_the_bound() {
+        assert_eq!(sample_indices(3), [0, 1, 2]);
+        let v = sample_indices(1001);
+        assert!(v.len() <= MAX_POINTS + 1, "{}", v.len());
+        assert_eq!((v[0], *v.last().unwrap()), (0, 1000));
+        assert!(v.windows(2).all(|w| w[0] < w[1]));
+    }
+}
