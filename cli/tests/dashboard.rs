@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::local::{http_get, job_spec, prepared, wait_for, Local};
+use common::local::{http_get, http_request, job_spec, prepared, wait_for, Local};
 use common::{scratch, ADMIN_TOKEN, WORKER_TOKEN};
 
 fn find_chromium() -> Option<PathBuf> {
@@ -74,6 +74,18 @@ fn dashboard_api_metrics_and_phase_logs() {
         assert_eq!(http_get(&l.http, path, Some("not-the-token-0123456789")).0, 401, "{path} with a wrong token");
         assert_eq!(http_get(&l.http, path, Some(WORKER_TOKEN)).0, 403, "{path} with the worker token");
     }
+
+    // Labeling: the page is public; the API needs the admin token and refuses what it cannot do
+    // (a pretrain-only job has no chat model to sample from; an unknown comparison; a bad choice).
+    let (code, page) = http_get(&l.http, "/label", None);
+    assert!(code == 200 && page.contains("Label comparisons"), "{code}");
+    assert_eq!(http_get(&l.http, &format!("/api/label/{job}/next"), None).0, 401);
+    let (code, body) = http_get(&l.http, &format!("/api/label/{job}/next"), Some(ADMIN_TOKEN));
+    assert!(code == 409 && body.contains("no SFT or PPO checkpoint"), "{code} {body}");
+    let post = |path: &str, token: &str, json: &str| http_request(&l.http, "POST", path, Some(token), Some(json));
+    assert_eq!(post("/api/label/999", ADMIN_TOKEN, r#"{"choice":"a"}"#).0, 404);
+    assert_eq!(post("/api/label/999", ADMIN_TOKEN, r#"{"choice":"best"}"#).0, 400);
+    assert_eq!(post("/api/label/999", WORKER_TOKEN, r#"{"choice":"a"}"#).0, 403);
 
     // The JSON API: the job's curve has every step, and its checkpoints are listed.
     let (code, body) = http_get(&l.http, &format!("/api/jobs/{job}"), Some(ADMIN_TOKEN));

@@ -11,9 +11,12 @@
 //! - `GET /api/jobs/{id}` one job with each phase's curves (downsampled) and its checkpoints; admin.
 //! - `GET /api/workers` every worker; admin.
 //!
-//! Extending: a page for human comparisons (labeling) mounts its routes in [`router`] where the
-//! `labeling` comment says, under `/label` and `/api/label/...`; the admin check covers every
-//! route added to `protected`.
+//! - `GET /label` the labeling page (`label.html`, embedded; public, holds no data): the flow of
+//!   `liandan label`.
+//! - `GET /api/label/{job}/next` the job's next comparison (sampled on demand); admin.
+//! - `POST /api/label/{comparison}` `{"choice": "a"|"b"|"tie"|"skip", "labeler": "..."}`; admin.
+//!   A second label, an unknown comparison or a bad choice is refused (409, 404, 400) and changes
+//!   nothing.
 
 use std::sync::Arc;
 
@@ -32,6 +35,8 @@ use crate::store::now_ms;
 
 /// The dashboard page.
 pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+/// The labeling page.
+pub const LABEL_HTML: &str = include_str!("label.html");
 
 /// Points per curve in `/api/jobs/{id}` (a long phase is downsampled evenly; the last step is kept).
 const MAX_POINTS: usize = 400;
@@ -53,11 +58,13 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/overview", get(overview))
         .route("/api/jobs/{id}", get(job))
-        .route("/api/workers", get(workers));
-    // labeling: `.route("/api/label/next", ...)` and friends go here, the page beside `/`.
+        .route("/api/workers", get(workers))
+        .route("/api/label/{job}/next", get(next_comparison))
+        .route("/api/label/{comparison}", axum::routing::post(submit_label));
     let protected = protected.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/", get(|| async { ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD_HTML)) }))
+        .route("/label", get(|| async { ([(header::CACHE_CONTROL, "no-store")], Html(LABEL_HTML)) }))
         .route("/healthz", get(|| async { "ok" }))
         .merge(protected)
         .with_state(state)
@@ -78,10 +85,41 @@ async fn require_admin(State(st): State<HttpState>, req: Request, next: Next) ->
     }
 }
 
-/// An internal error as a JSON 500.
+/// A gRPC status as a JSON error with the matching HTTP status.
 fn fail(e: tonic::Status) -> Response {
-    let code = if e.code() == tonic::Code::NotFound { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
+    let code = match e.code() {
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
     (code, Json(json!({ "error": e.message() }))).into_response()
+}
+
+async fn next_comparison(State(st): State<HttpState>, Path(job): Path<u64>) -> Response {
+    match st.svc.next_comparison_for(job).await {
+        Ok(c) => Json(json!({
+            "comparison_id": c.comparison_id, "job_id": c.job_id, "prompt": c.prompt, "answer_a": c.answer_a,
+            "answer_b": c.answer_b, "task": c.task, "checkpoint": c.checkpoint, "total": c.total, "labelled": c.labelled,
+        }))
+        .into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+/// The body of `POST /api/label/{comparison}`.
+#[derive(Debug, serde::Deserialize)]
+struct LabelBody {
+    choice: String,
+    #[serde(default)]
+    labeler: String,
+}
+
+async fn submit_label(State(st): State<HttpState>, Path(id): Path<u64>, Json(body): Json<LabelBody>) -> Response {
+    match st.svc.label(id, &body.choice, &body.labeler) {
+        Ok(()) => Json(json!({ "ok": true })).into_response(),
+        Err(e) => fail(e),
+    }
 }
 
 async fn metrics(State(st): State<HttpState>) -> Response {
@@ -96,7 +134,7 @@ fn phase_json(p: &liandan_proto::v1::PhaseStatus) -> Value {
         "index": p.index, "name": p.name, "state": p.state, "step": p.step, "total_steps": p.total_steps,
         "generation": p.generation, "world": p.world, "loss": p.loss, "tokens_per_s": p.tokens_per_s,
         "eta_ms": p.eta_ms, "last_checkpoint": p.last_checkpoint, "last_checkpoint_step": p.last_checkpoint_step,
-        "input_checkpoint": p.input_checkpoint, "error": p.error,
+        "input_checkpoint": p.input_checkpoint, "error": p.error, "values": p.values, "evaluation": p.evaluation,
     })
 }
 
@@ -174,6 +212,11 @@ async fn job(State(st): State<HttpState>, Path(id): Path<u64>) -> Response {
                 "tokens_per_s": idx.iter().map(|&i| tps[i]).map(|x| if x.is_finite() { json!(x) } else { Value::Null }).collect::<Vec<_>>(),
                 "world": col(&|r| r.world as f64),
             });
+            // Phase-specific series (ppo: reward, kl, clip_frac, entropy, value_loss, verifier_pass, ...).
+            let keys: std::collections::BTreeSet<&String> = m.iter().flat_map(|r| r.values.keys()).collect();
+            for k in keys {
+                v["series"][k.as_str()] = idx.iter().map(|&i| m[i].values.get(k).map_or(Value::Null, |x| json!(x))).collect::<Vec<_>>().into();
+            }
             v["checkpoints"] = checkpoints
                 .iter()
                 .filter(|c| c.phase_idx == p.index)

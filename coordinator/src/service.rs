@@ -171,6 +171,44 @@ impl CoordinatorService {
         Err(Status::resource_exhausted(format!("{checkpoint}: 16 attempts gave no two different answers")))
     }
 
+    /// The next comparison of a job to label: its oldest open one, or a newly sampled one.
+    pub async fn next_comparison_for(&self, job_id: u64) -> Result<Comparison, Status> {
+        let open = self.with_store(|s| s.open_comparison(job_id))?;
+        let row = match open {
+            Some(row) => row,
+            None => {
+                let me = self.clone();
+                let new = tokio::task::spawn_blocking(move || me.make_comparison(job_id)).await.map_err(|e| Status::internal(e.to_string()))??;
+                let id = self.with_store(|s| s.insert_comparison(&new))?;
+                info!(job = job_id, comparison = id, "new comparison sampled from {}", new.checkpoint);
+                crate::store::ComparisonRow { id, new, choice: String::new(), labeler: String::new() }
+            }
+        };
+        let (total, labelled) = self.with_store(|s| s.comparison_counts(job_id))?;
+        let n = row.new;
+        Ok(Comparison { comparison_id: row.id, job_id, prompt: n.prompt, answer_a: n.answer_a, answer_b: n.answer_b, task: n.task, checkpoint: n.checkpoint, total, labelled })
+    }
+
+    /// Labels a comparison once (`a`, `b`, `tie`, `skip`); a refusal is logged and changes nothing.
+    pub fn label(&self, id: u64, choice: &str, labeler: &str) -> Result<(), Status> {
+        let result = if ["a", "b", "tie", "skip"].contains(&choice) {
+            self.with_store(|s| {
+                let Some(c) = s.comparison(id)? else { return Ok(Err(Status::not_found(format!("comparison {id} does not exist")))) };
+                if !s.label_comparison(c.id, choice, labeler)? {
+                    return Ok(Err(Status::failed_precondition(format!("comparison {id} was already labelled ('{}' by '{}')", c.choice, c.labeler))));
+                }
+                Ok(Ok(()))
+            })?
+        } else {
+            Err(Status::invalid_argument(format!("choice must be a, b, tie or skip, got '{choice}'")))
+        };
+        match &result {
+            Ok(()) => info!(comparison = id, choice, labeler, "comparison labelled"),
+            Err(e) => warn!(comparison = id, "label refused: {}", e.message()),
+        }
+        result
+    }
+
     /// Submits a spec; the error names the key (INVALID_ARGUMENT).
     pub fn submit(&self, spec_toml: &str, source: &str) -> Result<u64, Status> {
         let spec = JobSpec::parse(spec_toml, source).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -473,48 +511,12 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn next_comparison(&self, req: Request<ComparisonRequest>) -> Result<Response<Comparison>, Status> {
-        let job_id = req.into_inner().job_id;
-        let open = self.with_store(|s| s.open_comparison(job_id))?;
-        let row = match open {
-            Some(row) => row,
-            None => {
-                let me = self.clone();
-                let new = tokio::task::spawn_blocking(move || me.make_comparison(job_id)).await.map_err(|e| Status::internal(e.to_string()))??;
-                let id = self.with_store(|s| s.insert_comparison(&new))?;
-                info!(job = job_id, comparison = id, "new comparison sampled from {}", new.checkpoint);
-                crate::store::ComparisonRow { id, new, choice: String::new(), labeler: String::new() }
-            }
-        };
-        let (total, labelled) = self.with_store(|s| s.comparison_counts(job_id))?;
-        let n = row.new;
-        Ok(Response::new(Comparison {
-            comparison_id: row.id,
-            job_id,
-            prompt: n.prompt,
-            answer_a: n.answer_a,
-            answer_b: n.answer_b,
-            task: n.task,
-            checkpoint: n.checkpoint,
-            total,
-            labelled,
-        }))
+        Ok(Response::new(self.next_comparison_for(req.into_inner().job_id).await?))
     }
 
     async fn submit_preference(&self, req: Request<PreferenceLabel>) -> Result<Response<Ack>, Status> {
         let r = req.into_inner();
-        if !["a", "b", "tie", "skip"].contains(&r.choice.as_str()) {
-            warn!(comparison = r.comparison_id, "label refused: choice '{}'", r.choice);
-            return Err(Status::invalid_argument(format!("choice must be a, b, tie or skip, got '{}'", r.choice)));
-        }
-        self.with_store(|s| {
-            let Some(c) = s.comparison(r.comparison_id)? else { return Ok(Err(Status::not_found(format!("comparison {} does not exist", r.comparison_id)))) };
-            if !s.label_comparison(c.id, &r.choice, &r.labeler)? {
-                return Ok(Err(Status::failed_precondition(format!("comparison {} was already labelled ('{}' by '{}')", c.id, c.choice, c.labeler))));
-            }
-            Ok(Ok(()))
-        })?
-        .inspect_err(|e| warn!(comparison = r.comparison_id, "label refused: {}", e.message()))?;
-        info!(comparison = r.comparison_id, choice = %r.choice, labeler = %r.labeler, "comparison labelled");
+        self.label(r.comparison_id, &r.choice, &r.labeler)?;
         Ok(Response::new(Ack {}))
     }
 

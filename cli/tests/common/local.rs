@@ -123,11 +123,17 @@ impl Local {
 
 /// GET `path` from `http://addr` with an optional bearer token: (status, body).
 pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    http_request(addr, "GET", path, token, None)
+}
+
+/// One HTTP/1.1 request (a JSON body for POST); returns the status and the body.
+pub fn http_request(addr: &str, method: &str, path: &str, token: Option<&str>, json: Option<&str>) -> (u16, String) {
     let host = addr.trim_start_matches("http://");
     let mut conn = std::net::TcpStream::connect(host).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let body = json.map(|b| format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())).unwrap_or_else(|| "\r\n".into());
+    write!(conn, "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n{body}").unwrap();
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
