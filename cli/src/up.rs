@@ -119,23 +119,25 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
         let (model, codec) = crate::generate::load_model(ckpt)?;
         let crate::generate::Codec::Bpe(tk) = &codec else { continue };
         let r = liandan_worker::eval::evaluate(&model, tk, &items, EVAL_PER_TASK, 64).map_err(CliError::Usage)?;
-        reports.push((phase.name.clone(), r));
+        let sampled = liandan_worker::eval::poem_pass_sampled(&model, tk, &items, 0.7, 4, 64).map_err(CliError::Usage)?;
+        reports.push((phase.name.clone(), r, sampled));
     }
-    let tasks: Vec<String> = reports.first().map(|(_, r)| r.tasks.iter().map(|t| t.0.clone()).collect()).unwrap_or_default();
-    println!("\nheld-out prompts passed (greedy answers; poem = the form verifier, others = exact match):");
+    let tasks: Vec<String> = reports.first().map(|(_, r, _)| r.tasks.iter().map(|t| t.0.clone()).collect()).unwrap_or_default();
+    println!("\nheld-out prompts passed (greedy answers; poem = the form verifier, others = exact match;");
+    println!("poem@0.7 = 4 answers per poem request sampled at temperature 0.7, as PPO's rollouts are):");
     print!("{:<12}", "after");
     for t in &tasks {
         print!("{t:>12}");
     }
-    println!();
-    for (phase, r) in &reports {
+    println!("{:>14}", "poem@0.7");
+    for (phase, r, (passed, total)) in &reports {
         print!("{phase:<12}");
         for t in &r.tasks {
             print!("{:>12}", format!("{}/{}", t.1, t.2));
         }
-        println!();
+        println!("{:>14}", format!("{passed}/{total} {:.1}%", 100.0 * *passed as f64 / (*total).max(1) as f64));
     }
-    if let Some((phase, r)) = reports.last() {
+    if let Some((phase, r, _)) = reports.last() {
         println!("\nsample answers after {phase}:");
         for (prompt, answer, ok) in r.samples.iter().take(10) {
             println!("  {} {prompt} → {}", if *ok { "✓" } else { "✗" }, answer.trim().replace('\n', " / "));

@@ -11,64 +11,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
+use common::local::{prepared, spawn, wait_for, Proc};
 use common::{liandan, s, scratch};
 use liandan_coordinator::store::Store;
 
 const TOLERANCE: f64 = 1e-4;
-
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[&str], log: &Path) -> Proc {
-    let f = std::fs::File::create(log).unwrap();
-    let child = common::command()
-        .args(args)
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn liandan");
-    Proc { child }
-}
-
-/// Polls `f` every 50 ms until it returns Some, or panics after `secs` with `what`.
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A prepared tiny corpus (shared by the tests of this binary; each test prepares its own copy).
-fn prepared(dir: &Path) -> PathBuf {
-    let raw = dir.join("raw.jsonl");
-    let mut body = String::new();
-    for i in 0..300 {
-        let line = format!("第{i}篇：床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流{i}。");
-        body.push_str(&serde_json::json!({ "text": line }).to_string());
-        body.push('\n');
-    }
-    std::fs::write(&raw, body).unwrap();
-    let out = dir.join("data");
-    let o = liandan(&["data", "prepare", s(&raw), "--out", s(&out), "--vocab-size", "320", "--split", "0.9,0.05,0.05", "--no-near-dedup"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out
-}
 
 fn spec(dir: &Path, data: &Path, steps: u64, every: u64, min_workers: u32) -> PathBuf {
     spec_with(dir, data, steps, every, min_workers, 16)

@@ -114,6 +114,21 @@ pub fn evaluate(model: &Gpt, tk: &ChatTokenizer, items: &[EvalItem], per_task: u
     Ok(report)
 }
 
+/// Poem requests answered by sampling (`samples` answers each at `temperature`, seeded by the
+/// prompt's index and the sample's): `(passed, answers)` by the form verifier. Closer than greedy
+/// decoding to what PPO optimises (the policy at its rollout temperature).
+pub fn poem_pass_sampled(model: &Gpt, tk: &ChatTokenizer, items: &[EvalItem], temperature: f32, samples: usize, max_new: usize) -> Result<(usize, usize), String> {
+    let poems: Vec<&EvalItem> = items.iter().filter(|i| i.task == "poem").collect();
+    let mut passed = 0;
+    for (i, item) in poems.iter().enumerate() {
+        for k in 0..samples {
+            let cfg = SamplingConfig { max_new_tokens: max_new, temperature, seed: (i * samples + k) as u64, ..Default::default() };
+            passed += passes(item, &answer_with(model, tk, &item.prompt, cfg)?) as usize;
+        }
+    }
+    Ok((passed, poems.len() * samples))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

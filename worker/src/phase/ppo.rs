@@ -770,18 +770,7 @@ mod tests {
             policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 3.0);
         })
         .unwrap();
-        let g = m.grads.clone();
-        let base = m.params.clone();
-        let mut rng = Rng::new(5);
-        let u: Vec<f32> = (0..base.len()).map(|_| rng.normal()).collect();
-        let norm = u.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
-        let h = 1e-2f32;
-        let analytic: f64 = g.iter().zip(&u).map(|(a, b)| *a as f64 * (*b / norm) as f64).sum();
-        m.params.iter_mut().zip(base.iter().zip(&u)).for_each(|(p, (b, u))| *p = b + h * u / norm);
-        let up = loss(&mut m);
-        m.params.iter_mut().zip(base.iter().zip(&u)).for_each(|(p, (b, u))| *p = b - h * u / norm);
-        let down = loss(&mut m);
-        let numeric = (up - down) / (2.0 * h as f64);
+        let (analytic, numeric) = crate::model::gradcheck::directional(&mut m, loss, 5, 1e-2);
         // Central differences, h = 1e-2 in f32: 2% relative covers truncation and rounding.
         assert!((analytic - numeric).abs() <= 2e-2 * analytic.abs().max(1e-3), "{analytic} vs {numeric}");
     }

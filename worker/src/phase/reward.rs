@@ -319,17 +319,7 @@ mod tests {
         dh[5 * 8..].copy_from_slice(&head.weight);
         m.zero_grad();
         m.backward_from_hidden(&dh).unwrap();
-        let g = m.grads.clone();
-        let base = m.params.clone();
-        let u: Vec<f32> = (0..base.len()).map(|_| rng.normal()).collect();
-        let norm = u.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
-        let h = 1e-2f32;
-        let analytic: f64 = g.iter().zip(&u).map(|(a, b)| *a as f64 * (*b / norm) as f64).sum();
-        m.params.iter_mut().zip(base.iter().zip(&u)).for_each(|(p, (b, u))| *p = b + h * u / norm);
-        let up = score(&mut m);
-        m.params.iter_mut().zip(base.iter().zip(&u)).for_each(|(p, (b, u))| *p = b - h * u / norm);
-        let down = score(&mut m);
-        let numeric = (up - down) / (2.0 * h as f64);
+        let (analytic, numeric) = crate::model::gradcheck::directional(&mut m, score, 4, 1e-2);
         // Central differences with h = 1e-2: O(h²) truncation; 1e-2 relative is well above it.
         assert!((analytic - numeric).abs() <= 1e-2 * analytic.abs().max(1e-2), "{analytic} vs {numeric}");
     }
