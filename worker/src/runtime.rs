@@ -307,10 +307,11 @@ fn run_assignment(
     let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint)).or_else(|| plan.init_checkpoint.clone());
     let mut reporter = Reporter { handle, client, worker_id, a, current };
     let dir = PathBuf::from(&a.checkpoint_dir);
-    match plan.kind {
-        PhaseKind::Pretrain => crate::phase::pretrain::run_pretrain(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
-        PhaseKind::Reward => crate::phase::reward::run_reward(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
-        PhaseKind::Sft => crate::phase::sft::run_sft(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
-        PhaseKind::Ppo => crate::phase::ppo::run_ppo(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string()),
-    }
+    let run: crate::phase::PhaseFn = match plan.kind {
+        PhaseKind::Pretrain => crate::phase::pretrain::run_pretrain,
+        PhaseKind::Sft => crate::phase::sft::run_sft,
+        PhaseKind::Reward => crate::phase::reward::run_reward,
+        PhaseKind::Ppo => crate::phase::ppo::run_ppo,
+    };
+    run(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string())
 }

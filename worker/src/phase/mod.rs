@@ -36,6 +36,12 @@ pub trait PhaseEvents {
     fn checkpoint(&mut self, step: u64, path: &std::path::Path) -> Result<bool, String>;
 }
 
+/// A phase's entry point on one rank: `(plan, resume, checkpoint_dir, collective, abort,
+/// events)`. `resume` is this phase's own checkpoint (continue at its step) or the checkpoint it
+/// starts from; rank 0 writes `step-N` checkpoints under `checkpoint_dir`; the abort flag ends
+/// the generation.
+pub type PhaseFn = fn(&crate::plan::PhasePlan, Option<&std::path::Path>, &std::path::Path, &mut dyn crate::collective::Collective, &std::sync::atomic::AtomicBool, &mut dyn PhaseEvents) -> Result<PhaseOutcome, PhaseError>;
+
 /// How a phase ended on this rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PhaseOutcome {
