@@ -6,7 +6,7 @@
 # Build here first (`cargo build --release`), copy target/release/liandan to .gpu/liandan (a
 # folder listed in .git/info/exclude) and carry .gpu to the GPU machine; or set LIANDAN_BIN.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 BIN="${LIANDAN_BIN:-$PWD/.gpu/liandan}"
