@@ -97,6 +97,8 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
             entropy_coef: 0.01,
             ..Default::default()
         }),
+        comparisons: Default::default(),
+        labelled_examples: None,
     }
 }
 
