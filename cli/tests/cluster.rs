@@ -319,6 +319,9 @@ fn pretrain_then_sft_with_lineage_and_a_bad_sft_file_refused_at_submit() {
     let ckpt = store.phase(job, 1).unwrap().unwrap().last_checkpoint;
     let eval: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&ckpt).join("sft_eval.json")).unwrap()).unwrap();
     assert!(eval["val_loss"].as_f64().is_some_and(|l| l.is_finite() && l > 0.0), "{eval}");
+    // The task score: held-out prompts answered greedily and scored by exact match.
+    let (passed, total) = (eval["tasks"]["answer"][0].as_u64(), eval["tasks"]["answer"][1].as_u64());
+    assert!(passed.is_some() && total.is_some_and(|n| n > 0), "{eval}");
 
     // An SFT line without a response: refused before any training, naming file, line and field.
     std::fs::write(&sft, "{\"prompt\": \"只有问题\"}\n").unwrap();

@@ -141,12 +141,32 @@ pub fn run_sft(
     let val_rows = pack(&tk, &val, plan.seq_len)?;
     let ledger = Ledger::over_rows(packed.rows(), packed.row_len, plan.global_batch, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training examples", file.display())))?;
     let mut source = SftRows { packed, ledger };
+    let prompts = task_prompts(&val);
     let mut eval = |model: &mut crate::model::gpt::Gpt| -> Result<(String, Vec<u8>), PhaseError> {
         let loss = validation_loss(model, &val_rows)?;
-        tracing::info!(val_loss = loss, examples = val.len(), "sft validation loss on held-out examples");
-        Ok((EVAL_FILE.to_string(), serde_json::to_vec(&serde_json::json!({ "val_loss": loss, "examples": val.len() })).unwrap_or_default()))
+        let scores = crate::eval::evaluate(model, &tk, &prompts, TASK_PROMPTS, 64).map_err(PhaseError::Data)?;
+        let tasks: std::collections::BTreeMap<&str, (usize, usize)> = scores.tasks.iter().map(|(t, p, n)| (t.as_str(), (*p, *n))).collect();
+        tracing::info!(val_loss = loss, examples = val.len(), ?tasks, "sft validation loss and task scores on held-out examples");
+        let json = serde_json::json!({ "val_loss": loss, "examples": val.len(), "tasks": tasks });
+        Ok((EVAL_FILE.to_string(), serde_json::to_vec(&json).unwrap_or_default()))
     };
     run_lm_phase(plan, &mut source, tok_bytes, resume, checkpoint_dir, coll, abort, events, Some(&mut eval))
+}
+
+/// Held-out prompts per task answered at each checkpoint for the task score.
+pub const TASK_PROMPTS: usize = 10;
+
+/// Held-out single-turn examples as scored prompts: exact match against the reference answer,
+/// or the form verifier when the prompt asks for a poem form.
+fn task_prompts(val: &[SftExample]) -> Vec<crate::eval::EvalItem> {
+    val.iter()
+        .filter_map(|ex| {
+            let [user, answer] = &ex.messages[..] else { return None };
+            let form = super::ppo::requested_form(&user.content);
+            let task = ex.task.clone().unwrap_or_else(|| if form.is_some() { "poem".into() } else { "answer".into() });
+            Some(crate::eval::EvalItem { prompt: user.content.clone(), reference: answer.content.clone(), task, form: form.map(|f| f.name().to_string()) })
+        })
+        .collect()
 }
 
 /// File of the validation result inside an SFT checkpoint.
