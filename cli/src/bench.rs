@@ -98,17 +98,8 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     if device == Device::Cuda {
         return bench_train_cuda(a);
     }
-    let model = GptConfig::preset(preset_name(&a.model), a.vocab)?;
-    let (b, t) = (a.batch, a.seq.unwrap_or(model.n_positions));
-    let config = TrainConfig {
-        batch_size: b,
-        seq_len: t,
-        grad_accum: 1,
-        schedule: LrSchedule { max_lr: 3e-4, min_lr: 3e-5, warmup_steps: 0, total_steps: (a.steps + a.warmup) as u64 },
-        adamw: AdamWConfig::default(),
-        grad_clip: 1.0,
-        seed: 1,
-    };
+    let (model, config) = bench_setup(&a)?;
+    let (b, t) = (config.batch_size, config.seq_len);
     let mut trainer = Trainer::new(model.clone(), config)?;
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
@@ -170,17 +161,8 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
         "f32" => Precision::F32,
         other => return Err(CliError::Usage(format!("--precision {other}: expected bf16 or f32"))),
     };
-    let model = GptConfig::preset(preset_name(&a.model), a.vocab)?;
-    let (b, t) = (a.batch, a.seq.unwrap_or(model.n_positions));
-    let config = TrainConfig {
-        batch_size: b,
-        seq_len: t,
-        grad_accum: 1,
-        schedule: LrSchedule { max_lr: 3e-4, min_lr: 3e-5, warmup_steps: 0, total_steps: (a.steps + a.warmup) as u64 },
-        adamw: AdamWConfig::default(),
-        grad_clip: 1.0,
-        seed: 1,
-    };
+    let (model, config) = bench_setup(&a)?;
+    let (b, t) = (config.batch_size, config.seq_len);
     let dev = std::sync::Arc::new(CudaDevice::open(0)?);
     let mut trainer = CudaTrainer::new(dev.clone(), model.clone(), config, precision)?;
     let mut rng = Rng::new(2);
@@ -375,4 +357,20 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// The benchmark's model and training config (the same for every device): the preset at
+/// `--batch` × `--seq` (default: the full context), AdamW, clip 1.0, seed 1.
+fn bench_setup(a: &BenchTrainArgs) -> Result<(GptConfig, TrainConfig), CliError> {
+    let model = GptConfig::preset(preset_name(&a.model), a.vocab)?;
+    let config = TrainConfig {
+        batch_size: a.batch,
+        seq_len: a.seq.unwrap_or(model.n_positions),
+        grad_accum: 1,
+        schedule: LrSchedule { max_lr: 3e-4, min_lr: 3e-5, warmup_steps: 0, total_steps: (a.steps + a.warmup) as u64 },
+        adamw: AdamWConfig::default(),
+        grad_clip: 1.0,
+        seed: 1,
+    };
+    Ok((model, config))
 }
