@@ -113,6 +113,9 @@ fn dashboard_api_metrics_and_phase_logs() {
         "liandan_jobs{state=\"succeeded\"} 1".to_string(),
         "liandan_rpc_duration_seconds_count{method=\"ReportStep\",code=\"Ok\"}".to_string(),
         "# TYPE liandan_generation_changes_total counter".to_string(),
+        // The refused HTTP requests above: no token and a wrong one, then the worker token.
+        "liandan_rpc_refused_total{method=\"HTTP /metrics\",code=\"Unauthenticated\"} 2".to_string(),
+        "liandan_rpc_refused_total{method=\"HTTP /metrics\",code=\"PermissionDenied\"} 1".to_string(),
     ] {
         assert!(metrics.contains(&needle), "'{needle}' missing from /metrics:\n{metrics}");
     }

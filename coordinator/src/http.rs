@@ -75,6 +75,7 @@ async fn require_admin(State(st): State<HttpState>, req: Request, next: Next) ->
         Ok(()) => next.run(req).await,
         Err(refusal) => {
             tracing::warn!(path = %req.uri().path(), "refused an HTTP request: {}", refusal.reason());
+            st.rpc.refused(&format!("HTTP {}", req.uri().path()), refusal.status(req.uri().path()).code());
             let code = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
             let mut r = (code, Json(json!({ "error": refusal.status(req.uri().path()).message() }))).into_response();
             if code == StatusCode::UNAUTHORIZED {

@@ -73,7 +73,7 @@ impl RpcMetrics {
             let _ = writeln!(out, "liandan_rpc_duration_seconds_count{{{l}}} {}", h.count);
         }
         let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        header(out, "liandan_rpc_refused_total", "counter", "gRPC calls refused for a missing or wrong token (Unauthenticated) or a worker token on an admin call (PermissionDenied)");
+        header(out, "liandan_rpc_refused_total", "counter", "gRPC calls and HTTP requests (method \"HTTP /path\") refused for a missing or wrong token (Unauthenticated) or a worker token on an admin call (PermissionDenied)");
         for ((method, code), n) in &refused {
             let _ = writeln!(out, "liandan_rpc_refused_total{{method=\"{}\",code=\"{code}\"}} {n}", esc(method));
         }
