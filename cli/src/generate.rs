@@ -2,10 +2,9 @@
 
 use std::path::PathBuf;
 
-use liandan_worker::checkpoint;
 use liandan_worker::generate::{Generator, SamplingConfig};
 use liandan_data::tokenizer::ChatTokenizer;
-use liandan_worker::tokenizer::{ByteTokenizer, BYTES};
+use liandan_worker::tokenizer::ByteTokenizer;
 use liandan_worker::Gpt;
 
 use crate::CliError;
@@ -74,16 +73,8 @@ impl Codec {
 /// Loads a checkpoint for inference with the tokenizer it was trained with.
 pub fn load_model(path: &std::path::Path) -> Result<(Gpt, Codec), CliError> {
     let dir = crate::train::resolve_checkpoint(path)?;
-    let ck = checkpoint::load(&dir, None)?;
-    let codec = if ck.state.tokenizer == BYTES {
-        Codec::Bytes
-    } else {
-        let bytes = checkpoint::read_verified(&dir, &ck.state.tokenizer, &ck.state)?;
-        Codec::Bpe(ChatTokenizer::from_bytes(&bytes, &dir.join(&ck.state.tokenizer), Some(ck.state.model_config.vocab_size))?)
-    };
-    let mut model = Gpt::new(ck.state.model_config.clone(), 1, 1)?;
-    model.params = ck.params;
-    Ok((model, codec))
+    let (model, tk) = liandan_worker::eval::load_for_inference(&dir).map_err(CliError::Usage)?;
+    Ok((model, tk.map_or(Codec::Bytes, Codec::Bpe)))
 }
 
 /// Continues `prompt` and returns the new text.

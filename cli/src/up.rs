@@ -106,15 +106,20 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     let mut reports = Vec::new();
     let mut reward_accuracy = None;
     let mut ppo_stats = None;
+    let mut sft_eval = None;
     for (phase, ckpt) in final_status.phases.iter().zip(&ckpts) {
-        let state = liandan_worker::checkpoint::load(ckpt, None)?.state;
-        let eval_file = |name: &str| liandan_worker::checkpoint::read_verified(ckpt, name, &state).ok();
-        if let Some(bytes) = eval_file(liandan_worker::phase::reward::EVAL_FILE) {
-            reward_accuracy = serde_json::from_slice::<liandan_worker::phase::reward::RewardEval>(&bytes).ok();
+        // What each phase's final checkpoint recorded about itself, as the coordinator reports it.
+        if let Ok(r) = serde_json::from_str::<liandan_worker::phase::reward::RewardEval>(&phase.evaluation) {
+            reward_accuracy = Some(r);
             continue;
         }
-        if let Some(bytes) = eval_file(liandan_worker::phase::ppo::EVAL_FILE) {
-            ppo_stats = serde_json::from_slice::<liandan_worker::phase::ppo::PpoStepStats>(&bytes).ok();
+        if let Ok(s) = serde_json::from_str::<liandan_worker::phase::ppo::PpoStepStats>(&phase.evaluation) {
+            ppo_stats = Some(s);
+        }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&phase.evaluation) {
+            if v.get("val_loss").is_some() {
+                sft_eval = Some((phase.name.clone(), v));
+            }
         }
         let (model, codec) = crate::generate::load_model(ckpt)?;
         let crate::generate::Codec::Bpe(tk) = &codec else { continue };
@@ -143,13 +148,8 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
             println!("  {} {prompt} → {}", if *ok { "✓" } else { "✗" }, answer.trim().replace('\n', " / "));
         }
     }
-    if let Some((p, c)) = final_status.phases.iter().zip(&ckpts).find(|(p, _)| p.name == "sft") {
-        let state = liandan_worker::checkpoint::load(c, None)?.state;
-        if let Ok(bytes) = liandan_worker::checkpoint::read_verified(c, liandan_worker::phase::sft::EVAL_FILE, &state) {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                println!("\n{}: validation loss {:.3} nats per assistant token on {} held-out examples", p.name, v["val_loss"].as_f64().unwrap_or(f64::NAN), v["examples"]);
-            }
-        }
+    if let Some((name, v)) = sft_eval {
+        println!("\n{name}: validation loss {:.3} nats per assistant token on {} held-out examples", v["val_loss"].as_f64().unwrap_or(f64::NAN), v["examples"]);
     }
     if let Some(r) = reward_accuracy {
         let tasks: Vec<String> = r.by_task.iter().map(|(t, (c, n))| format!("{t} {:.0}% of {n}", 100.0 * *c as f64 / (*n).max(1) as f64)).collect();

@@ -41,14 +41,18 @@ pub struct CoordinatorService {
     pub config: CoordinatorConfig,
     /// The model that samples answers for human comparisons, loaded once per checkpoint.
     sampler: Arc<Mutex<Option<Sampler>>>,
+    /// What each committed checkpoint recorded about itself, read once (it never changes).
+    evaluations: Arc<Mutex<std::collections::HashMap<String, String>>>,
 }
 
-/// A checkpoint loaded to sample answers for comparisons.
+/// A checkpoint and the prompts it answers, loaded to sample answers for comparisons.
 #[derive(Debug)]
 struct Sampler {
     checkpoint: String,
     model: liandan_worker::Gpt,
     tokenizer: liandan_data::tokenizer::ChatTokenizer,
+    examples: std::path::PathBuf,
+    prompts: Vec<liandan_data::chat::SftExample>,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -59,7 +63,7 @@ impl CoordinatorService {
     pub fn new(store: Store, config: CoordinatorConfig) -> Result<Self, StoreError> {
         // After a restart, give workers a full lease to reconnect before declaring them dead.
         store.renew_all_leases(config.lease_ms)?;
-        Ok(CoordinatorService { store: Arc::new(Mutex::new(store)), config, sampler: Arc::new(Mutex::new(None)) })
+        Ok(CoordinatorService { store: Arc::new(Mutex::new(store)), config, sampler: Arc::new(Mutex::new(None)), evaluations: Arc::default() })
     }
 
     pub(crate) fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, Status> {
@@ -123,12 +127,37 @@ impl CoordinatorService {
                     error: p.error.clone(),
                     input_checkpoint: p.input_checkpoint.clone(),
                     values: recent.first().map(|m| m.values.clone().into_iter().collect()).unwrap_or_default(),
-                    evaluation: checkpoint_evaluation(&p.last_checkpoint),
+                    evaluation: String::new(),
                 });
             }
             Ok(Some(JobStatus { job_id, name: job.name, state: job.state, phases, workers, error: job.error, created_ms: job.created_ms }))
         })?
+        .map(|mut j| {
+            // Outside the store's lock: file reads, cached per checkpoint.
+            j.phases.iter_mut().for_each(|p| p.evaluation = self.evaluation(&p.last_checkpoint));
+            j
+        })
         .ok_or_else(|| Status::not_found(format!("job {job_id} does not exist")))
+    }
+
+    /// What a committed checkpoint recorded about itself (one of the phases' eval files, as
+    /// compact JSON), or "". Read once per checkpoint: a committed checkpoint never changes.
+    fn evaluation(&self, dir: &str) -> String {
+        if dir.is_empty() {
+            return String::new();
+        }
+        let mut cache = self.evaluations.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .entry(dir.to_string())
+            .or_insert_with(|| {
+                liandan_worker::phase::EVAL_FILES
+                    .iter()
+                    .find_map(|f| std::fs::read(std::path::Path::new(dir).join(f)).ok())
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            })
+            .clone()
     }
 
     /// A new comparison for `job_id`: a prompt of the job's SFT data and two answers sampled
@@ -147,13 +176,14 @@ impl CoordinatorService {
             };
             Ok(Ok((p.last_checkpoint.clone(), examples, s.comparison_counts(job_id)?.0)))
         })??;
-        let prompts = liandan_data::chat::read_sft(&examples).map_err(|e| Status::failed_precondition(e.to_string()))?;
         let mut guard = self.sampler.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|m| m.checkpoint != checkpoint) {
+        if guard.as_ref().is_none_or(|m| m.checkpoint != checkpoint || m.examples != examples) {
             let (model, tokenizer) = liandan_worker::eval::load_chat_model(std::path::Path::new(&checkpoint)).map_err(Status::failed_precondition)?;
-            *guard = Some(Sampler { checkpoint: checkpoint.clone(), model, tokenizer });
+            let prompts = liandan_data::chat::read_sft(&examples).map_err(|e| Status::failed_precondition(e.to_string()))?;
+            *guard = Some(Sampler { checkpoint: checkpoint.clone(), model, tokenizer, examples, prompts });
         }
         let Some(m) = guard.as_ref() else { return Err(Status::internal("sampler not loaded")) };
+        let prompts = &m.prompts;
         // Walk the prompts in a fixed pseudo-random order; skip pairs whose answers are equal.
         for attempt in 0..16u64 {
             let k = made * 16 + attempt;
@@ -224,7 +254,13 @@ impl CoordinatorService {
         let id = self.with_store(|s| {
             let train_tokens = manifest.splits.get("train").map_or(0, |t| t.tokens);
             s.register_dataset(&spec.data.prepared.display().to_string(), manifest.vocab_size, train_tokens, &manifest.tokenizer_sha256)?;
-            s.insert_job(&spec.name, spec_toml, &phases, spec.cluster.min_workers, spec.cluster.max_workers, &root)
+            let id = s.insert_job(&spec.name, spec_toml, &phases, spec.cluster.min_workers, spec.cluster.max_workers, &root)?;
+            // A first phase that starts from a checkpoint (`init`) has it as its input from the
+            // start (the job is still queued); later phases get theirs when the phase before succeeds.
+            if let Some(first) = s.phase(id, 0)? {
+                s.set_phase_input(id, 0, &phase_input(s, &first)?)?;
+            }
+            Ok(id)
         })?;
         info!("job {id} '{}' submitted from {source}: {} phase(s)", spec.name, phases.len());
         self.tick()?;
@@ -599,18 +635,6 @@ fn export_labelled(s: &Store, p: &crate::store::PhaseRow) -> Result<std::path::P
     std::fs::write(&tmp, body).map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
     Ok(path)
-}
-
-/// The evaluation a checkpoint recorded about itself (one of the phases' eval files), or "".
-fn checkpoint_evaluation(dir: &str) -> String {
-    if dir.is_empty() {
-        return String::new();
-    }
-    liandan_worker::phase::EVAL_FILES
-        .iter()
-        .find_map(|f| std::fs::read_to_string(std::path::Path::new(dir).join(f)).ok())
-        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -61,15 +61,27 @@ pub fn answer_with(model: &Gpt, tk: &ChatTokenizer, prompt: &str, mut cfg: Sampl
     tk.decode_text(&out.tokens).map_err(|e| e.to_string())
 }
 
-/// A checkpoint and the chat tokenizer stored in it, for answering prompts.
-pub fn load_chat_model(dir: &Path) -> Result<(Gpt, ChatTokenizer), String> {
+/// A checkpoint for inference: the model (buffers for one row; generation has its own) and the
+/// chat tokenizer stored in it, or `None` for a byte-level checkpoint.
+pub fn load_for_inference(dir: &Path) -> Result<(Gpt, Option<ChatTokenizer>), String> {
     let ck = crate::checkpoint::load(dir, None).map_err(|e| e.to_string())?;
-    let bytes = crate::checkpoint::read_verified(dir, &ck.state.tokenizer, &ck.state).map_err(|e| e.to_string())?;
-    let tk = ChatTokenizer::from_bytes(&bytes, &dir.join(&ck.state.tokenizer), Some(ck.state.model_config.vocab_size))
-        .map_err(|e| format!("{}: not a chat model ({e})", dir.display()))?;
+    let tk = if ck.state.tokenizer == crate::tokenizer::BYTES {
+        None
+    } else {
+        let bytes = crate::checkpoint::read_verified(dir, &ck.state.tokenizer, &ck.state).map_err(|e| e.to_string())?;
+        Some(ChatTokenizer::from_bytes(&bytes, &dir.join(&ck.state.tokenizer), Some(ck.state.model_config.vocab_size)).map_err(|e| e.to_string())?)
+    };
     let mut model = Gpt::new(ck.state.model_config.clone(), 1, 1).map_err(|e| e.to_string())?;
     model.params = ck.params;
     Ok((model, tk))
+}
+
+/// A checkpoint and the chat tokenizer stored in it, for answering prompts.
+pub fn load_chat_model(dir: &Path) -> Result<(Gpt, ChatTokenizer), String> {
+    match load_for_inference(dir)? {
+        (model, Some(tk)) => Ok((model, tk)),
+        (_, None) => Err(format!("{}: not a chat model (it reads bytes, with no chat tokenizer)", dir.display())),
+    }
 }
 
 /// Pass counts per task.

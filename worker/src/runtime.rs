@@ -302,9 +302,9 @@ fn run_assignment(
             Err(e) => return Err(format!("ring: {e}")),
         }
     };
-    // Where the phase starts: its own last checkpoint or its input (from the coordinator), else
-    // the checkpoint its spec names.
-    let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint)).or_else(|| plan.init_checkpoint.clone());
+    // Where the phase starts: its own last checkpoint, or its input (the coordinator sets the
+    // input from the phase it follows or the checkpoint its spec names).
+    let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint));
     let mut reporter = Reporter { handle, client, worker_id, a, current };
     let dir = PathBuf::from(&a.checkpoint_dir);
     let run: crate::phase::PhaseFn = match plan.kind {

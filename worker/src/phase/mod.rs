@@ -115,6 +115,16 @@ pub(crate) fn save_boundary(
     Ok(None)
 }
 
+/// Token sequences as `(b, t)` rows, each padded with `pad` to `t` (none is longer).
+pub(crate) fn padded_rows<'a>(seqs: impl Iterator<Item = &'a [u32]>, t: usize, pad: u32) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    for s in seqs {
+        tokens.extend_from_slice(s);
+        tokens.extend(std::iter::repeat_n(pad, t - s.len()));
+    }
+    tokens
+}
+
 /// Whether a piece of data is held out, from a stable hash of its text (FNV-1a: the same on every
 /// platform and version), so the split never depends on order or on the world size.
 pub(crate) fn held_out_by_hash(text: &str, share: f64) -> bool {

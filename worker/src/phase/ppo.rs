@@ -248,12 +248,7 @@ pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usiz
 
 /// Rows `(b, t)` of the rollouts' tokens, padded with `pad`.
 fn padded(rows: &[&Rollout], t: usize, pad: u32) -> Vec<u32> {
-    let mut tokens = Vec::with_capacity(rows.len() * t);
-    for r in rows {
-        tokens.extend_from_slice(&r.ids);
-        tokens.extend(std::iter::repeat_n(pad, t - r.ids.len()));
-    }
-    tokens
+    super::padded_rows(rows.iter().map(|r| r.ids.as_slice()), t, pad)
 }
 
 /// `log π` (and the entropy) of every answer token under `model` at temperature `1/inv_temp`,
@@ -386,13 +381,15 @@ impl Models {
             m.params.copy_from_slice(params);
             Ok(m)
         };
+        let policy = new(&ref_ck.params)?;
+        let opt = AdamW::new(plan.adamw(), &policy.layout);
         let mut m = Models {
-            policy: new(&ref_ck.params)?,
             reference: new(&ref_ck.params)?,
             reward: new(&rm_ck.params)?,
             critic: new(&rm_ck.params)?,
-            opt: AdamW::new(plan.adamw(), &crate::model::params::ParamLayout::new(cfg)),
-            critic_opt: AdamW::new(plan.adamw(), &crate::model::params::ParamLayout::new(cfg)),
+            critic_opt: opt.clone(),
+            opt,
+            policy,
             state: PpoState {
                 beta: plan.ppo.as_ref().map_or(PpoSettings::default().kl_coef, |s| s.kl_coef),
                 value_head: reward_head.clone(),

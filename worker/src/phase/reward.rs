@@ -104,14 +104,7 @@ fn conversation(tk: &ChatTokenizer, prompt: &str, answer: &str, t: usize) -> Res
 
 /// Rows padded to `t` and the last real index of each.
 fn rows(convs: &[&Vec<u32>], t: usize, pad: u32) -> (Vec<u32>, Vec<usize>) {
-    let mut tokens = Vec::with_capacity(convs.len() * t);
-    let mut last = Vec::with_capacity(convs.len());
-    for c in convs {
-        tokens.extend_from_slice(c);
-        tokens.extend(std::iter::repeat_n(pad, t - c.len()));
-        last.push(c.len() - 1);
-    }
-    (tokens, last)
+    (super::padded_rows(convs.iter().map(|c| c.as_slice()), t, pad), convs.iter().map(|c| c.len() - 1).collect())
 }
 
 /// Scores of conversations with the model and head (forward only).
