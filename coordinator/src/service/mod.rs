@@ -1,6 +1,14 @@
 //! The gRPC service: maps RPCs onto the store and the scheduler, and store errors onto
 //! `tonic::Status`. No request data is trusted: unknown ids are NOT_FOUND, stale generations
-//! FAILED_PRECONDITION, replays no-ops.
+//! FAILED_PRECONDITION, replays no-ops, sizes past [`crate::limits`] INVALID_ARGUMENT.
+//!
+//! # Layout
+//! - `workers`: the worker calls, each checked against the worker's identity and seat.
+//! - `comparisons`: human comparisons (sampling answers, labels, their export).
+//! - here: the service's state, the scheduler loop, job status and the user calls.
+
+mod comparisons;
+mod workers;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -8,14 +16,16 @@ use std::time::Duration;
 
 use liandan_proto::v1::coordinator_server::Coordinator;
 use liandan_proto::v1::*;
-use liandan_proto::PROTOCOL_VERSION;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::limits;
+use crate::membership::Membership;
+use crate::metrics::RpcMetrics;
 use crate::scheduler::{self, Reason};
 use crate::spec::{JobSpec, PhaseKind, PhasePlan};
-use crate::store::{now_ms, MetricRow, Store, StoreError};
+use crate::store::{now_ms, Store, StoreError};
 
 /// Timing of membership.
 #[derive(Debug, Clone)]
@@ -26,13 +36,18 @@ pub struct CoordinatorConfig {
     pub heartbeat_ms: u64,
     /// How often the scheduler runs.
     pub tick_ms: u64,
+    /// Dead and drained workers' rows are deleted this long after they were last heard from.
+    pub prune_after_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
-        CoordinatorConfig { lease_ms: 3000, heartbeat_ms: 500, tick_ms: 200 }
+        CoordinatorConfig { lease_ms: 3000, heartbeat_ms: 500, tick_ms: 200, prune_after_ms: 10 * 60 * 1000 }
     }
 }
+
+/// How often dead workers are pruned.
+const PRUNE_EVERY_MS: u64 = 60_000;
 
 /// The coordinator's shared state: the store behind a mutex (SQLite calls are short).
 #[derive(Debug, Clone)]
@@ -40,19 +55,15 @@ pub struct CoordinatorService {
     store: Arc<Mutex<Store>>,
     pub config: CoordinatorConfig,
     /// The model that samples answers for human comparisons, loaded once per checkpoint.
-    sampler: Arc<Mutex<Option<Sampler>>>,
+    sampler: Arc<comparisons::SamplerSlot>,
     /// What each committed checkpoint recorded about itself, read once (it never changes).
     evaluations: Arc<Mutex<std::collections::HashMap<String, String>>>,
-}
-
-/// A checkpoint and the prompts it answers, loaded to sample answers for comparisons.
-#[derive(Debug)]
-struct Sampler {
-    checkpoint: String,
-    model: liandan_worker::Gpt,
-    tokenizer: liandan_data::tokenizer::ChatTokenizer,
-    examples: std::path::PathBuf,
-    prompts: Vec<liandan_data::chat::SftExample>,
+    /// Worker secrets and leases (in memory; see [`crate::membership`]).
+    members: Arc<Membership>,
+    /// RPC latencies and refused calls, shared with the gRPC edge and `/metrics`.
+    pub(crate) rpc: Arc<RpcMetrics>,
+    /// When dead workers were last pruned.
+    pruned_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -61,9 +72,31 @@ fn internal(e: StoreError) -> Status {
 
 impl CoordinatorService {
     pub fn new(store: Store, config: CoordinatorConfig) -> Result<Self, StoreError> {
+        let key = worker_key(&store)?;
+        let members = Membership::new(key, config.lease_ms);
         // After a restart, give workers a full lease to reconnect before declaring them dead.
-        store.renew_all_leases(config.lease_ms)?;
-        Ok(CoordinatorService { store: Arc::new(Mutex::new(store)), config, sampler: Arc::new(Mutex::new(None)), evaluations: Arc::default() })
+        for (id, instance) in store.live_workers()? {
+            members.admit(id, &instance);
+        }
+        Ok(CoordinatorService {
+            store: Arc::new(Mutex::new(store)),
+            config,
+            sampler: Arc::new(Mutex::new(None)),
+            evaluations: Arc::default(),
+            members: Arc::new(members),
+            rpc: Arc::default(),
+            pruned_ms: Arc::new(std::sync::atomic::AtomicU64::new(now_ms())),
+        })
+    }
+
+    /// When worker `w` was last heard from: its lease's last heartbeat, else the stored time.
+    pub fn last_heartbeat_ms(&self, w: &crate::store::WorkerRow) -> u64 {
+        self.members.last_heartbeat_ms(w.id).unwrap_or(w.last_heartbeat_ms)
+    }
+
+    /// Whether the store can still be written (the health check).
+    pub fn probe(&self) -> Result<(), StoreError> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).probe()
     }
 
     pub(crate) fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, Status> {
@@ -71,11 +104,24 @@ impl CoordinatorService {
         f(&mut guard).map_err(internal)
     }
 
-    /// One scheduler pass (lease expiry, lost members, queued jobs).
+    /// One scheduler pass (lease expiry, lost members, queued jobs), and now and then the
+    /// pruning of long-dead workers.
     pub fn tick(&self) -> Result<(), Status> {
-        let log = self.with_store(|s| s.transaction(scheduler::tick))?;
+        use std::sync::atomic::Ordering;
+        let overdue = self.members.overdue();
+        let log = self.with_store(|s| s.transaction(|s| scheduler::tick(s, &overdue)))?;
+        // Only once their deaths are stored: a failed pass leaves them to the next one.
+        self.members.forget_overdue(&overdue);
         for line in log {
             info!(target: "liandan::scheduler", "{line}");
+        }
+        let now = now_ms();
+        if now.saturating_sub(self.pruned_ms.load(Ordering::Relaxed)) >= PRUNE_EVERY_MS {
+            self.pruned_ms.store(now, Ordering::Relaxed);
+            let n = self.with_store(|s| s.prune_workers(now.saturating_sub(self.config.prune_after_ms)))?;
+            if n > 0 {
+                info!(target: "liandan::scheduler", "pruned {n} dead or drained worker(s) not heard from for {} s", self.config.prune_after_ms / 1000);
+            }
         }
         Ok(())
     }
@@ -107,9 +153,7 @@ impl CoordinatorService {
                 let step_ms = if recent.is_empty() { 0 } else { ms / recent.len() as u64 };
                 let eta_ms = if p.state == "running" { step_ms * p.total_steps.saturating_sub(p.step) } else { 0 };
                 if p.state == "running" {
-                    let mut members: Vec<_> = s.workers()?.into_iter().filter(|w| w.job_id == job_id && w.phase_idx == p.idx && w.generation == p.generation).collect();
-                    members.sort_by_key(|w| w.rank);
-                    workers = members.iter().map(|w| w.id).collect();
+                    workers = s.group_members(job_id, p.idx, p.generation)?.iter().map(|w| w.id).collect();
                 }
                 phases.push(PhaseStatus {
                     index: p.idx,
@@ -160,90 +204,28 @@ impl CoordinatorService {
             .clone()
     }
 
-    /// A new comparison for `job_id`: a prompt of the job's SFT data and two answers sampled
-    /// from its newest SFT or PPO checkpoint (blocking: runs the model).
-    pub fn make_comparison(&self, job_id: u64) -> Result<crate::store::NewComparison, Status> {
-        let (checkpoint, examples, made) = self.with_store(|s| {
-            let Some(_) = s.job(job_id)? else { return Ok(Err(Status::not_found(format!("job {job_id} does not exist")))) };
-            let plans: Vec<(crate::store::PhaseRow, PhasePlan)> =
-                s.phases(job_id)?.into_iter().filter_map(|p| serde_json::from_str::<PhasePlan>(&p.plan_json).ok().map(|pl| (p, pl))).collect();
-            let chat = |k: PhaseKind| matches!(k, PhaseKind::Sft | PhaseKind::Ppo);
-            let Some((p, _)) = plans.iter().rev().find(|(p, pl)| chat(pl.kind) && !p.last_checkpoint.is_empty()) else {
-                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no SFT or PPO checkpoint yet to sample answers from"))));
-            };
-            let Some(examples) = plans.iter().find(|(_, pl)| pl.kind == PhaseKind::Sft).and_then(|(_, pl)| pl.examples.clone()) else {
-                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no sft phase whose prompts could be asked"))));
-            };
-            Ok(Ok((p.last_checkpoint.clone(), examples, s.comparison_counts(job_id)?.0)))
-        })??;
-        let mut guard = self.sampler.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|m| m.checkpoint != checkpoint || m.examples != examples) {
-            let (model, tokenizer) = liandan_worker::eval::load_chat_model(std::path::Path::new(&checkpoint)).map_err(Status::failed_precondition)?;
-            let prompts = liandan_data::chat::read_sft(&examples).map_err(|e| Status::failed_precondition(e.to_string()))?;
-            *guard = Some(Sampler { checkpoint: checkpoint.clone(), model, tokenizer, examples, prompts });
-        }
-        let Some(m) = guard.as_ref() else { return Err(Status::internal("sampler not loaded")) };
-        let prompts = &m.prompts;
-        // Walk the prompts in a fixed pseudo-random order; skip pairs whose answers are equal.
-        for attempt in 0..16u64 {
-            let k = made * 16 + attempt;
-            let ex = &prompts[(k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) as usize % prompts.len()];
-            let Some(prompt) = ex.messages.iter().find(|m| m.role == liandan_data::chat::Role::User).map(|m| m.content.clone()) else { continue };
-            let sample = |seed: u64| {
-                let cfg = liandan_worker::generate::SamplingConfig { max_new_tokens: 64, temperature: 0.9, top_k: 50, top_p: 0.95, seed, ..Default::default() };
-                liandan_worker::eval::answer_with(&m.model, &m.tokenizer, &prompt, cfg).map_err(Status::internal)
-            };
-            let (a, b) = (sample(2 * k)?, sample(2 * k + 1)?);
-            if a.trim() != b.trim() && !a.trim().is_empty() && !b.trim().is_empty() {
-                return Ok(crate::store::NewComparison { job_id, prompt, task: ex.task.clone().unwrap_or_default(), answer_a: a.trim().into(), answer_b: b.trim().into(), checkpoint });
-            }
-        }
-        Err(Status::resource_exhausted(format!("{checkpoint}: 16 attempts gave no two different answers")))
-    }
-
-    /// The next comparison of a job to label: its oldest open one, or a newly sampled one.
-    pub async fn next_comparison_for(&self, job_id: u64) -> Result<Comparison, Status> {
-        let open = self.with_store(|s| s.open_comparison(job_id))?;
-        let row = match open {
-            Some(row) => row,
-            None => {
-                let me = self.clone();
-                let new = tokio::task::spawn_blocking(move || me.make_comparison(job_id)).await.map_err(|e| Status::internal(e.to_string()))??;
-                let id = self.with_store(|s| s.insert_comparison(&new))?;
-                info!(job = job_id, comparison = id, "new comparison sampled from {}", new.checkpoint);
-                crate::store::ComparisonRow { id, new, choice: String::new(), labeler: String::new() }
-            }
-        };
-        let (total, labelled) = self.with_store(|s| s.comparison_counts(job_id))?;
-        let n = row.new;
-        Ok(Comparison { comparison_id: row.id, job_id, prompt: n.prompt, answer_a: n.answer_a, answer_b: n.answer_b, task: n.task, checkpoint: n.checkpoint, total, labelled })
-    }
-
-    /// Labels a comparison once (`a`, `b`, `tie`, `skip`); a refusal is logged and changes nothing.
-    pub fn label(&self, id: u64, choice: &str, labeler: &str) -> Result<(), Status> {
-        let result = if ["a", "b", "tie", "skip"].contains(&choice) {
-            self.with_store(|s| {
-                let Some(c) = s.comparison(id)? else { return Ok(Err(Status::not_found(format!("comparison {id} does not exist")))) };
-                if !s.label_comparison(c.id, choice, labeler)? {
-                    return Ok(Err(Status::failed_precondition(format!("comparison {id} was already labelled ('{}' by '{}')", c.choice, c.labeler))));
-                }
-                Ok(Ok(()))
-            })?
-        } else {
-            Err(Status::invalid_argument(format!("choice must be a, b, tie or skip, got '{choice}'")))
-        };
-        match &result {
-            Ok(()) => info!(comparison = id, choice, labeler, "comparison labelled"),
-            Err(e) => warn!(comparison = id, "label refused: {}", e.message()),
-        }
-        result
-    }
-
     /// Submits a spec; the error names the key (INVALID_ARGUMENT).
-    pub fn submit(&self, spec_toml: &str, source: &str) -> Result<u64, Status> {
-        let spec = JobSpec::parse(spec_toml, source).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let plans = spec.plans(source).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let manifest = liandan_data::shard::Manifest::load(&spec.data.prepared).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    ///
+    /// Everything a worker would refuse is refused here, before anything is stored: the spec's
+    /// keys and bounds, its data files (regular files, every line), checkpoints it names, and
+    /// the memory a rank needs against the registered workers' (when any are registered). The
+    /// files are read off the async threads.
+    pub async fn submit(&self, spec_toml: String, source: String) -> Result<u64, Status> {
+        if spec_toml.len() > limits::SPEC_BYTES {
+            return Err(Status::invalid_argument(format!("{}: the spec is {} bytes; at most {} are accepted", limits::cut(&source, 256), spec_toml.len(), limits::SPEC_BYTES)));
+        }
+        limits::text("source", &source, limits::SOURCE_CHARS)?;
+        let (toml_text, src) = (spec_toml.clone(), source.clone());
+        let (spec, plans, manifest) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let spec = JobSpec::parse(&toml_text, &src).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let plans = spec.plans(&src).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let manifest = liandan_data::shard::Manifest::load(&spec.data.prepared).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok((spec, plans, manifest))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        self.check_fits(&source, &spec, &plans)?;
+        let (spec_toml, source) = (spec_toml.as_str(), source.as_str());
         let phases: Vec<(String, String, u64)> = spec
             .phases
             .iter()
@@ -266,6 +248,36 @@ impl CoordinatorService {
         self.tick()?;
         Ok(id)
     }
+
+    /// Refuses a job none of whose phases' ranks fits any registered live worker's memory
+    /// (workers that report none are taken at their word; with no workers yet, the job waits
+    /// and the scheduler assigns only workers that fit).
+    fn check_fits(&self, source: &str, spec: &JobSpec, plans: &[PhasePlan]) -> Result<(), Status> {
+        let memories: Vec<u64> = self.with_store(|s| Ok(s.workers()?.into_iter().filter(|w| !matches!(w.state.as_str(), "dead" | "drained")).map(|w| w.memory_bytes).collect()))?;
+        if memories.is_empty() || memories.contains(&0) {
+            return Ok(());
+        }
+        let best = memories.iter().copied().max().unwrap_or(0);
+        for (i, plan) in plans.iter().enumerate() {
+            // `plans` refused plans whose estimate overflows.
+            let need = plan.memory_per_rank(spec.cluster.min_workers as usize).unwrap_or_default();
+            if need.total() > best {
+                use liandan_worker::model::memory::show_bytes;
+                return Err(Status::invalid_argument(format!(
+                    "{source}: phases[{i}]: a rank needs {} (weights {}, gradients {}, optimizer {}, activations {} at {} sequences of {}), and the largest registered worker has {}; lower global_batch or seq_len, raise cluster.min_workers, or use a smaller model",
+                    show_bytes(need.total()),
+                    show_bytes(need.weights),
+                    show_bytes(need.gradients),
+                    show_bytes(need.optimizer),
+                    show_bytes(need.activations),
+                    plan.global_batch.div_ceil(spec.cluster.min_workers.max(1) as usize),
+                    plan.seq_len,
+                    show_bytes(best)
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
@@ -273,170 +285,35 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
-        let r = req.into_inner();
-        if r.protocol_version != PROTOCOL_VERSION {
-            warn!("refused a worker at {} speaking protocol {} (this coordinator speaks {PROTOCOL_VERSION})", r.ring_address, r.protocol_version);
-            return Err(Status::failed_precondition(format!(
-                "protocol version {} is not supported: this coordinator speaks version {PROTOCOL_VERSION}; run the same liandan release on workers and coordinator",
-                r.protocol_version
-            )));
-        }
-        if r.ring_address.is_empty() {
-            return Err(Status::invalid_argument("ring_address is empty"));
-        }
-        let lease = self.config.lease_ms;
-        let id = self.with_store(|s| s.register_worker(r.previous_id, &r.hostname, &r.device, &r.ring_address, lease))?;
-        info!("worker {id} registered ({}, {}, ring {})", r.hostname, r.device, r.ring_address);
-        self.tick()?;
-        Ok(Response::new(RegisterReply { worker_id: id, lease_ms: lease, heartbeat_ms: self.config.heartbeat_ms }))
+        Ok(Response::new(CoordinatorService::register(self, req.into_inner())?))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
-        let r = req.into_inner();
-        let lease = self.config.lease_ms;
-        let action = self.with_store(|s| {
-            let Some(w) = s.heartbeat(r.worker_id, lease)? else { return Ok(Action::Reregister) };
-            if w.state == "dead" {
-                return Ok(Action::Reregister);
-            }
-            if w.state == "drained" {
-                return Ok(Action::Drain);
-            }
-            if r.job_id == 0 {
-                return Ok(Action::Continue);
-            }
-            // Running something: is it still the current generation of a running phase?
-            let current = w.job_id == r.job_id && w.generation == r.generation && matches!(w.state.as_str(), "busy" | "draining");
-            let phase_running = s.phase(w.job_id, w.phase_idx)?.is_some_and(|p| p.state == "running" && p.generation == r.generation);
-            Ok(if current && phase_running { Action::Continue } else { Action::Abort })
-        })?;
-        Ok(Response::new(HeartbeatReply { action: action as i32 }))
+        Ok(Response::new(CoordinatorService::heartbeat(self, req.into_inner())?))
     }
 
     async fn next_assignment(&self, req: Request<AssignmentRequest>) -> Result<Response<Assignment>, Status> {
-        let id = req.into_inner().worker_id;
-        let a = self.with_store(|s| {
-            let Some(w) = s.worker(id)? else { return Ok(None) };
-            if !matches!(w.state.as_str(), "busy" | "draining") || w.job_id == 0 {
-                return Ok(Some(Assignment::default()));
-            }
-            let Some(p) = s.phase(w.job_id, w.phase_idx)? else { return Ok(Some(Assignment::default())) };
-            if p.state != "running" || p.generation != w.generation || p.world == 0 {
-                return Ok(Some(Assignment::default()));
-            }
-            let mut group: Vec<_> = s.workers()?.into_iter().filter(|x| x.job_id == p.job_id && x.phase_idx == p.idx && x.generation == p.generation).collect();
-            group.sort_by_key(|x| x.rank);
-            let resume = if p.last_checkpoint.is_empty() { p.input_checkpoint.clone() } else { p.last_checkpoint.clone() };
-            let phase_json = resolve_plan_inputs(s, &p)?;
-            Ok(Some(Assignment {
-                assigned: true,
-                job_id: p.job_id,
-                phase_index: p.idx,
-                phase_name: p.name.clone(),
-                rank: w.rank,
-                world: p.world,
-                generation: p.generation,
-                peers: group.iter().map(|x| x.ring_address.clone()).collect(),
-                phase_json,
-                resume_checkpoint: resume,
-                checkpoint_dir: p.checkpoint_dir.clone(),
-            }))
-        })?;
-        a.map(Response::new).ok_or_else(|| Status::not_found(format!("worker {id} is not registered")))
+        Ok(Response::new(CoordinatorService::next_assignment(self, req.into_inner())?))
     }
 
     async fn report_step(&self, req: Request<StepReport>) -> Result<Response<Ack>, Status> {
-        let r = req.into_inner();
-        self.with_store(|s| {
-            let Some(p) = s.phase(r.job_id, r.phase_index)? else { return Ok(Err(Status::not_found(format!("job {} phase {} does not exist", r.job_id, r.phase_index)))) };
-            if p.generation != r.generation || p.state != "running" {
-                return Ok(Err(Status::failed_precondition(format!("stale report: generation {} is not the current {}", r.generation, p.generation))));
-            }
-            let m = MetricRow { step: r.step, loss: r.loss, lr: r.lr, grad_norm: r.grad_norm, tokens: r.tokens, step_ms: r.step_ms, world: r.world, generation: r.generation, values: r.values.into_iter().collect() };
-            s.insert_metric(r.job_id, r.phase_index, &m)?;
-            s.advance_phase(r.job_id, r.phase_index, r.step.min(p.total_steps))?;
-            Ok(Ok(()))
-        })??;
+        CoordinatorService::report_step(self, req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn commit_checkpoint(&self, req: Request<CheckpointInfo>) -> Result<Response<CommitReply>, Status> {
-        let r = req.into_inner();
-        let path = std::path::PathBuf::from(&r.path);
-        if !path.join(liandan_worker::checkpoint::STATE_FILE).is_file() {
-            return Err(Status::invalid_argument(format!("{} is not a complete checkpoint (no state.json)", r.path)));
-        }
-        let (regroup, log) = self.with_store(|s| {
-            s.transaction(|s| {
-                let Some(p) = s.phase(r.job_id, r.phase_index)? else { return Ok(Err(Status::not_found(format!("job {} phase {} does not exist", r.job_id, r.phase_index)))) };
-                if p.generation != r.generation || p.state != "running" {
-                    return Ok(Err(Status::failed_precondition(format!("stale commit: generation {} is not the current {}", r.generation, p.generation))));
-                }
-                s.commit_checkpoint(r.job_id, r.phase_index, r.step, &r.path, r.generation)?;
-                s.advance_phase(r.job_id, r.phase_index, r.step)?;
-                let p = s.phase(r.job_id, r.phase_index)?.unwrap_or(p);
-                if r.step < p.total_steps && scheduler::boundary_wants_regroup(s, &p)? {
-                    return Ok(Ok((true, scheduler::reform(s, &p, Reason::Boundary)?)));
-                }
-                Ok(Ok((false, vec![])))
-            })
-        })??;
-        info!("job {} phase {} committed checkpoint at step {}: {}", r.job_id, r.phase_index, r.step, r.path);
-        for line in log {
-            info!(target: "liandan::scheduler", "{line}");
-        }
-        Ok(Response::new(CommitReply { regroup }))
+        Ok(Response::new(CoordinatorService::commit_checkpoint(self, req.into_inner()).await?))
     }
 
     async fn finish_assignment(&self, req: Request<AssignmentResult>) -> Result<Response<Ack>, Status> {
-        let r = req.into_inner();
-        let log = self.with_store(|s| {
-            s.transaction(|s| {
-                let mut log = Vec::new();
-                let Some(w) = s.worker(r.worker_id)? else { return Ok(Err(Status::not_found(format!("worker {} is not registered", r.worker_id)))) };
-                let Some(p) = s.phase(r.job_id, r.phase_index)? else { return Ok(Err(Status::not_found(format!("job {} phase {} does not exist", r.job_id, r.phase_index)))) };
-                let current = p.generation == r.generation && p.state == "running";
-                if current && !r.ok {
-                    s.set_phase_state(r.job_id, r.phase_index, "failed", &r.error)?;
-                    s.set_job_state(r.job_id, "failed", &format!("phase {} ({}): {}", p.idx, p.name, r.error))?;
-                    log.push(format!("job {} failed in phase {}: {}", r.job_id, p.name, r.error));
-                } else if current && r.ok && w.rank == 0 && !r.final_checkpoint.is_empty() {
-                    s.commit_checkpoint(r.job_id, r.phase_index, p.total_steps, &r.final_checkpoint, r.generation)?;
-                    s.advance_phase(r.job_id, r.phase_index, p.total_steps)?;
-                    s.set_phase_state(r.job_id, r.phase_index, "succeeded", "")?;
-                    log.push(format!("job {} phase {} ({}) succeeded: {}", r.job_id, p.idx, p.name, r.final_checkpoint));
-                    match s.phase(r.job_id, r.phase_index + 1)? {
-                        Some(next) => {
-                            s.set_phase_input(r.job_id, next.idx, &phase_input(s, &next)?)?;
-                            s.set_phase_state(r.job_id, next.idx, "running", "")?;
-                            let next = s.phase(r.job_id, next.idx)?.unwrap_or(next);
-                            log.extend(scheduler::reform(s, &next, Reason::Start)?);
-                        }
-                        None => {
-                            s.set_job_state(r.job_id, "succeeded", "")?;
-                            log.push(format!("job {} succeeded", r.job_id));
-                        }
-                    }
-                }
-                // The worker leaves this assignment (unless already moved to another group).
-                let w = s.worker(r.worker_id)?.unwrap_or(w);
-                if w.job_id == r.job_id && w.phase_idx == r.phase_index && w.generation <= r.generation && w.state == "busy" {
-                    s.assign_worker(w.id, 0, 0, 0, 0)?;
-                }
-                Ok(Ok(log))
-            })
-        })??;
-        for line in log {
-            info!("{line}");
-        }
-        self.tick()?;
+        CoordinatorService::finish_assignment(self, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobReply>, Status> {
         let r = req.into_inner();
         let source = if r.source.is_empty() { "job spec".to_string() } else { r.source };
-        let job_id = self.submit(&r.spec_toml, &source)?;
+        let job_id = self.submit(r.spec_toml, source).await?;
         Ok(Response::new(SubmitJobReply { job_id }))
     }
 
@@ -444,10 +321,14 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(self.job_status(req.into_inner().job_id)?))
     }
 
-    async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsReply>, Status> {
-        let ids: Vec<u64> = self.with_store(|s| Ok(s.jobs()?.into_iter().map(|j| j.id).collect()))?;
-        let jobs = ids.into_iter().map(|id| self.job_status(id)).collect::<Result<_, _>>()?;
-        Ok(Response::new(ListJobsReply { jobs }))
+    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsReply>, Status> {
+        let r = req.into_inner();
+        let (before, size) = (limits::page_token(&r.page_token)?, limits::page(r.page_size, limits::JOBS_PAGE));
+        // One more than the page tells whether another page follows.
+        let ids: Vec<u64> = self.with_store(|s| Ok(s.jobs_page(before, size + 1)?.into_iter().map(|j| j.id).collect()))?;
+        let next_page_token = if ids.len() > size { ids[size - 1].to_string() } else { String::new() };
+        let jobs = ids.into_iter().take(size).map(|id| self.job_status(id)).collect::<Result<_, _>>()?;
+        Ok(Response::new(ListJobsReply { jobs, next_page_token }))
     }
 
     type WatchJobStream = WatchStream;
@@ -509,25 +390,29 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(Ack {}))
     }
 
-    async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersReply>, Status> {
+    async fn list_workers(&self, req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersReply>, Status> {
+        let r = req.into_inner();
+        let (after, size) = (limits::page_token(&r.page_token)?, limits::page(r.page_size, limits::WORKERS_PAGE));
         let now = now_ms();
-        let workers = self.with_store(|s| s.workers())?;
-        Ok(Response::new(ListWorkersReply {
-            workers: workers
-                .into_iter()
-                .map(|w| WorkerInfo {
-                    worker_id: w.id,
-                    hostname: w.hostname,
-                    device: w.device,
-                    ring_address: w.ring_address,
-                    state: w.state,
-                    heartbeat_age_ms: now.saturating_sub(w.last_heartbeat_ms),
-                    job_id: w.job_id,
-                    rank: w.rank,
-                    generation: w.generation,
-                })
-                .collect(),
-        }))
+        let mut rows = self.with_store(|s| s.workers_page(after, size + 1))?;
+        let next_page_token = if rows.len() > size { rows[size - 1].id.to_string() } else { String::new() };
+        rows.truncate(size);
+        let workers = rows
+            .into_iter()
+            .map(|w| WorkerInfo {
+                worker_id: w.id,
+                heartbeat_age_ms: now.saturating_sub(self.last_heartbeat_ms(&w)),
+                hostname: w.hostname,
+                device: w.device,
+                ring_address: w.ring_address,
+                state: w.state,
+                job_id: w.job_id,
+                rank: w.rank,
+                generation: w.generation,
+                memory_bytes: w.memory_bytes,
+            })
+            .collect();
+        Ok(Response::new(ListWorkersReply { workers, next_page_token }))
     }
 
     async fn drain_worker(&self, req: Request<WorkerRef>) -> Result<Response<Ack>, Status> {
@@ -582,9 +467,22 @@ impl Coordinator for CoordinatorService {
     }
 }
 
+/// The store's worker key (made on first use): worker secrets are derived from it.
+fn worker_key(s: &Store) -> Result<[u8; 32], StoreError> {
+    const KEY: &str = "worker_key";
+    if let Some(hex) = s.meta(KEY)? {
+        if let Some(k) = liandan_proto::auth::unhex(&hex).and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+            return Ok(k);
+        }
+    }
+    let k = liandan_proto::auth::random_bytes::<32>().map_err(|e| StoreError::Io(e.to_string()))?;
+    s.set_meta(KEY, &liandan_proto::auth::hex(&k))?;
+    Ok(k)
+}
+
 /// The checkpoint a phase starts from: the output of the phase it names (`from_phase`), or the
 /// checkpoint its spec names (`init`), or none.
-fn phase_input(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreError> {
+pub(super) fn phase_input(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreError> {
     let Ok(plan) = serde_json::from_str::<PhasePlan>(&p.plan_json) else { return Ok(String::new()) };
     Ok(match plan.from_phase {
         Some(k) => s.phase(p.job_id, k as u32)?.map(|q| q.last_checkpoint).unwrap_or_default(),
@@ -594,13 +492,13 @@ fn phase_input(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreErr
 
 /// The plan sent to workers, with the checkpoints it needs from other phases filled in: the
 /// starting checkpoint (a ppo phase's frozen reference) and a ppo phase's reward model.
-fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreError> {
+pub(super) fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreError> {
     let Ok(mut plan) = serde_json::from_str::<PhasePlan>(&p.plan_json) else { return Ok(p.plan_json.clone()) };
     if plan.init_checkpoint.is_none() && !p.input_checkpoint.is_empty() {
         plan.init_checkpoint = Some(p.input_checkpoint.clone().into());
     }
     if plan.kind == PhaseKind::Reward && plan.comparisons != crate::spec::ComparisonSource::File {
-        plan.labelled_examples = Some(export_labelled(s, p)?);
+        plan.labelled_examples = Some(comparisons::export_labelled(s, p)?);
     }
     if let Some(k) = plan.reward_phase {
         let done = s.phase(p.job_id, k as u32)?.map(|q| q.last_checkpoint).unwrap_or_default();
@@ -609,32 +507,6 @@ fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Result<String, 
         }
     }
     Ok(serde_json::to_string(&plan).unwrap_or_else(|_| p.plan_json.clone()))
-}
-
-/// Writes the comparisons labelled so far (with a winner) to `labelled_comparisons.jsonl` in the
-/// phase's checkpoint directory, once: later generations of the phase train on the same set.
-fn export_labelled(s: &Store, p: &crate::store::PhaseRow) -> Result<std::path::PathBuf, StoreError> {
-    let path = std::path::Path::new(&p.checkpoint_dir).join("labelled_comparisons.jsonl");
-    if path.exists() {
-        return Ok(path);
-    }
-    let mut body = String::new();
-    for c in s.decided_comparisons()? {
-        let n = &c.new;
-        let (chosen, rejected) = if c.choice == "a" { (&n.answer_a, &n.answer_b) } else { (&n.answer_b, &n.answer_a) };
-        let line = serde_json::json!({
-            "prompt": n.prompt, "chosen": chosen, "rejected": rejected, "label_source": "human",
-            "task": n.task, "comparison_id": c.id, "labeler": c.labeler, "sampled_from": n.checkpoint,
-        });
-        body.push_str(&line.to_string());
-        body.push('\n');
-    }
-    let tmp = path.with_extension("jsonl.tmp");
-    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
-    std::fs::create_dir_all(&p.checkpoint_dir).map_err(io)?;
-    std::fs::write(&tmp, body).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    Ok(path)
 }
 
 #[cfg(test)]
