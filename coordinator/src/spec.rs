@@ -198,10 +198,10 @@ impl JobSpec {
             return bad("name", format!("is {} characters; at most {MAX_NAME_CHARS}", self.name.chars().count()));
         }
         for (key, v, max) in [("model.layers", self.model.layers, MAX_LAYERS), ("model.heads", self.model.heads, MAX_HEADS), ("model.channels", self.model.channels, MAX_CHANNELS)] {
-            if let Some(v) = v {
-                if v == 0 || v > max {
-                    return bad(key, format!("must be in 1..={max}, got {v}"));
-                }
+            if let Some(v) = v
+                && (v == 0 || v > max)
+            {
+                return bad(key, format!("must be in 1..={max}, got {v}"));
             }
         }
         if self.cluster.min_workers == 0 {
@@ -270,18 +270,22 @@ impl JobSpec {
             if p.warmup.is_some_and(|w| w > p.steps) {
                 return bad(&at("warmup"), format!("must be at most steps ({}), got {}", p.steps, p.warmup.unwrap_or(0)));
             }
-            if !(p.lr > 0.0 && p.lr <= MAX_LR) {
-                return bad(&at("lr"), format!("must be in (0, {MAX_LR}], got {}", p.lr));
+            if !(p.lr > 0.0 && p.lr.is_finite()) {
+                return bad(&at("lr"), format!("must be > 0, got {}", p.lr));
+            }
+            if p.lr > MAX_LR {
+                return bad(&at("lr"), format!("must be at most {MAX_LR}, got {}", p.lr));
             }
             if p.max_skipped_steps > MAX_SKIPPED {
                 return bad(&at("max_skipped_steps"), format!("must be at most {MAX_SKIPPED}, got {}", p.max_skipped_steps));
             }
-            if let Some(m) = p.min_lr {
-                if !(m >= 0.0 && m <= p.lr) {
-                    return bad(&at("min_lr"), format!("must be in [0, lr={}], got {m}", p.lr));
-                }
+            if let Some(m) = p.min_lr
+                && !(0.0..=p.lr).contains(&m)
+            {
+                return bad(&at("min_lr"), format!("must be in [0, lr={}], got {m}", p.lr));
             }
-            if !(p.grad_clip >= 0.0 && p.grad_clip.is_finite()) || !(p.weight_decay >= 0.0 && p.weight_decay.is_finite()) {
+            let finite_non_negative = |x: f32| x >= 0.0 && x.is_finite();
+            if !finite_non_negative(p.grad_clip) || !finite_non_negative(p.weight_decay) {
                 return bad(&at("grad_clip"), "grad_clip and weight_decay must be finite and >= 0".into());
             }
         }

@@ -164,7 +164,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Bytes from lower- or upper-case hex; None when `s` is not hex of whole bytes.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()

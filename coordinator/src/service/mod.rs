@@ -285,28 +285,28 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
-        Ok(Response::new(CoordinatorService::register(self, req.into_inner())?))
+        Ok(Response::new(self.admit_worker( req.into_inner())?))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
-        Ok(Response::new(CoordinatorService::heartbeat(self, req.into_inner())?))
+        Ok(Response::new(self.heartbeat_action( req.into_inner())?))
     }
 
     async fn next_assignment(&self, req: Request<AssignmentRequest>) -> Result<Response<Assignment>, Status> {
-        Ok(Response::new(CoordinatorService::next_assignment(self, req.into_inner())?))
+        Ok(Response::new(self.assignment_for( req.into_inner())?))
     }
 
     async fn report_step(&self, req: Request<StepReport>) -> Result<Response<Ack>, Status> {
-        CoordinatorService::report_step(self, req.into_inner())?;
+        self.record_step( req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn commit_checkpoint(&self, req: Request<CheckpointInfo>) -> Result<Response<CommitReply>, Status> {
-        Ok(Response::new(CoordinatorService::commit_checkpoint(self, req.into_inner()).await?))
+        Ok(Response::new(self.commit( req.into_inner()).await?))
     }
 
     async fn finish_assignment(&self, req: Request<AssignmentResult>) -> Result<Response<Ack>, Status> {
-        CoordinatorService::finish_assignment(self, req.into_inner()).await?;
+        self.finish( req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
@@ -470,10 +470,10 @@ impl Coordinator for CoordinatorService {
 /// The store's worker key (made on first use): worker secrets are derived from it.
 fn worker_key(s: &Store) -> Result<[u8; 32], StoreError> {
     const KEY: &str = "worker_key";
-    if let Some(hex) = s.meta(KEY)? {
-        if let Some(k) = liandan_proto::auth::unhex(&hex).and_then(|b| <[u8; 32]>::try_from(b).ok()) {
-            return Ok(k);
-        }
+    if let Some(hex) = s.meta(KEY)?
+        && let Some(k) = liandan_proto::auth::unhex(&hex).and_then(|b| <[u8; 32]>::try_from(b).ok())
+    {
+        return Ok(k);
     }
     let k = liandan_proto::auth::random_bytes::<32>().map_err(|e| StoreError::Io(e.to_string()))?;
     s.set_meta(KEY, &liandan_proto::auth::hex(&k))?;
@@ -512,23 +512,54 @@ pub(super) fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use liandan_proto::PROTOCOL_VERSION;
 
     fn svc() -> CoordinatorService {
         CoordinatorService::new(Store::in_memory().unwrap(), CoordinatorConfig::default()).unwrap()
     }
 
-    fn reg(v: u32) -> Request<RegisterRequest> {
-        Request::new(RegisterRequest { protocol_version: v, hostname: "h".into(), device: "cpu".into(), ring_address: "127.0.0.1:1".into(), previous_id: 0 })
+    fn reg(v: u32, instance: &str) -> Request<RegisterRequest> {
+        Request::new(RegisterRequest { protocol_version: v, hostname: "h".into(), device: "cpu".into(), ring_address: "127.0.0.1:1".into(), instance: instance.into(), memory_bytes: 0 })
+    }
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    /// A running one-phase job at generation 3 with worker `instance` as its rank 0.
+    async fn seated(s: &CoordinatorService, instance: &str) -> (u64, RegisterReply) {
+        let me = s.register(reg(PROTOCOL_VERSION, instance)).await.unwrap().into_inner();
+        let job = s.with_store(|st| st.insert_job("j", "", &[("pretrain".into(), "{}".into(), 10)], 1, 1, "/tmp")).unwrap();
+        s.with_store(|st| {
+            st.set_job_state(job, "running", "")?;
+            st.set_phase_state(job, 0, "running", "")?;
+            st.set_phase_group(job, 0, 3, 1, 0, "00")?;
+            st.assign_worker(me.worker_id, job, 0, 0, 3)
+        })
+        .unwrap();
+        (job, me)
     }
 
     #[tokio::test]
     async fn another_protocol_version_is_refused_and_nothing_is_stored() {
         let s = svc();
-        let e = s.register(reg(PROTOCOL_VERSION + 1)).await.unwrap_err();
+        let e = s.register(reg(PROTOCOL_VERSION + 1, A)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(e.message().contains("protocol version 2 is not supported"), "{}", e.message());
-        assert!(s.list_workers(Request::new(ListWorkersRequest {})).await.unwrap().into_inner().workers.is_empty());
-        assert!(s.register(reg(PROTOCOL_VERSION)).await.is_ok());
+        assert!(e.message().contains("protocol version 3 is not supported"), "{}", e.message());
+        assert!(s.list_workers(Request::new(ListWorkersRequest::default())).await.unwrap().into_inner().workers.is_empty());
+        assert!(s.register(reg(PROTOCOL_VERSION, A)).await.is_ok());
+        let e = s.register(reg(PROTOCOL_VERSION, "short")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "an instance id must be random hex");
+    }
+
+    #[tokio::test]
+    async fn a_retried_register_is_the_same_worker() {
+        let s = svc();
+        let first = s.register(reg(PROTOCOL_VERSION, A)).await.unwrap().into_inner();
+        let again = s.register(reg(PROTOCOL_VERSION, A)).await.unwrap().into_inner();
+        assert_eq!((again.worker_id, &again.worker_secret), (first.worker_id, &first.worker_secret));
+        let other = s.register(reg(PROTOCOL_VERSION, B)).await.unwrap().into_inner();
+        assert_ne!(other.worker_secret, first.worker_secret);
+        assert_eq!(s.list_workers(Request::new(ListWorkersRequest::default())).await.unwrap().into_inner().workers.len(), 2);
     }
 
     #[tokio::test]
@@ -540,17 +571,11 @@ mod tests {
         let hb = s.heartbeat(Request::new(HeartbeatRequest { worker_id: 7, ..Default::default() })).await.unwrap().into_inner();
         assert_eq!(hb.action, Action::Reregister as i32);
         let report = StepReport { job_id: 7, step: 1, ..Default::default() };
-        assert_eq!(s.report_step(Request::new(report)).await.unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(s.report_step(Request::new(report)).await.unwrap_err().code(), tonic::Code::PermissionDenied, "no credential");
 
-        // A running phase: a report from another generation is refused, a replay is a no-op.
-        let job = s.with_store(|st| st.insert_job("j", "", &[("pretrain".into(), "{}".into(), 10)], 1, 1, "/tmp")).unwrap();
-        s.with_store(|st| {
-            st.set_job_state(job, "running", "")?;
-            st.set_phase_state(job, 0, "running", "")?;
-            st.set_phase_group(job, 0, 3, 1, 0)
-        })
-        .unwrap();
-        let r = StepReport { job_id: job, phase_index: 0, generation: 3, step: 1, loss: 2.5, tokens: 10, step_ms: 5, world: 1, ..Default::default() };
+        // A member's report lands once; a replay is a no-op; another generation's is refused.
+        let (job, me) = seated(&s, A).await;
+        let r = StepReport { worker_id: me.worker_id, worker_secret: me.worker_secret.clone(), job_id: job, phase_index: 0, generation: 3, step: 1, loss: 2.5, tokens: 10, step_ms: 5, world: 1, ..Default::default() };
         s.report_step(Request::new(r.clone())).await.unwrap();
         s.report_step(Request::new(StepReport { loss: 9.0, ..r.clone() })).await.unwrap();
         let stale = s.report_step(Request::new(StepReport { generation: 2, step: 2, ..r })).await.unwrap_err();
@@ -558,6 +583,37 @@ mod tests {
         let m = s.with_store(|st| st.metrics(job, 0)).unwrap();
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].loss, 2.5, "the replay did not overwrite the first report");
+    }
+
+    #[tokio::test]
+    async fn only_the_member_moves_a_job() {
+        let s = svc();
+        let (job, me) = seated(&s, A).await;
+        let stranger = s.register(reg(PROTOCOL_VERSION, B)).await.unwrap().into_inner();
+        let report = |id: u64, secret: &[u8], rank: u32| StepReport { worker_id: id, worker_secret: secret.to_vec(), rank, job_id: job, phase_index: 0, generation: 3, step: 1, loss: 1.0, ..Default::default() };
+        let finish = |id: u64, secret: &[u8], rank: u32| AssignmentResult { worker_id: id, worker_secret: secret.to_vec(), rank, job_id: job, phase_index: 0, generation: 3, ok: false, error: "ended by a stranger".into(), final_checkpoint: String::new() };
+        let commit = |id: u64, secret: &[u8], rank: u32| CheckpointInfo { worker_id: id, worker_secret: secret.to_vec(), rank, job_id: job, phase_index: 0, generation: 3, step: 1, path: "/tmp".into() };
+        let cases: [(&str, u64, Vec<u8>, u32); 4] = [
+            ("a registered non-member", stranger.worker_id, stranger.worker_secret.clone(), 0),
+            ("the member's id with another worker's secret", me.worker_id, stranger.worker_secret.clone(), 0),
+            ("the member's id with no secret", me.worker_id, Vec::new(), 0),
+            ("the member with a forged rank", me.worker_id, me.worker_secret.clone(), 1),
+        ];
+        for (what, id, secret, rank) in &cases {
+            let e = s.report_step(Request::new(report(*id, secret, *rank))).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "ReportStep from {what}: {}", e.message());
+            let e = s.finish_assignment(Request::new(finish(*id, secret, *rank))).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "FinishAssignment from {what}: {}", e.message());
+            let e = s.commit_checkpoint(Request::new(commit(*id, secret, *rank))).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "CommitCheckpoint from {what}: {}", e.message());
+        }
+        let status = s.job_status(job).unwrap();
+        assert_eq!((status.state.as_str(), status.phases[0].step), ("running", 0), "nothing moved");
+        assert!(s.with_store(|st| st.metrics(job, 0)).unwrap().is_empty());
+        assert!(crate::metrics::render(&s, &s.rpc).unwrap().contains("liandan_rpc_refused_total{method=\"FinishAssignment\",code=\"PermissionDenied\"} 4"));
+        // The member itself may end the job.
+        s.finish_assignment(Request::new(finish(me.worker_id, &me.worker_secret, 0))).await.unwrap();
+        assert_eq!(s.job_status(job).unwrap().state, "failed");
     }
 
     #[tokio::test]
@@ -587,6 +643,6 @@ mod tests {
         let e = s.submit_job(Request::new(SubmitJobRequest { spec_toml: spec, source: "job.toml".into() })).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("checkpoint.dir") && e.message().contains("not writable"), "{}", e.message());
-        assert!(s.list_jobs(Request::new(ListJobsRequest {})).await.unwrap().into_inner().jobs.is_empty(), "nothing stored");
+        assert!(s.list_jobs(Request::new(ListJobsRequest::default())).await.unwrap().into_inner().jobs.is_empty(), "nothing stored");
     }
 }

@@ -96,7 +96,7 @@ impl CoordinatorService {
         }
     }
 
-    pub(super) fn register(&self, r: RegisterRequest) -> Result<RegisterReply, Status> {
+    pub(super) fn admit_worker(&self, r: RegisterRequest) -> Result<RegisterReply, Status> {
         if r.protocol_version != PROTOCOL_VERSION {
             warn!("refused a worker at {} speaking protocol {} (this coordinator speaks {PROTOCOL_VERSION})", limits::cut(&r.ring_address, 64), r.protocol_version);
             return Err(Status::failed_precondition(format!(
@@ -125,7 +125,7 @@ impl CoordinatorService {
         Ok(RegisterReply { worker_id: id, worker_secret: secret.to_vec(), lease_ms: self.config.lease_ms, heartbeat_ms: self.config.heartbeat_ms })
     }
 
-    pub(super) fn heartbeat(&self, r: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
+    pub(super) fn heartbeat_action(&self, r: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
         let action = match self.members.renew(r.worker_id, &r.worker_secret) {
             // Declared dead (or never known): the process registers again and gets its id back.
             Err(Denied::Unknown) => Action::Reregister,
@@ -148,7 +148,7 @@ impl CoordinatorService {
         Ok(HeartbeatReply { action: action as i32 })
     }
 
-    pub(super) fn next_assignment(&self, r: AssignmentRequest) -> Result<Assignment, Status> {
+    pub(super) fn assignment_for(&self, r: AssignmentRequest) -> Result<Assignment, Status> {
         let c = Claim { method: "NextAssignment", worker_id: r.worker_id, secret: &r.worker_secret };
         self.identify(&c)?;
         self.with_store(|s| {
@@ -180,7 +180,7 @@ impl CoordinatorService {
         })
     }
 
-    pub(super) fn report_step(&self, r: StepReport) -> Result<(), Status> {
+    pub(super) fn record_step(&self, r: StepReport) -> Result<(), Status> {
         let c = Claim { method: "ReportStep", worker_id: r.worker_id, secret: &r.worker_secret };
         self.identify(&c)?;
         if r.values.len() > limits::VALUES {
@@ -203,7 +203,7 @@ impl CoordinatorService {
         self.answer(&c, result)
     }
 
-    pub(super) async fn commit_checkpoint(&self, r: CheckpointInfo) -> Result<CommitReply, Status> {
+    pub(super) async fn commit(&self, r: CheckpointInfo) -> Result<CommitReply, Status> {
         let c = Claim { method: "CommitCheckpoint", worker_id: r.worker_id, secret: &r.worker_secret };
         self.identify(&c)?;
         limits::text("path", &r.path, limits::PATH_CHARS)?;
@@ -236,7 +236,7 @@ impl CoordinatorService {
         Ok(CommitReply { regroup })
     }
 
-    pub(super) async fn finish_assignment(&self, r: AssignmentResult) -> Result<(), Status> {
+    pub(super) async fn finish(&self, r: AssignmentResult) -> Result<(), Status> {
         let c = Claim { method: "FinishAssignment", worker_id: r.worker_id, secret: &r.worker_secret };
         self.identify(&c)?;
         limits::text("final_checkpoint", &r.final_checkpoint, limits::PATH_CHARS)?;
@@ -244,13 +244,14 @@ impl CoordinatorService {
         let (mut ok, mut error) = (r.ok, limits::cut(&r.error, limits::ERROR_CHARS));
         // A finished phase's checkpoint is verified before the phase is marked done; one that
         // does not verify fails the phase (it can be resumed from its last commit).
-        if ok && r.rank == 0 && !r.final_checkpoint.is_empty() {
-            if let Ok(Ok((_, p))) = self.with_store(|s| self.seated_rank0(s, &c, seat)) {
-                if let Err(why) = self.verify_checkpoint(&p, &r.final_checkpoint, p.total_steps).await {
-                    warn!(job = r.job_id, phase = r.phase_index, "the final checkpoint does not verify: {why}");
-                    (ok, error) = (false, format!("the final {why}"));
-                }
-            }
+        if ok
+            && r.rank == 0
+            && !r.final_checkpoint.is_empty()
+            && let Ok(Ok((_, p))) = self.with_store(|s| self.seated_rank0(s, &c, seat))
+            && let Err(why) = self.verify_checkpoint(&p, &r.final_checkpoint, p.total_steps).await
+        {
+            warn!(job = r.job_id, phase = r.phase_index, "the final checkpoint does not verify: {why}");
+            (ok, error) = (false, format!("the final {why}"));
         }
         let result = self.with_store(|s| {
             s.transaction(|s| {
@@ -259,10 +260,13 @@ impl CoordinatorService {
                     Ok(wp) => wp,
                     // A member of an ended generation leaves its old seat; that moves no job.
                     Err(e) if e.code() == tonic::Code::FailedPrecondition => {
-                        if let Some(w) = s.worker(r.worker_id)? {
-                            if w.job_id == r.job_id && w.phase_idx == r.phase_index && w.generation <= r.generation && w.state == "busy" {
-                                s.assign_worker(w.id, 0, 0, 0, 0)?;
-                            }
+                        if let Some(w) = s.worker(r.worker_id)?
+                            && w.job_id == r.job_id
+                            && w.phase_idx == r.phase_index
+                            && w.generation <= r.generation
+                            && w.state == "busy"
+                        {
+                            s.assign_worker(w.id, 0, 0, 0, 0)?;
                         }
                         return Ok(Ok(log));
                     }
@@ -326,10 +330,10 @@ fn check_checkpoint(root: &Path, dir: &Path, plan_json: &str, step: u64) -> Resu
     if state.step != step {
         return Err(format!("holds step {}, reported as step {step}", state.step));
     }
-    if let Ok(plan) = serde_json::from_str::<PhasePlan>(plan_json) {
-        if state.model_config != plan.model {
-            return Err("its model is not the phase's model".into());
-        }
+    if let Ok(plan) = serde_json::from_str::<PhasePlan>(plan_json)
+        && state.model_config != plan.model
+    {
+        return Err("its model is not the phase's model".into());
     }
     Ok(())
 }

@@ -92,6 +92,17 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens an existing store read-only, without the lock (to inspect a store a running
+    /// coordinator holds: tests, tools). Every write fails.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        use rusqlite::OpenFlags;
+        let shown = path.display().to_string();
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        check_ownership(&conn, &shown)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|source| StoreError::Open { path: shown, source })?;
+        Ok(Store { conn, file: None, _lock: None })
+    }
+
     /// An in-memory store, for tests.
     pub fn in_memory() -> Result<Self> {
         let mut store = Store { conn: Connection::open_in_memory()?, file: None, _lock: None };

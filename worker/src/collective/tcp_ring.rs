@@ -741,7 +741,7 @@ fn accept_left(
     let (tx, rx) = mpsc::channel::<(SocketAddr, Result<TcpStream, Fail>)>();
     let mut refused: Vec<String> = Vec::new();
     let mut in_flight = 0usize;
-    let result = thread::scope(|s| {
+    thread::scope(|s| {
         let result = 'accept: loop {
             while let Ok((from, r)) = rx.try_recv() {
                 in_flight -= 1;
@@ -799,8 +799,7 @@ fn accept_left(
         // Stop the handshakes still running; the scope waits for them (within one poll).
         done.store(true, Ordering::Relaxed);
         result
-    });
-    result
+    })
 }
 
 /// The accepting end of a handshake: read the peer's hello, answer with ours and our MAC (even
