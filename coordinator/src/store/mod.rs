@@ -272,6 +272,24 @@ mod tests {
     }
 
     #[test]
+    fn the_scheduler_s_frequent_queries_use_indexes() {
+        let s = Store::in_memory().unwrap();
+        for sql in [
+            "SELECT id FROM workers WHERE state = 'idle'",
+            "SELECT id FROM workers WHERE instance = 'x'",
+            "SELECT id FROM workers WHERE job_id = 1 AND phase_idx = 0 AND generation = 2 ORDER BY rank",
+            "SELECT idx FROM phases WHERE state = 'running'",
+            "SELECT id FROM jobs WHERE state = 'queued'",
+            "SELECT step FROM metrics WHERE job_id = 1 AND phase_idx = 0 ORDER BY step DESC LIMIT 20",
+        ] {
+            let mut st = s.conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let plan: Vec<String> = st.query_map([], |r| r.get::<_, String>(3)).unwrap().map(|r| r.unwrap()).collect();
+            assert!(plan.iter().any(|p| p.contains("USING INDEX") || p.contains("USING PRIMARY KEY") || p.contains("USING COVERING INDEX")), "{sql}: {plan:?}");
+            assert!(!plan.iter().any(|p| p.starts_with("SCAN")), "{sql} scans a table: {plan:?}");
+        }
+    }
+
+    #[test]
     fn migrations_set_the_application_id() {
         let s = Store::in_memory().unwrap();
         assert_eq!(s.schema_version().unwrap(), schema::MIGRATIONS.len() as i64);
