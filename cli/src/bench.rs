@@ -53,7 +53,8 @@ pub struct BenchCoordinatorArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchTrainArgs {
-    /// Backend: cpu or cuda.
+    /// Backend: cpu, cuda, or cuda-emu (the emulated CUDA device: checks the CUDA path runs,
+    /// not its speed).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Matmul precision on cuda: bf16 (f32 accumulation, f32 master weights) or f32.
@@ -95,8 +96,8 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     if a.steps == 0 {
         return Err(CliError::Usage("--steps must be at least 1".into()));
     }
-    if device == Device::Cuda {
-        return bench_train_cuda(a);
+    if device != Device::Cpu {
+        return bench_train_cuda(a, device);
     }
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
@@ -149,12 +150,15 @@ fn preset_name(model: &str) -> &str {
     if model == "gpt2-124m" { "gpt2" } else { model }
 }
 
-/// `bench train --device cuda`: the same step on one GPU, with MFU against the device's
-/// datasheet peak ([`liandan_worker::backend::cuda::peak`]).
-fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
+/// `bench train --device cuda|cuda-emu`: the same step on one GPU (or the emulated device),
+/// with MFU against the device's datasheet peak ([`liandan_worker::backend::cuda::peak`]) and,
+/// with `--profile`, the time per op.
+fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     use liandan_worker::backend::cuda::{peak::peak_flops, trainer::CudaTrainer, CudaDevice, Precision};
-    if let Some(e) = Device::cuda_unavailable_reason() {
-        return Err(e.into());
+    if device == Device::Cuda {
+        if let Some(e) = Device::cuda_unavailable_reason() {
+            return Err(e.into());
+        }
     }
     let precision = match a.precision.as_str() {
         "bf16" => Precision::Bf16,
@@ -163,7 +167,7 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
     };
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
-    let dev = std::sync::Arc::new(CudaDevice::open(0)?);
+    let dev = std::sync::Arc::new(CudaDevice::for_device(device, 0)?);
     let mut trainer = CudaTrainer::new(dev.clone(), model.clone(), config, precision)?;
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
@@ -185,6 +189,19 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
         eprintln!("step {i}: {:.1} ms, loss {:.4}", dt * 1e3, st.loss);
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
+    if a.profile {
+        // Separate steps, so the timed ones above run without the per-op synchronisation.
+        trainer.model.profile = Some(OpProfile::default());
+        let t0 = Instant::now();
+        for _ in 0..a.steps {
+            trainer.train_step(std::slice::from_ref(&mb), None, None)?;
+        }
+        let profiled = t0.elapsed().as_secs_f64() / a.steps as f64;
+        if let Some(prof) = trainer.model.profile.take() {
+            println!("per-op time over {} more steps, each op followed by a device sync ({:.1} ms/step with the syncs):", a.steps, profiled * 1e3);
+            print_profile(&prof, a.steps, profiled);
+        }
+    }
     let tokens_per_s = (b * t) as f64 / mean;
     let flops = model.train_flops_per_token(t) * tokens_per_s;
     let peak = peak_flops(&dev.name, precision);

@@ -25,6 +25,7 @@ pub const FLAGS: &[&str] = &[
     "-fno-math-errno",
     "-Wall",
     "-Wno-unknown-pragmas",
+    "-Wno-unused-function",
 ];
 
 /// Rewrites the `__shared__` declarations of `src` (see the module docs). `name` is the file's

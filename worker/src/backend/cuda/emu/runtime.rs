@@ -164,7 +164,8 @@ struct Slot {
     state: State,
     /// The lane's value going into a shuffle, then the value it receives.
     value: u64,
-    yielder: *const Yielder<(), ()>,
+    /// The yielder of the fiber running this thread.
+    yielder: *const Yielder<bool, ()>,
 }
 
 /// The block being run on this OS thread. Reached by the fibers through [`CURRENT`]; the
@@ -209,7 +210,8 @@ fn suspend(state: State) {
         let s = slot(b, i);
         s.state = state;
         let y = s.yielder;
-        (*y).suspend(());
+        // Resumed with `true`: a fiber is only told to finish between threads.
+        let _ = (*y).suspend(());
     }
 }
 
@@ -316,6 +318,37 @@ pub fn shfl_source(mode: i32, lane: u32, b: u32, c: u32) -> u32 {
     if ok { j as u32 } else { lane }
 }
 
+/// A fiber: runs GPU threads of a block one after another, each to completion (suspending at
+/// its barriers on the way). Resumed with `true` to run the thread [`CURRENT`] names, with
+/// `false` to finish.
+type Fiber = Coroutine<bool, (), (), DefaultStack>;
+
+/// Marks a thread's fiber in `fiber_of` as none yet.
+const NO_FIBER: u32 = u32::MAX;
+
+/// A fiber for `block` that runs `thunk(args)` for each thread it is given.
+fn new_fiber(block: *mut Block, thunk: Thunk, args: *const *mut c_void) -> Result<Fiber, String> {
+    let stack = match STACKS.with(|s| s.borrow_mut().pop()) {
+        Some(s) => s,
+        None => DefaultStack::new(STACK_BYTES).map_err(|e| format!("cannot allocate a fiber stack: {e}"))?,
+    };
+    Ok(Coroutine::with_stack(stack, move |y: &Yielder<bool, ()>, mut go: bool| {
+        while go {
+            let (_, t) = CURRENT.with(Cell::get);
+            // SAFETY: the block outlives its fibers (freed after all of them are finished or
+            // reset); the caller of run_block guarantees the thunk and its arguments.
+            unsafe {
+                let s = slot(block, t);
+                s.yielder = y;
+                thunk(args);
+                // CURRENT was set to this thread again before every resume.
+                slot(block, CURRENT.with(Cell::get).1).state = State::Done;
+            }
+            go = y.suspend(());
+        }
+    }))
+}
+
 /// Runs block `block_idx` of `launch` to completion on this thread.
 ///
 /// # Errors
@@ -348,31 +381,17 @@ pub unsafe fn run_block(launch: &BlockLaunch, block_idx: Dim3) -> Result<(), Str
         static_end: launch.dynamic_shared,
         error: None,
     }));
-    let mut fibers: Vec<Coroutine<(), (), (), DefaultStack>> = Vec::with_capacity(threads);
-    let mut result = Ok(());
-    for i in 0..threads {
-        let stack = match STACKS.with(|s| s.borrow_mut().pop()).map(Ok).unwrap_or_else(|| DefaultStack::new(STACK_BYTES)) {
-            Ok(s) => s,
-            Err(e) => {
-                result = Err(format!("cannot allocate a fiber stack: {e}"));
-                break;
+    let mut fibers: Vec<Fiber> = Vec::new();
+    let mut idle: Vec<usize> = Vec::new();
+    // SAFETY: `block` is valid until freed below; fibers run only inside `schedule`.
+    let mut result = unsafe { schedule(block, launch, &mut fibers, &mut idle) };
+    for (i, mut f) in fibers.into_iter().enumerate() {
+        if idle.contains(&i) {
+            // An idle fiber is between threads: let it return.
+            if let CoroutineResult::Yield(()) = f.resume(false) {
+                result = result.and(Err("a fiber did not finish (emulator bug)".to_string()));
             }
-        };
-        let (thunk, args) = (launch.thunk, launch.args);
-        fibers.push(Coroutine::with_stack(stack, move |y: &Yielder<(), ()>, ()| {
-            // SAFETY: the block outlives its fibers (freed after all of them are done or reset);
-            // the caller guarantees the thunk and its arguments.
-            unsafe {
-                slot(block, i).yielder = y;
-                thunk(args);
-            }
-        }));
-    }
-    if result.is_ok() {
-        // SAFETY: `block` is valid until freed below; fibers run only inside `schedule`.
-        result = unsafe { schedule(block, &mut fibers, launch.order) };
-    }
-    for mut f in fibers {
+        }
         if !f.done() {
             // SAFETY: an abandoned fiber's stack holds kernel frames and this module's frames,
             // none of which owns anything that needs dropping.
@@ -391,19 +410,24 @@ pub unsafe fn run_block(launch: &BlockLaunch, block_idx: Dim3) -> Result<(), Str
     result.map_err(|e| format!("block {block_idx}: {e}"))
 }
 
-/// The scheduler loop of the module docs.
+/// The scheduler loop of the module docs. A thread gets a fiber when it first runs (an idle
+/// one, or a new one) and gives it back when it returns, so a kernel without barriers runs a
+/// whole block on one fiber.
 ///
 /// # Safety
-/// `block` is valid and `fibers[i]` is thread `i` of it.
-unsafe fn schedule(block: *mut Block, fibers: &mut [Coroutine<(), (), (), DefaultStack>], order: Order) -> Result<(), String> {
-    // SAFETY (for every `(*block)` below): no fiber is running while the scheduler reads or
-    // writes the block; fibers run only inside `resume`.
+/// `block` is valid; `fibers` and `idle` start empty.
+unsafe fn schedule(block: *mut Block, launch: &BlockLaunch, fibers: &mut Vec<Fiber>, idle: &mut Vec<usize>) -> Result<(), String> {
+    // SAFETY (for every `slot(block, ..)` below): no fiber is running while the scheduler reads
+    // or writes the block; fibers run only inside `resume`.
     let threads = unsafe { (*block).threads };
     let warps = threads.div_ceil(32);
+    let mut fiber_of = vec![NO_FIBER; threads];
+    // Per warp: lanes waiting at a warp op, and lanes that have returned (bit masks).
+    let (mut waiting, mut done) = (vec![0u32; warps], vec![0u32; warps]);
     let mut exited = 0usize;
     let mut at_barrier = 0usize;
     let mut barrier_site: Option<Site> = None;
-    let nth = |i: usize, n: usize| if order == Order::Ascending { i } else { n - 1 - i };
+    let nth = |i: usize, n: usize| if launch.order == Order::Ascending { i } else { n - 1 - i };
     while exited < threads {
         let mut progressed = false;
         for wi in 0..warps {
@@ -419,21 +443,40 @@ unsafe fn schedule(block: *mut Block, fibers: &mut [Coroutine<(), (), (), Defaul
                     }
                     ran = true;
                     progressed = true;
+                    let f = match fiber_of[t] {
+                        NO_FIBER => {
+                            let f = match idle.pop() {
+                                Some(f) => f,
+                                None => {
+                                    fibers.push(new_fiber(block, launch.thunk, launch.args)?);
+                                    fibers.len() - 1
+                                }
+                            };
+                            fiber_of[t] = f as u32;
+                            f
+                        }
+                        f => f as usize,
+                    };
                     CURRENT.with(|c| c.set((block, t)));
                     // SAFETY: the context lives in the block, which outlives the resume.
                     unsafe { ld_emu_set_self((*block).ctxs.as_ptr().add(t)) };
-                    if let CoroutineResult::Return(()) = fibers[t].resume(()) {
-                        unsafe { slot(block, t).state = State::Done };
+                    if let CoroutineResult::Return(()) = fibers[f].resume(true) {
+                        return Err(format!("thread {t}'s fiber ended (emulator bug)"));
                     }
                     match unsafe { slot(block, t).state } {
                         State::Failed => return Err(String::new()),
                         State::Done => {
                             exited += 1;
+                            idle.push(f);
+                            fiber_of[t] = NO_FIBER;
+                            done[w] |= 1 << l;
                             // A lane that leaves while its warp waits for it at a warp op.
-                            for o in 0..lanes {
-                                if let State::Warp(op) = unsafe { slot(block, w * 32 + o).state } {
-                                    if op.mask & (1 << l) != 0 {
-                                        return Err(format!("thread {t} exited while thread {} waits for it at {} (mask {:#010x}) at {}", w * 32 + o, op.name(), op.mask, op.site));
+                            if waiting[w] != 0 {
+                                for o in 0..lanes {
+                                    if let State::Warp(op) = unsafe { slot(block, w * 32 + o).state } {
+                                        if op.mask & (1 << l) != 0 {
+                                            return Err(format!("thread {t} exited while thread {} waits for it at {} (mask {:#010x}) at {}", w * 32 + o, op.name(), op.mask, op.site));
+                                        }
                                     }
                                 }
                             }
@@ -447,7 +490,7 @@ unsafe fn schedule(block: *mut Block, fibers: &mut [Coroutine<(), (), (), Defaul
                             barrier_site = Some(site);
                             at_barrier += 1;
                         }
-                        State::Warp(op) => unsafe { warp_arrive(block, w, lanes, l, op)? },
+                        State::Warp(op) => unsafe { warp_arrive(block, w, lanes, l, op, &mut waiting[w], done[w])? },
                         State::Ready => return Err(format!("thread {t} suspended without a reason (emulator bug)")),
                     }
                 }
@@ -475,11 +518,12 @@ unsafe fn schedule(block: *mut Block, fibers: &mut [Coroutine<(), (), (), Defaul
     Ok(())
 }
 
-/// Lane `l` of warp `w` arrives at `op`: checks the op and completes it when its mask is whole.
+/// Lane `l` of warp `w` arrives at `op`: checks the op and completes it when every lane of
+/// its mask waits at it. `waiting` and `done` are the warp's lanes at a warp op and returned.
 ///
 /// # Safety
 /// As [`schedule`].
-unsafe fn warp_arrive(block: *mut Block, w: usize, lanes: usize, l: usize, op: WarpOp) -> Result<(), String> {
+unsafe fn warp_arrive(block: *mut Block, w: usize, lanes: usize, l: usize, op: WarpOp, waiting: &mut u32, done: u32) -> Result<(), String> {
     let t = w * 32 + l;
     let slots = unsafe { &mut (*block).slots };
     if op.mask & (1 << l) == 0 {
@@ -488,16 +532,20 @@ unsafe fn warp_arrive(block: *mut Block, w: usize, lanes: usize, l: usize, op: W
     if lanes < 32 && op.mask >> lanes != 0 {
         return Err(format!("{} at {} with mask {:#010x} names lanes that do not exist: the last warp of this block has {lanes} threads", op.name(), op.site, op.mask));
     }
+    if op.mask & done != 0 {
+        let o = (op.mask & done).trailing_zeros() as usize;
+        return Err(format!("thread {t} waits at {} (mask {:#010x}) at {} for thread {}, which has exited", op.name(), op.mask, op.site, w * 32 + o));
+    }
+    *waiting |= 1 << l;
+    if *waiting & op.mask != op.mask {
+        return Ok(()); // not every lane of the mask is here yet
+    }
     for o in 0..lanes {
-        if op.mask & (1 << o) == 0 {
-            continue;
-        }
-        match slots[w * 32 + o].state {
-            State::Done => return Err(format!("thread {t} waits at {} (mask {:#010x}) at {} for thread {}, which has exited", op.name(), op.mask, op.site, w * 32 + o)),
-            State::Warp(other) if other.same(&op) => {}
-            _ => return Ok(()), // not every lane of the mask is here yet
+        if op.mask & (1 << o) != 0 && !matches!(slots[w * 32 + o].state, State::Warp(other) if other.same(&op)) {
+            return Ok(()); // a lane of the mask waits at another warp op (a deadlock, if it lasts)
         }
     }
+    *waiting &= !op.mask;
     if let WarpKind::Shfl { mode, b, c } = op.kind {
         let mut received = [0u64; 32];
         for o in 0..lanes {
