@@ -194,7 +194,7 @@ fn a_write_past_the_end_of_a_buffer_is_caught() {
     let d = dev();
     let buf = d.alloc::<f32>(100).unwrap();
     let e = err(d.launch("probe_write_past_end", cfg((1, 1, 1), (128, 1, 1), 0), &[Arg::P(buf.ptr()), Arg::I(100)]));
-    assert!(e.contains("wrote outside an allocation of 400 bytes") && e.contains("byte 400"), "{e}");
+    assert!(e.contains("wrote outside an allocation of 400 bytes") && e.contains("the 4-byte word at byte 400, past its end"), "{e}");
 }
 
 #[test]

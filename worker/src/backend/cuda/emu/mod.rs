@@ -3,8 +3,9 @@
 //! driver, cuBLASLt's own kernels and the hardware (docs/CUDA.md says what that leaves).
 //!
 //! - Memory is host memory: a device address is a host address. Each allocation is 256-byte
-//!   aligned with a 256-byte guard on both sides filled with 0xff; a kernel that writes into a
-//!   guard is reported after its launch, and one that reads there gets NaN.
+//!   aligned with a 256-byte guard on both sides filled with the f32 signalling NaN 0x7f800001:
+//!   a kernel that reads there gets NaN, and one that writes there is reported after its launch
+//!   (a value computed from a guard read is a quiet NaN, so even that write changes the bits).
 //! - Kernels are `kernels/*.cu` compiled by `worker/build.rs` against `cuda_emu.h`, found by
 //!   name in the tables the build generates. A launch is checked before it runs: sm_90's limits
 //!   ([`limits`]), the argument count and kinds against the kernel's C signature, and every
@@ -33,6 +34,8 @@ use runtime::{BlockLaunch, Dim3, Thunk};
 pub const DEVICE_NAME: &str = "liandan emulated CUDA device (sm_90 limits)";
 /// Guard bytes before and after every allocation.
 const GUARD: usize = 256;
+/// The guard's bytes, repeated from every 4-aligned address: the f32 signalling NaN 0x7f800001.
+const GUARD_WORD: [u8; 4] = 0x7f80_0001u32.to_le_bytes();
 
 /// One kernel of the generated tables: `ld_emu_kernel` of cuda_emu.h.
 #[repr(C)]
@@ -195,10 +198,12 @@ impl EmuDevice {
             let tail = len.next_multiple_of(GUARD) - len + GUARD;
             // SAFETY: every registered allocation has GUARD bytes before it and `tail` after.
             let (before, after) = unsafe { (std::slice::from_raw_parts(p.sub(GUARD), GUARD), std::slice::from_raw_parts(p.add(len), tail)) };
-            if let Some(i) = before.iter().position(|&b| b != 0xff) {
+            // Both guards start at 4-aligned offsets from the (256-aligned) base: before at
+            // -GUARD, after at `len`, whose position in the word is len % 4.
+            if let Some(i) = before.iter().enumerate().position(|(i, &b)| b != GUARD_WORD[i % 4]) {
                 return Some((base, len, i as i64 - GUARD as i64));
             }
-            if let Some(i) = after.iter().position(|&b| b != 0xff) {
+            if let Some(i) = after.iter().enumerate().position(|(i, &b)| b != GUARD_WORD[(len + i) % 4]) {
                 return Some((base, len, (len + i) as i64));
             }
         }
@@ -261,7 +266,10 @@ impl DeviceApi for EmuDevice {
         }
         // SAFETY: `ptr` holds `total` bytes: guard, zeroed data, guard (the rounding tail too).
         unsafe {
-            std::ptr::write_bytes(ptr, 0xff, total);
+            let all = std::slice::from_raw_parts_mut(ptr, total);
+            for (i, b) in all.iter_mut().enumerate() {
+                *b = GUARD_WORD[i % 4];
+            }
             std::ptr::write_bytes(ptr.add(GUARD), 0, bytes);
         }
         let base = ptr as u64 + GUARD as u64;
@@ -348,7 +356,9 @@ impl DeviceApi for EmuDevice {
             return Err(launch_err(name, format!("grid {grid}, block {}: {e}", launch.0.block)));
         }
         if let Some((base, len, at)) = self.damaged_guard() {
-            return Err(launch_err(name, format!("wrote outside an allocation of {len} bytes at {base:#x} (byte {at} relative to its start)")));
+            let word = at.div_euclid(4) * 4;
+            let place = if at < 0 { format!("{} bytes before its start", -word) } else { format!("at byte {word}, past its end") };
+            return Err(launch_err(name, format!("wrote outside an allocation of {len} bytes at {base:#x}: the 4-byte word {place}")));
         }
         Ok(())
     }
