@@ -155,10 +155,10 @@ fn preset_name(model: &str) -> &str {
 /// with `--profile`, the time per op.
 fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     use liandan_worker::backend::cuda::{peak::peak_flops, trainer::CudaTrainer, CudaDevice, Precision};
-    if device == Device::Cuda {
-        if let Some(e) = Device::cuda_unavailable_reason() {
-            return Err(e.into());
-        }
+    if device == Device::Cuda
+        && let Some(e) = Device::cuda_unavailable_reason()
+    {
+        return Err(e.into());
     }
     let precision = match a.precision.as_str() {
         "bf16" => Precision::Bf16,
@@ -174,7 +174,7 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
     eprintln!(
         "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {} warmup + {} timed steps",
-        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
+        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format_args!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
     );
     for _ in 0..a.warmup {
         trainer.train_step(std::slice::from_ref(&mb), None, None)?;
@@ -228,7 +228,7 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
 /// A table of per-op time per step and its share of the step.
 fn print_profile(prof: &OpProfile, steps: usize, step_s: f64) {
     let mut rows: Vec<_> = prof.entries().to_vec();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     println!("{:<18} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
     let mut accounted = 0.0;
     for (op, d, calls) in rows {

@@ -49,10 +49,10 @@ pub fn run(a: SelftestArgs) -> Result<(), CliError> {
     if let Some(bad) = a.section.iter().find(|s| !known.contains(&s.as_str())) {
         return Err(CliError::Usage(format!("--section {bad}: no such section (known: {})", known.join(", "))));
     }
-    if device == Device::Cuda {
-        if let Some(e) = Device::cuda_unavailable_reason() {
-            return Err(e.into());
-        }
+    if device == Device::Cuda
+        && let Some(e) = Device::cuda_unavailable_reason()
+    {
+        return Err(e.into());
     }
     let dev = Arc::new(CudaDevice::for_device(device, a.gpu)?);
     println!("selftest: {} (sm_{}{}), {}, {shapes:?} shapes", dev.name, dev.capability.0, dev.capability.1, dev.kernels);

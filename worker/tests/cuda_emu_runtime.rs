@@ -153,7 +153,9 @@ fn atomics_from_parallel_blocks_lose_no_update() {
 #[test]
 fn bf16_conversions_round_to_nearest_even_and_widen_exactly() {
     let d = dev();
-    let x: Vec<f32> = [1.0f32, 1.00390625, 1.01171875, -2.5e-40, f32::MAX, -0.0, f32::INFINITY, f32::NAN, 3.1415927, 65504.0, 1e-38]
+    // 1 + 2^-8 and 1 + 3·2^-8 are exact ties between two bf16 values (to even: down, then up).
+    let ties = [f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)];
+    let x: Vec<f32> = [1.0f32, ties[0], ties[1], -2.5e-40, f32::MAX, -0.0, f32::INFINITY, f32::NAN, std::f32::consts::PI, 65504.0, 1e-38]
         .into_iter()
         .chain((0..1000).map(|i| (i as f32 * 0.731).sin() * 1000.0))
         .collect();
@@ -234,7 +236,7 @@ fn arguments_must_match_the_kernels_signature_and_point_into_device_memory() {
     assert!(e.contains("(pointer, int, int, float) do not match the kernel's parameters (pointer, int, long long, float)") && e.contains("probe.cu"), "{e}");
     let e = err(d.launch("probe_args", c, &[Arg::P(out.ptr()), Arg::I(1), Arg::L(2)]));
     assert!(e.contains("do not match"), "{e}");
-    let host = vec![0.0f32; 4];
+    let host = [0.0f32; 4];
     let e = err(d.launch("probe_args", c, &[Arg::P(DPtr(host.as_ptr() as u64)), Arg::I(1), Arg::L(2), Arg::F(0.5)]));
     assert!(e.contains("argument 0") && e.contains("not an address inside a live allocation"), "{e}");
     let e = err(d.launch("no_such_kernel", c, &[]));

@@ -240,7 +240,7 @@ fn kernel_name(stem: &str, variant: &str) -> &'static str {
 }
 
 fn attention_dims(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(usize, [Arg; 4])> {
-    if nh == 0 || c % nh != 0 {
+    if nh == 0 || !c.is_multiple_of(nh) {
         return Err(CudaError::Shape { op, reason: format!("C={c} is not divisible by NH={nh}") });
     }
     Ok((c / nh, [Arg::I(int(op, "B", b)?), Arg::I(int(op, "T", t)?), Arg::I(int(op, "C", c)?), Arg::I(int(op, "NH", nh)?)]))

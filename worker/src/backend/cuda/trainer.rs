@@ -133,7 +133,7 @@ impl CudaTrainer {
             Some(d) => d,
             None => loss_denominator(micro.iter().map(|m| (&m.targets[..], m.weights.as_deref()))),
         };
-        if !(denom > 0.0) {
+        if denom.is_nan() || denom <= 0.0 {
             return Err(EngineError::InvalidConfig { field: "targets", reason: "the step has no position that takes a loss".into() }.into());
         }
         self.model.zero_grad()?;

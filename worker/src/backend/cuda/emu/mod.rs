@@ -218,10 +218,11 @@ impl EmuDevice {
             return Err(launch_err(name, format!("arguments ({}) do not match the kernel's parameters ({}) in {}", show(&got), show(want), k.file)));
         }
         for (i, a) in args.iter().enumerate() {
-            if let Arg::P(p) = a {
-                if *p != DPtr::NULL && !self.inside(p.0, 0) {
-                    return Err(launch_err(name, format!("argument {i} ({:#x}) is not an address inside a live allocation of the emulated device", p.0)));
-                }
+            if let Arg::P(p) = a
+                && *p != DPtr::NULL
+                && !self.inside(p.0, 0)
+            {
+                return Err(launch_err(name, format!("argument {i} ({:#x}) is not an address inside a live allocation of the emulated device", p.0)));
             }
         }
         Ok(())

@@ -281,9 +281,13 @@ pub extern "C" fn ld_emu_static_shared(site: *const c_void, bytes: usize, align:
 }
 
 /// `__trap()` and other errors the header detects.
+///
+/// # Safety
+/// `what` and `file` are NUL-terminated strings that live for the program (the header passes
+/// string literals).
 #[unsafe(no_mangle)]
-pub extern "C" fn ld_emu_trap(what: *const c_char, file: *const c_char, line: c_int) {
-    // SAFETY: a string literal of the header.
+pub unsafe extern "C" fn ld_emu_trap(what: *const c_char, file: *const c_char, line: c_int) {
+    // SAFETY: as the caller guarantees.
     let what = unsafe { CStr::from_ptr(what) }.to_string_lossy().into_owned();
     fail(format!("{what} at {}", Site { file, line }));
 }
@@ -473,19 +477,19 @@ unsafe fn schedule(block: *mut Block, launch: &BlockLaunch, fibers: &mut Vec<Fib
                             // A lane that leaves while its warp waits for it at a warp op.
                             if waiting[w] != 0 {
                                 for o in 0..lanes {
-                                    if let State::Warp(op) = unsafe { slot(block, w * 32 + o).state } {
-                                        if op.mask & (1 << l) != 0 {
-                                            return Err(format!("thread {t} exited while thread {} waits for it at {} (mask {:#010x}) at {}", w * 32 + o, op.name(), op.mask, op.site));
-                                        }
+                                    if let State::Warp(op) = unsafe { slot(block, w * 32 + o).state }
+                                        && op.mask & (1 << l) != 0
+                                    {
+                                        return Err(format!("thread {t} exited while thread {} waits for it at {} (mask {:#010x}) at {}", w * 32 + o, op.name(), op.mask, op.site));
                                     }
                                 }
                             }
                         }
                         State::Barrier(site) => {
-                            if let Some(b) = barrier_site {
-                                if !b.same(&site) {
-                                    return Err(format!("threads wait at different __syncthreads: thread {t} at {site}, others at {b}"));
-                                }
+                            if let Some(b) = barrier_site
+                                && !b.same(&site)
+                            {
+                                return Err(format!("threads wait at different __syncthreads: thread {t} at {site}, others at {b}"));
                             }
                             barrier_site = Some(site);
                             at_barrier += 1;
