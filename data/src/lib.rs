@@ -13,6 +13,7 @@
 //! - [`shard`]: deterministic split by document hash, binary token shards, `manifest.json`.
 //! - [`chat`]: SFT (`{prompt, response}` / `{messages}`) and preference (`{prompt, chosen,
 //!   rejected}`) JSONL, validated with file:line errors and tokenized with an assistant mask.
+//! - [`files`]: opening files named by others: regular files only, sizes and lines bounded.
 //! - [`verify`]: the poem-form checker (五言/七言 绝句/律诗).
 //! - [`prepare`]: the whole pipeline with progress and a funnel report.
 
@@ -20,6 +21,7 @@ pub mod chat;
 pub mod clean;
 pub mod dedup;
 pub mod error;
+pub mod files;
 pub mod html;
 pub mod ingest;
 pub mod prepare;
