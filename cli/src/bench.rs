@@ -57,7 +57,8 @@ pub struct BenchCoordinatorArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchTrainArgs {
-    /// Backend: cpu or cuda.
+    /// Backend: cpu, cuda, or cuda-emu (the emulated CUDA device: checks the CUDA path runs,
+    /// not its speed).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Matmul precision on cuda: bf16 (f32 accumulation, f32 master weights) or f32.
@@ -99,8 +100,8 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     if a.steps == 0 {
         return Err(CliError::Usage("--steps must be at least 1".into()));
     }
-    if device == Device::Cuda {
-        return bench_train_cuda(a);
+    if device != Device::Cpu {
+        return bench_train_cuda(a, device);
     }
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
@@ -153,11 +154,14 @@ fn preset_name(model: &str) -> &str {
     if model == "gpt2-124m" { "gpt2" } else { model }
 }
 
-/// `bench train --device cuda`: the same step on one GPU, with MFU against the device's
-/// datasheet peak ([`liandan_worker::backend::cuda::peak`]).
-fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
+/// `bench train --device cuda|cuda-emu`: the same step on one GPU (or the emulated device),
+/// with MFU against the device's datasheet peak ([`liandan_worker::backend::cuda::peak`]) and,
+/// with `--profile`, the time per op.
+fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     use liandan_worker::backend::cuda::{peak::peak_flops, trainer::CudaTrainer, CudaDevice, Precision};
-    if let Some(e) = Device::cuda_unavailable_reason() {
+    if device == Device::Cuda
+        && let Some(e) = Device::cuda_unavailable_reason()
+    {
         return Err(e.into());
     }
     let precision = match a.precision.as_str() {
@@ -167,14 +171,14 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
     };
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
-    let dev = std::sync::Arc::new(CudaDevice::open(0)?);
+    let dev = std::sync::Arc::new(CudaDevice::for_device(device, 0)?);
     let mut trainer = CudaTrainer::new(dev.clone(), model.clone(), config, precision)?;
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
     let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
     eprintln!(
         "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {} warmup + {} timed steps",
-        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
+        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format_args!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
     );
     for _ in 0..a.warmup {
         trainer.train_step(std::slice::from_ref(&mb), None, None)?;
@@ -189,6 +193,19 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
         eprintln!("step {i}: {:.1} ms, loss {:.4}", dt * 1e3, st.loss);
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
+    if a.profile {
+        // Separate steps, so the timed ones above run without the per-op synchronisation.
+        trainer.model.profile = Some(OpProfile::default());
+        let t0 = Instant::now();
+        for _ in 0..a.steps {
+            trainer.train_step(std::slice::from_ref(&mb), None, None)?;
+        }
+        let profiled = t0.elapsed().as_secs_f64() / a.steps as f64;
+        if let Some(prof) = trainer.model.profile.take() {
+            println!("per-op time over {} more steps, each op followed by a device sync ({:.1} ms/step with the syncs):", a.steps, profiled * 1e3);
+            print_profile(&prof, a.steps, profiled);
+        }
+    }
     let tokens_per_s = (b * t) as f64 / mean;
     let flops = model.train_flops_per_token(t) * tokens_per_s;
     let peak = peak_flops(&dev.name, precision);
@@ -215,7 +232,7 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
 /// A table of per-op time per step and its share of the step.
 fn print_profile(prof: &OpProfile, steps: usize, step_s: f64) {
     let mut rows: Vec<_> = prof.entries().to_vec();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     println!("{:<18} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
     let mut accounted = 0.0;
     for (op, d, calls) in rows {
