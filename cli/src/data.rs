@@ -45,6 +45,12 @@ pub struct CleanOptions {
     /// Drop documents with fewer non-space characters than this.
     #[arg(long, default_value_t = 12)]
     pub min_chars: usize,
+    /// Keep only documents in these languages (ISO 639-3, comma-separated: cmn,eng); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub languages: Vec<String>,
+    /// Remove a line the learned quality model scores as spam with at least this probability.
+    #[arg(long, default_value_t = 0.8)]
+    pub quality_threshold: f32,
 }
 
 impl CleanOptions {
@@ -57,6 +63,8 @@ impl CleanOptions {
             t2s: self.t2s,
             disabled: self.disable.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<BTreeSet<_>>(),
             filters: FilterConfig { min_chars: self.min_chars, ..Default::default() },
+            languages: self.languages.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            quality_line_threshold: self.quality_threshold,
             ..Default::default()
         }
     }
@@ -103,8 +111,36 @@ pub struct PrepareArgs {
     /// Tokens per shard file.
     #[arg(long, default_value_t = 10_000_000)]
     pub shard_tokens: usize,
+    /// Memory the pipeline may hold, all threads together (bytes, or with KiB/MiB/GiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub memory_budget: u64,
+    /// Input bytes per task (the unit of work that a worker, or a thread here, takes).
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    pub task_bytes: u64,
+    /// Train the tokenizer on at most about this much training text (a deterministic sample).
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub tokenizer_sample: u64,
     #[command(flatten)]
     pub opts: CleanOptions,
+}
+
+/// `123`, `64KiB`, `512MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1000).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size like 512MiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => return Err(format!("'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -166,11 +202,17 @@ fn clean(a: CleanArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Progress bars on a terminal; stage lines otherwise.
-struct Bars {
+/// Progress bars on a terminal (one per stage, with counts and rates); stage lines otherwise.
+pub struct Bars {
     bar: Mutex<Option<ProgressBar>>,
     started: Mutex<Instant>,
     tty: bool,
+}
+
+impl Bars {
+    pub fn new() -> Self {
+        Bars { bar: Mutex::new(None), started: Mutex::new(Instant::now()), tty: std::io::stderr().is_terminal() }
+    }
 }
 
 impl Progress for Bars {
@@ -180,7 +222,7 @@ impl Progress for Bars {
             return;
         }
         let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
-        let template = if total > 0 { "{prefix:>10} [{bar:30}] {pos}/{len} ({eta})" } else { "{prefix:>10} {spinner} {elapsed}" };
+        let template = if total > 0 { "{prefix:>11} [{bar:30}] {pos}/{len} tasks {per_sec} ({elapsed}, eta {eta})" } else { "{prefix:>11} {spinner} {elapsed}" };
         // The templates are constants known to parse.
         bar.set_style(ProgressStyle::with_template(template).expect("static template").progress_chars("=> "));
         bar.set_prefix(stage.to_string());
@@ -199,7 +241,7 @@ impl Progress for Bars {
             b.finish_and_clear();
         }
         let secs = self.started.lock().unwrap_or_else(|p| p.into_inner()).elapsed().as_secs_f64();
-        eprintln!("{stage:>10}: {summary} ({secs:.1} s)");
+        eprintln!("{stage:>11}: {summary} ({secs:.1} s)");
     }
 }
 
@@ -214,8 +256,12 @@ pub fn prepare_cmd(a: PrepareArgs) -> Result<(), CliError> {
         vocab_size: a.vocab_size,
         tokenizer: a.tokenizer.clone(),
         shard_tokens: a.shard_tokens,
+        memory_budget: a.memory_budget,
+        task_bytes: a.task_bytes,
+        tokenizer_sample_bytes: a.tokenizer_sample,
+        ..Default::default()
     };
-    let bars = Bars { bar: Mutex::new(None), started: Mutex::new(Instant::now()), tty: std::io::stderr().is_terminal() };
+    let bars = Bars::new();
     let report = prepare(&cfg, &bars)?;
     for w in &report.ingest.warnings {
         eprintln!("warning: {w}");

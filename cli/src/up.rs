@@ -79,6 +79,7 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
             vocab_size: 4096,
             tokenizer: None,
             shard_tokens: 10_000_000,
+            ..Default::default()
         },
         &liandan_data::prepare::Silent,
     )?;

@@ -21,6 +21,19 @@
 //! seq_len = 128
 //! lr = 3e-3
 //! ```
+//!
+//! A job may start with a `data` phase that prepares `data.prepared` from raw text on the
+//! workers (the settings of `liandan data prepare`, see `liandan_data::pipeline::PrepareConfig`):
+//!
+//! ```toml
+//! [[phases]]
+//! name = "data"
+//! kind = "data"
+//! [phases.prepare]
+//! inputs = ["raw/web", "raw/books/*.jsonl"]
+//! vocab_size = 8192
+//! memory_budget = 1073741824
+//! ```
 
 use std::path::PathBuf;
 
@@ -94,10 +107,15 @@ pub struct CheckpointSpec {
 pub struct PhaseSpec {
     pub name: String,
     pub kind: PhaseKind,
+    /// Optimizer steps (required for every kind but data).
+    #[serde(default)]
     pub steps: u64,
     /// Sequences per optimizer step over all workers.
+    #[serde(default)]
     pub global_batch: usize,
+    #[serde(default)]
     pub seq_len: usize,
+    #[serde(default)]
     pub lr: f32,
     pub min_lr: Option<f32>,
     pub warmup: Option<u64>,
@@ -127,6 +145,8 @@ pub struct PhaseSpec {
     /// `liandan label`), or `both`.
     #[serde(default)]
     pub comparisons: liandan_worker::plan::ComparisonSource,
+    /// data: the pipeline's settings (`[phases.prepare]`); the output is `data.prepared`.
+    pub prepare: Option<liandan_data::prepare::PrepareConfig>,
 }
 
 fn one() -> u32 {
@@ -182,8 +202,17 @@ impl JobSpec {
             let at = |k: &str| format!("phases[{i}].{k}");
             let kind = format!("{:?}", p.kind).to_lowercase();
             let a = if p.kind == PhaseKind::Sft { "an" } else { "a" };
+            if p.kind == PhaseKind::Data {
+                self.validate_data_phase(i).map_err(|(k, r)| (at(&k), r))?;
+                continue;
+            }
+            if p.prepare.is_some() {
+                return bad(&at("prepare"), format!("`prepare` belongs to data phases, not {kind}"));
+            }
+            // The phase a fine-tuning phase starts from: none before it but a data phase.
+            let first_model = i == 0 || (self.phases[i - 1].kind == PhaseKind::Data && p.from.is_none() && p.kind != PhaseKind::Ppo);
             if p.kind != PhaseKind::Pretrain {
-                if i == 0 && p.init.is_none() {
+                if first_model && p.init.is_none() {
                     return bad(&at("kind"), format!("{a} {kind} phase fine-tunes an earlier phase's output: put a pretrain phase before it (or give `init`)"));
                 }
                 let labelled_only = p.kind == PhaseKind::Reward && p.comparisons == ComparisonSource::Labelled;
@@ -230,6 +259,41 @@ impl JobSpec {
         Ok(())
     }
 
+    /// A data phase: first in the job, with pipeline settings whose output (if given) is the
+    /// job's `data.prepared`, and none of the training keys.
+    fn validate_data_phase(&self, i: usize) -> Result<(), (String, String)> {
+        let p = &self.phases[i];
+        if i != 0 {
+            return Err(("kind".into(), "a data phase must be the first phase of its job".into()));
+        }
+        let Some(cfg) = &p.prepare else {
+            return Err(("prepare".into(), "a data phase needs [phases.prepare] with its inputs".into()));
+        };
+        if cfg.inputs.is_empty() {
+            return Err(("prepare.inputs".into(), "must name at least one file, directory or glob".into()));
+        }
+        if !cfg.out.as_os_str().is_empty() && cfg.out != self.data.prepared {
+            return Err(("prepare.out".into(), format!("a data phase writes data.prepared ({}); leave `out` out", self.data.prepared.display())));
+        }
+        let trains = p.steps != 0 || p.global_batch != 0 || p.seq_len != 0 || p.lr != 0.0;
+        if trains || p.data.is_some() || p.init.is_some() || p.from.is_some() || p.ppo.is_some() || p.reward_model.is_some() || p.reward_checkpoint.is_some() {
+            return Err(("kind".into(), "a data phase takes only name, kind and [phases.prepare] (no steps, batch, lr, data, init, from or ppo keys)".into()));
+        }
+        let mut cfg = cfg.clone();
+        cfg.out = self.data.prepared.clone();
+        cfg.validate().map_err(|e| ("prepare".to_string(), e.to_string()))
+    }
+
+    /// The data phase's settings, resolved: `out` is `data.prepared`; the vocabulary is padded
+    /// to exactly `vocab_size` when phases after it size their model by it.
+    pub fn data_settings(&self) -> Option<liandan_data::prepare::PrepareConfig> {
+        let p = self.phases.first().filter(|p| p.kind == PhaseKind::Data)?;
+        let mut cfg = p.prepare.clone()?;
+        cfg.out = self.data.prepared.clone();
+        cfg.exact_vocab = self.phases.len() > 1;
+        Some(cfg)
+    }
+
     /// The earlier phase that phase `i` starts from, if any.
     pub fn from_phase(&self, i: usize) -> Result<Option<usize>, String> {
         let p = &self.phases[i];
@@ -237,7 +301,11 @@ impl JobSpec {
             return Ok(None);
         }
         if let Some(name) = &p.from {
-            return self.phases[..i].iter().position(|q| &q.name == name).map(Some).ok_or_else(|| format!("no phase named '{name}' before this one"));
+            return match self.phases[..i].iter().position(|q| &q.name == name) {
+                Some(k) if self.phases[k].kind == PhaseKind::Data => Err(format!("phase '{name}' is a data phase: it makes data, not a model")),
+                Some(k) => Ok(Some(k)),
+                None => Err(format!("no phase named '{name}' before this one")),
+            };
         }
         if p.kind == PhaseKind::Ppo {
             return self.phases[..i]
@@ -246,7 +314,7 @@ impl JobSpec {
                 .map(Some)
                 .ok_or_else(|| "a ppo phase starts from an SFT model: put an sft phase before it, or give `from` or `init`".into());
         }
-        Ok(i.checked_sub(1))
+        Ok(i.checked_sub(1).filter(|&k| self.phases[k].kind != PhaseKind::Data))
     }
 
     /// The reward phase whose model a ppo phase `i` uses (`None` with `reward_checkpoint`).
@@ -282,8 +350,21 @@ impl JobSpec {
     /// lengths against the model, and that the checkpoint directory is writable.
     pub fn plans(&self, source_name: &str) -> Result<Vec<PhasePlan>, SpecError> {
         let err = |path: String, reason: String| SpecError { source_name: source_name.to_string(), path, reason };
-        let manifest = liandan_data::shard::Manifest::load(&self.data.prepared).map_err(|e| err("data.prepared".into(), e.to_string()))?;
-        let model = self.model_config(manifest.vocab_size).map_err(|(p, r)| err(p, r))?;
+        let data = self.data_settings();
+        // With a data phase the data does not exist yet: the model is sized by the vocabulary
+        // it will have (a given tokenizer's, or `vocab_size`, padded to exactly that).
+        let vocab = match &data {
+            Some(cfg) => match &cfg.tokenizer {
+                Some(t) => liandan_data::tokenizer::ChatTokenizer::load(t, None).map_err(|e| err("phases[0].prepare.tokenizer".into(), e.to_string()))?.vocab_size(),
+                None => cfg.vocab_size,
+            },
+            None => liandan_data::shard::Manifest::load(&self.data.prepared).map_err(|e| err("data.prepared".into(), e.to_string()))?.vocab_size,
+        };
+        let data_plan = match &data {
+            Some(cfg) => Some(liandan_data::pipeline::plan(cfg).map_err(|e| err("phases[0].prepare".into(), e.to_string()))?),
+            None => None,
+        };
+        let model = self.model_config(vocab).map_err(|(p, r)| err(p, r))?;
         std::fs::create_dir_all(&self.checkpoint.dir)
             .and_then(|_| {
                 let probe = self.checkpoint.dir.join(".liandan-write-probe");
@@ -319,7 +400,10 @@ impl JobSpec {
                     kind: p.kind,
                     model: model.clone(),
                     data_dir: self.data.prepared.clone(),
-                    steps: p.steps,
+                    steps: match (&data_plan, p.kind) {
+                        (Some(d), PhaseKind::Data) => d.total_tasks(),
+                        _ => p.steps,
+                    },
                     global_batch: p.global_batch,
                     seq_len: p.seq_len,
                     max_lr: p.lr,
@@ -338,6 +422,7 @@ impl JobSpec {
                     ppo: (p.kind == PhaseKind::Ppo).then(|| p.ppo.clone().unwrap_or_default()),
                     comparisons: p.comparisons,
                     labelled_examples: None,
+                    prepare: if p.kind == PhaseKind::Data { data.clone() } else { None },
                 })
             })
             .collect()

@@ -20,10 +20,14 @@ pub mod chat;
 pub mod clean;
 pub mod dedup;
 pub mod error;
+pub mod extsort;
 pub mod html;
 pub mod ingest;
+pub mod pipeline;
 pub mod prepare;
+pub mod quality;
 pub mod shard;
+pub mod stream;
 pub mod tokenizer;
 pub mod verify;
 

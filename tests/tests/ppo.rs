@@ -99,6 +99,7 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
         }),
         comparisons: Default::default(),
         labelled_examples: None,
+        prepare: None,
     }
 }
 

@@ -12,6 +12,8 @@ use crate::optim::{AdamWConfig, LrSchedule};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PhaseKind {
+    /// The data pipeline, sharded over the group ([`crate::phase::data`]).
+    Data,
     Pretrain,
     Sft,
     Reward,
@@ -68,6 +70,9 @@ pub struct PhasePlan {
     /// JSONL file by the coordinator when the phase starts.
     #[serde(default)]
     pub labelled_examples: Option<PathBuf>,
+    /// data: the pipeline's settings (`out` is the job's prepared-data directory).
+    #[serde(default)]
+    pub prepare: Option<liandan_data::prepare::PrepareConfig>,
 }
 
 /// Where a reward phase's comparisons come from. Every comparison keeps its `label_source`

@@ -308,6 +308,7 @@ fn run_assignment(
     let mut reporter = Reporter { handle, client, worker_id, a, current };
     let dir = PathBuf::from(&a.checkpoint_dir);
     let run: crate::phase::PhaseFn = match plan.kind {
+        PhaseKind::Data => crate::phase::data::run_data,
         PhaseKind::Pretrain => crate::phase::pretrain::run_pretrain,
         PhaseKind::Sft => crate::phase::sft::run_sft,
         PhaseKind::Reward => crate::phase::reward::run_reward,

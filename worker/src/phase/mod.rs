@@ -1,5 +1,6 @@
 //! Phases as workers run them, one rank of a data-parallel group each.
 
+pub mod data;
 pub mod ppo;
 pub mod pretrain;
 pub mod reward;
