@@ -49,7 +49,7 @@ pub struct CleanOptions {
     #[arg(long, value_delimiter = ',')]
     pub languages: Vec<String>,
     /// Remove a line the learned quality model scores as spam with at least this probability.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.65)]
     pub quality_threshold: f32,
 }
 

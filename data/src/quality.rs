@@ -7,8 +7,9 @@
 //!
 //! Features of a line: character 1-, 2- and 3-grams of the line wrapped in boundary marks
 //! (`^…$`, so "…咨询$" is a feature of its own), hashed into [`DIM`] buckets, each weighted
-//! 1/√n for n n-grams so long and short lines score on one scale; plus coarse shape features
-//! (length bucket, digits, Latin letters, a trailing `！`/`>`/`~`).
+//! 1/√n for n n-grams so long and short lines score on one scale; the same n-grams of its first
+//! and of its last clause, in namespaces of their own; and coarse shape features (length bucket,
+//! digits, Latin letters, a trailing `！`/`>`/`~`).
 //!
 //! Training is deterministic: the examples in file order, visited in a fixed pseudo-random
 //! order each epoch (a seeded xorshift), plain SGD with L2 decay and a fixed step schedule;
@@ -69,24 +70,37 @@ pub fn parse_labelled(text: &str, what: &str) -> Result<Vec<(String, bool)>> {
     Ok(out)
 }
 
-fn features(line: &str, out: &mut Vec<(u32, f32)>) {
-    out.clear();
-    let chars: Vec<char> = std::iter::once('^').chain(line.trim().chars()).chain(std::iter::once('$')).collect();
+/// Appends the 1–3-gram features of `chars` (wrapped in `^…$`) under namespace `ns`, weighted
+/// 1/√n for n n-grams.
+fn ngrams(chars: &[char], ns: u64, out: &mut Vec<(u32, f32)>) {
+    let from = out.len();
     let mut buf = [0u8; 16];
-    let mut grams = 0usize;
     for n in 1..=3usize {
         for w in chars.windows(n) {
             let mut len = 0;
             for c in w {
                 len += c.encode_utf8(&mut buf[len..]).len();
             }
-            out.push(((xxh3_64_with_seed(&buf[..len], n as u64) as usize % DIM) as u32, 1.0));
-            grams += 1;
+            out.push(((xxh3_64_with_seed(&buf[..len], ns * 8 + n as u64) as usize % DIM) as u32, 1.0));
         }
     }
-    let scale = 1.0 / (grams.max(1) as f32).sqrt();
-    for f in out.iter_mut() {
+    let scale = 1.0 / ((out.len() - from).max(1) as f32).sqrt();
+    for f in &mut out[from..] {
         f.1 = scale;
+    }
+}
+
+fn features(line: &str, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    let wrap = |s: &str| -> Vec<char> { std::iter::once('^').chain(s.trim().chars()).chain(std::iter::once('$')).collect() };
+    ngrams(&wrap(line), 0, out);
+    // The first and the last clause on their own: spam in a long line tends to open with its
+    // offer ("本文系转载…") or close with its call to action ("…回复“温度”就能拿到。"), and
+    // in the whole line's n-grams those words are outnumbered by ordinary ones.
+    let clauses: Vec<&str> = line.split(['，', '。', '！', '？', '；', ',', '!', '?', ';']).map(str::trim).filter(|c| !c.is_empty()).collect();
+    if clauses.len() >= 2 {
+        ngrams(&wrap(clauses[0]), 1, out);
+        ngrams(&wrap(clauses[clauses.len() - 1]), 2, out);
     }
     let n = line.chars().count();
     let mut shape = |name: &str| out.push(((xxh3_64_with_seed(name.as_bytes(), 99) as usize % DIM) as u32, 1.0));
@@ -183,11 +197,15 @@ mod tests {
         assert!(parse_labelled("spam\tx\nmaybe\ty\n", "f.tsv").unwrap_err().to_string().contains("f.tsv:2: label must be spam or keep"));
     }
 
-    /// Held-out check: train on 4 of 5 folds, score the fifth. Both error rates must stay low on
-    /// lines the model never saw. The bound (10% per class) is loose on purpose: the folds are
-    /// small (about 40 lines of each class), so one or two misses are within sampling noise.
+    /// Held-out check at the cleaner's default threshold: train on 4 of 5 folds, score the
+    /// fifth. Both error rates must stay low on lines the model never saw: at most 10% of
+    /// article lines flagged and 20% of spam lines missed. The bounds are loose on purpose: a
+    /// fold holds about 40 lines of each class, so a few misses are within sampling noise, and
+    /// the labelled keep lines include bare titles and names that only curated text has (the
+    /// score judges web pages by default).
     #[test]
     fn generalises_to_held_out_lines() {
+        let threshold = crate::clean::CleanConfig::default().quality_line_threshold;
         let ex = parse_labelled(SHIPPED, "lines.tsv").unwrap();
         let (mut fp, mut fneg, mut keep, mut spam) = (0, 0, 0, 0);
         for fold in 0..5 {
@@ -197,14 +215,14 @@ mod tests {
                 let p = m.spam_probability(line);
                 if *is_spam {
                     spam += 1;
-                    fneg += usize::from(p < 0.5);
+                    fneg += usize::from(p < threshold);
                 } else {
                     keep += 1;
-                    fp += usize::from(p >= 0.5);
+                    fp += usize::from(p >= threshold);
                 }
             }
         }
-        eprintln!("held out: {fp}/{keep} article lines flagged, {fneg}/{spam} spam lines missed");
+        eprintln!("held out at threshold {threshold}: {fp}/{keep} article lines flagged, {fneg}/{spam} spam lines missed");
         assert!(fp * 10 <= keep, "{fp} of {keep} article lines flagged");
         assert!(fneg * 10 <= spam * 2, "{fneg} of {spam} spam lines missed");
     }
