@@ -23,8 +23,11 @@ pub enum DataCommand {
     Clean(CleanArgs),
     /// Run the whole pipeline: ingest, clean, dedup, split, train the tokenizer, write shards.
     Prepare(PrepareArgs),
-    /// Measure pipeline throughput (MB/s) next to tokenizers' encode-only speed on the same text.
-    Bench(BenchArgs),
+    /// Measure the pipeline's throughput (MB/s, per core) and peak memory, in one process and as
+    /// a data phase on 1, 2, … local workers, next to tokenizers' encode-only speed on the same text.
+    Bench(crate::data_bench::BenchArgs),
+    /// Write a synthetic corpus (Chinese-like JSONL with duplicates) of a given size, for benchmarks.
+    Synth(SynthArgs),
 }
 
 /// Options shared by `clean` and `prepare`.
@@ -117,9 +120,10 @@ pub struct PrepareArgs {
     /// Input bytes per task (the unit of work that a worker, or a thread here, takes).
     #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
     pub task_bytes: u64,
-    /// Train the tokenizer on at most about this much training text (a deterministic sample).
-    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
-    pub tokenizer_sample: u64,
+    /// Train the tokenizer on at most about this much training text (a deterministic sample;
+    /// default: the memory budget / 96, what BPE training fits in it).
+    #[arg(long, value_parser = parse_bytes)]
+    pub tokenizer_sample: Option<u64>,
     #[command(flatten)]
     pub opts: CleanOptions,
 }
@@ -143,25 +147,29 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// `liandan data synth`.
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    /// Corpus to measure on (files, directories or globs).
-    #[arg(required = true)]
-    pub inputs: Vec<String>,
-    /// Tokenizer to encode with (default: train one of --vocab-size on the corpus first, untimed).
+pub struct SynthArgs {
+    /// Bytes of JSONL to write (e.g. 900MB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub bytes: u64,
+    /// Directory to write `synth-NNNN.jsonl` into.
     #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    #[arg(long, default_value_t = 8192)]
-    pub vocab_size: usize,
-    #[arg(long)]
-    pub t2s: bool,
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
 }
 
-pub fn run(cmd: DataCommand) -> Result<(), CliError> {
+pub fn run(cmd: DataCommand, threads: usize) -> Result<(), CliError> {
     match cmd {
         DataCommand::Clean(a) => clean(a),
         DataCommand::Prepare(a) => prepare_cmd(a),
-        DataCommand::Bench(a) => bench(a),
+        DataCommand::Bench(a) => crate::data_bench::run(a, threads),
+        DataCommand::Synth(a) => {
+            let files = liandan_data::synth::write_corpus(&a.out, a.bytes, a.seed)?;
+            eprintln!("wrote {} files ({} bytes) to {}", files.len(), a.bytes, a.out.display());
+            Ok(())
+        }
     }
 }
 
@@ -268,52 +276,5 @@ pub fn prepare_cmd(a: PrepareArgs) -> Result<(), CliError> {
     }
     println!("{}", report.table());
     println!("wrote {}: tokenizer.json, manifest.json, report.json and the shards", a.out.display());
-    Ok(())
-}
-
-fn bench(a: BenchArgs) -> Result<(), CliError> {
-    let files = expand_inputs(&a.inputs)?;
-    let mut docs = Vec::new();
-    for f in &files {
-        docs.extend(read_file(f, &IngestOptions::default())?.0);
-    }
-    let bytes: usize = docs.iter().map(|d| d.text.len()).sum();
-    let mb = bytes as f64 / 1e6;
-    eprintln!("corpus: {} documents, {mb:.1} MB of UTF-8 from {} files", docs.len(), files.len());
-    let tokenizer = match &a.tokenizer {
-        Some(p) => liandan_data::tokenizer::ChatTokenizer::load(p, None)?,
-        None => {
-            eprintln!("training a {}-token tokenizer first (not timed)…", a.vocab_size);
-            liandan_data::tokenizer::ChatTokenizer::train(docs.iter().map(|d| d.text.as_str()), a.vocab_size)?
-        }
-    };
-    use rayon::prelude::*;
-    let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
-
-    // Ceiling: tokenizers' own batch encode of the raw text.
-    let t = Instant::now();
-    let inputs: Vec<tokenizers::EncodeInput> = texts.iter().map(|t| (*t).into()).collect();
-    let enc = tokenizer.inner().encode_batch(inputs, false).map_err(|e| CliError::Usage(format!("encode_batch: {e}")))?;
-    let encode_s = t.elapsed().as_secs_f64();
-    let tokens: usize = enc.iter().map(|e| e.len()).sum();
-
-    // The pipeline: clean + dedup + tokenize.
-    let t = Instant::now();
-    let cleaner = Cleaner::new(CleanConfig { t2s: a.t2s, ..Default::default() })?;
-    let (cleaned, _) = cleaner.clean_corpus(docs.clone());
-    let t_clean = t.elapsed().as_secs_f64();
-    let kept: Vec<&str> = cleaned.iter().filter(|d| d.dropped_by.is_none()).map(|d| d.text.as_str()).collect();
-    let (dups, _) = liandan_data::dedup::dedup(&kept, &DedupConfig::default());
-    let t_dedup = t.elapsed().as_secs_f64() - t_clean;
-    let unique: Vec<&str> = kept.iter().zip(&dups).filter(|(_, d)| d.is_none()).map(|(t, _)| *t).collect();
-    let n: usize = unique.par_iter().map(|t| tokenizer.encode(t).map(|v| v.len()).unwrap_or(0)).sum();
-    let total_s = t.elapsed().as_secs_f64();
-    let t_tok = total_s - t_clean - t_dedup;
-    let threads = rayon::current_num_threads();
-    println!("corpus {mb:.1} MB, {threads} threads");
-    println!("tokenizers encode_batch only:   {:>8.2} MB/s  ({tokens} tokens in {encode_s:.2} s)", mb / encode_s);
-    println!("clean + dedup + tokenize:       {:>8.2} MB/s  ({total_s:.2} s: clean {t_clean:.2}, dedup {t_dedup:.2}, tokenize {t_tok:.2}; {n} tokens)", mb / total_s);
-    println!("ratio pipeline / encode-only:   {:>8.2}", encode_s / total_s);
-    println!("bench_result impl=liandan-data mb={mb:.1} pipeline_mb_s={:.2} encode_only_mb_s={:.2}", mb / total_s, mb / encode_s);
     Ok(())
 }

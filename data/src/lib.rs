@@ -28,6 +28,7 @@ pub mod prepare;
 pub mod quality;
 pub mod shard;
 pub mod stream;
+pub mod synth;
 pub mod tokenizer;
 pub mod verify;
 

@@ -49,6 +49,9 @@ pub struct Report {
     pub ingest: IngestStats,
     pub documents_in: u64,
     pub chars_in: u64,
+    /// UTF-8 bytes of the documents' text (what throughput is measured in).
+    #[serde(default)]
+    pub text_bytes_in: u64,
     pub clean: CleanStats,
     pub documents_after_clean: u64,
     pub chars_after_clean: u64,

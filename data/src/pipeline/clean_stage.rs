@@ -28,6 +28,9 @@ pub(crate) struct CleanTask {
     pub clean: CleanStats,
     pub documents_in: u64,
     pub chars_in: u64,
+    /// UTF-8 bytes of the documents read (their text, without markup or JSON).
+    #[serde(default)]
+    pub bytes_in: u64,
     /// Documents per group (hash of the site or file), for the boilerplate share.
     pub groups: Vec<(u64, u64)>,
 }
@@ -104,6 +107,7 @@ pub(crate) fn clean(ctx: &Ctx, task: usize) -> Result<()> {
                 }
                 st.documents_in += 1;
                 st.chars_in += raw.text.chars().count() as u64;
+                st.bytes_in += raw.text.len() as u64;
                 let kind = raw.kind;
                 let g = h64(&raw.group, GROUP_SEED);
                 let d = cleaner.clean_lines(raw, &mut st.clean);

@@ -75,8 +75,10 @@ pub struct PrepareConfig {
     pub memory_budget: u64,
     /// Input bytes per task.
     pub task_bytes: u64,
-    /// Most bytes of training text the tokenizer is trained on (a deterministic sample beyond).
-    pub tokenizer_sample_bytes: u64,
+    /// Most bytes of training text the tokenizer is trained on (a deterministic sample beyond);
+    /// default `memory_budget / 96`: BPE training held about 75 bytes per byte of text it saw
+    /// (measured on Chinese text, where the byte-level pre-tokenizer makes long words).
+    pub tokenizer_sample_bytes: Option<u64>,
     pub limits: Limits,
     /// Pad a trained vocabulary that came out smaller than `vocab_size` with reserved tokens, so
     /// that a model sized before the data existed fits it (set by the coordinator).
@@ -97,12 +99,15 @@ impl Default for PrepareConfig {
             shard_tokens: 10_000_000,
             memory_budget: 1 << 30,
             task_bytes: 8 << 20,
-            tokenizer_sample_bytes: 64 << 20,
+            tokenizer_sample_bytes: None,
             limits: Limits::default(),
             exact_vocab: false,
         }
     }
 }
+
+/// Memory BPE training holds per byte of sampled text (measured: see `sample_bytes`).
+pub const BPE_BYTES_PER_BYTE: u64 = 96;
 
 /// Smallest memory budget: below it the fixed costs (tokenizer, rules, buffers) do not fit.
 pub const MIN_BUDGET: u64 = 32 << 20;
@@ -135,10 +140,15 @@ impl PrepareConfig {
         if 16 * doc * rayon::current_num_threads() as u64 > self.memory_budget {
             return bad("limits.max_doc_bytes", format!("{doc} is too large for memory_budget {} on {} threads (16 × max_doc_bytes × threads must fit)", self.memory_budget, rayon::current_num_threads()));
         }
-        if self.tokenizer_sample_bytes == 0 && self.tokenizer.is_none() {
+        if self.tokenizer_sample_bytes == Some(0) && self.tokenizer.is_none() {
             return bad("tokenizer_sample_bytes", "must be at least 1 when a tokenizer is trained".into());
         }
         Ok(())
+    }
+
+    /// The tokenizer's sample size.
+    pub fn sample_bytes(&self) -> u64 {
+        self.tokenizer_sample_bytes.unwrap_or(self.memory_budget / BPE_BYTES_PER_BYTE)
     }
 
     /// Bytes one task may hold: the budget shared by the threads that run tasks at once.

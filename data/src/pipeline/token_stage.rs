@@ -89,7 +89,7 @@ pub(crate) fn tokenizer(ctx: &Ctx) -> Result<()> {
             for t in 0..ctx.plan.tasks.len() {
                 train_bytes += work::load_stats::<FilterTask>(&ctx.work, "filter", t)?.train_bytes;
             }
-            let rate = (cfg.tokenizer_sample_bytes as f64 / train_bytes.max(1) as f64).min(1.0);
+            let rate = (cfg.sample_bytes() as f64 / train_bytes.max(1) as f64).min(1.0);
             st.sample_rate = rate;
             // The trainer pulls texts through an iterator on its own threads; the documents are
             // streamed to it through a bounded channel from this reader.
@@ -281,7 +281,7 @@ pub(crate) fn shards(ctx: &Ctx) -> Result<()> {
 pub(crate) fn final_report(cfg: &PrepareConfig, plan: &Plan, work: &Path) -> Result<Report> {
     let mut ingest = IngestStats::default();
     let mut clean = crate::clean::CleanStats::default();
-    let (mut documents_in, mut chars_in, mut kept, mut chars_after) = (0, 0, 0, 0);
+    let (mut documents_in, mut chars_in, mut bytes_in, mut kept, mut chars_after) = (0, 0, 0, 0, 0);
     let mut splits: BTreeMap<String, SplitCount> = BTreeMap::new();
     for t in 0..plan.tasks.len() {
         let c: CleanTask = work::load_stats(work, "clean", t)?;
@@ -289,6 +289,7 @@ pub(crate) fn final_report(cfg: &PrepareConfig, plan: &Plan, work: &Path) -> Res
         clean.merge(c.clean);
         documents_in += c.documents_in;
         chars_in += c.chars_in;
+        bytes_in += c.bytes_in;
         let f: FilterTask = work::load_stats(work, "filter", t)?;
         clean.merge(f.clean);
         kept += f.kept;
@@ -319,6 +320,7 @@ pub(crate) fn final_report(cfg: &PrepareConfig, plan: &Plan, work: &Path) -> Res
         ingest,
         documents_in,
         chars_in,
+        text_bytes_in: bytes_in,
         clean,
         documents_after_clean: kept,
         chars_after_clean: chars_after,
