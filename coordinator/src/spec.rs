@@ -404,7 +404,11 @@ impl JobSpec {
                         (Some(d), PhaseKind::Data) => d.total_tasks(),
                         _ => p.steps,
                     },
-                    global_batch: p.global_batch,
+                    // A data phase's "batch" is its widest stage: more workers than tasks idle.
+                    global_batch: match (&data_plan, p.kind) {
+                        (Some(d), PhaseKind::Data) => d.tasks.len().max(d.partitions),
+                        _ => p.global_batch,
+                    },
                     seq_len: p.seq_len,
                     max_lr: p.lr,
                     min_lr: p.min_lr.unwrap_or(p.lr / 10.0),

@@ -29,7 +29,7 @@ pub struct PhasePlan {
     pub data_dir: PathBuf,
     /// Optimizer steps.
     pub steps: u64,
-    /// Sequences per step over all ranks (fixed, whatever the world size).
+    /// Sequences per step over all ranks (fixed, whatever the world size); data: the most tasks in one stage (the most workers it can use).
     pub global_batch: usize,
     pub seq_len: usize,
     pub max_lr: f32,

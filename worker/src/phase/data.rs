@@ -7,6 +7,8 @@
 //! generation runs the phase again from the start and skips every task whose completion record
 //! verifies, so only unfinished tasks are redone and the output is the same bytes.
 //!
+//! Its result (what the coordinator records as the phase's output) is the prepared directory.
+//!
 //! Progress: rank 0 reports one step per completed task over all stages (the plan's `steps`),
 //! with the stage (1-based), the tasks done in it and its task count as step values.
 
@@ -107,7 +109,8 @@ pub fn run_data(plan: &PhasePlan, _resume: Option<&Path>, checkpoint_dir: &Path,
                 let mut last = u64::MAX;
                 report(&counters, &mut last, started, events);
             }
-            Ok(PhaseOutcome::Finished { final_checkpoint: None })
+            // Rank 0 names the phase's output (the prepared directory) as its result.
+            Ok(PhaseOutcome::Finished { final_checkpoint: (rank == 0).then(|| cfg.out.clone()) })
         }
         Ok(RunOutcome::Stopped(reason)) if abort.load(Ordering::SeqCst) => {
             tracing::info!("data phase stopped: {reason}");
