@@ -121,7 +121,7 @@ pub struct PrepareArgs {
     #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
     pub task_bytes: u64,
     /// Train the tokenizer on at most about this much training text (a deterministic sample;
-    /// default: the memory budget / 96, what BPE training fits in it).
+    /// default: the memory budget / 128, what BPE training fits in it).
     #[arg(long, value_parser = parse_bytes)]
     pub tokenizer_sample: Option<u64>,
     #[command(flatten)]

@@ -55,6 +55,19 @@ static A: Counting = Counting;
 
 const BUDGET: u64 = 48 << 20;
 
+/// Records each stage's peak (the peak since the stage began).
+struct StagePeaks(std::sync::Mutex<Vec<(String, usize)>>);
+
+impl liandan_data::prepare::Progress for StagePeaks {
+    fn begin(&self, _: &str, _: u64) {
+        PEAK.store(LIVE.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+    fn advance(&self, _: u64) {}
+    fn end(&self, stage: &str, _: &str) {
+        self.0.lock().unwrap().push((stage.to_string(), PEAK.load(Ordering::SeqCst)));
+    }
+}
+
 /// Peak heap bytes of one prepare run over `mb` MB of synthetic text.
 fn peak_of(name: &str, mb: u64) -> (usize, u64) {
     let d = std::env::temp_dir().join(format!("liandan-mem-{}-{name}", std::process::id()));
@@ -71,9 +84,11 @@ fn peak_of(name: &str, mb: u64) -> (usize, u64) {
         ..Default::default()
     };
     let before = LIVE.load(Ordering::SeqCst);
-    PEAK.store(before, Ordering::SeqCst);
-    let report = liandan_data::prepare::prepare(&cfg, &liandan_data::prepare::Silent).unwrap();
-    let peak = PEAK.load(Ordering::SeqCst) - before;
+    let stages = StagePeaks(std::sync::Mutex::new(Vec::new()));
+    let report = liandan_data::prepare::prepare(&cfg, &stages).unwrap();
+    let stages = stages.0.into_inner().unwrap();
+    eprintln!("{name}: {}", stages.iter().map(|(s, p)| format!("{s} {:.1} MiB", (p - before) as f64 / (1 << 20) as f64)).collect::<Vec<_>>().join(", "));
+    let peak = stages.iter().map(|(_, p)| p - before).max().unwrap_or(0);
     assert!(report.dedup.exact > 0 && report.dedup.near > 0, "the synthetic corpus has duplicates: {:?}", report.dedup);
     assert!(report.tokenizer.sample_rate < 1.0, "the tokenizer was trained on a sample");
     let _ = std::fs::remove_dir_all(&d);

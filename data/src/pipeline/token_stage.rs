@@ -176,6 +176,7 @@ pub(crate) fn tokenize(ctx: &Ctx, task: usize) -> Result<()> {
     let tk = ChatTokenizer::load(&tokenizer_path(&ctx.work), None)?;
     let eos = tk.special.eos;
     let mut out = TaskOut::new(&ctx.work, "tokenize", task)?;
+    // The other half of the task's share is the tokenizer's own (its cache, each encoding).
     let budget = ctx.cfg.task_budget() / 2;
     let mut st = TokenizeTask::default();
     let mut docs: Vec<Doc> = Vec::new();
@@ -183,11 +184,12 @@ pub(crate) fn tokenize(ctx: &Ctx, task: usize) -> Result<()> {
     let r = for_each_unique(ctx, task, &mut |text| {
         let split = ctx.cfg.split.assign(text);
         let mut ids = tk.encode(text)?;
+        ids.reserve_exact(1);
         ids.push(eos);
         let chars = text.chars().count() as u32;
         let c = st.splits.entry(split.name().to_string()).or_default();
         (c.documents, c.chars, c.tokens) = (c.documents + 1, c.chars + chars as u64, c.tokens + ids.len() as u64);
-        held += 64 + 4 * ids.len();
+        held += 64 + 4 * ids.capacity();
         docs.push((xxhash_rust::xxh3::xxh3_64_with_seed(text.as_bytes(), ORDER_SEED), ids, split_byte(split), chars));
         if held >= budget {
             write_run(&mut out, st.runs, &mut docs)?;
