@@ -510,4 +510,53 @@ lr = 1e-3
         let e = s.plans("job.toml").unwrap_err().to_string();
         assert!(e.contains("data.prepared") && e.contains("/nonexistent/manifest.json"), "{e}");
     }
+
+    const DATA: &str = r#"
+name = "d"
+[model]
+preset = "nano"
+[data]
+prepared = "/tmp/out"
+[checkpoint]
+dir = "/tmp/x"
+[[phases]]
+name = "data"
+kind = "data"
+[phases.prepare]
+inputs = ["raw"]
+vocab_size = 512
+"#;
+
+    #[test]
+    fn data_phases_come_first_take_only_their_settings_and_make_no_model() {
+        let s = JobSpec::parse(DATA, "job.toml").unwrap();
+        let d = s.data_settings().unwrap();
+        assert_eq!((d.out.as_path(), d.exact_vocab), (std::path::Path::new("/tmp/out"), false));
+        let pre = "[[phases]]\nname = \"pretrain\"\nkind = \"pretrain\"\nsteps = 2\nglobal_batch = 2\nseq_len = 8\nlr = 1e-3\n";
+        let s = JobSpec::parse(&format!("{DATA}{pre}"), "job.toml").unwrap();
+        assert_eq!(s.from_phase(1), Ok(None), "pretraining after a data phase starts from scratch");
+        assert!(s.data_settings().unwrap().exact_vocab, "a model sized before the data exists needs the exact vocabulary");
+        let e = JobSpec::parse(&format!("{DATA}{}", pre.replace("steps = 2", "from = \"data\"\nsteps = 2")), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[1].from: phase 'data' is a data phase"), "{e}");
+        let sft = "[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 8\nlr = 1e-3\n";
+        let e = JobSpec::parse(&format!("{DATA}{sft}"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[1].kind: an sft phase fine-tunes an earlier phase"), "{e}");
+        let e = JobSpec::parse(&DATA.replace("kind = \"data\"", "kind = \"data\"\nsteps = 3"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].kind: a data phase takes only"), "{e}");
+        let e = JobSpec::parse(&DATA.replace("inputs = [\"raw\"]", "inputs = []"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].prepare.inputs"), "{e}");
+        let e = JobSpec::parse(&DATA.replace("vocab_size = 512", "vocab_sise = 512"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].prepare") && e.contains("vocab_sise"), "{e}");
+        let e = JobSpec::parse(&format!("{GOOD}[[phases]]\nname = \"data\"\nkind = \"data\"\n[phases.prepare]\ninputs = [\"raw\"]\n"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[1].kind: a data phase must be the first phase"), "{e}");
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data-then-pretrain.toml")).unwrap();
+        JobSpec::parse(&example, "examples/data-then-pretrain.toml").unwrap();
+    }
+
+    #[test]
+    fn the_dashboard_names_the_data_stages_in_order() {
+        let html = include_str!("dashboard.html").replace(' ', "");
+        let want = format!("DATA_STAGES={};", serde_json::to_string(&liandan_data::pipeline::STAGES).unwrap());
+        assert!(html.contains(&want), "dashboard.html's DATA_STAGES differs from {want}");
+    }
 }
