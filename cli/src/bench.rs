@@ -49,11 +49,16 @@ pub struct BenchCoordinatorArgs {
     /// Heartbeat interval of each simulated worker, milliseconds.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
+    /// Connections the simulated workers share (a real worker has its own; thousands of
+    /// connections from one process would measure the load generator).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct BenchTrainArgs {
-    /// Backend: cpu or cuda.
+    /// Backend: cpu, cuda, or cuda-emu (the emulated CUDA device: checks the CUDA path runs,
+    /// not its speed).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Matmul precision on cuda: bf16 (f32 accumulation, f32 master weights) or f32.
@@ -95,8 +100,8 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     if a.steps == 0 {
         return Err(CliError::Usage("--steps must be at least 1".into()));
     }
-    if device == Device::Cuda {
-        return bench_train_cuda(a);
+    if device != Device::Cpu {
+        return bench_train_cuda(a, device);
     }
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
@@ -149,11 +154,14 @@ fn preset_name(model: &str) -> &str {
     if model == "gpt2-124m" { "gpt2" } else { model }
 }
 
-/// `bench train --device cuda`: the same step on one GPU, with MFU against the device's
-/// datasheet peak ([`liandan_worker::backend::cuda::peak`]).
-fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
+/// `bench train --device cuda|cuda-emu`: the same step on one GPU (or the emulated device),
+/// with MFU against the device's datasheet peak ([`liandan_worker::backend::cuda::peak`]) and,
+/// with `--profile`, the time per op.
+fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     use liandan_worker::backend::cuda::{peak::peak_flops, trainer::CudaTrainer, CudaDevice, Precision};
-    if let Some(e) = Device::cuda_unavailable_reason() {
+    if device == Device::Cuda
+        && let Some(e) = Device::cuda_unavailable_reason()
+    {
         return Err(e.into());
     }
     let precision = match a.precision.as_str() {
@@ -163,14 +171,14 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
     };
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
-    let dev = std::sync::Arc::new(CudaDevice::open(0)?);
+    let dev = std::sync::Arc::new(CudaDevice::for_device(device, 0)?);
     let mut trainer = CudaTrainer::new(dev.clone(), model.clone(), config, precision)?;
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
     let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
     eprintln!(
         "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {} warmup + {} timed steps",
-        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
+        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format_args!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
     );
     for _ in 0..a.warmup {
         trainer.train_step(std::slice::from_ref(&mb), None, None)?;
@@ -185,6 +193,19 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
         eprintln!("step {i}: {:.1} ms, loss {:.4}", dt * 1e3, st.loss);
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
+    if a.profile {
+        // Separate steps, so the timed ones above run without the per-op synchronisation.
+        trainer.model.profile = Some(OpProfile::default());
+        let t0 = Instant::now();
+        for _ in 0..a.steps {
+            trainer.train_step(std::slice::from_ref(&mb), None, None)?;
+        }
+        let profiled = t0.elapsed().as_secs_f64() / a.steps as f64;
+        if let Some(prof) = trainer.model.profile.take() {
+            println!("per-op time over {} more steps, each op followed by a device sync ({:.1} ms/step with the syncs):", a.steps, profiled * 1e3);
+            print_profile(&prof, a.steps, profiled);
+        }
+    }
     let tokens_per_s = (b * t) as f64 / mean;
     let flops = model.train_flops_per_token(t) * tokens_per_s;
     let peak = peak_flops(&dev.name, precision);
@@ -211,7 +232,7 @@ fn bench_train_cuda(a: BenchTrainArgs) -> Result<(), CliError> {
 /// A table of per-op time per step and its share of the step.
 fn print_profile(prof: &OpProfile, steps: usize, step_s: f64) {
     let mut rows: Vec<_> = prof.entries().to_vec();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     println!("{:<18} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
     let mut accounted = 0.0;
     for (op, d, calls) in rows {
@@ -293,63 +314,90 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
         };
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
         rt.block_on(async move {
-            let ch = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?.connect().await.map_err(|e| CliError::Usage(e.to_string()))?;
-            // Every heartbeat carries the worker token, as a real worker's does.
-            let client = liandan_proto::auth::client(ch, Some(TokenSource::literal(&worker_token, "worker token").map_err(usage)?));
+            // Every heartbeat carries the worker token and the worker's own secret, as a real
+            // worker's does.
+            let token = TokenSource::literal(&worker_token, "worker token").map_err(usage)?;
+            let mut clients = Vec::new();
+            for _ in 0..a.connections.max(1) {
+                let ch = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?.connect().await.map_err(|e| CliError::Usage(e.to_string()))?;
+                clients.push(liandan_proto::auth::client(ch, Some(token.clone())));
+            }
             let mut ids = Vec::with_capacity(a.workers);
             let t0 = Instant::now();
             for i in 0..a.workers {
-                let r = client
-                    .clone()
-                    .register(RegisterRequest { protocol_version: liandan_proto::PROTOCOL_VERSION, hostname: format!("sim-{i}"), device: "cpu".into(), ring_address: format!("127.0.0.1:{}", 20000 + i), previous_id: 0 })
-                    .await
-                    .map_err(|e| CliError::Usage(e.message().to_string()))?;
-                ids.push(r.into_inner().worker_id);
+                let instance = liandan_proto::auth::hex(&liandan_proto::auth::random_bytes::<16>().map_err(usage)?);
+                let req = RegisterRequest {
+                    protocol_version: liandan_proto::PROTOCOL_VERSION,
+                    hostname: format!("sim-{i}"),
+                    device: "cpu".into(),
+                    ring_address: format!("127.0.0.1:{}", 20000 + i),
+                    instance,
+                    memory_bytes: 1 << 30,
+                };
+                let r = clients[i % clients.len()].clone().register(req).await.map_err(|e| CliError::Usage(e.message().to_string()))?.into_inner();
+                ids.push((r.worker_id, r.worker_secret));
             }
             let register_s = t0.elapsed().as_secs_f64();
             let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
             let start = Instant::now();
             let end = start + std::time::Duration::from_secs(a.seconds);
             let mut tasks = Vec::new();
-            for (i, id) in ids.into_iter().enumerate() {
-                let mut c = client.clone();
+            for (i, (id, secret)) in ids.into_iter().enumerate() {
+                let mut c = clients[i % clients.len()].clone();
                 let every = std::time::Duration::from_millis(a.heartbeat_ms);
                 // Spread the workers' phases over the interval.
                 let offset = every.mul_f64(i as f64 / a.workers as f64);
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep(offset).await;
-                    let mut lat = Vec::new();
+                    let (mut lat, mut sent) = (Vec::new(), 0usize);
                     let mut iv = tokio::time::interval(every);
                     while Instant::now() < end {
                         iv.tick().await;
                         let t = Instant::now();
-                        if c.heartbeat(HeartbeatRequest { worker_id: id, ..Default::default() }).await.is_ok() {
+                        sent += 1;
+                        if c.heartbeat(HeartbeatRequest { worker_id: id, worker_secret: secret.clone(), ..Default::default() }).await.is_ok() {
                             lat.push(t.elapsed().as_secs_f64() * 1e3);
                         }
                     }
-                    lat
+                    (lat, sent)
                 }));
             }
-            let mut lat = Vec::new();
+            let (mut lat, mut sent) = (Vec::new(), 0usize);
             for t in tasks {
-                lat.extend(t.await.unwrap_or_default());
+                let (l, n) = t.await.unwrap_or_default();
+                lat.extend(l);
+                sent += n;
             }
             let wall = start.elapsed().as_secs_f64();
             let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
             lat.sort_by(f64::total_cmp);
             let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(f64::NAN);
+            // A heartbeat is due every interval: those not even sent (the generator fell behind)
+            // count as missed too.
+            let due = a.workers * (a.seconds * 1000 / a.heartbeat_ms.max(1)) as usize;
             println!(
-                "{} simulated workers, heartbeat every {} ms, {:.1} s: {} heartbeats ({:.0}/s); registering all took {:.2} s",
+                "{} simulated workers over {} connections, heartbeat every {} ms, {:.1} s: {} of {} sent ({} due) answered ({:.0}/s); registering all took {:.2} s",
                 a.workers,
+                a.connections.max(1),
                 a.heartbeat_ms,
                 wall,
                 lat.len(),
+                sent,
+                due,
                 lat.len() as f64 / wall,
                 register_s
             );
             println!("heartbeat latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", pct(0.5), pct(0.99), lat.last().copied().unwrap_or(f64::NAN));
-            println!("coordinator CPU: {cpu:.2} s over {wall:.1} s = {:.1}% of one core (each heartbeat renews a lease in SQLite)", 100.0 * cpu / wall);
-            println!("bench_result impl=coordinator workers={} p50_ms={:.3} p99_ms={:.3} cpu_core_share={:.3}", a.workers, pct(0.5), pct(0.99), cpu / wall);
+            println!("coordinator CPU: {cpu:.2} s over {wall:.1} s = {:.1}% of one core (leases in memory; the store is written on deaths only)", 100.0 * cpu / wall);
+            println!(
+                "bench_result impl=coordinator workers={} answered={} sent={} due={due} p50_ms={:.3} p99_ms={:.3} cpu_core_share={:.3}",
+                a.workers,
+                lat.len(),
+                sent,
+                pct(0.5),
+                pct(0.99),
+                cpu / wall
+            );
             Ok(())
         })
     })();

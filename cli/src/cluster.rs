@@ -94,6 +94,10 @@ pub struct WorkerArgs {
     /// Give up after this many failed attempts to reach the coordinator in a row (0: never).
     #[arg(long, default_value_t = 0)]
     pub max_attempts: u32,
+    /// Memory a phase may use on this worker, GiB (default: the host's available memory at
+    /// start). The coordinator gives this worker no phase that needs more.
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
 }
 
 fn rt() -> Result<tokio::runtime::Runtime, CliError> {
@@ -110,6 +114,9 @@ fn coordinator_auth(a: &CoordinatorArgs, loopback: bool) -> Result<liandan_coord
         if !loopback {
             return Err(CliError::Usage(format!("--insecure-no-auth is only allowed on a loopback address, not {}", a.listen)));
         }
+        if let Some(h) = a.http.as_deref().filter(|h| !is_loopback(h)) {
+            return Err(CliError::Usage(format!("--insecure-no-auth is only allowed on loopback addresses, and --http {h} is not one")));
+        }
         tracing::warn!("no authentication (--insecure-no-auth): any local process may call this coordinator");
         return Ok(Auth::insecure());
     }
@@ -125,6 +132,12 @@ fn coordinator_auth(a: &CoordinatorArgs, loopback: bool) -> Result<liandan_coord
             "the coordinator needs an admin token (--admin-token-file or {ADMIN_TOKEN_ENV}) and a worker token (--worker-token-file or {WORKER_TOKEN_ENV}); --insecure-no-auth runs without them on a loopback address"
         ))),
     }
+}
+
+/// Whether `host:port` names a loopback address (resolved; a name that does not resolve is not).
+fn is_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs().is_ok_and(|mut a| a.all(|x| x.ip().is_loopback()))
 }
 
 pub fn coordinator(a: CoordinatorArgs, creds: &Credentials) -> Result<(), CliError> {
@@ -167,6 +180,7 @@ pub fn worker(a: WorkerArgs, creds: &Credentials) -> Result<(), CliError> {
             max_attempts: (a.max_attempts > 0).then_some(a.max_attempts),
             token,
             tls: creds.tls(),
+            memory_bytes: a.memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
         };
         tokio::select! {
             r = liandan_worker::runtime::run_worker(opts) => r.map_err(|e| CliError::Usage(e.to_string())),
@@ -205,12 +219,12 @@ fn fmt_eta(ms: u64) -> String {
 
 /// Human-readable status lines of a job.
 pub fn describe(j: &JobStatus) -> String {
-    let mut out = format!("job {} '{}': {}{}\n", j.job_id, j.name, j.state, if j.error.is_empty() { String::new() } else { format!(" ({})", j.error) });
+    let mut out = format!("job {} '{}': {}{}\n", j.job_id, printable(&j.name), j.state, if j.error.is_empty() { String::new() } else { format!(" ({})", printable(&j.error)) });
     for p in &j.phases {
         out.push_str(&format!(
             "  phase {} {:<10} {:<9} step {}/{}  loss {:.4}  {:.0} tok/s  eta {}  world {} gen {}  ckpt {}{}\n",
             p.index,
-            p.name,
+            printable(&p.name),
             p.state,
             p.step,
             p.total_steps,
@@ -219,8 +233,8 @@ pub fn describe(j: &JobStatus) -> String {
             fmt_eta(p.eta_ms),
             p.world,
             p.generation,
-            if p.last_checkpoint.is_empty() { "-".to_string() } else { format!("{} (step {})", p.last_checkpoint, p.last_checkpoint_step) },
-            if p.input_checkpoint.is_empty() { String::new() } else { format!("  from {}", p.input_checkpoint) },
+            if p.last_checkpoint.is_empty() { "-".to_string() } else { format!("{} (step {})", printable(&p.last_checkpoint), p.last_checkpoint_step) },
+            if p.input_checkpoint.is_empty() { String::new() } else { format!("  from {}", printable(&p.input_checkpoint)) },
         ));
         // A data phase reports its stage (1-based) and the stage's task counts.
         if let (Some(stage), Some(done), Some(tasks)) = (p.values.get("stage"), p.values.get("stage_done"), p.values.get("stage_tasks")) {
@@ -229,10 +243,10 @@ pub fn describe(j: &JobStatus) -> String {
         } else if !p.values.is_empty() {
             let mut v: Vec<_> = p.values.iter().collect();
             v.sort_by(|a, b| a.0.cmp(b.0));
-            out.push_str(&format!("    last step: {}\n", v.iter().map(|(k, x)| format!("{k} {x:.4}")).collect::<Vec<_>>().join("  ")));
+            out.push_str(&format!("    last step: {}\n", v.iter().map(|(k, x)| format!("{} {x:.4}", printable(k))).collect::<Vec<_>>().join("  ")));
         }
         if !p.evaluation.is_empty() {
-            out.push_str(&format!("    evaluation: {}\n", p.evaluation));
+            out.push_str(&format!("    evaluation: {}\n", printable(&p.evaluation)));
         }
     }
     if !j.workers.is_empty() {
@@ -247,12 +261,21 @@ pub fn status(job: Option<u64>, coordinator: &Target) -> Result<(), CliError> {
         match job {
             Some(id) => print!("{}", describe(&c.get_job(JobRef { job_id: id }).await.map_err(status_err)?.into_inner())),
             None => {
-                let jobs = c.list_jobs(ListJobsRequest {}).await.map_err(status_err)?.into_inner().jobs;
-                if jobs.is_empty() {
-                    println!("no jobs");
+                let mut page_token = String::new();
+                let mut any = false;
+                loop {
+                    let r = c.list_jobs(ListJobsRequest { page_size: 0, page_token }).await.map_err(status_err)?.into_inner();
+                    for j in &r.jobs {
+                        print!("{}", describe(j));
+                    }
+                    any |= !r.jobs.is_empty();
+                    if r.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = r.next_page_token;
                 }
-                for j in jobs {
-                    print!("{}", describe(&j));
+                if !any {
+                    println!("no jobs");
                 }
             }
         }
@@ -328,6 +351,25 @@ pub fn resume(id: u64, coordinator: &Target) -> Result<(), CliError> {
     })
 }
 
+/// Every worker, a page at a time.
+pub async fn all_workers(c: &mut Client) -> Result<Vec<WorkerInfo>, CliError> {
+    let (mut out, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let r = c.list_workers(ListWorkersRequest { page_size: 0, page_token }).await.map_err(status_err)?.into_inner();
+        out.extend(r.workers);
+        if r.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+/// `text` with control characters (terminal escapes, carriage returns, newlines) shown as
+/// `\u{..}`: names and messages from workers and specs cannot rewrite the terminal.
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
+}
+
 /// `liandan label JOB`: shows a prompt and two sampled answers, reads 1 / 2 / t / s / q from
 /// stdin, and stores each choice through the coordinator, until `q`, the end of input, or
 /// `count` labels.
@@ -345,10 +387,10 @@ pub fn label(job: u64, labeler: &str, count: Option<u64>, coordinator: &Target) 
                 cmp.job_id,
                 cmp.labelled,
                 cmp.total,
-                cmp.checkpoint,
-                cmp.prompt,
-                cmp.answer_a.replace('\n', " / "),
-                cmp.answer_b.replace('\n', " / ")
+                printable(&cmp.checkpoint),
+                printable(&cmp.prompt),
+                printable(&cmp.answer_a.replace('\n', " / ")),
+                printable(&cmp.answer_b.replace('\n', " / "))
             );
             let choice = loop {
                 print!("better answer: 1 / 2 / t (tie) / s (skip) / q (quit)> ");
@@ -370,7 +412,7 @@ pub fn label(job: u64, labeler: &str, count: Option<u64>, coordinator: &Target) 
             c.submit_preference(PreferenceLabel { comparison_id: cmp.comparison_id, choice: choice.into(), labeler: labeler.into() }).await.map_err(status_err)?;
             done += 1;
         }
-        println!("{done} comparison(s) labelled as {labeler} (label_source = human)");
+        println!("{done} comparison(s) labelled as {} (label_source = human)", printable(labeler));
         Ok(())
     })
 }
@@ -383,10 +425,21 @@ pub fn workers(drain: Option<u64>, coordinator: &Target) -> Result<(), CliError>
             println!("worker {id} will leave at the next checkpoint boundary");
             return Ok(());
         }
-        let ws = c.list_workers(ListWorkersRequest {}).await.map_err(status_err)?.into_inner().workers;
-        println!("{:>4} {:<9} {:<8} {:>10} {:>5} {:>5} {:>4}  ring", "id", "state", "device", "heartbeat", "job", "rank", "gen");
-        for w in ws {
-            println!("{:>4} {:<9} {:<8} {:>8}ms {:>5} {:>5} {:>4}  {}", w.worker_id, w.state, w.device, w.heartbeat_age_ms, w.job_id, w.rank, w.generation, w.ring_address);
+        println!("{:>4} {:<9} {:<8} {:>10} {:>10} {:>5} {:>5} {:>4}  ring", "id", "state", "device", "memory", "heartbeat", "job", "rank", "gen");
+        for w in all_workers(&mut c).await? {
+            let memory = if w.memory_bytes == 0 { "-".to_string() } else { liandan_worker::model::memory::show_bytes(w.memory_bytes) };
+            println!(
+                "{:>4} {:<9} {:<8} {:>10} {:>8}ms {:>5} {:>5} {:>4}  {}",
+                w.worker_id,
+                w.state,
+                printable(&w.device),
+                memory,
+                w.heartbeat_age_ms,
+                w.job_id,
+                w.rank,
+                w.generation,
+                printable(&w.ring_address)
+            );
         }
         Ok(())
     })

@@ -259,7 +259,7 @@ impl LocalCluster {
             // Submit once every local worker has registered, so the job starts with all of them.
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
             loop {
-                let ws = c.list_workers(liandan_proto::v1::ListWorkersRequest {}).await.map_err(|e| CliError::Usage(e.message().to_string()))?.into_inner().workers;
+                let ws = crate::cluster::all_workers(&mut c).await?;
                 if ws.iter().filter(|w| w.state == "idle").count() >= expected_workers {
                     break;
                 }

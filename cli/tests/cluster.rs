@@ -130,7 +130,7 @@ impl Cluster {
     }
 
     fn losses(&self, job: u64) -> Vec<f64> {
-        let store = Store::open(&self.dir.join("store.db")).unwrap();
+        let store = Store::open_read_only(&self.dir.join("store.db")).unwrap();
         store.metrics(job, 0).unwrap().iter().map(|m| m.loss).collect()
     }
 
@@ -314,7 +314,7 @@ fn pretrain_then_sft_with_lineage_and_a_bad_sft_file_refused_at_submit() {
     let st = c.wait_state(job, "succeeded", 180);
     assert!(st.contains("phase 1 sft") && st.contains("step 4/4"), "{st}");
     assert!(st.contains("from ") && st.contains("0-pretrain/step-00000006"), "the sft phase records its input checkpoint: {st}");
-    let store = Store::open(&d.join("store.db")).unwrap();
+    let store = Store::open_read_only(&d.join("store.db")).unwrap();
     assert_eq!(store.metrics(job, 1).unwrap().len(), 4);
     let ckpt = store.phase(job, 1).unwrap().unwrap().last_checkpoint;
     let eval: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&ckpt).join("sft_eval.json")).unwrap()).unwrap();
@@ -365,7 +365,7 @@ fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_sub
     let job = c.submit(&spec_path);
     let st = c.wait_state(job, "succeeded", 240);
     assert!(st.contains("phase 2 reward") && st.contains("step 4/4"), "{st}");
-    let store = Store::open(&d.join("store.db")).unwrap();
+    let store = Store::open_read_only(&d.join("store.db")).unwrap();
     let losses: Vec<f64> = store.metrics(job, 2).unwrap().iter().map(|m| m.loss).collect();
     assert_eq!(losses.len(), 4);
     // The head starts at zero, so the first Bradley–Terry loss is exactly ln 2.
@@ -432,11 +432,11 @@ fn human_labels_train_a_reward_model_and_a_failed_job_resumes_at_its_phase() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("[1] ") && out.contains("[2] ") && out.contains("'x' is not one of") && out.contains("3 comparison(s) labelled as tester"), "{out}");
-    let store = Store::open(&d.join("store.db")).unwrap();
+    let store = Store::open_read_only(&d.join("store.db")).unwrap();
     // A fourth was shown when the input ended: it stays open for the next session.
     assert_eq!(store.comparison_counts(a).unwrap(), (4, 3));
     assert_eq!(store.open_comparison(a).unwrap().map(|c| c.id), Some(4));
-    assert_eq!(store.decided_comparisons().unwrap().len(), 2, "the skipped one trains nothing");
+    assert_eq!(store.decided_comparisons(0, 100).unwrap().len(), 2, "the skipped one trains nothing");
 
     // Bad labels: refused with the right status, nothing changes.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

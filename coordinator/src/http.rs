@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use crate::auth::{Auth, Role};
 use crate::metrics::RpcMetrics;
 use crate::service::CoordinatorService;
-use crate::store::now_ms;
+use crate::store::{json_f64, now_ms};
 
 /// The dashboard page.
 pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
@@ -50,6 +50,8 @@ pub struct HttpState {
     pub svc: CoordinatorService,
     pub auth: Arc<Auth>,
     pub rpc: Arc<RpcMetrics>,
+    /// Whether the store could be written at the last probe (`/healthz`).
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The whole HTTP router.
@@ -65,7 +67,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/", get(|| async { ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD_HTML)) }))
         .route("/label", get(|| async { ([(header::CACHE_CONTROL, "no-store")], Html(LABEL_HTML)) }))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .merge(protected)
         .with_state(state)
 }
@@ -123,6 +125,15 @@ async fn submit_label(State(st): State<HttpState>, Path(id): Path<u64>, Json(bod
     }
 }
 
+/// 200 while the store can be written, 503 otherwise (probed every second).
+async fn healthz(State(st): State<HttpState>) -> Response {
+    if st.healthy.load(std::sync::atomic::Ordering::Relaxed) {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the store cannot be written").into_response()
+    }
+}
+
 async fn metrics(State(st): State<HttpState>) -> Response {
     match crate::metrics::render(&st.svc, &st.rpc) {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
@@ -133,9 +144,10 @@ async fn metrics(State(st): State<HttpState>) -> Response {
 fn phase_json(p: &liandan_proto::v1::PhaseStatus) -> Value {
     json!({
         "index": p.index, "name": p.name, "state": p.state, "step": p.step, "total_steps": p.total_steps,
-        "generation": p.generation, "world": p.world, "loss": p.loss, "tokens_per_s": p.tokens_per_s,
+        "generation": p.generation, "world": p.world, "loss": json_f64(p.loss), "tokens_per_s": p.tokens_per_s,
         "eta_ms": p.eta_ms, "last_checkpoint": p.last_checkpoint, "last_checkpoint_step": p.last_checkpoint_step,
-        "input_checkpoint": p.input_checkpoint, "error": p.error, "values": p.values, "evaluation": p.evaluation,
+        "input_checkpoint": p.input_checkpoint, "error": p.error,
+        "values": p.values.iter().map(|(k, v)| (k.clone(), json_f64(*v))).collect::<serde_json::Map<_, _>>(), "evaluation": p.evaluation,
     })
 }
 
@@ -148,13 +160,14 @@ fn job_json(j: &liandan_proto::v1::JobStatus) -> Value {
 
 fn workers_json(svc: &CoordinatorService) -> Result<Vec<Value>, tonic::Status> {
     let now = now_ms();
-    let ws = svc.with_store(|s| s.workers())?;
+    // The dashboard shows the first page of workers (by id).
+    let ws = svc.with_store(|s| s.workers_page(None, crate::limits::WORKERS_PAGE.1))?;
     Ok(ws
         .into_iter()
         .map(|w| {
             json!({
                 "worker_id": w.id, "hostname": w.hostname, "device": w.device, "ring_address": w.ring_address,
-                "state": w.state, "heartbeat_age_ms": now.saturating_sub(w.last_heartbeat_ms),
+                "state": w.state, "heartbeat_age_ms": now.saturating_sub(svc.last_heartbeat_ms(&w)), "memory_bytes": w.memory_bytes,
                 "job_id": w.job_id, "phase_index": w.phase_idx, "rank": w.rank, "generation": w.generation,
             })
         })
@@ -163,7 +176,8 @@ fn workers_json(svc: &CoordinatorService) -> Result<Vec<Value>, tonic::Status> {
 
 async fn overview(State(st): State<HttpState>) -> Response {
     let run = || -> Result<Value, tonic::Status> {
-        let ids: Vec<u64> = st.svc.with_store(|s| Ok(s.jobs()?.into_iter().map(|j| j.id).collect()))?;
+        // The newest jobs (older ones through the paged gRPC ListJobs).
+        let ids: Vec<u64> = st.svc.with_store(|s| Ok(s.jobs_page(None, crate::limits::JOBS_PAGE.0)?.into_iter().map(|j| j.id).collect()))?;
         let jobs = ids.into_iter().map(|id| st.svc.job_status(id).map(|j| job_json(&j))).collect::<Result<Vec<_>, _>>()?;
         Ok(json!({ "now_ms": now_ms(), "jobs": jobs, "workers": workers_json(&st.svc)? }))
     };
@@ -207,16 +221,16 @@ async fn job(State(st): State<HttpState>, Path(id): Path<u64>) -> Response {
             let mut v = phase_json(p);
             v["series"] = json!({
                 "step": col(&|r| r.step as f64),
-                "loss": col(&|r| r.loss),
-                "lr": col(&|r| r.lr),
-                "grad_norm": col(&|r| r.grad_norm),
+                "loss": col(&|r| r.loss).into_iter().map(json_f64).collect::<Vec<_>>(),
+                "lr": col(&|r| r.lr).into_iter().map(json_f64).collect::<Vec<_>>(),
+                "grad_norm": col(&|r| r.grad_norm).into_iter().map(json_f64).collect::<Vec<_>>(),
                 "tokens_per_s": idx.iter().map(|&i| tps[i]).map(|x| if x.is_finite() { json!(x) } else { Value::Null }).collect::<Vec<_>>(),
                 "world": col(&|r| r.world as f64),
             });
             // Phase-specific series (ppo: reward, kl, clip_frac, entropy, value_loss, verifier_pass, ...).
             let keys: std::collections::BTreeSet<&String> = m.iter().flat_map(|r| r.values.keys()).collect();
             for k in keys {
-                v["series"][k.as_str()] = idx.iter().map(|&i| m[i].values.get(k).map_or(Value::Null, |x| json!(x))).collect::<Vec<_>>().into();
+                v["series"][k.as_str()] = idx.iter().map(|&i| m[i].values.get(k).map_or(Value::Null, |x| json_f64(*x))).collect::<Vec<_>>().into();
             }
             v["checkpoints"] = checkpoints
                 .iter()

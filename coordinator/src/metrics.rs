@@ -92,19 +92,20 @@ fn esc(v: &str) -> String {
 /// The whole exposition.
 pub fn render(svc: &CoordinatorService, rpc: &RpcMetrics) -> Result<String, tonic::Status> {
     let mut out = String::new();
-    let (jobs, workers) = svc.with_store(|s| Ok((s.jobs()?, s.workers()?)))?;
+    let (job_counts, worker_counts, jobs) = svc.with_store(|s| Ok((s.job_counts()?, s.worker_counts()?, s.jobs_page(None, JOBS_EXPORTED)?)))?;
+    let count = |counts: &[(String, u64)], st: &str| counts.iter().find(|(s, _)| s == st).map_or(0, |c| c.1);
 
     header(&mut out, "liandan_jobs", "gauge", "Jobs by state");
     for st in JOB_STATES {
-        let _ = writeln!(out, "liandan_jobs{{state=\"{st}\"}} {}", jobs.iter().filter(|j| j.state == *st).count());
+        let _ = writeln!(out, "liandan_jobs{{state=\"{st}\"}} {}", count(&job_counts, st));
     }
     header(&mut out, "liandan_workers", "gauge", "Workers by state");
     for st in WORKER_STATES {
-        let _ = writeln!(out, "liandan_workers{{state=\"{st}\"}} {}", workers.iter().filter(|w| w.state == *st).count());
+        let _ = writeln!(out, "liandan_workers{{state=\"{st}\"}} {}", count(&worker_counts, st));
     }
 
     let mut statuses = Vec::new();
-    for j in jobs.iter().take(JOBS_EXPORTED) {
+    for j in &jobs {
         let st = svc.job_status(j.id)?;
         // Mean step time over the same recent steps that give tokens/s.
         let mut step_s = Vec::new();

@@ -19,12 +19,16 @@ pub enum Reason {
     Waiting,
 }
 
-/// Lease expiry, lost members and queued jobs. Returns lines for the log.
-pub fn tick(s: &Store) -> Result<Vec<String>> {
+/// Lease expiry (the workers `overdue` in [`crate::membership::Membership`]), lost members and queued jobs.
+/// Returns lines for the log.
+pub fn tick(s: &Store, overdue: &[(u64, u64)]) -> Result<Vec<String>> {
     let mut log = Vec::new();
-    let dead = s.expire_workers()?;
-    for w in &dead {
-        log.push(format!("worker {} lease expired (was {} in job {} generation {})", w.id, w.state, w.job_id, w.generation));
+    let mut dead = Vec::new();
+    for &(id, last_ms) in overdue {
+        if let Some(w) = s.mark_dead(id, last_ms)? {
+            log.push(format!("worker {} lease expired (was {} in job {} generation {})", w.id, w.state, w.job_id, w.generation));
+            dead.push(w);
+        }
     }
     for p in s.running_phases()? {
         let lost = dead.iter().any(|w| w.job_id == p.job_id && w.phase_idx == p.idx && w.generation == p.generation);
@@ -37,7 +41,8 @@ pub fn tick(s: &Store) -> Result<Vec<String>> {
     for job in s.jobs_in_state("queued")? {
         let phases = s.phases(job)?;
         let Some(first) = phases.first() else { continue };
-        let idle = s.workers()?.iter().filter(|w| w.state == "idle").count() as u32;
+        let need = memory_need(first);
+        let idle = s.workers_in_state("idle")?.iter().filter(|w| fits(w, need)).count() as u32;
         if idle >= first.min_workers {
             s.set_job_state(job, "running", "")?;
             s.set_phase_state(job, 0, "running", "")?;
@@ -52,11 +57,26 @@ pub fn tick(s: &Store) -> Result<Vec<String>> {
 /// Whether a running phase should re-form at a checkpoint boundary: a worker can join, or a
 /// member is draining.
 pub fn boundary_wants_regroup(s: &Store, p: &PhaseRow) -> Result<bool> {
-    let workers = s.workers()?;
-    let draining = workers.iter().any(|w| member(w, p) && w.state == "draining");
-    let cap = capacity(p);
-    let joiners = workers.iter().any(|w| w.state == "idle");
-    Ok(draining || (joiners && (p.world as usize) < cap))
+    let draining = s.group_members(p.job_id, p.idx, p.generation)?.iter().any(|w| member(w, p) && w.state == "draining");
+    if draining {
+        return Ok(true);
+    }
+    if (p.world as usize) >= capacity(p) {
+        return Ok(false);
+    }
+    let need = memory_need(p);
+    Ok(s.workers_in_state("idle")?.iter().any(|w| fits(w, need)))
+}
+
+/// Bytes a rank of phase `p` needs at its largest share of the batch (the smallest group).
+pub fn memory_need(p: &PhaseRow) -> u64 {
+    serde_json::from_str::<PhasePlan>(&p.plan_json).ok().and_then(|pl| pl.memory_per_rank(p.min_workers.max(1) as usize)).map_or(0, |m| m.total())
+}
+
+/// Whether worker `w` can hold a rank that needs `need` bytes (a worker that reports no memory
+/// is taken at its word).
+pub fn fits(w: &WorkerRow, need: u64) -> bool {
+    w.memory_bytes == 0 || w.memory_bytes >= need
 }
 
 fn capacity(p: &PhaseRow) -> usize {
@@ -75,9 +95,11 @@ pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
     let mut keep: Vec<&WorkerRow> = workers.iter().filter(|w| member(w, p) && w.state == "busy").collect();
     keep.sort_by_key(|w| w.rank);
     // Workers that just finished an earlier phase of the same job are as good as idle.
+    let need = memory_need(p);
     let mut fresh: Vec<&WorkerRow> = workers
         .iter()
         .filter(|w| w.state == "idle" || (w.state == "busy" && w.job_id == p.job_id && w.phase_idx < p.idx))
+        .filter(|w| fits(w, need))
         .collect();
     fresh.sort_by_key(|w| w.id);
     let cap = capacity(p);
@@ -98,7 +120,7 @@ pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
     let resume_step = p.last_checkpoint_step;
     s.delete_metrics_after(p.job_id, p.idx, resume_step)?;
     if (chosen.len() as u32) < p.min_workers {
-        s.set_phase_group(p.job_id, p.idx, generation, 0, resume_step)?;
+        s.set_phase_group(p.job_id, p.idx, generation, 0, resume_step, "")?;
         return Ok(vec![format!(
             "job {} phase {} waits for workers: {} available, min_workers {} (generation {generation})",
             p.job_id,
@@ -110,7 +132,9 @@ pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
     for (rank, w) in chosen.iter().enumerate() {
         s.assign_worker(w.id, p.job_id, p.idx, rank as u32, generation)?;
     }
-    s.set_phase_group(p.job_id, p.idx, generation, chosen.len() as u32, resume_step)?;
+    // A new key per generation: members of an ended generation cannot join the new ring.
+    let ring_secret = liandan_proto::auth::random_bytes::<32>().map_err(|e| crate::store::StoreError::Io(e.to_string()))?;
+    s.set_phase_group(p.job_id, p.idx, generation, chosen.len() as u32, resume_step, &liandan_proto::auth::hex(&ring_secret))?;
     let ids: Vec<String> = chosen.iter().map(|w| w.id.to_string()).collect();
     Ok(vec![format!(
         "job {} phase {} generation {generation}: world {} (workers {}) from step {resume_step} ({reason:?})",

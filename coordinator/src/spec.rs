@@ -145,9 +145,37 @@ pub struct PhaseSpec {
     /// `liandan label`), or `both`.
     #[serde(default)]
     pub comparisons: liandan_worker::plan::ComparisonSource,
+    /// Steps whose loss or gradient norm is not finite that the phase skips (no update, counted
+    /// as `skipped_steps`) before it fails. Default 0: the first such step fails the phase.
+    #[serde(default)]
+    pub max_skipped_steps: u64,
     /// data: the pipeline's settings (`[phases.prepare]`); the output is `data.prepared`.
     pub prepare: Option<liandan_data::prepare::PrepareConfig>,
 }
+
+/// A parser's message on one line, each of its lines cut to [`QUOTED_CHARS`]: a spec error that
+/// quotes a line of a megabyte still comes back whole, and small enough for any RPC.
+fn one_line(msg: &str) -> String {
+    msg.trim().lines().map(|l| crate::limits::cut(l, QUOTED_CHARS)).collect::<Vec<_>>().join(" ")
+}
+
+/// The most of one line of the spec an error quotes.
+const QUOTED_CHARS: usize = 200;
+
+/// Upper bounds of a spec's values: past them a value is a typo (or an attack), not a plan.
+pub const MAX_NAME_CHARS: usize = 128;
+pub const MAX_PHASES: usize = 64;
+pub const MAX_PHASE_NAME: usize = 64;
+pub const MAX_WORKERS: u32 = 4096;
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_HEADS: usize = 1024;
+pub const MAX_CHANNELS: usize = 65536;
+pub const MAX_STEPS: u64 = 100_000_000;
+pub const MAX_BATCH: usize = 1 << 20;
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+pub const MAX_LR: f32 = 1e3;
+/// Most steps with a non-finite loss or gradient norm a phase may skip (`max_skipped_steps`).
+pub const MAX_SKIPPED: u64 = 10_000;
 
 fn one() -> u32 {
     1
@@ -171,11 +199,11 @@ fn seed() -> u64 {
 impl JobSpec {
     /// Parses and validates `text`; `source_name` (a file name) prefixes every error.
     pub fn parse(text: &str, source_name: &str) -> Result<JobSpec, SpecError> {
-        let err = |path: &str, reason: String| SpecError { source_name: source_name.to_string(), path: path.to_string(), reason };
-        let de = toml::Deserializer::parse(text).map_err(|e| err("(toml)", e.to_string().trim().replace('\n', " ")))?;
+        let err = |path: &str, reason: String| SpecError { source_name: crate::limits::cut(source_name, 256), path: crate::limits::cut(path, QUOTED_CHARS), reason };
+        let de = toml::Deserializer::parse(text).map_err(|e| err("(toml)", one_line(&e.to_string())))?;
         let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            err(if path.is_empty() || path == "." { "(root)" } else { &path }, e.into_inner().to_string().trim().replace('\n', " "))
+            err(if path.is_empty() || path == "." { "(root)" } else { &path }, one_line(&e.into_inner().to_string()))
         })?;
         spec.validate().map_err(|(p, r)| err(&p, r))?;
         Ok(spec)
@@ -186,8 +214,21 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             return bad("name", "must not be empty".into());
         }
+        if self.name.chars().count() > MAX_NAME_CHARS {
+            return bad("name", format!("is {} characters; at most {MAX_NAME_CHARS}", self.name.chars().count()));
+        }
+        for (key, v, max) in [("model.layers", self.model.layers, MAX_LAYERS), ("model.heads", self.model.heads, MAX_HEADS), ("model.channels", self.model.channels, MAX_CHANNELS)] {
+            if let Some(v) = v
+                && (v == 0 || v > max)
+            {
+                return bad(key, format!("must be in 1..={max}, got {v}"));
+            }
+        }
         if self.cluster.min_workers == 0 {
             return bad("cluster.min_workers", "must be at least 1".into());
+        }
+        if self.cluster.max_workers > MAX_WORKERS {
+            return bad("cluster.max_workers", format!("must be at most {MAX_WORKERS}, got {}", self.cluster.max_workers));
         }
         if self.cluster.max_workers < self.cluster.min_workers {
             return bad("cluster.max_workers", format!("must be >= min_workers ({}), got {}", self.cluster.min_workers, self.cluster.max_workers));
@@ -198,8 +239,19 @@ impl JobSpec {
         if self.phases.is_empty() {
             return bad("phases", "at least one phase is needed".into());
         }
+        if self.phases.len() > MAX_PHASES {
+            return bad("phases", format!("{} phases; at most {MAX_PHASES}", self.phases.len()));
+        }
         for (i, p) in self.phases.iter().enumerate() {
             let at = |k: &str| format!("phases[{i}].{k}");
+            // The name is part of the phase's checkpoint directory.
+            let plain = !p.name.is_empty() && p.name.len() <= MAX_PHASE_NAME && !p.name.starts_with('.') && p.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !plain {
+                return bad(&at("name"), format!("'{}' must be 1..={MAX_PHASE_NAME} of A-Z a-z 0-9 - _ . (not starting with '.'): it names the phase's checkpoint directory", p.name.chars().take(80).collect::<String>()));
+            }
+            if self.phases[..i].iter().any(|q| q.name == p.name) {
+                return bad(&at("name"), format!("'{}' is the name of an earlier phase too", p.name));
+            }
             let kind = format!("{:?}", p.kind).to_lowercase();
             let a = if p.kind == PhaseKind::Sft { "an" } else { "a" };
             if p.kind == PhaseKind::Data {
@@ -235,25 +287,35 @@ impl JobSpec {
             if p.kind != PhaseKind::Reward && p.comparisons != ComparisonSource::File {
                 return bad(&at("comparisons"), format!("`comparisons` belongs to reward phases, not {kind}"));
             }
-            if p.steps == 0 {
-                return bad(&at("steps"), "must be at least 1".into());
+            if p.steps == 0 || p.steps > MAX_STEPS {
+                return bad(&at("steps"), if p.steps == 0 { "must be at least 1".into() } else { format!("must be at most {MAX_STEPS}, got {}", p.steps) });
             }
-            if p.global_batch == 0 {
-                return bad(&at("global_batch"), "must be at least 1 sequence".into());
+            if p.global_batch == 0 || p.global_batch > MAX_BATCH {
+                return bad(&at("global_batch"), if p.global_batch == 0 { "must be at least 1 sequence".into() } else { format!("must be at most {MAX_BATCH} sequences, got {}", p.global_batch) });
             }
-            if p.seq_len == 0 {
-                return bad(&at("seq_len"), "must be at least 1".into());
+            if p.seq_len == 0 || p.seq_len > MAX_SEQ_LEN {
+                return bad(&at("seq_len"), if p.seq_len == 0 { "must be at least 1".into() } else { format!("must be at most {MAX_SEQ_LEN}, got {}", p.seq_len) });
+            }
+            if p.warmup.is_some_and(|w| w > p.steps) {
+                return bad(&at("warmup"), format!("must be at most steps ({}), got {}", p.steps, p.warmup.unwrap_or(0)));
             }
             if !(p.lr > 0.0 && p.lr.is_finite()) {
                 return bad(&at("lr"), format!("must be > 0, got {}", p.lr));
             }
-            if let Some(m) = p.min_lr {
-                if !(m >= 0.0 && m <= p.lr) {
-                    return bad(&at("min_lr"), format!("must be in [0, lr={}], got {m}", p.lr));
-                }
+            if p.lr > MAX_LR {
+                return bad(&at("lr"), format!("must be at most {MAX_LR}, got {}", p.lr));
             }
-            if !(p.grad_clip >= 0.0) || !(p.weight_decay >= 0.0) {
-                return bad(&at("grad_clip"), "grad_clip and weight_decay must be >= 0".into());
+            if p.max_skipped_steps > MAX_SKIPPED {
+                return bad(&at("max_skipped_steps"), format!("must be at most {MAX_SKIPPED}, got {}", p.max_skipped_steps));
+            }
+            if let Some(m) = p.min_lr
+                && !(0.0..=p.lr).contains(&m)
+            {
+                return bad(&at("min_lr"), format!("must be in [0, lr={}], got {m}", p.lr));
+            }
+            let finite_non_negative = |x: f32| x >= 0.0 && x.is_finite();
+            if !finite_non_negative(p.grad_clip) || !finite_non_negative(p.weight_decay) {
+                return bad(&at("grad_clip"), "grad_clip and weight_decay must be finite and >= 0".into());
             }
         }
         Ok(())
@@ -376,13 +438,9 @@ impl JobSpec {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                if let Some(file) = &p.data {
-                    // Validate every example now: a bad line fails the submission, not a worker.
-                    let checked = match p.kind {
-                        PhaseKind::Reward => liandan_data::chat::read_preferences(file).map(|_| ()),
-                        _ => liandan_data::chat::read_sft(file).map(|_| ()),
-                    };
-                    checked.map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
+                if let (Some(file), PhaseKind::Reward) = (&p.data, p.kind) {
+                    // Every comparison line is valid now, also when the phase adds labelled ones.
+                    liandan_data::chat::read_preferences(file).map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
                 }
                 // Checkpoints named in the spec must exist and fit the model now, not when a
                 // worker reaches the phase.
@@ -396,7 +454,7 @@ impl JobSpec {
                 if p.seq_len > model.n_positions {
                     return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
                 }
-                Ok(PhasePlan {
+                let plan = PhasePlan {
                     kind: p.kind,
                     model: model.clone(),
                     data_dir: self.data.prepared.clone(),
@@ -426,8 +484,28 @@ impl JobSpec {
                     ppo: (p.kind == PhaseKind::Ppo).then(|| p.ppo.clone().unwrap_or_default()),
                     comparisons: p.comparisons,
                     labelled_examples: None,
+                    max_skipped_steps: p.max_skipped_steps,
                     prepare: if p.kind == PhaseKind::Data { data.clone() } else { None },
-                })
+                };
+                if plan.memory_per_rank(self.cluster.min_workers as usize).is_none() {
+                    return Err(err(format!("phases[{i}]"), "the model and batch need more memory than any machine has (the sizes overflow)".into()));
+                }
+                // Whatever the worker would refuse about the inputs, refused now (the same loaders).
+                // Phases after a data phase read data that does not exist yet: their workers check
+                // it when the phase starts.
+                if data.is_some() && plan.kind != PhaseKind::Data {
+                    return Ok(plan);
+                }
+                liandan_worker::phase::check_inputs(&plan).map_err(|e| {
+                    let key = match (plan.kind, &e) {
+                        (PhaseKind::Pretrain, _) => "data.prepared".to_string(),
+                        (PhaseKind::Data, _) => format!("phases[{i}].prepare"),
+                        (_, liandan_worker::phase::PhaseError::Data(_)) => format!("phases[{i}].data"),
+                        _ => format!("phases[{i}]"),
+                    };
+                    err(key, e.to_string())
+                })?;
+                Ok(plan)
             })
             .collect()
     }

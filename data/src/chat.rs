@@ -64,19 +64,22 @@ pub struct PreferencePair {
     pub source: String,
 }
 
+/// Largest SFT or preference file read (examples are held in memory once read).
+pub const MAX_EXAMPLES_BYTES: u64 = 4 << 30;
+
 fn lines(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serde_json::Value>)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    crate::files::for_each_line(path, MAX_EXAMPLES_BYTES, |n, line| {
         if line.trim().is_empty() {
-            continue;
+            return Ok(());
         }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError::line(path, i + 1, format!("not valid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError::line(path, n, format!("not valid JSON: {e}")))?;
         match v {
-            serde_json::Value::Object(m) => out.push((i + 1, m)),
-            _ => return Err(DataError::line(path, i + 1, "expected a JSON object")),
+            serde_json::Value::Object(m) => out.push((n, m)),
+            _ => return Err(DataError::line(path, n, "expected a JSON object")),
         }
-    }
+        Ok(())
+    })?;
     if out.is_empty() {
         return Err(DataError::file(path, "has no examples"));
     }

@@ -13,6 +13,7 @@
 //! - [`shard`]: deterministic split by document hash, binary token shards, `manifest.json`.
 //! - [`chat`]: SFT (`{prompt, response}` / `{messages}`) and preference (`{prompt, chosen,
 //!   rejected}`) JSONL, validated with file:line errors and tokenized with an assistant mask.
+//! - [`files`]: opening files named by others: regular files only, sizes and lines bounded.
 //! - [`verify`]: the poem-form checker (五言/七言 绝句/律诗).
 //! - [`stream`]: the same readers one document at a time, with caps on lines and documents, and
 //!   large files cut into tasks at document boundaries.
@@ -28,6 +29,7 @@ pub mod clean;
 pub mod dedup;
 pub mod error;
 pub mod extsort;
+pub mod files;
 pub mod html;
 pub mod ingest;
 pub mod pipeline;

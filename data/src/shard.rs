@@ -141,11 +141,14 @@ pub struct Manifest {
     pub splits: BTreeMap<String, SplitInfo>,
 }
 
+/// Largest `manifest.json` read (a manifest lists shards: a few KiB each).
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
 impl Manifest {
     /// Reads `dir/manifest.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join(MANIFEST);
-        let raw = std::fs::read(&p).map_err(|e| DataError::io(&p, e))?;
+        let raw = crate::files::read_bounded(&p, MAX_MANIFEST_BYTES)?;
         let m: Manifest = serde_json::from_slice(&raw).map_err(|e| DataError::file(&p, format!("not a valid manifest: {e}")))?;
         if m.format != "liandan-shards" || m.version != VERSION {
             return Err(DataError::file(&p, format!("format {} v{} is not liandan-shards v{VERSION}", m.format, m.version)));

@@ -146,10 +146,52 @@ impl TokenSource {
 
 /// A fresh random token: 32 bytes from the operating system's generator, hex.
 pub fn random_token() -> Result<String, AuthError> {
+    Ok(hex(&random_bytes::<32>()?))
+}
+
+/// `N` bytes from the operating system's generator.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], AuthError> {
     use std::io::Read;
-    let mut b = [0u8; 32];
+    let mut b = [0u8; N];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).map_err(|e| AuthError::Io { path: "/dev/urandom".into(), source: e })?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(b)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Bytes from lower- or upper-case hex; None when `s` is not hex of whole bytes.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+}
+
+/// HMAC-SHA256 under `key` of the parts, each prefixed with its length (so no two different
+/// lists of parts give the same input). Used for worker secrets and ring hellos.
+pub fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac;
+    keyed(key, parts).finalize().into_bytes().into()
+}
+
+/// Whether `tag` is `mac(key, parts)`, compared in constant time.
+pub fn mac_ok(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+    use hmac::Mac;
+    keyed(key, parts).verify_slice(tag).is_ok()
+}
+
+fn keyed(key: &[u8], parts: &[&[u8]]) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    // HMAC takes keys of any length, so this cannot fail.
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    for p in parts {
+        m.update(&(p.len() as u64).to_le_bytes());
+        m.update(p);
+    }
+    m
 }
 
 /// Equality whose time depends only on the lengths: both sides are hashed to 32 bytes and the
@@ -255,9 +297,13 @@ pub fn endpoint(addr: &str, tls: &TlsFiles) -> Result<Endpoint, AuthError> {
     Ok(ep)
 }
 
+/// The largest reply a client decodes: a job's status with its evaluations, a page of 2,000
+/// workers, a comparison with two long answers all fit well inside.
+pub const MAX_REPLY_BYTES: usize = 64 << 20;
+
 /// A client on `channel` that sends `token`.
 pub fn client(channel: Channel, token: Option<TokenSource>) -> Client {
-    CoordinatorClient::with_interceptor(channel, Bearer::new(token))
+    CoordinatorClient::with_interceptor(channel, Bearer::new(token)).max_decoding_message_size(MAX_REPLY_BYTES)
 }
 
 #[cfg(test)]

@@ -98,6 +98,7 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
             ..Default::default()
         }),
         comparisons: Default::default(),
+        max_skipped_steps: 0,
         labelled_examples: None,
         prepare: None,
     }

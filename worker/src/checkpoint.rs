@@ -185,8 +185,45 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
 /// [`EngineError::Checkpoint`] naming the file and what is wrong: missing, truncated, checksum
 /// mismatch, a tensor missing or of the wrong shape or dtype, a config that differs from `expect`.
 pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
+    let state = read_state(dir)?;
     let state_path = dir.join(STATE_FILE);
-    let raw = fs::read(&state_path).map_err(|e| match e.kind() {
+    if let Some(want) = expect {
+        compare_configs(&state.model_config, want).map_err(|why| EngineError::checkpoint(&state_path, why))?;
+    }
+    let config = &state.model_config;
+    let layout = ParamLayout::new(config);
+    // The declared shapes must fit the files before anything the size of the model is
+    // allocated: a state.json that declares a huge model over a small file stops here.
+    let need = tensor_bytes(config);
+    let have = state.files.get(MODEL_FILE).map_or(0, |f| f.bytes);
+    if need.is_none_or(|n| have < n) {
+        return Err(EngineError::checkpoint(
+            dir.join(MODEL_FILE),
+            format!("{have} bytes cannot hold the {} parameters state.json declares ({} bytes of f32)", config.num_parameters(), need.map_or_else(|| "too many".to_string(), |n| n.to_string())),
+        ));
+    }
+
+    let model_bytes = read_verified(dir, MODEL_FILE, &state)?;
+    let model_path = dir.join(MODEL_FILE);
+    let params = deserialize_model(config, &layout, &model_bytes).map_err(|why| EngineError::checkpoint(&model_path, why))?;
+    let moments = if state.files.contains_key(OPTIMIZER_FILE) {
+        let bytes = read_verified(dir, OPTIMIZER_FILE, &state)?;
+        let path = dir.join(OPTIMIZER_FILE);
+        Some(deserialize_moments(&bytes, layout.len()).map_err(|why| EngineError::checkpoint(&path, why))?)
+    } else {
+        None
+    };
+    Ok(Checkpoint { state, params, moments })
+}
+
+/// Largest `state.json` read: a real one is a few KiB.
+const STATE_MAX_BYTES: u64 = 16 << 20;
+
+/// Reads `state.json` (bounded in size before it is read), checks its format, its own
+/// checksum and its model config.
+pub fn read_state(dir: &Path) -> Result<CheckpointState> {
+    let state_path = dir.join(STATE_FILE);
+    let raw = read_bounded(&state_path, STATE_MAX_BYTES).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => EngineError::checkpoint(&state_path, "missing: not a liandan checkpoint (or an unfinished one)"),
         _ => EngineError::io(&state_path, e),
     })?;
@@ -203,23 +240,72 @@ pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
         return Err(EngineError::checkpoint(&state_path, format!("sha256 mismatch: recorded {}, computed {digest}", state.sha256)));
     }
     state.model_config.validate().map_err(|e| EngineError::checkpoint(&state_path, format!("model_config: {e}")))?;
-    if let Some(want) = expect {
-        compare_configs(&state.model_config, want).map_err(|why| EngineError::checkpoint(&state_path, why))?;
-    }
-    let config = &state.model_config;
-    let layout = ParamLayout::new(config);
+    Ok(state)
+}
 
-    let model_bytes = read_verified(dir, MODEL_FILE, &state)?;
-    let model_path = dir.join(MODEL_FILE);
-    let params = deserialize_model(config, &layout, &model_bytes).map_err(|why| EngineError::checkpoint(&model_path, why))?;
-    let moments = if state.files.contains_key(OPTIMIZER_FILE) {
-        let bytes = read_verified(dir, OPTIMIZER_FILE, &state)?;
-        let path = dir.join(OPTIMIZER_FILE);
-        Some(deserialize_moments(&bytes, layout.len()).map_err(|why| EngineError::checkpoint(&path, why))?)
-    } else {
-        None
-    };
-    Ok(Checkpoint { state, params, moments })
+/// Verifies a checkpoint without loading it: `state.json` as [`read_state`] does, then the
+/// size and SHA-256 of every file it lists, read in pieces (memory does not grow with the
+/// model). What the coordinator runs before it records a checkpoint.
+///
+/// # Errors
+/// [`EngineError::Checkpoint`] naming the file: missing, truncated, corrupt, a listed name that
+/// is not a plain file name.
+pub fn verify(dir: &Path) -> Result<CheckpointState> {
+    use std::io::Read;
+    let state = read_state(dir)?;
+    for (name, sum) in &state.files {
+        let path = dir.join(name);
+        if name.contains('/') || name == ".." || name.is_empty() {
+            return Err(EngineError::checkpoint(&path, "state.json lists a file that is not a plain name"));
+        }
+        let mut f = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| EngineError::io(&path, e))?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            if bytes > sum.bytes {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        if bytes != sum.bytes {
+            return Err(EngineError::checkpoint(&path, format!("truncated or extended: {bytes}{} bytes, state.json records {}", if bytes > sum.bytes { "+" } else { "" }, sum.bytes)));
+        }
+        let digest = hex(&h.finalize());
+        if digest != sum.sha256 {
+            return Err(EngineError::checkpoint(&path, format!("sha256 mismatch (corrupt file): recorded {}, computed {digest}", sum.sha256)));
+        }
+    }
+    Ok(state)
+}
+
+/// Reads a file of at most `max` bytes (refusing a larger one, and anything that is not a
+/// regular file, before reading it).
+fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} bytes is more than the {max} expected", meta.len())));
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    f.take(max + 1).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Bytes of the model's tensors as stored (f32, the embedding without padding rows); None
+/// when they overflow.
+fn tensor_bytes(config: &GptConfig) -> Option<u64> {
+    let padding = (config.padded_vocab_size as u64 - config.vocab_size as u64).checked_mul(config.n_embd as u64)?;
+    config.checked_num_parameters()?.checked_sub(padding)?.checked_mul(4)
 }
 
 fn compare_configs(got: &GptConfig, want: &GptConfig) -> std::result::Result<(), String> {
@@ -243,7 +329,10 @@ fn compare_configs(got: &GptConfig, want: &GptConfig) -> std::result::Result<(),
 pub fn read_verified(dir: &Path, name: &str, state: &CheckpointState) -> Result<Vec<u8>> {
     let path = dir.join(name);
     let sum = state.files.get(name).ok_or_else(|| EngineError::checkpoint(&path, "not listed in state.json"))?;
-    let bytes = fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
+    let bytes = read_bounded(&path, sum.bytes).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => EngineError::checkpoint(&path, format!("extended: {e}, state.json records {}", sum.bytes)),
+        _ => EngineError::io(&path, e),
+    })?;
     if bytes.len() as u64 != sum.bytes {
         return Err(EngineError::checkpoint(&path, format!("truncated or extended: {} bytes, state.json records {}", bytes.len(), sum.bytes)));
     }

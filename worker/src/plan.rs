@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::model::config::GptConfig;
+use crate::model::memory::{self, MemoryEstimate};
 use crate::optim::{AdamWConfig, LrSchedule};
 
 /// What a phase does.
@@ -70,6 +71,9 @@ pub struct PhasePlan {
     /// JSONL file by the coordinator when the phase starts.
     #[serde(default)]
     pub labelled_examples: Option<PathBuf>,
+    /// Steps with a non-finite loss or gradient norm skipped (no update) before the phase fails.
+    #[serde(default)]
+    pub max_skipped_steps: u64,
     /// data: the pipeline's settings (`out` is the job's prepared-data directory).
     #[serde(default)]
     pub prepare: Option<liandan_data::prepare::PrepareConfig>,
@@ -161,16 +165,21 @@ impl Default for PpoSettings {
     }
 }
 
+/// Longest answer a rollout may sample.
+pub const MAX_NEW_TOKENS: usize = 1 << 16;
+/// Most epochs (or minibatches) per rollout batch.
+pub const MAX_PASSES: usize = 1000;
+
 impl PpoSettings {
     /// Checks every field: `Err((field, reason))`.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let unit = |f: f32| (0.0..=1.0).contains(&f);
         let checks: [(&'static str, bool, &str); 11] = [
             ("verifier_weight", self.verifier_weight >= 0.0 && self.verifier_weight.is_finite(), "must be >= 0"),
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+            ("max_new_tokens", (1..=MAX_NEW_TOKENS).contains(&self.max_new_tokens), "must be in 1..=65536"),
             ("temperature", self.temperature > 0.0 && self.temperature.is_finite(), "must be > 0"),
-            ("epochs", self.epochs >= 1, "must be at least 1"),
-            ("minibatches", self.minibatches >= 1, "must be at least 1"),
+            ("epochs", (1..=MAX_PASSES).contains(&self.epochs), "must be in 1..=1000"),
+            ("minibatches", (1..=MAX_PASSES).contains(&self.minibatches), "must be in 1..=1000"),
             ("clip", self.clip > 0.0 && self.clip < 1.0, "must be in (0, 1)"),
             ("value_clip", self.value_clip > 0.0 && self.value_clip.is_finite(), "must be > 0"),
             ("gamma", unit(self.gamma), "must be in [0, 1]"),
@@ -201,6 +210,26 @@ impl PpoSettings {
 }
 
 impl PhasePlan {
+    /// Memory one rank needs when the group has `world` ranks (so the largest share of the
+    /// global batch), from the models the phase holds: pretrain and sft one trained model;
+    /// reward one trained model on chosen and rejected rows together; ppo a trained policy and
+    /// value model and a frozen reference and reward model. None when the sizes overflow.
+    pub fn memory_per_rank(&self, world: usize) -> Option<MemoryEstimate> {
+        let b = self.global_batch.div_ceil(world.max(1)).max(1);
+        let t = self.seq_len;
+        let trained = |b| memory::gpt(&self.model, b, t, true);
+        match self.kind {
+            // The pipeline holds at most its budget, whatever the model.
+            PhaseKind::Data => Some(MemoryEstimate { activations: self.prepare.as_ref().map_or(0, |c| c.memory_budget), ..Default::default() }),
+            PhaseKind::Pretrain | PhaseKind::Sft => trained(b),
+            PhaseKind::Reward => trained(b.checked_mul(2)?),
+            PhaseKind::Ppo => {
+                let frozen = memory::gpt(&self.model, b, t, false)?;
+                trained(b)?.plus(trained(b)?)?.plus(frozen)?.plus(frozen)
+            }
+        }
+    }
+
     pub fn schedule(&self) -> LrSchedule {
         LrSchedule { max_lr: self.max_lr, min_lr: self.min_lr, warmup_steps: self.warmup, total_steps: self.steps }
     }

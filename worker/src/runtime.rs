@@ -35,6 +35,8 @@ pub struct WorkerOptions {
     pub token: Option<TokenSource>,
     /// TLS files (the cluster CA to verify the coordinator; a certificate and key for mutual TLS).
     pub tls: TlsFiles,
+    /// Memory a phase may use here, bytes (None: the host's available memory at start).
+    pub memory_bytes: Option<u64>,
 }
 
 /// Errors that end the worker process.
@@ -56,6 +58,35 @@ struct Current {
     step: AtomicU64,
 }
 
+/// Who this worker is to the coordinator: its id and the secret issued at Register, replaced
+/// when it registers again.
+#[derive(Debug, Clone, Default)]
+struct Credential {
+    id: u64,
+    secret: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Identity(std::sync::RwLock<Credential>);
+
+impl Identity {
+    fn get(&self) -> Credential {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, r: &RegisterReply) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Credential { id: r.worker_id, secret: r.worker_secret.clone() };
+    }
+}
+
+/// The host's available memory (`MemAvailable` of /proc/meminfo), bytes; 0 when unknown.
+pub fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().strip_suffix("kB")).and_then(|v| v.trim().parse::<u64>().ok())))
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Backoff between retries: 200 ms doubling up to 5 s.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((200u64 << attempt.min(5)).min(5000))
@@ -71,24 +102,31 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         .timeout(Duration::from_secs(10));
     let client = liandan_proto::auth::client(endpoint.connect_lazy(), opts.token.clone());
     let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    let register = RegisterRequest { protocol_version: PROTOCOL_VERSION, hostname, device: "cpu".into(), ring_address: ring_address.clone(), previous_id: 0 };
+    // This process's identity to the coordinator: a retried Register with the same instance is
+    // the same worker.
+    let instance = liandan_proto::auth::random_bytes::<16>().map(|b| liandan_proto::auth::hex(&b)).map_err(|e| RuntimeError::Ring(e.to_string()))?;
+    let memory_bytes = opts.memory_bytes.unwrap_or_else(available_memory);
+    let register = RegisterRequest { protocol_version: PROTOCOL_VERSION, hostname, device: "cpu".into(), ring_address: ring_address.clone(), instance, memory_bytes };
     let reply = register_with_retry(&client, &register, &opts).await?;
-    let worker_id = Arc::new(AtomicU64::new(reply.worker_id));
-    info!(worker = reply.worker_id, ring = %ring_address, "registered with {}", opts.coordinator);
+    let identity = Arc::new(Identity::default());
+    identity.set(&reply);
+    info!(worker = reply.worker_id, ring = %ring_address, memory = %crate::model::memory::show_bytes(memory_bytes), "registered with {}", opts.coordinator);
 
     let current = Arc::new(Current::default());
     let abort = Arc::new(AtomicBool::new(false));
     let drain = Arc::new(AtomicBool::new(false));
     {
-        let (client, current, abort, drain, worker_id) = (client.clone(), current.clone(), abort.clone(), drain.clone(), worker_id.clone());
+        let (client, current, abort, drain, identity) = (client.clone(), current.clone(), abort.clone(), drain.clone(), identity.clone());
         let (register, opts2) = (register.clone(), opts.clone());
         let every = Duration::from_millis(reply.heartbeat_ms.max(50));
         tokio::spawn(async move {
             let mut iv = tokio::time::interval(every);
             loop {
                 iv.tick().await;
+                let me = identity.get();
                 let req = HeartbeatRequest {
-                    worker_id: worker_id.load(Ordering::SeqCst),
+                    worker_id: me.id,
+                    worker_secret: me.secret,
                     job_id: current.job.load(Ordering::SeqCst),
                     generation: current.generation.load(Ordering::SeqCst),
                     step: current.step.load(Ordering::SeqCst),
@@ -106,9 +144,8 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
                             abort.store(true, Ordering::SeqCst);
                         }
                         Action::Reregister => {
-                            let req = RegisterRequest { previous_id: worker_id.load(Ordering::SeqCst), ..register.clone() };
-                            if let Ok(r) = register_with_retry(&client, &req, &opts2).await {
-                                worker_id.store(r.worker_id, Ordering::SeqCst);
+                            if let Ok(r) = register_with_retry(&client, &register, &opts2).await {
+                                identity.set(&r);
                                 abort.store(true, Ordering::SeqCst);
                                 warn!("re-registered as worker {}", r.worker_id);
                             }
@@ -130,8 +167,9 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
             info!("drained: leaving");
             return Ok(());
         }
-        let id = worker_id.load(Ordering::SeqCst);
-        let a = match client.clone().next_assignment(AssignmentRequest { worker_id: id }).await {
+        let me = identity.get();
+        let id = me.id;
+        let a = match client.clone().next_assignment(AssignmentRequest { worker_id: id, worker_secret: me.secret.clone() }).await {
             Ok(a) => {
                 failures = 0;
                 a.into_inner()
@@ -159,9 +197,8 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         let span = tracing::info_span!("phase", job = a.job_id, phase = %a.phase_name, rank = a.rank, generation = a.generation);
         info!(parent: &span, world = a.world, peers = a.peers.len(), "assignment");
         let handle = tokio::runtime::Handle::current();
-        let (client2, abort2, listener2, current2, a2, span2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone());
-        let wid = id;
-        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, client2, wid, &a2, &listener2, abort2, &current2)))
+        let (client2, abort2, listener2, current2, a2, span2, me2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone(), me.clone());
+        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, client2, me2, memory_bytes, &a2, &listener2, abort2, &current2)))
             .await
             .unwrap_or_else(|e| Err(format!("the phase thread panicked: {e}")));
         current.job.store(0, Ordering::SeqCst);
@@ -186,7 +223,17 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
                 (false, e, String::new())
             }
         };
-        let res = AssignmentResult { worker_id: id, job_id: a.job_id, phase_index: a.phase_index, generation: a.generation, ok, error, final_checkpoint };
+        let res = AssignmentResult {
+            worker_id: id,
+            worker_secret: me.secret.clone(),
+            rank: a.rank,
+            job_id: a.job_id,
+            phase_index: a.phase_index,
+            generation: a.generation,
+            ok,
+            error,
+            final_checkpoint,
+        };
         for attempt in 0..10 {
             match client.clone().finish_assignment(res.clone()).await {
                 Ok(_) => {
@@ -229,7 +276,7 @@ async fn register_with_retry(client: &Client, req: &RegisterRequest, opts: &Work
 struct Reporter<'a> {
     handle: &'a tokio::runtime::Handle,
     client: Client,
-    worker_id: u64,
+    me: Credential,
     a: &'a Assignment,
     current: &'a Current,
 }
@@ -238,7 +285,9 @@ impl PhaseEvents for Reporter<'_> {
     fn step(&mut self, m: StepMetrics) {
         self.current.step.store(m.step, Ordering::SeqCst);
         let req = StepReport {
-            worker_id: self.worker_id,
+            worker_id: self.me.id,
+            worker_secret: self.me.secret.clone(),
+            rank: self.a.rank,
             job_id: self.a.job_id,
             phase_index: self.a.phase_index,
             generation: self.a.generation,
@@ -258,7 +307,16 @@ impl PhaseEvents for Reporter<'_> {
     }
 
     fn checkpoint(&mut self, step: u64, path: &std::path::Path) -> Result<bool, String> {
-        let req = CheckpointInfo { worker_id: self.worker_id, job_id: self.a.job_id, phase_index: self.a.phase_index, generation: self.a.generation, step, path: path.display().to_string() };
+        let req = CheckpointInfo {
+            worker_id: self.me.id,
+            worker_secret: self.me.secret.clone(),
+            rank: self.a.rank,
+            job_id: self.a.job_id,
+            phase_index: self.a.phase_index,
+            generation: self.a.generation,
+            step,
+            path: path.display().to_string(),
+        };
         // The commit must land (it is the resume point): retry for up to a minute.
         let mut last = String::new();
         for attempt in 0..20 {
@@ -282,17 +340,35 @@ impl PhaseEvents for Reporter<'_> {
 fn run_assignment(
     handle: &tokio::runtime::Handle,
     client: Client,
-    worker_id: u64,
+    me: Credential,
+    memory_bytes: u64,
     a: &Assignment,
     listener: &RingListener,
     abort: Arc<AtomicBool>,
     current: &Current,
 ) -> Result<PhaseOutcome, String> {
     let plan: PhasePlan = serde_json::from_str(&a.phase_json).map_err(|e| format!("bad phase plan from the coordinator: {e}"))?;
+    // Refuse what cannot fit before allocating anything: a clear failure, and this worker lives on.
+    let need = plan.memory_per_rank(a.world as usize).ok_or_else(|| "the phase's model and batch sizes overflow any memory".to_string())?;
+    if memory_bytes != 0 && need.total() > memory_bytes {
+        use crate::model::memory::show_bytes;
+        return Err(format!(
+            "the phase needs {} per rank (weights {}, gradients {}, optimizer {}, activations {}) and this worker has {}",
+            show_bytes(need.total()),
+            show_bytes(need.weights),
+            show_bytes(need.gradients),
+            show_bytes(need.optimizer),
+            show_bytes(need.activations),
+            show_bytes(memory_bytes)
+        ));
+    }
     let mut coll: Box<dyn Collective> = if a.world <= 1 {
         Box::new(Local)
     } else {
-        let opts = RingOptions { abort: Some(abort.clone()), ..Default::default() };
+        if a.ring_secret.len() < 16 {
+            return Err("the assignment has no ring key: a coordinator of another version?".into());
+        }
+        let opts = RingOptions { abort: Some(abort.clone()), key: a.ring_secret.clone(), ..Default::default() };
         match TcpRing::connect(listener, a.rank as usize, &a.peers, a.generation, opts) {
             Ok(r) => Box::new(r),
             Err(e) if abort.load(Ordering::SeqCst) => {
@@ -305,7 +381,7 @@ fn run_assignment(
     // Where the phase starts: its own last checkpoint, or its input (the coordinator sets the
     // input from the phase it follows or the checkpoint its spec names).
     let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint));
-    let mut reporter = Reporter { handle, client, worker_id, a, current };
+    let mut reporter = Reporter { handle, client, me, a, current };
     let dir = PathBuf::from(&a.checkpoint_dir);
     let run: crate::phase::PhaseFn = match plan.kind {
         PhaseKind::Data => crate::phase::data::run_data,

@@ -12,11 +12,15 @@ pub enum Device {
     Cpu,
     /// An NVIDIA GPU through the CUDA driver, NVRTC kernels, cuBLASLt and NCCL.
     Cuda,
+    /// The emulated CUDA device: the CUDA backend's host code and kernel sources on the CPU
+    /// (tests and CI). Only ever chosen by name, never by [`Device::detect`].
+    CudaEmu,
 }
 
 impl Device {
     /// The best device this machine offers: `Cuda` when the CUDA driver loads and reports at
-    /// least one GPU and NVRTC and cuBLASLt load too; `Cpu` otherwise. Never panics.
+    /// least one GPU and NVRTC and cuBLASLt load too; `Cpu` otherwise (never `CudaEmu`, which
+    /// is for tests: it is far slower than the CPU backend). Never panics.
     pub fn detect() -> Device {
         if Device::cuda_unavailable_reason().is_none() { Device::Cuda } else { Device::Cpu }
     }
@@ -24,13 +28,14 @@ impl Device {
     /// Why `Cuda` cannot be used here, or `None` when it can: the first missing library, or
     /// the driver's answer when it has no device.
     pub fn cuda_unavailable_reason() -> Option<CudaError> {
-        super::cuda::device::probe().err()
+        super::cuda::device::gpu::probe().err()
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
+            Device::CudaEmu => "cuda-emu",
         }
     }
 }
@@ -48,7 +53,8 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda),
-            other => Err(format!("unknown device '{other}' (known: cpu, cuda)")),
+            "cuda-emu" => Ok(Device::CudaEmu),
+            other => Err(format!("unknown device '{other}' (known: cpu, cuda, cuda-emu)")),
         }
     }
 }
@@ -61,6 +67,8 @@ mod tests {
     fn parses_names_and_rejects_others() {
         assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
         assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda));
+        assert_eq!("cuda-emu".parse::<Device>(), Ok(Device::CudaEmu));
+        assert_eq!(Device::CudaEmu.to_string(), "cuda-emu");
         assert!("tpu".parse::<Device>().unwrap_err().contains("tpu"));
     }
 
@@ -69,5 +77,6 @@ mod tests {
         // On a machine without a GPU (CI) this is Cpu with a reason; with one, Cuda and none.
         let d = Device::detect();
         assert_eq!(d == Device::Cpu, Device::cuda_unavailable_reason().is_some());
+        assert_ne!(d, Device::CudaEmu, "the emulated device is chosen by name only");
     }
 }

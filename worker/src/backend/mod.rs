@@ -1,6 +1,7 @@
-//! Compute backends. `cpu` is the reference for every op and the backend CI runs; `cuda` holds
-//! the same ops as NVRTC-compiled kernels plus cuBLASLt matmuls, each checked against its CPU
-//! counterpart by `liandan selftest --device cuda`.
+//! Compute backends. `cpu` is the reference for every op and the backend CI trains with; `cuda`
+//! holds the same ops as CUDA kernels plus cuBLASLt matmuls, each checked against its CPU
+//! counterpart by `liandan selftest --device cuda` on a GPU and `--device cuda-emu` (the emulated
+//! device, which CI runs) without one.
 
 pub mod cpu;
 pub mod cuda;

@@ -77,6 +77,8 @@ impl Default for NcclOptions {
 pub struct Nccl {
     comm: sys::ncclComm_t,
     dev: Arc<CudaDevice>,
+    /// The device's CUDA stream, which NCCL enqueues on (a GPU device always has one).
+    stream: cudarc::driver::sys::CUstream,
     rank: usize,
     world: usize,
     generation: u64,
@@ -89,8 +91,8 @@ pub struct Nccl {
     aborted: bool,
 }
 
-// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
-// concurrent; `Nccl` is used through `&mut self` only.
+// SAFETY: an NCCL communicator (and the stream handle kept beside it) may be used from any
+// thread as long as calls on it are not concurrent; `Nccl` is used through `&mut self` only.
 unsafe impl Send for Nccl {}
 
 impl std::fmt::Debug for Nccl {
@@ -132,6 +134,8 @@ impl Nccl {
         if opts.bucket_elems == 0 {
             return Err(CollectiveError::Config { reason: "bucket_elems must be at least 1".into() });
         }
+        // The emulated device has no CUDA stream for NCCL to enqueue on: it uses the TCP ring.
+        let stream = dev.cuda_stream().ok_or_else(|| CollectiveError::Config { reason: format!("NCCL needs a GPU; {} has no CUDA stream (use the TCP ring)", dev.name) })?;
         require_nccl()?;
         let bytes = if rank == 0 {
             let id = NcclId::new()?;
@@ -141,14 +145,14 @@ impl Nccl {
         };
         let id = NcclId::from_bytes(&bytes)?;
         let unique = sys::ncclUniqueId { internal: id.0.map(|b| b as ::core::ffi::c_char) };
-        dev.ctx.bind_to_thread().map_err(|e| CollectiveError::Device { op: "bind context", reason: e.to_string() })?;
+        dev.bind_to_thread().map_err(|e| CollectiveError::Device { op: "bind context", reason: e.to_string() })?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; the id is 128 bytes as NCCL requires.
         unsafe { cudarc::nccl::result::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }.map_err(|e| nccl_err("ncclCommInitRank", e))?;
         let alloc = |e: crate::backend::cuda::CudaError| CollectiveError::Device { op: "allocate staging", reason: e.to_string() };
         let staging = dev.alloc::<f32>(opts.bucket_elems).map_err(alloc)?;
         let staging_f64 = dev.alloc::<f64>(1).map_err(alloc)?;
-        Ok(Nccl { comm, dev, rank, world, generation, opts, staging, staging_f64, broken: None, aborted: false })
+        Ok(Nccl { comm, dev, stream, rank, world, generation, opts, staging, staging_f64, broken: None, aborted: false })
     }
 
     /// The generation this communicator belongs to.
@@ -181,14 +185,12 @@ impl Nccl {
     fn wait(&mut self, op: &'static str) -> Result<(), CollectiveError> {
         let start = Instant::now();
         loop {
-            // SAFETY: the stream belongs to the device this communicator was created on.
-            let q = unsafe { cudarc::driver::sys::cuStreamQuery(self.dev.stream.cu_stream()) };
-            match q {
-                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
-                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => {
+            match self.dev.is_idle() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
                     self.abort();
-                    return Err(CollectiveError::Device { op, reason: format!("{other:?}") });
+                    return Err(CollectiveError::Device { op, reason: e.to_string() });
                 }
             }
             if self.opts.abort.as_deref().is_some_and(|a| a.load(Ordering::Relaxed)) {
@@ -236,7 +238,7 @@ impl Nccl {
         // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's device (the
         // callers take it from a checked view); in place is allowed by NCCL.
         let r = unsafe {
-            cudarc::nccl::result::all_reduce(ptr as *const _, ptr as *mut _, count, dtype, sys::ncclRedOp_t::ncclSum, self.comm, self.dev.stream.cu_stream() as _)
+            cudarc::nccl::result::all_reduce(ptr as *const _, ptr as *mut _, count, dtype, sys::ncclRedOp_t::ncclSum, self.comm, self.stream as _)
         };
         r.map(|_| ()).map_err(|e| {
             let err = nccl_err("ncclAllReduce", e);

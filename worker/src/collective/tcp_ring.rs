@@ -5,17 +5,26 @@
 //! A rank binds its listener first ([`TcpRing::listen`]) so the address can be published to the
 //! coordinator before the peers are known. Once it has everyone's address, [`TcpRing::connect`]
 //! connects to the right neighbour (`rank + 1 mod world`) while a second thread accepts the left
-//! one (`rank − 1 mod world`). Each connection starts with a hello, both ways:
+//! one (`rank − 1 mod world`). Each connection starts with a handshake that proves both ends
+//! are members of this generation:
 //!
 //! ```text
-//! hello (24 bytes, little-endian): magic "LDRG" | version u32 | generation u64 | rank u32 | world u32
+//! hello (40 bytes, little-endian): magic "LDRG" | version u32 | generation u64 | rank u32 | world u32 | nonce [16]
+//! connecting → accepting: hello_c
+//! accepting → connecting: hello_a | MAC(key, "accept",  hello_a, hello_c)   (32 bytes)
+//! connecting → accepting:           MAC(key, "connect", hello_c, hello_a)   (32 bytes)
 //! ```
 //!
-//! Both ends check magic, version, generation, world and that the peer is the neighbour they
-//! expect. The connecting end fails at once on a mismatch (with both sides' values in the
-//! error); the accepting end refuses that connection and keeps listening, so a stale process of
-//! an old generation cannot break a new ring by dialling into it. Data then flows one way on each
-//! connection: this rank writes to the right one and reads from the left one.
+//! `key` is the generation's ring key, which the coordinator gives only to the generation's
+//! members (HMAC-SHA256; fresh nonces on both sides, so a recorded handshake cannot be replayed).
+//! Both ends check magic, version, generation, world, that the peer is the neighbour they expect
+//! and its MAC; the accepting end also checks that the connection comes from the left
+//! neighbour's advertised address. The connecting end fails at once on a mismatch (with both
+//! sides' values in the error); the accepting end drops that connection and keeps listening, with
+//! each incoming handshake on its own thread under a short deadline, so a stranger, a silent
+//! connection or a stale process of an old generation cannot break a new ring or delay it. Data
+//! then flows one way on each connection: this rank writes to the right one and reads from the
+//! left one.
 //!
 //! # All-reduce
 //! The buffer of `len` values is cut into `world` segments, segment `s` being
@@ -57,10 +66,16 @@ use std::time::{Duration, Instant};
 use super::{Collective, CollectiveError};
 
 /// Version of the ring's wire format, exchanged in the hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 const MAGIC: [u8; 4] = *b"LDRG";
-const HELLO_LEN: usize = 24;
+const HELLO_LEN: usize = 40;
+const MAC_LEN: usize = 32;
+/// Longest one incoming handshake may take (capped by the ring's timeout): a connection that
+/// says nothing is dropped after this, while other handshakes go on beside it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Incoming handshakes in flight at once; more connections wait in the listener's backlog.
+const HANDSHAKES_MAX: usize = 32;
 const HEADER_LEN: usize = 24;
 /// Longest a blocked socket op waits before looking at the abort flag and its deadline again.
 const POLL: Duration = Duration::from_millis(100);
@@ -89,11 +104,14 @@ pub struct RingOptions {
     /// Raised by the runtime when the generation changes: every op, blocked or not, then returns
     /// [`CollectiveError::Aborted`] within about 100 ms.
     pub abort: Option<Arc<AtomicBool>>,
+    /// The generation's ring key from the coordinator; handshakes carry a MAC under it. Empty
+    /// (tests and benchmarks inside one process) proves nothing: the runtime always sets it.
+    pub key: Vec<u8>,
 }
 
 impl Default for RingOptions {
     fn default() -> Self {
-        RingOptions { chunk_bytes: 1 << 20, timeout: Duration::from_secs(30), abort: None }
+        RingOptions { chunk_bytes: 1 << 20, timeout: Duration::from_secs(30), abort: None, key: Vec::new() }
     }
 }
 
@@ -196,22 +214,30 @@ impl TcpRing {
         if right_addrs.is_empty() {
             return Err(config(format!("peers[{right}] = {:?} resolves to no address", peers[right])));
         }
-        let hello = Hello { generation, rank, world }.encode();
+        // The left neighbour must connect from its advertised address (any port).
+        let left_ips: Vec<std::net::IpAddr> = peers[left]
+            .to_socket_addrs()
+            .map_err(|e| config(format!("peers[{left}] = {:?}: {e}", peers[left])))?
+            .map(|a| a.ip())
+            .collect();
+        let nonce = liandan_proto::auth::random_bytes::<16>().map_err(|e| config(format!("no random nonce for the handshake: {e}")))?;
+        let hello = Hello { generation, rank, world, nonce }.encode();
+        let key = ring.opts.key.clone();
         let timeout = ring.opts.timeout;
         let stop = AtomicBool::new(false);
 
         let (connected, accepted) = thread::scope(|s| {
             let acceptor = s.spawn(|| {
                 let w = Waiter { op: "accept", timeout, abort, stop: Some(&stop), generation };
-                let expect = Expect { generation, world, peer_rank: left };
-                let r = accept_left(&listener.listener, &left_name, &hello, &expect, &w);
+                let expect = Expect { generation, world, peer_rank: left, key: &key };
+                let r = accept_left(&listener.listener, &left_name, &left_ips, &hello, &expect, &w);
                 if r.is_err() {
                     stop.store(true, Ordering::Relaxed);
                 }
                 r
             });
             let w = Waiter { op: "connect", timeout, abort, stop: Some(&stop), generation };
-            let expect = Expect { generation, world, peer_rank: right };
+            let expect = Expect { generation, world, peer_rank: right, key: &key };
             let connected = connect_right(&right_addrs, &right_name, &hello, &expect, &w);
             if connected.is_err() {
                 stop.store(true, Ordering::Relaxed);
@@ -563,6 +589,7 @@ struct Hello {
     generation: u64,
     rank: usize,
     world: usize,
+    nonce: [u8; 16],
 }
 
 impl Hello {
@@ -574,19 +601,21 @@ impl Hello {
         // `connect` checked that world (and so rank) fits u32.
         b[16..20].copy_from_slice(&(self.rank as u32).to_le_bytes());
         b[20..24].copy_from_slice(&(self.world as u32).to_le_bytes());
+        b[24..40].copy_from_slice(&self.nonce);
         b
     }
 }
 
-/// What a hello from the neighbour must say.
+/// What a hello from the neighbour must say, and the key its MAC is under.
 #[derive(Debug, Clone, Copy)]
-struct Expect {
+struct Expect<'a> {
     generation: u64,
     world: usize,
     peer_rank: usize,
+    key: &'a [u8],
 }
 
-impl Expect {
+impl Expect<'_> {
     fn check(&self, got: &[u8; HELLO_LEN]) -> Result<(), String> {
         if got[0..4] != MAGIC {
             return Err(format!("not a liandan ring peer (first bytes {:02x?})", &got[0..4]));
@@ -608,6 +637,20 @@ impl Expect {
             return Err(format!("peer is rank {rank}, this rank expects rank {} there", self.peer_rank));
         }
         Ok(())
+    }
+
+    /// The MAC one side sends: `role` is "accept" or "connect", `own` its hello, `theirs` the
+    /// other's.
+    fn mac(&self, role: &str, own: &[u8], theirs: &[u8]) -> [u8; MAC_LEN] {
+        liandan_proto::auth::mac(self.key, &[b"liandan ring", role.as_bytes(), own, theirs])
+    }
+
+    fn mac_ok(&self, role: &str, own: &[u8], theirs: &[u8], tag: &[u8]) -> Result<(), String> {
+        if liandan_proto::auth::mac_ok(self.key, &[b"liandan ring", role.as_bytes(), own, theirs], tag) {
+            Ok(())
+        } else {
+            Err("the handshake's MAC is wrong: not a member of this generation (no or another ring key)".into())
+        }
     }
 }
 
@@ -667,18 +710,26 @@ fn connect_right(
         thread::sleep(CONNECT_RETRY);
     };
     configure(&stream, w.timeout, name)?;
+    let refuse = |reason: String| Fail::Error(CollectiveError::Handshake { peer: name.to_string(), reason });
     write_full(&stream, hello, name, w)?;
     let mut got = [0u8; HELLO_LEN];
     read_full(&stream, &mut got, name, w)?;
-    expect.check(&got).map_err(|reason| CollectiveError::Handshake { peer: name.to_string(), reason })?;
+    expect.check(&got).map_err(refuse)?;
+    let mut tag = [0u8; MAC_LEN];
+    read_full(&stream, &mut tag, name, w)?;
+    expect.mac_ok("accept", &got, hello, &tag).map_err(refuse)?;
+    write_full(&stream, &expect.mac("connect", hello, &got), name, w)?;
     Ok(stream)
 }
 
-/// Accepts connections until one is the expected left neighbour; refuses (and lists in a later
-/// error) any other. A connection that sends no hello holds the loop for up to `w.timeout`.
+/// Accepts connections until one is the expected left neighbour. Each incoming connection is
+/// handshaken on its own thread (at most [`HANDSHAKES_MAX`] at once, each within
+/// [`HANDSHAKE_TIMEOUT`]); one from another address is dropped unread. A refused connection is
+/// logged and listed in a later timeout error, never taken for the neighbour.
 fn accept_left(
     listener: &TcpListener,
     name: &str,
+    allowed: &[std::net::IpAddr],
     hello: &[u8; HELLO_LEN],
     expect: &Expect,
     w: &Waiter,
@@ -686,47 +737,73 @@ fn accept_left(
     // Non-blocking so the loop can look at the abort flag and the deadline.
     listener.set_nonblocking(true).map_err(|source| io_error(name, source))?;
     let start = Instant::now();
+    let done = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<(SocketAddr, Result<TcpStream, Fail>)>();
     let mut refused: Vec<String> = Vec::new();
-    loop {
-        match listener.accept() {
-            Ok((stream, from)) => match handshake_incoming(stream, name, hello, expect, w) {
-                Ok(stream) => return Ok(stream),
-                Err(Fail::Error(CollectiveError::Aborted { generation })) => {
-                    return Err(Fail::Error(CollectiveError::Aborted { generation }));
-                }
-                Err(Fail::Stopped) => return Err(Fail::Stopped),
-                Err(Fail::Error(e)) => {
-                    if refused.len() < REFUSED_MAX {
-                        refused.push(format!("{from}: {e}"));
+    let mut in_flight = 0usize;
+    thread::scope(|s| {
+        let result = 'accept: loop {
+            while let Ok((from, r)) = rx.try_recv() {
+                in_flight -= 1;
+                match r {
+                    Ok(stream) => break 'accept Ok(stream),
+                    Err(Fail::Error(e @ CollectiveError::Aborted { .. })) => break 'accept Err(Fail::Error(e)),
+                    Err(Fail::Stopped) => {}
+                    Err(Fail::Error(e)) => {
+                        tracing::warn!("ring: dropped a connection from {from} while waiting for the {name}: {e}");
+                        if refused.len() < REFUSED_MAX {
+                            refused.push(format!("{from}: {e}"));
+                        }
                     }
                 }
-            },
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                w.interrupted()?;
-                if start.elapsed() >= w.timeout {
-                    let after_ms = millis(start.elapsed());
-                    return Err(Fail::Error(if refused.is_empty() {
-                        CollectiveError::Timeout { op: w.op, peer: name.to_string(), after_ms }
-                    } else {
-                        CollectiveError::Handshake {
-                            peer: name.to_string(),
-                            reason: format!(
-                                "no acceptable connection within {after_ms} ms; refused {}",
-                                refused.join("; ")
-                            ),
-                        }
-                    }));
-                }
-                thread::sleep(ACCEPT_POLL);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(name, e).into()),
-        }
-    }
+            let accepted = if in_flight < HANDSHAKES_MAX { listener.accept() } else { Err(io::Error::from(io::ErrorKind::WouldBlock)) };
+            match accepted {
+                Ok((stream, from)) if !allowed.contains(&from.ip()) => {
+                    tracing::warn!("ring: dropped a connection from {from}: the {name} connects from {allowed:?}");
+                    if refused.len() < REFUSED_MAX {
+                        refused.push(format!("{from}: not the neighbour's address"));
+                    }
+                    drop(stream);
+                }
+                Ok((stream, from)) => {
+                    in_flight += 1;
+                    let tx = tx.clone();
+                    let hw = Waiter { op: "handshake", timeout: w.timeout.min(HANDSHAKE_TIMEOUT), abort: w.abort, stop: Some(&done), generation: w.generation };
+                    s.spawn(move || {
+                        let r = handshake_incoming(stream, name, hello, expect, &hw);
+                        let _ = tx.send((from, r));
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(f) = w.interrupted() {
+                        break Err(f);
+                    }
+                    if start.elapsed() >= w.timeout {
+                        let after_ms = millis(start.elapsed());
+                        break Err(Fail::Error(if refused.is_empty() {
+                            CollectiveError::Timeout { op: w.op, peer: name.to_string(), after_ms }
+                        } else {
+                            CollectiveError::Handshake {
+                                peer: name.to_string(),
+                                reason: format!("did not connect within {after_ms} ms; dropped {}", refused.join("; ")),
+                            }
+                        }));
+                    }
+                    thread::sleep(ACCEPT_POLL);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(io_error(name, e).into()),
+            }
+        };
+        // Stop the handshakes still running; the scope waits for them (within one poll).
+        done.store(true, Ordering::Relaxed);
+        result
+    })
 }
 
-/// The accepting end of a hello: read the peer's, answer with ours (even when refusing, so the
-/// peer can report the mismatch itself), then check.
+/// The accepting end of a handshake: read the peer's hello, answer with ours and our MAC (even
+/// when refusing, so the peer can report a mismatch itself), then check its hello and its MAC.
 fn handshake_incoming(
     stream: TcpStream,
     name: &str,
@@ -736,10 +813,17 @@ fn handshake_incoming(
 ) -> Result<TcpStream, Fail> {
     stream.set_nonblocking(false).map_err(|source| io_error(name, source))?;
     configure(&stream, w.timeout, name)?;
+    let refuse = |reason: String| Fail::Error(CollectiveError::Handshake { peer: name.to_string(), reason });
     let mut got = [0u8; HELLO_LEN];
     read_full(&stream, &mut got, name, w)?;
-    write_full(&stream, hello, name, w)?;
-    expect.check(&got).map_err(|reason| CollectiveError::Handshake { peer: name.to_string(), reason })?;
+    let mut answer = [0u8; HELLO_LEN + MAC_LEN];
+    answer[..HELLO_LEN].copy_from_slice(hello);
+    answer[HELLO_LEN..].copy_from_slice(&expect.mac("accept", hello, &got));
+    write_full(&stream, &answer, name, w)?;
+    expect.check(&got).map_err(refuse)?;
+    let mut tag = [0u8; MAC_LEN];
+    read_full(&stream, &mut tag, name, w)?;
+    expect.mac_ok("connect", &got, hello, &tag).map_err(refuse)?;
     Ok(stream)
 }
 

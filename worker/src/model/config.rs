@@ -27,6 +27,10 @@ pub struct GptConfig {
 /// overflowing `usize` and catches typos (a stray zero or two) before allocating.
 const MAX_DIM: usize = 1 << 20;
 
+/// Most parameters a config may declare (2^40, about 1.1 trillion): every product of sizes the
+/// engine computes stays far from overflowing, whatever a config file says.
+pub const MAX_PARAMS: u64 = 1 << 40;
+
 impl GptConfig {
     /// A config with `padded_vocab_size` rounded up to a multiple of 128 (as llm.c does).
     pub fn new(vocab_size: usize, n_positions: usize, n_layer: usize, n_head: usize, n_embd: usize) -> Self {
@@ -93,6 +97,21 @@ impl GptConfig {
                 ),
             });
         }
+        match self.checked_num_parameters() {
+            Some(n) if n <= MAX_PARAMS => {}
+            n => {
+                return Err(EngineError::InvalidConfig {
+                    field: "model",
+                    reason: format!(
+                        "{} parameters (n_layer {}, n_embd {}, vocab {}) is more than the {MAX_PARAMS} this trainer allocates",
+                        n.map_or_else(|| "over 2^64".to_string(), |n| n.to_string()),
+                        self.n_layer,
+                        self.n_embd,
+                        self.padded_vocab_size
+                    ),
+                });
+            }
+        }
         if self.n_embd % self.n_head != 0 {
             return Err(EngineError::InvalidConfig {
                 field: "n_embd",
@@ -114,6 +133,14 @@ impl GptConfig {
     pub fn num_parameters(&self) -> usize {
         let (c, l) = (self.n_embd, self.n_layer);
         self.padded_vocab_size * c + self.n_positions * c + l * (12 * c * c + 13 * c) + 2 * c
+    }
+
+    /// [`num_parameters`](Self::num_parameters) computed without overflow: None when the count
+    /// does not fit in a u64 (only a config that [`validate`](Self::validate) refuses).
+    pub fn checked_num_parameters(&self) -> Option<u64> {
+        let (c, l) = (self.n_embd as u128, self.n_layer as u128);
+        let n = (self.padded_vocab_size as u128) * c + (self.n_positions as u128) * c + l * (12 * c * c + 13 * c) + 2 * c;
+        u64::try_from(n).ok()
     }
 
     /// Parameters a token actually uses in matmuls and embeddings, excluding padding: the `N` of

@@ -29,8 +29,8 @@ pub struct Gpt {
     pub params: Vec<f32>,
     /// Gradients, same layout; accumulated by `backward`, cleared by `zero_grad`.
     pub grads: Vec<f32>,
-    acts: Activations,
-    gacts: GradActivations,
+    pub(crate) acts: Activations,
+    pub(crate) gacts: GradActivations,
     max_b: usize,
     max_t: usize,
     /// Tokens of the last forward, `(B, T)`, needed by the embedding backward.

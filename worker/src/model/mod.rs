@@ -3,6 +3,7 @@
 pub mod acts;
 pub mod config;
 pub mod gpt;
+pub mod memory;
 pub mod params;
 pub mod profile;
 

@@ -12,6 +12,45 @@ use std::path::PathBuf;
 /// reward-model held-out accuracy, PPO step statistics).
 pub const EVAL_FILES: [&str; 3] = [sft::EVAL_FILE, reward::EVAL_FILE, ppo::EVAL_FILE];
 
+/// What a worker would refuse about a phase's inputs, found before any worker starts (the
+/// coordinator calls this at submit): the same loaders the phases run. Checkpoints named by
+/// other phases do not exist yet and are not checked here.
+///
+/// # Errors
+/// The error the phase itself would end with.
+pub fn check_inputs(plan: &crate::plan::PhasePlan) -> Result<(), PhaseError> {
+    use crate::plan::{ComparisonSource, PhaseKind};
+    match plan.kind {
+        PhaseKind::Data => {
+            let cfg = plan.prepare.as_ref().ok_or_else(|| PhaseError::Plan("a data phase needs [phases.prepare]".into()))?;
+            liandan_data::pipeline::plan(cfg).map(|_| ()).map_err(|e| PhaseError::Data(e.to_string()))
+        }
+        PhaseKind::Pretrain => {
+            let (manifest, _) = pretrain::data_tokenizer(plan)?;
+            let tokens = manifest.splits.get("train").map_or(0, |s| s.tokens);
+            pretrain::ledger(plan, usize::try_from(tokens).unwrap_or(usize::MAX)).map(|_| ())
+        }
+        PhaseKind::Sft => sft::load_data(plan).map(|_| ()),
+        PhaseKind::Reward => {
+            let (tk, _) = sft::load_tokenizer(plan)?;
+            // Labelled comparisons only exist once people label them.
+            if plan.comparisons != ComparisonSource::File {
+                return Ok(());
+            }
+            let pairs = reward::comparisons(plan)?;
+            let file = plan.examples.clone().unwrap_or_default();
+            reward::tokenized_pairs(&tk, &pairs, plan.seq_len, &file).map(|_| ())
+        }
+        PhaseKind::Ppo => {
+            let s = plan.ppo.clone().unwrap_or_default();
+            s.validate().map_err(|(f, r)| PhaseError::Plan(format!("ppo.{f}: {r}")))?;
+            let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a ppo phase needs `data` (a JSONL of prompts in the SFT format)".into()))?;
+            let (tk, _) = sft::load_tokenizer(plan)?;
+            ppo::read_prompts(file, &tk, &s.tasks, plan.seq_len).map(|_| ())
+        }
+    }
+}
+
 /// Metrics of one optimizer step over the whole group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepMetrics {
@@ -68,8 +107,57 @@ pub enum PhaseError {
     Collective(#[from] crate::collective::CollectiveError),
     #[error("checkpoint commit: {0}")]
     Commit(String),
+    /// A step's loss or gradient norm was not finite (and no more steps may be skipped), or the
+    /// weights are not finite at a checkpoint.
+    #[error("diverged at step {step}: {detail}")]
+    Diverged { step: u64, detail: String },
     #[error("{0}")]
     Plan(String),
+}
+
+/// Steps whose loss or gradient norm is not finite: the phase fails at the first one, or skips
+/// up to the plan's `max_skipped_steps` (no update; counted and reported as `skipped_steps`).
+/// Every rank sees the same all-reduced loss and norm, so every rank decides the same.
+#[derive(Debug, Clone)]
+pub(crate) struct Divergence {
+    max_skipped: u64,
+    pub skipped: u64,
+}
+
+impl Divergence {
+    pub fn new(plan: &crate::plan::PhasePlan) -> Self {
+        Divergence { max_skipped: plan.max_skipped_steps, skipped: 0 }
+    }
+
+    /// `Ok(true)`: take step `step` (1-based); `Ok(false)`: skip it; `Err`: the phase fails.
+    pub fn check(&mut self, step: u64, loss: f64, grad_norm: f32) -> Result<bool, PhaseError> {
+        if loss.is_finite() && grad_norm.is_finite() {
+            return Ok(true);
+        }
+        if self.skipped < self.max_skipped {
+            self.skipped += 1;
+            tracing::warn!(step, loss, grad_norm, skipped = self.skipped, "non-finite loss or gradient norm: step skipped");
+            return Ok(false);
+        }
+        let allowed = if self.max_skipped == 0 { String::new() } else { format!(" after skipping {} such steps (max_skipped_steps)", self.skipped) };
+        Err(PhaseError::Diverged {
+            step,
+            detail: format!("the loss is {loss} and the gradient norm {grad_norm}{allowed}; lower lr, raise warmup, clip gradients, or allow skipped steps with max_skipped_steps"),
+        })
+    }
+
+    /// The values to report with a step.
+    pub fn values(&self) -> Vec<(String, f64)> {
+        if self.max_skipped == 0 { Vec::new() } else { vec![("skipped_steps".to_string(), self.skipped as f64)] }
+    }
+}
+
+/// Fails when any weight is not finite: no checkpoint with NaN weights is ever written.
+pub(crate) fn check_weights(step: u64, params: &[f32]) -> Result<(), PhaseError> {
+    match params.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(PhaseError::Diverged { step, detail: format!("weight {i} is {} (of {} weights); no checkpoint is written", params[i], params.len()) }),
+    }
 }
 
 /// What a failed collective means for the phase: the generation ended (abort flag), or the group
@@ -97,6 +185,7 @@ pub(crate) fn save_boundary(
     events: &mut dyn PhaseEvents,
 ) -> Result<Option<PhaseOutcome>, PhaseError> {
     use crate::checkpoint::{self, DataCursor, SaveInfo};
+    check_weights(step, &model.params)?;
     let dir = checkpoint::step_dir(checkpoint_dir, step);
     let info = SaveInfo {
         step,

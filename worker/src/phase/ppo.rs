@@ -488,6 +488,7 @@ pub fn run_ppo(
             }
         };
     }
+    let mut divergence = super::Divergence::new(plan);
     while step < plan.steps {
         if abort.load(Ordering::SeqCst) {
             return Ok(PhaseOutcome::Aborted);
@@ -603,13 +604,23 @@ pub fn run_ppo(
                 collective!(coll.all_reduce_sum(&mut head_grad));
                 collective!(reduce(coll, &mut local));
                 grad_norm = if plan.grad_clip > 0.0 { clip_grad_norm(&mut m.policy.grads, plan.grad_clip) } else { global_norm(&m.policy.grads) };
-                if plan.grad_clip > 0.0 {
-                    clip_grad_norm(&mut m.critic.grads, plan.grad_clip);
+                let critic_norm = if plan.grad_clip > 0.0 { clip_grad_norm(&mut m.critic.grads, plan.grad_clip) } else { global_norm(&m.critic.grads) };
+                // Policy and value losses and both models' gradient norms must be finite.
+                let worst = if critic_norm.is_finite() { grad_norm } else { critic_norm };
+                let take = divergence.check(step + 1, local[0] + local[2], worst);
+                if let Err(e) = take {
+                    if rank == 0 {
+                        let step_ms = started.elapsed().as_millis() as u64;
+                        events.step(StepMetrics { step: step + 1, loss: local[0], lr, grad_norm: worst, tokens: all_tokens as u64, step_ms, values: vec![("value_loss".into(), local[2])] });
+                    }
+                    return Err(e);
                 }
-                m.opt.step(&mut m.policy.params, &m.policy.grads, lr);
-                m.critic_opt.step(&mut m.critic.params, &m.critic.grads, value_lr);
-                m.state.critic_t = m.critic_opt.t;
-                adam_head(&mut m.state.value_head, &head_grad, &mut m.state.head_m, &mut m.state.head_v, value_lr, m.state.critic_t);
+                if matches!(take, Ok(true)) {
+                    m.opt.step(&mut m.policy.params, &m.policy.grads, lr);
+                    m.critic_opt.step(&mut m.critic.params, &m.critic.grads, value_lr);
+                    m.state.critic_t = m.critic_opt.t;
+                    adam_head(&mut m.state.value_head, &head_grad, &mut m.state.head_m, &mut m.state.head_v, value_lr, m.state.critic_t);
+                }
                 totals.iter_mut().zip(local).for_each(|(a, b)| *a += b);
             }
         }
@@ -646,7 +657,9 @@ pub fn run_ppo(
                 "ppo step"
             );
             let step_ms = started.elapsed().as_millis() as u64;
-            events.step(StepMetrics { step, loss: stats.policy_loss, lr, grad_norm, tokens: all_tokens as u64, step_ms, values: stats.values() });
+            let mut values = stats.values();
+            values.extend(divergence.values());
+            events.step(StepMetrics { step, loss: stats.policy_loss, lr, grad_norm, tokens: all_tokens as u64, step_ms, values });
         }
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {

@@ -25,6 +25,9 @@ use crate::train::TrainConfig;
 /// Name of the tokenizer inside prepared data and checkpoints.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
+/// Largest tokenizer file read (a 150k-token BPE is about 10 MiB).
+const TOKENIZER_MAX_BYTES: u64 = 256 << 20;
+
 /// Rows of a phase's data: `T + 1` tokens each (inputs are the first `T`, targets the last `T`).
 pub trait BatchSource {
     /// Inputs `(b, T)` and targets `(b, T)` (`-1` where no loss is taken) of this rank's rows at
@@ -65,11 +68,17 @@ pub fn data_tokenizer(plan: &PhasePlan) -> Result<(Manifest, Vec<u8>), PhaseErro
         return Err(PhaseError::Plan(format!("data vocabulary {} differs from the model's {}", manifest.vocab_size, plan.model.vocab_size)));
     }
     let tok_path = plan.data_dir.join(&manifest.tokenizer);
-    let tokenizer = std::fs::read(&tok_path).map_err(|e| PhaseError::Data(format!("{}: {e}", tok_path.display())))?;
+    let tokenizer = liandan_data::files::read_bounded(&tok_path, TOKENIZER_MAX_BYTES).map_err(|e| PhaseError::Data(e.to_string()))?;
     if sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
         return Err(PhaseError::Data(format!("{}: sha256 does not match manifest.json", tok_path.display())));
     }
     Ok((manifest, tokenizer))
+}
+
+/// The sample ledger over `tokens` training tokens, or why they are too few.
+pub(crate) fn ledger(plan: &PhasePlan, tokens: usize) -> Result<Ledger, PhaseError> {
+    Ledger::new(tokens, plan.seq_len, plan.global_batch, plan.seed)
+        .ok_or_else(|| PhaseError::Data(format!("{}: {tokens} training tokens do not make one sequence of {}", plan.data_dir.display(), plan.seq_len)))
 }
 
 /// Runs (or resumes) the pretrain phase on this rank.
@@ -87,8 +96,7 @@ pub fn run_pretrain(
     let (manifest, tokenizer) = data_tokenizer(plan)?;
     let tokens = read_split(&plan.data_dir, &manifest, Split::Train).map_err(|e| PhaseError::Data(e.to_string()))?;
     let t = plan.seq_len;
-    let ledger = Ledger::new(tokens.len(), t, plan.global_batch, plan.seed)
-        .ok_or_else(|| PhaseError::Data(format!("{}: {} training tokens do not make one sequence of {t}", plan.data_dir.display(), tokens.len())))?;
+    let ledger = ledger(plan, tokens.len())?;
     let mut source = TokenWindows { tokens, ledger, t, global_batch: plan.global_batch };
     run_lm_phase(plan, &mut source, tokenizer, resume, checkpoint_dir, coll, abort, events, None)
 }
@@ -149,6 +157,7 @@ pub fn run_lm_phase(
     let aborted = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> { Ok(collective_outcome(e, abort)) };
     let mut inputs = Vec::with_capacity(b_max * t);
     let mut targets = Vec::with_capacity(b_max * t);
+    let mut divergence = super::Divergence::new(plan);
     while step < plan.steps {
         if abort.load(Ordering::SeqCst) {
             return Ok(PhaseOutcome::Aborted);
@@ -174,11 +183,15 @@ pub fn run_lm_phase(
         };
         let grad_norm = if plan.grad_clip > 0.0 { clip_grad_norm(&mut model.grads, plan.grad_clip) } else { crate::optim::global_norm(&model.grads) };
         let lr = schedule.lr(step);
-        opt.step(&mut model.params, &model.grads, lr);
+        let take = divergence.check(step + 1, loss, grad_norm);
+        if matches!(take, Ok(true)) {
+            opt.step(&mut model.params, &model.grads, lr);
+        }
         step += 1;
         if rank == 0 {
-            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: denom as u64, step_ms: started.elapsed().as_millis() as u64, values: Vec::new() });
+            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: denom as u64, step_ms: started.elapsed().as_millis() as u64, values: divergence.values() });
         }
+        take?;
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {
             let mut files = extra.clone();

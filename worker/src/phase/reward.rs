@@ -124,6 +124,32 @@ pub fn scores(model: &mut Gpt, head: &ScalarHead, convs: &[&Vec<u32>], t: usize,
     Ok(out)
 }
 
+/// Comparisons as token ids: (chosen, rejected) conversations cut to `t`, training and held out.
+pub(crate) struct Pairs {
+    pub train: Vec<(Vec<u32>, Vec<u32>)>,
+    pub heldout: Vec<(Vec<u32>, Vec<u32>)>,
+    pub heldout_tasks: Vec<String>,
+}
+
+/// Tokenizes and splits the comparisons (what the phase trains on, and what the coordinator
+/// checks at submit). `file` names them in errors.
+pub(crate) fn tokenized_pairs(tk: &ChatTokenizer, pairs: &[PreferencePair], t: usize, file: &Path) -> Result<Pairs, PhaseError> {
+    let mut out = Pairs { train: Vec::new(), heldout: Vec::new(), heldout_tasks: Vec::new() };
+    for p in pairs {
+        let pair = (conversation(tk, &p.prompt, &p.chosen, t)?, conversation(tk, &p.prompt, &p.rejected, t)?);
+        if held_out(p) {
+            out.heldout.push(pair);
+            out.heldout_tasks.push(p.task.clone().unwrap_or_default());
+        } else {
+            out.train.push(pair)
+        }
+    }
+    if out.train.is_empty() {
+        return Err(PhaseError::Data(format!("{}: no training pairs ({} comparisons, all held out)", file.display(), pairs.len())));
+    }
+    Ok(out)
+}
+
 /// Runs (or resumes) the reward phase on this rank, from the SFT phase's checkpoint.
 pub fn run_reward(
     plan: &PhasePlan,
@@ -140,20 +166,10 @@ pub fn run_reward(
     let (tk, tok_bytes) = load_tokenizer(plan)?;
     let t = plan.seq_len;
     let pad = tk.special.pad;
-    let mut train = Vec::new();
-    let mut heldout = Vec::new();
-    let mut heldout_tasks = Vec::new();
-    for p in &pairs {
-        let pair = (conversation(&tk, &p.prompt, &p.chosen, t)?, conversation(&tk, &p.prompt, &p.rejected, t)?);
-        if held_out(p) {
-            heldout.push(pair);
-            heldout_tasks.push(p.task.clone().unwrap_or_default());
-        } else {
-            train.push(pair)
-        }
-    }
+    let Pairs { train, heldout, heldout_tasks } = tokenized_pairs(&tk, &pairs, t, file)?;
     let b_global = plan.global_batch;
     let b_max = b_global.div_ceil(world).max(1);
+    // `tokenized_pairs` made sure there is at least one training pair.
     let mut ledger = Ledger::over_rows(train.len(), 1, b_global, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training pairs", file.display())))?;
     let mut model = Gpt::new(plan.model.clone(), 2 * b_max, t)?;
     let c = plan.model.n_embd;
@@ -178,6 +194,7 @@ pub fn run_reward(
     let schedule = plan.schedule();
     let train_config = TrainConfig { batch_size: 2 * b_max, seq_len: t, grad_accum: 1, schedule: schedule.clone(), adamw: plan.adamw(), grad_clip: plan.grad_clip, seed: plan.seed };
     let broken = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> { Ok(collective_outcome(e, abort)) };
+    let mut divergence = super::Divergence::new(plan);
     while step < plan.steps {
         if abort.load(Ordering::SeqCst) {
             return Ok(PhaseOutcome::Aborted);
@@ -219,13 +236,17 @@ pub fn run_reward(
         };
         let grad_norm = if plan.grad_clip > 0.0 { clip_grad_norm(&mut model.grads, plan.grad_clip) } else { crate::optim::global_norm(&model.grads) };
         let lr = schedule.lr(step);
-        opt.step(&mut model.params, &model.grads, lr);
-        adam_head(&mut head, &head_grad, &mut hm, &mut hv, lr, step + 1);
+        let take = divergence.check(step + 1, loss, grad_norm);
+        if matches!(take, Ok(true)) {
+            opt.step(&mut model.params, &model.grads, lr);
+            adam_head(&mut head, &head_grad, &mut hm, &mut hv, lr, step + 1);
+        }
         step += 1;
         if rank == 0 {
             tracing::debug!(step, accuracy = correct / b_global as f64, "reward step");
-            events.step(StepMetrics { step, loss: loss / b_global as f64, lr, grad_norm, tokens: (2 * b_global * t) as u64, step_ms: started.elapsed().as_millis() as u64, values: Vec::new() });
+            events.step(StepMetrics { step, loss: loss / b_global as f64, lr, grad_norm, tokens: (2 * b_global * t) as u64, step_ms: started.elapsed().as_millis() as u64, values: divergence.values() });
         }
+        take?;
         let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
         if boundary && rank == 0 {
             let eval = evaluate(&mut model, &head, &heldout, &heldout_tasks, t, pad)?;

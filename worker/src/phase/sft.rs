@@ -124,6 +124,30 @@ pub fn load_tokenizer(plan: &PhasePlan) -> Result<(ChatTokenizer, Vec<u8>), Phas
     Ok((tk, bytes))
 }
 
+/// An SFT phase's data, tokenized and packed.
+pub(crate) struct SftData {
+    tk: ChatTokenizer,
+    tok_bytes: Vec<u8>,
+    /// Held-out examples and their packed rows.
+    val: Vec<SftExample>,
+    val_rows: PackedRows,
+    source: SftRows,
+}
+
+/// Reads, splits, tokenizes and packs the phase's examples: what the phase trains on, and what
+/// the coordinator checks at submit (so a file the worker would refuse is refused there).
+pub(crate) fn load_data(plan: &PhasePlan) -> Result<SftData, PhaseError> {
+    let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
+    let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
+    let (train, val): (Vec<SftExample>, Vec<SftExample>) = examples.into_iter().partition(|e| !held_out(e));
+    let (tk, tok_bytes) = load_tokenizer(plan)?;
+    let packed = pack(&tk, &train, plan.seq_len)?;
+    let val_rows = pack(&tk, &val, plan.seq_len)?;
+    let ledger = Ledger::over_rows(packed.rows(), packed.row_len, plan.global_batch, plan.seed)
+        .ok_or_else(|| PhaseError::Data(format!("{}: no training example fits a sequence of {} tokens", file.display(), plan.seq_len)))?;
+    Ok(SftData { tk, tok_bytes, val, val_rows, source: SftRows { packed, ledger } })
+}
+
 /// Runs (or resumes) the SFT phase on this rank, from the previous phase's checkpoint.
 pub fn run_sft(
     plan: &PhasePlan,
@@ -133,14 +157,7 @@ pub fn run_sft(
     abort: &AtomicBool,
     events: &mut dyn PhaseEvents,
 ) -> Result<PhaseOutcome, PhaseError> {
-    let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
-    let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
-    let (train, val): (Vec<SftExample>, Vec<SftExample>) = examples.into_iter().partition(|e| !held_out(e));
-    let (tk, tok_bytes) = load_tokenizer(plan)?;
-    let packed = pack(&tk, &train, plan.seq_len)?;
-    let val_rows = pack(&tk, &val, plan.seq_len)?;
-    let ledger = Ledger::over_rows(packed.rows(), packed.row_len, plan.global_batch, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training examples", file.display())))?;
-    let mut source = SftRows { packed, ledger };
+    let SftData { tk, tok_bytes, val, val_rows, mut source } = load_data(plan)?;
     let prompts = task_prompts(&val);
     let mut eval = |model: &mut crate::model::gpt::Gpt| -> Result<(String, Vec<u8>), PhaseError> {
         let loss = validation_loss(model, &val_rows)?;

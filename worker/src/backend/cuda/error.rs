@@ -37,6 +37,12 @@ pub enum CudaError {
     #[error("NCCL: {op}: {status}")]
     Nccl { op: &'static str, status: String },
 
+    /// A launch was refused (the device's limits, or arguments that do not match the kernel's
+    /// signature), or a kernel failed while it ran on the emulated device (a barrier not reached
+    /// by every thread, a warp op with an exited lane, a write past the end of a buffer).
+    #[error("kernel {kernel}: {reason}")]
+    Launch { kernel: String, reason: String },
+
     /// Arguments that do not fit the buffers or the kernels (shapes, lengths, head size).
     #[error("{op}: {reason}")]
     Shape { op: &'static str, reason: String },

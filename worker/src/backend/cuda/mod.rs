@@ -1,22 +1,28 @@
-//! The CUDA backend: every op of [`crate::backend::cpu`] as a kernel in `kernels/*.cu`, compiled
-//! at start by NVRTC for the device's compute capability (and cached on disk), and matmuls
-//! through cuBLASLt (bf16 with f32 accumulation, or f32 for checking). cudarc reaches the CUDA
-//! libraries through dlopen, so this module builds everywhere; on a machine without a GPU or
-//! without the libraries, [`CudaDevice::open`] returns one clear [`CudaError`].
+//! The CUDA backend: every op of [`crate::backend::cpu`] as a kernel in `kernels/*.cu`, and
+//! matmuls through cuBLASLt (bf16 with f32 accumulation, or f32 for checking), on a device layer
+//! with two implementations: a real GPU (cudarc: NVRTC compiles the kernels at start, cached on
+//! disk) and the emulated device (the same `.cu` files compiled for the CPU by `worker/build.rs`,
+//! host memory, cuBLASLt's contract on the CPU), so CI runs this host code and these kernels.
+//! cudarc reaches the CUDA libraries through dlopen, so this module builds everywhere; on a
+//! machine without a GPU or without the libraries, [`CudaDevice::open`] returns one clear
+//! [`CudaError`].
 //!
 //! # Layout
 //! - [`kernels`]: the `.cu` sources, NVRTC compilation and the PTX cache.
-//! - [`device`]: context, stream, loaded kernels, buffers ([`device::DevBuf`], [`device::View`]).
-//! - [`matmul`]: cuBLASLt row-major gemm at [`matmul::Precision::Bf16`] or `F32`.
+//! - [`device`]: the device interface ([`device::DeviceApi`]), the handle [`CudaDevice`],
+//!   buffers ([`device::DevBuf`], [`device::View`]) and the GPU implementation.
+//! - [`emu`]: the emulated device (kernels on the CPU, launch limits, the cuBLASLt contract).
+//! - [`matmul`]: the row-major gemm at [`matmul::Precision::Bf16`] or `F32`.
 //! - [`ops`]: one host wrapper per kernel, named and ordered like the CPU functions.
 //! - [`model`]: the GPT-2 forward, loss and backward on device buffers.
-//! - [`trainer`]: a training step (accumulation, NCCL all-reduce, clipping, AdamW).
+//! - [`trainer`]: a training step (accumulation, NCCL all-reduce, clipping, AdamW), checkpoints.
 //! - [`selftest`]: every op and a whole step against the CPU backend, for `liandan selftest`.
 //! - [`peak`]: datasheet peak FLOP/s by device name, for MFU.
 //!
 //! What has run where is stated in docs/CUDA.md.
 
 pub mod device;
+pub mod emu;
 pub mod error;
 pub mod kernels;
 pub mod matmul;

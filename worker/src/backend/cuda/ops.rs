@@ -2,11 +2,9 @@
 //! order, each checking every operand's length against the shapes before it launches. Shapes
 //! follow the crate glossary (N = B·T rows).
 
-use cudarc::driver::LaunchConfig;
-
-use super::device::{grid_1d, Arg, CudaDevice, View, DPtr};
+use super::device::{grid_1d, Arg, CudaDevice, DPtr, LaunchConfig, View};
 use super::error::{CudaError, Result};
-use super::matmul::Precision;
+use super::matmul::{self, Precision};
 
 /// Threads per block of element-wise kernels.
 const BLOCK: u32 = 256;
@@ -156,7 +154,7 @@ pub fn matmul_forward(dev: &CudaDevice, prec: Precision, out: View, inp: View, w
         None => 0.0,
     };
     let a = operand(dev, prec, inp, scratch.a, n * c)?;
-    dev.blas.gemm(prec, out.ptr, a, weight(prec, w, w_bf16), false, false, n, oc, c, 1.0, beta)
+    matmul::gemm(dev, prec, out.ptr, a, weight(prec, w, w_bf16), false, false, n, oc, c, 1.0, beta)
 }
 
 /// CPU: [`crate::backend::cpu::matmul::matmul_backward`]: `dinp = dout·wᵀ` (overwritten),
@@ -184,9 +182,9 @@ pub fn matmul_backward(
     need(OP, "inp", inp, n * c)?;
     need(OP, "w", w, c * oc)?;
     let g = operand(dev, prec, dout, scratch.a, n * oc)?;
-    dev.blas.gemm(prec, dinp.ptr, g, weight(prec, w, w_bf16), false, true, n, c, oc, 1.0, 0.0)?;
+    matmul::gemm(dev, prec, dinp.ptr, g, weight(prec, w, w_bf16), false, true, n, c, oc, 1.0, 0.0)?;
     let x = operand(dev, prec, inp, scratch.b, n * c)?;
-    dev.blas.gemm(prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0)?;
+    matmul::gemm(dev, prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0)?;
     if let Some(db) = dbias {
         add_column_sums(dev, db, dout, partial, n, oc)?;
     }
@@ -200,7 +198,7 @@ pub fn lm_head_forward(dev: &CudaDevice, prec: Precision, logits: View, x: View,
     need(OP, "x", x, n * c)?;
     need(OP, "wte", wte, vp * c)?;
     let a = operand(dev, prec, x, scratch.a, n * c)?;
-    dev.blas.gemm(prec, logits.ptr, a, weight(prec, wte, wte_bf16), false, true, n, vp, c, 1.0, 0.0)
+    matmul::gemm(dev, prec, logits.ptr, a, weight(prec, wte, wte_bf16), false, true, n, vp, c, 1.0, 0.0)
 }
 
 /// CPU: [`crate::backend::cpu::matmul::lm_head_backward`]: `dx = dlogits·wte` (overwritten),
@@ -212,9 +210,9 @@ pub fn lm_head_backward(dev: &CudaDevice, prec: Precision, dx: View, dwte: View,
     need(OP, "dlogits", dlogits, n * vp)?;
     need(OP, "x", x, n * c)?;
     let g = operand(dev, prec, dlogits, scratch.a, n * vp)?;
-    dev.blas.gemm(prec, dx.ptr, g, weight(prec, wte, wte_bf16), false, false, n, c, vp, 1.0, 0.0)?;
+    matmul::gemm(dev, prec, dx.ptr, g, weight(prec, wte, wte_bf16), false, false, n, c, vp, 1.0, 0.0)?;
     let xa = operand(dev, prec, x, scratch.b, n * c)?;
-    dev.blas.gemm(prec, dwte.ptr, g, xa, true, false, vp, c, n, 1.0, 1.0)
+    matmul::gemm(dev, prec, dwte.ptr, g, xa, true, false, vp, c, n, 1.0, 1.0)
 }
 
 /// The attention kernels' register-array size for head size `hs`.
@@ -242,7 +240,7 @@ fn kernel_name(stem: &str, variant: &str) -> &'static str {
 }
 
 fn attention_dims(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(usize, [Arg; 4])> {
-    if nh == 0 || c % nh != 0 {
+    if nh == 0 || !c.is_multiple_of(nh) {
         return Err(CudaError::Shape { op, reason: format!("C={c} is not divisible by NH={nh}") });
     }
     Ok((c / nh, [Arg::I(int(op, "B", b)?), Arg::I(int(op, "T", t)?), Arg::I(int(op, "C", c)?), Arg::I(int(op, "NH", nh)?)]))

@@ -1,0 +1,143 @@
+//! Human comparisons: a prompt of a job's SFT data and two answers sampled from its newest SFT
+//! or PPO checkpoint, labelled once; and their export for a reward phase.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use liandan_proto::v1::Comparison;
+use tonic::Status;
+use tracing::{info, warn};
+
+use super::CoordinatorService;
+use crate::limits;
+use crate::spec::{PhaseKind, PhasePlan};
+use crate::store::{Store, StoreError};
+
+/// A checkpoint and the prompts it answers, loaded to sample answers for comparisons.
+#[derive(Debug)]
+pub(super) struct Sampler {
+    checkpoint: String,
+    model: liandan_worker::Gpt,
+    tokenizer: liandan_data::tokenizer::ChatTokenizer,
+    examples: std::path::PathBuf,
+    prompts: Vec<liandan_data::chat::SftExample>,
+}
+
+/// The loaded sampler, if any.
+pub(super) type SamplerSlot = Mutex<Option<Sampler>>;
+
+impl CoordinatorService {
+    /// A new comparison for `job_id`: a prompt of the job's SFT data and two answers sampled
+    /// from its newest SFT or PPO checkpoint (blocking: runs the model).
+    pub fn make_comparison(&self, job_id: u64) -> Result<crate::store::NewComparison, Status> {
+        let (checkpoint, examples, made) = self.with_store(|s| {
+            let Some(_) = s.job(job_id)? else { return Ok(Err(Status::not_found(format!("job {job_id} does not exist")))) };
+            let plans: Vec<(crate::store::PhaseRow, PhasePlan)> =
+                s.phases(job_id)?.into_iter().filter_map(|p| serde_json::from_str::<PhasePlan>(&p.plan_json).ok().map(|pl| (p, pl))).collect();
+            let chat = |k: PhaseKind| matches!(k, PhaseKind::Sft | PhaseKind::Ppo);
+            let Some((p, _)) = plans.iter().rev().find(|(p, pl)| chat(pl.kind) && !p.last_checkpoint.is_empty()) else {
+                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no SFT or PPO checkpoint yet to sample answers from"))));
+            };
+            let Some(examples) = plans.iter().find(|(_, pl)| pl.kind == PhaseKind::Sft).and_then(|(_, pl)| pl.examples.clone()) else {
+                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no sft phase whose prompts could be asked"))));
+            };
+            Ok(Ok((p.last_checkpoint.clone(), examples, s.comparison_counts(job_id)?.0)))
+        })??;
+        let mut guard = self.sampler.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|m| m.checkpoint != checkpoint || m.examples != examples) {
+            let (model, tokenizer) = liandan_worker::eval::load_chat_model(std::path::Path::new(&checkpoint)).map_err(Status::failed_precondition)?;
+            let prompts = liandan_data::chat::read_sft(&examples).map_err(|e| Status::failed_precondition(e.to_string()))?;
+            *guard = Some(Sampler { checkpoint: checkpoint.clone(), model, tokenizer, examples, prompts });
+        }
+        let Some(m) = guard.as_ref() else { return Err(Status::internal("sampler not loaded")) };
+        let prompts = &m.prompts;
+        // Walk the prompts in a fixed pseudo-random order; skip pairs whose answers are equal.
+        for attempt in 0..16u64 {
+            let k = made * 16 + attempt;
+            let ex = &prompts[(k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) as usize % prompts.len()];
+            let Some(prompt) = ex.messages.iter().find(|m| m.role == liandan_data::chat::Role::User).map(|m| m.content.clone()) else { continue };
+            let sample = |seed: u64| {
+                let cfg = liandan_worker::generate::SamplingConfig { max_new_tokens: 64, temperature: 0.9, top_k: 50, top_p: 0.95, seed, ..Default::default() };
+                liandan_worker::eval::answer_with(&m.model, &m.tokenizer, &prompt, cfg).map_err(Status::internal)
+            };
+            let (a, b) = (sample(2 * k)?, sample(2 * k + 1)?);
+            if a.trim() != b.trim() && !a.trim().is_empty() && !b.trim().is_empty() {
+                return Ok(crate::store::NewComparison { job_id, prompt, task: ex.task.clone().unwrap_or_default(), answer_a: a.trim().into(), answer_b: b.trim().into(), checkpoint });
+            }
+        }
+        Err(Status::resource_exhausted(format!("{checkpoint}: 16 attempts gave no two different answers")))
+    }
+
+    /// The next comparison of a job to label: its oldest open one, or a newly sampled one.
+    pub async fn next_comparison_for(&self, job_id: u64) -> Result<Comparison, Status> {
+        let open = self.with_store(|s| s.open_comparison(job_id))?;
+        let row = match open {
+            Some(row) => row,
+            None => {
+                let me = self.clone();
+                let new = tokio::task::spawn_blocking(move || me.make_comparison(job_id)).await.map_err(|e| Status::internal(e.to_string()))??;
+                let id = self.with_store(|s| s.insert_comparison(&new))?;
+                info!(job = job_id, comparison = id, "new comparison sampled from {}", new.checkpoint);
+                crate::store::ComparisonRow { id, new, choice: String::new(), labeler: String::new() }
+            }
+        };
+        let (total, labelled) = self.with_store(|s| s.comparison_counts(job_id))?;
+        let n = row.new;
+        Ok(Comparison { comparison_id: row.id, job_id, prompt: n.prompt, answer_a: n.answer_a, answer_b: n.answer_b, task: n.task, checkpoint: n.checkpoint, total, labelled })
+    }
+
+    /// Labels a comparison once (`a`, `b`, `tie`, `skip`); a refusal is logged and changes nothing.
+    pub fn label(&self, id: u64, choice: &str, labeler: &str) -> Result<(), Status> {
+        limits::text("labeler", labeler, limits::LABELER_CHARS)?;
+        let result = if ["a", "b", "tie", "skip"].contains(&choice) {
+            self.with_store(|s| {
+                let Some(c) = s.comparison(id)? else { return Ok(Err(Status::not_found(format!("comparison {id} does not exist")))) };
+                if !s.label_comparison(c.id, choice, labeler)? {
+                    return Ok(Err(Status::failed_precondition(format!("comparison {id} was already labelled ('{}' by '{}')", c.choice, c.labeler))));
+                }
+                Ok(Ok(()))
+            })?
+        } else {
+            Err(Status::invalid_argument(format!("choice must be a, b, tie or skip, got '{choice}'")))
+        };
+        match &result {
+            Ok(()) => info!(comparison = id, choice, labeler, "comparison labelled"),
+            Err(e) => warn!(comparison = id, "label refused: {}", e.message()),
+        }
+        result
+    }
+
+}
+
+/// Writes the comparisons labelled so far (with a winner) to `labelled_comparisons.jsonl` in the
+/// phase's checkpoint directory, once: later generations of the phase train on the same set.
+pub(super) fn export_labelled(s: &Store, p: &crate::store::PhaseRow) -> Result<std::path::PathBuf, StoreError> {
+    let path = std::path::Path::new(&p.checkpoint_dir).join("labelled_comparisons.jsonl");
+    if path.exists() {
+        return Ok(path);
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+    std::fs::create_dir_all(&p.checkpoint_dir).map_err(io)?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    // A page at a time: the export never holds every comparison in memory.
+    let mut after = 0;
+    loop {
+        let page = s.decided_comparisons(after, 500)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for c in &page {
+            let n = &c.new;
+            let (chosen, rejected) = if c.choice == "a" { (&n.answer_a, &n.answer_b) } else { (&n.answer_b, &n.answer_a) };
+            let line = serde_json::json!({
+                "prompt": n.prompt, "chosen": chosen, "rejected": rejected, "label_source": "human",
+                "task": n.task, "comparison_id": c.id, "labeler": c.labeler, "sampled_from": n.checkpoint,
+            });
+            writeln!(out, "{line}").map_err(io)?;
+        }
+    }
+    out.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(path)
+}
+

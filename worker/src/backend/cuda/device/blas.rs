@@ -1,0 +1,66 @@
+//! One `cublasLtMatmul` call, described in cuBLASLt's own terms, so both device implementations
+//! receive exactly what the row-major wrapper ([`crate::backend::cuda::matmul`]) would hand
+//! cuBLASLt.
+//!
+//! The contract (cuBLASLt documentation, `cublasLtMatmul`): `D = alpha·op(A)·op(B) + beta·C`,
+//! every matrix column-major (`CUBLASLT_ORDER_COL`, the default order of a matrix layout), with
+//! element `(i, j)` of a stored `rows × cols` matrix at `i + j·ld`. A layout describes the matrix
+//! *as stored*; `op(X)` is `X` or `Xᵀ` per the descriptor's `TRANSA` / `TRANSB`. So `op(A)` is
+//! `m × k`, `op(B)` is `k × n`, `C` and `D` are `m × n`, where `m` and `n` are `D`'s rows and
+//! columns. `ld >= rows` for every layout. When `beta == 0`, `C` is not read. Compute type
+//! `CUBLAS_COMPUTE_32F` with scale type f32: products and sums in f32, `alpha` and `beta` f32.
+
+/// Element type of a matrix (`cudaDataType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    /// `CUDA_R_32F`.
+    F32,
+    /// `CUDA_R_16BF` (bf16 bits in a u16).
+    Bf16,
+}
+
+impl DataType {
+    pub fn bytes(self) -> usize {
+        match self {
+            DataType::F32 => 4,
+            DataType::Bf16 => 2,
+        }
+    }
+}
+
+/// A `cublasLtMatrixLayout_t`: a column-major matrix as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatrixLayout {
+    pub dtype: DataType,
+    pub rows: u64,
+    pub cols: u64,
+    /// Leading dimension: elements between the starts of two columns.
+    pub ld: i64,
+}
+
+/// One matmul: the descriptor's transposes, the scalars, the four matrices and their layouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Matmul {
+    /// `CUBLASLT_MATMUL_DESC_TRANSA`: `op(A) = Aᵀ`.
+    pub trans_a: bool,
+    /// `CUBLASLT_MATMUL_DESC_TRANSB`: `op(B) = Bᵀ`.
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub a: super::DPtr,
+    pub a_layout: MatrixLayout,
+    pub b: super::DPtr,
+    pub b_layout: MatrixLayout,
+    pub c: super::DPtr,
+    pub c_layout: MatrixLayout,
+    pub d: super::DPtr,
+    pub d_layout: MatrixLayout,
+}
+
+impl Matmul {
+    /// `(m, n, k)` as cuBLASLt derives them: `m × n` from `D`, `k` from `op(A)`.
+    pub fn dims(&self) -> (u64, u64, u64) {
+        let k = if self.trans_a { self.a_layout.rows } else { self.a_layout.cols };
+        (self.d_layout.rows, self.d_layout.cols, k)
+    }
+}

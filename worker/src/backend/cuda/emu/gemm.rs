@@ -1,0 +1,147 @@
+//! `cublasLtMatmul` on the CPU, implemented from cuBLASLt's documented contract (restated in
+//! [`crate::backend::cuda::device::blas`]), not from the row-major wrapper that calls it, so a
+//! wrong layout, transpose or leading dimension in the wrapper gives wrong numbers (or a refusal)
+//! here as it would on a GPU.
+//!
+//! Checked as cuBLASLt checks (its status in the message): supported types (A and B both f32 or
+//! both bf16, C and D f32, compute and scale f32), `ld >= rows`, `op(A)` `m × k` against `op(B)`
+//! `k × n` and `C`, `D` `m × n`, `C` and `D` the same layout when they are the same matrix.
+//! Beyond cuBLASLt: every matrix must lie inside one live allocation, and `D` may not overlap
+//! `A` or `B` (undefined on a GPU).
+//!
+//! Arithmetic: bf16 operands are widened to f32 exactly; products and sums are f32 (the gemm
+//! crate, in its own summation order); `C` is not read when `beta == 0`.
+
+use crate::backend::cuda::device::blas::{DataType, Matmul, MatrixLayout};
+
+/// The bytes a column-major matrix spans from its first element.
+fn footprint(l: &MatrixLayout) -> usize {
+    if l.rows == 0 || l.cols == 0 { 0 } else { ((l.cols as usize - 1) * l.ld as usize + l.rows as usize) * l.dtype.bytes() }
+}
+
+/// Validates `m` as cuBLASLt would; `inside(addr, bytes)` says whether a range lies in a live
+/// allocation.
+///
+/// # Errors
+/// The status cuBLASLt would return and why.
+pub fn check(m: &Matmul, inside: &dyn Fn(u64, usize) -> bool) -> Result<(), String> {
+    let not_supported = |why: String| Err(format!("CUBLAS_STATUS_NOT_SUPPORTED: {why}"));
+    let invalid = |why: String| Err(format!("CUBLAS_STATUS_INVALID_VALUE: {why}"));
+    if m.a_layout.dtype != m.b_layout.dtype {
+        return not_supported(format!("A is {:?} and B is {:?}", m.a_layout.dtype, m.b_layout.dtype));
+    }
+    if m.c_layout.dtype != DataType::F32 || m.d_layout.dtype != DataType::F32 {
+        return not_supported(format!("C and D must be f32 for {:?} operands with compute type 32F, got {:?} and {:?}", m.a_layout.dtype, m.c_layout.dtype, m.d_layout.dtype));
+    }
+    for (name, l) in [("A", &m.a_layout), ("B", &m.b_layout), ("C", &m.c_layout), ("D", &m.d_layout)] {
+        if l.ld < 1 || (l.ld as u64) < l.rows {
+            return invalid(format!("{name} is {}×{} with ld {}: ld must be at least the rows", l.rows, l.cols, l.ld));
+        }
+    }
+    let (rows, cols, k) = m.dims();
+    let (a_rows, a_cols) = if m.trans_a { (m.a_layout.cols, m.a_layout.rows) } else { (m.a_layout.rows, m.a_layout.cols) };
+    let (b_rows, b_cols) = if m.trans_b { (m.b_layout.cols, m.b_layout.rows) } else { (m.b_layout.rows, m.b_layout.cols) };
+    if a_rows != rows || b_cols != cols || b_rows != k || (m.c_layout.rows, m.c_layout.cols) != (rows, cols) {
+        return invalid(format!(
+            "op(A) is {a_rows}×{a_cols} (transa={}), op(B) {b_rows}×{b_cols} (transb={}), C {}×{}, D {rows}×{cols}: need op(A) m×k, op(B) k×n, C and D m×n",
+            m.trans_a, m.trans_b, m.c_layout.rows, m.c_layout.cols
+        ));
+    }
+    if m.c == m.d && m.c_layout != m.d_layout {
+        return invalid("C and D are the same matrix with different layouts".into());
+    }
+    let d_span = (m.d.0, footprint(&m.d_layout));
+    for (name, p, l) in [("A", m.a, &m.a_layout), ("B", m.b, &m.b_layout), ("C", m.c, &m.c_layout), ("D", m.d, &m.d_layout)] {
+        let bytes = footprint(l);
+        if bytes > 0 && !inside(p.0, bytes) {
+            return Err(format!("{name} ({}×{}, ld {}, {bytes} bytes from {:#x}) is not inside one device allocation", l.rows, l.cols, l.ld, p.0));
+        }
+        if (name == "A" || name == "B") && bytes > 0 && d_span.1 > 0 && p.0 < d_span.0 + d_span.1 as u64 && d_span.0 < p.0 + bytes as u64 {
+            return Err(format!("D overlaps {name}: cuBLASLt's result is undefined when the output aliases an input"));
+        }
+    }
+    Ok(())
+}
+
+/// The stored matrix at `p` as f32 (bf16 widened exactly), with its own leading dimension.
+///
+/// # Safety
+/// `p` spans [`footprint`]`(l)` readable bytes.
+unsafe fn widen(p: u64, l: &MatrixLayout) -> Vec<f32> {
+    let n = footprint(l) / l.dtype.bytes();
+    match l.dtype {
+        // SAFETY: the caller guarantees n elements at p.
+        DataType::F32 => unsafe { std::slice::from_raw_parts(p as *const f32, n) }.to_vec(),
+        DataType::Bf16 => unsafe { std::slice::from_raw_parts(p as *const u16, n) }.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect(),
+    }
+}
+
+/// Runs a [`check`]ed matmul, on the rayon pool it is called in when `parallel`.
+///
+/// # Safety
+/// [`check`] passed for `m` (every matrix inside a live allocation, D not overlapping A or B)
+/// and nothing else touches these matrices meanwhile.
+pub unsafe fn run(m: &Matmul, parallel: bool) {
+    let (rows, cols, k) = m.dims();
+    let (rows, cols, k) = (rows as usize, cols as usize, k as usize);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    // SAFETY: check() placed A and B inside live allocations.
+    let (a, b) = unsafe { (widen(m.a.0, &m.a_layout), widen(m.b.0, &m.b_layout)) };
+    let d = m.d.0 as *mut f32;
+    let ldd = m.d_layout.ld as isize;
+    let read_dst = m.beta != 0.0;
+    if read_dst && m.c != m.d {
+        let ldc = m.c_layout.ld as usize;
+        for j in 0..cols {
+            for i in 0..rows {
+                // SAFETY: (i, j) is inside C's and D's footprints (check()); they may overlap
+                // only as the same matrix, which this branch excludes.
+                unsafe { *d.offset(i as isize + j as isize * ldd) = *(m.c.0 as *const f32).add(i + j * ldc) };
+            }
+        }
+    }
+    if k == 0 {
+        for j in 0..cols {
+            for i in 0..rows {
+                // SAFETY: inside D's footprint.
+                unsafe {
+                    let x = d.offset(i as isize + j as isize * ldd);
+                    *x = if read_dst { m.beta * *x } else { 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    // Element (i, p) of op(A): A(i, p) at i + p·lda, or A(p, i) at p + i·lda when transposed.
+    let lda = m.a_layout.ld as isize;
+    let (a_rs, a_cs) = if m.trans_a { (lda, 1) } else { (1, lda) };
+    let ldb = m.b_layout.ld as isize;
+    let (b_rs, b_cs) = if m.trans_b { (ldb, 1) } else { (1, ldb) };
+    // SAFETY: the strides address op(A) m×k inside `a`, op(B) k×n inside `b` and D m×n inside
+    // D's footprint (check()); the gemm crate computes dst = beta_g·dst + alpha_g·lhs·rhs.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            k,
+            d,
+            ldd,
+            1,
+            read_dst,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            m.beta,
+            m.alpha,
+            false,
+            false,
+            false,
+            if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None },
+        )
+    }
+}

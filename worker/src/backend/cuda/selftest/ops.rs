@@ -1,0 +1,284 @@
+//! The kernel sections of the selftest: each op's forward and backward against its CPU
+//! reference (tolerances in the module docs of [`super`]).
+
+use super::{BF16, Ctx, EW, MM, Tolerance, compare, pick, randn};
+use crate::backend::cpu;
+use crate::backend::cuda::error::Result;
+use crate::backend::cuda::matmul::Precision;
+use crate::backend::cuda::ops::{self, Bf16Scratch};
+use crate::rng::Rng;
+
+pub(super) fn encoder(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    for (b, t, c, vp) in pick(cx.shapes, &[(1, 1, 8, 16), (2, 7, 16, 32), (3, 37, 40, 100)], &[(4, 64, 768, 50304)]) {
+        let mut r = Rng::new(1);
+        let inp: Vec<u32> = (0..b * t).map(|_| r.below(vp as u64 - 1) as u32).collect();
+        let (wte, wpe, dout) = (randn(vp * c, 2), randn(t * c, 3), randn(b * t * c, 4));
+        let mut want = vec![0.0; b * t * c];
+        cpu::encoder::encoder_forward(&mut want, &inp, &wte, &wpe, b, t, c, 0);
+        let (gi, gwte, gwpe, gout) = (cx.d().upload_new(&inp)?, cx.up(&wte)?, cx.up(&wpe)?, cx.out(b * t * c)?);
+        ops::encoder_forward(cx.d(), gout.all(), gi.all(), gwte.all(), gwpe.all(), b, t, c, 0)?;
+        let got = cx.down(&gout, b * t * c)?;
+        cx.push(compare(format!("encoder_forward B={b} T={t} C={c}"), &got, &want, EW));
+        let (mut dwte, mut dwpe) = (vec![0.5; vp * c], vec![0.25; t * c]);
+        cpu::encoder::encoder_backward(&mut dwte, &mut dwpe, &dout, &inp, b, t, c);
+        let (gdwte, gdwpe, gdout) = (cx.up(&vec![0.5; vp * c])?, cx.up(&vec![0.25; t * c])?, cx.up(&dout)?);
+        ops::encoder_backward(cx.d(), gdwte.all(), gdwpe.all(), gdout.all(), gi.all(), b, t, c)?;
+        let (g1, g2) = (cx.down(&gdwte, vp * c)?, cx.down(&gdwpe, t * c)?);
+        cx.push(compare(format!("encoder_backward dwte B={b} T={t} C={c}"), &g1, &dwte, EW));
+        cx.push(compare(format!("encoder_backward dwpe B={b} T={t} C={c}"), &g2, &dwpe, EW));
+    }
+    Ok(())
+}
+
+pub(super) fn layernorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    for (n, c) in pick(cx.shapes, &[(1, 8), (37, 64), (300, 100)], &[(512, 768)]) {
+        let (x, w, bias, dout) = (randn(n * c, 5), randn(c, 6), randn(c, 7), randn(n * c, 8));
+        let (mut o, mut m, mut s) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        cpu::layernorm::layernorm_forward(&mut o, &mut m, &mut s, &x, &w, &bias, n, c);
+        let (gx, gw, gb, go, gm, gs) = (cx.up(&x)?, cx.up(&w)?, cx.up(&bias)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
+        ops::layernorm_forward(cx.d(), go.all(), gm.all(), gs.all(), gx.all(), gw.all(), gb.all(), n, c)?;
+        let (g_o, g_m, g_s) = (cx.down(&go, n * c)?, cx.down(&gm, n)?, cx.down(&gs, n)?);
+        cx.push(compare(format!("layernorm_forward out N={n} C={c}"), &g_o, &o, EW));
+        cx.push(compare(format!("layernorm_forward mean N={n} C={c}"), &g_m, &m, EW));
+        cx.push(compare(format!("layernorm_forward rstd N={n} C={c}"), &g_s, &s, EW));
+        let (mut di, mut dw, mut db) = (vec![0.1; n * c], vec![0.2; c], vec![0.3; c]);
+        cpu::layernorm::layernorm_backward(&mut di, &mut dw, &mut db, &dout, &x, &w, &m, &s, n, c);
+        let (gdi, gdw, gdb, gdo, part) = (cx.up(&vec![0.1; n * c])?, cx.up(&vec![0.2; c])?, cx.up(&vec![0.3; c])?, cx.up(&dout)?, cx.out(ops::partial_len(n, c))?);
+        ops::layernorm_backward(cx.d(), gdi.all(), gdw.all(), gdb.all(), gdo.all(), gx.all(), gw.all(), gm.all(), gs.all(), part.all(), n, c)?;
+        let (g1, g2, g3) = (cx.down(&gdi, n * c)?, cx.down(&gdw, c)?, cx.down(&gdb, c)?);
+        cx.push(compare(format!("layernorm_backward dinp N={n} C={c}"), &g1, &di, MM));
+        cx.push(compare(format!("layernorm_backward dweight N={n} C={c}"), &g2, &dw, MM));
+        cx.push(compare(format!("layernorm_backward dbias N={n} C={c}"), &g3, &db, MM));
+    }
+    Ok(())
+}
+
+pub(super) fn gelu_residual(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    for n in pick(cx.shapes, &[1usize, 1000, 70_001], &[1 << 20]) {
+        let (x, g, y) = (randn(n, 9), randn(n, 10), randn(n, 11));
+        let mut o = vec![0.0; n];
+        cpu::gelu::gelu_forward(&mut o, &x);
+        let (gx, gg, gy) = (cx.up(&x)?, cx.up(&g)?, cx.up(&y)?);
+        let go = cx.out(n)?;
+        ops::gelu_forward(cx.d(), go.all(), gx.all(), n)?;
+        let got = cx.down(&go, n)?;
+        cx.push(compare(format!("gelu_forward n={n}"), &got, &o, EW));
+        cpu::gelu::gelu_backward(&mut o, &x, &g);
+        let go = cx.out(n)?;
+        ops::gelu_backward(cx.d(), go.all(), gx.all(), gg.all(), n)?;
+        let got = cx.down(&go, n)?;
+        cx.push(compare(format!("gelu_backward n={n}"), &got, &o, EW));
+        cpu::residual::residual_forward(&mut o, &x, &y);
+        let go = cx.out(n)?;
+        ops::residual_forward(cx.d(), go.all(), gx.all(), gy.all(), n)?;
+        let got = cx.down(&go, n)?;
+        cx.push(compare(format!("residual_forward n={n}"), &got, &o, EW));
+    }
+    Ok(())
+}
+
+/// bf16 bits of `x`, round to nearest even (NaN → 0x7fff), written from IEEE 754's definition
+/// of the rounding, independently of cuda_emu.h and of the GPU.
+pub fn bf16_rne(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fff;
+    }
+    let u = x.to_bits();
+    let (hi, lo) = (u >> 16, u & 0xffff);
+    let up = lo > 0x8000 || (lo == 0x8000 && hi & 1 == 1);
+    (hi + up as u32) as u16
+}
+
+pub(super) fn cast_bf16(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // Ties to even both ways, the largest finite value rounding up to infinity, subnormals,
+    // signed zeros, infinities and a NaN; then random values around 1 and across magnitudes.
+    let mut x: Vec<f32> = [0x3f80_8000u32, 0x3f81_8000, 0x3f80_8001, 0x7f7f_ffff, 0x0000_8000, 0x0001_8000, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0001, 0x0000_0001]
+        .iter()
+        .map(|&b| f32::from_bits(b))
+        .collect();
+    let mut r = Rng::new(12);
+    x.extend((0..1500).map(|i| r.normal() * 10f32.powi(i % 13 - 6)));
+    let n = x.len();
+    let gx = cx.up(&x)?;
+    let gout = cx.d().upload_new(&vec![0xffffu16; n])?;
+    ops::cast_to_bf16(cx.d(), gout.all(), gx.all(), n)?;
+    let mut got = vec![0u16; n];
+    cx.d().download(&gout, 0, &mut got)?;
+    let as_f32 = |v: &[u16]| v.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect::<Vec<_>>();
+    let want: Vec<u16> = x.iter().map(|&v| bf16_rne(v)).collect();
+    cx.push(compare(format!("cast_f32_to_bf16 n={n} (ties, overflow, subnormals, NaN)"), &as_f32(&got), &as_f32(&want), Tolerance::Exact));
+    Ok(())
+}
+
+pub(super) fn matmul(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // C = OC (48) as in the attention projection, where a wrong transpose still fits the layouts.
+    for (n, c, oc) in pick(cx.shapes, &[(7, 13, 5), (33, 48, 48), (64, 32, 96), (130, 72, 200)], &[(256, 768, 2304)]) {
+        let (x, w, bias, dout) = (randn(n * c, 12), randn(c * oc, 13), randn(oc, 14), randn(n * oc, 15));
+        let (gx, gw, gb, gdo) = (cx.up(&x)?, cx.up(&w)?, cx.up(&bias)?, cx.up(&dout)?);
+        let gwb = cx.d().alloc::<u16>(c * oc)?;
+        ops::cast_to_bf16(cx.d(), gwb.all(), gw.all(), c * oc)?;
+        let big = (n * c).max(n * oc);
+        let (sa, sb) = (cx.d().alloc::<u16>(big)?, cx.d().alloc::<u16>(big)?);
+        let sc = Bf16Scratch { a: sa.all(), b: sb.all() };
+        let part = cx.out(ops::partial_len(n, oc))?;
+        for with_bias in [true, false] {
+            let bias_ref = with_bias.then_some(&bias[..]);
+            let mut o = vec![0.0; n * oc];
+            cpu::matmul::matmul_forward(&mut o, &x, &w, bias_ref, n, c, oc);
+            let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.5; c * oc], vec![0.25; oc]);
+            cpu::matmul::matmul_backward(&mut di, &mut dw, with_bias.then_some(&mut db[..]), &dout, &x, &w, n, c, oc);
+            let tag = if with_bias { "" } else { " no bias" };
+            for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
+                let go = cx.out(n * oc)?;
+                ops::matmul_forward(cx.d(), prec, go.all(), gx.all(), gw.all(), gwb.all(), with_bias.then(|| gb.all()), sc, n, c, oc)?;
+                let got = cx.down(&go, n * oc)?;
+                cx.push(compare(format!("matmul_forward {prec:?}{tag} N={n} C={c} OC={oc}"), &got, &o, tol));
+                let (gdi, gdw, gdb) = (cx.out(n * c)?, cx.up(&vec![0.5; c * oc])?, cx.up(&vec![0.25; oc])?);
+                ops::matmul_backward(cx.d(), prec, gdi.all(), gdw.all(), with_bias.then(|| gdb.all()), gdo.all(), gx.all(), gw.all(), gwb.all(), sc, part.all(), n, c, oc)?;
+                let (g1, g2, g3) = (cx.down(&gdi, n * c)?, cx.down(&gdw, c * oc)?, cx.down(&gdb, oc)?);
+                cx.push(compare(format!("matmul_backward dinp {prec:?}{tag} N={n} C={c} OC={oc}"), &g1, &di, tol));
+                cx.push(compare(format!("matmul_backward dw {prec:?}{tag} N={n} C={c} OC={oc}"), &g2, &dw, tol));
+                cx.push(compare(format!("matmul_backward dbias {prec:?}{tag} N={n} C={c} OC={oc}"), &g3, &db, MM));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn lm_head(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    for (n, c, vp) in pick(cx.shapes, &[(5, 12, 4133), (33, 64, 1000)], &[(64, 768, 50304)]) {
+        let (x, wte, dl) = (randn(n * c, 16), randn(vp * c, 17), randn(n * vp, 18));
+        let mut lo = vec![0.0; n * vp];
+        cpu::matmul::lm_head_forward(&mut lo, &x, &wte, n, c, vp);
+        let (mut dx, mut dwte) = (vec![0.0; n * c], vec![0.5; vp * c]);
+        cpu::matmul::lm_head_backward(&mut dx, &mut dwte, &dl, &x, &wte, n, c, vp);
+        let (gx, gw, gdl) = (cx.up(&x)?, cx.up(&wte)?, cx.up(&dl)?);
+        let gwb = cx.d().alloc::<u16>(vp * c)?;
+        ops::cast_to_bf16(cx.d(), gwb.all(), gw.all(), vp * c)?;
+        let big = (n * c).max(n * vp);
+        let (sa, sb) = (cx.d().alloc::<u16>(big)?, cx.d().alloc::<u16>(big)?);
+        let sc = Bf16Scratch { a: sa.all(), b: sb.all() };
+        for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
+            let (glo, gdx, gdw) = (cx.out(n * vp)?, cx.out(n * c)?, cx.up(&vec![0.5; vp * c])?);
+            ops::lm_head_forward(cx.d(), prec, glo.all(), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
+            let got = cx.down(&glo, n * vp)?;
+            cx.push(compare(format!("lm_head_forward {prec:?} N={n} C={c} Vp={vp}"), &got, &lo, tol));
+            ops::lm_head_backward(cx.d(), prec, gdx.all(), gdw.all(), gdl.all(), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
+            let (g1, g2) = (cx.down(&gdx, n * c)?, cx.down(&gdw, vp * c)?);
+            cx.push(compare(format!("lm_head_backward dx {prec:?} N={n} C={c} Vp={vp}"), &g1, &dx, tol));
+            cx.push(compare(format!("lm_head_backward dwte {prec:?} N={n} C={c} Vp={vp}"), &g2, &dwte, tol));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn attention(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // Head sizes 4, 64 and 128 reach the three instantiations; T = 65 and 130 leave partial
+    // blocks (64 rows) and partial tiles (32 keys).
+    for (b, t, c, nh) in pick(cx.shapes, &[(1, 1, 8, 2), (2, 7, 16, 4), (2, 65, 128, 2), (1, 130, 256, 2)], &[(2, 256, 768, 12)]) {
+        let (qkv, dout) = (randn(b * t * 3 * c, 19), randn(b * t * c, 20));
+        let (mut o, mut att) = (vec![0.0; b * t * c], vec![0.0; b * nh * t * t]);
+        cpu::attention::attention_forward(&mut o, &mut att, &qkv, b, t, c, nh);
+        let (mut dqkv, mut datt) = (vec![0.0; b * t * 3 * c], vec![0.0; b * nh * t * t]);
+        cpu::attention::attention_backward(&mut dqkv, &mut datt, &dout, &qkv, &att, b, t, c, nh);
+        let (gq, gdo, go, gl, gdq, gdelta) = (cx.up(&qkv)?, cx.up(&dout)?, cx.out(b * t * c)?, cx.out(b * nh * t)?, cx.out(b * t * 3 * c)?, cx.out(b * nh * t)?);
+        ops::attention_forward(cx.d(), go.all(), gl.all(), gq.all(), b, t, c, nh)?;
+        let got = cx.down(&go, b * t * c)?;
+        cx.push(compare(format!("attention_forward B={b} T={t} C={c} NH={nh}"), &got, &o, MM));
+        ops::attention_backward(cx.d(), gdq.all(), gdelta.all(), gdo.all(), gq.all(), go.all(), gl.all(), b, t, c, nh)?;
+        let got = cx.down(&gdq, b * t * 3 * c)?;
+        cx.push(compare(format!("attention_backward dqkv B={b} T={t} C={c} NH={nh}"), &got, &dqkv, MM));
+    }
+    Ok(())
+}
+
+pub(super) fn kv_cache(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // Prefill 4 tokens, then one at a time.
+    let (t, c, nh) = (9, 16, 4);
+    let qkv = randn(t * 3 * c, 31);
+    let (mut kc, mut vc) = (vec![0.0; t * c], vec![0.0; t * c]);
+    for i in 0..t {
+        kc[i * c..(i + 1) * c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
+        vc[i * c..(i + 1) * c].copy_from_slice(&qkv[i * 3 * c + 2 * c..i * 3 * c + 3 * c]);
+    }
+    let (mut want, mut scores) = (vec![0.0; t * c], vec![0.0; nh * t]);
+    cpu::attention::attention_forward_cached(&mut want[..4 * c], &mut scores, &qkv[..4 * 3 * c], &kc, &vc, 0, 4, c, nh);
+    for i in 4..t {
+        cpu::attention::attention_forward_cached(&mut want[i * c..(i + 1) * c], &mut scores, &qkv[i * 3 * c..(i + 1) * 3 * c], &kc, &vc, i, 1, c, nh);
+    }
+    let (gq, gk, gv, go) = (cx.up(&qkv)?, cx.out(t * c)?, cx.out(t * c)?, cx.out(t * c)?);
+    ops::kv_cache_write(cx.d(), gk.all(), gv.all(), gq.view(0, 4 * 3 * c), 0, 4, c)?;
+    ops::attention_forward_cached(cx.d(), go.view(0, 4 * c), gq.view(0, 4 * 3 * c), gk.all(), gv.all(), 0, 4, c, nh)?;
+    for i in 4..t {
+        let q = gq.view(i * 3 * c, 3 * c);
+        ops::kv_cache_write(cx.d(), gk.all(), gv.all(), q, i, 1, c)?;
+        ops::attention_forward_cached(cx.d(), go.view(i * c, c), q, gk.all(), gv.all(), i, 1, c, nh)?;
+    }
+    let (g1, g2, g3) = (cx.down(&gk, t * c)?, cx.down(&gv, t * c)?, cx.down(&go, t * c)?);
+    cx.push(compare(format!("kv_cache_write keys T={t} C={c}"), &g1, &kc, Tolerance::Exact));
+    cx.push(compare(format!("kv_cache_write values T={t} C={c}"), &g2, &vc, Tolerance::Exact));
+    cx.push(compare(format!("attention_forward_cached T={t} C={c} NH={nh}"), &g3, &want, MM));
+    Ok(())
+}
+
+pub(super) fn crossentropy(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    for (n, v, vp) in pick(cx.shapes, &[(3, 5, 8), (64, 1000, 1024), (7, 3001, 3072)], &[(32, 50257, 50304)]) {
+        let logits = randn(n * vp, 21);
+        let targets: Vec<i32> = (0..n).map(|i| if i % 5 == 1 { cpu::crossentropy::IGNORE_INDEX } else { ((i * 7919) % v) as i32 }).collect();
+        let weights: Vec<f32> = (0..n).map(|i| 0.5 + (i % 3) as f32).collect();
+        let (mut l, mut losses) = (logits.clone(), vec![0.0; n]);
+        cpu::crossentropy::softmax_crossentropy(&mut l, &mut losses, &targets, Some(&weights), 0.25, n, v, vp, true);
+        let (gl, glo, gt, gw) = (cx.up(&logits)?, cx.out(n)?, cx.d().upload_new(&targets)?, cx.up(&weights)?);
+        ops::softmax_crossentropy(cx.d(), gl.all(), glo.all(), gt.all(), Some(gw.all()), 0.25, n, v, vp, true)?;
+        let (g1, g2) = (cx.down(&glo, n)?, cx.down(&gl, n * vp)?);
+        cx.push(compare(format!("softmax_crossentropy loss N={n} V={v}"), &g1, &losses, EW));
+        cx.push(compare(format!("softmax_crossentropy dlogits N={n} V={v}"), &g2, &l, EW));
+    }
+    Ok(())
+}
+
+pub(super) fn scalar_head(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    let (rows_total, c, n) = (40, 64, 6);
+    let hidden = randn(rows_total * c, 22);
+    let w = randn(c, 23);
+    let rows: Vec<i32> = (0..n as i32).map(|i| i * 7 % rows_total as i32).collect();
+    let dr = randn(n, 24);
+    let head = crate::phase::reward::ScalarHead { weight: w.clone(), bias: 0.3 };
+    let want: Vec<f32> = rows.iter().map(|&r| head.score(&hidden[r as usize * c..(r as usize + 1) * c])).collect();
+    let (mut dh, mut dw) = (vec![0.0; rows_total * c], vec![0.0; c + 1]);
+    for (i, &r) in rows.iter().enumerate() {
+        let at = r as usize * c;
+        for k in 0..c {
+            dh[at + k] = dr[i] * w[k];
+            dw[k] += dr[i] * hidden[at + k];
+        }
+        dw[c] += dr[i];
+    }
+    // dhidden: the kernel writes only the scored rows; the host zeroes it first (its contract).
+    let (gh, gw, grows, gdr, gr) = (cx.up(&hidden)?, cx.up(&w)?, cx.d().upload_new(&rows)?, cx.up(&dr)?, cx.out(n)?);
+    let (gdh, gdw) = (cx.d().alloc::<f32>(rows_total * c)?, cx.d().alloc::<f32>(c + 1)?);
+    ops::scalar_head_forward(cx.d(), gr.all(), gh.all(), grows.all(), gw.all(), 0.3, n, c, rows_total)?;
+    let got = cx.down(&gr, n)?;
+    cx.push(compare(format!("scalar_head_forward n={n} C={c}"), &got, &want, EW));
+    ops::scalar_head_backward(cx.d(), gdh.all(), gdw.all(), gdr.all(), gh.all(), grows.all(), gw.all(), n, c, rows_total)?;
+    let (g1, g2) = (cx.down(&gdh, rows_total * c)?, cx.down(&gdw, c + 1)?);
+    cx.push(compare(format!("scalar_head_backward dhidden n={n} C={c}"), &g1, &dh, EW));
+    cx.push(compare(format!("scalar_head_backward dw n={n} C={c}"), &g2, &dw, EW));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bf16_rne;
+
+    #[test]
+    fn bf16_reference_rounds_to_nearest_even() {
+        assert_eq!(bf16_rne(1.0), 0x3f80);
+        assert_eq!(bf16_rne(f32::from_bits(0x3f80_8000)), 0x3f80, "tie to even (down)");
+        assert_eq!(bf16_rne(f32::from_bits(0x3f81_8000)), 0x3f82, "tie to even (up)");
+        assert_eq!(bf16_rne(f32::from_bits(0x3f80_8001)), 0x3f81, "above the tie");
+        assert_eq!(bf16_rne(f32::MAX), 0x7f80, "overflows to infinity");
+        assert_eq!(bf16_rne(f32::NAN), 0x7fff);
+        assert_eq!(bf16_rne(-0.0), 0x8000);
+    }
+}

@@ -1,0 +1,123 @@
+//! How much memory a model needs on one rank, computed from the same shapes the allocations use
+//! (and checked against them in tests), so a job that cannot fit is refused before it starts:
+//! by the coordinator at submit, by the scheduler when it picks workers, and by a worker before
+//! it allocates.
+
+use serde::{Deserialize, Serialize};
+
+use super::config::GptConfig;
+
+/// Bytes on one rank, by what holds them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryEstimate {
+    /// Parameters (f32), every model the phase holds.
+    pub weights: u64,
+    /// Parameter gradients (f32).
+    pub gradients: u64,
+    /// Optimizer state (AdamW `m` and `v`, f32).
+    pub optimizer: u64,
+    /// Activations and activation gradients for the largest batch, and the token buffers.
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights.saturating_add(self.gradients).saturating_add(self.optimizer).saturating_add(self.activations)
+    }
+
+    /// `self` plus `other` (None on overflow).
+    pub fn plus(self, other: MemoryEstimate) -> Option<MemoryEstimate> {
+        Some(MemoryEstimate {
+            weights: self.weights.checked_add(other.weights)?,
+            gradients: self.gradients.checked_add(other.gradients)?,
+            optimizer: self.optimizer.checked_add(other.optimizer)?,
+            activations: self.activations.checked_add(other.activations)?,
+        })
+    }
+}
+
+/// Floats of [`super::acts::Activations`] for batches up to `(b, t)`.
+pub fn activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<u128> {
+    let (c, l, nh, vp) = (cfg.n_embd as u128, cfg.n_layer as u128, cfg.n_head as u128, cfg.padded_vocab_size as u128);
+    let bt = (b as u128).checked_mul(t as u128)?;
+    let att = l.checked_mul(b as u128)?.checked_mul(nh)?.checked_mul((t as u128).checked_mul(t as u128)?)?;
+    // encoded, lnf, proj: bt·c; ln1, atty, residual2, ln2, residual3: l·bt·c; qkv: l·bt·3c;
+    // fch, fch_gelu: l·bt·4c; the five LayerNorm statistics and the losses: bt or l·bt each.
+    let per_c = bt.checked_mul(c)?;
+    let total = per_c.checked_mul(3)?.checked_add(l.checked_mul(per_c)?.checked_mul(5 + 3 + 8)?)?.checked_add(att)?;
+    total.checked_add(l.checked_mul(bt)?.checked_mul(4)?)?.checked_add(bt.checked_mul(3)?)?.checked_add(bt.checked_mul(vp)?)
+}
+
+/// Floats of [`super::acts::GradActivations`] for batches up to `(b, t)`.
+pub fn grad_activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<u128> {
+    let (c, nh) = (cfg.n_embd as u128, cfg.n_head as u128);
+    let bt = (b as u128).checked_mul(t as u128)?;
+    // dresidual, dln, datty: bt·c; dqkv: bt·3c; dfch, dfch_gelu: bt·4c; datt: b·nh·t·t.
+    bt.checked_mul(c)?.checked_mul(3 + 3 + 8)?.checked_add((b as u128).checked_mul(nh)?.checked_mul((t as u128).checked_mul(t as u128)?)?)
+}
+
+/// One model ([`super::gpt::Gpt`]) allocated for batches up to `(b, t)`: weights, gradients,
+/// activations; with `optimizer`, AdamW's two moments too. None when the sizes overflow.
+pub fn gpt(cfg: &GptConfig, b: usize, t: usize, optimizer: bool) -> Option<MemoryEstimate> {
+    let params = cfg.checked_num_parameters()? as u128;
+    let acts = activation_floats(cfg, b, t)?.checked_add(grad_activation_floats(cfg, b, t)?)?;
+    let bytes = |floats: u128| floats.checked_mul(4).and_then(|x| u64::try_from(x).ok());
+    // The input token buffer is b·t u32s.
+    let tokens = (b as u128).checked_mul(t as u128)?;
+    Some(MemoryEstimate {
+        weights: bytes(params)?,
+        gradients: bytes(params)?,
+        optimizer: if optimizer { bytes(params.checked_mul(2)?)? } else { 0 },
+        activations: bytes(acts.checked_add(tokens)?)?,
+    })
+}
+
+/// Human-readable bytes (GiB, MiB, KiB).
+pub fn show_bytes(b: u64) -> String {
+    const K: f64 = 1024.0;
+    let x = b as f64;
+    if x >= K * K * K {
+        format!("{:.2} GiB", x / (K * K * K))
+    } else if x >= K * K {
+        format!("{:.1} MiB", x / (K * K))
+    } else {
+        format!("{:.1} KiB", x / K)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt::Gpt;
+
+    #[test]
+    fn the_estimate_is_what_the_model_allocates() {
+        for (cfg, b, t) in [(GptConfig::new(300, 64, 2, 4, 32), 3, 16), (GptConfig::new(1000, 128, 3, 2, 48), 2, 128)] {
+            let m = Gpt::new(cfg.clone(), b, t).unwrap();
+            let a = &m.acts;
+            let acts = [
+                &a.encoded, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att, &a.atty, &a.residual2, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.fch_gelu, &a.residual3, &a.lnf, &a.lnf_mean,
+                &a.lnf_rstd, &a.logits, &a.losses, &a.proj,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>();
+            let g = &m.gacts;
+            let gacts = [&g.dresidual, &g.dln, &g.dqkv, &g.datt, &g.datty, &g.dfch, &g.dfch_gelu].iter().map(|v| v.len()).sum::<usize>();
+            assert_eq!(activation_floats(&cfg, b, t), Some(acts as u128));
+            assert_eq!(grad_activation_floats(&cfg, b, t), Some(gacts as u128));
+            let e = gpt(&cfg, b, t, true).unwrap();
+            assert_eq!(e.weights, 4 * m.params.len() as u64);
+            assert_eq!(e.gradients, 4 * m.grads.len() as u64);
+            assert_eq!(e.optimizer, 8 * m.params.len() as u64);
+            assert_eq!(e.activations, 4 * (acts + gacts + b * t) as u64);
+        }
+    }
+
+    #[test]
+    fn absurd_sizes_do_not_overflow() {
+        let cfg = GptConfig::new(1 << 20, 1 << 20, 1 << 20, 1 << 10, 1 << 20);
+        assert_eq!(gpt(&cfg, usize::MAX, usize::MAX, true), None);
+        assert!(gpt(&GptConfig::new(50257, 1024, 12, 12, 768), 1 << 20, 1024, true).is_none_or(|e| e.total() > 1 << 40));
+    }
+}

@@ -1,0 +1,236 @@
+//! The CUDA backend's own host code and kernel sources, run on the emulated device
+//! (`--device cuda-emu`): the selftest (every kernel forward and backward against the CPU
+//! backend, whole training steps in f32 and bf16), the cuBLASLt contract of the emulated gemm
+//! against a naive reference, and checkpoint save and bit-exact resume through the CUDA trainer.
+
+use std::sync::Arc;
+
+use liandan_worker::backend::cuda::device::{DPtr, DataType, DevBuf, Matmul, MatrixLayout};
+use liandan_worker::backend::cuda::emu::{EmuOptions, Order};
+use liandan_worker::backend::cuda::kernels::KernelFile;
+use liandan_worker::backend::cuda::selftest::{self, Shapes, Status};
+use liandan_worker::backend::cuda::trainer::CudaTrainer;
+use liandan_worker::backend::cuda::{CudaDevice, Precision};
+use liandan_worker::checkpoint::DataCursor;
+use liandan_worker::rng::Rng;
+use liandan_worker::train::Trainer;
+
+fn run_selftest(dev: &Arc<CudaDevice>) {
+    let mut lines = Vec::new();
+    let checks = selftest::run(dev, Shapes::Small, &mut |c| lines.push(c.to_string()));
+    let failed: Vec<&String> = lines.iter().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(failed.is_empty(), "{} of {} checks failed:\n{}", failed.len(), checks.len(), failed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+    let skipped: Vec<&str> = checks.iter().filter(|c| matches!(c.status, Status::Skip(_))).map(|c| c.name.as_str()).collect();
+    assert_eq!(skipped, vec!["nccl"], "only NCCL (GPU only) may be skipped");
+    assert!(checks.len() > 100, "the selftest ran only {} checks", checks.len());
+}
+
+#[test]
+fn selftest_passes_on_the_emulated_device_and_launches_every_kernel() {
+    let dev = Arc::new(CudaDevice::emulated().expect("the emulated device opens"));
+    run_selftest(&dev);
+    let counts = dev.emulator().expect("an emulated device").launch_counts();
+    let missed: Vec<&str> = KernelFile::ALL.iter().flat_map(|f| f.functions().iter().copied()).filter(|k| !counts.contains_key(k)).collect();
+    assert!(missed.is_empty(), "the selftest never launched {missed:?}");
+}
+
+/// Warps and lanes in reverse order: a kernel that reads what another thread writes without a
+/// barrier in between sees another value in one of the two orders.
+#[test]
+fn selftest_passes_with_threads_run_in_reverse_order() {
+    let dev = Arc::new(CudaDevice::emulated_with(EmuOptions { order: Order::Descending, ..Default::default() }).unwrap());
+    run_selftest(&dev);
+}
+
+/// `D = alpha·op(A)·op(B) + beta·C`, column-major, computed term by term in f64 from the
+/// cuBLASLt documentation: element (i, j) of a stored matrix is at `i + j·ld`.
+fn reference(m: usize, n: usize, k: usize, ta: bool, tb: bool, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &[f32], ldc: usize, alpha: f32, beta: f32) -> Vec<f32> {
+    let mut d = vec![0.0f32; ldc * n];
+    for j in 0..n {
+        for i in 0..m {
+            let mut s = 0.0f64;
+            for p in 0..k {
+                let av = if ta { a[p + i * lda] } else { a[i + p * lda] };
+                let bv = if tb { b[j + p * ldb] } else { b[p + j * ldb] };
+                s += av as f64 * bv as f64;
+            }
+            let cv = if beta == 0.0 { 0.0 } else { beta as f64 * c[i + j * ldc] as f64 };
+            d[i + j * ldc] = (alpha as f64 * s + cv) as f32;
+        }
+    }
+    d
+}
+
+/// A gemm operand on the device, as f32 or as bf16 bits.
+enum Operand {
+    F32(DevBuf<f32>),
+    Bf16(DevBuf<u16>),
+}
+
+impl Operand {
+    fn ptr(&self) -> DPtr {
+        match self {
+            Operand::F32(b) => b.ptr(),
+            Operand::Bf16(b) => b.ptr(),
+        }
+    }
+}
+
+fn bf16_round(x: &[f32]) -> (Vec<u16>, Vec<f32>) {
+    let bits: Vec<u16> = x.iter().map(|&v| selftest::bf16_rne(v)).collect();
+    let back = bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+    (bits, back)
+}
+
+#[test]
+fn emulated_gemm_follows_the_cublaslt_contract() {
+    let dev = CudaDevice::emulated().unwrap();
+    let (m, n, k) = (7usize, 5usize, 9usize);
+    let mut rng = Rng::new(3);
+    for dtype in [DataType::F32, DataType::Bf16] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for pad in [0usize, 3] {
+                for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0), (2.0, -0.25)] {
+                    // Stored shapes: A is m×k (k×m when transposed), B k×n (n×k), ld = rows + pad.
+                    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                    let (br, bc) = if tb { (n, k) } else { (k, n) };
+                    let (lda, ldb, ldc) = (ar + pad, br + pad, m + pad);
+                    let mut a: Vec<f32> = (0..lda * ac).map(|_| rng.normal()).collect();
+                    let mut b: Vec<f32> = (0..ldb * bc).map(|_| rng.normal()).collect();
+                    let c: Vec<f32> = (0..ldc * n).map(|_| rng.normal()).collect();
+                    let (ga, gb) = match dtype {
+                        DataType::F32 => (Operand::F32(dev.upload_new(&a).unwrap()), Operand::F32(dev.upload_new(&b).unwrap())),
+                        DataType::Bf16 => {
+                            let (abits, aback) = bf16_round(&a);
+                            let (bbits, bback) = bf16_round(&b);
+                            (a, b) = (aback, bback);
+                            (Operand::Bf16(dev.upload_new(&abits).unwrap()), Operand::Bf16(dev.upload_new(&bbits).unwrap()))
+                        }
+                    };
+                    // C in place; with beta = 0 it holds NaN, which cuBLASLt must not read.
+                    let c_init: Vec<f32> = if beta == 0.0 { vec![f32::NAN; ldc * n] } else { c.clone() };
+                    let gc = dev.upload_new(&c_init).unwrap();
+                    let lay = |dt, rows: usize, cols: usize, ld: usize| MatrixLayout { dtype: dt, rows: rows as u64, cols: cols as u64, ld: ld as i64 };
+                    let mm = Matmul {
+                        trans_a: ta,
+                        trans_b: tb,
+                        alpha,
+                        beta,
+                        a: ga.ptr(),
+                        a_layout: lay(dtype, ar, ac, lda),
+                        b: gb.ptr(),
+                        b_layout: lay(dtype, br, bc, ldb),
+                        c: gc.ptr(),
+                        c_layout: lay(DataType::F32, m, n, ldc),
+                        d: gc.ptr(),
+                        d_layout: lay(DataType::F32, m, n, ldc),
+                    };
+                    dev.matmul(&mm).unwrap();
+                    let got = dev.to_host(&gc).unwrap();
+                    let want = reference(m, n, k, ta, tb, &a, lda, &b, ldb, &c, ldc, alpha, beta);
+                    for j in 0..n {
+                        for i in 0..m {
+                            let (g, w) = (got[i + j * ldc], want[i + j * ldc]);
+                            // f32 sums of 9 products in another order: a few ulps of the magnitudes summed.
+                            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{dtype:?} ta={ta} tb={tb} pad={pad} alpha={alpha} beta={beta}: D({i},{j}) = {g}, want {w}");
+                        }
+                        for i in m..ldc {
+                            assert_eq!(got[i + j * ldc].to_bits(), c_init[i + j * ldc].to_bits(), "padding row {i} of column {j} was written");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_gemm_refuses_what_cublaslt_refuses() {
+    let dev = CudaDevice::emulated().unwrap();
+    let (a, b, c) = (dev.alloc::<f32>(64).unwrap(), dev.alloc::<f32>(64).unwrap(), dev.alloc::<f32>(64).unwrap());
+    let lay = |rows: u64, cols: u64, ld: i64| MatrixLayout { dtype: DataType::F32, rows, cols, ld };
+    let good = Matmul { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, a: a.ptr(), a_layout: lay(4, 3, 4), b: b.ptr(), b_layout: lay(3, 5, 3), c: c.ptr(), c_layout: lay(4, 5, 4), d: c.ptr(), d_layout: lay(4, 5, 4) };
+    dev.matmul(&good).unwrap();
+    let e = dev.matmul(&Matmul { a_layout: lay(4, 3, 3), ..good }).unwrap_err().to_string();
+    assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE") && e.contains("ld must be at least the rows"), "{e}");
+    let e = dev.matmul(&Matmul { trans_a: true, ..good }).unwrap_err().to_string();
+    assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE") && e.contains("op(A) is 3×4"), "{e}");
+    let e = dev.matmul(&Matmul { b_layout: MatrixLayout { dtype: DataType::Bf16, ..lay(3, 5, 3) }, ..good }).unwrap_err().to_string();
+    assert!(e.contains("CUBLAS_STATUS_NOT_SUPPORTED"), "{e}");
+    let e = dev.matmul(&Matmul { a_layout: lay(8, 9, 8), c_layout: lay(8, 5, 8), d_layout: lay(8, 5, 8), b_layout: lay(9, 5, 9), ..good }).unwrap_err().to_string();
+    assert!(e.contains("not inside one device allocation"), "{e}");
+    let e = dev.matmul(&Matmul { d: a.ptr(), c: a.ptr(), ..good }).unwrap_err().to_string();
+    assert!(e.contains("D overlaps A"), "{e}");
+    let e = dev.matmul(&Matmul { a: DPtr(8), ..good }).unwrap_err().to_string();
+    assert!(e.contains("not inside one device allocation"), "{e}");
+}
+
+/// Training on the emulated device follows the CPU trainer step for step (f32), and a
+/// checkpoint taken midway resumes bit for bit through the CUDA trainer (f32 and bf16).
+/// One block thread: atomics (the embedding gradient) then add in a fixed order, so two runs
+/// of the same steps give the same bits.
+#[test]
+fn cuda_trainer_checkpoints_resume_bit_for_bit() {
+    let dev = Arc::new(CudaDevice::emulated_with(EmuOptions { threads: 1, ..Default::default() }).unwrap());
+    let (cfg, tc, micro) = selftest::step_setup();
+    let tmp = std::env::temp_dir().join(format!("liandan-cuda-resume-{}", std::process::id()));
+    for prec in [Precision::F32, Precision::Bf16] {
+        let mut a = CudaTrainer::new(dev.clone(), cfg.clone(), tc.clone(), prec).unwrap();
+        for _ in 0..2 {
+            a.train_step(&micro, None, None).unwrap();
+        }
+        let dir = tmp.join(format!("{prec:?}"));
+        let rng_at_save = a.rng.state();
+        a.save(&dir, DataCursor { position: 42 }, "bytes", &[]).unwrap();
+        let la: Vec<f32> = (0..3).map(|_| a.train_step(&micro, None, None).unwrap().loss).collect();
+        let (mut b, state) = CudaTrainer::resume(dev.clone(), &dir, prec).unwrap();
+        assert_eq!((state.step, state.optimizer_t, state.data_cursor.position), (2, 2, 42));
+        assert_eq!(b.rng.state(), rng_at_save, "RNG restored");
+        let lb: Vec<f32> = (0..3).map(|_| b.train_step(&micro, None, None).unwrap().loss).collect();
+        assert_eq!(la.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lb.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{prec:?}: losses after resume");
+        assert_eq!(a.step, b.step);
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert!(bits(a.model.params_to_host().unwrap()) == bits(b.model.params_to_host().unwrap()), "{prec:?}: parameters after resume differ");
+        let ((ma, va), (mb, vb)) = (a.moments_to_host().unwrap(), b.moments_to_host().unwrap());
+        assert!(bits(ma) == bits(mb) && bits(va) == bits(vb), "{prec:?}: AdamW moments after resume differ");
+        assert_eq!(dev.to_host(&a.model.params_bf16).unwrap(), dev.to_host(&b.model.params_bf16).unwrap(), "{prec:?}: bf16 weight copy");
+    }
+
+    // A CPU trainer's checkpoint continues on the CUDA trainer as on the CPU (f32, within the
+    // whole-step tolerance: another summation order, not another trajectory).
+    let mut cpu = Trainer::new(cfg.clone(), tc.clone()).unwrap();
+    cpu.train_step(&micro).unwrap();
+    let dir = tmp.join("cpu");
+    cpu.save(&dir, DataCursor::default(), "bytes", &[]).unwrap();
+    let (mut gpu, _) = CudaTrainer::resume(dev.clone(), &dir, Precision::F32).unwrap();
+    assert_eq!(gpu.rng.state(), cpu.rng.state());
+    for s in 0..4 {
+        let (lc, lg) = (cpu.train_step(&micro).unwrap().loss, gpu.train_step(&micro, None, None).unwrap().loss);
+        assert!((lc - lg).abs() <= 1e-4 * lc.abs(), "step {s} after resume: CPU loss {lc}, CUDA loss {lg}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A short run on the emulated device learns: 30 steps of the whole-step model lower the loss
+/// on a repeated batch, as the CPU trainer's do, and both trajectories agree (f32).
+#[test]
+fn a_short_training_run_on_the_emulated_device_tracks_the_cpu() {
+    let dev = Arc::new(CudaDevice::emulated().unwrap());
+    let (cfg, mut tc, micro) = selftest::step_setup();
+    tc.schedule.total_steps = 30;
+    tc.schedule.max_lr = 1e-2;
+    tc.schedule.min_lr = 1e-3;
+    let mut cpu = Trainer::new(cfg.clone(), tc.clone()).unwrap();
+    let mut gpu = CudaTrainer::new(dev, cfg, tc, Precision::F32).unwrap();
+    let (mut first, mut last) = (0.0, 0.0);
+    for s in 0..30 {
+        let (lc, lg) = (cpu.train_step(&micro).unwrap().loss, gpu.train_step(&micro, None, None).unwrap().loss);
+        // Rounding differences grow over steps; 1e-3 relative still separates any real bug.
+        assert!((lc - lg).abs() <= 1e-3 * lc.abs(), "step {s}: CPU loss {lc}, CUDA loss {lg}");
+        if s == 0 {
+            first = lg;
+        }
+        last = lg;
+    }
+    assert!(last < 0.5 * first, "30 steps on one batch should halve the loss: {first} -> {last}");
+}
