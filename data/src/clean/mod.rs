@@ -366,10 +366,11 @@ impl Cleaner {
     fn learned_filter(&self, doc: &CleanedDoc) -> Option<&'static str> {
         if !self.languages.is_empty() && self.config.on("language") {
             let sample: String = doc.text.chars().take(2000).collect();
-            if let Some(info) = whatlang::detect(&sample) {
-                if info.is_reliable() && !self.languages.contains(&info.lang()) {
-                    return Some("language");
-                }
+            if let Some(info) = whatlang::detect(&sample)
+                && info.is_reliable()
+                && !self.languages.contains(&info.lang())
+            {
+                return Some("language");
             }
         }
         if self.config.quality_kinds.contains(&doc.kind) && self.config.on("quality_doc") {

@@ -46,9 +46,8 @@ impl Signatures<'_> {
     fn get(&mut self, id: u64) -> Result<Vec<u32>> {
         let task = id >> 32;
         let path = task_file(&self.ctx.work, "filter", task as usize, "sigs");
-        if !self.files.contains_key(&task) {
-            let f = File::open(&path).map_err(|e| DataError::io(&path, e))?;
-            self.files.insert(task, f);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.files.entry(task) {
+            e.insert(File::open(&path).map_err(|e| DataError::io(&path, e))?);
         }
         let row_bytes = self.perms * 4;
         let mut buf = vec![0u8; row_bytes];

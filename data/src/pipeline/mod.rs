@@ -275,15 +275,13 @@ pub(crate) struct Ctx<'a> {
 pub fn run(cfg: &PrepareConfig, plan: &Plan, owner: &str, stale: &dyn Fn(&Owner) -> bool, reuse: bool, group: &mut dyn Group, progress: &dyn Progress) -> Result<RunOutcome> {
     let work = work_dir(&cfg.out)?;
     let me = Owner { owner: owner.to_string(), fingerprint: plan.fingerprint.clone() };
-    if reuse {
-        if let Some(r) = finished_report(&cfg.out, &plan.fingerprint) {
-            // A rank 0 that died between moving the output into place and removing the work
-            // directory left it behind.
-            if group.rank() == 0 && work::claim(&work, &me, &|_| false).is_ok() {
-                let _ = std::fs::remove_dir_all(&work);
-            }
-            return Ok(RunOutcome::Done((group.rank() == 0).then(|| Box::new(r))));
+    if reuse && let Some(r) = finished_report(&cfg.out, &plan.fingerprint) {
+        // A rank 0 that died between moving the output into place and removing the work
+        // directory left it behind.
+        if group.rank() == 0 && work::claim(&work, &me, &|_| false).is_ok() {
+            let _ = std::fs::remove_dir_all(&work);
         }
+        return Ok(RunOutcome::Done((group.rank() == 0).then(|| Box::new(r))));
     }
     work::claim(&work, &me, stale)?;
     let result = run_stages(cfg, plan, &work, group, progress);
