@@ -12,14 +12,13 @@
 //! Progress: rank 0 reports one step per completed task over all stages (the plan's `steps`),
 //! with the stage (1-based), the tasks done in it and its task count as step values.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use liandan_data::pipeline::{self, Group, RunOutcome, STAGES};
 use liandan_data::prepare::Progress;
 
-use super::{PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
+use super::{PhaseError, PhaseEvents, PhaseIo, PhaseOutcome, Start, StepMetrics};
 use crate::collective::Collective;
 use crate::plan::PhasePlan;
 
@@ -72,7 +71,10 @@ impl Progress for Counters {
 }
 
 /// Runs this rank's share of the data phase.
-pub fn run_data(plan: &PhasePlan, _resume: Option<&Path>, checkpoint_dir: &Path, coll: &mut dyn Collective, abort: &AtomicBool, events: &mut dyn PhaseEvents) -> Result<PhaseOutcome, PhaseError> {
+/// The start does not matter: a data phase always runs every stage and skips the tasks whose
+/// records verify. The engine is not used.
+pub fn run_data(plan: &PhasePlan, _start: Start<'_>, io: PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError> {
+    let PhaseIo { checkpoint_dir, coll, abort, events, .. } = io;
     let cfg = plan.prepare.as_ref().ok_or_else(|| PhaseError::Plan("a data phase without [phases.prepare] settings".into()))?;
     let data_plan = pipeline::plan(cfg).map_err(|e| PhaseError::Data(e.to_string()))?;
     let rank = coll.rank();
