@@ -261,7 +261,11 @@ pub fn describe(j: &JobStatus) -> String {
             if p.last_checkpoint.is_empty() { "-".to_string() } else { format!("{} (step {})", printable(&p.last_checkpoint), p.last_checkpoint_step) },
             if p.input_checkpoint.is_empty() { String::new() } else { format!("  from {}", printable(&p.input_checkpoint)) },
         ));
-        if !p.values.is_empty() {
+        // A data phase reports its stage (1-based) and the stage's task counts.
+        if let (Some(stage), Some(done), Some(tasks)) = (p.values.get("stage"), p.values.get("stage_done"), p.values.get("stage_tasks")) {
+            let name = liandan_data::pipeline::STAGES.get((*stage as usize).saturating_sub(1)).copied().unwrap_or("?");
+            out.push_str(&format!("    stage {stage}/{} {name}: {done}/{tasks} tasks\n", liandan_data::pipeline::STAGES.len()));
+        } else if !p.values.is_empty() {
             let mut v: Vec<_> = p.values.iter().collect();
             v.sort_by(|a, b| a.0.cmp(b.0));
             out.push_str(&format!("    last step: {}\n", v.iter().map(|(k, x)| format!("{} {x:.4}", printable(k))).collect::<Vec<_>>().join("  ")));

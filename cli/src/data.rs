@@ -23,8 +23,11 @@ pub enum DataCommand {
     Clean(CleanArgs),
     /// Run the whole pipeline: ingest, clean, dedup, split, train the tokenizer, write shards.
     Prepare(PrepareArgs),
-    /// Measure pipeline throughput (MB/s) next to tokenizers' encode-only speed on the same text.
-    Bench(BenchArgs),
+    /// Measure the pipeline's throughput (MB/s, per core) and peak memory, in one process and as
+    /// a data phase on 1, 2, … local workers, next to tokenizers' encode-only speed on the same text.
+    Bench(crate::data_bench::BenchArgs),
+    /// Write a synthetic corpus (Chinese-like JSONL with duplicates) of a given size, for benchmarks.
+    Synth(SynthArgs),
 }
 
 /// Options shared by `clean` and `prepare`.
@@ -45,6 +48,12 @@ pub struct CleanOptions {
     /// Drop documents with fewer non-space characters than this.
     #[arg(long, default_value_t = 12)]
     pub min_chars: usize,
+    /// Keep only documents in these languages (ISO 639-3, comma-separated: cmn,eng); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub languages: Vec<String>,
+    /// Remove a line the learned quality model scores as spam with at least this probability.
+    #[arg(long, default_value_t = 0.65)]
+    pub quality_threshold: f32,
 }
 
 impl CleanOptions {
@@ -57,6 +66,8 @@ impl CleanOptions {
             t2s: self.t2s,
             disabled: self.disable.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<BTreeSet<_>>(),
             filters: FilterConfig { min_chars: self.min_chars, ..Default::default() },
+            languages: self.languages.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            quality_line_threshold: self.quality_threshold,
             ..Default::default()
         }
     }
@@ -103,29 +114,62 @@ pub struct PrepareArgs {
     /// Tokens per shard file.
     #[arg(long, default_value_t = 10_000_000)]
     pub shard_tokens: usize,
+    /// Memory the pipeline may hold, all threads together (bytes, or with KiB/MiB/GiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub memory_budget: u64,
+    /// Input bytes per task (the unit of work that a worker, or a thread here, takes).
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    pub task_bytes: u64,
+    /// Train the tokenizer on at most about this much training text (a deterministic sample;
+    /// default: the memory budget / 128, what BPE training fits in it).
+    #[arg(long, value_parser = parse_bytes)]
+    pub tokenizer_sample: Option<u64>,
     #[command(flatten)]
     pub opts: CleanOptions,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    /// Corpus to measure on (files, directories or globs).
-    #[arg(required = true)]
-    pub inputs: Vec<String>,
-    /// Tokenizer to encode with (default: train one of --vocab-size on the corpus first, untimed).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    #[arg(long, default_value_t = 8192)]
-    pub vocab_size: usize,
-    #[arg(long)]
-    pub t2s: bool,
+/// `123`, `64KiB`, `512MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1000).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size like 512MiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => return Err(format!("'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
-pub fn run(cmd: DataCommand) -> Result<(), CliError> {
+/// `liandan data synth`.
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    /// Bytes of JSONL to write (e.g. 900MB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub bytes: u64,
+    /// Directory to write `synth-NNNN.jsonl` into.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+pub fn run(cmd: DataCommand, threads: usize) -> Result<(), CliError> {
     match cmd {
         DataCommand::Clean(a) => clean(a),
         DataCommand::Prepare(a) => prepare_cmd(a),
-        DataCommand::Bench(a) => bench(a),
+        DataCommand::Bench(a) => crate::data_bench::run(a, threads),
+        DataCommand::Synth(a) => {
+            let files = liandan_data::synth::write_corpus(&a.out, a.bytes, a.seed)?;
+            eprintln!("wrote {} files ({} bytes) to {}", files.len(), a.bytes, a.out.display());
+            Ok(())
+        }
     }
 }
 
@@ -166,11 +210,17 @@ fn clean(a: CleanArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Progress bars on a terminal; stage lines otherwise.
-struct Bars {
+/// Progress bars on a terminal (one per stage, with counts and rates); stage lines otherwise.
+pub struct Bars {
     bar: Mutex<Option<ProgressBar>>,
     started: Mutex<Instant>,
     tty: bool,
+}
+
+impl Bars {
+    pub fn new() -> Self {
+        Bars { bar: Mutex::new(None), started: Mutex::new(Instant::now()), tty: std::io::stderr().is_terminal() }
+    }
 }
 
 impl Progress for Bars {
@@ -180,7 +230,7 @@ impl Progress for Bars {
             return;
         }
         let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
-        let template = if total > 0 { "{prefix:>10} [{bar:30}] {pos}/{len} ({eta})" } else { "{prefix:>10} {spinner} {elapsed}" };
+        let template = if total > 0 { "{prefix:>11} [{bar:30}] {pos}/{len} tasks {per_sec} ({elapsed}, eta {eta})" } else { "{prefix:>11} {spinner} {elapsed}" };
         // The templates are constants known to parse.
         bar.set_style(ProgressStyle::with_template(template).expect("static template").progress_chars("=> "));
         bar.set_prefix(stage.to_string());
@@ -199,7 +249,7 @@ impl Progress for Bars {
             b.finish_and_clear();
         }
         let secs = self.started.lock().unwrap_or_else(|p| p.into_inner()).elapsed().as_secs_f64();
-        eprintln!("{stage:>10}: {summary} ({secs:.1} s)");
+        eprintln!("{stage:>11}: {summary} ({secs:.1} s)");
     }
 }
 
@@ -214,60 +264,17 @@ pub fn prepare_cmd(a: PrepareArgs) -> Result<(), CliError> {
         vocab_size: a.vocab_size,
         tokenizer: a.tokenizer.clone(),
         shard_tokens: a.shard_tokens,
+        memory_budget: a.memory_budget,
+        task_bytes: a.task_bytes,
+        tokenizer_sample_bytes: a.tokenizer_sample,
+        ..Default::default()
     };
-    let bars = Bars { bar: Mutex::new(None), started: Mutex::new(Instant::now()), tty: std::io::stderr().is_terminal() };
+    let bars = Bars::new();
     let report = prepare(&cfg, &bars)?;
     for w in &report.ingest.warnings {
         eprintln!("warning: {w}");
     }
     println!("{}", report.table());
     println!("wrote {}: tokenizer.json, manifest.json, report.json and the shards", a.out.display());
-    Ok(())
-}
-
-fn bench(a: BenchArgs) -> Result<(), CliError> {
-    let files = expand_inputs(&a.inputs)?;
-    let mut docs = Vec::new();
-    for f in &files {
-        docs.extend(read_file(f, &IngestOptions::default())?.0);
-    }
-    let bytes: usize = docs.iter().map(|d| d.text.len()).sum();
-    let mb = bytes as f64 / 1e6;
-    eprintln!("corpus: {} documents, {mb:.1} MB of UTF-8 from {} files", docs.len(), files.len());
-    let tokenizer = match &a.tokenizer {
-        Some(p) => liandan_data::tokenizer::ChatTokenizer::load(p, None)?,
-        None => {
-            eprintln!("training a {}-token tokenizer first (not timed)…", a.vocab_size);
-            liandan_data::tokenizer::ChatTokenizer::train(docs.iter().map(|d| d.text.as_str()), a.vocab_size)?
-        }
-    };
-    use rayon::prelude::*;
-    let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
-
-    // Ceiling: tokenizers' own batch encode of the raw text.
-    let t = Instant::now();
-    let inputs: Vec<tokenizers::EncodeInput> = texts.iter().map(|t| (*t).into()).collect();
-    let enc = tokenizer.inner().encode_batch(inputs, false).map_err(|e| CliError::Usage(format!("encode_batch: {e}")))?;
-    let encode_s = t.elapsed().as_secs_f64();
-    let tokens: usize = enc.iter().map(|e| e.len()).sum();
-
-    // The pipeline: clean + dedup + tokenize.
-    let t = Instant::now();
-    let cleaner = Cleaner::new(CleanConfig { t2s: a.t2s, ..Default::default() })?;
-    let (cleaned, _) = cleaner.clean_corpus(docs.clone());
-    let t_clean = t.elapsed().as_secs_f64();
-    let kept: Vec<&str> = cleaned.iter().filter(|d| d.dropped_by.is_none()).map(|d| d.text.as_str()).collect();
-    let (dups, _) = liandan_data::dedup::dedup(&kept, &DedupConfig::default());
-    let t_dedup = t.elapsed().as_secs_f64() - t_clean;
-    let unique: Vec<&str> = kept.iter().zip(&dups).filter(|(_, d)| d.is_none()).map(|(t, _)| *t).collect();
-    let n: usize = unique.par_iter().map(|t| tokenizer.encode(t).map(|v| v.len()).unwrap_or(0)).sum();
-    let total_s = t.elapsed().as_secs_f64();
-    let t_tok = total_s - t_clean - t_dedup;
-    let threads = rayon::current_num_threads();
-    println!("corpus {mb:.1} MB, {threads} threads");
-    println!("tokenizers encode_batch only:   {:>8.2} MB/s  ({tokens} tokens in {encode_s:.2} s)", mb / encode_s);
-    println!("clean + dedup + tokenize:       {:>8.2} MB/s  ({total_s:.2} s: clean {t_clean:.2}, dedup {t_dedup:.2}, tokenize {t_tok:.2}; {n} tokens)", mb / total_s);
-    println!("ratio pipeline / encode-only:   {:>8.2}", encode_s / total_s);
-    println!("bench_result impl=liandan-data mb={mb:.1} pipeline_mb_s={:.2} encode_only_mb_s={:.2}", mb / total_s, mb / encode_s);
     Ok(())
 }

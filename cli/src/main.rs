@@ -13,6 +13,7 @@ mod bench;
 mod chat;
 mod cluster;
 mod data;
+mod data_bench;
 mod evaluate;
 mod generate;
 mod progress;
@@ -148,7 +149,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Eval(a) => evaluate::run(a),
-        Command::Data { what } => data::run(what),
+        Command::Data { what } => data::run(what, threads),
         Command::Bench { what } => bench::run(what, threads),
         Command::Selftest(a) => selftest::run(a),
     };

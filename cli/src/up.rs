@@ -79,6 +79,7 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
             vocab_size: 4096,
             tokenizer: None,
             shard_tokens: 10_000_000,
+            ..Default::default()
         },
         &liandan_data::prepare::Silent,
     )?;
@@ -182,14 +183,14 @@ pub fn eval_items() -> Vec<liandan_worker::eval::EvalItem> {
 
 /// A coordinator and workers as child processes of this one, with tokens made for this run
 /// and passed through the environment (the admin token to the coordinator only).
-struct LocalCluster {
+pub(crate) struct LocalCluster {
     children: Vec<(String, std::process::Child)>,
     addr: String,
     admin_token: String,
 }
 
 impl LocalCluster {
-    fn start(out: &Path, workers: usize, threads: usize) -> Result<Self, CliError> {
+    pub(crate) fn start(out: &Path, workers: usize, threads: usize) -> Result<Self, CliError> {
         let exe = std::env::current_exe().map_err(|e| CliError::Usage(format!("cannot find the liandan executable: {e}")))?;
         let logs = out.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| CliError::Io { path: logs.display().to_string(), source: e })?;
@@ -245,7 +246,7 @@ impl LocalCluster {
     }
 
     /// Submits the job and follows it until it ends or Ctrl-C.
-    fn run_job(&mut self, spec: &str) -> Result<liandan_proto::v1::JobStatus, CliError> {
+    pub(crate) fn run_job(&mut self, spec: &str) -> Result<liandan_proto::v1::JobStatus, CliError> {
         let expected_workers = self.children.len() - 1;
         let admin_token = self.admin_token.clone();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
@@ -287,8 +288,13 @@ impl LocalCluster {
         })
     }
 
+    /// Process ids of the workers.
+    pub(crate) fn worker_pids(&self) -> Vec<u32> {
+        self.children.iter().filter(|(n, _)| n.starts_with("worker")).map(|(_, c)| c.id()).collect()
+    }
+
     /// SIGINT to every child, then SIGKILL to those still running after 5 s.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         for (_, ch) in self.children.iter().rev() {
             let _ = std::process::Command::new("kill").args(["-INT", &ch.id().to_string()]).status();
         }

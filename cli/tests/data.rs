@@ -127,3 +127,37 @@ fn corrupt_shards_and_foreign_tokenizers_are_named() {
     let o = liandan(&[&["train", "--data", s(&a), "--out", s(&d.join("run3")), "--steps", "1"], &model[..]].concat());
     one_line_error(&o, &["train-00000.bin", "bad magic"]);
 }
+
+#[test]
+fn fifos_truncated_gzip_and_a_directory_another_run_owns() {
+    let d = scratch("stream-bad");
+    let raw = d.join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    corpus(&raw);
+    // A FIFO named as an input is refused by name (reading it would block forever).
+    let fifo = d.join("pipe.jsonl");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let out = d.join("out");
+    one_line_error(&liandan(&["data", "prepare", s(&fifo), "--out", s(&out)]), &["pipe.jsonl", "is a FIFO, not a regular file"]);
+    std::fs::remove_file(&fifo).unwrap();
+    // A truncated gzip in the middle of the inputs: skipped from the cut on, named and counted.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    for i in 0..3000 {
+        std::io::Write::write_all(&mut gz, format!("{{\"text\": \"压缩文件里的第{i}篇文章，内容足够长，可以通过过滤。\"}}\n").as_bytes()).unwrap();
+    }
+    let bytes = gz.finish().unwrap();
+    std::fs::write(raw.join("m.jsonl.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    let o = liandan(&["data", "prepare", s(&raw), "--out", s(&out), "--vocab-size", "400", "--split", "0.8,0.1,0.1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("m.jsonl.gz") && err.contains("the rest of the file skipped"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("files skipped: 1"), "{}", String::from_utf8_lossy(&o.stdout));
+    // A work directory that a data phase of a job holds is refused, and left as it is.
+    let work = d.join(".out2.work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("owner.json"), r#"{"owner": "the data phase of /jobs/7/phase-0", "fingerprint": "x"}"#).unwrap();
+    let o = liandan(&["data", "prepare", s(&raw), "--out", s(&d.join("out2")), "--vocab-size", "400"]);
+    one_line_error(&o, &[".out2.work", "is being written by the data phase of /jobs/7/phase-0"]);
+    assert!(work.join("owner.json").exists(), "another run's directory is not touched");
+    assert!(!d.join("out2").exists());
+}

@@ -21,6 +21,19 @@
 //! seq_len = 128
 //! lr = 3e-3
 //! ```
+//!
+//! A job may start with a `data` phase that prepares `data.prepared` from raw text on the
+//! workers (the settings of `liandan data prepare`, see `liandan_data::pipeline::PrepareConfig`):
+//!
+//! ```toml
+//! [[phases]]
+//! name = "data"
+//! kind = "data"
+//! [phases.prepare]
+//! inputs = ["raw/web", "raw/books/*.jsonl"]
+//! vocab_size = 8192
+//! memory_budget = 1073741824
+//! ```
 
 use std::path::PathBuf;
 
@@ -98,10 +111,15 @@ pub struct CheckpointSpec {
 pub struct PhaseSpec {
     pub name: String,
     pub kind: PhaseKind,
+    /// Optimizer steps (required for every kind but data).
+    #[serde(default)]
     pub steps: u64,
     /// Sequences per optimizer step over all workers.
+    #[serde(default)]
     pub global_batch: usize,
+    #[serde(default)]
     pub seq_len: usize,
+    #[serde(default)]
     pub lr: f32,
     pub min_lr: Option<f32>,
     pub warmup: Option<u64>,
@@ -137,6 +155,8 @@ pub struct PhaseSpec {
     /// as `skipped_steps`) before it fails. Default 0: the first such step fails the phase.
     #[serde(default)]
     pub max_skipped_steps: u64,
+    /// data: the pipeline's settings (`[phases.prepare]`); the output is `data.prepared`.
+    pub prepare: Option<liandan_data::prepare::PrepareConfig>,
 }
 
 /// A parser's message on one line, each of its lines cut to [`QUOTED_CHARS`]: a spec error that
@@ -247,8 +267,17 @@ impl JobSpec {
             }
             let kind = format!("{:?}", p.kind).to_lowercase();
             let a = if p.kind == PhaseKind::Sft { "an" } else { "a" };
+            if p.kind == PhaseKind::Data {
+                self.validate_data_phase(i).map_err(|(k, r)| (at(&k), r))?;
+                continue;
+            }
+            if p.prepare.is_some() {
+                return bad(&at("prepare"), format!("`prepare` belongs to data phases, not {kind}"));
+            }
+            // The phase a fine-tuning phase starts from: none before it but a data phase.
+            let first_model = i == 0 || (self.phases[i - 1].kind == PhaseKind::Data && p.from.is_none() && p.kind != PhaseKind::Ppo);
             if p.kind != PhaseKind::Pretrain {
-                if i == 0 && p.init.is_none() {
+                if first_model && p.init.is_none() {
                     return bad(&at("kind"), format!("{a} {kind} phase fine-tunes an earlier phase's output: put a pretrain phase before it (or give `init`)"));
                 }
                 let labelled_only = p.kind == PhaseKind::Reward && p.comparisons == ComparisonSource::Labelled;
@@ -305,6 +334,41 @@ impl JobSpec {
         Ok(())
     }
 
+    /// A data phase: first in the job, with pipeline settings whose output (if given) is the
+    /// job's `data.prepared`, and none of the training keys.
+    fn validate_data_phase(&self, i: usize) -> Result<(), (String, String)> {
+        let p = &self.phases[i];
+        if i != 0 {
+            return Err(("kind".into(), "a data phase must be the first phase of its job".into()));
+        }
+        let Some(cfg) = &p.prepare else {
+            return Err(("prepare".into(), "a data phase needs [phases.prepare] with its inputs".into()));
+        };
+        if cfg.inputs.is_empty() {
+            return Err(("prepare.inputs".into(), "must name at least one file, directory or glob".into()));
+        }
+        if !cfg.out.as_os_str().is_empty() && cfg.out != self.data.prepared {
+            return Err(("prepare.out".into(), format!("a data phase writes data.prepared ({}); leave `out` out", self.data.prepared.display())));
+        }
+        let trains = p.steps != 0 || p.global_batch != 0 || p.seq_len != 0 || p.lr != 0.0;
+        if trains || p.data.is_some() || p.init.is_some() || p.from.is_some() || p.ppo.is_some() || p.reward_model.is_some() || p.reward_checkpoint.is_some() {
+            return Err(("kind".into(), "a data phase takes only name, kind and [phases.prepare] (no steps, batch, lr, data, init, from or ppo keys)".into()));
+        }
+        let mut cfg = cfg.clone();
+        cfg.out = self.data.prepared.clone();
+        cfg.validate().map_err(|e| ("prepare".to_string(), e.to_string()))
+    }
+
+    /// The data phase's settings, resolved: `out` is `data.prepared`; the vocabulary is padded
+    /// to exactly `vocab_size` when phases after it size their model by it.
+    pub fn data_settings(&self) -> Option<liandan_data::prepare::PrepareConfig> {
+        let p = self.phases.first().filter(|p| p.kind == PhaseKind::Data)?;
+        let mut cfg = p.prepare.clone()?;
+        cfg.out = self.data.prepared.clone();
+        cfg.exact_vocab = self.phases.len() > 1;
+        Some(cfg)
+    }
+
     /// The earlier phase that phase `i` starts from, if any.
     pub fn from_phase(&self, i: usize) -> Result<Option<usize>, String> {
         let p = &self.phases[i];
@@ -312,7 +376,11 @@ impl JobSpec {
             return Ok(None);
         }
         if let Some(name) = &p.from {
-            return self.phases[..i].iter().position(|q| &q.name == name).map(Some).ok_or_else(|| format!("no phase named '{name}' before this one"));
+            return match self.phases[..i].iter().position(|q| &q.name == name) {
+                Some(k) if self.phases[k].kind == PhaseKind::Data => Err(format!("phase '{name}' is a data phase: it makes data, not a model")),
+                Some(k) => Ok(Some(k)),
+                None => Err(format!("no phase named '{name}' before this one")),
+            };
         }
         if p.kind == PhaseKind::Ppo {
             return self.phases[..i]
@@ -321,7 +389,7 @@ impl JobSpec {
                 .map(Some)
                 .ok_or_else(|| "a ppo phase starts from an SFT model: put an sft phase before it, or give `from` or `init`".into());
         }
-        Ok(i.checked_sub(1))
+        Ok(i.checked_sub(1).filter(|&k| self.phases[k].kind != PhaseKind::Data))
     }
 
     /// The reward phase whose model a ppo phase `i` uses (`None` with `reward_checkpoint`).
@@ -357,8 +425,21 @@ impl JobSpec {
     /// lengths against the model, and that the checkpoint directory is writable.
     pub fn plans(&self, source_name: &str) -> Result<Vec<PhasePlan>, SpecError> {
         let err = |path: String, reason: String| SpecError { source_name: source_name.to_string(), path, reason };
-        let manifest = liandan_data::shard::Manifest::load(&self.data.prepared).map_err(|e| err("data.prepared".into(), e.to_string()))?;
-        let model = self.model_config(manifest.vocab_size).map_err(|(p, r)| err(p, r))?;
+        let data = self.data_settings();
+        // With a data phase the data does not exist yet: the model is sized by the vocabulary
+        // it will have (a given tokenizer's, or `vocab_size`, padded to exactly that).
+        let vocab = match &data {
+            Some(cfg) => match &cfg.tokenizer {
+                Some(t) => liandan_data::tokenizer::ChatTokenizer::load(t, None).map_err(|e| err("phases[0].prepare.tokenizer".into(), e.to_string()))?.vocab_size(),
+                None => cfg.vocab_size,
+            },
+            None => liandan_data::shard::Manifest::load(&self.data.prepared).map_err(|e| err("data.prepared".into(), e.to_string()))?.vocab_size,
+        };
+        let data_plan = match &data {
+            Some(cfg) => Some(liandan_data::pipeline::plan(cfg).map_err(|e| err("phases[0].prepare".into(), e.to_string()))?),
+            None => None,
+        };
+        let model = self.model_config(vocab).map_err(|(p, r)| err(p, r))?;
         std::fs::create_dir_all(&self.checkpoint.dir)
             .and_then(|_| {
                 let probe = self.checkpoint.dir.join(".liandan-write-probe");
@@ -390,8 +471,15 @@ impl JobSpec {
                     kind: p.kind,
                     model: model.clone(),
                     data_dir: self.data.prepared.clone(),
-                    steps: p.steps,
-                    global_batch: p.global_batch,
+                    steps: match (&data_plan, p.kind) {
+                        (Some(d), PhaseKind::Data) => d.total_tasks(),
+                        _ => p.steps,
+                    },
+                    // A data phase's "batch" is its widest stage: more workers than tasks idle.
+                    global_batch: match (&data_plan, p.kind) {
+                        (Some(d), PhaseKind::Data) => d.tasks.len().max(d.partitions),
+                        _ => p.global_batch,
+                    },
                     seq_len: p.seq_len,
                     max_lr: p.lr,
                     min_lr: p.min_lr.unwrap_or(p.lr / 10.0),
@@ -411,14 +499,21 @@ impl JobSpec {
                     labelled_examples: None,
                     max_skipped_steps: p.max_skipped_steps,
                     device: p.device.clone().or_else(|| self.cluster.device.clone()),
+                    prepare: if p.kind == PhaseKind::Data { data.clone() } else { None },
                 };
                 if plan.memory_per_rank(self.cluster.min_workers as usize).is_none() {
                     return Err(err(format!("phases[{i}]"), "the model and batch need more memory than any machine has (the sizes overflow)".into()));
                 }
                 // Whatever the worker would refuse about the inputs, refused now (the same loaders).
+                // Phases after a data phase read data that does not exist yet: their workers check
+                // it when the phase starts.
+                if data.is_some() && plan.kind != PhaseKind::Data {
+                    return Ok(plan);
+                }
                 liandan_worker::phase::check_inputs(&plan).map_err(|e| {
                     let key = match (plan.kind, &e) {
                         (PhaseKind::Pretrain, _) => "data.prepared".to_string(),
+                        (PhaseKind::Data, _) => format!("phases[{i}].prepare"),
                         (_, liandan_worker::phase::PhaseError::Data(_)) => format!("phases[{i}].data"),
                         _ => format!("phases[{i}]"),
                     };
@@ -506,5 +601,54 @@ lr = 1e-3
         let s = JobSpec::parse(GOOD, "job.toml").unwrap();
         let e = s.plans("job.toml").unwrap_err().to_string();
         assert!(e.contains("data.prepared") && e.contains("/nonexistent/manifest.json"), "{e}");
+    }
+
+    const DATA: &str = r#"
+name = "d"
+[model]
+preset = "nano"
+[data]
+prepared = "/tmp/out"
+[checkpoint]
+dir = "/tmp/x"
+[[phases]]
+name = "data"
+kind = "data"
+[phases.prepare]
+inputs = ["raw"]
+vocab_size = 512
+"#;
+
+    #[test]
+    fn data_phases_come_first_take_only_their_settings_and_make_no_model() {
+        let s = JobSpec::parse(DATA, "job.toml").unwrap();
+        let d = s.data_settings().unwrap();
+        assert_eq!((d.out.as_path(), d.exact_vocab), (std::path::Path::new("/tmp/out"), false));
+        let pre = "[[phases]]\nname = \"pretrain\"\nkind = \"pretrain\"\nsteps = 2\nglobal_batch = 2\nseq_len = 8\nlr = 1e-3\n";
+        let s = JobSpec::parse(&format!("{DATA}{pre}"), "job.toml").unwrap();
+        assert_eq!(s.from_phase(1), Ok(None), "pretraining after a data phase starts from scratch");
+        assert!(s.data_settings().unwrap().exact_vocab, "a model sized before the data exists needs the exact vocabulary");
+        let e = JobSpec::parse(&format!("{DATA}{}", pre.replace("steps = 2", "from = \"data\"\nsteps = 2")), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[1].from: phase 'data' is a data phase"), "{e}");
+        let sft = "[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 8\nlr = 1e-3\n";
+        let e = JobSpec::parse(&format!("{DATA}{sft}"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[1].kind: an sft phase fine-tunes an earlier phase"), "{e}");
+        let e = JobSpec::parse(&DATA.replace("kind = \"data\"", "kind = \"data\"\nsteps = 3"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].kind: a data phase takes only"), "{e}");
+        let e = JobSpec::parse(&DATA.replace("inputs = [\"raw\"]", "inputs = []"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].prepare.inputs"), "{e}");
+        let e = JobSpec::parse(&DATA.replace("vocab_size = 512", "vocab_sise = 512"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[0].prepare") && e.contains("vocab_sise"), "{e}");
+        let e = JobSpec::parse(&format!("{GOOD}[[phases]]\nname = \"data\"\nkind = \"data\"\n[phases.prepare]\ninputs = [\"raw\"]\n"), "job.toml").unwrap_err().to_string();
+        assert!(e.contains("phases[1].kind: a data phase must be the first phase"), "{e}");
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data-then-pretrain.toml")).unwrap();
+        JobSpec::parse(&example, "examples/data-then-pretrain.toml").unwrap();
+    }
+
+    #[test]
+    fn the_dashboard_names_the_data_stages_in_order() {
+        let html = include_str!("dashboard.html").replace(' ', "");
+        let want = format!("DATA_STAGES={};", serde_json::to_string(&liandan_data::pipeline::STAGES).unwrap());
+        assert!(html.contains(&want), "dashboard.html's DATA_STAGES differs from {want}");
     }
 }

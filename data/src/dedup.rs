@@ -16,6 +16,7 @@ use crate::error::{DataError, Result};
 
 /// Near-duplicate settings.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DedupConfig {
     pub exact: bool,
     pub near: bool,
@@ -58,7 +59,7 @@ pub enum Duplicate {
 }
 
 /// Counts of a deduplication pass.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DedupStats {
     pub input: u64,
     pub exact: u64,
@@ -68,8 +69,7 @@ pub struct DedupStats {
 
 /// Decides, for each text, whether it duplicates an earlier one.
 pub fn dedup(texts: &[&str], cfg: &DedupConfig) -> (Vec<Option<Duplicate>>, DedupStats) {
-    let perms = cfg.bands * cfg.rows;
-    let seeds: Vec<(u64, u64)> = (0..perms as u64).map(|i| (xxh3_64_with_seed(b"a", i) | 1, xxh3_64_with_seed(b"b", i))).collect();
+    let seeds = seeds(cfg.bands * cfg.rows);
     let keys: Vec<u128> = texts.par_iter().map(|t| exact_key(t)).collect();
     let sigs: Vec<Vec<u32>> = if cfg.near { texts.par_iter().map(|t| minhash(t, cfg.shingle, &seeds)).collect() } else { vec![] };
 
@@ -117,15 +117,20 @@ pub fn dedup(texts: &[&str], cfg: &DedupConfig) -> (Vec<Option<Duplicate>>, Dedu
     (out, stats)
 }
 
+/// The MinHash permutations `h ↦ a·h + b` (a odd), from fixed seeds.
+pub(crate) fn seeds(perms: usize) -> Vec<(u64, u64)> {
+    (0..perms as u64).map(|i| (xxh3_64_with_seed(b"a", i) | 1, xxh3_64_with_seed(b"b", i))).collect()
+}
+
 /// The exact-duplicate key: a hash of the text without whitespace.
-fn exact_key(text: &str) -> u128 {
+pub(crate) fn exact_key(text: &str) -> u128 {
     let s: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     xxh3_128(s.as_bytes())
 }
 
 /// MinHash signature over character shingles (whitespace removed). Texts shorter than one
 /// shingle use themselves as the only shingle.
-fn minhash(text: &str, k: usize, seeds: &[(u64, u64)]) -> Vec<u32> {
+pub(crate) fn minhash(text: &str, k: usize, seeds: &[(u64, u64)]) -> Vec<u32> {
     let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
     if chars.is_empty() {
         return vec![];
@@ -152,13 +157,13 @@ fn minhash(text: &str, k: usize, seeds: &[(u64, u64)]) -> Vec<u32> {
         .collect()
 }
 
-fn band_key(rows: &[u32], band: usize) -> u64 {
+pub(crate) fn band_key(rows: &[u32], band: usize) -> u64 {
     let bytes: Vec<u8> = rows.iter().flat_map(|r| r.to_le_bytes()).collect();
     xxh3_64_with_seed(&bytes, band as u64)
 }
 
 /// Share of equal signature positions: an unbiased estimate of the Jaccard similarity.
-fn estimate(a: &[u32], b: &[u32]) -> f32 {
+pub(crate) fn estimate(a: &[u32], b: &[u32]) -> f32 {
     a.iter().zip(b).filter(|(x, y)| x == y).count() as f32 / a.len() as f32
 }
 

@@ -20,6 +20,10 @@ pub enum DataError {
     #[error("{what}: {reason}")]
     Input { what: String, reason: String },
 
+    /// The run was asked to stop (a data phase whose generation ended); not a failure.
+    #[error("stopped")]
+    Stopped,
+
     /// A setting out of range.
     #[error("invalid setting {field}: {reason}")]
     Config { field: &'static str, reason: String },

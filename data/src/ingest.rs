@@ -21,7 +21,8 @@ use crate::error::{DataError, Result};
 use crate::html::html_to_text;
 
 /// How to read inputs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct IngestOptions {
     /// JSONL field holding the text.
     pub text_field: String,
@@ -36,7 +37,7 @@ impl Default for IngestOptions {
 }
 
 /// The format a document was read from: some cleaning rules apply to web pages only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DocKind {
     Text,
@@ -58,7 +59,8 @@ pub struct RawDoc {
 }
 
 /// Counters of one ingest.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct IngestStats {
     pub files: u64,
     pub documents: u64,
@@ -67,7 +69,14 @@ pub struct IngestStats {
     pub invalid_utf8: u64,
     /// JSONL lines skipped (bad JSON, missing field), and chinese-poetry entries without text.
     pub malformed_lines: u64,
-    /// The first few malformed-line messages (`file:line: reason`), for the report.
+    /// Lines longer than the limit: cut (text) or dropped (JSONL, also counted as malformed).
+    pub cut_lines: u64,
+    /// Documents longer than the limit, cut.
+    pub cut_documents: u64,
+    /// Files skipped whole or in part: unreadable, failing while read (truncated gzip), too
+    /// large to parse, not regular files (FIFOs, devices) found in a directory or glob.
+    pub skipped_files: u64,
+    /// The first few malformed-line and skipped-file messages (`file:line: reason`), for the report.
     pub warnings: Vec<String>,
 }
 
@@ -78,6 +87,9 @@ impl IngestStats {
         self.bytes += o.bytes;
         self.invalid_utf8 += o.invalid_utf8;
         self.malformed_lines += o.malformed_lines;
+        self.cut_lines += o.cut_lines;
+        self.cut_documents += o.cut_documents;
+        self.skipped_files += o.skipped_files;
         for w in o.warnings {
             if self.warnings.len() < MAX_WARNINGS {
                 self.warnings.push(w);
@@ -85,8 +97,15 @@ impl IngestStats {
         }
     }
 
-    fn warn(&mut self, w: String) {
+    pub(crate) fn warn(&mut self, w: String) {
         self.malformed_lines += 1;
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(w);
+        }
+    }
+
+    pub(crate) fn skip_file(&mut self, w: String) {
+        self.skipped_files += 1;
         if self.warnings.len() < MAX_WARNINGS {
             self.warnings.push(w);
         }
@@ -114,6 +133,8 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
             }
         } else if p.is_file() {
             files.push(p.to_path_buf());
+        } else if let Some(kind) = special_file(p) {
+            return Err(DataError::Input { what: input.clone(), reason: format!("is a {kind}, not a regular file") });
         } else if input.contains(['*', '?', '[']) {
             let paths = glob::glob(input).map_err(|e| DataError::Input { what: input.clone(), reason: format!("bad glob: {e}") })?;
             let before = files.len();
@@ -155,6 +176,21 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a path that exists but is neither a file nor a directory is (FIFO, device, socket).
+fn special_file(p: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(p).ok()?.file_type();
+    Some(if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "device file"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        return None;
+    })
 }
 
 /// Files that sit beside data but are not data (licences, expectations for tests).
@@ -290,7 +326,7 @@ fn read_jsonl(path: &Path, text: &str, opts: &IngestOptions, stats: &mut IngestS
 /// (strings or lists of strings) and optional `title`/`rhythmic`/`chapter`/`section` and
 /// `author`. They may sit in a top-level array (唐诗, 宋词), be the top-level object (蒙学
 /// primers), or be nested in other objects' arrays (`content: [{chapter, paragraphs}]`).
-fn read_poetry(path: &Path, text: &str, stats: &mut IngestStats) -> Result<Vec<RawDoc>> {
+pub(crate) fn read_poetry(path: &Path, text: &str, stats: &mut IngestStats) -> Result<Vec<RawDoc>> {
     let source = path.display().to_string();
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| DataError::file(path, format!("not valid JSON: {e} (JSON inputs must be chinese-poetry collections; use .jsonl for one document per line)")))?;

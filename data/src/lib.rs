@@ -15,17 +15,29 @@
 //!   rejected}`) JSONL, validated with file:line errors and tokenized with an assistant mask.
 //! - [`files`]: opening files named by others: regular files only, sizes and lines bounded.
 //! - [`verify`]: the poem-form checker (五言/七言 绝句/律诗).
-//! - [`prepare`]: the whole pipeline with progress and a funnel report.
+//! - [`stream`]: the same readers one document at a time, with caps on lines and documents, and
+//!   large files cut into tasks at document boundaries.
+//! - [`quality`]: the learned line-quality score (character n-gram logistic regression).
+//! - [`extsort`]: fixed-size records on disk and an external sort within a memory budget.
+//! - [`pipeline`]: the stages, their tasks and completion records in a shared work directory;
+//!   run by one process or by the ranks of a data phase.
+//! - [`prepare`]: the pipeline in one process, with progress and a funnel report.
+//! - [`synth`]: a synthetic corpus for the memory test and benchmarks.
 
 pub mod chat;
 pub mod clean;
 pub mod dedup;
 pub mod error;
+pub mod extsort;
 pub mod files;
 pub mod html;
 pub mod ingest;
+pub mod pipeline;
 pub mod prepare;
+pub mod quality;
 pub mod shard;
+pub mod stream;
+pub mod synth;
 pub mod tokenizer;
 pub mod verify;
 

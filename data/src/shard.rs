@@ -55,6 +55,7 @@ impl Split {
 
 /// Shares of the splits; they must sum to 1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SplitRatios {
     pub train: f64,
     pub val: f64,
@@ -163,62 +164,99 @@ impl Manifest {
     }
 }
 
-/// Writes tokens of one split into shards of at most `shard_tokens` tokens.
+/// Writes tokens of one split into shards of at most `shard_tokens` tokens, streaming: a shard
+/// is written as its tokens arrive (under a temporary name, renamed when full), so memory does not
+/// depend on `shard_tokens`.
 #[derive(Debug)]
 pub struct ShardWriter {
     dir: PathBuf,
     split: Split,
     dtype: u32,
     shard_tokens: usize,
-    buf: Vec<u32>,
+    cur: Option<OpenShard>,
     pub info: SplitInfo,
+}
+
+#[derive(Debug)]
+struct OpenShard {
+    name: String,
+    tmp: PathBuf,
+    w: std::io::BufWriter<std::fs::File>,
+    tokens: u64,
 }
 
 impl ShardWriter {
     pub fn new(dir: &Path, split: Split, dtype: u32, shard_tokens: usize) -> Self {
-        ShardWriter { dir: dir.to_path_buf(), split, dtype, shard_tokens: shard_tokens.max(1), buf: Vec::new(), info: SplitInfo::default() }
+        ShardWriter { dir: dir.to_path_buf(), split, dtype, shard_tokens: shard_tokens.max(1), cur: None, info: SplitInfo::default() }
     }
 
     /// Appends one document's tokens (already ended by `<|eos|>`).
     pub fn push_document(&mut self, tokens: &[u32]) -> Result<()> {
         self.info.documents += 1;
-        self.buf.extend_from_slice(tokens);
-        while self.buf.len() >= self.shard_tokens {
-            let rest = self.buf.split_off(self.shard_tokens);
-            let full = std::mem::replace(&mut self.buf, rest);
-            self.write(&full)?;
+        let mut rest = tokens;
+        while !rest.is_empty() {
+            if self.cur.is_none() {
+                self.open()?;
+            }
+            // Opened just above.
+            let cur = self.cur.as_mut().expect("an open shard");
+            let room = self.shard_tokens - cur.tokens as usize;
+            let (now, later) = rest.split_at(rest.len().min(room));
+            let bytes = encode_tokens(now, self.dtype)?;
+            cur.w.write_all(&bytes).map_err(|e| DataError::io(&cur.tmp, e))?;
+            cur.tokens += now.len() as u64;
+            rest = later;
+            if cur.tokens as usize == self.shard_tokens {
+                self.close()?;
+            }
         }
         Ok(())
     }
 
     /// Writes what is left and returns the split's info.
     pub fn finish(mut self) -> Result<SplitInfo> {
-        if !self.buf.is_empty() {
-            let last = std::mem::take(&mut self.buf);
-            self.write(&last)?;
-        }
+        self.close()?;
         Ok(self.info)
     }
 
-    fn write(&mut self, tokens: &[u32]) -> Result<()> {
+    fn open(&mut self) -> Result<()> {
         let name = format!("{}-{:05}.bin", self.split.name(), self.info.shards.len());
-        let bytes = encode_shard(tokens, self.dtype)?;
-        let path = self.dir.join(&name);
-        write_atomic(&path, &bytes)?;
-        self.info.tokens += tokens.len() as u64;
-        self.info.shards.push(ShardInfo { file: name, tokens: tokens.len() as u64, bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) });
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        w.write_all(&header(self.dtype, 0)).map_err(|e| DataError::io(&tmp, e))?;
+        self.cur = Some(OpenShard { name, tmp, w, tokens: 0 });
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        let Some(cur) = self.cur.take() else { return Ok(()) };
+        use std::io::{Seek, SeekFrom};
+        let mut f = cur.w.into_inner().map_err(|e| DataError::io(&cur.tmp, e.into_error()))?;
+        f.seek(SeekFrom::Start(0)).and_then(|_| f.write_all(&header(self.dtype, cur.tokens))).and_then(|_| f.sync_all()).map_err(|e| DataError::io(&cur.tmp, e))?;
+        drop(f);
+        let path = self.dir.join(&cur.name);
+        std::fs::rename(&cur.tmp, &path).map_err(|e| DataError::io(&path, e))?;
+        let (bytes, sha256) = file_sha256(&path)?;
+        self.info.tokens += cur.tokens;
+        self.info.shards.push(ShardInfo { file: cur.name, tokens: cur.tokens, bytes, sha256 });
         Ok(())
     }
 }
 
-/// The bytes of a shard holding `tokens`.
-pub fn encode_shard(tokens: &[u32], dtype: u32) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(HEADER_BYTES + tokens.len() * dtype as usize);
+/// The 32-byte header of a shard of `count` tokens.
+fn header(dtype: u32, count: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&dtype.to_le_bytes());
-    out.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes());
+    out
+}
+
+fn encode_tokens(tokens: &[u32], dtype: u32) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(tokens.len() * dtype as usize);
     match dtype {
         2 => {
             for &t in tokens {
@@ -229,6 +267,30 @@ pub fn encode_shard(tokens: &[u32], dtype: u32) -> Result<Vec<u8>> {
         4 => tokens.iter().for_each(|t| out.extend_from_slice(&t.to_le_bytes())),
         d => return Err(DataError::Config { field: "dtype", reason: format!("must be 2 or 4 bytes, got {d}") }),
     }
+    Ok(out)
+}
+
+/// Size and SHA-256 of a file, streamed.
+pub fn file_sha256(path: &Path) -> Result<(u64, String)> {
+    use std::io::Read;
+    let mut f = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path).map_err(|e| DataError::io(path, e))?);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        if k == 0 {
+            return Ok((n, h.finalize().iter().map(|b| format!("{b:02x}")).collect()));
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+/// The bytes of a shard holding `tokens`.
+pub fn encode_shard(tokens: &[u32], dtype: u32) -> Result<Vec<u8>> {
+    let mut out = header(dtype, tokens.len() as u64);
+    out.extend(encode_tokens(tokens, dtype)?);
     Ok(out)
 }
 

@@ -56,12 +56,22 @@ impl ChatTokenizer {
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
+        Self::train_with(texts, vocab_size, false)
+    }
+
+    /// [`train`](Self::train), with `tokenizers`' own progress bars (word counts, merges) on
+    /// standard error when `show_progress`.
+    pub fn train_with<I, S>(texts: I, vocab_size: usize, show_progress: bool) -> Result<Self>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
         if vocab_size < MIN_VOCAB {
             return Err(DataError::Config { field: "vocab_size", reason: format!("must be at least {MIN_VOCAB}, got {vocab_size}") });
         }
         let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
         let trainer = BpeTrainerBuilder::new()
-            .show_progress(false)
+            .show_progress(show_progress)
             .vocab_size(vocab_size)
             .min_frequency(2)
             .special_tokens(specials)
@@ -93,6 +103,18 @@ impl ChatTokenizer {
             end: id(END)?,
         };
         Ok(ChatTokenizer { inner, special })
+    }
+
+    /// Adds reserved special tokens `<|reserved_N|>` until the vocabulary has `vocab_size`
+    /// tokens (a corpus too small for that many merges); returns how many were added.
+    pub fn pad_to(&mut self, vocab_size: usize) -> usize {
+        let have = self.vocab_size();
+        if have >= vocab_size {
+            return 0;
+        }
+        let extra: Vec<AddedToken> = (0..vocab_size - have).map(|i| AddedToken::from(format!("<|reserved_{i}|>"), true)).collect();
+        self.inner.add_special_tokens(&extra);
+        vocab_size - have
     }
 
     /// Writes `tokenizer.json` (atomically: temporary name, then rename).

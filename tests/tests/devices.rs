@@ -95,6 +95,8 @@ fn plans(dir: &Path) -> [PhasePlan; 4] {
         comparisons: Default::default(),
         labelled_examples: None,
         max_skipped_steps: 0,
+        device: None,
+        prepare: None,
     };
     let ppo = PpoSettings { reward: RewardSource::Both, max_new_tokens: 6, epochs: 1, minibatches: 2, entropy_coef: 0.01, ..Default::default() };
     [

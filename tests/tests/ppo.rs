@@ -100,7 +100,9 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
         }),
         comparisons: Default::default(),
         max_skipped_steps: 0,
+        device: None,
         labelled_examples: None,
+        prepare: None,
     }
 }
 

@@ -13,6 +13,8 @@ use crate::optim::{AdamWConfig, LrSchedule};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PhaseKind {
+    /// The data pipeline, sharded over the group ([`crate::phase::data`]).
+    Data,
     Pretrain,
     Sft,
     Reward,
@@ -28,7 +30,7 @@ pub struct PhasePlan {
     pub data_dir: PathBuf,
     /// Optimizer steps.
     pub steps: u64,
-    /// Sequences per step over all ranks (fixed, whatever the world size).
+    /// Sequences per step over all ranks (fixed, whatever the world size); data: the most tasks in one stage (the most workers it can use).
     pub global_batch: usize,
     pub seq_len: usize,
     pub max_lr: f32,
@@ -76,6 +78,9 @@ pub struct PhasePlan {
     /// per group.
     #[serde(default)]
     pub device: Option<String>,
+    /// data: the pipeline's settings (`out` is the job's prepared-data directory).
+    #[serde(default)]
+    pub prepare: Option<liandan_data::prepare::PrepareConfig>,
 }
 
 /// Device kinds a phase may require.
@@ -226,6 +231,8 @@ impl PhasePlan {
         let t = self.seq_len;
         let trained = |b| memory::gpt(&self.model, b, t, true);
         match self.kind {
+            // The pipeline holds at most its budget, whatever the model.
+            PhaseKind::Data => Some(MemoryEstimate { activations: self.prepare.as_ref().map_or(0, |c| c.memory_budget), ..Default::default() }),
             PhaseKind::Pretrain | PhaseKind::Sft => trained(b),
             PhaseKind::Reward => trained(b.checked_mul(2)?),
             PhaseKind::Ppo => {

@@ -228,7 +228,11 @@ impl CoordinatorService {
         let (spec, plans, manifest) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let spec = JobSpec::parse(&toml_text, &src).map_err(|e| Status::invalid_argument(e.to_string()))?;
             let plans = spec.plans(&src).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let manifest = liandan_data::shard::Manifest::load(&spec.data.prepared).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            // A job with a data phase makes its data; the others register the data they train on.
+            let manifest = match spec.data_settings() {
+                Some(_) => None,
+                None => Some(liandan_data::shard::Manifest::load(&spec.data.prepared).map_err(|e| Status::invalid_argument(e.to_string()))?),
+            };
             Ok((spec, plans, manifest))
         })
         .await
@@ -239,12 +243,14 @@ impl CoordinatorService {
             .phases
             .iter()
             .zip(&plans)
-            .map(|(p, plan)| (p.name.clone(), serde_json::to_string(plan).unwrap_or_default(), p.steps))
+            .map(|(p, plan)| (p.name.clone(), serde_json::to_string(plan).unwrap_or_default(), plan.steps))
             .collect();
         let root = spec.checkpoint.dir.display().to_string();
         let id = self.with_store(|s| {
-            let train_tokens = manifest.splits.get("train").map_or(0, |t| t.tokens);
-            s.register_dataset(&spec.data.prepared.display().to_string(), manifest.vocab_size, train_tokens, &manifest.tokenizer_sha256)?;
+            if let Some(manifest) = &manifest {
+                let train_tokens = manifest.splits.get("train").map_or(0, |t| t.tokens);
+                s.register_dataset(&spec.data.prepared.display().to_string(), manifest.vocab_size, train_tokens, &manifest.tokenizer_sha256)?;
+            }
             let id = s.insert_job(&spec.name, spec_toml, &phases, spec.cluster.min_workers, spec.cluster.max_workers, &root)?;
             // A first phase that starts from a checkpoint (`init`) has it as its input from the
             // start (the job is still queued); later phases get theirs when the phase before succeeds.

@@ -365,6 +365,11 @@ impl CoordinatorService {
 }
 
 fn check_checkpoint(root: &Path, dir: &Path, plan_json: &str, step: u64) -> Result<(), String> {
+    if let Ok(plan) = serde_json::from_str::<PhasePlan>(plan_json)
+        && plan.kind == crate::spec::PhaseKind::Data
+    {
+        return check_prepared(&plan, dir);
+    }
     let real = dir.canonicalize().map_err(|e| format!("cannot be opened: {e}"))?;
     let root = root.canonicalize().map_err(|e| format!("the phase's checkpoint directory {}: {e}", root.display()))?;
     if !real.starts_with(&root) || real == root {
@@ -378,6 +383,26 @@ fn check_checkpoint(root: &Path, dir: &Path, plan_json: &str, step: u64) -> Resu
         && state.model_config != plan.model
     {
         return Err("its model is not the phase's model".into());
+    }
+    Ok(())
+}
+
+/// A data phase's result is no model but its prepared directory: the plan's `data_dir`, with a
+/// manifest whose every shard is there at its recorded size (the workers checked the checksums
+/// as they wrote them).
+fn check_prepared(plan: &PhasePlan, dir: &Path) -> Result<(), String> {
+    let real = dir.canonicalize().map_err(|e| format!("cannot be opened: {e}"))?;
+    let want = plan.data_dir.canonicalize().map_err(|e| format!("data.prepared {}: {e}", plan.data_dir.display()))?;
+    if real != want {
+        return Err(format!("is not the job's data.prepared {}", want.display()));
+    }
+    let m = liandan_data::shard::Manifest::load(&real).map_err(|e| e.to_string())?;
+    for s in m.splits.values().flat_map(|s| &s.shards) {
+        let f = real.join(&s.file);
+        let len = std::fs::metadata(&f).map_err(|e| format!("{}: {e}", f.display()))?.len();
+        if len != s.bytes {
+            return Err(format!("{}: {len} bytes, the manifest says {}", f.display(), s.bytes));
+        }
     }
     Ok(())
 }

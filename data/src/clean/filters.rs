@@ -9,6 +9,7 @@ pub const DOC_FILTERS: &[&str] = &["too_short", "low_text_share", "high_symbol_s
 
 /// Thresholds of the document filters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FilterConfig {
     /// `too_short`: fewer non-space characters than this.
     pub min_chars: usize,

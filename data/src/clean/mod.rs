@@ -5,12 +5,16 @@
 //! | `normalize` | rewrite | NFKC (Chinese punctuation kept) and whitespace repair ([`normalize`]) |
 //! | `t2s` | rewrite | Traditional → Simplified with OpenCC's dictionaries (only when asked) |
 //! | `contact`, `ad`, `call_to_action`, `menu`, `share`, `comment_prompt`, `footer` | line | remove spam lines ([`lines`]) |
+//! | `quality_line` | line | documents of the kinds in `quality_kinds` (web pages by default): remove a line the learned model ([`crate::quality`]) scores as spam with probability ≥ `quality_line_threshold` |
 //! | `short_line` | line | web pages only: remove short lines (links, labels, headings, sidebars) unless both neighbours are article paragraphs |
 //! | `boilerplate` | line | remove lines repeated across many documents of one group (site/file) |
 //! | `too_short`, `low_text_share`, `high_symbol_share`, `repeated_lines`, `repeated_ngrams` | document | drop the document ([`filters`]) |
+//! | `language` | document | with `languages` set: drop a document whose language ([`whatlang`], ISO 639-3 codes such as `cmn`, `eng`) is reliably detected as none of them |
+//! | `quality_doc` | document | documents of the kinds in `quality_kinds`: drop a document whose lines' spam probability, weighted by characters, averages ≥ `quality_doc_threshold` |
 //!
 //! The corpus pass runs in three stages: rewrites and line rules per document (parallel), then
-//! boilerplate across documents, then document filters (parallel).
+//! boilerplate across documents, then document filters (parallel). The staged pipeline
+//! ([`crate::pipeline`]) runs the same three stages task by task.
 
 pub mod filters;
 pub mod lines;
@@ -30,14 +34,17 @@ use lines::{LineRules, LINE_RULES};
 pub fn all_rules() -> Vec<&'static str> {
     let mut v = vec!["normalize", "t2s"];
     v.extend(LINE_RULES);
+    v.push("quality_line");
     v.push("short_line");
     v.push("boilerplate");
     v.extend(DOC_FILTERS);
+    v.extend(["language", "quality_doc"]);
     v
 }
 
 /// Cleaning settings.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CleanConfig {
     /// Convert Traditional to Simplified (`t2s` rule).
     pub t2s: bool,
@@ -55,6 +62,16 @@ pub struct CleanConfig {
     /// `short_line`: on web pages, lines shorter than this many characters are not article text
     /// unless both neighbours are at least this long.
     pub min_web_line_chars: usize,
+    /// `quality_line`: spam probability at or above which a line is removed.
+    pub quality_line_threshold: f32,
+    /// `quality_doc`: character-weighted mean spam probability at or above which a document is dropped.
+    pub quality_doc_threshold: f32,
+    /// `language`: languages to keep (ISO 639-3, e.g. `cmn`, `eng`); empty keeps every language.
+    pub languages: Vec<String>,
+    /// Kinds of document the learned score (`quality_line`, `quality_doc`) judges: crawled pages
+    /// by default. Curated text (books, poems) has short title and author lines that look like
+    /// page chrome to a model trained on crawls.
+    pub quality_kinds: Vec<DocKind>,
 }
 
 impl Default for CleanConfig {
@@ -67,6 +84,10 @@ impl Default for CleanConfig {
             boilerplate_min_share: 0.3,
             boilerplate_min_chars: 6,
             min_web_line_chars: 25,
+            quality_line_threshold: 0.65,
+            quality_doc_threshold: 0.5,
+            languages: Vec::new(),
+            quality_kinds: vec![DocKind::Html],
         }
     }
 }
@@ -84,10 +105,15 @@ impl CleanConfig {
             ("max_dup_line_share", self.filters.max_dup_line_share),
             ("max_dup_ngram_share", self.filters.max_dup_ngram_share),
             ("boilerplate_min_share", self.boilerplate_min_share),
+            ("quality_line_threshold", self.quality_line_threshold),
+            ("quality_doc_threshold", self.quality_doc_threshold),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(DataError::Config { field, reason: format!("must be in [0, 1], got {v}") });
             }
+        }
+        if let Some(bad) = self.languages.iter().find(|l| whatlang::Lang::from_code(l.as_str()).is_none()) {
+            return Err(DataError::Config { field: "languages", reason: format!("'{bad}' is not an ISO 639-3 code whatlang knows (e.g. cmn, eng, jpn)") });
         }
         Ok(())
     }
@@ -98,7 +124,7 @@ impl CleanConfig {
 }
 
 /// What one rule did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RuleCount {
     /// Documents the rule changed (rewrite), removed lines from (line) or dropped (document).
     pub documents: u64,
@@ -110,7 +136,7 @@ pub struct RuleCount {
 }
 
 /// Counters of a cleaning pass, per rule name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CleanStats {
     pub rules: BTreeMap<String, RuleCount>,
 }
@@ -164,6 +190,8 @@ pub struct Cleaner {
     pub config: CleanConfig,
     lines: LineRules,
     opencc: Option<ferrous_opencc::OpenCC>,
+    quality: &'static crate::quality::QualityModel,
+    languages: Vec<whatlang::Lang>,
 }
 
 impl std::fmt::Debug for Cleaner {
@@ -185,7 +213,9 @@ impl Cleaner {
         } else {
             None
         };
-        Ok(Cleaner { config, lines: LineRules::new(), opencc })
+        // Validated above: every code is known.
+        let languages = config.languages.iter().filter_map(|l| whatlang::Lang::from_code(l.as_str())).collect();
+        Ok(Cleaner { config, lines: LineRules::new(), opencc, quality: crate::quality::QualityModel::shipped(), languages })
     }
 
     /// Stage 1 for one document: rewrites and line rules.
@@ -210,9 +240,12 @@ impl Cleaner {
         }
         let mut removed: BTreeMap<&'static str, (u64, i64)> = BTreeMap::new();
         let mut removed_lines = Vec::new();
+        let learned = self.config.quality_kinds.contains(&doc.kind) && self.config.on("quality_line");
         let kept: Vec<&str> = text
             .lines()
-            .filter(|line| match self.lines.classify(line, |r| self.config.on(r)) {
+            .filter(|line| match self.lines.classify(line, |r| self.config.on(r)).or_else(|| {
+                (learned && self.quality.spam_probability(line) >= self.config.quality_line_threshold).then_some("quality_line")
+            }) {
                 Some(rule) => {
                     let e = removed.entry(rule).or_default();
                     e.0 += 1;
@@ -243,7 +276,7 @@ impl Cleaner {
             kept
         };
         let kept = kept.join("\n");
-        for rule in LINE_RULES.iter().chain(&["short_line"]) {
+        for rule in LINE_RULES.iter().chain(&["quality_line", "short_line"]) {
             if let Some((lines, chars)) = removed.get(rule) {
                 stats.bump(rule, *lines, *chars);
                 rules.push(rule);
@@ -285,38 +318,73 @@ impl Cleaner {
             return;
         }
         for d in docs.iter_mut().filter(|d| applies(d)) {
-            let mut gone = Vec::new();
-            let mut lines_removed = 0;
-            let mut chars_removed = 0;
-            let kept: Vec<&str> = d
-                .text
-                .lines()
-                .filter(|l| {
-                    let hit = boiler.contains(&(d.group.clone(), l.to_string()));
-                    if hit {
-                        lines_removed += 1;
-                        chars_removed += l.chars().count() as i64;
-                        gone.push(RemovedLine { rule: "boilerplate", line: l.to_string() });
-                    }
-                    !hit
-                })
-                .collect();
-            if lines_removed > 0 {
-                d.text = kept.join("\n");
-                d.removed.extend(gone);
-                d.rules.push("boilerplate");
-                stats.bump("boilerplate", lines_removed, chars_removed);
-            }
+            let group = d.group.clone();
+            self.apply_boilerplate(d, |l| boiler.contains(&(group.clone(), l.to_string())), stats);
+        }
+    }
+
+    /// Removes the lines `is_boilerplate` names from one document (not from chinese-poetry
+    /// collections, whose repeated lines are headings).
+    pub fn apply_boilerplate(&self, d: &mut CleanedDoc, is_boilerplate: impl Fn(&str) -> bool, stats: &mut CleanStats) {
+        if !self.config.on("boilerplate") || d.kind == DocKind::Poetry {
+            return;
+        }
+        let mut gone = Vec::new();
+        let mut chars_removed = 0;
+        let kept: Vec<&str> = d
+            .text
+            .lines()
+            .filter(|l| {
+                let hit = is_boilerplate(l);
+                if hit {
+                    chars_removed += l.chars().count() as i64;
+                    gone.push(RemovedLine { rule: "boilerplate", line: l.to_string() });
+                }
+                !hit
+            })
+            .collect();
+        if !gone.is_empty() {
+            let lines_removed = gone.len() as u64;
+            d.text = kept.join("\n");
+            d.removed.extend(gone);
+            d.rules.push("boilerplate");
+            stats.bump("boilerplate", lines_removed, chars_removed);
         }
     }
 
     /// Stage 3 for one document: the document filters.
     pub fn filter(&self, doc: &mut CleanedDoc, stats: &mut CleanStats) {
-        if let Some(rule) = failing_filter(&doc.text, &self.config.filters, |r| self.config.on(r)) {
+        let failing = failing_filter(&doc.text, &self.config.filters, |r| self.config.on(r)).or_else(|| self.learned_filter(doc));
+        if let Some(rule) = failing {
             stats.bump(rule, 0, doc.text.chars().count() as i64);
             doc.dropped_by = Some(rule);
             doc.rules.push(rule);
         }
+    }
+
+    /// `language` and `quality_doc` for a document that passed the named filters.
+    fn learned_filter(&self, doc: &CleanedDoc) -> Option<&'static str> {
+        if !self.languages.is_empty() && self.config.on("language") {
+            let sample: String = doc.text.chars().take(2000).collect();
+            if let Some(info) = whatlang::detect(&sample)
+                && info.is_reliable()
+                && !self.languages.contains(&info.lang())
+            {
+                return Some("language");
+            }
+        }
+        if self.config.quality_kinds.contains(&doc.kind) && self.config.on("quality_doc") {
+            let (mut weighted, mut chars) = (0f64, 0f64);
+            for line in doc.text.lines() {
+                let n = line.chars().count() as f64;
+                weighted += n * self.quality.spam_probability(line) as f64;
+                chars += n;
+            }
+            if chars > 0.0 && weighted / chars >= self.config.quality_doc_threshold as f64 {
+                return Some("quality_doc");
+            }
+        }
+        None
     }
 
     /// All three stages over a corpus, parallel where the stage allows; the order of documents
@@ -385,7 +453,8 @@ mod tests {
 
     #[test]
     fn short_web_lines_go_unless_inside_the_article() {
-        let cleaner = Cleaner::new(CleanConfig::default()).unwrap();
+        // The learned score would take some of these lines first; this is the rule's own test.
+        let cleaner = Cleaner::new(CleanConfig { disabled: ["quality_line".to_string()].into(), ..Default::default() }).unwrap();
         let long1 = "绝句是唐代最常见的诗体之一，每首四句，每句五字的称为五言绝句，每句七字的称为七言绝句。";
         let long2 = "押韵是绝句的另一条规矩，一般在第二句和第四句的末字押韵，首句可押可不押，通常只押平声韵。";
         let text = format!("热门文章\n{long1}\n他这样说。\n{long2}\n宋人点茶小记");

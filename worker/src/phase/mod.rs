@@ -4,7 +4,9 @@
 //! - [`driver`]: the one training loop (start, abort, updates, divergence, metrics, checkpoint
 //!   boundaries, commit and regroup) that every phase runs through.
 //! - [`pretrain`], [`sft`], [`reward`], [`ppo`]: each phase's own step logic and data.
+//! - [`data`]: the data pipeline's stages, this rank's share of their tasks.
 
+pub mod data;
 pub mod driver;
 pub mod ppo;
 pub mod pretrain;
@@ -28,6 +30,10 @@ pub const EVAL_FILES: [&str; 3] = [sft::EVAL_FILE, reward::EVAL_FILE, ppo::EVAL_
 pub fn check_inputs(plan: &crate::plan::PhasePlan) -> Result<(), PhaseError> {
     use crate::plan::{ComparisonSource, PhaseKind};
     match plan.kind {
+        PhaseKind::Data => {
+            let cfg = plan.prepare.as_ref().ok_or_else(|| PhaseError::Plan("a data phase needs [phases.prepare]".into()))?;
+            liandan_data::pipeline::plan(cfg).map(|_| ()).map_err(|e| PhaseError::Data(e.to_string()))
+        }
         PhaseKind::Pretrain => {
             let (manifest, _) = pretrain::data_tokenizer(plan)?;
             let tokens = manifest.splits.get("train").map_or(0, |s| s.tokens);
@@ -103,6 +109,7 @@ pub type PhaseFn = fn(&crate::plan::PhasePlan, Start<'_>, PhaseIo<'_>) -> Result
 pub fn entry(kind: crate::plan::PhaseKind) -> PhaseFn {
     use crate::plan::PhaseKind;
     match kind {
+        PhaseKind::Data => data::run_data,
         PhaseKind::Pretrain => pretrain::run_pretrain,
         PhaseKind::Sft => sft::run_sft,
         PhaseKind::Reward => reward::run_reward,
