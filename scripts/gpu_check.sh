@@ -121,7 +121,7 @@ fi
 export LD_LIBRARY_PATH="$libpath${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ -z "${LIANDAN_CUDA_INCLUDE:-}" ]; then
     for d in /usr/local/cuda/include /usr/local/cuda-13.0/include; do
-        if [ -f "$d/cuda_bf16.h" ]; then
+        if [ -f "$d/cuda_bf16.h" ] && [ -f "$d/crt/mma.h" ]; then
             export LIANDAN_CUDA_INCLUDE="$d"
             break
         fi
