@@ -127,7 +127,7 @@ fn training_is_deterministic_for_a_seed() {
         let mut tr = Trainer::new(cfg.clone(), small_train_config(4, 32, 10, 42)).unwrap();
         let mut s = TokenStream::new(tokens.clone(), 4, 32, "synthetic".as_ref()).unwrap();
         run_steps(&mut tr, &mut s, 3);
-        runs.push(tr.model.params);
+        runs.push(tr.replica.model.params);
     }
     assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "two runs with one seed differ");
     let other = Trainer::new(cfg, small_train_config(4, 32, 10, 43)).unwrap();

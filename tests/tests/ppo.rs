@@ -11,7 +11,8 @@ use liandan_worker::checkpoint::{self, DataCursor, SaveInfo};
 use liandan_worker::collective::{Collective, Local, RingOptions, TcpRing};
 use liandan_worker::phase::ppo::run_ppo;
 use liandan_worker::phase::reward::{ScalarHead, HEAD_FILE};
-use liandan_worker::phase::{PhaseEvents, PhaseOutcome, StepMetrics};
+use liandan_worker::engine::cpu::CpuEngine;
+use liandan_worker::phase::{PhaseEvents, PhaseIo, PhaseOutcome, Start, StepMetrics};
 use liandan_worker::plan::{PhaseKind, PhasePlan, PpoSettings, RewardSource};
 use liandan_worker::rng::Rng;
 use liandan_worker::{Gpt, GptConfig};
@@ -120,7 +121,11 @@ impl PhaseEvents for Recorder {
 }
 
 fn run(plan: &PhasePlan, resume: Option<&Path>, ckpt: &Path, coll: &mut dyn Collective, ev: &mut Recorder) -> PhaseOutcome {
-    run_ppo(plan, resume, ckpt, coll, &AtomicBool::new(false), ev).unwrap()
+    // `resume`: this phase's own checkpoint to continue; without it the policy starts from the
+    // reference (the plan's init checkpoint).
+    let start = resume.map_or(Start::Fresh, Start::Continue);
+    let io = PhaseIo { checkpoint_dir: ckpt, engine: &CpuEngine, coll, abort: &AtomicBool::new(false), events: ev };
+    run_ppo(plan, start, io).unwrap()
 }
 
 fn final_params(outcome: &PhaseOutcome) -> Vec<f32> {
@@ -201,7 +206,10 @@ fn a_resumed_ppo_phase_ends_where_an_uninterrupted_one_does() {
 fn a_bad_reward_model_is_refused_before_training() {
     let d = scratch("bad");
     let plan = fixture(&d, 1);
-    let attempt = |plan: &PhasePlan| run_ppo(plan, None, &d.join("x"), &mut Local, &AtomicBool::new(false), &mut Recorder::default()).unwrap_err().to_string();
+    let attempt = |plan: &PhasePlan| {
+        let io = PhaseIo { checkpoint_dir: &d.join("x"), engine: &CpuEngine, coll: &mut Local, abort: &AtomicBool::new(false), events: &mut Recorder::default() };
+        run_ppo(plan, Start::Fresh, io).unwrap_err().to_string()
+    };
     let missing = PhasePlan { reward_checkpoint: Some(d.join("nowhere")), ..plan.clone() };
     let e = attempt(&missing);
     assert!(e.contains("the reward model checkpoint") && e.contains("nowhere") && e.contains("missing"), "{e}");

@@ -37,6 +37,23 @@ pub enum EngineError {
     /// A training text is empty or too short for one batch.
     #[error("{}: {reason}", path.display())]
     Data { path: PathBuf, reason: String },
+
+    /// The CUDA backend failed (a library, the driver, a launch, NVRTC).
+    #[error(transparent)]
+    Cuda(Box<crate::backend::cuda::CudaError>),
+
+    /// A collective failed while a trainer summed gradients.
+    #[error("collective: {0}")]
+    Collective(#[from] crate::collective::CollectiveError),
+}
+
+impl From<crate::backend::cuda::CudaError> for EngineError {
+    fn from(e: crate::backend::cuda::CudaError) -> Self {
+        match e {
+            crate::backend::cuda::CudaError::Engine(inner) => inner,
+            other => EngineError::Cuda(Box::new(other)),
+        }
+    }
 }
 
 impl EngineError {

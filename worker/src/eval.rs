@@ -9,7 +9,8 @@ use liandan_data::tokenizer::ChatTokenizer;
 use liandan_data::verify::{poem_form, PoemForm};
 use serde::{Deserialize, Serialize};
 
-use crate::generate::{Generator, SamplingConfig};
+use crate::engine::Model;
+use crate::generate::SamplingConfig;
 use crate::model::gpt::Gpt;
 
 /// One held-out prompt (`data/demo/eval.jsonl`).
@@ -43,22 +44,23 @@ pub fn passes(item: &EvalItem, answer: &str) -> bool {
 }
 
 /// The model's greedy answer to `prompt` with the chat template (up to `max_new` tokens).
-pub fn answer(model: &Gpt, tk: &ChatTokenizer, prompt: &str, max_new: usize) -> Result<String, String> {
+pub fn answer(model: &dyn Model, tk: &ChatTokenizer, prompt: &str, max_new: usize) -> Result<String, String> {
     answer_with(model, tk, prompt, SamplingConfig { max_new_tokens: max_new, greedy: true, ..Default::default() })
 }
 
 /// The model's answer to `prompt` with the chat template, sampled by `cfg` (its stop tokens
 /// are the template's; its length is cut to the context).
-pub fn answer_with(model: &Gpt, tk: &ChatTokenizer, prompt: &str, mut cfg: SamplingConfig) -> Result<String, String> {
+pub fn answer_with(model: &dyn Model, tk: &ChatTokenizer, prompt: &str, mut cfg: SamplingConfig) -> Result<String, String> {
     let ids = prompt_ids(tk, &[Message { role: Role::User, content: prompt.to_string() }]).map_err(|e| e.to_string())?;
-    let room = model.config.n_positions.saturating_sub(ids.len());
+    let room = model.config().n_positions.saturating_sub(ids.len());
     if room == 0 {
         return Ok(String::new());
     }
     cfg.max_new_tokens = cfg.max_new_tokens.min(room);
     cfg.stop_tokens = vec![tk.special.end, tk.special.eos];
-    let out = Generator::new(model).generate(&ids, &cfg).map_err(|e| e.to_string())?;
-    tk.decode_text(&out.tokens).map_err(|e| e.to_string())
+    let out = model.generate(&[(ids, cfg)]).map_err(|e| e.to_string())?;
+    let tokens = out.into_iter().next().map(|g| g.tokens).unwrap_or_default();
+    tk.decode_text(&tokens).map_err(|e| e.to_string())
 }
 
 /// A checkpoint for inference: the model (buffers for one row; generation has its own) and the
@@ -100,7 +102,7 @@ impl EvalReport {
 }
 
 /// Scores `items` (at most `per_task` of each task).
-pub fn evaluate(model: &Gpt, tk: &ChatTokenizer, items: &[EvalItem], per_task: usize, max_new: usize) -> Result<EvalReport, String> {
+pub fn evaluate(model: &dyn Model, tk: &ChatTokenizer, items: &[EvalItem], per_task: usize, max_new: usize) -> Result<EvalReport, String> {
     let mut report = EvalReport::default();
     for item in items {
         let idx = match report.tasks.iter().position(|t| t.0 == item.task) {
@@ -129,7 +131,7 @@ pub fn evaluate(model: &Gpt, tk: &ChatTokenizer, items: &[EvalItem], per_task: u
 /// Poem requests answered by sampling (`samples` answers each at `temperature`, seeded by the
 /// prompt's index and the sample's): `(passed, answers)` by the form verifier. Closer than greedy
 /// decoding to what PPO optimises (the policy at its rollout temperature).
-pub fn poem_pass_sampled(model: &Gpt, tk: &ChatTokenizer, items: &[EvalItem], temperature: f32, samples: usize, max_new: usize) -> Result<(usize, usize), String> {
+pub fn poem_pass_sampled(model: &dyn Model, tk: &ChatTokenizer, items: &[EvalItem], temperature: f32, samples: usize, max_new: usize) -> Result<(usize, usize), String> {
     let poems: Vec<&EvalItem> = items.iter().filter(|i| i.task == "poem").collect();
     let mut passed = 0;
     for (i, item) in poems.iter().enumerate() {

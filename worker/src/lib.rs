@@ -2,6 +2,8 @@
 //! generation. The `liandan` binary uses it directly for `train`, `generate` and `bench`.
 //!
 //! # Layout
+//! - [`engine`]: the seam every phase uses — a model on a device and a replica (model,
+//!   gradients, AdamW) — with CPU and CUDA implementations.
 //! - [`model`]: the GPT-2 configuration, the parameter layout (one flat buffer, Hugging Face
 //!   `GPT2LMHeadModel` names), activations allocated once, forward and backward.
 //! - [`backend::cpu`]: one file per op (`<op>_forward` / `<op>_backward`), f32, `gemm` + rayon.
@@ -30,6 +32,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod collective;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -19,7 +19,8 @@ use tracing::{error, info, warn};
 
 use crate::collective::{Collective, Local, RingListener, RingOptions, TcpRing};
 use crate::phase::{PhaseEvents, PhaseOutcome, StepMetrics};
-use crate::plan::{PhaseKind, PhasePlan};
+use crate::phase::{PhaseIo, Start};
+use crate::plan::PhasePlan;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -198,7 +199,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         info!(parent: &span, world = a.world, peers = a.peers.len(), "assignment");
         let handle = tokio::runtime::Handle::current();
         let (client2, abort2, listener2, current2, a2, span2, me2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone(), me.clone());
-        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, client2, me2, memory_bytes, &a2, &listener2, abort2, &current2)))
+        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, &crate::engine::cpu::CpuEngine, client2, me2, memory_bytes, &a2, &listener2, abort2, &current2)))
             .await
             .unwrap_or_else(|e| Err(format!("the phase thread panicked: {e}")));
         current.job.store(0, Ordering::SeqCst);
@@ -339,6 +340,7 @@ impl PhaseEvents for Reporter<'_> {
 
 fn run_assignment(
     handle: &tokio::runtime::Handle,
+    engine: &dyn crate::engine::Engine,
     client: Client,
     me: Credential,
     memory_bytes: u64,
@@ -378,16 +380,17 @@ fn run_assignment(
             Err(e) => return Err(format!("ring: {e}")),
         }
     };
-    // Where the phase starts: its own last checkpoint, or its input (the coordinator sets the
-    // input from the phase it follows or the checkpoint its spec names).
-    let resume = (!a.resume_checkpoint.is_empty()).then(|| PathBuf::from(&a.resume_checkpoint));
+    // Where the phase starts, as the coordinator says: its own last checkpoint, its input (the
+    // phase it follows or the checkpoint its spec names), or fresh.
+    let resume = PathBuf::from(&a.resume_checkpoint);
+    let start = match liandan_proto::v1::Start::try_from(a.start) {
+        Ok(liandan_proto::v1::Start::Continue) if !a.resume_checkpoint.is_empty() => Start::Continue(&resume),
+        Ok(liandan_proto::v1::Start::FromInput) if !a.resume_checkpoint.is_empty() => Start::From(&resume),
+        Ok(liandan_proto::v1::Start::Fresh) => Start::Fresh,
+        _ => return Err(format!("the assignment's start ({}) does not fit its checkpoint '{}': a coordinator of another version?", a.start, a.resume_checkpoint)),
+    };
     let mut reporter = Reporter { handle, client, me, a, current };
     let dir = PathBuf::from(&a.checkpoint_dir);
-    let run: crate::phase::PhaseFn = match plan.kind {
-        PhaseKind::Pretrain => crate::phase::pretrain::run_pretrain,
-        PhaseKind::Sft => crate::phase::sft::run_sft,
-        PhaseKind::Reward => crate::phase::reward::run_reward,
-        PhaseKind::Ppo => crate::phase::ppo::run_ppo,
-    };
-    run(&plan, resume.as_deref(), &dir, coll.as_mut(), &abort, &mut reporter).map_err(|e| e.to_string())
+    let io = PhaseIo { checkpoint_dir: &dir, engine, coll: coll.as_mut(), abort: &abort, events: &mut reporter };
+    crate::phase::entry(plan.kind)(&plan, start, io).map_err(|e| e.to_string())
 }

@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 use crate::model::config::GptConfig;
 use crate::model::gpt::{loss_denominator, Gpt};
-use crate::model::profile::timed;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::collective::Collective;
+use crate::engine::cpu::CpuReplica;
+use crate::engine::{Model, Replica};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 use crate::rng::Rng;
 
 /// How a model is trained. Saved in every checkpoint's `state.json`.
@@ -78,15 +80,74 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
-/// A model, its optimizer and the training position.
+/// Forward, loss and backward of every micro-batch into `model`'s gradients (gradient
+/// accumulation): each micro-batch's loss is divided by `denom`, the whole step's loss weight,
+/// so the accumulated gradient is the gradient of the step's mean loss. Returns the summed loss
+/// and the tokens processed.
+pub fn accumulate(model: &mut dyn Model, micro: &[MicroBatch], denom: f32) -> Result<(f64, usize)> {
+    let mut loss = 0.0f64;
+    let mut tokens = 0;
+    for mb in micro {
+        model.forward(&mb.inputs, mb.b, mb.t)?;
+        loss += model.loss(&mb.targets, mb.weights.as_deref(), denom, true)? as f64;
+        model.backward()?;
+        tokens += mb.b * mb.t;
+    }
+    Ok((loss, tokens))
+}
+
+/// The training step of one process, on any device: gradients zeroed, accumulated over `micro`
+/// (divided by `denom`), summed over `coll` when given, clipped to `clip` (0: not clipped) and
+/// applied by AdamW at `lr`. Returns `(loss, norm before clipping, tokens)`. The phases use the
+/// same pieces through the phase driver ([`crate::phase::driver`]).
+pub fn replica_step(replica: &mut dyn Replica, micro: &[MicroBatch], denom: f32, coll: Option<&mut dyn Collective>, clip: f32, lr: f32) -> Result<(f64, f32, usize)> {
+    replica.model().zero_grad()?;
+    let (loss, tokens) = accumulate(replica.model(), micro, denom)?;
+    if let Some(c) = coll {
+        replica.all_reduce_grads(c)?;
+    }
+    let norm = timed_op(replica, "opt.clip", |r| r.clip(clip))?;
+    timed_op(replica, "opt.adamw", |r| r.step(lr))?;
+    Ok((loss, norm, tokens))
+}
+
+/// Runs `f` on the replica, charging its time (after the device's queue drains) to `op` when
+/// the model is profiling.
+fn timed_op<T>(replica: &mut dyn Replica, op: &'static str, f: impl FnOnce(&mut dyn Replica) -> Result<T>) -> Result<T> {
+    if replica.model().profile().is_none() {
+        return f(replica);
+    }
+    let t0 = std::time::Instant::now();
+    let r = f(&mut *replica)?;
+    replica.model_ref().sync()?;
+    if let Some(p) = replica.model().profile() {
+        p.add(op, t0.elapsed());
+    }
+    Ok(r)
+}
+
+/// A CPU model, its optimizer and the training position.
 #[derive(Debug)]
 pub struct Trainer {
-    pub model: Gpt,
-    pub opt: AdamW,
+    pub replica: CpuReplica,
     pub config: TrainConfig,
     /// Optimizer steps taken so far.
     pub step: u64,
     pub rng: Rng,
+}
+
+impl std::ops::Deref for Trainer {
+    type Target = CpuReplica;
+
+    fn deref(&self) -> &CpuReplica {
+        &self.replica
+    }
+}
+
+impl std::ops::DerefMut for Trainer {
+    fn deref_mut(&mut self) -> &mut CpuReplica {
+        &mut self.replica
+    }
 }
 
 impl Trainer {
@@ -97,35 +158,14 @@ impl Trainer {
         let mut model = Gpt::new(model_config, config.batch_size, config.seq_len)?;
         model.init_weights(&mut rng);
         let opt = AdamW::new(config.adamw.clone(), &model.layout);
-        Ok(Trainer { model, opt, config, step: 0, rng })
+        Ok(Trainer { replica: CpuReplica { model, opt }, config, step: 0, rng })
     }
 
-    /// One optimizer step over `micro` (gradient accumulation): the loss of every micro-batch is
-    /// divided by the summed weight of the whole step, so the accumulated gradient equals the
-    /// gradient of the step's mean loss.
+    /// One optimizer step over `micro` ([`replica_step`]).
     pub fn train_step(&mut self, micro: &[MicroBatch]) -> Result<StepStats> {
         let denom = step_denominator(micro)?;
-        self.model.zero_grad();
-        let mut loss = 0.0f64;
-        let mut tokens = 0;
-        for mb in micro {
-            self.model.forward(&mb.inputs, mb.b, mb.t)?;
-            loss += self.model.loss(&mb.targets, mb.weights.as_deref(), denom, true)? as f64;
-            self.model.backward()?;
-            tokens += mb.b * mb.t;
-        }
-        let mut prof = self.model.profile.take();
-        let grads = &mut self.model.grads;
-        let grad_norm = timed(&mut prof, "opt.clip", || {
-            if self.config.grad_clip > 0.0 {
-                clip_grad_norm(grads, self.config.grad_clip)
-            } else {
-                crate::optim::global_norm(grads)
-            }
-        });
         let lr = self.config.schedule.lr(self.step);
-        timed(&mut prof, "opt.adamw", || self.opt.step(&mut self.model.params, &self.model.grads, lr));
-        self.model.profile = prof;
+        let (loss, grad_norm, tokens) = replica_step(&mut self.replica, micro, denom, None, self.config.grad_clip, lr)?;
         let stats = StepStats { step: self.step, loss: loss as f32, grad_norm, lr, tokens };
         self.step += 1;
         Ok(stats)
@@ -143,7 +183,8 @@ impl Trainer {
     }
 }
 
-fn step_denominator(micro: &[MicroBatch]) -> Result<f32> {
+/// The whole step's loss weight, or why the step has none.
+pub fn step_denominator(micro: &[MicroBatch]) -> Result<f32> {
     let denom = loss_denominator(micro.iter().map(|m| (&m.targets[..], m.weights.as_deref())));
     if denom > 0.0 {
         Ok(denom)
@@ -243,6 +284,6 @@ impl Trainer {
         opt.v = v;
         opt.t = ckpt.state.optimizer_t;
         let rng = Rng::from_state(ckpt.state.rng_state()?);
-        Ok((Trainer { model, opt, config, step: ckpt.state.step, rng }, ckpt.state))
+        Ok((Trainer { replica: CpuReplica { model, opt }, config, step: ckpt.state.step, rng }, ckpt.state))
     }
 }

@@ -161,7 +161,13 @@ impl CoordinatorService {
                 return Ok(Assignment::default());
             }
             let group = s.group_members(p.job_id, p.idx, p.generation)?;
-            let resume = if p.last_checkpoint.is_empty() { p.input_checkpoint.clone() } else { p.last_checkpoint.clone() };
+            let (start, resume) = if !p.last_checkpoint.is_empty() {
+                (Start::Continue, p.last_checkpoint.clone())
+            } else if !p.input_checkpoint.is_empty() {
+                (Start::FromInput, p.input_checkpoint.clone())
+            } else {
+                (Start::Fresh, String::new())
+            };
             let phase_json = resolve_plan_inputs(s, &p)?;
             Ok(Assignment {
                 assigned: true,
@@ -176,6 +182,7 @@ impl CoordinatorService {
                 resume_checkpoint: resume,
                 checkpoint_dir: p.checkpoint_dir.clone(),
                 ring_secret: liandan_proto::auth::unhex(&p.ring_secret).unwrap_or_default(),
+                start: start as i32,
             })
         })
     }

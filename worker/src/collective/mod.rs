@@ -45,6 +45,17 @@ pub trait Collective: Send {
     fn all_reduce_scalar(&mut self, x: f64) -> Result<f64, CollectiveError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// The NCCL communicator, when this collective is one: a GPU replica then sums its
+    /// gradients on the device instead of staging them through the host.
+    fn as_nccl(&mut self) -> Option<&mut Nccl> {
+        None
+    }
+}
+
+impl std::fmt::Debug for dyn Collective + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Collective(rank {} of {})", self.rank(), self.world())
+    }
 }
 
 /// Errors of the collectives. Each names the peer and the op so a person can tell which rank or

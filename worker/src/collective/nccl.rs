@@ -253,6 +253,10 @@ impl Collective for Nccl {
         self.rank
     }
 
+    fn as_nccl(&mut self) -> Option<&mut Nccl> {
+        Some(self)
+    }
+
     fn world(&self) -> usize {
         self.world
     }

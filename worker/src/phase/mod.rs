@@ -1,9 +1,17 @@
 //! Phases as workers run them, one rank of a data-parallel group each.
+//!
+//! # Layout
+//! - [`driver`]: the one training loop (start, abort, updates, divergence, metrics, checkpoint
+//!   boundaries, commit and regroup) that every phase runs through.
+//! - [`pretrain`], [`sft`], [`reward`], [`ppo`]: each phase's own step logic and data.
 
+pub mod driver;
 pub mod ppo;
 pub mod pretrain;
 pub mod reward;
 pub mod sft;
+
+pub use driver::{PhaseStep, Start};
 
 use std::path::PathBuf;
 
@@ -41,7 +49,7 @@ pub fn check_inputs(plan: &crate::plan::PhasePlan) -> Result<(), PhaseError> {
             s.validate().map_err(|(f, r)| PhaseError::Plan(format!("ppo.{f}: {r}")))?;
             let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a ppo phase needs `data` (a JSONL of prompts in the SFT format)".into()))?;
             let (tk, _) = sft::load_tokenizer(plan)?;
-            ppo::read_prompts(file, &tk, &s.tasks, plan.seq_len).map(|_| ())
+            ppo::rollout::read_prompts(file, &tk, &s.tasks, plan.seq_len).map(|_| ())
         }
     }
 }
@@ -71,11 +79,36 @@ pub trait PhaseEvents {
     fn checkpoint(&mut self, step: u64, path: &std::path::Path) -> Result<bool, String>;
 }
 
-/// A phase's entry point on one rank: `(plan, resume, checkpoint_dir, collective, abort,
-/// events)`. `resume` is this phase's own checkpoint (continue at its step) or the checkpoint it
-/// starts from; rank 0 writes `step-N` checkpoints under `checkpoint_dir`; the abort flag ends
-/// the generation.
-pub type PhaseFn = fn(&crate::plan::PhasePlan, Option<&std::path::Path>, &std::path::Path, &mut dyn crate::collective::Collective, &std::sync::atomic::AtomicBool, &mut dyn PhaseEvents) -> Result<PhaseOutcome, PhaseError>;
+/// What a phase talks to besides its plan: where rank 0 writes `step-N` checkpoints, the
+/// device its models live on, the group's collective, the abort flag that ends the generation,
+/// and the coordinator (or a test).
+pub struct PhaseIo<'a> {
+    pub checkpoint_dir: &'a std::path::Path,
+    pub engine: &'a dyn crate::engine::Engine,
+    pub coll: &'a mut dyn crate::collective::Collective,
+    pub abort: &'a std::sync::atomic::AtomicBool,
+    pub events: &'a mut dyn PhaseEvents,
+}
+
+impl std::fmt::Debug for PhaseIo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PhaseIo({}, {}, rank {} of {})", self.checkpoint_dir.display(), self.engine.name(), self.coll.rank(), self.coll.world())
+    }
+}
+
+/// A phase's entry point on one rank.
+pub type PhaseFn = fn(&crate::plan::PhasePlan, Start<'_>, PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError>;
+
+/// The entry point of a phase kind.
+pub fn entry(kind: crate::plan::PhaseKind) -> PhaseFn {
+    use crate::plan::PhaseKind;
+    match kind {
+        PhaseKind::Pretrain => pretrain::run_pretrain,
+        PhaseKind::Sft => sft::run_sft,
+        PhaseKind::Reward => reward::run_reward,
+        PhaseKind::Ppo => ppo::run_ppo,
+    }
+}
 
 /// How a phase ended on this rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,40 +197,6 @@ pub(crate) fn collective_outcome(e: crate::collective::CollectiveError, abort: &
         _ if abort.load(std::sync::atomic::Ordering::SeqCst) => PhaseOutcome::Aborted,
         other => PhaseOutcome::GroupBroken { reason: other.to_string() },
     }
-}
-
-/// Rank 0 at a checkpoint boundary: writes `step-N` under `checkpoint_dir` (with `extra` files),
-/// then either finishes the phase (last step) or commits the checkpoint. `Some(outcome)` when the
-/// phase stops here.
-pub(crate) fn save_boundary(
-    checkpoint_dir: &std::path::Path,
-    step: u64,
-    total: u64,
-    model: &crate::model::gpt::Gpt,
-    opt: &crate::optim::AdamW,
-    train_config: &crate::train::TrainConfig,
-    extra: &[(String, Vec<u8>)],
-    events: &mut dyn PhaseEvents,
-) -> Result<Option<PhaseOutcome>, PhaseError> {
-    use crate::checkpoint::{self, DataCursor, SaveInfo};
-    check_weights(step, &model.params)?;
-    let dir = checkpoint::step_dir(checkpoint_dir, step);
-    let info = SaveInfo {
-        step,
-        rng_state: 0,
-        train_config: Some(train_config),
-        data_cursor: DataCursor { position: step },
-        tokenizer: pretrain::TOKENIZER_FILE,
-        extra_files: extra,
-    };
-    checkpoint::save(&dir, &model.config, &model.params, Some((&opt.m, &opt.v, opt.t)), &info)?;
-    if step == total {
-        return Ok(Some(PhaseOutcome::Finished { final_checkpoint: Some(dir) }));
-    }
-    if events.checkpoint(step, &dir).map_err(PhaseError::Commit)? {
-        return Ok(Some(PhaseOutcome::Regroup));
-    }
-    Ok(None)
 }
 
 /// Token sequences as `(b, t)` rows, each padded with `pad` to `t` (none is longer).

@@ -6,20 +6,14 @@
 //! sum of gradients is the gradient of the global batch's mean loss: the trajectory does not
 //! depend on the world size except through float summation order.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use liandan_data::shard::{read_split, sha256_hex, Manifest, Split};
 
-use super::{collective_outcome, save_boundary, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
-use crate::checkpoint;
-use crate::collective::{Collective, CollectiveError};
+use super::driver::{drive, start_replica, Ctx, Run, Start, StepOut};
+use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
+use crate::engine::{Model, Replica};
 use crate::ledger::Ledger;
-use crate::model::gpt::Gpt;
-use crate::optim::{clip_grad_norm, AdamW};
 use crate::plan::PhasePlan;
-use crate::rng::Rng;
 use crate::train::TrainConfig;
 
 /// Name of the tokenizer inside prepared data and checkpoints.
@@ -81,127 +75,82 @@ pub(crate) fn ledger(plan: &PhasePlan, tokens: usize) -> Result<Ledger, PhaseErr
         .ok_or_else(|| PhaseError::Data(format!("{}: {tokens} training tokens do not make one sequence of {}", plan.data_dir.display(), plan.seq_len)))
 }
 
-/// Runs (or resumes) the pretrain phase on this rank.
-///
-/// `resume`: a checkpoint to continue from (its step is the data cursor). `checkpoint_dir`:
-/// where rank 0 writes `step-NNNNNNNN` checkpoints.
-pub fn run_pretrain(
-    plan: &PhasePlan,
-    resume: Option<&Path>,
-    checkpoint_dir: &Path,
-    coll: &mut dyn Collective,
-    abort: &AtomicBool,
-    events: &mut dyn PhaseEvents,
-) -> Result<PhaseOutcome, PhaseError> {
+/// Runs (or resumes) the pretrain phase on this rank; rank 0 writes `step-NNNNNNNN`
+/// checkpoints under `checkpoint_dir`.
+pub fn run_pretrain(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError> {
     let (manifest, tokenizer) = data_tokenizer(plan)?;
     let tokens = read_split(&plan.data_dir, &manifest, Split::Train).map_err(|e| PhaseError::Data(e.to_string()))?;
     let t = plan.seq_len;
     let ledger = ledger(plan, tokens.len())?;
     let mut source = TokenWindows { tokens, ledger, t, global_batch: plan.global_batch };
-    run_lm_phase(plan, &mut source, tokenizer, resume, checkpoint_dir, coll, abort, events, None)
+    run_lm_phase(plan, &mut source, tokenizer, start, io, None)
 }
 
 /// Evaluation at each checkpoint boundary (rank 0): returns a file to store in the checkpoint.
-pub type BoundaryEval<'a> = &'a mut dyn FnMut(&mut Gpt) -> Result<(String, Vec<u8>), PhaseError>;
+pub type BoundaryEval<'a> = &'a mut dyn FnMut(&mut dyn Model) -> Result<(String, Vec<u8>), PhaseError>;
 
-/// The data-parallel training loop shared by the language-model phases.
+/// A language-model phase's step: this rank's rows of the step's global batch, the loss divided
+/// by the global batch's target count, one update.
+struct LmStep<'s, 'e> {
+    replica: Box<dyn Replica>,
+    source: &'s mut dyn BatchSource,
+    tokenizer: Vec<u8>,
+    boundary_eval: Option<BoundaryEval<'e>>,
+    t: usize,
+    inputs: Vec<u32>,
+    targets: Vec<i32>,
+}
+
+impl PhaseStep for LmStep<'_, '_> {
+    fn primary(&mut self) -> &mut dyn Replica {
+        self.replica.as_mut()
+    }
+
+    fn step(&mut self, ctx: &mut Ctx<'_>) -> Result<StepOut, PhaseError> {
+        let (step, rank, world, t) = (ctx.step(), ctx.rank(), ctx.world(), self.t);
+        self.inputs.clear();
+        self.targets.clear();
+        let b = self.source.rank_batch(step, rank, world, &mut self.inputs, &mut self.targets);
+        let denom = self.source.global_denominator(step).max(1.0);
+        let model = self.replica.model();
+        model.zero_grad()?;
+        let mut local_loss = 0.0f64;
+        if b > 0 && self.targets.iter().any(|&x| x >= 0) {
+            model.forward(&self.inputs, b, t)?;
+            local_loss = model.loss(&self.targets, None, denom, true)? as f64;
+            model.backward()?;
+        }
+        let loss = ctx.sum(local_loss)?;
+        let lr = ctx.lr();
+        let u = ctx.update(&mut [(self.replica.as_mut(), lr)], &mut [], loss)?;
+        Ok(StepOut { loss, grad_norm: u.norm, tokens: denom as u64, values: Vec::new() })
+    }
+
+    fn boundary_files(&mut self, _step: u64) -> Result<Vec<(String, Vec<u8>)>, PhaseError> {
+        let mut files = vec![(TOKENIZER_FILE.to_string(), self.tokenizer.clone())];
+        if let Some(eval) = self.boundary_eval.as_mut() {
+            files.push(eval(self.replica.model())?);
+        }
+        Ok(files)
+    }
+}
+
+/// The data-parallel language-model phases (pretrain, sft) through the driver.
 pub fn run_lm_phase(
     plan: &PhasePlan,
     source: &mut dyn BatchSource,
     tokenizer: Vec<u8>,
-    resume: Option<&Path>,
-    checkpoint_dir: &Path,
-    coll: &mut dyn Collective,
-    abort: &AtomicBool,
-    events: &mut dyn PhaseEvents,
-    mut boundary_eval: Option<BoundaryEval<'_>>,
+    start: Start<'_>,
+    io: PhaseIo<'_>,
+    boundary_eval: Option<BoundaryEval<'_>>,
 ) -> Result<PhaseOutcome, PhaseError> {
-    let (rank, world) = (coll.rank(), coll.world());
+    let world = io.coll.world();
     let (b_global, t) = (plan.global_batch, plan.seq_len);
     let b_max = b_global.div_ceil(world).max(1);
-
-    let mut model = Gpt::new(plan.model.clone(), b_max, t)?;
-    let mut opt = AdamW::new(plan.adamw(), &model.layout);
-    let mut step = 0u64;
-    match resume {
-        Some(dir) => {
-            let ck = checkpoint::load(dir, Some(&plan.model))?;
-            model.params = ck.params;
-            if let Some((m, v)) = ck.moments {
-                opt.m = m;
-                opt.v = v;
-                opt.t = ck.state.optimizer_t;
-            }
-            // This phase's own checkpoint (under its checkpoint directory) continues at its
-            // step with its optimizer state; a previous phase's output starts this one at step 0
-            // with a fresh optimizer.
-            if dir.starts_with(checkpoint_dir) {
-                step = ck.state.step;
-            } else {
-                opt = AdamW::new(plan.adamw(), &model.layout);
-            }
-        }
-        None => model.init_weights(&mut Rng::new(plan.seed)),
-    }
-    let schedule = plan.schedule();
-    let train_config = TrainConfig {
-        batch_size: b_max,
-        seq_len: t,
-        grad_accum: 1,
-        schedule: schedule.clone(),
-        adamw: plan.adamw(),
-        grad_clip: plan.grad_clip,
-        seed: plan.seed,
-    };
-    let extra = vec![(TOKENIZER_FILE.to_string(), tokenizer)];
-    let aborted = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> { Ok(collective_outcome(e, abort)) };
-    let mut inputs = Vec::with_capacity(b_max * t);
-    let mut targets = Vec::with_capacity(b_max * t);
-    let mut divergence = super::Divergence::new(plan);
-    while step < plan.steps {
-        if abort.load(Ordering::SeqCst) {
-            return Ok(PhaseOutcome::Aborted);
-        }
-        let started = Instant::now();
-        inputs.clear();
-        targets.clear();
-        let b = source.rank_batch(step, rank, world, &mut inputs, &mut targets);
-        let denom = source.global_denominator(step).max(1.0);
-        model.zero_grad();
-        let mut local_loss = 0.0f64;
-        if b > 0 && targets.iter().any(|&x| x >= 0) {
-            model.forward(&inputs, b, t)?;
-            local_loss = model.loss(&targets, None, denom, true)? as f64;
-            model.backward()?;
-        }
-        if let Err(e) = coll.all_reduce_sum(&mut model.grads) {
-            return aborted(e);
-        }
-        let loss = match coll.all_reduce_scalar(local_loss) {
-            Ok(l) => l,
-            Err(e) => return aborted(e),
-        };
-        let grad_norm = if plan.grad_clip > 0.0 { clip_grad_norm(&mut model.grads, plan.grad_clip) } else { crate::optim::global_norm(&model.grads) };
-        let lr = schedule.lr(step);
-        let take = divergence.check(step + 1, loss, grad_norm);
-        if matches!(take, Ok(true)) {
-            opt.step(&mut model.params, &model.grads, lr);
-        }
-        step += 1;
-        if rank == 0 {
-            events.step(StepMetrics { step, loss, lr, grad_norm, tokens: denom as u64, step_ms: started.elapsed().as_millis() as u64, values: divergence.values() });
-        }
-        take?;
-        let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
-        if boundary && rank == 0 {
-            let mut files = extra.clone();
-            if let Some(eval) = boundary_eval.as_mut() {
-                files.push(eval(&mut model)?);
-            }
-            if let Some(outcome) = save_boundary(checkpoint_dir, step, plan.steps, &model, &opt, &train_config, &files, events)? {
-                return Ok(outcome);
-            }
-        }
-    }
-    Ok(PhaseOutcome::Finished { final_checkpoint: None })
+    let mut replica = io.engine.replica(&plan.model, b_max, t, &plan.adamw())?;
+    let (first, _) = start_replica(replica.as_mut(), plan, start)?;
+    let train_config = TrainConfig { batch_size: b_max, seq_len: t, grad_accum: 1, schedule: plan.schedule(), adamw: plan.adamw(), grad_clip: plan.grad_clip, seed: plan.seed };
+    let mut phase = LmStep { replica, source, tokenizer, boundary_eval, t, inputs: Vec::with_capacity(b_max * t), targets: Vec::with_capacity(b_max * t) };
+    let run = Run { plan, checkpoint_dir: io.checkpoint_dir, coll: io.coll, abort: io.abort, events: io.events, train_config, tokenizer: TOKENIZER_FILE };
+    drive(run, &mut phase, first)
 }

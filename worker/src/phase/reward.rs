@@ -4,41 +4,26 @@
 //! (by a hash of their text) are held out; the pairwise accuracy on them is written with every
 //! checkpoint (`reward_eval.json`).
 
+
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use liandan_data::chat::{read_preferences, tokenize_chat, Message, PreferencePair, Role};
 use liandan_data::tokenizer::ChatTokenizer;
 use serde::{Deserialize, Serialize};
 
+use super::driver::{drive, start_replica, Ctx, Run, Start, StepOut};
 use super::sft::load_tokenizer;
-use super::{collective_outcome, save_boundary, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
-use crate::checkpoint;
-use crate::collective::{Collective, CollectiveError};
+use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
+use crate::engine::head::adam_step;
+use crate::engine::{Model, Replica};
 use crate::ledger::Ledger;
-use crate::model::gpt::Gpt;
-use crate::optim::{clip_grad_norm, AdamW};
 use crate::plan::PhasePlan;
 use crate::train::TrainConfig;
 
-/// File of the head inside a reward checkpoint.
-pub const HEAD_FILE: &str = "score_head.json";
 /// File of the held-out accuracy inside a reward checkpoint.
 pub const EVAL_FILE: &str = "reward_eval.json";
 
-/// `r = h·w + b` on a `(C)` hidden state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScalarHead {
-    pub weight: Vec<f32>,
-    pub bias: f32,
-}
-
-impl ScalarHead {
-    pub fn score(&self, h: &[f32]) -> f32 {
-        h.iter().zip(&self.weight).map(|(a, b)| a * b).sum::<f32>() + self.bias
-    }
-}
+pub use crate::engine::head::{ScalarHead, HEAD_FILE};
 
 /// Held-out pairwise accuracy, overall and per task (`(correct, pairs)`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,14 +93,14 @@ fn rows(convs: &[&Vec<u32>], t: usize, pad: u32) -> (Vec<u32>, Vec<usize>) {
 }
 
 /// Scores of conversations with the model and head (forward only).
-pub fn scores(model: &mut Gpt, head: &ScalarHead, convs: &[&Vec<u32>], t: usize, pad: u32) -> Result<Vec<f32>, PhaseError> {
+pub fn scores(model: &mut dyn Model, head: &ScalarHead, convs: &[&Vec<u32>], t: usize, pad: u32) -> Result<Vec<f32>, PhaseError> {
     let (max_b, _) = model.max_batch();
-    let c = model.config.n_embd;
+    let c = model.config().n_embd;
     let mut out = Vec::with_capacity(convs.len());
     for chunk in convs.chunks(max_b.max(1)) {
         let (tokens, last) = rows(chunk, t, pad);
         model.forward(&tokens, chunk.len(), t)?;
-        let h = model.hidden();
+        let h = model.hidden()?;
         for (i, &l) in last.iter().enumerate() {
             let at = (i * t + l) * c;
             out.push(head.score(&h[at..at + c]));
@@ -150,121 +135,110 @@ pub(crate) fn tokenized_pairs(tk: &ChatTokenizer, pairs: &[PreferencePair], t: u
     Ok(out)
 }
 
-/// Runs (or resumes) the reward phase on this rank, from the SFT phase's checkpoint.
-pub fn run_reward(
-    plan: &PhasePlan,
-    resume: Option<&Path>,
-    checkpoint_dir: &Path,
-    coll: &mut dyn Collective,
-    abort: &AtomicBool,
-    events: &mut dyn PhaseEvents,
-) -> Result<PhaseOutcome, PhaseError> {
-    let (rank, world) = (coll.rank(), coll.world());
-    let pairs = comparisons(plan)?;
-    let file = plan.examples.clone().or_else(|| plan.labelled_examples.clone()).unwrap_or_default();
-    let file = &file;
-    let (tk, tok_bytes) = load_tokenizer(plan)?;
-    let t = plan.seq_len;
-    let pad = tk.special.pad;
-    let Pairs { train, heldout, heldout_tasks } = tokenized_pairs(&tk, &pairs, t, file)?;
-    let b_global = plan.global_batch;
-    let b_max = b_global.div_ceil(world).max(1);
-    // `tokenized_pairs` made sure there is at least one training pair.
-    let mut ledger = Ledger::over_rows(train.len(), 1, b_global, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training pairs", file.display())))?;
-    let mut model = Gpt::new(plan.model.clone(), 2 * b_max, t)?;
-    let c = plan.model.n_embd;
-    let mut head = ScalarHead { weight: vec![0.0; c], bias: 0.0 };
-    let mut opt = AdamW::new(plan.adamw(), &model.layout);
-    let mut step = 0;
-    let dir = resume.ok_or_else(|| PhaseError::Plan("a reward phase starts from the SFT phase's checkpoint; none was given".into()))?;
-    let ck = checkpoint::load(dir, Some(&plan.model))?;
-    model.params = ck.params;
-    if dir.starts_with(checkpoint_dir) {
-        step = ck.state.step;
-        if let Some((m, v)) = ck.moments {
-            opt.m = m;
-            opt.v = v;
-            opt.t = ck.state.optimizer_t;
-        }
-        let bytes = checkpoint::read_verified(dir, HEAD_FILE, &ck.state)?;
-        head = serde_json::from_slice(&bytes).map_err(|e| PhaseError::Data(format!("{}: {e}", dir.join(HEAD_FILE).display())))?;
+/// The reward phase's step: this rank's pairs, chosen and rejected in one forward, the
+/// Bradley–Terry loss through the head into the hidden states, one update of the trunk and the
+/// head.
+struct RewardStep {
+    replica: Box<dyn Replica>,
+    head: ScalarHead,
+    /// The head's own Adam moments (C + 1 values; restarted on resume, which the tiny head
+    /// shrugs off).
+    hm: Vec<f32>,
+    hv: Vec<f32>,
+    ledger: Ledger,
+    train: Vec<(Vec<u32>, Vec<u32>)>,
+    heldout: Vec<(Vec<u32>, Vec<u32>)>,
+    heldout_tasks: Vec<String>,
+    tok_bytes: Vec<u8>,
+    b_global: usize,
+    t: usize,
+    pad: u32,
+}
+
+impl PhaseStep for RewardStep {
+    fn primary(&mut self) -> &mut dyn Replica {
+        self.replica.as_mut()
     }
-    // The head's own Adam moments (C + 1 values; restarted on resume, which the tiny head shrugs off).
-    let (mut hm, mut hv) = (vec![0.0f32; c + 1], vec![0.0f32; c + 1]);
-    let schedule = plan.schedule();
-    let train_config = TrainConfig { batch_size: 2 * b_max, seq_len: t, grad_accum: 1, schedule: schedule.clone(), adamw: plan.adamw(), grad_clip: plan.grad_clip, seed: plan.seed };
-    let broken = |e: CollectiveError| -> Result<PhaseOutcome, PhaseError> { Ok(collective_outcome(e, abort)) };
-    let mut divergence = super::Divergence::new(plan);
-    while step < plan.steps {
-        if abort.load(Ordering::SeqCst) {
-            return Ok(PhaseOutcome::Aborted);
-        }
-        let started = Instant::now();
-        let mine = ledger.rank_offsets(step, rank, world);
-        model.zero_grad();
+
+    fn step(&mut self, ctx: &mut Ctx<'_>) -> Result<StepOut, PhaseError> {
+        let (step, t, pad) = (ctx.step(), self.t, self.pad);
+        let mine = self.ledger.rank_offsets(step, ctx.rank(), ctx.world());
+        let c = self.head.weight.len();
+        let model = self.replica.model();
+        model.zero_grad()?;
         let mut head_grad = vec![0.0f32; c + 1];
         let mut stats = [0.0f64; 2]; // loss sum, correct
         if !mine.is_empty() {
-            let convs: Vec<&Vec<u32>> = mine.iter().map(|&i| &train[i].0).chain(mine.iter().map(|&i| &train[i].1)).collect();
+            let convs: Vec<&Vec<u32>> = mine.iter().map(|&i| &self.train[i].0).chain(mine.iter().map(|&i| &self.train[i].1)).collect();
             let (tokens, last) = rows(&convs, t, pad);
             let nb = convs.len();
             model.forward(&tokens, nb, t)?;
-            let h = model.hidden().to_vec();
-            let r: Vec<f32> = last.iter().enumerate().map(|(i, &l)| head.score(&h[(i * t + l) * c..(i * t + l + 1) * c])).collect();
+            let h = model.hidden()?.into_owned();
+            let r: Vec<f32> = last.iter().enumerate().map(|(i, &l)| self.head.score(&h[(i * t + l) * c..(i * t + l + 1) * c])).collect();
             let (rc, rr) = r.split_at(mine.len());
-            let (loss, dc, dr) = bradley_terry(rc, rr, b_global as f32);
+            let (loss, dc, dr) = bradley_terry(rc, rr, self.b_global as f32);
             stats[0] = loss;
             stats[1] = rc.iter().zip(rr).filter(|(a, b)| a > b).count() as f64;
             let mut dh = vec![0.0f32; nb * t * c];
             for (i, &l) in last.iter().enumerate() {
                 let d = if i < mine.len() { dc[i] } else { dr[i - mine.len()] };
                 let at = (i * t + l) * c;
-                for k in 0..c {
-                    dh[at + k] = d * head.weight[k];
-                    head_grad[k] += d * h[at + k];
-                }
-                head_grad[c] += d;
+                self.head.backward(&h[at..at + c], d, &mut dh[at..at + c], &mut head_grad);
             }
             model.backward_from_hidden(&dh)?;
         }
-        if let Err(e) = coll.all_reduce_sum(&mut model.grads).and_then(|_| coll.all_reduce_sum(&mut head_grad)) {
-            return broken(e);
+        ctx.sum_each(&mut stats)?;
+        let [loss, correct] = stats;
+        let lr = ctx.lr();
+        let u = ctx.update(&mut [(self.replica.as_mut(), lr)], &mut [&mut head_grad], loss)?;
+        if u.applied {
+            adam_step(&mut self.head, &head_grad, &mut self.hm, &mut self.hv, lr, step + 1);
         }
-        let (loss, correct) = match coll.all_reduce_scalar(stats[0]).and_then(|l| coll.all_reduce_scalar(stats[1]).map(|c| (l, c))) {
-            Ok(v) => v,
-            Err(e) => return broken(e),
-        };
-        let grad_norm = if plan.grad_clip > 0.0 { clip_grad_norm(&mut model.grads, plan.grad_clip) } else { crate::optim::global_norm(&model.grads) };
-        let lr = schedule.lr(step);
-        let take = divergence.check(step + 1, loss, grad_norm);
-        if matches!(take, Ok(true)) {
-            opt.step(&mut model.params, &model.grads, lr);
-            adam_head(&mut head, &head_grad, &mut hm, &mut hv, lr, step + 1);
-        }
-        step += 1;
-        if rank == 0 {
-            tracing::debug!(step, accuracy = correct / b_global as f64, "reward step");
-            events.step(StepMetrics { step, loss: loss / b_global as f64, lr, grad_norm, tokens: (2 * b_global * t) as u64, step_ms: started.elapsed().as_millis() as u64, values: divergence.values() });
-        }
-        take?;
-        let boundary = step % plan.checkpoint_every.max(1) == 0 || step == plan.steps;
-        if boundary && rank == 0 {
-            let eval = evaluate(&mut model, &head, &heldout, &heldout_tasks, t, pad)?;
-            tracing::info!(step, accuracy = eval.accuracy, pairs = eval.pairs, "reward model held-out pairwise accuracy");
-            let extra = vec![
-                (crate::phase::pretrain::TOKENIZER_FILE.to_string(), tok_bytes.clone()),
-                (HEAD_FILE.to_string(), serde_json::to_vec(&head).unwrap_or_default()),
-                (EVAL_FILE.to_string(), serde_json::to_vec(&eval).unwrap_or_default()),
-            ];
-            if let Some(outcome) = save_boundary(checkpoint_dir, step, plan.steps, &model, &opt, &train_config, &extra, events)? {
-                return Ok(outcome);
-            }
-        }
+        tracing::debug!(step = step + 1, accuracy = correct / self.b_global as f64, "reward step");
+        Ok(StepOut { loss: loss / self.b_global as f64, grad_norm: u.norm, tokens: (2 * self.b_global * t) as u64, values: Vec::new() })
     }
-    Ok(PhaseOutcome::Finished { final_checkpoint: None })
+
+    fn boundary_files(&mut self, step: u64) -> Result<Vec<(String, Vec<u8>)>, PhaseError> {
+        let eval = evaluate(self.replica.model(), &self.head, &self.heldout, &self.heldout_tasks, self.t, self.pad)?;
+        tracing::info!(step, accuracy = eval.accuracy, pairs = eval.pairs, "reward model held-out pairwise accuracy");
+        Ok(vec![
+            (crate::phase::pretrain::TOKENIZER_FILE.to_string(), self.tok_bytes.clone()),
+            (HEAD_FILE.to_string(), serde_json::to_vec(&self.head).unwrap_or_default()),
+            (EVAL_FILE.to_string(), serde_json::to_vec(&eval).unwrap_or_default()),
+        ])
+    }
 }
 
-fn evaluate(model: &mut Gpt, head: &ScalarHead, pairs: &[(Vec<u32>, Vec<u32>)], tasks: &[String], t: usize, pad: u32) -> Result<RewardEval, PhaseError> {
+/// Runs (or resumes) the reward phase on this rank, from the SFT phase's checkpoint.
+pub fn run_reward(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError> {
+    let world = io.coll.world();
+    let pairs = comparisons(plan)?;
+    let file = plan.examples.clone().or_else(|| plan.labelled_examples.clone()).unwrap_or_default();
+    let (tk, tok_bytes) = load_tokenizer(plan)?;
+    let t = plan.seq_len;
+    let pad = tk.special.pad;
+    let Pairs { train, heldout, heldout_tasks } = tokenized_pairs(&tk, &pairs, t, &file)?;
+    let b_global = plan.global_batch;
+    let b_max = b_global.div_ceil(world).max(1);
+    // `tokenized_pairs` made sure there is at least one training pair.
+    let ledger = Ledger::over_rows(train.len(), 1, b_global, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training pairs", file.display())))?;
+    if start.dir().is_none() {
+        return Err(PhaseError::Plan("a reward phase starts from the SFT phase's checkpoint; none was given".into()));
+    }
+    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw())?;
+    let (first, state) = start_replica(replica.as_mut(), plan, start)?;
+    let c = plan.model.n_embd;
+    let head = match (start, &state) {
+        (Start::Continue(dir), Some(state)) => ScalarHead::load(dir, state)?,
+        _ => ScalarHead::zeros(c),
+    };
+    let train_config = TrainConfig { batch_size: 2 * b_max, seq_len: t, grad_accum: 1, schedule: plan.schedule(), adamw: plan.adamw(), grad_clip: plan.grad_clip, seed: plan.seed };
+    let mut phase = RewardStep { replica, head, hm: vec![0.0; c + 1], hv: vec![0.0; c + 1], ledger, train, heldout, heldout_tasks, tok_bytes, b_global, t, pad };
+    let run = Run { plan, checkpoint_dir: io.checkpoint_dir, coll: io.coll, abort: io.abort, events: io.events, train_config, tokenizer: crate::phase::pretrain::TOKENIZER_FILE };
+    drive(run, &mut phase, first)
+}
+
+fn evaluate(model: &mut dyn Model, head: &ScalarHead, pairs: &[(Vec<u32>, Vec<u32>)], tasks: &[String], t: usize, pad: u32) -> Result<RewardEval, PhaseError> {
     let convs: Vec<&Vec<u32>> = pairs.iter().map(|p| &p.0).chain(pairs.iter().map(|p| &p.1)).collect();
     let r = scores(model, head, &convs, t, pad)?;
     let (rc, rr) = r.split_at(pairs.len());
@@ -276,23 +250,6 @@ fn evaluate(model: &mut Gpt, head: &ScalarHead, pairs: &[(Vec<u32>, Vec<u32>)], 
     }
     let correct = by_task.values().map(|v| v.0).sum();
     Ok(RewardEval { pairs: pairs.len(), correct, accuracy: correct as f64 / pairs.len().max(1) as f64, by_task })
-}
-
-/// Adam for the head (no weight decay on a 1-output head).
-pub(crate) fn adam_head(head: &mut ScalarHead, g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: u64) {
-    let (b1, b2, eps) = (0.9f32, 0.95f32, 1e-8f32);
-    let bc1 = 1.0 - b1.powi(t as i32);
-    let bc2 = 1.0 - b2.powi(t as i32);
-    for i in 0..g.len() {
-        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-        let upd = lr * (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
-        if i < head.weight.len() {
-            head.weight[i] -= upd;
-        } else {
-            head.bias -= upd;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -317,6 +274,7 @@ mod tests {
 
     #[test]
     fn the_head_gradient_through_the_transformer_matches_finite_differences() {
+        use crate::model::gpt::Gpt;
         // Score one sequence; check d score / d params along a random direction.
         let cfg = crate::GptConfig::new(40, 8, 1, 2, 8);
         let mut m = Gpt::new(cfg, 1, 6).unwrap();
@@ -326,13 +284,13 @@ mod tests {
         let ids: Vec<u32> = vec![1, 5, 9, 3, 7, 2];
         let score = |m: &mut Gpt| -> f64 {
             m.forward(&ids, 1, 6).unwrap();
-            head.score(&m.hidden()[5 * 8..6 * 8]) as f64
+            head.score(&Gpt::hidden(m)[5 * 8..6 * 8]) as f64
         };
         score(&mut m);
         let mut dh = vec![0.0f32; 6 * 8];
         dh[5 * 8..].copy_from_slice(&head.weight);
-        m.zero_grad();
-        m.backward_from_hidden(&dh).unwrap();
+        Gpt::zero_grad(&mut m);
+        Gpt::backward_from_hidden(&mut m, &dh).unwrap();
         let (analytic, numeric) = crate::model::gradcheck::directional(&mut m, score, 4, 1e-2);
         // Central differences with h = 1e-2: O(h²) truncation; 1e-2 relative is well above it.
         assert!((analytic - numeric).abs() <= 1e-2 * analytic.abs().max(1e-2), "{analytic} vs {numeric}");

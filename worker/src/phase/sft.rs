@@ -9,15 +9,13 @@
 //! in most packing implementations; each starts with `<|bos|>`, which marks the boundary.
 //! 5% of the examples (chosen by a hash of their text) are held out for validation.
 
-use std::path::Path;
-use std::sync::atomic::AtomicBool;
-
 use liandan_data::chat::{read_sft, tokenize_chat, SftExample};
 use liandan_data::tokenizer::ChatTokenizer;
 
+use super::driver::Start;
 use super::pretrain::{data_tokenizer, run_lm_phase, BatchSource};
-use super::{PhaseError, PhaseEvents, PhaseOutcome};
-use crate::collective::Collective;
+use super::{PhaseError, PhaseIo, PhaseOutcome};
+use crate::engine::Model;
 use crate::ledger::Ledger;
 use crate::plan::PhasePlan;
 
@@ -149,17 +147,10 @@ pub(crate) fn load_data(plan: &PhasePlan) -> Result<SftData, PhaseError> {
 }
 
 /// Runs (or resumes) the SFT phase on this rank, from the previous phase's checkpoint.
-pub fn run_sft(
-    plan: &PhasePlan,
-    resume: Option<&Path>,
-    checkpoint_dir: &Path,
-    coll: &mut dyn Collective,
-    abort: &AtomicBool,
-    events: &mut dyn PhaseEvents,
-) -> Result<PhaseOutcome, PhaseError> {
+pub fn run_sft(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError> {
     let SftData { tk, tok_bytes, val, val_rows, mut source } = load_data(plan)?;
     let prompts = task_prompts(&val);
-    let mut eval = |model: &mut crate::model::gpt::Gpt| -> Result<(String, Vec<u8>), PhaseError> {
+    let mut eval = |model: &mut dyn Model| -> Result<(String, Vec<u8>), PhaseError> {
         let loss = validation_loss(model, &val_rows)?;
         let scores = crate::eval::evaluate(model, &tk, &prompts, TASK_PROMPTS, 64).map_err(PhaseError::Data)?;
         let tasks: std::collections::BTreeMap<&str, (usize, usize)> = scores.tasks.iter().map(|(t, p, n)| (t.as_str(), (*p, *n))).collect();
@@ -167,7 +158,7 @@ pub fn run_sft(
         let json = serde_json::json!({ "val_loss": loss, "examples": val.len(), "tasks": tasks });
         Ok((EVAL_FILE.to_string(), serde_json::to_vec(&json).unwrap_or_default()))
     };
-    run_lm_phase(plan, &mut source, tok_bytes, resume, checkpoint_dir, coll, abort, events, Some(&mut eval))
+    run_lm_phase(plan, &mut source, tok_bytes, start, io, Some(&mut eval))
 }
 
 /// Held-out prompts per task answered at each checkpoint for the task score.
@@ -190,7 +181,7 @@ fn task_prompts(val: &[SftExample]) -> Vec<crate::eval::EvalItem> {
 pub const EVAL_FILE: &str = "sft_eval.json";
 
 /// Mean loss over the assistant tokens of packed held-out rows (0 when there are none).
-pub fn validation_loss(model: &mut crate::model::gpt::Gpt, rows: &PackedRows) -> Result<f64, PhaseError> {
+pub fn validation_loss(model: &mut dyn Model, rows: &PackedRows) -> Result<f64, PhaseError> {
     let t = rows.row_len - 1;
     let denom = rows.targets.iter().filter(|&&x| x >= 0).count();
     if denom == 0 {

@@ -28,6 +28,7 @@ pub mod device;
 pub mod emu;
 pub mod error;
 pub mod flash;
+pub mod generate;
 pub mod kernels;
 pub mod matmul;
 pub mod model;

@@ -90,8 +90,8 @@ pub struct CudaGpt {
     scratch_b: DevBuf<u16>,
     /// Partial column sums (bias and LayerNorm parameter gradients).
     partial: DevBuf<f32>,
-    max_b: usize,
-    max_t: usize,
+    pub(crate) max_b: usize,
+    pub(crate) max_t: usize,
     shape: Option<(usize, usize)>,
     dlogits_ready: bool,
     /// Per-op time when set (`liandan bench train --profile`): each op is followed by a device
@@ -246,12 +246,12 @@ impl CudaGpt {
         self.dev.zero(&self.grads, 0, self.grads.len())
     }
 
-    fn p(&self, kind: K, l: usize) -> View {
+    pub(super) fn p(&self, kind: K, l: usize) -> View {
         let r = self.layout.layer_range(kind, l);
         self.params.view(r.start, r.len())
     }
 
-    fn pb(&self, kind: K, l: usize) -> View {
+    pub(super) fn pb(&self, kind: K, l: usize) -> View {
         if self.precision == Precision::F32 {
             return self.params_bf16.view(0, 0);
         }
@@ -377,14 +377,64 @@ impl CudaGpt {
             return Err(EngineError::NoForward.into());
         }
         self.dlogits_ready = false;
+        self.backward_from(false)
+    }
+
+    /// The final hidden states of the last forward `(B, T, C)` (after the last LayerNorm),
+    /// copied to the host (the CPU's [`crate::model::gpt::Gpt::hidden`]).
+    ///
+    /// # Errors
+    /// No forward ran, or a failed copy.
+    pub fn hidden_to_host(&self) -> Result<Vec<f32>> {
+        let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        let mut out = vec![0.0; b * t * self.config.n_embd];
+        self.dev.download(&self.acts.lnf, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Backward from `dhidden` `(B, T, C)`, the gradient of the final hidden states (the CPU's
+    /// [`crate::model::gpt::Gpt::backward_from_hidden`]); adds into `grads`.
+    ///
+    /// # Errors
+    /// No forward ran, `dhidden` has the wrong length, or a launch fails.
+    pub fn backward_from_hidden(&mut self, dhidden: &[f32]) -> Result<()> {
+        let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
+        let n = b * t * self.config.n_embd;
+        if dhidden.len() != n {
+            return Err(EngineError::BadLength { what: "dhidden", expected: n, got: dhidden.len() }.into());
+        }
+        self.dlogits_ready = false;
+        self.dev.upload(&self.gacts.dln, 0, dhidden)?;
+        self.backward_from(true)
+    }
+
+    /// Backward from the logits' gradient: `write` gets the last forward's logits `(B, T, Vp)`
+    /// on the host and overwrites them with `dloss/dlogits` (the CPU's
+    /// [`crate::model::gpt::Gpt::backward_from_logits`]); adds into `grads`.
+    ///
+    /// # Errors
+    /// No forward ran, its logits were already consumed, or a copy or launch fails.
+    pub fn backward_from_logits(&mut self, write: &mut dyn FnMut(&mut [f32])) -> Result<()> {
+        if self.dlogits_ready {
+            return Err(EngineError::NoForward.into());
+        }
+        let mut logits = self.logits_to_host()?;
+        write(&mut logits);
+        self.dev.upload(&self.acts.logits, 0, &logits)?;
+        self.backward_from(false)
+    }
+
+    /// The backward pass, from the logits' gradient (in `logits`) or, with `from_hidden`, from
+    /// the final hidden states' gradient (in `dln`).
+    fn backward_from(&mut self, from_hidden: bool) -> Result<()> {
         let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
         let mut prof = self.profile.take();
-        let r = self.backward_ops(&mut prof, b, t);
+        let r = self.backward_ops(&mut prof, b, t, from_hidden);
         self.profile = prof;
         r
     }
 
-    fn backward_ops(&self, prof: &mut Option<OpProfile>, b: usize, t: usize) -> Result<()> {
+    fn backward_ops(&self, prof: &mut Option<OpProfile>, b: usize, t: usize, from_hidden: bool) -> Result<()> {
         let (dev, a, g, prec, sc) = (&*self.dev, &self.acts, &self.gacts, self.precision, self.scratch());
         let cfg = &self.config;
         let (c, nh, vp) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
@@ -397,7 +447,9 @@ impl CudaGpt {
         let dres = g.dresidual.view(0, n * c);
         let dln = g.dln.view(0, n * c);
         dev.zero(&g.dresidual, 0, n * c)?;
-        timed(prof, dev, "bwd.lm_head", || ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), a.logits.view(0, n * vp), a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp))?;
+        if !from_hidden {
+            timed(prof, dev, "bwd.lm_head", || ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), a.logits.view(0, n * vp), a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp))?;
+        }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
         timed(prof, dev, "bwd.layernorm", || ops::layernorm_backward(dev, dres, self.g(K::LnfW, 0), self.g(K::LnfB, 0), dln, last, self.p(K::LnfW, 0), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), partial, n, c))?;
         for l in (0..cfg.n_layer).rev() {

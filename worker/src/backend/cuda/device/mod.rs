@@ -88,6 +88,16 @@ pub enum DeviceKind {
     Emulated,
 }
 
+impl DeviceKind {
+    /// `cuda:N` or `cuda-emu`, as `--device` names it.
+    pub fn label(&self) -> String {
+        match self {
+            DeviceKind::Gpu { ordinal } => format!("cuda:{ordinal}"),
+            DeviceKind::Emulated => "cuda-emu".to_string(),
+        }
+    }
+}
+
 /// A device allocation: its address and size, and whatever frees it when dropped.
 pub struct Memory {
     pub base: u64,

@@ -1,0 +1,108 @@
+//! The engine: the one seam between the phases and the devices. A phase is written once,
+//! against these traits; each device implements them over its own op library.
+//!
+//! - [`Model`]: a model on a device — forward, the fused loss (ignore index, weights, a global
+//!   denominator), backward, the final hidden states and a backward from them (reward and value
+//!   heads), a backward from a gradient written into the logits (PPO's surrogate, any loss the
+//!   fused cross-entropy does not express), KV-cache generation, and the parameters to and from
+//!   the host (checkpoints).
+//! - [`Replica`]: a model with its gradients and AdamW state, one rank of a data-parallel
+//!   group: it sums its gradients over a [`Collective`], clips them and steps.
+//! - [`Engine`]: makes models and replicas on one device.
+//!
+//! # Layout
+//! - [`cpu`]: [`crate::model::gpt::Gpt`] and [`crate::optim::AdamW`] (the reference backend).
+//! - [`cuda`]: the CUDA backend's model and trainer ([`crate::backend::cuda`]), on a GPU or on
+//!   the emulated device.
+//! - [`head`]: the scalar head (`r = h·w + b`) reward and value models put on the hidden states.
+//!
+//! Host buffers are the contract: what a method takes or returns is host memory in the shapes
+//! its doc names (`(B, T, Vp)` logits, `(B, T, C)` hidden states, the flat parameter layout of
+//! [`crate::model::params::ParamLayout`]). A device implementation copies where it must; the
+//! CPU one borrows.
+
+pub mod cpu;
+pub mod cuda;
+pub mod head;
+
+use std::borrow::Cow;
+
+use crate::collective::{Collective, CollectiveError};
+use crate::error::Result;
+use crate::generate::{Generation, SamplingConfig};
+use crate::model::config::GptConfig;
+use crate::model::params::ParamLayout;
+use crate::model::profile::OpProfile;
+use crate::optim::AdamWConfig;
+
+/// A model on a device, with buffers for batches up to [`Model::max_batch`].
+pub trait Model: Send + std::fmt::Debug {
+    fn config(&self) -> &GptConfig;
+    fn layout(&self) -> &ParamLayout;
+    /// `(maxB, maxT)` the buffers were allocated for.
+    fn max_batch(&self) -> (usize, usize);
+    /// Where the model lives ("cpu", "cuda:0", "cuda-emu").
+    fn device(&self) -> String;
+
+    /// Forward pass of `inputs` `(B, T)`.
+    fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<()>;
+    /// `Σ_i w_i·ce_i / denom` over the last forward's positions (targets `-1` take none); with
+    /// `with_grad`, prepares the logits' gradient for [`Model::backward`].
+    fn loss(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32, with_grad: bool) -> Result<f32>;
+    /// Backward of the last forward + loss; adds into the gradients.
+    fn backward(&mut self) -> Result<()>;
+    /// The last forward's logits `(B, T, Vp)`.
+    fn logits(&mut self) -> Result<Cow<'_, [f32]>>;
+    /// The last forward's final hidden states `(B, T, C)` (after the last LayerNorm).
+    fn hidden(&mut self) -> Result<Cow<'_, [f32]>>;
+    /// Backward from `dhidden` `(B, T, C)`, the gradient of the final hidden states.
+    fn backward_from_hidden(&mut self, dhidden: &[f32]) -> Result<()>;
+    /// Backward from the logits' gradient: `write` gets the last forward's logits `(B, T, Vp)`
+    /// and overwrites them with `dloss/dlogits` (padding columns zero).
+    fn backward_from_logits(&mut self, write: &mut dyn FnMut(&mut [f32])) -> Result<()>;
+    /// Clears the gradients.
+    fn zero_grad(&mut self) -> Result<()>;
+
+    /// The parameters, flat layout.
+    fn params(&self) -> Result<Cow<'_, [f32]>>;
+    fn set_params(&mut self, params: &[f32]) -> Result<()>;
+    /// GPT-2's initialisation from `seed` (the same weights on every device).
+    fn init_weights(&mut self, seed: u64) -> Result<()>;
+
+    /// Samples an answer to each `(prompt, config)` with the KV cache. Each answer depends only
+    /// on its prompt and config (its seed), not on the others or their order.
+    fn generate(&self, jobs: &[(Vec<u32>, SamplingConfig)]) -> Result<Vec<Generation>>;
+
+    /// Per-op times when set (`liandan bench train --profile`).
+    fn profile(&mut self) -> &mut Option<OpProfile>;
+    /// Waits for the device's queued work (a no-op on the CPU): for timing.
+    fn sync(&self) -> Result<()>;
+}
+
+/// One rank's model with its gradients and optimizer state.
+pub trait Replica: Send + std::fmt::Debug {
+    fn model(&mut self) -> &mut dyn Model;
+    fn model_ref(&self) -> &dyn Model;
+    /// Sums the gradients over the group (every rank ends with the same bits).
+    fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError>;
+    /// Scales the gradients to a global norm of at most `max_norm` (0: no clipping); returns the
+    /// norm before clipping.
+    fn clip(&mut self, max_norm: f32) -> Result<f32>;
+    /// One AdamW update at learning rate `lr`.
+    fn step(&mut self, lr: f32) -> Result<()>;
+    /// Updates AdamW has applied (its bias-correction `t`).
+    fn optimizer_t(&self) -> u64;
+    /// AdamW's `m` and `v`, flat layout.
+    fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)>;
+    fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()>;
+}
+
+/// Makes models and replicas on one device.
+pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// "cpu", "cuda:0", "cuda-emu".
+    fn name(&self) -> String;
+    /// A model for batches up to `(max_b, max_t)`, parameters zero.
+    fn model(&self, config: &GptConfig, max_b: usize, max_t: usize) -> Result<Box<dyn Model>>;
+    /// A replica: a model and a fresh AdamW.
+    fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig) -> Result<Box<dyn Replica>>;
+}

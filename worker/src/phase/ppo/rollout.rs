@@ -1,0 +1,185 @@
+//! PPO's rollouts: the prompts (the SFT data's conversations up to their last answer), the
+//! answers sampled from the policy with the KV cache (each seeded by `(seed, step, index in the
+//! global batch)`, so rollouts do not depend on the world size), and the log-probabilities,
+//! entropies and values scored on them.
+
+use std::path::Path;
+
+use liandan_data::chat::{prompt_ids, read_sft, Role};
+use liandan_data::tokenizer::ChatTokenizer;
+use liandan_data::verify::{form_score, PoemForm};
+
+use super::losses::logp_entropy;
+use crate::engine::head::ScalarHead;
+use crate::engine::Model;
+use crate::generate::SamplingConfig;
+use crate::phase::PhaseError;
+use crate::rng::Rng;
+
+/// A prompt to answer, ready for generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PpoPrompt {
+    /// The chat template up to `<|assistant|>`.
+    pub ids: Vec<u32>,
+    /// The form a poem request asks for (the verifier's target), if any.
+    pub form: Option<PoemForm>,
+}
+
+/// The form named in a prompt (`写一首五言绝句…`), if any.
+pub fn requested_form(prompt: &str) -> Option<PoemForm> {
+    PoemForm::ALL.into_iter().find(|f| prompt.contains(f.name()))
+}
+
+/// The prompts of a PPO phase: the examples' conversations up to their last answer, only the
+/// `tasks` asked for, without the SFT phase's held-out examples, and only those that leave room
+/// in `seq_len` for an answer.
+pub fn read_prompts(file: &Path, tk: &ChatTokenizer, tasks: &[String], seq_len: usize) -> Result<Vec<PpoPrompt>, PhaseError> {
+    let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
+    let mut out = Vec::new();
+    for ex in examples {
+        if !tasks.is_empty() && !ex.task.as_ref().is_some_and(|t| tasks.contains(t)) {
+            continue;
+        }
+        if crate::phase::sft::held_out(&ex) {
+            continue;
+        }
+        let upto = ex.messages.iter().rposition(|m| m.role == Role::Assistant).unwrap_or(ex.messages.len());
+        let msgs = &ex.messages[..upto];
+        if msgs.is_empty() {
+            continue;
+        }
+        let ids = prompt_ids(tk, msgs).map_err(|e| PhaseError::Data(format!("{}: {e}", ex.source)))?;
+        if ids.len() >= seq_len {
+            continue;
+        }
+        let text: String = msgs.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str()).collect();
+        out.push(PpoPrompt { ids, form: requested_form(&text) });
+    }
+    if out.is_empty() {
+        let which = if tasks.is_empty() { String::new() } else { format!(" of tasks {tasks:?}") };
+        return Err(PhaseError::Data(format!("{}: no prompts{which} fit a sequence of {seq_len} tokens", file.display())));
+    }
+    Ok(out)
+}
+
+/// One sampled answer and everything PPO computes about it.
+#[derive(Debug, Clone, Default)]
+pub struct Rollout {
+    /// Index in the step's global batch.
+    pub global: usize,
+    /// Prompt and answer tokens.
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+    /// `log π_old` of each answer token.
+    pub old_logp: Vec<f32>,
+    /// `log π_ref` of each answer token.
+    pub ref_logp: Vec<f32>,
+    /// `V` before each answer token.
+    pub values: Vec<f32>,
+    /// Whitened GAE advantages and the returns, per answer token.
+    pub adv: Vec<f32>,
+    pub returns: Vec<f32>,
+    /// The reward at the end of the answer, the reward model's score, the verifier's graded
+    /// score, whether it passes strictly, and whether the prompt asked for a form at all.
+    pub reward: f32,
+    pub rm_score: f32,
+    pub verifier: f32,
+    pub passed: bool,
+    pub has_form: bool,
+    /// Summed entropy of the policy over the answer's positions (nats).
+    pub entropy: f64,
+}
+
+impl Rollout {
+    pub fn answer_len(&self) -> usize {
+        self.ids.len() - self.prompt_len
+    }
+
+    /// Row position whose logits predict answer token `k`.
+    pub(super) fn position(&self, k: usize) -> usize {
+        self.prompt_len - 1 + k
+    }
+}
+
+/// Rows `(b, t)` of the rollouts' tokens, padded with `pad`.
+pub(super) fn padded(rows: &[&Rollout], t: usize, pad: u32) -> Vec<u32> {
+    crate::phase::padded_rows(rows.iter().map(|r| r.ids.as_slice()), t, pad)
+}
+
+/// `log π` (and the entropy) of every answer token under `model` at temperature `1/inv_temp`,
+/// per row.
+pub(super) fn answer_logps(model: &mut dyn Model, rows: &[&Rollout], t: usize, pad: u32, inv_temp: f32) -> Result<Vec<(Vec<f32>, f64)>, PhaseError> {
+    model.forward(&padded(rows, t, pad), rows.len(), t)?;
+    let (v, vp) = (model.config().vocab_size, model.config().padded_vocab_size);
+    let logits = model.logits()?;
+    Ok(rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut ent = 0.0;
+            let lp = (0..r.answer_len())
+                .map(|k| {
+                    let pos = r.position(k);
+                    let (lp, h) = logp_entropy(&logits[(i * t + pos) * vp..(i * t + pos) * vp + v], r.ids[pos + 1] as usize, inv_temp);
+                    ent += h;
+                    lp
+                })
+                .collect();
+            (lp, ent)
+        })
+        .collect())
+}
+
+/// `V` before every answer token (value head on the hidden state that predicts it), per row.
+pub(super) fn answer_values(model: &mut dyn Model, head: &ScalarHead, rows: &[&Rollout], t: usize, pad: u32) -> Result<Vec<Vec<f32>>, PhaseError> {
+    model.forward(&padded(rows, t, pad), rows.len(), t)?;
+    let c = model.config().n_embd;
+    let h = model.hidden()?;
+    Ok(rows.iter().enumerate().map(|(i, r)| (0..r.answer_len()).map(|k| head.score(&h[(i * t + r.position(k)) * c..][..c])).collect()).collect())
+}
+
+/// A seed from a few numbers (splitmix-style mixing through [`Rng::new`]).
+pub(super) fn mix(a: u64, b: u64, c: u64) -> u64 {
+    Rng::new(a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ c.rotate_left(29).wrapping_mul(0xBF58_476D_1CE4_E5B9)).next_u64()
+}
+
+/// Samples this rank's answers: `mine` is `(index in the global batch, prompt index)`; each
+/// answer is cut to the context and scored by the verifier when its prompt asks for a form.
+pub(super) fn sample(policy: &dyn Model, prompts: &[PpoPrompt], mine: &[(usize, usize)], tk: &ChatTokenizer, base: &SamplingConfig, t: usize, seed: u64, step: u64) -> Result<Vec<Rollout>, PhaseError> {
+    let jobs: Vec<(Vec<u32>, SamplingConfig)> = mine
+        .iter()
+        .map(|&(j, pi)| {
+            let p = &prompts[pi];
+            let cfg = SamplingConfig { max_new_tokens: base.max_new_tokens.min(t - p.ids.len()), seed: mix(seed, step, j as u64), ..base.clone() };
+            (p.ids.clone(), cfg)
+        })
+        .collect();
+    let answers = policy.generate(&jobs)?;
+    mine.iter()
+        .zip(answers)
+        .map(|(&(j, pi), g)| {
+            let p = &prompts[pi];
+            let (verifier, passed) = match p.form {
+                Some(f) => {
+                    let text = tk.decode_text(&g.tokens).map_err(|e| PhaseError::Data(e.to_string()))?;
+                    (form_score(&text, f), liandan_data::verify::is_form(&text, f))
+                }
+                None => (0.0, false),
+            };
+            let mut ids = p.ids.clone();
+            ids.extend(g.tokens);
+            Ok(Rollout { global: j, ids, prompt_len: p.ids.len(), verifier, passed, has_form: p.form.is_some(), ..Default::default() })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requested_forms_are_read_from_the_prompt() {
+        assert_eq!(requested_form("写一首七言律诗，题目是《有忆》"), Some(PoemForm::QiyanLushi));
+        assert_eq!(requested_form("请接出下一句：床前明月光，"), None);
+    }
+}
