@@ -94,10 +94,22 @@ pub struct WorkerArgs {
     /// Give up after this many failed attempts to reach the coordinator in a row (0: never).
     #[arg(long, default_value_t = 0)]
     pub max_attempts: u32,
-    /// Memory a phase may use on this worker, GiB (default: the host's available memory at
-    /// start). The coordinator gives this worker no phase that needs more.
+    /// Memory a phase may use on this worker, GiB (default: the device's: the GPU's memory, or
+    /// the host's available memory at start). The coordinator gives this worker no phase that
+    /// needs more.
     #[arg(long)]
     pub memory_gib: Option<f64>,
+    /// The device to train on: auto (a GPU when one is usable, else the CPU), cpu, cuda (GPU 0),
+    /// cuda:N, or cuda-emu (the emulated CUDA device: the CUDA backend on the CPU, for tests).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// How a CUDA worker's group sums gradients: nccl (default on a GPU) or ring (the TCP ring:
+    /// several processes on one GPU, or the emulated device). CPU workers always use the ring.
+    #[arg(long)]
+    pub collective: Option<String>,
+    /// Matmul precision on CUDA devices: bf16 (f32 accumulation, f32 master weights) or f32.
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
 }
 
 fn rt() -> Result<tokio::runtime::Runtime, CliError> {
@@ -181,12 +193,25 @@ pub fn worker(a: WorkerArgs, creds: &Credentials) -> Result<(), CliError> {
             token,
             tls: creds.tls(),
             memory_bytes: a.memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+            device: a.device,
+            precision: parse_precision(&a.precision)?,
+            collective: a.collective,
         };
         tokio::select! {
             r = liandan_worker::runtime::run_worker(opts) => r.map_err(|e| CliError::Usage(e.to_string())),
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+/// `bf16` or `f32`.
+pub fn parse_precision(s: &str) -> Result<liandan_worker::backend::cuda::Precision, CliError> {
+    use liandan_worker::backend::cuda::Precision;
+    match s {
+        "bf16" => Ok(Precision::Bf16),
+        "f32" => Ok(Precision::F32),
+        other => Err(CliError::Usage(format!("--precision {other}: bf16 or f32"))),
+    }
 }
 
 /// A client of the coordinator at `t.addr` that sends the admin token.

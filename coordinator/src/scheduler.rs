@@ -8,6 +8,7 @@
 //! - Metrics past the resume step are deleted on re-form: those steps will be computed again.
 
 use crate::spec::PhasePlan;
+use liandan_worker::plan::device_kind;
 use crate::store::{PhaseRow, Result, Store, WorkerRow};
 
 /// Why a group re-forms (for the log).
@@ -42,8 +43,13 @@ pub fn tick(s: &Store, overdue: &[(u64, u64)]) -> Result<Vec<String>> {
         let phases = s.phases(job)?;
         let Some(first) = phases.first() else { continue };
         let need = memory_need(first);
-        let idle = s.workers_in_state("idle")?.iter().filter(|w| fits(w, need)).count() as u32;
-        if idle >= first.min_workers {
+        let idle: Vec<WorkerRow> = s.workers_in_state("idle")?.into_iter().filter(|w| fits(w, need)).collect();
+        // Enough idle workers of one kind (the required one, when the phase names one).
+        let enough = match required_kind(first) {
+            Some(k) => idle.iter().filter(|w| device_kind(&w.device) == k).count() as u32 >= first.min_workers,
+            None => idle.iter().any(|w| idle.iter().filter(|x| device_kind(&x.device) == device_kind(&w.device)).count() as u32 >= first.min_workers),
+        };
+        if enough {
             s.set_job_state(job, "running", "")?;
             s.set_phase_state(job, 0, "running", "")?;
             log.push(format!("job {job} starts phase 0 ({})", first.name));
@@ -65,7 +71,13 @@ pub fn boundary_wants_regroup(s: &Store, p: &PhaseRow) -> Result<bool> {
         return Ok(false);
     }
     let need = memory_need(p);
-    Ok(s.workers_in_state("idle")?.iter().any(|w| fits(w, need)))
+    let kind = s.group_members(p.job_id, p.idx, p.generation)?.first().map(|w| device_kind(&w.device).to_string());
+    Ok(s.workers_in_state("idle")?.iter().any(|w| fits(w, need) && kind.as_deref().is_none_or(|k| device_kind(&w.device) == k)))
+}
+
+/// The device kind a phase requires, if any.
+fn required_kind(p: &PhaseRow) -> Option<String> {
+    serde_json::from_str::<PhasePlan>(&p.plan_json).ok().and_then(|pl| pl.device)
 }
 
 /// Bytes a rank of phase `p` needs at its largest share of the batch (the smallest group).
@@ -102,6 +114,16 @@ pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
         .filter(|w| fits(w, need))
         .collect();
     fresh.sort_by_key(|w| w.id);
+    // One device kind per group: the required one, else the kept members', else that of the
+    // kind with the most candidates (lowest id on a tie).
+    let kind = required_kind(p).or_else(|| keep.first().map(|w| device_kind(&w.device).to_string())).or_else(|| {
+        let count = |k: &str| fresh.iter().filter(|w| device_kind(&w.device) == k).count();
+        fresh.iter().map(|w| device_kind(&w.device)).max_by_key(|k| (count(k), std::cmp::Reverse(fresh.iter().position(|w| device_kind(&w.device) == *k)))).map(str::to_string)
+    });
+    if let Some(k) = &kind {
+        keep.retain(|w| device_kind(&w.device) == k);
+        fresh.retain(|w| device_kind(&w.device) == k);
+    }
     let cap = capacity(p);
     let chosen: Vec<&WorkerRow> = keep.into_iter().chain(fresh).take(cap).collect();
     if reason == Reason::Waiting && (chosen.len() as u32) < p.min_workers {

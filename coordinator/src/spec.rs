@@ -73,11 +73,15 @@ pub struct ClusterSpec {
     pub min_workers: u32,
     #[serde(default = "eight")]
     pub max_workers: u32,
+    /// The device kind every phase's workers must have: `cpu`, `cuda` or `cuda-emu` (absent:
+    /// any; a group is always of one kind). A phase's own `device` overrides it.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { min_workers: 1, max_workers: 8 }
+        ClusterSpec { min_workers: 1, max_workers: 8, device: None }
     }
 }
 
@@ -127,6 +131,8 @@ pub struct PhaseSpec {
     /// `liandan label`), or `both`.
     #[serde(default)]
     pub comparisons: liandan_worker::plan::ComparisonSource,
+    /// The device kind this phase's workers must have (overrides `cluster.device`).
+    pub device: Option<String>,
     /// Steps whose loss or gradient norm is not finite that the phase skips (no update, counted
     /// as `skipped_steps`) before it fails. Default 0: the first such step fails the phase.
     #[serde(default)]
@@ -206,6 +212,13 @@ impl JobSpec {
         }
         if self.cluster.min_workers == 0 {
             return bad("cluster.min_workers", "must be at least 1".into());
+        }
+        let known = |d: &Option<String>| d.as_deref().is_none_or(|d| liandan_worker::plan::DEVICE_KINDS.contains(&d));
+        if !known(&self.cluster.device) {
+            return bad("cluster.device", format!("'{}' is not a device kind (cpu, cuda, cuda-emu)", self.cluster.device.as_deref().unwrap_or_default()));
+        }
+        if let Some(i) = self.phases.iter().position(|p| !known(&p.device)) {
+            return bad(&format!("phases[{i}].device"), format!("'{}' is not a device kind (cpu, cuda, cuda-emu)", self.phases[i].device.as_deref().unwrap_or_default()));
         }
         if self.cluster.max_workers > MAX_WORKERS {
             return bad("cluster.max_workers", format!("must be at most {MAX_WORKERS}, got {}", self.cluster.max_workers));
@@ -397,6 +410,7 @@ impl JobSpec {
                     comparisons: p.comparisons,
                     labelled_examples: None,
                     max_skipped_steps: p.max_skipped_steps,
+                    device: p.device.clone().or_else(|| self.cluster.device.clone()),
                 };
                 if plan.memory_per_rank(self.cluster.min_workers as usize).is_none() {
                     return Err(err(format!("phases[{i}]"), "the model and batch need more memory than any machine has (the sizes overflow)".into()));
@@ -440,7 +454,7 @@ lr = 1e-3
     #[test]
     fn good_spec_parses_with_defaults() {
         let s = JobSpec::parse(GOOD, "job.toml").unwrap();
-        assert_eq!(s.cluster, ClusterSpec { min_workers: 1, max_workers: 8 });
+        assert_eq!(s.cluster, ClusterSpec { min_workers: 1, max_workers: 8, device: None });
         assert_eq!(s.checkpoint.every, 100);
         assert_eq!(s.phases[0].seed, 1337);
     }

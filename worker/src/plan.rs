@@ -72,6 +72,18 @@ pub struct PhasePlan {
     /// Steps with a non-finite loss or gradient norm skipped (no update) before the phase fails.
     #[serde(default)]
     pub max_skipped_steps: u64,
+    /// The device kind the phase's workers must have ([`DEVICE_KINDS`]); None: any, one kind
+    /// per group.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// Device kinds a phase may require.
+pub const DEVICE_KINDS: [&str; 3] = ["cpu", "cuda", "cuda-emu"];
+
+/// The kind of a worker's device label: `cuda:3` → `cuda`; `cpu` and `cuda-emu` are their own.
+pub fn device_kind(label: &str) -> &str {
+    label.split(':').next().unwrap_or(label)
 }
 
 /// Where a reward phase's comparisons come from. Every comparison keeps its `label_source`

@@ -36,8 +36,26 @@ pub struct WorkerOptions {
     pub token: Option<TokenSource>,
     /// TLS files (the cluster CA to verify the coordinator; a certificate and key for mutual TLS).
     pub tls: TlsFiles,
-    /// Memory a phase may use here, bytes (None: the host's available memory at start).
+    /// Memory a phase may use here, bytes (None: the device's: the host's available memory,
+    /// or the GPU's memory).
     pub memory_bytes: Option<u64>,
+    /// The device to train on: auto, cpu, cuda, cuda:N, cuda-emu ([`crate::engine::open`]).
+    pub device: String,
+    /// CUDA matmul precision.
+    pub precision: crate::backend::cuda::Precision,
+    /// How a CUDA worker's group sums gradients: `nccl` (default on a GPU) or `ring` (the TCP
+    /// ring: two processes sharing one GPU, or the emulated device). CPU workers use the ring.
+    pub collective: Option<String>,
+}
+
+/// What this worker trains with.
+#[derive(Debug, Clone)]
+struct Node {
+    opened: crate::engine::Opened,
+    /// Memory a phase may use, bytes.
+    memory: u64,
+    /// Whether groups of more than one rank use NCCL (else the TCP ring).
+    nccl: bool,
 }
 
 /// Errors that end the worker process.
@@ -49,6 +67,8 @@ pub enum RuntimeError {
     Unreachable { addr: String, attempts: u32, last: String },
     #[error("ring listener: {0}")]
     Ring(String),
+    #[error("{0}")]
+    Device(String),
 }
 
 /// What the worker is doing, shared with the heartbeat task.
@@ -106,12 +126,23 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
     // This process's identity to the coordinator: a retried Register with the same instance is
     // the same worker.
     let instance = liandan_proto::auth::random_bytes::<16>().map(|b| liandan_proto::auth::hex(&b)).map_err(|e| RuntimeError::Ring(e.to_string()))?;
-    let memory_bytes = opts.memory_bytes.unwrap_or_else(available_memory);
-    let register = RegisterRequest { protocol_version: PROTOCOL_VERSION, hostname, device: "cpu".into(), ring_address: ring_address.clone(), instance, memory_bytes };
+    let opened = crate::engine::open(&opts.device, opts.precision).map_err(RuntimeError::Device)?;
+    let nccl = match (opts.collective.as_deref(), &opened.cuda) {
+        (None | Some("nccl"), Some(dev)) => dev.cuda_stream().is_some(),
+        (Some("nccl"), None) => return Err(RuntimeError::Device(format!("--collective nccl needs a CUDA device; this worker trains on {}", opened.label))),
+        (None | Some("ring"), _) => false,
+        (Some(other), _) => return Err(RuntimeError::Device(format!("--collective {other}: not a collective (nccl, ring)"))),
+    };
+    if opts.collective.as_deref() == Some("nccl") && !nccl {
+        return Err(RuntimeError::Device(format!("--collective nccl needs a GPU; {} has none (use --collective ring)", opened.label)));
+    }
+    let memory_bytes = opts.memory_bytes.unwrap_or(opened.memory);
+    let register = RegisterRequest { protocol_version: PROTOCOL_VERSION, hostname, device: opened.label.clone(), ring_address: ring_address.clone(), instance, memory_bytes };
+    let node = Arc::new(Node { opened, memory: memory_bytes, nccl });
     let reply = register_with_retry(&client, &register, &opts).await?;
     let identity = Arc::new(Identity::default());
     identity.set(&reply);
-    info!(worker = reply.worker_id, ring = %ring_address, memory = %crate::model::memory::show_bytes(memory_bytes), "registered with {}", opts.coordinator);
+    info!(worker = reply.worker_id, device = %node.opened.label, collective = if node.nccl { "nccl" } else { "ring" }, ring = %ring_address, memory = %crate::model::memory::show_bytes(memory_bytes), "registered with {}", opts.coordinator);
 
     let current = Arc::new(Current::default());
     let abort = Arc::new(AtomicBool::new(false));
@@ -198,8 +229,8 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         let span = tracing::info_span!("phase", job = a.job_id, phase = %a.phase_name, rank = a.rank, generation = a.generation);
         info!(parent: &span, world = a.world, peers = a.peers.len(), "assignment");
         let handle = tokio::runtime::Handle::current();
-        let (client2, abort2, listener2, current2, a2, span2, me2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone(), me.clone());
-        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, &crate::engine::cpu::CpuEngine, client2, me2, memory_bytes, &a2, &listener2, abort2, &current2)))
+        let (client2, abort2, listener2, current2, a2, span2, me2, node2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone(), me.clone(), node.clone());
+        let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, &node2, client2, me2, &a2, &listener2, abort2, &current2)))
             .await
             .unwrap_or_else(|e| Err(format!("the phase thread panicked: {e}")));
         current.job.store(0, Ordering::SeqCst);
@@ -340,10 +371,9 @@ impl PhaseEvents for Reporter<'_> {
 
 fn run_assignment(
     handle: &tokio::runtime::Handle,
-    engine: &dyn crate::engine::Engine,
+    node: &Node,
     client: Client,
     me: Credential,
-    memory_bytes: u64,
     a: &Assignment,
     listener: &RingListener,
     abort: Arc<AtomicBool>,
@@ -352,6 +382,7 @@ fn run_assignment(
     let plan: PhasePlan = serde_json::from_str(&a.phase_json).map_err(|e| format!("bad phase plan from the coordinator: {e}"))?;
     // Refuse what cannot fit before allocating anything: a clear failure, and this worker lives on.
     let need = plan.memory_per_rank(a.world as usize).ok_or_else(|| "the phase's model and batch sizes overflow any memory".to_string())?;
+    let memory_bytes = node.memory;
     if memory_bytes != 0 && need.total() > memory_bytes {
         use crate::model::memory::show_bytes;
         return Err(format!(
@@ -366,6 +397,15 @@ fn run_assignment(
     }
     let mut coll: Box<dyn Collective> = if a.world <= 1 {
         Box::new(Local)
+    } else if let (true, Some(dev)) = (node.nccl, &node.opened.cuda) {
+        match nccl_group(handle, &client, &me, a, dev.clone(), abort.clone()) {
+            Ok(n) => Box::new(n),
+            Err(e) if abort.load(Ordering::SeqCst) => {
+                info!("NCCL group not formed, generation over: {e}");
+                return Ok(PhaseOutcome::Aborted);
+            }
+            Err(e) => return Ok(PhaseOutcome::GroupBroken { reason: format!("NCCL: {e}") }),
+        }
     } else {
         if a.ring_secret.len() < 16 {
             return Err("the assignment has no ring key: a coordinator of another version?".into());
@@ -391,6 +431,40 @@ fn run_assignment(
     };
     let mut reporter = Reporter { handle, client, me, a, current };
     let dir = PathBuf::from(&a.checkpoint_dir);
-    let io = PhaseIo { checkpoint_dir: &dir, engine, coll: coll.as_mut(), abort: &abort, events: &mut reporter };
+    let io = PhaseIo { checkpoint_dir: &dir, engine: node.opened.engine.as_ref(), coll: coll.as_mut(), abort: &abort, events: &mut reporter };
     crate::phase::entry(plan.kind)(&plan, start, io).map_err(|e| e.to_string())
+}
+
+/// Longest a rank waits for rank 0's NCCL id.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An NCCL communicator for the assignment's generation: rank 0 publishes its unique id through
+/// the coordinator, the others poll for it (until it comes, the generation ends or
+/// [`RENDEZVOUS_TIMEOUT`] passes); initialisation itself does not block (see [`Nccl::connect`]).
+fn nccl_group(handle: &tokio::runtime::Handle, client: &Client, me: &Credential, a: &Assignment, dev: Arc<crate::backend::cuda::CudaDevice>, abort: Arc<AtomicBool>) -> Result<crate::collective::Nccl, String> {
+    use crate::collective::{Nccl, NcclOptions};
+    let seat = Rendezvous { worker_id: me.id, worker_secret: me.secret.clone(), job_id: a.job_id, phase_index: a.phase_index, generation: a.generation, rank: a.rank, nccl_id: Vec::new() };
+    let rendezvous = |id: Option<&[u8]>| -> Result<Vec<u8>, String> {
+        if let Some(id) = id {
+            handle.block_on(client.clone().publish_rendezvous(Rendezvous { nccl_id: id.to_vec(), ..seat.clone() })).map_err(|e| e.message().to_string())?;
+            return Ok(id.to_vec());
+        }
+        let start = std::time::Instant::now();
+        loop {
+            match handle.block_on(client.clone().fetch_rendezvous(seat.clone())) {
+                Ok(r) => return Ok(r.into_inner().nccl_id),
+                Err(e) if e.code() == tonic::Code::Unavailable => {}
+                Err(e) => return Err(e.message().to_string()),
+            }
+            if abort.load(Ordering::SeqCst) {
+                return Err(format!("generation {} ended before rank 0 published its NCCL id", a.generation));
+            }
+            if start.elapsed() > RENDEZVOUS_TIMEOUT {
+                return Err(format!("rank 0 did not publish its NCCL id within {} s", RENDEZVOUS_TIMEOUT.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let opts = NcclOptions { abort: Some(abort.clone()), ..Default::default() };
+    Nccl::connect(dev, a.rank as usize, a.world as usize, a.generation, opts, rendezvous).map_err(|e| e.to_string())
 }

@@ -64,6 +64,9 @@ pub struct CoordinatorService {
     pub(crate) rpc: Arc<RpcMetrics>,
     /// When dead workers were last pruned.
     pruned_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Rank 0's NCCL id per (job, phase), with the generation it belongs to (in memory: a
+    /// restarted coordinator re-forms the groups, whose ranks publish again).
+    rendezvous: Arc<Mutex<std::collections::HashMap<(u64, u32), (u64, Vec<u8>)>>>,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -86,6 +89,7 @@ impl CoordinatorService {
             members: Arc::new(members),
             rpc: Arc::default(),
             pruned_ms: Arc::new(std::sync::atomic::AtomicU64::new(now_ms())),
+            rendezvous: Arc::default(),
         })
     }
 
@@ -308,6 +312,15 @@ impl Coordinator for CoordinatorService {
     async fn finish_assignment(&self, req: Request<AssignmentResult>) -> Result<Response<Ack>, Status> {
         self.finish( req.into_inner()).await?;
         Ok(Response::new(Ack {}))
+    }
+
+    async fn publish_rendezvous(&self, req: Request<Rendezvous>) -> Result<Response<Ack>, Status> {
+        self.post_nccl_id(req.into_inner())?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn fetch_rendezvous(&self, req: Request<Rendezvous>) -> Result<Response<Rendezvous>, Status> {
+        Ok(Response::new(self.nccl_id_for(req.into_inner())?))
     }
 
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobReply>, Status> {
@@ -544,7 +557,7 @@ mod tests {
         let s = svc();
         let e = s.register(reg(PROTOCOL_VERSION + 1, A)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(e.message().contains("protocol version 3 is not supported"), "{}", e.message());
+        assert!(e.message().contains("protocol version 4 is not supported"), "{}", e.message());
         assert!(s.list_workers(Request::new(ListWorkersRequest::default())).await.unwrap().into_inner().workers.is_empty());
         assert!(s.register(reg(PROTOCOL_VERSION, A)).await.is_ok());
         let e = s.register(reg(PROTOCOL_VERSION, "short")).await.unwrap_err();

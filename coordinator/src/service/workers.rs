@@ -23,6 +23,9 @@ use crate::scheduler::{self, Reason};
 use crate::spec::PhasePlan;
 use crate::store::{MetricRow, NewWorker, PhaseRow, Store, StoreError, WorkerRow};
 
+/// Bytes of an `ncclUniqueId`.
+const NCCL_ID_BYTES: usize = 128;
+
 /// What a worker call claims to be: its identity and, for calls that move a job, the
 /// assignment it acts for.
 struct Claim<'a> {
@@ -315,6 +318,34 @@ impl CoordinatorService {
         }
         self.tick()?;
         Ok(())
+    }
+
+    /// Rank 0 posts its NCCL id for its generation.
+    pub(super) fn post_nccl_id(&self, r: Rendezvous) -> Result<(), Status> {
+        let c = Claim { method: "PublishRendezvous", worker_id: r.worker_id, secret: &r.worker_secret };
+        self.identify(&c)?;
+        if r.nccl_id.len() != NCCL_ID_BYTES {
+            return Err(Status::invalid_argument(format!("an NCCL unique id is {NCCL_ID_BYTES} bytes, got {}", r.nccl_id.len())));
+        }
+        let seat = Seat { job_id: r.job_id, phase: r.phase_index, generation: r.generation, rank: r.rank };
+        self.answer(&c, self.with_store(|s| Ok(self.seated_rank0(s, &c, seat)?.map(|_| ()))))?;
+        self.rendezvous.lock().unwrap_or_else(|p| p.into_inner()).insert((r.job_id, r.phase_index), (r.generation, r.nccl_id));
+        info!(job = r.job_id, phase = r.phase_index, generation = r.generation, "NCCL id published by rank 0");
+        Ok(())
+    }
+
+    /// A member fetches rank 0's NCCL id of its generation.
+    pub(super) fn nccl_id_for(&self, r: Rendezvous) -> Result<Rendezvous, Status> {
+        let c = Claim { method: "FetchRendezvous", worker_id: r.worker_id, secret: &r.worker_secret };
+        self.identify(&c)?;
+        let seat = Seat { job_id: r.job_id, phase: r.phase_index, generation: r.generation, rank: r.rank };
+        self.answer(&c, self.with_store(|s| Ok(self.seated(s, &c, seat)?.map(|_| ()))))?;
+        let table = self.rendezvous.lock().unwrap_or_else(|p| p.into_inner());
+        match table.get(&(r.job_id, r.phase_index)) {
+            Some((generation, id)) if *generation == r.generation => Ok(Rendezvous { nccl_id: id.clone(), worker_secret: Vec::new(), ..r }),
+            // An id of an earlier generation is never handed out.
+            _ => Err(Status::unavailable(format!("rank 0 of job {} phase {} generation {} has not published its NCCL id yet", r.job_id, r.phase_index, r.generation))),
+        }
     }
 
     /// A checkpoint a member reports: under the phase's checkpoint directory, complete and

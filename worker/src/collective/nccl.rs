@@ -7,7 +7,9 @@
 //! `Some(id_bytes)` and must publish them (the worker runtime sends them in the coordinator's
 //! `PublishRendezvous` for this job and generation) and return them; for other ranks it is
 //! called with `None` and must return rank 0's bytes (from the coordinator's `Assignment` of the
-//! same generation). `ncclCommInitRank` then blocks until all `world` ranks have joined.
+//! same generation). The communicator is made without blocking (`ncclCommInitRankConfig` with
+//! `blocking = 0`): its progress is polled, watching the abort flag and the timeout, so a peer
+//! that never arrives ends the wait (`ncclCommAbort`) instead of hanging the rank.
 //!
 //! # Failure model
 //! Every op is enqueued on the device's stream and then waited for by polling, so the wait can
@@ -114,6 +116,67 @@ fn nccl_err(op: &'static str, e: cudarc::nccl::result::NcclError) -> CollectiveE
     CollectiveError::Device { op, reason: format!("{:?}", e.0) }
 }
 
+/// NCCL's `NCCL_CONFIG_UNDEF_INT`: a config field left to NCCL's default.
+const UNDEF_INT: i32 = i32::MIN;
+
+/// `ncclCommInitRankConfig` with `blocking = 0`, then its progress polled until it is done, the
+/// abort flag rises or `opts.timeout` passes (the communicator is then aborted).
+fn init_nonblocking(unique: sys::ncclUniqueId, rank: usize, world: usize, generation: u64, opts: &NcclOptions) -> Result<sys::ncclComm_t, CollectiveError> {
+    // NCCL_CONFIG_INITIALIZER of the 2.30 headers the bindings are generated from, with
+    // blocking off. NCCL reads `size` and `version`, so a newer library accepts it.
+    let mut config = sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        version: 2 * 10000 + 30 * 100,
+        blocking: 0,
+        cgaClusterSize: UNDEF_INT,
+        minCTAs: UNDEF_INT,
+        maxCTAs: UNDEF_INT,
+        netName: std::ptr::null(),
+        splitShare: UNDEF_INT,
+        trafficClass: UNDEF_INT,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF_INT,
+        CTAPolicy: UNDEF_INT,
+        shrinkShare: UNDEF_INT,
+        nvlsCTAs: UNDEF_INT,
+        nChannelsPerNetPeer: UNDEF_INT,
+        nvlinkCentricSched: UNDEF_INT,
+        graphUsageMode: UNDEF_INT,
+        numRmaCtx: UNDEF_INT,
+        maxP2pPeers: UNDEF_INT,
+    };
+    let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+    // SAFETY: valid out-pointer and config; the id is 128 bytes as NCCL requires.
+    let r = unsafe { sys::ncclCommInitRankConfig(&mut comm, world as i32, unique, rank as i32, &mut config) };
+    if r != sys::ncclResult_t::ncclSuccess && r != sys::ncclResult_t::ncclInProgress {
+        return Err(CollectiveError::Device { op: "ncclCommInitRankConfig", reason: format!("{r:?}") });
+    }
+    let start = Instant::now();
+    loop {
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: `comm` was returned by ncclCommInitRankConfig; valid out-pointer.
+        let _ = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        if state == sys::ncclResult_t::ncclSuccess {
+            return Ok(comm);
+        }
+        let aborted = opts.abort.as_deref().is_some_and(|a| a.load(Ordering::Relaxed));
+        let failed = state != sys::ncclResult_t::ncclInProgress;
+        if aborted || failed || start.elapsed() > opts.timeout {
+            // SAFETY: aborting a communicator whose initialisation is in flight or failed.
+            let _ = unsafe { sys::ncclCommAbort(comm) };
+            return Err(if aborted {
+                CollectiveError::Aborted { generation }
+            } else if failed {
+                CollectiveError::Device { op: "ncclCommInitRankConfig", reason: format!("{state:?}") }
+            } else {
+                CollectiveError::Timeout { op: "NCCL init", peer: format!("NCCL world {world}"), after_ms: opts.timeout.as_millis() as u64 }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 impl Nccl {
     /// Joins a communicator of `world` ranks as `rank` for `generation`. `rendezvous` moves rank
     /// 0's unique id to the others (see the module docs); it is called exactly once.
@@ -146,9 +209,7 @@ impl Nccl {
         let id = NcclId::from_bytes(&bytes)?;
         let unique = sys::ncclUniqueId { internal: id.0.map(|b| b as ::core::ffi::c_char) };
         dev.bind_to_thread().map_err(|e| CollectiveError::Device { op: "bind context", reason: e.to_string() })?;
-        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out-pointer; the id is 128 bytes as NCCL requires.
-        unsafe { cudarc::nccl::result::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }.map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        let comm = init_nonblocking(unique, rank, world, generation, &opts)?;
         let alloc = |e: crate::backend::cuda::CudaError| CollectiveError::Device { op: "allocate staging", reason: e.to_string() };
         let staging = dev.alloc::<f32>(opts.bucket_elems).map_err(alloc)?;
         let staging_f64 = dev.alloc::<f64>(1).map_err(alloc)?;

@@ -106,3 +106,49 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// A replica: a model and a fresh AdamW.
     fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig) -> Result<Box<dyn Replica>>;
 }
+
+/// An engine opened for a worker: what it registers with and what the runtime needs besides.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub engine: std::sync::Arc<dyn Engine>,
+    /// "cpu", "cuda:N" or "cuda-emu".
+    pub label: String,
+    /// Memory a phase may use, bytes (device memory for CUDA, available host memory for the CPU).
+    pub memory: u64,
+    /// The CUDA device, for NCCL (None on the CPU).
+    pub cuda: Option<std::sync::Arc<crate::backend::cuda::CudaDevice>>,
+}
+
+/// Opens the device `--device` names: `auto` (a GPU when one is usable, else the CPU), `cpu`,
+/// `cuda` (GPU 0), `cuda:N`, or `cuda-emu` (the emulated CUDA device, for tests; never chosen by
+/// `auto`). `precision` is the CUDA matmul precision.
+///
+/// # Errors
+/// One line saying why: an unknown name, no GPU or a missing CUDA library for `cuda`.
+pub fn open(device: &str, precision: crate::backend::cuda::Precision) -> std::result::Result<Opened, String> {
+    use crate::backend::cuda::CudaDevice;
+    use crate::backend::Device;
+    use std::sync::Arc;
+    let (kind, ordinal) = match device {
+        "auto" => (Device::detect(), 0),
+        "cpu" => (Device::Cpu, 0),
+        "cuda" => (Device::Cuda, 0),
+        "cuda-emu" => (Device::CudaEmu, 0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => (Device::Cuda, n),
+            _ => return Err(format!("--device {other}: not a device (auto, cpu, cuda, cuda:N, cuda-emu)")),
+        },
+    };
+    if kind == Device::Cpu {
+        return Ok(Opened { engine: Arc::new(cpu::CpuEngine), label: "cpu".into(), memory: crate::runtime::available_memory(), cuda: None });
+    }
+    if kind == Device::Cuda
+        && let Some(e) = Device::cuda_unavailable_reason()
+    {
+        return Err(format!("--device {device}: {e}"));
+    }
+    let dev = Arc::new(CudaDevice::for_device(kind, ordinal).map_err(|e| format!("--device {device}: {e}"))?);
+    let label = dev.kind.label();
+    let memory = dev.memory;
+    Ok(Opened { engine: Arc::new(cuda::CudaEngine::new(dev.clone(), precision)), label, memory, cuda: Some(dev) })
+}

@@ -49,6 +49,8 @@ pub struct GpuInfo {
     pub name: String,
     pub capability: (i32, i32),
     pub kernels: String,
+    /// Device memory, bytes.
+    pub memory: u64,
 }
 
 /// One GPU with its stream, loaded kernels and cuBLASLt handle.
@@ -101,7 +103,8 @@ impl GpuDevice {
         let blas = Blas::new(stream.clone(), capability.0)?;
         let kernels = format!("NVRTC {}.{} ({arch} PTX; {cached_files} of {} files from the cache {})", nvrtc_version.0, nvrtc_version.1, KernelFile::ALL.len(), cache.display());
         tracing::info!(device = %name, sm = format!("{}.{}", capability.0, capability.1), kernels = %kernels, "CUDA device ready");
-        Ok((GpuDevice { ctx, stream, functions, blas }, GpuInfo { name, capability, kernels }))
+        let memory = ctx.total_mem().map_err(CudaError::driver("total memory"))? as u64;
+        Ok((GpuDevice { ctx, stream, functions, blas }, GpuInfo { name, capability, kernels, memory }))
     }
 
     fn function(&self, name: &'static str) -> Result<&CudaFunction> {

@@ -255,6 +255,8 @@ pub struct CudaDevice {
     pub name: String,
     /// Compute capability `(major, minor)` (the emulated device follows sm_90's limits).
     pub capability: (i32, i32),
+    /// Device memory, bytes (the emulated device: the host's available memory).
+    pub memory: u64,
     /// How the kernels were built, for logs: NVRTC's version and the cache, or the host compiler.
     pub kernels: String,
 }
@@ -272,7 +274,7 @@ impl CudaDevice {
     /// A library or the device is missing, a kernel does not compile, or a driver call fails.
     pub fn open(ordinal: usize) -> Result<CudaDevice> {
         let (api, info) = gpu::GpuDevice::open(ordinal)?;
-        Ok(CudaDevice { api: Box::new(api), kind: DeviceKind::Gpu { ordinal }, name: info.name, capability: info.capability, kernels: info.kernels })
+        Ok(CudaDevice { api: Box::new(api), kind: DeviceKind::Gpu { ordinal }, name: info.name, capability: info.capability, kernels: info.kernels, memory: info.memory })
     }
 
     /// The emulated device with the default options (every core, blocks in parallel).
@@ -290,7 +292,7 @@ impl CudaDevice {
     pub fn emulated_with(opts: EmuOptions) -> Result<CudaDevice> {
         let emu = EmuDevice::new(opts)?;
         let kernels = emu.describe();
-        Ok(CudaDevice { api: Box::new(emu), kind: DeviceKind::Emulated, name: super::emu::DEVICE_NAME.to_string(), capability: (9, 0), kernels })
+        Ok(CudaDevice { api: Box::new(emu), kind: DeviceKind::Emulated, name: super::emu::DEVICE_NAME.to_string(), capability: (9, 0), kernels, memory: crate::runtime::available_memory() })
     }
 
     /// The device `--device` names: `Cuda` opens GPU `ordinal`, `CudaEmu` the emulated device.
