@@ -3,10 +3,10 @@
 //! each file is compiled to an sm_90 cubin with ptxas's resource report, and a kernel that
 //! spills registers fails the test (the table of every kernel's resources is in docs/CUDA.md).
 //!
-//! Where they come from: the CUDA toolkit, or NVIDIA's Python wheels
-//! (`pip install nvidia-cuda-nvrtc nvidia-cuda-runtime`, as `.ci/run` does), found through
+//! Where they come from: the CUDA toolkit, or NVIDIA's Python wheels (`pip install
+//! nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt`, as `.ci/run` does), found through
 //! `LD_LIBRARY_PATH` (libnvrtc.so.13) and `LIANDAN_CUDA_INCLUDE` or the folder beside the
-//! library's (cuda_bf16.h). With `LIANDAN_REQUIRE_NVRTC=1` (CI) a missing NVRTC fails the test;
+//! library's (cuda_bf16.h, crt/mma.h). With `LIANDAN_REQUIRE_NVRTC=1` (CI) a missing NVRTC fails the test;
 //! without it the test prints why it skipped, so a plain `cargo test` works on any machine.
 
 use liandan_worker::backend::cuda::cubin::{compile_cubin, compile_cubin_source, KernelResources};
