@@ -23,7 +23,7 @@ use tower::{Layer, Service};
 use crate::metrics::RpcMetrics;
 
 /// The calls a worker makes, by gRPC method name.
-pub const WORKER_METHODS: &[&str] = &["Register", "Heartbeat", "NextAssignment", "ReportStep", "CommitCheckpoint", "FinishAssignment", "PublishRendezvous", "FetchRendezvous"];
+pub const WORKER_METHODS: &[&str] = &["Register", "Heartbeat", "NextAssignment", "ReportStep", "CommitCheckpoint", "FinishAssignment", "PublishRendezvous", "FetchRendezvous", "SubmitSamples"];
 
 const SERVICE_PREFIX: &str = "/liandan.v1.Coordinator/";
 const PUBLIC_PREFIXES: &[&str] = &["/grpc.health.v1.Health/"];

@@ -26,6 +26,8 @@ pub const ERROR_CHARS: usize = 4096;
 /// Phase-specific values per step report, and the length of each name.
 pub const VALUES: usize = 64;
 pub const VALUE_NAME_CHARS: usize = 64;
+/// A sampled answer a worker returns for a comparison.
+pub const ANSWER_CHARS: usize = 16 * 1024;
 /// A labeler's name.
 pub const LABELER_CHARS: usize = 128;
 /// List pages: the default and the largest page of jobs and of workers.

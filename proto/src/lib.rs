@@ -14,4 +14,4 @@ pub mod v1 {
 
 /// Bumped on any incompatible change to the messages or their meaning; workers of another
 /// version are refused at registration.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;

@@ -190,6 +190,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
     }
 
     let listener = Arc::new(listener);
+    let sampler: Arc<SamplerCache> = Arc::default();
     let mut failures = 0u32;
     // Broken groups per (job, generation): a generation that breaks this often without the
     // coordinator replacing it is reported as a failure instead of retried forever.
@@ -217,7 +218,22 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
             }
         };
         if !a.assigned {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            match a.sample {
+                Some(req) => {
+                    let cache = sampler.clone();
+                    let id = req.request_id;
+                    let answers = tokio::task::spawn_blocking(move || sample_answers(&cache, &req)).await.unwrap_or_else(|e| Err(format!("the sampling thread panicked: {e}")));
+                    let (answers, error) = match answers {
+                        Ok(a) => (a, String::new()),
+                        Err(e) => (Vec::new(), e),
+                    };
+                    let res = SampleResult { worker_id: me.id, worker_secret: me.secret.clone(), request_id: id, answers, error };
+                    if let Err(e) = client.clone().submit_samples(res).await {
+                        warn!("sampled answers not delivered: {}", e.message());
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
             continue;
         }
         abort.store(false, Ordering::SeqCst);
@@ -467,4 +483,25 @@ fn nccl_group(handle: &tokio::runtime::Handle, client: &Client, me: &Credential,
     };
     let opts = NcclOptions { abort: Some(abort.clone()), ..Default::default() };
     Nccl::connect(dev, a.rank as usize, a.world as usize, a.generation, opts, rendezvous).map_err(|e| e.to_string())
+}
+
+/// The chat model answers for human comparisons come from, loaded once per checkpoint.
+type SamplerCache = std::sync::Mutex<Option<(String, crate::model::gpt::Gpt, liandan_data::tokenizer::ChatTokenizer)>>;
+
+/// One answer per seed of `req`, sampled from its checkpoint with the chat template (on the CPU:
+/// two short answers, whatever device this worker trains on).
+fn sample_answers(cache: &SamplerCache, req: &SampleRequest) -> Result<Vec<String>, String> {
+    let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if guard.as_ref().is_none_or(|(c, _, _)| *c != req.checkpoint) {
+        let (model, tk) = crate::eval::load_chat_model(std::path::Path::new(&req.checkpoint))?;
+        *guard = Some((req.checkpoint.clone(), model, tk));
+    }
+    let Some((_, model, tk)) = guard.as_ref() else { return Err("no model loaded".into()) };
+    req.seeds
+        .iter()
+        .map(|&seed| {
+            let cfg = crate::generate::SamplingConfig { max_new_tokens: req.max_new_tokens as usize, temperature: req.temperature, top_k: req.top_k as usize, top_p: req.top_p, seed, ..Default::default() };
+            crate::eval::answer_with(model, tk, &req.prompt, cfg)
+        })
+        .collect()
 }

@@ -13,23 +13,21 @@ use crate::limits;
 use crate::spec::{PhaseKind, PhasePlan};
 use crate::store::{Store, StoreError};
 
-/// A checkpoint and the prompts it answers, loaded to sample answers for comparisons.
-#[derive(Debug)]
-pub(super) struct Sampler {
-    checkpoint: String,
-    model: liandan_worker::Gpt,
-    tokenizer: liandan_data::tokenizer::ChatTokenizer,
-    examples: std::path::PathBuf,
-    prompts: Vec<liandan_data::chat::SftExample>,
-}
+/// The prompts of the SFT file comparisons are asked from, read once per file.
+pub(super) type PromptCache = Mutex<Option<(std::path::PathBuf, std::sync::Arc<Vec<liandan_data::chat::SftExample>>)>>;
 
-/// The loaded sampler, if any.
-pub(super) type SamplerSlot = Mutex<Option<Sampler>>;
+/// How comparison answers are sampled (the worker's sampling settings).
+const MAX_NEW_TOKENS: u32 = 64;
+const TEMPERATURE: f32 = 0.9;
+const TOP_K: u32 = 50;
+const TOP_P: f32 = 0.95;
+/// Prompts tried before giving up on two different answers.
+const ATTEMPTS: u64 = 16;
 
 impl CoordinatorService {
     /// A new comparison for `job_id`: a prompt of the job's SFT data and two answers sampled
-    /// from its newest SFT or PPO checkpoint (blocking: runs the model).
-    pub fn make_comparison(&self, job_id: u64) -> Result<crate::store::NewComparison, Status> {
+    /// from its newest SFT or PPO checkpoint, by an idle worker ([`super::sampling`]).
+    pub async fn make_comparison(&self, job_id: u64) -> Result<crate::store::NewComparison, Status> {
         let (checkpoint, examples, made) = self.with_store(|s| {
             let Some(_) = s.job(job_id)? else { return Ok(Err(Status::not_found(format!("job {job_id} does not exist")))) };
             let plans: Vec<(crate::store::PhaseRow, PhasePlan)> =
@@ -43,29 +41,55 @@ impl CoordinatorService {
             };
             Ok(Ok((p.last_checkpoint.clone(), examples, s.comparison_counts(job_id)?.0)))
         })??;
-        let mut guard = self.sampler.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|m| m.checkpoint != checkpoint || m.examples != examples) {
-            let (model, tokenizer) = liandan_worker::eval::load_chat_model(std::path::Path::new(&checkpoint)).map_err(Status::failed_precondition)?;
-            let prompts = liandan_data::chat::read_sft(&examples).map_err(|e| Status::failed_precondition(e.to_string()))?;
-            *guard = Some(Sampler { checkpoint: checkpoint.clone(), model, tokenizer, examples, prompts });
-        }
-        let Some(m) = guard.as_ref() else { return Err(Status::internal("sampler not loaded")) };
-        let prompts = &m.prompts;
+        let prompts = self.prompts(&examples).await?;
         // Walk the prompts in a fixed pseudo-random order; skip pairs whose answers are equal.
-        for attempt in 0..16u64 {
-            let k = made * 16 + attempt;
+        for attempt in 0..ATTEMPTS {
+            let k = made * ATTEMPTS + attempt;
             let ex = &prompts[(k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) as usize % prompts.len()];
             let Some(prompt) = ex.messages.iter().find(|m| m.role == liandan_data::chat::Role::User).map(|m| m.content.clone()) else { continue };
-            let sample = |seed: u64| {
-                let cfg = liandan_worker::generate::SamplingConfig { max_new_tokens: 64, temperature: 0.9, top_k: 50, top_p: 0.95, seed, ..Default::default() };
-                liandan_worker::eval::answer_with(&m.model, &m.tokenizer, &prompt, cfg).map_err(Status::internal)
+            let request = liandan_proto::v1::SampleRequest {
+                request_id: 0,
+                checkpoint: checkpoint.clone(),
+                prompt: prompt.clone(),
+                seeds: vec![2 * k, 2 * k + 1],
+                max_new_tokens: MAX_NEW_TOKENS,
+                temperature: TEMPERATURE,
+                top_k: TOP_K,
+                top_p: TOP_P,
             };
-            let (a, b) = (sample(2 * k)?, sample(2 * k + 1)?);
+            let answers = self.sampling.ask(request).await?;
+            let [a, b] = answers.as_slice() else { return Err(Status::internal(format!("a worker returned {} answers for 2 seeds", answers.len()))) };
             if a.trim() != b.trim() && !a.trim().is_empty() && !b.trim().is_empty() {
                 return Ok(crate::store::NewComparison { job_id, prompt, task: ex.task.clone().unwrap_or_default(), answer_a: a.trim().into(), answer_b: b.trim().into(), checkpoint });
             }
         }
-        Err(Status::resource_exhausted(format!("{checkpoint}: 16 attempts gave no two different answers")))
+        Err(Status::resource_exhausted(format!("{checkpoint}: {ATTEMPTS} attempts gave no two different answers")))
+    }
+
+    /// The examples of `file`, read (off the async threads) once per file.
+    async fn prompts(&self, file: &std::path::Path) -> Result<std::sync::Arc<Vec<liandan_data::chat::SftExample>>, Status> {
+        if let Some((f, p)) = self.prompts.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && f == file
+        {
+            return Ok(p.clone());
+        }
+        let path = file.to_path_buf();
+        let read = tokio::task::spawn_blocking(move || liandan_data::chat::read_sft(&path)).await.map_err(|e| Status::internal(e.to_string()))?;
+        let prompts = std::sync::Arc::new(read.map_err(|e| Status::failed_precondition(e.to_string()))?);
+        *self.prompts.lock().unwrap_or_else(|p| p.into_inner()) = Some((file.to_path_buf(), prompts.clone()));
+        Ok(prompts)
+    }
+
+    /// A worker's answers to a sampling request.
+    pub(super) fn samples(&self, r: liandan_proto::v1::SampleResult) -> Result<(), Status> {
+        self.members.check(r.worker_id, &r.worker_secret).map_err(|_| Status::permission_denied(format!("worker {}: not registered, or the worker secret is not its own", r.worker_id)))?;
+        let answers = if r.error.is_empty() { Ok(r.answers) } else { Err(limits::cut(&r.error, limits::ERROR_CHARS)) };
+        if let Ok(a) = &answers
+            && let Some(long) = a.iter().find(|x| x.chars().count() > limits::ANSWER_CHARS)
+        {
+            return Err(Status::invalid_argument(format!("an answer of {} characters; at most {}", long.chars().count(), limits::ANSWER_CHARS)));
+        }
+        self.sampling.answer(r.worker_id, r.request_id, answers)
     }
 
     /// The next comparison of a job to label: its oldest open one, or a newly sampled one.
@@ -74,8 +98,7 @@ impl CoordinatorService {
         let row = match open {
             Some(row) => row,
             None => {
-                let me = self.clone();
-                let new = tokio::task::spawn_blocking(move || me.make_comparison(job_id)).await.map_err(|e| Status::internal(e.to_string()))??;
+                let new = self.make_comparison(job_id).await?;
                 let id = self.with_store(|s| s.insert_comparison(&new))?;
                 info!(job = job_id, comparison = id, "new comparison sampled from {}", new.checkpoint);
                 crate::store::ComparisonRow { id, new, choice: String::new(), labeler: String::new() }

@@ -4,10 +4,12 @@
 //!
 //! # Layout
 //! - `workers`: the worker calls, each checked against the worker's identity and seat.
-//! - `comparisons`: human comparisons (sampling answers, labels, their export).
+//! - `comparisons`: human comparisons (asking for answers, labels, their export).
+//! - `sampling`: the queue of answers to sample, taken by idle workers.
 //! - here: the service's state, the scheduler loop, job status and the user calls.
 
 mod comparisons;
+mod sampling;
 mod workers;
 
 use std::pin::Pin;
@@ -54,8 +56,10 @@ const PRUNE_EVERY_MS: u64 = 60_000;
 pub struct CoordinatorService {
     store: Arc<Mutex<Store>>,
     pub config: CoordinatorConfig,
-    /// The model that samples answers for human comparisons, loaded once per checkpoint.
-    sampler: Arc<comparisons::SamplerSlot>,
+    /// The prompts comparisons are asked from (read once per SFT file).
+    prompts: Arc<comparisons::PromptCache>,
+    /// Sampling requests for human comparisons, answered by idle workers.
+    sampling: Arc<sampling::Sampling>,
     /// What each committed checkpoint recorded about itself, read once (it never changes).
     evaluations: Arc<Mutex<std::collections::HashMap<String, String>>>,
     /// Worker secrets and leases (in memory; see [`crate::membership`]).
@@ -84,7 +88,8 @@ impl CoordinatorService {
         Ok(CoordinatorService {
             store: Arc::new(Mutex::new(store)),
             config,
-            sampler: Arc::new(Mutex::new(None)),
+            prompts: Arc::default(),
+            sampling: Arc::default(),
             evaluations: Arc::default(),
             members: Arc::new(members),
             rpc: Arc::default(),
@@ -323,6 +328,11 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(self.nccl_id_for(req.into_inner())?))
     }
 
+    async fn submit_samples(&self, req: Request<SampleResult>) -> Result<Response<Ack>, Status> {
+        self.samples(req.into_inner())?;
+        Ok(Response::new(Ack {}))
+    }
+
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobReply>, Status> {
         let r = req.into_inner();
         let source = if r.source.is_empty() { "job spec".to_string() } else { r.source };
@@ -557,7 +567,7 @@ mod tests {
         let s = svc();
         let e = s.register(reg(PROTOCOL_VERSION + 1, A)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(e.message().contains("protocol version 4 is not supported"), "{}", e.message());
+        assert!(e.message().contains("protocol version 5 is not supported"), "{}", e.message());
         assert!(s.list_workers(Request::new(ListWorkersRequest::default())).await.unwrap().into_inner().workers.is_empty());
         assert!(s.register(reg(PROTOCOL_VERSION, A)).await.is_ok());
         let e = s.register(reg(PROTOCOL_VERSION, "short")).await.unwrap_err();

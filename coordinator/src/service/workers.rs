@@ -154,7 +154,7 @@ impl CoordinatorService {
     pub(super) fn assignment_for(&self, r: AssignmentRequest) -> Result<Assignment, Status> {
         let c = Claim { method: "NextAssignment", worker_id: r.worker_id, secret: &r.worker_secret };
         self.identify(&c)?;
-        self.with_store(|s| {
+        let a = self.with_store(|s| {
             let Some(w) = s.worker(r.worker_id)? else { return Ok(Assignment::default()) };
             if !matches!(w.state.as_str(), "busy" | "draining") || w.job_id == 0 {
                 return Ok(Assignment::default());
@@ -186,8 +186,14 @@ impl CoordinatorService {
                 checkpoint_dir: p.checkpoint_dir.clone(),
                 ring_secret: liandan_proto::auth::unhex(&p.ring_secret).unwrap_or_default(),
                 start: start as i32,
+                sample: None,
             })
-        })
+        })?;
+        // An idle worker samples answers for human comparisons when some are wanted.
+        if !a.assigned {
+            return Ok(Assignment { sample: self.sampling.take(r.worker_id), ..a });
+        }
+        Ok(a)
     }
 
     pub(super) fn record_step(&self, r: StepReport) -> Result<(), Status> {
