@@ -121,7 +121,7 @@ fi
 export LD_LIBRARY_PATH="$libpath${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ -z "${LIANDAN_CUDA_INCLUDE:-}" ]; then
     for d in /usr/local/cuda/include /usr/local/cuda-13.0/include; do
-        if [ -f "$d/cuda_bf16.h" ]; then
+        if [ -f "$d/cuda_bf16.h" ] && [ -f "$d/crt/mma.h" ]; then
             export LIANDAN_CUDA_INCLUDE="$d"
             break
         fi
@@ -153,7 +153,7 @@ done
 sanitizer="$(command -v compute-sanitizer || true)"
 [ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
 if [ -n "$sanitizer" ]; then
-    kernel_sections="encoder,layernorm,gelu_residual,cast_bf16,matmul,lm_head,attention,kv_cache,crossentropy,scalar_head,optimizer"
+    kernel_sections="encoder,layernorm,gelu_residual,cast_bf16,matmul,lm_head,attention,flash_attention,kv_cache,crossentropy,scalar_head,optimizer"
     section "sanitizer-memcheck" 75 "$sanitizer" --tool memcheck --error-exitcode 3 "$BIN" selftest --device "$DEVICE" --shapes small --section "$kernel_sections"
     section "sanitizer-racecheck" 75 "$sanitizer" --tool racecheck --error-exitcode 3 "$BIN" selftest --device "$DEVICE" --shapes small --section "$kernel_sections"
 else
@@ -164,6 +164,10 @@ fi
 section "bench-train-bf16" 120 "$BIN" bench train --device "$DEVICE" --precision bf16 "${bench_args[@]}" --steps 5 --warmup 2 --profile
 grep -E '^(tokens/s|bench_result)' "$OUT/bench-train-bf16.txt" | tee -a "$SUMMARY"
 sed -n '/^per-op time/,/^(other)/p' "$OUT/bench-train-bf16.txt" | tee -a "$SUMMARY"
+# The same on the f32 reference attention kernels: the per-op table before the tensor-core ones.
+section "bench-train-bf16-reference-attention" 90 "$BIN" bench train --device "$DEVICE" --precision bf16 "${bench_args[@]}" --steps 3 --warmup 1 --profile --attention reference
+grep -E '^(tokens/s|bench_result)' "$OUT/bench-train-bf16-reference-attention.txt" | tee -a "$SUMMARY"
+grep -E 'attention' "$OUT/bench-train-bf16-reference-attention.txt" | tee -a "$SUMMARY"
 
 # 4. NCCL last: it is the most likely to hang, and its own timeout bounds that.
 export NCCL_DEBUG=WARN

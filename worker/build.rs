@@ -1,5 +1,5 @@
 //! Compiles the CUDA kernels (`src/backend/cuda/kernels/*.cu`) and the emulator's own probe
-//! kernels (`src/backend/cuda/emu/probe.cu`) for the CPU with the host C++ compiler and the
+//! kernels (`src/backend/cuda/emu/probe.cu`, `probe_wmma.cu`) for the CPU with the host C++ compiler and the
 //! emulation header `src/backend/cuda/emu/cuda_emu.h`, into a static library the emulated device
 //! launches from (`--device cuda-emu`). The steps are in `build/emu.rs`; the generated Rust list
 //! of kernel tables is `$OUT_DIR/emu_tables.rs`.
@@ -45,6 +45,7 @@ fn build(manifest: &Path, kernels: &Path, emu_dir: &Path, out: &Path) -> Result<
         .collect();
     sources.sort();
     sources.push(emu_dir.join("probe.cu"));
+    sources.push(emu_dir.join("probe_wmma.cu"));
 
     let mut cc = cc::Build::new();
     cc.cpp(true).opt_level(2).cpp_link_stdlib(None).include(emu_dir).include(emu_dir.join("include")).warnings(true).extra_warnings(false);

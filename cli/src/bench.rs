@@ -85,6 +85,10 @@ pub struct BenchTrainArgs {
     /// Also print where the time goes, per op (forward, backward, optimizer).
     #[arg(long)]
     pub profile: bool,
+    /// Attention kernels on cuda: tensor-core (bf16 WMMA, head sizes 64 and 128) or reference
+    /// (f32). Default: tensor-core for bf16 where they apply, else reference.
+    #[arg(long)]
+    pub attention: Option<String>,
 }
 
 pub fn run(cmd: BenchCommand, threads: usize) -> Result<(), CliError> {
@@ -102,6 +106,9 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     }
     if device != Device::Cpu {
         return bench_train_cuda(a, device);
+    }
+    if a.attention.is_some() {
+        return Err(CliError::Usage("--attention chooses CUDA kernels: use it with --device cuda or cuda-emu".into()));
     }
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
@@ -173,12 +180,15 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     let (b, t) = (config.batch_size, config.seq_len);
     let dev = std::sync::Arc::new(CudaDevice::for_device(device, 0)?);
     let mut trainer = CudaTrainer::new(dev.clone(), model.clone(), config, precision)?;
+    if let Some(k) = &a.attention {
+        trainer.model.set_attention(k.parse().map_err(CliError::Usage)?)?;
+    }
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
     let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
     eprintln!(
-        "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {} warmup + {} timed steps",
-        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format_args!("sm_{}{}", dev.capability.0, dev.capability.1), a.warmup, a.steps
+        "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {:?} attention, {} warmup + {} timed steps",
+        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format_args!("sm_{}{}", dev.capability.0, dev.capability.1), trainer.model.attention(), a.warmup, a.steps
     );
     for _ in 0..a.warmup {
         trainer.train_step(std::slice::from_ref(&mb), None, None)?;

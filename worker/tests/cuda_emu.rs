@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use liandan_worker::backend::cuda::device::{DPtr, DataType, DevBuf, Matmul, MatrixLayout};
+use liandan_worker::backend::cuda::device::{DPtr, DataType, DevBuf, Epilogue, Matmul, MatrixLayout};
 use liandan_worker::backend::cuda::emu::{EmuOptions, Order};
 use liandan_worker::backend::cuda::kernels::KernelFile;
 use liandan_worker::backend::cuda::selftest::{self, Shapes, Status};
@@ -90,7 +90,8 @@ fn emulated_gemm_follows_the_cublaslt_contract() {
     for dtype in [DataType::F32, DataType::Bf16] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             for pad in [0usize, 3] {
-                for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0), (2.0, -0.25)] {
+                // The bias epilogue: D = alpha·op(A)·op(B) + beta·C + bias, bias (m) broadcast over columns.
+                for (alpha, beta, with_bias) in [(1.0f32, 0.0f32, false), (0.5, 1.0, false), (2.0, -0.25, false), (1.0, 0.0, true), (0.5, 1.0, true)] {
                     // Stored shapes: A is m×k (k×m when transposed), B k×n (n×k), ld = rows + pad.
                     let (ar, ac) = if ta { (k, m) } else { (m, k) };
                     let (br, bc) = if tb { (n, k) } else { (k, n) };
@@ -98,6 +99,8 @@ fn emulated_gemm_follows_the_cublaslt_contract() {
                     let mut a: Vec<f32> = (0..lda * ac).map(|_| rng.normal()).collect();
                     let mut b: Vec<f32> = (0..ldb * bc).map(|_| rng.normal()).collect();
                     let c: Vec<f32> = (0..ldc * n).map(|_| rng.normal()).collect();
+                    let bias: Vec<f32> = (0..m).map(|_| rng.normal()).collect();
+                    let gbias = dev.upload_new(&bias).unwrap();
                     let (ga, gb) = match dtype {
                         DataType::F32 => (Operand::F32(dev.upload_new(&a).unwrap()), Operand::F32(dev.upload_new(&b).unwrap())),
                         DataType::Bf16 => {
@@ -124,15 +127,23 @@ fn emulated_gemm_follows_the_cublaslt_contract() {
                         c_layout: lay(DataType::F32, m, n, ldc),
                         d: gc.ptr(),
                         d_layout: lay(DataType::F32, m, n, ldc),
+                        epilogue: if with_bias { Epilogue::Bias(gbias.ptr()) } else { Epilogue::Default },
                     };
                     dev.matmul(&mm).unwrap();
                     let got = dev.to_host(&gc).unwrap();
-                    let want = reference(m, n, k, ta, tb, &a, lda, &b, ldb, &c, ldc, alpha, beta);
+                    let mut want = reference(m, n, k, ta, tb, &a, lda, &b, ldb, &c, ldc, alpha, beta);
+                    if with_bias {
+                        for j in 0..n {
+                            for i in 0..m {
+                                want[i + j * ldc] += bias[i];
+                            }
+                        }
+                    }
                     for j in 0..n {
                         for i in 0..m {
                             let (g, w) = (got[i + j * ldc], want[i + j * ldc]);
                             // f32 sums of 9 products in another order: a few ulps of the magnitudes summed.
-                            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{dtype:?} ta={ta} tb={tb} pad={pad} alpha={alpha} beta={beta}: D({i},{j}) = {g}, want {w}");
+                            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{dtype:?} ta={ta} tb={tb} pad={pad} alpha={alpha} beta={beta} bias={with_bias}: D({i},{j}) = {g}, want {w}");
                         }
                         for i in m..ldc {
                             assert_eq!(got[i + j * ldc].to_bits(), c_init[i + j * ldc].to_bits(), "padding row {i} of column {j} was written");
@@ -149,7 +160,7 @@ fn emulated_gemm_refuses_what_cublaslt_refuses() {
     let dev = CudaDevice::emulated().unwrap();
     let (a, b, c) = (dev.alloc::<f32>(64).unwrap(), dev.alloc::<f32>(64).unwrap(), dev.alloc::<f32>(64).unwrap());
     let lay = |rows: u64, cols: u64, ld: i64| MatrixLayout { dtype: DataType::F32, rows, cols, ld };
-    let good = Matmul { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, a: a.ptr(), a_layout: lay(4, 3, 4), b: b.ptr(), b_layout: lay(3, 5, 3), c: c.ptr(), c_layout: lay(4, 5, 4), d: c.ptr(), d_layout: lay(4, 5, 4) };
+    let good = Matmul { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, a: a.ptr(), a_layout: lay(4, 3, 4), b: b.ptr(), b_layout: lay(3, 5, 3), c: c.ptr(), c_layout: lay(4, 5, 4), d: c.ptr(), d_layout: lay(4, 5, 4), epilogue: Epilogue::Default };
     dev.matmul(&good).unwrap();
     let e = dev.matmul(&Matmul { a_layout: lay(4, 3, 3), ..good }).unwrap_err().to_string();
     assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE") && e.contains("ld must be at least the rows"), "{e}");
@@ -163,6 +174,15 @@ fn emulated_gemm_refuses_what_cublaslt_refuses() {
     assert!(e.contains("D overlaps A"), "{e}");
     let e = dev.matmul(&Matmul { a: DPtr(8), ..good }).unwrap_err().to_string();
     assert!(e.contains("not inside one device allocation"), "{e}");
+    // The bias epilogue: a vector of m f32, 16-byte aligned, inside one allocation, not D.
+    let bias = dev.alloc::<f32>(8).unwrap();
+    dev.matmul(&Matmul { epilogue: Epilogue::Bias(bias.ptr()), ..good }).unwrap();
+    let e = dev.matmul(&Matmul { epilogue: Epilogue::Bias(bias.at(1)), ..good }).unwrap_err().to_string();
+    assert!(e.contains("CUBLAS_STATUS_NOT_SUPPORTED") && e.contains("16-byte aligned"), "{e}");
+    let e = dev.matmul(&Matmul { epilogue: Epilogue::Bias(bias.at(8)), ..good }).unwrap_err().to_string();
+    assert!(e.contains("bias vector") && e.contains("not inside one device allocation"), "{e}");
+    let e = dev.matmul(&Matmul { epilogue: Epilogue::Bias(c.ptr()), ..good }).unwrap_err().to_string();
+    assert!(e.contains("D overlaps the bias vector"), "{e}");
 }
 
 /// Training on the emulated device follows the CPU trainer step for step (f32), and a

@@ -3,10 +3,11 @@
 //!
 //! Every file is compiled as its own NVRTC program: [`PRELUDE`] (`common.cuh`: warp and block
 //! reductions, `cuda_bf16.h`) first, then `#line 1 "<file>.cu"` so NVRTC's log points at the
-//! file and line a person can open. NVRTC has no built-in `cuda_bf16.h`, so compilation needs
-//! the CUDA include folder: [`find_include_dir`] looks at `LIANDAN_CUDA_INCLUDE`, the toolkit's
-//! usual places, and next to every `lib` folder on `LD_LIBRARY_PATH` (the layout of NVIDIA's
-//! Python wheels, `nvidia/cu13/{lib,include}`).
+//! file and line a person can open. NVRTC has no built-in `cuda_bf16.h` or `mma.h`, so
+//! compilation needs the CUDA include folder: [`find_include_dir`] looks at
+//! `LIANDAN_CUDA_INCLUDE`, the toolkit's usual places, and next to every `lib` folder on
+//! `LD_LIBRARY_PATH` (the layout of NVIDIA's Python wheels, `nvidia/cu13/{lib,include}`; `mma.h`
+//! includes `crt/mma.h`, which comes with the nvidia-cuda-crt wheel).
 //!
 //! PTX is cached under [`cache_dir`], keyed by a SHA-256 of the source, the target architecture,
 //! the compile options and NVRTC's version, so a changed kernel, GPU or NVRTC never loads stale PTX.
@@ -29,19 +30,21 @@ pub enum KernelFile {
     Residual,
     CrossEntropy,
     Attention,
+    FlashAttention,
     AdamW,
     Norm,
     Head,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 9] = [
+    pub const ALL: [KernelFile; 10] = [
         KernelFile::Encoder,
         KernelFile::LayerNorm,
         KernelFile::Gelu,
         KernelFile::Residual,
         KernelFile::CrossEntropy,
         KernelFile::Attention,
+        KernelFile::FlashAttention,
         KernelFile::AdamW,
         KernelFile::Norm,
         KernelFile::Head,
@@ -56,6 +59,7 @@ impl KernelFile {
             KernelFile::Residual => "residual.cu",
             KernelFile::CrossEntropy => "crossentropy.cu",
             KernelFile::Attention => "attention.cu",
+            KernelFile::FlashAttention => "flash_attention.cu",
             KernelFile::AdamW => "adamw.cu",
             KernelFile::Norm => "norm.cu",
             KernelFile::Head => "head.cu",
@@ -71,6 +75,7 @@ impl KernelFile {
             KernelFile::Residual => include_str!("kernels/residual.cu"),
             KernelFile::CrossEntropy => include_str!("kernels/crossentropy.cu"),
             KernelFile::Attention => include_str!("kernels/attention.cu"),
+            KernelFile::FlashAttention => include_str!("kernels/flash_attention.cu"),
             KernelFile::AdamW => include_str!("kernels/adamw.cu"),
             KernelFile::Norm => include_str!("kernels/norm.cu"),
             KernelFile::Head => include_str!("kernels/head.cu"),
@@ -99,6 +104,14 @@ impl KernelFile {
                 "attention_forward_cached",
                 "kv_cache_write",
             ],
+            KernelFile::FlashAttention => &[
+                "flash_attention_forward_hs64",
+                "flash_attention_forward_hs128",
+                "flash_attention_backward_dq_hs64",
+                "flash_attention_backward_dq_hs128",
+                "flash_attention_backward_dkdv_hs64",
+                "flash_attention_backward_dkdv_hs128",
+            ],
             KernelFile::AdamW => &["adamw_step"],
             KernelFile::Norm => &["global_norm_partial", "global_norm_finish", "clip_scale"],
             KernelFile::Head => &["scalar_head_forward", "scalar_head_backward_hidden", "scalar_head_backward_params"],
@@ -113,7 +126,7 @@ impl KernelFile {
 
 /// Options of every compilation besides the architecture and include folder: precise division
 /// and square root (the kernels are checked against f32 CPU code), no fast-math.
-const OPTIONS: [&str; 3] = ["--std=c++17", "--prec-div=true", "--prec-sqrt=true"];
+pub const OPTIONS: [&str; 3] = ["--std=c++17", "--prec-div=true", "--prec-sqrt=true"];
 
 /// Whether libnvrtc can be loaded (cudarc panics on first use when it cannot).
 pub fn nvrtc_available() -> bool {
@@ -168,13 +181,13 @@ pub fn include_candidates() -> Vec<PathBuf> {
     out
 }
 
-/// The first folder of [`include_candidates`] that holds `cuda_bf16.h`.
+/// The first folder of [`include_candidates`] that holds `cuda_bf16.h` and `crt/mma.h`.
 ///
 /// # Errors
 /// [`CudaError::IncludeMissing`] naming every folder looked at.
 pub fn find_include_dir() -> Result<PathBuf> {
     let candidates = include_candidates();
-    candidates.iter().find(|d| d.join("cuda_bf16.h").is_file()).cloned().ok_or_else(|| CudaError::IncludeMissing {
+    candidates.iter().find(|d| d.join("cuda_bf16.h").is_file() && d.join("crt/mma.h").is_file()).cloned().ok_or_else(|| CudaError::IncludeMissing {
         looked: candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
     })
 }
@@ -286,7 +299,7 @@ mod tests {
             }
             let declared = src.matches("extern \"C\" __global__").count();
             let macro_made = f.functions().iter().filter(|n| n.contains("_hs")).count();
-            // The attention macro declares its three kernels once and is expanded three times.
+            // Each attention macro declares its three kernels once and is expanded per head size.
             let expected = f.functions().len() - macro_made + if macro_made > 0 { 3 } else { 0 };
             assert_eq!(declared, expected, "{}: kernels declared vs listed", f.file_name());
             let references = src.matches("CPU reference:").count() + src.matches("No CPU counterpart").count();

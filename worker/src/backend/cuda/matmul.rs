@@ -8,7 +8,7 @@
 //! [`Matmul`] handed to the device: cuBLASLt on a GPU, the same contract on the CPU on the
 //! emulated device, so a wrong layout here fails in CI too.
 
-use super::device::{CudaDevice, DPtr, DataType, Matmul, MatrixLayout};
+use super::device::{CudaDevice, DPtr, DataType, Epilogue, Matmul, MatrixLayout};
 use super::error::Result;
 
 /// The element type of the matmul operands `A` and `B` (`C` is always f32).
@@ -37,6 +37,20 @@ impl Precision {
 /// # Errors
 /// cuBLASLt has no algorithm for the shape, refuses the layouts, or fails to launch.
 pub fn gemm(dev: &CudaDevice, precision: Precision, c: DPtr, a: DPtr, b: DPtr, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, beta: f32) -> Result<()> {
+    gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, alpha, beta, Epilogue::Default)
+}
+
+/// Row-major `C(M,N) = op(A)·op(B) + bias` with `bias` `(N)` added to every row, in the gemm
+/// itself (cuBLASLt's bias epilogue: the column-major `D = Cᵀ` has `N` rows, one bias element
+/// each). `bias` must be [`super::device::blas::BIAS_ALIGN`]-byte aligned.
+///
+/// # Errors
+/// As [`gemm`].
+pub fn gemm_bias(dev: &CudaDevice, precision: Precision, c: DPtr, a: DPtr, b: DPtr, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, bias: DPtr) -> Result<()> {
+    gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, 1.0, 0.0, Epilogue::Bias(bias))
+}
+
+fn gemm_with(dev: &CudaDevice, precision: Precision, c: DPtr, a: DPtr, b: DPtr, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, beta: f32, epilogue: Epilogue) -> Result<()> {
     let dt = precision.data_type();
     let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
     let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
@@ -56,5 +70,6 @@ pub fn gemm(dev: &CudaDevice, precision: Precision, c: DPtr, a: DPtr, b: DPtr, t
         c_layout: out,
         d: c,
         d_layout: out,
+        epilogue,
     })
 }

@@ -9,11 +9,13 @@
 //!
 //! # Layout
 //! - [`kernels`]: the `.cu` sources, NVRTC compilation and the PTX cache.
+//! - [`cubin`]: sm_90 cubins and ptxas's per-kernel resource report (registers, spills).
 //! - [`device`]: the device interface ([`device::DeviceApi`]), the handle [`CudaDevice`],
 //!   buffers ([`device::DevBuf`], [`device::View`]) and the GPU implementation.
 //! - [`emu`]: the emulated device (kernels on the CPU, launch limits, the cuBLASLt contract).
 //! - [`matmul`]: the row-major gemm at [`matmul::Precision::Bf16`] or `F32`.
 //! - [`ops`]: one host wrapper per kernel, named and ordered like the CPU functions.
+//! - [`flash`]: the choice of attention kernels and the wrappers of the tensor-core ones.
 //! - [`model`]: the GPT-2 forward, loss and backward on device buffers.
 //! - [`trainer`]: a training step (accumulation, NCCL all-reduce, clipping, AdamW), checkpoints.
 //! - [`selftest`]: every op and a whole step against the CPU backend, for `liandan selftest`.
@@ -21,9 +23,11 @@
 //!
 //! What has run where is stated in docs/CUDA.md.
 
+pub mod cubin;
 pub mod device;
 pub mod emu;
 pub mod error;
+pub mod flash;
 pub mod generate;
 pub mod kernels;
 pub mod matmul;

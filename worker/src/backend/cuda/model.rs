@@ -5,7 +5,9 @@
 //! master copy); with [`Precision::Bf16`] the optimizer also keeps a bf16 copy of the parameters
 //! and every matmul casts its activation operand to bf16 and runs on cuBLASLt with f32
 //! accumulation. [`Precision::F32`] runs the matmuls in f32, which is what the CPU comparison uses.
-//! Attention keeps one log-sum-exp per query row instead of the `(B,NH,T,T)` probabilities.
+//! Attention keeps one log-sum-exp per query row instead of the `(B,NH,T,T)` probabilities; it
+//! runs on the tensor-core kernels for bf16 where they apply, else on the f32 reference kernels
+//! ([`AttentionKernels`], changed with [`CudaGpt::set_attention`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +21,7 @@ use crate::error::EngineError;
 
 use super::device::{CudaDevice, DevBuf, View};
 use super::error::Result;
+use super::flash::{self, AttentionKernels};
 use super::matmul::Precision;
 use super::ops::{self, Bf16Scratch};
 
@@ -69,6 +72,8 @@ pub struct CudaGpt {
     pub config: GptConfig,
     pub layout: ParamLayout,
     pub precision: Precision,
+    /// The attention kernels forward and backward run ([`AttentionKernels::default_for`]).
+    attention: AttentionKernels,
     /// f32 master parameters, in [`ParamLayout`] order.
     pub params: DevBuf<f32>,
     /// bf16 copy of `params` (bits in u16), refreshed by the optimizer and by `set_params`.
@@ -157,7 +162,9 @@ impl CudaGpt {
             Precision::Bf16 => bt * (4 * c).max(vp),
             Precision::F32 => 1,
         };
+        let attention = AttentionKernels::default_for(&dev, precision, c / nh);
         Ok(CudaGpt {
+            attention,
             params: z(layout.len())?,
             params_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { layout.len() } else { 1 })?,
             grads: z(layout.len())?,
@@ -179,6 +186,22 @@ impl CudaGpt {
             dlogits_ready: false,
             profile: None,
         })
+    }
+
+    /// The attention kernels the model runs.
+    pub fn attention(&self) -> AttentionKernels {
+        self.attention
+    }
+
+    /// Runs attention on `kernels` from the next forward on (the reference kernels are the
+    /// fallback and the comparison for the tensor-core ones).
+    ///
+    /// # Errors
+    /// The kernels cannot run this model's head size on this device.
+    pub fn set_attention(&mut self, kernels: AttentionKernels) -> Result<()> {
+        kernels.check(&self.dev, self.config.n_embd / self.config.n_head)?;
+        self.attention = kernels;
+        Ok(())
     }
 
     /// Copies host parameters (in [`ParamLayout`] order) to the device, and their bf16 copy.
@@ -286,7 +309,7 @@ impl CudaGpt {
             let qkv = lv(&a.qkv, l, p3, n * 3 * c);
             timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c))?;
             let atty = lv(&a.atty, l, pc, n * c);
-            timed(prof, dev, "fwd.attention", || ops::attention_forward(dev, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh))?;
+            timed(prof, dev, "fwd.attention", || flash::attention_forward(dev, self.attention, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh))?;
             let proj = a.proj.view(0, n * c);
             timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, proj, atty, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c))?;
             let res2 = lv(&a.residual2, l, pc, n * c);
@@ -439,7 +462,7 @@ impl CudaGpt {
             let datty = g.datty.view(0, n * c);
             timed(prof, dev, "bwd.matmul", || ops::matmul_backward(dev, prec, datty, self.g(K::AttProjW, l), Some(self.g(K::AttProjB, l)), dres, lv(&a.atty, l, pc, n * c), self.p(K::AttProjW, l), self.pb(K::AttProjW, l), sc, partial, n, c, c))?;
             let dqkv = g.dqkv.view(0, n * 3 * c);
-            timed(prof, dev, "bwd.attention", || ops::attention_backward(dev, dqkv, g.delta.view(0, b * nh * t), datty, lv(&a.qkv, l, p3, n * 3 * c), lv(&a.atty, l, pc, n * c), lv(&a.lse, l, pl, b * nh * t), b, t, c, nh))?;
+            timed(prof, dev, "bwd.attention", || flash::attention_backward(dev, self.attention, dqkv, g.delta.view(0, b * nh * t), datty, lv(&a.qkv, l, p3, n * 3 * c), lv(&a.atty, l, pc, n * c), lv(&a.lse, l, pl, b * nh * t), b, t, c, nh))?;
             timed(prof, dev, "bwd.matmul", || ops::matmul_backward(dev, prec, dln, self.g(K::QkvW, l), Some(self.g(K::QkvB, l)), dqkv, lv(&a.ln1, l, pc, n * c), self.p(K::QkvW, l), self.pb(K::QkvW, l), sc, partial, n, c, 3 * c))?;
             timed(prof, dev, "bwd.layernorm", || ops::layernorm_backward(dev, dres, self.g(K::Ln1W, l), self.g(K::Ln1B, l), dln, res_in, self.p(K::Ln1W, l), lv(&a.ln1_mean, l, p1, n), lv(&a.ln1_rstd, l, p1, n), partial, n, c))?;
         }

@@ -2,6 +2,7 @@
 //! order, each checking every operand's length against the shapes before it launches. Shapes
 //! follow the crate glossary (N = B·T rows).
 
+use super::device::blas::BIAS_ALIGN;
 use super::device::{grid_1d, Arg, CudaDevice, DPtr, LaunchConfig, View};
 use super::error::{CudaError, Result};
 use super::matmul::{self, Precision};
@@ -145,16 +146,21 @@ pub fn matmul_forward(dev: &CudaDevice, prec: Precision, out: View, inp: View, w
     if prec == Precision::Bf16 {
         need(OP, "w_bf16", w_bf16, c * oc)?;
     }
-    let beta = match bias {
+    let a = operand(dev, prec, inp, scratch.a, n * c)?;
+    let wp = weight(prec, w, w_bf16);
+    match bias {
+        // In the gemm's epilogue where cuBLASLt takes the vector; else broadcast first, beta = 1.
+        Some(bv) if bv.ptr.0.is_multiple_of(BIAS_ALIGN) => {
+            need(OP, "bias", bv, oc)?;
+            matmul::gemm_bias(dev, prec, out.ptr, a, wp, false, false, n, oc, c, bv.ptr)
+        }
         Some(bv) => {
             need(OP, "bias", bv, oc)?;
             dev.launch("bias_broadcast", grid_1d(n * oc, BLOCK), &[p(out), p(bv), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "OC", oc)?)])?;
-            1.0
+            matmul::gemm(dev, prec, out.ptr, a, wp, false, false, n, oc, c, 1.0, 1.0)
         }
-        None => 0.0,
-    };
-    let a = operand(dev, prec, inp, scratch.a, n * c)?;
-    matmul::gemm(dev, prec, out.ptr, a, weight(prec, w, w_bf16), false, false, n, oc, c, 1.0, beta)
+        None => matmul::gemm(dev, prec, out.ptr, a, wp, false, false, n, oc, c, 1.0, 0.0),
+    }
 }
 
 /// CPU: [`crate::backend::cpu::matmul::matmul_backward`]: `dinp = dout·wᵀ` (overwritten),

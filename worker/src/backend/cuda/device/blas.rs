@@ -9,9 +9,18 @@
 //! `m × k`, `op(B)` is `k × n`, `C` and `D` are `m × n`, where `m` and `n` are `D`'s rows and
 //! columns. `ld >= rows` for every layout. When `beta == 0`, `C` is not read. Compute type
 //! `CUBLAS_COMPUTE_32F` with scale type f32: products and sums in f32, `alpha` and `beta` f32.
+//!
+//! Epilogue (`CUBLASLT_MATMUL_DESC_EPILOGUE`): with `CUBLASLT_EPILOGUE_BIAS` a packed f32 vector
+//! of `m` elements (`CUBLASLT_MATMUL_DESC_BIAS_POINTER`, the type of D by default) is broadcast
+//! to every column and added last: `D = alpha·op(A)·op(B) + beta·C + bias`. cuBLASLt does not
+//! document an alignment for it, but it fails on bias vectors that are not 16-byte aligned in
+//! practice, so [`BIAS_ALIGN`] is required here (and checked by the emulated device).
+
+/// The alignment, in bytes, a bias vector of the bias epilogue must have.
+pub const BIAS_ALIGN: u64 = 16;
 
 /// Element type of a matrix (`cudaDataType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
     /// `CUDA_R_32F`.
     F32,
@@ -29,13 +38,22 @@ impl DataType {
 }
 
 /// A `cublasLtMatrixLayout_t`: a column-major matrix as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MatrixLayout {
     pub dtype: DataType,
     pub rows: u64,
     pub cols: u64,
     /// Leading dimension: elements between the starts of two columns.
     pub ld: i64,
+}
+
+/// What runs after the product (`cublasLtEpilogue_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `CUBLASLT_EPILOGUE_DEFAULT`: `D = alpha·op(A)·op(B) + beta·C`.
+    Default,
+    /// `CUBLASLT_EPILOGUE_BIAS` with the f32 vector of `m` elements at this address.
+    Bias(super::DPtr),
 }
 
 /// One matmul: the descriptor's transposes, the scalars, the four matrices and their layouts.
@@ -55,6 +73,7 @@ pub struct Matmul {
     pub c_layout: MatrixLayout,
     pub d: super::DPtr,
     pub d_layout: MatrixLayout,
+    pub epilogue: Epilogue,
 }
 
 impl Matmul {

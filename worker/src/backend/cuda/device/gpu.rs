@@ -1,15 +1,16 @@
 //! The real GPU behind [`super::DeviceApi`]: a CUDA context and stream through cudarc, the
-//! kernels compiled by NVRTC and loaded from [`crate::backend::cuda::kernels`], and a cuBLASLt
-//! handle with its workspace. Event tracking is switched off: with a single stream, stream order
+//! kernels compiled by NVRTC and loaded from [`crate::backend::cuda::kernels`], and cuBLASLt
+//! ([`super::cublaslt`]: one handle and workspace, a plan cached per shape). Event tracking is switched off: with a single stream, stream order
 //! is the only synchronisation needed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::cublaslt::{result as lt, sys as ltsys};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, PushKernelArg};
+use cudarc::cublaslt::sys as ltsys;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, PushKernelArg};
 
-use super::blas::{DataType, Matmul, MatrixLayout};
+use super::blas::Matmul;
+use super::cublaslt::Blas;
 use super::{Arg, DPtr, DeviceApi, LaunchConfig, Memory};
 use crate::backend::cuda::error::{CudaError, Result};
 use crate::backend::cuda::kernels::{self, KernelFile};
@@ -183,141 +184,5 @@ impl DeviceApi for GpuDevice {
 
     fn cuda_stream(&self) -> Option<cudarc::driver::sys::CUstream> {
         Some(self.stream.cu_stream())
-    }
-}
-
-/// A cuBLASLt handle with its workspace, bound to one stream.
-struct Blas {
-    handle: ltsys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
-    workspace_ptr: u64,
-    stream: Arc<CudaStream>,
-}
-
-// SAFETY: the handle is used only through &self methods that enqueue on the one stream; cuBLASLt
-// handles may be used from any thread as long as calls are not concurrent. The host code drives
-// a device from one thread at a time (the trainer and model take `&mut self`).
-unsafe impl Send for Blas {}
-// SAFETY: as above; `matmul` only reads the handle.
-unsafe impl Sync for Blas {}
-
-impl Blas {
-    /// A handle and a workspace sized as NVIDIA recommends (32 MiB on Hopper, 4 MiB before).
-    fn new(stream: Arc<CudaStream>, sm_major: i32) -> Result<Blas> {
-        let handle = lt::create_handle().map_err(|e| blas_err("create handle", e))?;
-        let size = if sm_major >= 9 { 32 << 20 } else { 4 << 20 };
-        let workspace = stream.alloc_zeros::<u8>(size).map_err(CudaError::driver("allocate cuBLASLt workspace"))?;
-        let workspace_ptr = workspace.device_ptr(&stream).0;
-        Ok(Blas { handle, workspace, workspace_ptr, stream })
-    }
-
-    fn matmul(&self, mm: &Matmul) -> Result<()> {
-        let (m, n, k) = mm.dims();
-        let op = || format!("matmul m={m} n={n} k={k} transa={} transb={}", mm.trans_a, mm.trans_b);
-        let a = Layout::new(&mm.a_layout).map_err(|e| blas_err(&op(), e))?;
-        let b = Layout::new(&mm.b_layout).map_err(|e| blas_err(&op(), e))?;
-        let c = Layout::new(&mm.c_layout).map_err(|e| blas_err(&op(), e))?;
-        let d = Layout::new(&mm.d_layout).map_err(|e| blas_err(&op(), e))?;
-        let desc = Desc::new().map_err(|e| blas_err(&op(), e))?;
-        desc.set_op(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, mm.trans_a).map_err(|e| blas_err(&op(), e))?;
-        desc.set_op(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, mm.trans_b).map_err(|e| blas_err(&op(), e))?;
-        let pref = Pref::new(self.workspace.len()).map_err(|e| blas_err(&op(), e))?;
-        // SAFETY: all descriptors are alive for the duration of the calls; the pointers come
-        // from buffers whose lengths the callers checked against these shapes.
-        unsafe {
-            let heuristic = lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.0, d.0, pref.0).map_err(|e| blas_err(&op(), e))?;
-            lt::matmul(
-                self.handle,
-                desc.0,
-                (&mm.alpha) as *const f32 as *const _,
-                (&mm.beta) as *const f32 as *const _,
-                mm.a.0 as *const _,
-                a.0,
-                mm.b.0 as *const _,
-                b.0,
-                mm.c.0 as *const _,
-                c.0,
-                mm.d.0 as *mut _,
-                d.0,
-                &heuristic.algo,
-                self.workspace_ptr as *mut _,
-                self.workspace.len(),
-                self.stream.cu_stream() as *mut _,
-            )
-            .map_err(|e| blas_err(&op(), e))
-        }
-    }
-}
-
-impl Drop for Blas {
-    fn drop(&mut self) {
-        // SAFETY: the handle was created in `new` and is destroyed once.
-        let _ = unsafe { lt::destroy_handle(self.handle) };
-    }
-}
-
-fn blas_err(op: &str, e: lt::CublasError) -> CudaError {
-    CudaError::Blas { op: op.to_string(), status: format!("{:?}", e.0) }
-}
-
-fn data_type(dt: DataType) -> ltsys::cudaDataType {
-    match dt {
-        DataType::F32 => ltsys::cudaDataType::CUDA_R_32F,
-        DataType::Bf16 => ltsys::cudaDataType::CUDA_R_16BF,
-    }
-}
-
-/// Owned descriptors, destroyed on every path (errors included).
-struct Layout(ltsys::cublasLtMatrixLayout_t);
-impl Layout {
-    fn new(l: &MatrixLayout) -> Result<Layout, lt::CublasError> {
-        lt::create_matrix_layout(data_type(l.dtype), l.rows, l.cols, l.ld).map(Layout)
-    }
-}
-impl Drop for Layout {
-    fn drop(&mut self) {
-        // SAFETY: created by `new`, destroyed once.
-        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
-    }
-}
-
-struct Desc(ltsys::cublasLtMatmulDesc_t);
-impl Desc {
-    fn new() -> Result<Desc, lt::CublasError> {
-        lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, ltsys::cudaDataType::CUDA_R_32F).map(Desc)
-    }
-    fn set_op(&self, attr: ltsys::cublasLtMatmulDescAttributes_t, transpose: bool) -> Result<(), lt::CublasError> {
-        let v: i32 = transpose as i32; // cublasOperation_t: 0 = N, 1 = T
-        // SAFETY: the attribute takes a cublasOperation_t (an i32), passed by address with its size.
-        unsafe { lt::set_matmul_desc_attribute(self.0, attr, (&v) as *const i32 as *const _, std::mem::size_of::<i32>()) }
-    }
-}
-impl Drop for Desc {
-    fn drop(&mut self) {
-        // SAFETY: created by `new`, destroyed once.
-        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
-    }
-}
-
-struct Pref(ltsys::cublasLtMatmulPreference_t);
-impl Pref {
-    fn new(workspace: usize) -> Result<Pref, lt::CublasError> {
-        let p = Pref(lt::create_matmul_pref()?);
-        // SAFETY: the attribute takes a size_t, passed by address with its size.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                p.0,
-                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&workspace) as *const usize as *const _,
-                std::mem::size_of::<usize>(),
-            )?
-        };
-        Ok(p)
-    }
-}
-impl Drop for Pref {
-    fn drop(&mut self) {
-        // SAFETY: created by `new`, destroyed once.
-        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
     }
 }

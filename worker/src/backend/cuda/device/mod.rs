@@ -21,11 +21,12 @@
 //! runs each call to completion before it returns.
 
 pub mod blas;
+mod cublaslt;
 pub mod gpu;
 
 use std::marker::PhantomData;
 
-pub use blas::{DataType, Matmul, MatrixLayout};
+pub use blas::{DataType, Epilogue, Matmul, MatrixLayout};
 
 use super::emu::{EmuDevice, EmuOptions};
 use super::error::{CudaError, Result};

@@ -10,9 +10,12 @@
 //! `A` or `B` (undefined on a GPU).
 //!
 //! Arithmetic: bf16 operands are widened to f32 exactly; products and sums are f32 (the gemm
-//! crate, in its own summation order); `C` is not read when `beta == 0`.
+//! crate, in its own summation order); `C` is not read when `beta == 0`. The bias epilogue adds
+//! `bias[i]` to every element of row `i` of `D` after the product (one more f32 rounding); its
+//! vector must be `m` f32 inside one allocation, not overlapping `D`, and
+//! [`BIAS_ALIGN`]-byte aligned (what cuBLASLt needs in practice; it is undocumented).
 
-use crate::backend::cuda::device::blas::{DataType, Matmul, MatrixLayout};
+use crate::backend::cuda::device::blas::{BIAS_ALIGN, DataType, Epilogue, Matmul, MatrixLayout};
 
 /// The bytes a column-major matrix spans from its first element.
 fn footprint(l: &MatrixLayout) -> usize {
@@ -51,6 +54,18 @@ pub fn check(m: &Matmul, inside: &dyn Fn(u64, usize) -> bool) -> Result<(), Stri
         return invalid("C and D are the same matrix with different layouts".into());
     }
     let d_span = (m.d.0, footprint(&m.d_layout));
+    if let Epilogue::Bias(bias) = m.epilogue {
+        let bytes = rows as usize * 4;
+        if !bias.0.is_multiple_of(BIAS_ALIGN) {
+            return not_supported(format!("the bias vector at {:#x} is not {BIAS_ALIGN}-byte aligned", bias.0));
+        }
+        if bytes > 0 && !inside(bias.0, bytes) {
+            return Err(format!("the bias vector ({rows} f32 from {:#x}) is not inside one device allocation", bias.0));
+        }
+        if bytes > 0 && d_span.1 > 0 && bias.0 < d_span.0 + d_span.1 as u64 && d_span.0 < bias.0 + bytes as u64 {
+            return Err("D overlaps the bias vector: cuBLASLt's result is undefined when the output aliases an input".into());
+        }
+    }
     for (name, p, l) in [("A", m.a, &m.a_layout), ("B", m.b, &m.b_layout), ("C", m.c, &m.c_layout), ("D", m.d, &m.d_layout)] {
         let bytes = footprint(l);
         if bytes > 0 && !inside(p.0, bytes) {
@@ -112,6 +127,7 @@ pub unsafe fn run(m: &Matmul, parallel: bool) {
                 }
             }
         }
+        add_bias(m, d, rows, cols, ldd);
         return;
     }
     // Element (i, p) of op(A): A(i, p) at i + p·lda, or A(p, i) at p + i·lda when transposed.
@@ -143,5 +159,19 @@ pub unsafe fn run(m: &Matmul, parallel: bool) {
             false,
             if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None },
         )
+    }
+    add_bias(m, d, rows, cols, ldd);
+}
+
+/// The bias epilogue: `D(i, j) += bias[i]`.
+fn add_bias(m: &Matmul, d: *mut f32, rows: usize, cols: usize, ldd: isize) {
+    let Epilogue::Bias(bias) = m.epilogue else { return };
+    // SAFETY: check() placed `rows` f32 of bias inside an allocation that D does not overlap.
+    let bias = unsafe { std::slice::from_raw_parts(bias.0 as *const f32, rows) };
+    for j in 0..cols {
+        for (i, &b) in bias.iter().enumerate() {
+            // SAFETY: (i, j) is inside D's footprint (check()).
+            unsafe { *d.offset(i as isize + j as isize * ldd) += b };
+        }
     }
 }

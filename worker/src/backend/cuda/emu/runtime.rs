@@ -4,7 +4,7 @@
 //!
 //! # Scheduling
 //! Warps are run in turn; within a warp, each ready lane runs until it suspends at a barrier, a
-//! shuffle or `__syncwarp`, or returns, and the warp is run again while any of its lanes is
+//! shuffle, `__syncwarp` or a warp exchange (the WMMA operations of `emu/include/mma.h`), or returns, and the warp is run again while any of its lanes is
 //! ready. A warp op completes when every lane of its mask waits at the same op (same kind, mask
 //! and source line); a `__syncthreads` completes when every thread of the block waits at the
 //! same one. [`Order::Descending`] runs warps and lanes from the last to the first, so a kernel
@@ -18,7 +18,7 @@
 //! move, shared memory beyond the block's limit, and `__trap()`.
 //!
 //! # Shared memory
-//! One arena per OS thread: the launch's dynamic shared memory first, then each static
+//! One arena per OS thread, 128-byte aligned: the launch's dynamic shared memory first, then each static
 //! `__shared__` variable on first use in the block (keyed by its declaration). Everything used is
 //! filled with 0xff bytes at the start of each block, as real shared memory holds garbage.
 
@@ -97,6 +97,9 @@ pub struct BlockLaunch {
 const STACK_BYTES: usize = 256 << 10;
 /// The largest shared memory a block may have (sm_90's opt-in maximum is 227 KiB).
 pub const ARENA_BYTES: usize = 232_448;
+/// Alignment of a block's shared memory. A block's shared window on the GPU starts far more
+/// aligned than the 32 bytes WMMA tiles need; 128 is what the emulation promises.
+const ARENA_ALIGN: usize = 128;
 
 /// A source location reported by the header (`__builtin_FILE()`, `__builtin_LINE()`).
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +127,8 @@ enum WarpKind {
     Sync,
     /// PTX `shfl.sync` mode (0 up, 1 down, 2 bfly, 3 idx) and its `b` and `c` operands.
     Shfl { mode: i32, b: u32, c: u32 },
+    /// Every lane of the mask hands `bytes` and gets every lane's copy ([`ld_emu_warp_exchange`]).
+    Exchange { bytes: u32 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +150,7 @@ impl WarpOp {
             WarpKind::Shfl { mode: 1, .. } => "__shfl_down_sync",
             WarpKind::Shfl { mode: 2, .. } => "__shfl_xor_sync",
             WarpKind::Shfl { .. } => "__shfl_sync",
+            WarpKind::Exchange { .. } => "a WMMA operation",
         }
     }
 }
@@ -179,6 +185,9 @@ struct Block {
     shared_limit: usize,
     /// Static `__shared__` variables placed so far: (declaration, offset, bytes).
     statics: Vec<(*const c_void, usize, usize)>,
+    /// Per warp: the lanes' copies of the last warp exchange ([`EXCHANGE_MAX`] bytes per lane,
+    /// allocated on first use and never moved, so a lane may read it until the next exchange).
+    exchange: Vec<Vec<u8>>,
     static_end: usize,
     error: Option<String>,
 }
@@ -233,6 +242,28 @@ pub extern "C" fn ld_emu_syncthreads(file: *const c_char, line: c_int) {
 #[unsafe(no_mangle)]
 pub extern "C" fn ld_emu_syncwarp(mask: u32, file: *const c_char, line: c_int) {
     suspend(State::Warp(WarpOp { kind: WarpKind::Sync, mask, site: Site { file, line } }));
+}
+
+/// The most bytes one lane may hand in a warp exchange.
+pub const EXCHANGE_MAX: usize = 64;
+
+/// A warp exchange: every lane of `mask` hands `bytes` bytes from `mine` (at most
+/// [`EXCHANGE_MAX`]); each gets a pointer to the warp's copies, lane `l`'s at `l·bytes`, copied
+/// while every lane of the mask waits here, and valid until this warp's next exchange completes
+/// (for which every lane must have arrived there, so done reading this one). The WMMA functions
+/// of `emu/include/mma.h` are built on it.
+#[unsafe(no_mangle)]
+pub extern "C" fn ld_emu_warp_exchange(mine: *const c_void, bytes: usize, mask: u32, file: *const c_char, line: c_int) -> *const c_void {
+    if bytes > EXCHANGE_MAX {
+        fail(format!("a warp exchange of {bytes} bytes per lane at {} (at most {EXCHANGE_MAX})", Site { file, line }));
+        return std::ptr::null();
+    }
+    let (blk, i) = CURRENT.with(Cell::get);
+    // SAFETY: as in `suspend`.
+    unsafe { slot(blk, i).value = mine as u64 };
+    suspend(State::Warp(WarpOp { kind: WarpKind::Exchange { bytes: bytes as u32 }, mask, site: Site { file, line } }));
+    // SAFETY: as above; the scheduler wrote the copies' address before resuming this fiber.
+    unsafe { slot(blk, i).value as *const c_void }
 }
 
 /// `shfl.sync` of `bits`: returns the source lane's value (see [`shfl_source`]).
@@ -364,10 +395,13 @@ fn new_fiber(block: *mut Block, thunk: Thunk, args: *const *mut c_void) -> Resul
 pub unsafe fn run_block(launch: &BlockLaunch, block_idx: Dim3) -> Result<(), String> {
     let threads = launch.block.count() as usize;
     let mut arena = ARENA.with(|a| std::mem::take(&mut *a.borrow_mut()));
-    if arena.len() * 16 < ARENA_BYTES {
-        arena = vec![0u128; ARENA_BYTES.div_ceil(16)];
+    if arena.len() * 16 < ARENA_BYTES + ARENA_ALIGN {
+        arena = vec![0u128; (ARENA_BYTES + ARENA_ALIGN).div_ceil(16)];
     }
-    let arena_ptr = arena.as_mut_ptr().cast::<u8>();
+    let base = arena.as_mut_ptr().cast::<u8>();
+    // SAFETY: the vector holds ARENA_ALIGN bytes more than the arena, so the aligned start and
+    // ARENA_BYTES after it are inside.
+    let arena_ptr = unsafe { base.add(base.align_offset(ARENA_ALIGN)) };
     // SAFETY: the dynamic size was checked against the limit (<= ARENA_BYTES) at launch.
     unsafe { std::ptr::write_bytes(arena_ptr, 0xff, launch.dynamic_shared) };
     let (bx, by) = (launch.block.x, launch.block.y);
@@ -382,6 +416,7 @@ pub unsafe fn run_block(launch: &BlockLaunch, block_idx: Dim3) -> Result<(), Str
         dynamic_shared: launch.dynamic_shared,
         shared_limit: launch.shared_limit.min(ARENA_BYTES),
         statics: Vec::new(),
+        exchange: vec![Vec::new(); threads.div_ceil(32)],
         static_end: launch.dynamic_shared,
         error: None,
     }));
@@ -550,6 +585,27 @@ unsafe fn warp_arrive(block: *mut Block, w: usize, lanes: usize, l: usize, op: W
         }
     }
     *waiting &= !op.mask;
+    if let WarpKind::Exchange { bytes } = op.kind {
+        let buf = unsafe { &mut (&mut (*block).exchange)[w] };
+        if buf.is_empty() {
+            *buf = vec![0u8; 32 * EXCHANGE_MAX];
+        }
+        let bytes = bytes as usize;
+        for o in 0..lanes {
+            if op.mask & (1 << o) != 0 {
+                // SAFETY: each lane of the mask waits inside ld_emu_warp_exchange, whose `mine`
+                // (on the lane's stack, `bytes` long) stays valid until it is resumed.
+                let src = unsafe { std::slice::from_raw_parts(slots[w * 32 + o].value as *const u8, bytes) };
+                buf[o * bytes..(o + 1) * bytes].copy_from_slice(src);
+            }
+        }
+        let at = buf.as_ptr() as u64;
+        for o in 0..lanes {
+            if op.mask & (1 << o) != 0 {
+                slots[w * 32 + o].value = at;
+            }
+        }
+    }
     if let WarpKind::Shfl { mode, b, c } = op.kind {
         let mut received = [0u64; 32];
         for o in 0..lanes {

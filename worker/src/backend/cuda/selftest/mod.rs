@@ -25,7 +25,10 @@
 //! - whole step (bf16 matmuls): losses by relative L2 ≤ 1e-2, gradients of step 0 by relative
 //!   L2 ≤ 5e-2 (every matmul of forward and backward rounds its operands to bf16, and the
 //!   errors compound through the layers; measured on the emulated device: see docs/CUDA.md).
+//! - tensor-core attention (bf16 operands): relative L2 against the CPU and against the f32
+//!   reference kernels fed the same bf16-rounded inputs; the bounds and why are in [`flash`].
 
+mod flash;
 mod ops;
 mod train;
 
@@ -233,12 +236,14 @@ const SECTIONS: &[(&str, SectionFn)] = &[
     ("matmul", ops::matmul),
     ("lm_head", ops::lm_head),
     ("attention", ops::attention),
+    ("flash_attention", flash::attention),
     ("kv_cache", ops::kv_cache),
     ("crossentropy", ops::crossentropy),
     ("scalar_head", ops::scalar_head),
     ("optimizer", train::optimizer),
     ("train_f32", train::train_f32),
     ("train_bf16", train::train_bf16),
+    ("train_bf16_tensor_core", flash::train_bf16_tensor_core),
     ("nccl", train::nccl),
 ];
 

@@ -114,23 +114,31 @@ pub(super) fn matmul(cx: &mut Ctx<'_, '_>) -> Result<()> {
     // C = OC (48) as in the attention projection, where a wrong transpose still fits the layouts.
     for (n, c, oc) in pick(cx.shapes, &[(7, 13, 5), (33, 48, 48), (64, 32, 96), (130, 72, 200)], &[(256, 768, 2304)]) {
         let (x, w, bias, dout) = (randn(n * c, 12), randn(c * oc, 13), randn(oc, 14), randn(n * oc, 15));
-        let (gx, gw, gb, gdo) = (cx.up(&x)?, cx.up(&w)?, cx.up(&bias)?, cx.up(&dout)?);
+        // The bias at offset 0 (16-byte aligned: cuBLASLt's bias epilogue) and at offset 1 (4
+        // bytes past: broadcast by a kernel before the gemm).
+        let shifted: Vec<f32> = std::iter::once(0.0).chain(bias.iter().copied()).collect();
+        let (gx, gw, gdo) = (cx.up(&x)?, cx.up(&w)?, cx.up(&dout)?);
         let gwb = cx.d().alloc::<u16>(c * oc)?;
         ops::cast_to_bf16(cx.d(), gwb.all(), gw.all(), c * oc)?;
         let big = (n * c).max(n * oc);
         let (sa, sb) = (cx.d().alloc::<u16>(big)?, cx.d().alloc::<u16>(big)?);
         let sc = Bf16Scratch { a: sa.all(), b: sb.all() };
         let part = cx.out(ops::partial_len(n, oc))?;
-        for with_bias in [true, false] {
+        for (with_bias, at) in [(true, 0usize), (true, 1), (false, 0)] {
             let bias_ref = with_bias.then_some(&bias[..]);
+            let bias_view = if at == 0 { cx.up(&bias)? } else { cx.up(&shifted)? };
             let mut o = vec![0.0; n * oc];
             cpu::matmul::matmul_forward(&mut o, &x, &w, bias_ref, n, c, oc);
             let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.5; c * oc], vec![0.25; oc]);
             cpu::matmul::matmul_backward(&mut di, &mut dw, with_bias.then_some(&mut db[..]), &dout, &x, &w, n, c, oc);
-            let tag = if with_bias { "" } else { " no bias" };
+            let tag = match (with_bias, at) {
+                (false, _) => " no bias",
+                (true, 0) => " bias epilogue",
+                _ => " bias broadcast",
+            };
             for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
                 let go = cx.out(n * oc)?;
-                ops::matmul_forward(cx.d(), prec, go.all(), gx.all(), gw.all(), gwb.all(), with_bias.then(|| gb.all()), sc, n, c, oc)?;
+                ops::matmul_forward(cx.d(), prec, go.all(), gx.all(), gw.all(), gwb.all(), with_bias.then(|| bias_view.view(at, oc)), sc, n, c, oc)?;
                 let got = cx.down(&go, n * oc)?;
                 cx.push(compare(format!("matmul_forward {prec:?}{tag} N={n} C={c} OC={oc}"), &got, &o, tol));
                 let (gdi, gdw, gdb) = (cx.out(n * c)?, cx.up(&vec![0.5; c * oc])?, cx.up(&vec![0.25; oc])?);
