@@ -6,9 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY (of the environment): build scripts run single-threaded before any other code.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("liandan_v1_descriptor.bin"))
-        .compile_protos(&["liandan/v1/liandan.proto"], &["."])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out.join("liandan_v1_descriptor.bin")).compile_protos(&["liandan/v1/liandan.proto"], &["."])?;
     println!("cargo:rerun-if-changed=liandan/v1/liandan.proto");
     Ok(())
 }

@@ -88,7 +88,13 @@ fn build(manifest: &Path, kernels: &Path, emu_dir: &Path, out: &Path) -> Result<
     rs.push_str("        ]\n    }\n}\n");
     let rs_path = out.parent().unwrap_or(out).join("emu_tables.rs");
     fs::write(&rs_path, rs).map_err(|e| format!("{}: {e}", rs_path.display()))?;
-    let version = std::process::Command::new(compiler.path()).arg("--version").output().ok().and_then(|o| String::from_utf8(o.stdout).ok()).and_then(|s| s.lines().next().map(str::to_string)).unwrap_or_else(|| compiler.path().display().to_string());
+    let version = std::process::Command::new(compiler.path())
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| compiler.path().display().to_string());
     println!("cargo:rustc-env=LIANDAN_EMU_CXX={version}");
     Ok(())
 }

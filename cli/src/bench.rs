@@ -6,12 +6,12 @@
 
 use std::time::Instant;
 
+use liandan_worker::GptConfig;
+use liandan_worker::backend::Device;
 use liandan_worker::model::profile::OpProfile;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
 use liandan_worker::rng::Rng;
 use liandan_worker::train::{MicroBatch, TrainConfig, Trainer};
-use liandan_worker::backend::Device;
-use liandan_worker::GptConfig;
 
 use crate::CliError;
 
@@ -148,11 +148,7 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
         print_profile(prof, a.steps, mean);
     }
     println!("tokens/s: {tokens_per_s:.1}  step: {:.1} ms  achieved: {gflops:.1} GFLOP/s (6·N + 6·L·C·T per token)", mean * 1e3);
-    println!(
-        "bench_result impl=liandan model={} batch={b} seq={t} threads={threads} tokens_per_s={tokens_per_s:.1} step_ms={:.1} gflops={gflops:.1}",
-        a.model,
-        mean * 1e3
-    );
+    println!("bench_result impl=liandan model={} batch={b} seq={t} threads={threads} tokens_per_s={tokens_per_s:.1} step_ms={:.1} gflops={gflops:.1}", a.model, mean * 1e3);
     Ok(())
 }
 
@@ -165,7 +161,7 @@ fn preset_name(model: &str) -> &str {
 /// with MFU against the device's datasheet peak ([`liandan_worker::backend::cuda::peak`]) and,
 /// with `--profile`, the time per op.
 fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
-    use liandan_worker::backend::cuda::{peak::peak_flops, trainer::CudaTrainer, CudaDevice, Precision};
+    use liandan_worker::backend::cuda::{CudaDevice, Precision, peak::peak_flops, trainer::CudaTrainer};
     if device == Device::Cuda
         && let Some(e) = Device::cuda_unavailable_reason()
     {
@@ -188,7 +184,17 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
     eprintln!(
         "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {:?} attention, {} warmup + {} timed steps",
-        a.model, model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.num_real_parameters() as f64 / 1e6, dev.name, format_args!("sm_{}{}", dev.capability.0, dev.capability.1), trainer.model.attention(), a.warmup, a.steps
+        a.model,
+        model.n_layer,
+        model.n_embd,
+        model.n_head,
+        model.vocab_size,
+        model.num_real_parameters() as f64 / 1e6,
+        dev.name,
+        format_args!("sm_{}{}", dev.capability.0, dev.capability.1),
+        trainer.model.attention(),
+        a.warmup,
+        a.steps
     );
     for _ in 0..a.warmup {
         trainer.train_step(std::slice::from_ref(&mb), None, None)?;
@@ -263,15 +269,7 @@ fn bench_allreduce(a: BenchAllreduceArgs) -> Result<(), CliError> {
         let mem = memcpy_bandwidth(bytes, a.iters.max(1));
         for &n in &a.ranks {
             let r = ring_busbw(n, bytes, a.iters.max(1)).map_err(|e| CliError::Usage(e.to_string()))?;
-            println!(
-                "{n:>6} {:>6} MiB {:>9.2} ms {:>12.2} {:>12.2} {:>14.2} {:>10.3}",
-                mib,
-                r.seconds_per_iter * 1e3,
-                r.algbw_gbps,
-                r.busbw_gbps,
-                mem,
-                r.busbw_gbps / mem
-            );
+            println!("{n:>6} {:>6} MiB {:>9.2} ms {:>12.2} {:>12.2} {:>14.2} {:>10.3}", mib, r.seconds_per_iter * 1e3, r.algbw_gbps, r.busbw_gbps, mem, r.busbw_gbps / mem);
             println!("bench_result impl=ring ranks={n} bytes={bytes} busbw_gbps={:.3} memcpy_gbps={mem:.3}", r.busbw_gbps);
         }
     }
@@ -289,7 +287,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
-    use liandan_proto::auth::{random_token, TokenSource, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
+    use liandan_proto::auth::{ADMIN_TOKEN_ENV, TokenSource, WORKER_TOKEN_ENV, random_token};
     use liandan_proto::v1::{HeartbeatRequest, RegisterRequest};
     let usage = |e: liandan_proto::auth::AuthError| CliError::Usage(e.to_string());
     let (admin_token, worker_token) = (random_token().map_err(usage)?, random_token().map_err(usage)?);
@@ -303,7 +301,17 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
     let mut child = std::process::Command::new(exe)
         .env(ADMIN_TOKEN_ENV, &admin_token)
         .env(WORKER_TOKEN_ENV, &worker_token)
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--store", &dir.join("store.db").display().to_string(), "--addr-file", &addr_file.display().to_string(), "--lease-ms", "60000"])
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &dir.join("store.db").display().to_string(),
+            "--addr-file",
+            &addr_file.display().to_string(),
+            "--lease-ms",
+            "60000",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -312,10 +320,10 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
     let result = (|| -> Result<(), CliError> {
         let deadline = Instant::now() + std::time::Duration::from_secs(20);
         let addr = loop {
-            if let Ok(s) = std::fs::read_to_string(&addr_file) {
-                if s.ends_with('\n') {
-                    break s.trim().to_string();
-                }
+            if let Ok(s) = std::fs::read_to_string(&addr_file)
+                && s.ends_with('\n')
+            {
+                break s.trim().to_string();
             }
             if Instant::now() > deadline {
                 return Err(CliError::Usage("coordinator did not start".into()));
@@ -329,7 +337,11 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
             let token = TokenSource::literal(&worker_token, "worker token").map_err(usage)?;
             let mut clients = Vec::new();
             for _ in 0..a.connections.max(1) {
-                let ch = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| CliError::Usage(e.to_string()))?.connect().await.map_err(|e| CliError::Usage(e.to_string()))?;
+                let ch = tonic::transport::Endpoint::from_shared(addr.clone())
+                    .map_err(|e| CliError::Usage(e.to_string()))?
+                    .connect()
+                    .await
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
                 clients.push(liandan_proto::auth::client(ch, Some(token.clone())));
             }
             let mut ids = Vec::with_capacity(a.workers);

@@ -3,11 +3,11 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use liandan_data::chat::{prompt_ids, Message, Role};
+use liandan_data::chat::{Message, Role, prompt_ids};
 use liandan_worker::generate::{Generator, SamplingConfig};
 
-use crate::generate::{load_model, Codec};
 use crate::CliError;
+use crate::generate::{Codec, load_model};
 
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use liandan_proto::auth::{Client, TlsFiles, TokenSource, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
+use liandan_proto::auth::{ADMIN_TOKEN_ENV, Client, TlsFiles, TokenSource, WORKER_TOKEN_ENV};
 use liandan_proto::v1::*;
 
 use crate::CliError;
@@ -333,9 +333,15 @@ pub async fn watch_async(c: &mut Client, id: u64, bars: bool) -> Result<JobStatu
             }
         } else {
             // Without a terminal: a line when a state or world changes, or every 10% of a phase.
-            let key = item.phases.iter().map(|p| format!("{}:{}:{}:{}", p.state, p.world, p.generation, p.step * 10 / p.total_steps.max(1))).collect::<Vec<_>>().join(",") + &item.state;
+            let key =
+                item.phases.iter().map(|p| format!("{}:{}:{}:{}", p.state, p.world, p.generation, p.step * 10 / p.total_steps.max(1))).collect::<Vec<_>>().join(",") + &item.state;
             if key != last_line {
-                let line = item.phases.iter().map(|p| format!("{} {} {}/{} loss {:.4} world {} gen {}", p.name, p.state, p.step, p.total_steps, p.loss, p.world, p.generation)).collect::<Vec<_>>().join("; ");
+                let line = item
+                    .phases
+                    .iter()
+                    .map(|p| format!("{} {} {}/{} loss {:.4} world {} gen {}", p.name, p.state, p.step, p.total_steps, p.loss, p.world, p.generation))
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 eprintln!("job {} {}: {line}", item.job_id, item.state);
                 last_line = key;
             }

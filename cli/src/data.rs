@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use liandan_data::clean::filters::FilterConfig;
 use liandan_data::clean::{CleanConfig, Cleaner};
 use liandan_data::dedup::DedupConfig;
-use liandan_data::ingest::{expand_inputs, read_file, IngestOptions};
-use liandan_data::prepare::{prepare, PrepareConfig, Progress};
+use liandan_data::ingest::{IngestOptions, expand_inputs, read_file};
+use liandan_data::prepare::{PrepareConfig, Progress, prepare};
 use liandan_data::shard::SplitRatios;
 
 use crate::CliError;

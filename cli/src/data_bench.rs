@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use liandan_data::ingest::IngestOptions;
-use liandan_data::stream::{plan_chunks, read_chunk, Limits};
+use liandan_data::stream::{Limits, plan_chunks, read_chunk};
 
 use crate::CliError;
 
@@ -77,13 +77,7 @@ struct Row {
 
 fn prepare_settings(a: &BenchArgs) -> String {
     let inputs: Vec<String> = a.inputs.iter().map(|i| std::fs::canonicalize(i).map_or(i.clone(), |p| p.display().to_string())).collect();
-    format!(
-        "inputs = {}\nvocab_size = {}\nmemory_budget = {}\nclean = {{ t2s = {} }}\n",
-        serde_json::to_string(&inputs).unwrap_or_default(),
-        a.vocab_size,
-        a.memory_budget,
-        a.t2s
-    )
+    format!("inputs = {}\nvocab_size = {}\nmemory_budget = {}\nclean = {{ t2s = {} }}\n", serde_json::to_string(&inputs).unwrap_or_default(), a.vocab_size, a.memory_budget, a.t2s)
 }
 
 pub fn run(a: BenchArgs, threads: usize) -> Result<(), CliError> {
@@ -129,7 +123,14 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<(), CliError> {
     if a.one_process {
         let prepared = out.join("one-process");
         let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["--threads", &threads.to_string(), "data", "prepare"]).args(&a.inputs).args(["--out", &prepared.display().to_string(), "--vocab-size", &a.vocab_size.to_string(), "--memory-budget", &a.memory_budget.to_string()]);
+        cmd.args(["--threads", &threads.to_string(), "data", "prepare"]).args(&a.inputs).args([
+            "--out",
+            &prepared.display().to_string(),
+            "--vocab-size",
+            &a.vocab_size.to_string(),
+            "--memory-budget",
+            &a.memory_budget.to_string(),
+        ]);
         if a.t2s {
             cmd.arg("--t2s");
         }
@@ -188,12 +189,27 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<(), CliError> {
     flush(&mut batch, &mut encode_s)?;
     let encode_mb_s = bytes as f64 / 1e6 / encode_s;
     let mb = report.text_bytes_in as f64 / 1e6;
-    println!("corpus: {} files, {} documents, {mb:.1} MB of text ({} MB on disk); {threads} threads; load average before: {}", files.len(), report.documents_in, sum_sizes(&files) / 1_000_000, load.trim());
+    println!(
+        "corpus: {} files, {} documents, {mb:.1} MB of text ({} MB on disk); {threads} threads; load average before: {}",
+        files.len(),
+        report.documents_in,
+        sum_sizes(&files) / 1_000_000,
+        load.trim()
+    );
     println!("| run | threads | time | MB/s | MB/s per core | peak RSS (largest process) | pipeline / encode-only |");
     println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         let mb_s = mb / r.seconds;
-        println!("| {} | {} | {:.1} s | {:.2} | {:.2} | {:.0} MiB | {:.2} |", r.what, r.threads, r.seconds, mb_s, mb_s / r.threads as f64, r.peak as f64 / (1 << 20) as f64, mb_s / encode_mb_s);
+        println!(
+            "| {} | {} | {:.1} s | {:.2} | {:.2} | {:.0} MiB | {:.2} |",
+            r.what,
+            r.threads,
+            r.seconds,
+            mb_s,
+            mb_s / r.threads as f64,
+            r.peak as f64 / (1 << 20) as f64,
+            mb_s / encode_mb_s
+        );
     }
     println!("| `tokenizers` encode_batch only (the peer) | {threads} | {encode_s:.1} s | {encode_mb_s:.2} | {:.2} | | 1.00 |", encode_mb_s / threads as f64);
     println!("manifests identical across runs: {}", if same { "yes" } else { "NO" });

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use liandan_worker::generate::{Generator, SamplingConfig};
 use liandan_data::tokenizer::ChatTokenizer;
-use liandan_worker::tokenizer::ByteTokenizer;
 use liandan_worker::Gpt;
+use liandan_worker::generate::{Generator, SamplingConfig};
+use liandan_worker::tokenizer::ByteTokenizer;
 
 use crate::CliError;
 
@@ -42,7 +42,7 @@ pub struct GenerateArgs {
 #[derive(Debug)]
 pub enum Codec {
     Bytes,
-    Bpe(ChatTokenizer),
+    Bpe(Box<ChatTokenizer>),
 }
 
 impl Codec {
@@ -74,7 +74,7 @@ impl Codec {
 pub fn load_model(path: &std::path::Path) -> Result<(Gpt, Codec), CliError> {
     let dir = crate::train::resolve_checkpoint(path)?;
     let (model, tk) = liandan_worker::eval::load_for_inference(&dir).map_err(CliError::Usage)?;
-    Ok((model, tk.map_or(Codec::Bytes, Codec::Bpe)))
+    Ok((model, tk.map_or(Codec::Bytes, |t| Codec::Bpe(Box::new(t)))))
 }
 
 /// Continues `prompt` and returns the new text.
@@ -94,15 +94,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     if let Some(s) = &a.stop {
         stop_tokens.extend(codec.encode(s)?.into_iter().take(1));
     }
-    let cfg = SamplingConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-        stop_tokens,
-        greedy: a.greedy,
-    };
+    let cfg = SamplingConfig { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, stop_tokens, greedy: a.greedy };
     let text = complete(&model, &codec, &a.prompt, &cfg)?;
     println!("{}{}", a.prompt, text);
     Ok(())

@@ -46,8 +46,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the main job on the built-in demo text: train a small model, checkpoint it, and
-    /// generate from it.
+    /// The whole recipe on the embedded demo data: prepare the data, start a local coordinator
+    /// and workers, run pretrain → SFT → reward model → PPO as one job, then score every
+    /// phase's checkpoint on held-out prompts and print the table.
     Up(up::UpArgs),
     /// Train a model on a text file in this process (UTF-8 bytes as tokens).
     Train(train::TrainArgs),

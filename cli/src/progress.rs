@@ -19,9 +19,7 @@ impl Progress {
         }
         let bar = ProgressBar::new(total);
         // The template is a constant known to parse.
-        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
-            .expect("static progress template parses")
-            .progress_chars("=> ");
+        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} (eta {eta})").expect("static progress template parses").progress_chars("=> ");
         bar.set_style(style);
         bar.set_prefix(label.to_string());
         bar.set_position(start);
@@ -36,7 +34,7 @@ impl Progress {
                 b.set_message(msg.to_string());
             }
             None => {
-                if step % self.log_every == 0 || step == total || step == 1 {
+                if step.is_multiple_of(self.log_every) || step == total || step == 1 {
                     eprintln!("step {step}/{total} {msg}");
                 }
             }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use liandan_worker::backend::Device;
-use liandan_worker::backend::cuda::selftest::{self, Shapes};
 use liandan_worker::backend::cuda::CudaDevice;
+use liandan_worker::backend::cuda::selftest::{self, Shapes};
 
 use crate::CliError;
 

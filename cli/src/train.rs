@@ -4,16 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use liandan_data::shard::{read_split, sha256_hex, Manifest, Split};
+use liandan_data::shard::{Manifest, Split, read_split, sha256_hex};
 use liandan_worker::checkpoint::{self, DataCursor};
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
-use liandan_worker::tokenizer::{ByteTokenizer, BYTES};
+use liandan_worker::tokenizer::{BYTES, ByteTokenizer};
 use liandan_worker::train::{TokenStream, TrainConfig, Trainer};
 use liandan_worker::{EngineError, GptConfig};
 
+use crate::CliError;
 use crate::progress::Progress;
 use liandan_worker::phase::pretrain::TOKENIZER_FILE;
-use crate::CliError;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
@@ -211,12 +211,14 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         let tps = tokens_done as f64 / started.elapsed().as_secs_f64();
         let done = trainer.step;
         progress.step(done, total, &format!("loss {:.4} | lr {:.2e} | norm {:.2} | {:.0} tok/s", st.loss, st.lr, st.grad_norm, tps));
-        if args.eval_every > 0 && done % args.eval_every == 0 && done < total {
-            if let Some(v) = val.as_mut() {
-                let l = eval(&mut trainer, v, b, t)?;
-                progress.println(&format!("step {done}: val loss {l:.4}"));
-                last_val = Some(l);
-            }
+        if args.eval_every > 0
+            && done % args.eval_every == 0
+            && done < total
+            && let Some(v) = val.as_mut()
+        {
+            let l = eval(&mut trainer, v, b, t)?;
+            progress.println(&format!("step {done}: val loss {l:.4}"));
+            last_val = Some(l);
         }
         let periodic = args.checkpoint_every.is_some_and(|k| k > 0 && done % k == 0);
         if periodic || done == total {
@@ -268,10 +270,6 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CliError> {
     let latest = path.join("latest");
     match std::fs::read_to_string(&latest) {
         Ok(name) => Ok(path.join(name.trim())),
-        Err(_) => Err(CliError::Usage(format!(
-            "{}: not a checkpoint (no {}) and not a run directory (no latest)",
-            path.display(),
-            checkpoint::STATE_FILE
-        ))),
+        Err(_) => Err(CliError::Usage(format!("{}: not a checkpoint (no {}) and not a run directory (no latest)", path.display(), checkpoint::STATE_FILE))),
     }
 }

@@ -117,10 +117,10 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
         if let Ok(s) = serde_json::from_str::<liandan_worker::phase::ppo::PpoStepStats>(&phase.evaluation) {
             ppo_stats = Some(s);
         }
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&phase.evaluation) {
-            if v.get("val_loss").is_some() {
-                sft_eval = Some((phase.name.clone(), v));
-            }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&phase.evaluation)
+            && v.get("val_loss").is_some()
+        {
+            sft_eval = Some((phase.name.clone(), v));
         }
         let (model, codec) = crate::generate::load_model(ckpt)?;
         let crate::generate::Codec::Bpe(tk) = &codec else { continue };
@@ -200,7 +200,7 @@ impl LocalCluster {
             let p = logs.join(format!("{name}.log"));
             std::fs::File::create(&p).map_err(|e| CliError::Io { path: p.display().to_string(), source: e })
         };
-        use liandan_proto::auth::{random_token, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
+        use liandan_proto::auth::{ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV, random_token};
         let token = || random_token().map_err(|e| CliError::Usage(e.to_string()));
         let (admin_token, worker_token) = (token()?, token()?);
         let spawn = |name: &str, args: &[String]| -> Result<std::process::Child, CliError> {
@@ -211,25 +211,31 @@ impl LocalCluster {
             if name == "coordinator" {
                 cmd.env(ADMIN_TOKEN_ENV, &admin_token);
             }
-            cmd.args(args)
-                .stdout(f)
-                .stderr(f2)
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| CliError::Usage(format!("cannot start {name}: {e}")))
+            cmd.args(args).stdout(f).stderr(f2).stdin(std::process::Stdio::null()).spawn().map_err(|e| CliError::Usage(format!("cannot start {name}: {e}")))
         };
         let mut children = Vec::new();
         let store = out.join("coordinator.db");
         children.push((
             "coordinator".to_string(),
-            spawn("coordinator", &["coordinator".into(), "--listen".into(), "127.0.0.1:0".into(), "--store".into(), store.display().to_string(), "--addr-file".into(), addr_file.display().to_string()])?,
+            spawn(
+                "coordinator",
+                &[
+                    "coordinator".into(),
+                    "--listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--store".into(),
+                    store.display().to_string(),
+                    "--addr-file".into(),
+                    addr_file.display().to_string(),
+                ],
+            )?,
         ));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let addr = loop {
-            if let Ok(s) = std::fs::read_to_string(&addr_file) {
-                if s.ends_with('\n') {
-                    break s.trim().to_string();
-                }
+            if let Ok(s) = std::fs::read_to_string(&addr_file)
+                && s.ends_with('\n')
+            {
+                break s.trim().to_string();
             }
             if std::time::Instant::now() > deadline {
                 let mut c = LocalCluster { children, addr: String::new(), admin_token };

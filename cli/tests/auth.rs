@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::local::{job_spec, prepared, wait_for, Local, Proc};
-use common::{s, scratch, ADMIN_TOKEN, WORKER_TOKEN};
+use common::local::{Local, Proc, job_spec, prepared, wait_for};
+use common::{ADMIN_TOKEN, WORKER_TOKEN, s, scratch};
 use liandan_coordinator::store::Store;
 use liandan_proto::v1::coordinator_client::CoordinatorClient;
 use liandan_proto::v1::*;
@@ -98,7 +98,6 @@ fn calls_without_the_right_token_are_refused_logged_and_change_nothing() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(snapshot(&d, job).1, "cancelled");
 }
-
 
 #[test]
 fn a_coordinator_without_tokens_refuses_to_start_and_a_worker_with_a_wrong_token_stops() {

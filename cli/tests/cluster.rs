@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::local::{prepared, spawn, wait_for, Proc};
+use common::local::{Proc, prepared, spawn, wait_for};
 use common::{liandan, s, scratch};
 use liandan_coordinator::store::Store;
 
@@ -249,7 +249,9 @@ fn standard_grpc_tools_see_health_and_reflection() {
         // Health needs no token (load balancers and probes have none); reflection needs the admin token.
         let r = health.check(tonic_health::pb::HealthCheckRequest { service: "liandan.v1.Coordinator".into() }).await.unwrap().into_inner();
         assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-        use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
         let mut refl = ServerReflectionClient::new(ch);
         let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
         let refused = refl.server_reflection_info(tokio_stream::iter(vec![req.clone()])).await.unwrap_err();
@@ -337,7 +339,9 @@ fn recipe_files(d: &Path) -> (PathBuf, PathBuf) {
     for i in 0..40 {
         a.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "response": "疑是地上霜。", "task": "next_line"}).to_string());
         a.push('\n');
-        b.push_str(&serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "chosen": "疑是地上霜。", "rejected": "黄河入海流。", "label_source": "rule"}).to_string());
+        b.push_str(
+            &serde_json::json!({"prompt": format!("请接出下一句：床前明月光{i}，"), "chosen": "疑是地上霜。", "rejected": "黄河入海流。", "label_source": "rule"}).to_string(),
+        );
         b.push('\n');
     }
     std::fs::write(&sft, a).unwrap();
@@ -345,7 +349,8 @@ fn recipe_files(d: &Path) -> (PathBuf, PathBuf) {
     (sft, pref)
 }
 
-const PPO_PHASE: &str = "\n[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"SFT\"\nsteps = 3\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n";
+const PPO_PHASE: &str =
+    "\n[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"SFT\"\nsteps = 3\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n";
 
 #[test]
 fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_submit() {
@@ -395,7 +400,10 @@ fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_sub
     let o = c.cli(&["submit", s(&spec_path)]);
     common::assert_one_line_error(&o, &["phases[2].data", "pref.jsonl:1", "'chosen' and 'rejected' are the same"]);
     // A ppo phase whose reward checkpoint is of another kind (the SFT model has no scalar head).
-    let bad = format!("{base}{}reward_checkpoint = \"{sft_ckpt}\"\ninit = \"{sft_ckpt}\"\n", PPO_PHASE.replace("SFT", s(&sft)).replace("[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n", ""));
+    let bad = format!(
+        "{base}{}reward_checkpoint = \"{sft_ckpt}\"\ninit = \"{sft_ckpt}\"\n",
+        PPO_PHASE.replace("SFT", s(&sft)).replace("[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n", "")
+    );
     std::fs::write(&spec_path, bad).unwrap();
     let o = c.cli(&["submit", s(&spec_path)]);
     common::assert_one_line_error(&o, &["phases[1].reward_checkpoint", "is not a reward-model checkpoint"]);
@@ -422,7 +430,8 @@ fn human_labels_train_a_reward_model_and_a_failed_job_resumes_at_its_phase() {
     let (sft, _) = recipe_files(&d);
     let base = std::fs::read_to_string(spec(&d, &data, 2, 2, 1)).unwrap();
     let spec_a = d.join("a.toml");
-    std::fs::write(&spec_a, format!("{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n", sft.display())).unwrap();
+    std::fs::write(&spec_a, format!("{base}\n[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{}\"\nsteps = 2\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n", sft.display()))
+        .unwrap();
     let c = Cluster::start(&d, 1);
     let a = c.submit(&spec_a);
     c.wait_state(a, "succeeded", 180);

@@ -11,8 +11,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::local::{http_get, http_request, job_spec, prepared, wait_for, Local};
-use common::{scratch, ADMIN_TOKEN, WORKER_TOKEN};
+use common::local::{Local, http_get, http_request, job_spec, prepared, wait_for};
+use common::{ADMIN_TOKEN, WORKER_TOKEN, scratch};
 
 fn find_chromium() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -125,7 +125,10 @@ fn dashboard_api_metrics_and_phase_logs() {
         for t in p["targets"].as_array().unwrap() {
             let expr = t["expr"].as_str().unwrap();
             for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("liandan_")) {
-                assert!(metrics.contains(&format!("\n{name}{{")) || metrics.contains(&format!("# TYPE {name} ")), "the Grafana dashboard queries {name}, which /metrics does not export");
+                assert!(
+                    metrics.contains(&format!("\n{name}{{")) || metrics.contains(&format!("# TYPE {name} ")),
+                    "the Grafana dashboard queries {name}, which /metrics does not export"
+                );
             }
         }
     }
@@ -155,7 +158,17 @@ fn dashboard_api_metrics_and_phase_logs() {
     };
     let url = format!("{}/#token={ADMIN_TOKEN}", l.http);
     let dom = chromium(&exe, &d.join("profile-dom"), &url, "--dump-dom");
-    for needle in [format!("id=\"job-{job}\""), format!("job {job} 'test'"), "pretrain".into(), "succeeded".into(), "40/40".into(), "data-worker-id=\"1\"".into(), "data-worker-id=\"2\"".into(), "<polyline".into(), "checkpoint(s)".into()] {
+    for needle in [
+        format!("id=\"job-{job}\""),
+        format!("job {job} 'test'"),
+        "pretrain".into(),
+        "succeeded".into(),
+        "40/40".into(),
+        "data-worker-id=\"1\"".into(),
+        "data-worker-id=\"2\"".into(),
+        "<polyline".into(),
+        "checkpoint(s)".into(),
+    ] {
         assert!(dom.contains(&needle), "'{needle}' missing from the dashboard's DOM:\n{dom}");
     }
     assert!(!dom.contains(ADMIN_TOKEN), "the token stays out of the page");

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::local::{wait_for, Local};
+use common::local::{Local, wait_for};
 use common::{liandan, s, scratch};
 
 /// A corpus of many small tasks: JSONL (with near and exact duplicates), text, HTML pages of
@@ -169,7 +169,13 @@ fn a_data_phase_then_pretraining_in_one_job() {
     assert_eq!(m["vocab_size"], 400, "padded to the size the model was built for");
     // A data phase anywhere but first, and a phase that names it as its model, are refused.
     let bad = d.join("bad.toml");
-    std::fs::write(&bad, std::fs::read_to_string(&spec).unwrap().replace("name = \"pretrain\"\nkind = \"pretrain\"\nsteps = 4", "name = \"pretrain\"\nkind = \"pretrain\"\nfrom = \"data\"\nsteps = 4")).unwrap();
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("name = \"pretrain\"\nkind = \"pretrain\"\nsteps = 4", "name = \"pretrain\"\nkind = \"pretrain\"\nfrom = \"data\"\nsteps = 4"),
+    )
+    .unwrap();
     let o = l.cli(&["submit", s(&bad)]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("is a data phase"), "{}", String::from_utf8_lossy(&o.stderr));
 }

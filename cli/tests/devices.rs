@@ -8,11 +8,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::local::{prepared, wait_for, Local};
-use common::{scratch, WORKER_TOKEN};
+use common::local::{Local, prepared, wait_for};
+use common::{WORKER_TOKEN, scratch};
+use liandan_proto::PROTOCOL_VERSION;
 use liandan_proto::v1::coordinator_client::CoordinatorClient;
 use liandan_proto::v1::*;
-use liandan_proto::PROTOCOL_VERSION;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -95,7 +95,15 @@ fn device_kinds_are_kept_apart_and_the_nccl_rendezvous_goes_through_the_coordina
 
         // The rendezvous of the CUDA job's generation.
         let (r0, r1) = if seats[0].rank == 0 { (0, 1) } else { (1, 0) };
-        let seat = |w: &Fake, a: &Assignment| Rendezvous { worker_id: w.id, worker_secret: w.secret.clone(), job_id: a.job_id, phase_index: a.phase_index, generation: a.generation, rank: a.rank, nccl_id: Vec::new() };
+        let seat = |w: &Fake, a: &Assignment| Rendezvous {
+            worker_id: w.id,
+            worker_secret: w.secret.clone(),
+            job_id: a.job_id,
+            phase_index: a.phase_index,
+            generation: a.generation,
+            rank: a.rank,
+            nccl_id: Vec::new(),
+        };
         let e = c.fetch_rendezvous(call(seat(&gpus[r1], &seats[r1]))).await.unwrap_err();
         assert_eq!(e.code(), Code::Unavailable, "nothing before rank 0 publishes: {e:?}");
         let e = c.publish_rendezvous(call(Rendezvous { nccl_id: vec![1; 128], ..seat(&gpus[r1], &seats[r1]) })).await.unwrap_err();

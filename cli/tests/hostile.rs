@@ -11,8 +11,8 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::local::{http_get, prepared, wait_for, Local};
-use common::{s, scratch, WORKER_TOKEN};
+use common::local::{Local, http_get, prepared, wait_for};
+use common::{WORKER_TOKEN, s, scratch};
 use liandan_coordinator::store::Store;
 use liandan_proto::v1::coordinator_client::CoordinatorClient;
 use liandan_proto::v1::*;
@@ -91,7 +91,8 @@ fn strangers_and_non_members_move_nothing_and_the_job_finishes() {
     }
     let silent: Vec<TcpStream> = members.iter().map(|(_, ring)| TcpStream::connect(ring).unwrap()).collect();
     // 500 idle connections on the gRPC port and on the HTTP port.
-    let idle: Vec<TcpStream> = (0..500).flat_map(|_| [TcpStream::connect(l.addr.trim_start_matches("http://")).unwrap(), TcpStream::connect(l.http.trim_start_matches("http://")).unwrap()]).collect();
+    let idle: Vec<TcpStream> =
+        (0..500).flat_map(|_| [TcpStream::connect(l.addr.trim_start_matches("http://")).unwrap(), TcpStream::connect(l.http.trim_start_matches("http://")).unwrap()]).collect();
 
     // A job whose name carries a terminal escape.
     let p = spec(&d, &data, "members", 2, 2, 3000, 1000, "");
@@ -122,7 +123,9 @@ fn strangers_and_non_members_move_nothing_and_the_job_finishes() {
             .into_inner();
         let generation = 1;
         let (member, _) = members[0].clone();
-        for (who, id, secret) in [("a registered non-member", rogue.worker_id, rogue.worker_secret.clone()), ("a member's id with the rogue's secret", member, rogue.worker_secret.clone())] {
+        for (who, id, secret) in
+            [("a registered non-member", rogue.worker_id, rogue.worker_secret.clone()), ("a member's id with the rogue's secret", member, rogue.worker_secret.clone())]
+        {
             for rank in [0, 1] {
                 let at = |e: tonic::Status| format!("{who}, rank {rank}: {:?} {}", e.code(), e.message());
                 let r = StepReport { worker_id: id, worker_secret: secret.clone(), rank, job_id: job, phase_index: 0, generation, step: 2999, loss: 0.0, ..Default::default() };
@@ -131,7 +134,17 @@ fn strangers_and_non_members_move_nothing_and_the_job_finishes() {
                 let ck = CheckpointInfo { worker_id: id, worker_secret: secret.clone(), rank, job_id: job, phase_index: 0, generation, step: 2999, path: d.display().to_string() };
                 let e = c.commit_checkpoint(worker_call(ck)).await.unwrap_err();
                 assert_eq!(e.code(), Code::PermissionDenied, "{}", at(e));
-                let fin = AssignmentResult { worker_id: id, worker_secret: secret.clone(), rank, job_id: job, phase_index: 0, generation, ok: false, error: "ended by a stranger".into(), final_checkpoint: String::new() };
+                let fin = AssignmentResult {
+                    worker_id: id,
+                    worker_secret: secret.clone(),
+                    rank,
+                    job_id: job,
+                    phase_index: 0,
+                    generation,
+                    ok: false,
+                    error: "ended by a stranger".into(),
+                    final_checkpoint: String::new(),
+                };
                 let e = c.finish_assignment(worker_call(fin)).await.unwrap_err();
                 assert_eq!(e.code(), Code::PermissionDenied, "{}", at(e));
             }
@@ -172,7 +185,8 @@ fn specs_that_would_bring_something_down_are_refused_at_submit() {
         let o = submit(spec);
         common::assert_one_line_error(&o, needles);
     };
-    let sft = |data_file: &str, extra: &str| format!("[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{data_file}\"\nsteps = 2\nglobal_batch = 2\nseq_len = 16\nlr = 1e-3\n{extra}");
+    let sft =
+        |data_file: &str, extra: &str| format!("[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"{data_file}\"\nsteps = 2\nglobal_batch = 2\nseq_len = 16\nlr = 1e-3\n{extra}");
 
     // Data that is not a regular file, before a byte of it is read.
     let fifo = d.join("sft.fifo");
@@ -259,7 +273,8 @@ fn a_diverging_phase_fails_naming_its_step_and_never_succeeds() {
 
     // Allowed to skip three such steps, it skips three and then fails saying so.
     let skip = d.join("skip.toml");
-    std::fs::write(&skip, text.replace("name = \"nan\"", "name = \"skip\"").replace("ckpt-nan", "ckpt-skip").replace("grad_clip = 0.0", "grad_clip = 0.0\nmax_skipped_steps = 3")).unwrap();
+    std::fs::write(&skip, text.replace("name = \"nan\"", "name = \"skip\"").replace("ckpt-nan", "ckpt-skip").replace("grad_clip = 0.0", "grad_clip = 0.0\nmax_skipped_steps = 3"))
+        .unwrap();
     let job = l.submit(&skip);
     let end = wait_for(120, "the job to end", || {
         let st = l.status(job);

@@ -19,8 +19,43 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A P-256 key and a certificate for `cn` signed by the CA, with `ext` (extensions).
 fn issue(dir: &Path, name: &str, cn: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}")]);
-    openssl(dir, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-out", &format!("{name}.pem"), "-extfile", &format!("{name}.ext")]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &format!("{name}.pem"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
 }
 
 #[test]
@@ -31,7 +66,26 @@ fn tls_with_client_certificates() {
         return;
     }
     let d = scratch("tls");
-    openssl(&d, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=liandan test CA"]);
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=liandan test CA",
+        ],
+    );
     issue(&d, "server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
     issue(&d, "client", "liandan-worker", "extendedKeyUsage=clientAuth\n");
     let p = |f: &str| d.join(f).display().to_string();
@@ -39,7 +93,21 @@ fn tls_with_client_certificates() {
 
     let addr_file = d.join("addr");
     let _coordinator = spawn(
-        &["coordinator", "--listen", "127.0.0.1:0", "--store", s(&d.join("store.db")), "--addr-file", s(&addr_file), "--tls-cert", &p("server.pem"), "--tls-key", &p("server.key"), "--tls-ca", &ca],
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            s(&d.join("store.db")),
+            "--addr-file",
+            s(&addr_file),
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server.key"),
+            "--tls-ca",
+            &ca,
+        ],
         &d.join("coordinator.log"),
     );
     let addr = wait_for(20, "the coordinator's address file", || std::fs::read_to_string(&addr_file).ok().filter(|a| a.ends_with('\n'))).trim().to_string();

@@ -15,15 +15,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use liandan_proto::auth::{bearer, TokenSource};
-use tonic::codegen::http;
+use liandan_proto::auth::{TokenSource, bearer};
 use tonic::Status;
+use tonic::codegen::http;
 use tower::{Layer, Service};
 
 use crate::metrics::RpcMetrics;
 
 /// The calls a worker makes, by gRPC method name.
-pub const WORKER_METHODS: &[&str] = &["Register", "Heartbeat", "NextAssignment", "ReportStep", "CommitCheckpoint", "FinishAssignment", "PublishRendezvous", "FetchRendezvous", "SubmitSamples"];
+pub const WORKER_METHODS: &[&str] =
+    &["Register", "Heartbeat", "NextAssignment", "ReportStep", "CommitCheckpoint", "FinishAssignment", "PublishRendezvous", "FetchRendezvous", "SubmitSamples"];
 
 const SERVICE_PREFIX: &str = "/liandan.v1.Coordinator/";
 const PUBLIC_PREFIXES: &[&str] = &["/grpc.health.v1.Health/"];

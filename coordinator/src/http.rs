@@ -21,12 +21,12 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::auth::{Auth, Role};
 use crate::metrics::RpcMetrics;
@@ -127,11 +127,7 @@ async fn submit_label(State(st): State<HttpState>, Path(id): Path<u64>, Json(bod
 
 /// 200 while the store can be written, 503 otherwise (probed every second).
 async fn healthz(State(st): State<HttpState>) -> Response {
-    if st.healthy.load(std::sync::atomic::Ordering::Relaxed) {
-        "ok".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "the store cannot be written").into_response()
-    }
+    if st.healthy.load(std::sync::atomic::Ordering::Relaxed) { "ok".into_response() } else { (StatusCode::SERVICE_UNAVAILABLE, "the store cannot be written").into_response() }
 }
 
 async fn metrics(State(st): State<HttpState>) -> Response {

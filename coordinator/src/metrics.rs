@@ -73,7 +73,12 @@ impl RpcMetrics {
             let _ = writeln!(out, "liandan_rpc_duration_seconds_count{{{l}}} {}", h.count);
         }
         let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        header(out, "liandan_rpc_refused_total", "counter", "gRPC calls and HTTP requests (method \"HTTP /path\") refused for a missing or wrong token (Unauthenticated) or a worker token on an admin call (PermissionDenied)");
+        header(
+            out,
+            "liandan_rpc_refused_total",
+            "counter",
+            "gRPC calls and HTTP requests (method \"HTTP /path\") refused for a missing or wrong token (Unauthenticated) or a worker token on an admin call (PermissionDenied)",
+        );
         for ((method, code), n) in &refused {
             let _ = writeln!(out, "liandan_rpc_refused_total{{method=\"{}\",code=\"{code}\"}} {n}", esc(method));
         }
@@ -139,7 +144,9 @@ pub fn render(svc: &CoordinatorService, rpc: &RpcMetrics) -> Result<String, toni
         ("liandan_phase_world", "gauge", "Workers in the phase's group", |p| p.world as f64),
         ("liandan_phase_generation", "gauge", "The group's generation (bumped on every membership change)", |p| p.generation as f64),
         ("liandan_phase_last_checkpoint_step", "gauge", "Step of the last committed checkpoint", |p| p.last_checkpoint_step as f64),
-        ("liandan_generation_changes_total", "counter", "Re-formations of the phase's group after its first (a worker lost, joined or drained)", |p| p.generation.saturating_sub(1) as f64),
+        ("liandan_generation_changes_total", "counter", "Re-formations of the phase's group after its first (a worker lost, joined or drained)", |p| {
+            p.generation.saturating_sub(1) as f64
+        }),
     ];
     for (name, kind, help, get) in gauges {
         header(&mut out, name, kind, help);

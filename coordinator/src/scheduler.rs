@@ -8,8 +8,8 @@
 //! - Metrics past the resume step are deleted on re-form: those steps will be computed again.
 
 use crate::spec::PhasePlan;
-use liandan_worker::plan::device_kind;
 use crate::store::{PhaseRow, Result, Store, WorkerRow};
+use liandan_worker::plan::device_kind;
 
 /// Why a group re-forms (for the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,11 +108,8 @@ pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
     keep.sort_by_key(|w| w.rank);
     // Workers that just finished an earlier phase of the same job are as good as idle.
     let need = memory_need(p);
-    let mut fresh: Vec<&WorkerRow> = workers
-        .iter()
-        .filter(|w| w.state == "idle" || (w.state == "busy" && w.job_id == p.job_id && w.phase_idx < p.idx))
-        .filter(|w| fits(w, need))
-        .collect();
+    let mut fresh: Vec<&WorkerRow> =
+        workers.iter().filter(|w| w.state == "idle" || (w.state == "busy" && w.job_id == p.job_id && w.phase_idx < p.idx)).filter(|w| fits(w, need)).collect();
     fresh.sort_by_key(|w| w.id);
     // One device kind per group: the required one, else the kept members', else that of the
     // kind with the most candidates (lowest id on a tie).
@@ -143,13 +140,7 @@ pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
     s.delete_metrics_after(p.job_id, p.idx, resume_step)?;
     if (chosen.len() as u32) < p.min_workers {
         s.set_phase_group(p.job_id, p.idx, generation, 0, resume_step, "")?;
-        return Ok(vec![format!(
-            "job {} phase {} waits for workers: {} available, min_workers {} (generation {generation})",
-            p.job_id,
-            p.idx,
-            chosen.len(),
-            p.min_workers
-        )]);
+        return Ok(vec![format!("job {} phase {} waits for workers: {} available, min_workers {} (generation {generation})", p.job_id, p.idx, chosen.len(), p.min_workers)]);
     }
     for (rank, w) in chosen.iter().enumerate() {
         s.assign_worker(w.id, p.job_id, p.idx, rank as u32, generation)?;
@@ -158,11 +149,5 @@ pub fn reform(s: &Store, p: &PhaseRow, reason: Reason) -> Result<Vec<String>> {
     let ring_secret = liandan_proto::auth::random_bytes::<32>().map_err(|e| crate::store::StoreError::Io(e.to_string()))?;
     s.set_phase_group(p.job_id, p.idx, generation, chosen.len() as u32, resume_step, &liandan_proto::auth::hex(&ring_secret))?;
     let ids: Vec<String> = chosen.iter().map(|w| w.id.to_string()).collect();
-    Ok(vec![format!(
-        "job {} phase {} generation {generation}: world {} (workers {}) from step {resume_step} ({reason:?})",
-        p.job_id,
-        p.idx,
-        chosen.len(),
-        ids.join(", ")
-    )])
+    Ok(vec![format!("job {} phase {} generation {generation}: world {} (workers {}) from step {resume_step} ({reason:?})", p.job_id, p.idx, chosen.len(), ids.join(", "))])
 }

@@ -39,8 +39,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use liandan_worker::plan::{ComparisonSource, PhaseKind, PhasePlan};
 use liandan_worker::GptConfig;
+pub use liandan_worker::plan::{ComparisonSource, PhaseKind, PhasePlan};
 
 /// A spec error: where (`phases[0].steps`) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -223,7 +223,8 @@ impl JobSpec {
         if self.name.chars().count() > MAX_NAME_CHARS {
             return bad("name", format!("is {} characters; at most {MAX_NAME_CHARS}", self.name.chars().count()));
         }
-        for (key, v, max) in [("model.layers", self.model.layers, MAX_LAYERS), ("model.heads", self.model.heads, MAX_HEADS), ("model.channels", self.model.channels, MAX_CHANNELS)] {
+        for (key, v, max) in [("model.layers", self.model.layers, MAX_LAYERS), ("model.heads", self.model.heads, MAX_HEADS), ("model.channels", self.model.channels, MAX_CHANNELS)]
+        {
             if let Some(v) = v
                 && (v == 0 || v > max)
             {
@@ -260,7 +261,13 @@ impl JobSpec {
             // The name is part of the phase's checkpoint directory.
             let plain = !p.name.is_empty() && p.name.len() <= MAX_PHASE_NAME && !p.name.starts_with('.') && p.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
             if !plain {
-                return bad(&at("name"), format!("'{}' must be 1..={MAX_PHASE_NAME} of A-Z a-z 0-9 - _ . (not starting with '.'): it names the phase's checkpoint directory", p.name.chars().take(80).collect::<String>()));
+                return bad(
+                    &at("name"),
+                    format!(
+                        "'{}' must be 1..={MAX_PHASE_NAME} of A-Z a-z 0-9 - _ . (not starting with '.'): it names the phase's checkpoint directory",
+                        p.name.chars().take(80).collect::<String>()
+                    ),
+                );
             }
             if self.phases[..i].iter().any(|q| q.name == p.name) {
                 return bad(&at("name"), format!("'{}' is the name of an earlier phase too", p.name));
@@ -304,7 +311,10 @@ impl JobSpec {
                 return bad(&at("steps"), if p.steps == 0 { "must be at least 1".into() } else { format!("must be at most {MAX_STEPS}, got {}", p.steps) });
             }
             if p.global_batch == 0 || p.global_batch > MAX_BATCH {
-                return bad(&at("global_batch"), if p.global_batch == 0 { "must be at least 1 sequence".into() } else { format!("must be at most {MAX_BATCH} sequences, got {}", p.global_batch) });
+                return bad(
+                    &at("global_batch"),
+                    if p.global_batch == 0 { "must be at least 1 sequence".into() } else { format!("must be at most {MAX_BATCH} sequences, got {}", p.global_batch) },
+                );
             }
             if p.seq_len == 0 || p.seq_len > MAX_SEQ_LEN {
                 return bad(&at("seq_len"), if p.seq_len == 0 { "must be at least 1".into() } else { format!("must be at most {MAX_SEQ_LEN}, got {}", p.seq_len) });

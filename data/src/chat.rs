@@ -214,7 +214,10 @@ mod tests {
 
     #[test]
     fn reads_both_sft_shapes_and_names_bad_lines() {
-        let p = file("ok.jsonl", "{\"prompt\":\"问\",\"response\":\"答\",\"task\":\"t\"}\n{\"messages\":[{\"role\":\"system\",\"content\":\"s\"},{\"role\":\"user\",\"content\":\"u\"},{\"role\":\"assistant\",\"content\":\"a\"}]}\n");
+        let p = file(
+            "ok.jsonl",
+            "{\"prompt\":\"问\",\"response\":\"答\",\"task\":\"t\"}\n{\"messages\":[{\"role\":\"system\",\"content\":\"s\"},{\"role\":\"user\",\"content\":\"u\"},{\"role\":\"assistant\",\"content\":\"a\"}]}\n",
+        );
         let ex = read_sft(&p).unwrap();
         assert_eq!(ex.len(), 2);
         assert_eq!(ex[0].messages[1], Message { role: Role::Assistant, content: "答".into() });

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use rayon::prelude::*;
 use serde::Serialize;
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
 
 use crate::error::{DataError, Result};
 
@@ -151,10 +151,7 @@ pub(crate) fn minhash(text: &str, k: usize, seeds: &[(u64, u64)]) -> Vec<u32> {
     };
     hashes.sort_unstable();
     hashes.dedup();
-    seeds
-        .iter()
-        .map(|&(a, b)| hashes.iter().map(|&h| (h.wrapping_mul(a).wrapping_add(b) >> 32) as u32).min().unwrap_or(u32::MAX))
-        .collect()
+    seeds.iter().map(|&(a, b)| hashes.iter().map(|&h| (h.wrapping_mul(a).wrapping_add(b) >> 32) as u32).min().unwrap_or(u32::MAX)).collect()
 }
 
 pub(crate) fn band_key(rows: &[u32], band: usize) -> u64 {

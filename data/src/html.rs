@@ -11,7 +11,33 @@ const SKIP: &[&str] = &["script", "style", "nav", "footer", "header", "aside", "
 
 /// Elements that start or end a line.
 const BLOCK: &[&str] = &[
-    "p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "td", "th", "table", "section", "article", "main", "blockquote", "pre", "dd", "dt", "dl", "hr", "title", "body",
+    "p",
+    "div",
+    "br",
+    "li",
+    "ul",
+    "ol",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "tr",
+    "td",
+    "th",
+    "table",
+    "section",
+    "article",
+    "main",
+    "blockquote",
+    "pre",
+    "dd",
+    "dt",
+    "dl",
+    "hr",
+    "title",
+    "body",
 ];
 
 /// The text of `html`, one line per block, blank lines collapsed.

@@ -159,10 +159,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| DataError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for p in entries {
         let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
@@ -246,11 +243,9 @@ pub fn read_file(path: &Path, opts: &IngestOptions) -> Result<(Vec<RawDoc>, Inge
     };
     let source = path.display().to_string();
     let docs = match format_of(path) {
-        Format::Text => split_blocks(&text)
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| RawDoc { kind: DocKind::Text, source: format!("{source}#{i}"), group: source.clone(), text: t })
-            .collect(),
+        Format::Text => {
+            split_blocks(&text).into_iter().enumerate().map(|(i, t)| RawDoc { kind: DocKind::Text, source: format!("{source}#{i}"), group: source.clone(), text: t }).collect()
+        }
         Format::Html => {
             let group = path.parent().map_or(String::new(), |p| p.display().to_string());
             let t = html_to_text(&text);
@@ -328,18 +323,14 @@ fn read_jsonl(path: &Path, text: &str, opts: &IngestOptions, stats: &mut IngestS
 /// primers), or be nested in other objects' arrays (`content: [{chapter, paragraphs}]`).
 pub(crate) fn read_poetry(path: &Path, text: &str, stats: &mut IngestStats) -> Result<Vec<RawDoc>> {
     let source = path.display().to_string();
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| DataError::file(path, format!("not valid JSON: {e} (JSON inputs must be chinese-poetry collections; use .jsonl for one document per line)")))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| DataError::file(path, format!("not valid JSON: {e} (JSON inputs must be chinese-poetry collections; use .jsonl for one document per line)")))?;
     let mut bodies = Vec::new();
     collect_poems(&value, &mut bodies);
     if bodies.is_empty() {
         stats.warn(format!("{source}: no poems (no objects with 'paragraphs' or 'content' text)"));
     }
-    Ok(bodies
-        .into_iter()
-        .enumerate()
-        .map(|(i, lines)| RawDoc { kind: DocKind::Poetry, source: format!("{source}#{i}"), group: source.clone(), text: lines.join("\n") })
-        .collect())
+    Ok(bodies.into_iter().enumerate().map(|(i, lines)| RawDoc { kind: DocKind::Poetry, source: format!("{source}#{i}"), group: source.clone(), text: lines.join("\n") }).collect())
 }
 
 /// Appends the lines (heading, author, body) of every poem found in `v`.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
 use crate::html::html_to_text;
-use crate::ingest::{format_of, DocKind, Format, IngestOptions, IngestStats, RawDoc};
+use crate::ingest::{DocKind, Format, IngestOptions, IngestStats, RawDoc, format_of};
 
 /// Caps on what one document may hold in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

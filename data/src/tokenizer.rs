@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -93,15 +93,7 @@ impl ChatTokenizer {
         // load it keep matching special tokens in the template strings they render.)
         inner.set_encode_special_tokens(true);
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| DataError::file(path, format!("special token {t} is missing: not a liandan chat tokenizer")));
-        let special = SpecialIds {
-            bos: id(BOS)?,
-            eos: id(EOS)?,
-            pad: id(PAD)?,
-            system: id(SYSTEM)?,
-            user: id(USER)?,
-            assistant: id(ASSISTANT)?,
-            end: id(END)?,
-        };
+        let special = SpecialIds { bos: id(BOS)?, eos: id(EOS)?, pad: id(PAD)?, system: id(SYSTEM)?, user: id(USER)?, assistant: id(ASSISTANT)?, end: id(END)? };
         Ok(ChatTokenizer { inner, special })
     }
 
@@ -159,10 +151,7 @@ impl ChatTokenizer {
 
     /// Token ids of `text` (no special tokens added, and none recognised in the text).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| DataError::Config { field: "tokenizer", reason: format!("encode failed: {e}") })
+        self.inner.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| DataError::Config { field: "tokenizer", reason: format!("encode failed: {e}") })
     }
 
     /// Text of `ids`, special tokens written out.

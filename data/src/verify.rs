@@ -63,10 +63,7 @@ const BAD: &[char] = &['□', '(', ')', '（', '）', '[', ']', '【', '】', '�
 
 /// The poem's lines: split at `，。？！；`, whitespace and newlines removed, empties dropped.
 pub fn poem_lines(text: &str) -> Vec<String> {
-    text.split(|c| BREAKS.contains(&c) || c == '\n')
-        .map(|l| l.chars().filter(|c| !c.is_whitespace()).collect::<String>())
-        .filter(|l| !l.is_empty())
-        .collect()
+    text.split(|c| BREAKS.contains(&c) || c == '\n').map(|l| l.chars().filter(|c| !c.is_whitespace()).collect::<String>()).filter(|l| !l.is_empty()).collect()
 }
 
 /// The form of `text`, or why it has none.
@@ -112,10 +109,7 @@ mod tests {
     fn recognises_the_four_forms() {
         assert_eq!(poem_form("床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"), Ok(PoemForm::WuyanJueju));
         assert_eq!(poem_form("朝辞白帝彩云间，千里江陵一日还。两岸猿声啼不住，轻舟已过万重山。"), Ok(PoemForm::QiyanJueju));
-        assert_eq!(
-            poem_form("国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。烽火连三月，家书抵万金。白头搔更短，浑欲不胜簪。"),
-            Ok(PoemForm::WuyanLushi)
-        );
+        assert_eq!(poem_form("国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。烽火连三月，家书抵万金。白头搔更短，浑欲不胜簪。"), Ok(PoemForm::WuyanLushi));
         assert_eq!(
             poem_form("风急天高猿啸哀，渚清沙白鸟飞回。无边落木萧萧下，不尽长江滚滚来。万里悲秋常作客，百年多病独登台。艰难苦恨繁霜鬓，潦倒新停浊酒杯。"),
             Ok(PoemForm::QiyanLushi)

@@ -99,7 +99,14 @@ fn peak_of(name: &str, mb: u64) -> (usize, u64) {
 fn peak_memory_stays_under_the_budget_and_does_not_grow_with_the_input() {
     let (small, small_bytes) = peak_of("small", 40);
     let (large, large_bytes) = peak_of("large", 160);
-    eprintln!("budget {} MiB: {} MB of input peaked at {:.1} MiB, {} MB at {:.1} MiB", BUDGET >> 20, small_bytes / 1_000_000, small as f64 / (1 << 20) as f64, large_bytes / 1_000_000, large as f64 / (1 << 20) as f64);
+    eprintln!(
+        "budget {} MiB: {} MB of input peaked at {:.1} MiB, {} MB at {:.1} MiB",
+        BUDGET >> 20,
+        small_bytes / 1_000_000,
+        small as f64 / (1 << 20) as f64,
+        large_bytes / 1_000_000,
+        large as f64 / (1 << 20) as f64
+    );
     assert!(large_bytes > 3 * BUDGET, "the input ({large_bytes} bytes) is several times the budget");
     assert!((large as u64) < BUDGET, "peak {large} bytes over the budget {BUDGET}");
     assert!((small as u64) < BUDGET, "peak {small} bytes over the budget {BUDGET}");

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use liandan_data::clean::{CleanConfig, Cleaner};
-use liandan_data::ingest::{expand_inputs, read_file, IngestOptions, RawDoc};
+use liandan_data::ingest::{IngestOptions, RawDoc, expand_inputs, read_file};
 
 #[derive(Default, Debug)]
 struct Expect {
@@ -169,8 +169,7 @@ fn the_learned_score_catches_what_the_rules_miss() {
     }
     let off = Cleaner::new(CleanConfig { disabled: ["quality_line".to_string(), "quality_doc".to_string()].into(), ..Default::default() }).unwrap();
     let (cleaned, _) = off.clean_corpus(docs.clone());
-    let rules_only: BTreeMap<String, String> =
-        cleaned.into_iter().map(|d| (PathBuf::from(&d.source).file_name().unwrap().to_string_lossy().into_owned(), d.text)).collect();
+    let rules_only: BTreeMap<String, String> = cleaned.into_iter().map(|d| (PathBuf::from(&d.source).file_name().unwrap().to_string_lossy().into_owned(), d.text)).collect();
     let missed: usize = exp.iter().map(|(page, e)| check(&rules_only, page, &[], &e.drop).len()).sum();
     let on = Cleaner::new(CleanConfig::default()).unwrap();
     let (cleaned, stats) = on.clean_corpus(docs);

@@ -121,12 +121,12 @@ impl TokenSource {
     /// (a half-written file during rotation must not lock everyone out).
     pub fn tokens(&self) -> Arc<Vec<String>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Origin::File { path, read_at } = &mut st.origin {
-            if read_at.elapsed() >= RELOAD_EVERY {
-                *read_at = Instant::now();
-                if let Ok(t) = read_file(path) {
-                    st.tokens = Arc::new(t);
-                }
+        if let Origin::File { path, read_at } = &mut st.origin
+            && read_at.elapsed() >= RELOAD_EVERY
+        {
+            *read_at = Instant::now();
+            if let Ok(t) = read_file(path) {
+                st.tokens = Arc::new(t);
             }
         }
         st.tokens.clone()
@@ -226,9 +226,8 @@ impl Bearer {
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if let Some(s) = &self.source {
-            let v: MetadataValue<_> = format!("Bearer {}", s.first())
-                .parse()
-                .map_err(|_| Status::unauthenticated(format!("the token from {} is not a valid header value", s.origin())))?;
+            let v: MetadataValue<_> =
+                format!("Bearer {}", s.first()).parse().map_err(|_| Status::unauthenticated(format!("the token from {} is not a valid header value", s.origin())))?;
             req.metadata_mut().insert("authorization", v);
         }
         Ok(req)

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use liandan_worker::train::TrainConfig;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
+use liandan_worker::train::TrainConfig;
 
 /// Path of a committed test fixture.
 pub fn fixture(name: &str) -> PathBuf {

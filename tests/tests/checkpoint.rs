@@ -5,9 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use liandan_tests::{scratch_dir, small_train_config};
+use liandan_worker::GptConfig;
 use liandan_worker::checkpoint::{self, DataCursor, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE};
 use liandan_worker::train::Trainer;
-use liandan_worker::GptConfig;
 
 fn saved(name: &str) -> (PathBuf, Trainer) {
     let cfg = GptConfig::new(256, 16, 1, 2, 16);

@@ -4,21 +4,26 @@
 //! CPU's previous checkpoint, and every step's values agree within the stated tolerance.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
-use liandan_data::shard::{sha256_hex, Manifest, ShardWriter, Split};
+use liandan_data::shard::{Manifest, ShardWriter, Split, sha256_hex};
 use liandan_data::tokenizer::ChatTokenizer;
+use liandan_worker::GptConfig;
 use liandan_worker::backend::cuda::{CudaDevice, Precision};
 use liandan_worker::collective::Local;
+use liandan_worker::engine::Engine;
 use liandan_worker::engine::cpu::CpuEngine;
 use liandan_worker::engine::cuda::CudaEngine;
-use liandan_worker::engine::Engine;
 use liandan_worker::phase::{self, PhaseEvents, PhaseIo, PhaseOutcome, Start, StepMetrics};
 use liandan_worker::plan::{PhaseKind, PhasePlan, PpoSettings, RewardSource};
-use liandan_worker::GptConfig;
 
-const POEMS: [&str; 4] = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。", "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"];
+const POEMS: [&str; 4] = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+];
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("liandan-devices-{name}-{}", std::process::id()));
@@ -65,7 +70,8 @@ fn plans(dir: &Path) -> [PhasePlan; 4] {
     };
     manifest.save(&data).unwrap();
     let sft = dir.join("sft.jsonl");
-    let lines: String = (0..24).map(|i| serde_json::json!({"prompt": format!("写一首五言绝句，题目是《月{i}》"), "response": POEMS[i % 4], "task": "poem"}).to_string() + "\n").collect();
+    let lines: String =
+        (0..24).map(|i| serde_json::json!({"prompt": format!("写一首五言绝句，题目是《月{i}》"), "response": POEMS[i % 4], "task": "poem"}).to_string() + "\n").collect();
     std::fs::write(&sft, lines).unwrap();
     let prefs = dir.join("prefs.jsonl");
     let lines: String = (0..24)

@@ -6,7 +6,7 @@ use liandan_worker::checkpoint::DataCursor;
 use liandan_worker::generate::{Generator, SamplingConfig};
 use liandan_worker::model::gpt::loss_denominator;
 use liandan_worker::rng::Rng;
-use liandan_worker::train::{MicroBatch, Trainer, TokenStream};
+use liandan_worker::train::{MicroBatch, TokenStream, Trainer};
 use liandan_worker::{Gpt, GptConfig};
 
 /// A tiny model with non-trivial LayerNorm parameters and biases (random, not 1/0).

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use liandan_data::shard::{sha256_hex, Manifest};
+use liandan_data::shard::{Manifest, sha256_hex};
 use liandan_data::tokenizer::ChatTokenizer;
 use liandan_worker::checkpoint::{self, DataCursor, SaveInfo};
 use liandan_worker::collective::{Collective, Local, RingOptions, TcpRing};
-use liandan_worker::phase::ppo::run_ppo;
-use liandan_worker::phase::reward::{ScalarHead, HEAD_FILE};
 use liandan_worker::engine::cpu::CpuEngine;
+use liandan_worker::phase::ppo::run_ppo;
+use liandan_worker::phase::reward::{HEAD_FILE, ScalarHead};
 use liandan_worker::phase::{PhaseEvents, PhaseIo, PhaseOutcome, Start, StepMetrics};
 use liandan_worker::plan::{PhaseKind, PhasePlan, PpoSettings, RewardSource};
 use liandan_worker::rng::Rng;
@@ -24,7 +24,12 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-const POEMS: [&str; 4] = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。", "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"];
+const POEMS: [&str; 4] = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+];
 
 /// Prepared data (tokenizer + manifest, no shards: PPO reads none), prompts, a reference
 /// (SFT) checkpoint and a reward checkpoint of random small models. Returns the plan.
@@ -47,9 +52,8 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
     };
     manifest.save(&data).unwrap();
     let prompts = dir.join("prompts.jsonl");
-    let lines: String = (0..24)
-        .map(|i| serde_json::json!({"prompt": format!("写一首五言绝句，题目是《月{i}》"), "response": POEMS[i % 4], "task": "poem"}).to_string() + "\n")
-        .collect();
+    let lines: String =
+        (0..24).map(|i| serde_json::json!({"prompt": format!("写一首五言绝句，题目是《月{i}》"), "response": POEMS[i % 4], "task": "poem"}).to_string() + "\n").collect();
     std::fs::write(&prompts, lines).unwrap();
 
     let model = GptConfig::new(tk.vocab_size(), 64, 1, 2, 16);

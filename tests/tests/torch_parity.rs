@@ -51,13 +51,7 @@ impl Fixture {
 
     fn batch(&self) -> MicroBatch {
         let (b, t) = self.bt();
-        MicroBatch {
-            inputs: self.i32s("inputs").iter().map(|&x| x as u32).collect(),
-            targets: self.i32s("targets"),
-            weights: Some(self.f32s("weights")),
-            b,
-            t,
-        }
+        MicroBatch { inputs: self.i32s("inputs").iter().map(|&x| x as u32).collect(), targets: self.i32s("targets"), weights: Some(self.f32s("weights")), b, t }
     }
 }
 
@@ -111,12 +105,7 @@ fn ten_adamw_steps_follow_pytorch() {
         batch_size: b,
         seq_len: t,
         grad_accum: 1,
-        schedule: LrSchedule {
-            max_lr: f("max_lr"),
-            min_lr: f("min_lr"),
-            warmup_steps: m["warmup_steps"].as_u64().unwrap(),
-            total_steps: m["total_steps"].as_u64().unwrap(),
-        },
+        schedule: LrSchedule { max_lr: f("max_lr"), min_lr: f("min_lr"), warmup_steps: m["warmup_steps"].as_u64().unwrap(), total_steps: m["total_steps"].as_u64().unwrap() },
         adamw: AdamWConfig { beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") },
         grad_clip: f("grad_clip"),
         seed: 0,

@@ -19,8 +19,8 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -76,8 +76,7 @@ pub struct CheckpointState {
 
 impl CheckpointState {
     pub fn rng_state(&self) -> Result<u64> {
-        u64::from_str_radix(&self.rng_state, 16)
-            .map_err(|e| EngineError::checkpoint(STATE_FILE, format!("rng_state '{}': {e}", self.rng_state)))
+        u64::from_str_radix(&self.rng_state, 16).map_err(|e| EngineError::checkpoint(STATE_FILE, format!("rng_state '{}': {e}", self.rng_state)))
     }
 }
 
@@ -199,7 +198,11 @@ pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
     if need.is_none_or(|n| have < n) {
         return Err(EngineError::checkpoint(
             dir.join(MODEL_FILE),
-            format!("{have} bytes cannot hold the {} parameters state.json declares ({} bytes of f32)", config.num_parameters(), need.map_or_else(|| "too many".to_string(), |n| n.to_string())),
+            format!(
+                "{have} bytes cannot hold the {} parameters state.json declares ({} bytes of f32)",
+                config.num_parameters(),
+                need.map_or_else(|| "too many".to_string(), |n| n.to_string())
+            ),
         ));
     }
 
@@ -227,13 +230,9 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState> {
         std::io::ErrorKind::NotFound => EngineError::checkpoint(&state_path, "missing: not a liandan checkpoint (or an unfinished one)"),
         _ => EngineError::io(&state_path, e),
     })?;
-    let state: CheckpointState =
-        serde_json::from_slice(&raw).map_err(|e| EngineError::checkpoint(&state_path, format!("not valid checkpoint state: {e}")))?;
+    let state: CheckpointState = serde_json::from_slice(&raw).map_err(|e| EngineError::checkpoint(&state_path, format!("not valid checkpoint state: {e}")))?;
     if state.format != FORMAT || state.version != VERSION {
-        return Err(EngineError::checkpoint(
-            &state_path,
-            format!("format {} v{} is not {FORMAT} v{VERSION}", state.format, state.version),
-        ));
+        return Err(EngineError::checkpoint(&state_path, format!("format {} v{} is not {FORMAT} v{VERSION}", state.format, state.version)));
     }
     let digest = state_digest(&state)?;
     if digest != state.sha256 {
@@ -274,7 +273,10 @@ pub fn verify(dir: &Path) -> Result<CheckpointState> {
             h.update(&buf[..n]);
         }
         if bytes != sum.bytes {
-            return Err(EngineError::checkpoint(&path, format!("truncated or extended: {bytes}{} bytes, state.json records {}", if bytes > sum.bytes { "+" } else { "" }, sum.bytes)));
+            return Err(EngineError::checkpoint(
+                &path,
+                format!("truncated or extended: {bytes}{} bytes, state.json records {}", if bytes > sum.bytes { "+" } else { "" }, sum.bytes),
+            ));
         }
         let digest = hex(&h.finalize());
         if digest != sum.sha256 {
@@ -364,11 +366,7 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
 
 /// The Hugging Face shape of a slice: the embedding loses its padding rows.
 fn hf_shape(config: &GptConfig, kind: ParamKind, shape: &[usize]) -> Vec<usize> {
-    if kind == ParamKind::Wte {
-        vec![config.vocab_size, config.n_embd]
-    } else {
-        shape.to_vec()
-    }
+    if kind == ParamKind::Wte { vec![config.vocab_size, config.n_embd] } else { shape.to_vec() }
 }
 
 pub fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32]) -> std::result::Result<Vec<u8>, String> {

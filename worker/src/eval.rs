@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use liandan_data::chat::{prompt_ids, Message, Role};
+use liandan_data::chat::{Message, Role, prompt_ids};
 use liandan_data::tokenizer::ChatTokenizer;
-use liandan_data::verify::{poem_form, PoemForm};
+use liandan_data::verify::{PoemForm, poem_form};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Model;
@@ -27,11 +27,7 @@ pub struct EvalItem {
 /// Reads an eval JSONL file; the error names the file and line.
 pub fn read_eval(path: &Path) -> Result<Vec<EvalItem>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1)))
-        .collect()
+    text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))).collect()
 }
 
 /// Whether `answer` passes `item`'s rule.

@@ -10,8 +10,8 @@ use crate::backend::cpu::layernorm::layernorm_forward;
 use crate::backend::cpu::matmul::{lm_head_forward, matmul_forward};
 use crate::backend::cpu::residual::residual_forward;
 use crate::error::{EngineError, Result};
-use crate::model::params::ParamKind as K;
 use crate::model::gpt::Gpt;
+use crate::model::params::ParamKind as K;
 use crate::rng::Rng;
 
 /// How to pick each next token.
@@ -127,10 +127,7 @@ impl<'m> Generator<'m> {
             return Err(EngineError::BadLength { what: "tokens to feed", expected: 1, got: 0 });
         }
         if self.len + n > maxt {
-            return Err(EngineError::InvalidConfig {
-                field: "context",
-                reason: format!("{} cached + {n} new tokens exceed n_positions = {maxt}", self.len),
-            });
+            return Err(EngineError::InvalidConfig { field: "context", reason: format!("{} cached + {n} new tokens exceed n_positions = {maxt}", self.len) });
         }
         if let Some((i, &tok)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= v) {
             return Err(EngineError::TokenOutOfRange { what: "tokens", position: i, token: tok as i64, vocab: v });

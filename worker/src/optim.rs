@@ -110,10 +110,7 @@ impl LrSchedule {
             return Err(EngineError::InvalidConfig { field: "max_lr", reason: format!("must be > 0, got {}", self.max_lr) });
         }
         if !(self.min_lr >= 0.0 && self.min_lr <= self.max_lr) {
-            return Err(EngineError::InvalidConfig {
-                field: "min_lr",
-                reason: format!("must be in [0, max_lr={}], got {}", self.max_lr, self.min_lr),
-            });
+            return Err(EngineError::InvalidConfig { field: "min_lr", reason: format!("must be in [0, max_lr={}], got {}", self.max_lr, self.min_lr) });
         }
         Ok(())
     }

@@ -212,10 +212,10 @@ impl PpoSettings {
                 return Err(("kl_horizon", "must be > 0".into()));
             }
         }
-        if let Some(v) = self.value_lr {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err(("value_lr", format!("must be > 0, got {v}")));
-            }
+        if let Some(v) = self.value_lr
+            && !(v > 0.0 && v.is_finite())
+        {
+            return Err(("value_lr", format!("must be > 0, got {v}")));
         }
         Ok(())
     }

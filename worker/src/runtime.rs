@@ -8,13 +8,13 @@
 //! for its generation.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use liandan_proto::PROTOCOL_VERSION;
 use liandan_proto::auth::{Client, TlsFiles, TokenSource};
 use liandan_proto::v1::*;
-use liandan_proto::PROTOCOL_VERSION;
 use tracing::{error, info, warn};
 
 use crate::collective::{Collective, Local, RingListener, RingOptions, TcpRing};
@@ -245,7 +245,8 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
         let span = tracing::info_span!("phase", job = a.job_id, phase = %a.phase_name, rank = a.rank, generation = a.generation);
         info!(parent: &span, world = a.world, peers = a.peers.len(), "assignment");
         let handle = tokio::runtime::Handle::current();
-        let (client2, abort2, listener2, current2, a2, span2, me2, node2) = (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone(), me.clone(), node.clone());
+        let (client2, abort2, listener2, current2, a2, span2, me2, node2) =
+            (client.clone(), abort.clone(), listener.clone(), current.clone(), a.clone(), span.clone(), me.clone(), node.clone());
         let result = tokio::task::spawn_blocking(move || span2.in_scope(|| run_assignment(&handle, &node2, client2, me2, &a2, &listener2, abort2, &current2)))
             .await
             .unwrap_or_else(|e| Err(format!("the phase thread panicked: {e}")));
@@ -457,9 +458,24 @@ const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(60);
 /// An NCCL communicator for the assignment's generation: rank 0 publishes its unique id through
 /// the coordinator, the others poll for it (until it comes, the generation ends or
 /// [`RENDEZVOUS_TIMEOUT`] passes); initialisation itself does not block (see [`Nccl::connect`]).
-fn nccl_group(handle: &tokio::runtime::Handle, client: &Client, me: &Credential, a: &Assignment, dev: Arc<crate::backend::cuda::CudaDevice>, abort: Arc<AtomicBool>) -> Result<crate::collective::Nccl, String> {
+fn nccl_group(
+    handle: &tokio::runtime::Handle,
+    client: &Client,
+    me: &Credential,
+    a: &Assignment,
+    dev: Arc<crate::backend::cuda::CudaDevice>,
+    abort: Arc<AtomicBool>,
+) -> Result<crate::collective::Nccl, String> {
     use crate::collective::{Nccl, NcclOptions};
-    let seat = Rendezvous { worker_id: me.id, worker_secret: me.secret.clone(), job_id: a.job_id, phase_index: a.phase_index, generation: a.generation, rank: a.rank, nccl_id: Vec::new() };
+    let seat = Rendezvous {
+        worker_id: me.id,
+        worker_secret: me.secret.clone(),
+        job_id: a.job_id,
+        phase_index: a.phase_index,
+        generation: a.generation,
+        rank: a.rank,
+        nccl_id: Vec::new(),
+    };
     let rendezvous = |id: Option<&[u8]>| -> Result<Vec<u8>, String> {
         if let Some(id) = id {
             handle.block_on(client.clone().publish_rendezvous(Rendezvous { nccl_id: id.to_vec(), ..seat.clone() })).map_err(|e| e.message().to_string())?;
@@ -500,7 +516,14 @@ fn sample_answers(cache: &SamplerCache, req: &SampleRequest) -> Result<Vec<Strin
     req.seeds
         .iter()
         .map(|&seed| {
-            let cfg = crate::generate::SamplingConfig { max_new_tokens: req.max_new_tokens as usize, temperature: req.temperature, top_k: req.top_k as usize, top_p: req.top_p, seed, ..Default::default() };
+            let cfg = crate::generate::SamplingConfig {
+                max_new_tokens: req.max_new_tokens as usize,
+                temperature: req.temperature,
+                top_k: req.top_k as usize,
+                top_p: req.top_p,
+                seed,
+                ..Default::default()
+            };
             crate::eval::answer_with(model, tk, &req.prompt, cfg)
         })
         .collect()

@@ -5,12 +5,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{EngineError, Result};
-use crate::model::config::GptConfig;
-use crate::model::gpt::{loss_denominator, Gpt};
 use crate::collective::Collective;
 use crate::engine::cpu::CpuReplica;
 use crate::engine::{Model, Replica};
+use crate::error::{EngineError, Result};
+use crate::model::config::GptConfig;
+use crate::model::gpt::{Gpt, loss_denominator};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 use crate::rng::Rng;
 
@@ -39,10 +39,7 @@ impl TrainConfig {
             return Err(EngineError::InvalidConfig { field: "batch_size", reason: "must be at least 1".into() });
         }
         if self.seq_len == 0 || self.seq_len > model.n_positions {
-            return Err(EngineError::InvalidConfig {
-                field: "seq_len",
-                reason: format!("must be in 1..={} (the model's n_positions), got {}", model.n_positions, self.seq_len),
-            });
+            return Err(EngineError::InvalidConfig { field: "seq_len", reason: format!("must be in 1..={} (the model's n_positions), got {}", model.n_positions, self.seq_len) });
         }
         if self.grad_accum == 0 {
             return Err(EngineError::InvalidConfig { field: "grad_accum", reason: "must be at least 1".into() });
@@ -186,11 +183,7 @@ impl Trainer {
 /// The whole step's loss weight, or why the step has none.
 pub fn step_denominator(micro: &[MicroBatch]) -> Result<f32> {
     let denom = loss_denominator(micro.iter().map(|m| (&m.targets[..], m.weights.as_deref())));
-    if denom > 0.0 {
-        Ok(denom)
-    } else {
-        Err(EngineError::InvalidConfig { field: "batch", reason: "no position takes a loss (all targets ignored or weights zero)".into() })
-    }
+    if denom > 0.0 { Ok(denom) } else { Err(EngineError::InvalidConfig { field: "batch", reason: "no position takes a loss (all targets ignored or weights zero)".into() }) }
 }
 
 /// Contiguous windows of a token stream: micro-batch `k` reads `B·T + 1` tokens from the cursor,
@@ -236,13 +229,7 @@ impl TokenStream {
             self.cursor = 0;
         }
         let w = &self.tokens[self.cursor..self.cursor + need];
-        let mb = MicroBatch {
-            inputs: w[..b * t].to_vec(),
-            targets: w[1..].iter().map(|&x| x as i32).collect(),
-            weights: None,
-            b,
-            t,
-        };
+        let mb = MicroBatch { inputs: w[..b * t].to_vec(), targets: w[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
         self.cursor += b * t;
         mb
     }
@@ -252,14 +239,7 @@ impl Trainer {
     /// Saves weights, optimizer moments and the training position to `dir` (atomically).
     /// `extra_files` (name, bytes) are stored and checksummed with the checkpoint (the tokenizer).
     pub fn save(&self, dir: &Path, data_cursor: crate::checkpoint::DataCursor, tokenizer: &str, extra_files: &[(String, Vec<u8>)]) -> Result<()> {
-        let info = crate::checkpoint::SaveInfo {
-            step: self.step,
-            rng_state: self.rng.state(),
-            train_config: Some(&self.config),
-            data_cursor,
-            tokenizer,
-            extra_files,
-        };
+        let info = crate::checkpoint::SaveInfo { step: self.step, rng_state: self.rng.state(), train_config: Some(&self.config), data_cursor, tokenizer, extra_files };
         crate::checkpoint::save(dir, &self.model.config, &self.model.params, Some((&self.opt.m, &self.opt.v, self.opt.t)), &info)
     }
 
@@ -270,12 +250,10 @@ impl Trainer {
     pub fn resume(dir: &Path) -> Result<(Self, crate::checkpoint::CheckpointState)> {
         let ckpt = crate::checkpoint::load(dir, None)?;
         let state_path = dir.join(crate::checkpoint::STATE_FILE);
-        let config = ckpt.state.train_config.clone().ok_or_else(|| {
-            EngineError::checkpoint(&state_path, "has no train_config: a weights-only checkpoint cannot resume training")
-        })?;
-        let (m, v) = ckpt.moments.ok_or_else(|| {
-            EngineError::checkpoint(dir.join(crate::checkpoint::OPTIMIZER_FILE), "missing: the checkpoint has no optimizer state to resume from")
-        })?;
+        let config =
+            ckpt.state.train_config.clone().ok_or_else(|| EngineError::checkpoint(&state_path, "has no train_config: a weights-only checkpoint cannot resume training"))?;
+        let (m, v) =
+            ckpt.moments.ok_or_else(|| EngineError::checkpoint(dir.join(crate::checkpoint::OPTIMIZER_FILE), "missing: the checkpoint has no optimizer state to resume from"))?;
         config.validate(&ckpt.state.model_config)?;
         let mut model = Gpt::new(ckpt.state.model_config.clone(), config.batch_size, config.seq_len)?;
         model.params = ckpt.params;

@@ -143,7 +143,10 @@ fn emulated_gemm_follows_the_cublaslt_contract() {
                         for i in 0..m {
                             let (g, w) = (got[i + j * ldc], want[i + j * ldc]);
                             // f32 sums of 9 products in another order: a few ulps of the magnitudes summed.
-                            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{dtype:?} ta={ta} tb={tb} pad={pad} alpha={alpha} beta={beta} bias={with_bias}: D({i},{j}) = {g}, want {w}");
+                            assert!(
+                                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{dtype:?} ta={ta} tb={tb} pad={pad} alpha={alpha} beta={beta} bias={with_bias}: D({i},{j}) = {g}, want {w}"
+                            );
                         }
                         for i in m..ldc {
                             assert_eq!(got[i + j * ldc].to_bits(), c_init[i + j * ldc].to_bits(), "padding row {i} of column {j} was written");
@@ -160,7 +163,21 @@ fn emulated_gemm_refuses_what_cublaslt_refuses() {
     let dev = CudaDevice::emulated().unwrap();
     let (a, b, c) = (dev.alloc::<f32>(64).unwrap(), dev.alloc::<f32>(64).unwrap(), dev.alloc::<f32>(64).unwrap());
     let lay = |rows: u64, cols: u64, ld: i64| MatrixLayout { dtype: DataType::F32, rows, cols, ld };
-    let good = Matmul { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, a: a.ptr(), a_layout: lay(4, 3, 4), b: b.ptr(), b_layout: lay(3, 5, 3), c: c.ptr(), c_layout: lay(4, 5, 4), d: c.ptr(), d_layout: lay(4, 5, 4), epilogue: Epilogue::Default };
+    let good = Matmul {
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta: 0.0,
+        a: a.ptr(),
+        a_layout: lay(4, 3, 4),
+        b: b.ptr(),
+        b_layout: lay(3, 5, 3),
+        c: c.ptr(),
+        c_layout: lay(4, 5, 4),
+        d: c.ptr(),
+        d_layout: lay(4, 5, 4),
+        epilogue: Epilogue::Default,
+    };
     dev.matmul(&good).unwrap();
     let e = dev.matmul(&Matmul { a_layout: lay(4, 3, 3), ..good }).unwrap_err().to_string();
     assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE") && e.contains("ld must be at least the rows"), "{e}");

@@ -50,13 +50,25 @@ fn indices_cover_a_3d_grid_of_3d_blocks() {
 fn shfl_expected(mode: i32, l: usize, arg: usize, width: usize) -> usize {
     let seg = l / width * width;
     match mode {
-        0 => if l - seg >= arg { l - arg } else { l },                // up: from lane - delta, if in the segment
-        1 => if l - seg + arg < width { l + arg } else { l },         // down: from lane + delta, if in the segment
+        0 => {
+            if l - seg >= arg {
+                l - arg
+            } else {
+                l
+            }
+        } // up: from lane - delta, if in the segment
+        1 => {
+            if l - seg + arg < width {
+                l + arg
+            } else {
+                l
+            }
+        } // down: from lane + delta, if in the segment
         2 => {
             let s = l ^ arg; // xor: from lane ^ mask; a later segment gives back the own value
             if s / width > l / width { l } else { s }
         }
-        _ => seg + arg % width,                                        // idx: srcLane modulo width, in the segment
+        _ => seg + arg % width, // idx: srcLane modulo width, in the segment
     }
 }
 
@@ -70,7 +82,8 @@ fn shuffles_follow_the_programming_guide_for_every_mode_and_width() {
         for width in [32usize, 16, 8, 4, 2, 1] {
             for arg in [0usize, 1, 3, 5, 16, 31] {
                 let out = d.alloc::<f32>(n).unwrap();
-                d.launch("probe_shfl", cfg((1, 1, 1), (n as u32, 1, 1), 0), &[Arg::P(out.ptr()), Arg::P(inp.ptr()), Arg::I(mode), Arg::I(arg as i32), Arg::I(width as i32)]).unwrap();
+                d.launch("probe_shfl", cfg((1, 1, 1), (n as u32, 1, 1), 0), &[Arg::P(out.ptr()), Arg::P(inp.ptr()), Arg::I(mode), Arg::I(arg as i32), Arg::I(width as i32)])
+                    .unwrap();
                 let got = d.to_host(&out).unwrap();
                 for i in 0..n {
                     let (w, l) = (i / 32, i % 32);

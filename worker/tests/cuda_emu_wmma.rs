@@ -108,7 +108,8 @@ fn integer_tiles_multiply_exactly() {
     let to_bits = |v: &[f32]| v.iter().map(|&x| bf16_rne(x)).collect::<Vec<u16>>();
     let (ga, gb, gc, gd) = (d.upload_new(&to_bits(&a)).unwrap(), d.upload_new(&to_bits(&b)).unwrap(), d.upload_new(&c).unwrap(), d.alloc::<f32>(256).unwrap());
     let z = Arg::I(0);
-    d.launch("probe_wmma_mma", cfg(1, 32), &[Arg::P(gd.ptr()), Arg::P(ga.ptr()), Arg::P(gb.ptr()), Arg::P(gc.ptr()), z, z, z, z, Arg::I(16), Arg::I(16), Arg::I(16), Arg::I(16)]).unwrap();
+    d.launch("probe_wmma_mma", cfg(1, 32), &[Arg::P(gd.ptr()), Arg::P(ga.ptr()), Arg::P(gb.ptr()), Arg::P(gc.ptr()), z, z, z, z, Arg::I(16), Arg::I(16), Arg::I(16), Arg::I(16)])
+        .unwrap();
     let got = d.to_host(&gd).unwrap();
     for m in 0..16 {
         for n in 0..16 {

@@ -9,8 +9,8 @@
 //! library's (cuda_bf16.h, crt/mma.h). With `LIANDAN_REQUIRE_NVRTC=1` (CI) a missing NVRTC fails the test;
 //! without it the test prints why it skipped, so a plain `cargo test` works on any machine.
 
-use liandan_worker::backend::cuda::cubin::{compile_cubin, compile_cubin_source, KernelResources};
-use liandan_worker::backend::cuda::kernels::{compile_ptx, find_include_dir, nvrtc_available, nvrtc_version, KernelFile};
+use liandan_worker::backend::cuda::cubin::{KernelResources, compile_cubin, compile_cubin_source};
+use liandan_worker::backend::cuda::kernels::{KernelFile, compile_ptx, find_include_dir, nvrtc_available, nvrtc_version};
 
 /// The PTX target of sm_90: NVRTC emits PTX for a virtual architecture, which the driver
 /// compiles for the real one when it loads the module.
@@ -93,7 +93,8 @@ const SPILL_ALLOWED: &[&str] = &["attention_forward_hs128", "attention_backward_
 const SM: &str = "sm_90";
 
 fn table(rows: &[(&str, KernelResources)]) -> String {
-    let mut t = String::from("| file | kernel | registers | spill stores / loads (bytes) | stack frame (bytes) | static shared (bytes) |\n| --- | --- | ---: | ---: | ---: | ---: |\n");
+    let mut t =
+        String::from("| file | kernel | registers | spill stores / loads (bytes) | stack frame (bytes) | static shared (bytes) |\n| --- | --- | ---: | ---: | ---: | ---: |\n");
     for (file, r) in rows {
         t.push_str(&format!("| {file} | {} | {} | {} / {} | {} | {} |\n", r.kernel, r.registers, r.spill_stores, r.spill_loads, r.stack_frame, r.shared));
     }
@@ -111,7 +112,9 @@ fn every_kernel_compiles_to_an_sm_90_cubin_and_none_spills_but_the_reference_att
                 for f in file.functions() {
                     match kernels.iter().find(|k| k.kernel == *f) {
                         None => failures.push(format!("{}: ptxas reported nothing for {f}", file.file_name())),
-                        Some(k) if k.spills() && !SPILL_ALLOWED.contains(f) => failures.push(format!("{}: {f} spills ({} bytes stored, {} loaded, {} registers)", file.file_name(), k.spill_stores, k.spill_loads, k.registers)),
+                        Some(k) if k.spills() && !SPILL_ALLOWED.contains(f) => {
+                            failures.push(format!("{}: {f} spills ({} bytes stored, {} loaded, {} registers)", file.file_name(), k.spill_stores, k.spill_loads, k.registers))
+                        }
                         Some(k) if !k.spills() && SPILL_ALLOWED.contains(f) => failures.push(format!("{f} no longer spills: take it off SPILL_ALLOWED")),
                         Some(k) => rows.push((file.file_name(), k.clone())),
                     }

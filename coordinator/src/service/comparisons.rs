@@ -60,7 +60,14 @@ impl CoordinatorService {
             let answers = self.sampling.ask(request).await?;
             let [a, b] = answers.as_slice() else { return Err(Status::internal(format!("a worker returned {} answers for 2 seeds", answers.len()))) };
             if a.trim() != b.trim() && !a.trim().is_empty() && !b.trim().is_empty() {
-                return Ok(crate::store::NewComparison { job_id, prompt, task: ex.task.clone().unwrap_or_default(), answer_a: a.trim().into(), answer_b: b.trim().into(), checkpoint });
+                return Ok(crate::store::NewComparison {
+                    job_id,
+                    prompt,
+                    task: ex.task.clone().unwrap_or_default(),
+                    answer_a: a.trim().into(),
+                    answer_b: b.trim().into(),
+                    checkpoint,
+                });
             }
         }
         Err(Status::resource_exhausted(format!("{checkpoint}: {ATTEMPTS} attempts gave no two different answers")))
@@ -82,7 +89,9 @@ impl CoordinatorService {
 
     /// A worker's answers to a sampling request.
     pub(super) fn samples(&self, r: liandan_proto::v1::SampleResult) -> Result<(), Status> {
-        self.members.check(r.worker_id, &r.worker_secret).map_err(|_| Status::permission_denied(format!("worker {}: not registered, or the worker secret is not its own", r.worker_id)))?;
+        self.members
+            .check(r.worker_id, &r.worker_secret)
+            .map_err(|_| Status::permission_denied(format!("worker {}: not registered, or the worker secret is not its own", r.worker_id)))?;
         let answers = if r.error.is_empty() { Ok(r.answers) } else { Err(limits::cut(&r.error, limits::ERROR_CHARS)) };
         if let Ok(a) = &answers
             && let Some(long) = a.iter().find(|x| x.chars().count() > limits::ANSWER_CHARS)
@@ -129,7 +138,6 @@ impl CoordinatorService {
         }
         result
     }
-
 }
 
 /// Writes the comparisons labelled so far (with a winner) to `labelled_comparisons.jsonl` in the
@@ -163,4 +171,3 @@ pub(super) fn export_labelled(s: &Store, p: &crate::store::PhaseRow) -> Result<s
     std::fs::rename(&tmp, &path).map_err(io)?;
     Ok(path)
 }
-

@@ -27,7 +27,7 @@ use crate::membership::Membership;
 use crate::metrics::RpcMetrics;
 use crate::scheduler::{self, Reason};
 use crate::spec::{JobSpec, PhaseKind, PhasePlan};
-use crate::store::{now_ms, Store, StoreError};
+use crate::store::{Store, StoreError, now_ms};
 
 /// Timing of membership.
 #[derive(Debug, Clone)]
@@ -70,8 +70,11 @@ pub struct CoordinatorService {
     pruned_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Rank 0's NCCL id per (job, phase), with the generation it belongs to (in memory: a
     /// restarted coordinator re-forms the groups, whose ranks publish again).
-    rendezvous: Arc<Mutex<std::collections::HashMap<(u64, u32), (u64, Vec<u8>)>>>,
+    rendezvous: Arc<Mutex<NcclIds>>,
 }
+
+/// Rank 0's NCCL id by (job, phase index): `(generation, id)`.
+type NcclIds = std::collections::HashMap<(u64, u32), (u64, Vec<u8>)>;
 
 fn internal(e: StoreError) -> Status {
     Status::internal(e.to_string())
@@ -239,12 +242,8 @@ impl CoordinatorService {
         .map_err(|e| Status::internal(e.to_string()))??;
         self.check_fits(&source, &spec, &plans)?;
         let (spec_toml, source) = (spec_toml.as_str(), source.as_str());
-        let phases: Vec<(String, String, u64)> = spec
-            .phases
-            .iter()
-            .zip(&plans)
-            .map(|(p, plan)| (p.name.clone(), serde_json::to_string(plan).unwrap_or_default(), plan.steps))
-            .collect();
+        let phases: Vec<(String, String, u64)> =
+            spec.phases.iter().zip(&plans).map(|(p, plan)| (p.name.clone(), serde_json::to_string(plan).unwrap_or_default(), plan.steps)).collect();
         let root = spec.checkpoint.dir.display().to_string();
         let id = self.with_store(|s| {
             if let Some(manifest) = &manifest {
@@ -300,28 +299,28 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
-        Ok(Response::new(self.admit_worker( req.into_inner())?))
+        Ok(Response::new(self.admit_worker(req.into_inner())?))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
-        Ok(Response::new(self.heartbeat_action( req.into_inner())?))
+        Ok(Response::new(self.heartbeat_action(req.into_inner())?))
     }
 
     async fn next_assignment(&self, req: Request<AssignmentRequest>) -> Result<Response<Assignment>, Status> {
-        Ok(Response::new(self.assignment_for( req.into_inner())?))
+        Ok(Response::new(self.assignment_for(req.into_inner())?))
     }
 
     async fn report_step(&self, req: Request<StepReport>) -> Result<Response<Ack>, Status> {
-        self.record_step( req.into_inner())?;
+        self.record_step(req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn commit_checkpoint(&self, req: Request<CheckpointInfo>) -> Result<Response<CommitReply>, Status> {
-        Ok(Response::new(self.commit( req.into_inner()).await?))
+        Ok(Response::new(self.commit(req.into_inner()).await?))
     }
 
     async fn finish_assignment(&self, req: Request<AssignmentResult>) -> Result<Response<Ack>, Status> {
-        self.finish( req.into_inner()).await?;
+        self.finish(req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
@@ -548,7 +547,14 @@ mod tests {
     }
 
     fn reg(v: u32, instance: &str) -> Request<RegisterRequest> {
-        Request::new(RegisterRequest { protocol_version: v, hostname: "h".into(), device: "cpu".into(), ring_address: "127.0.0.1:1".into(), instance: instance.into(), memory_bytes: 0 })
+        Request::new(RegisterRequest {
+            protocol_version: v,
+            hostname: "h".into(),
+            device: "cpu".into(),
+            ring_address: "127.0.0.1:1".into(),
+            instance: instance.into(),
+            memory_bytes: 0,
+        })
     }
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -604,7 +610,19 @@ mod tests {
 
         // A member's report lands once; a replay is a no-op; another generation's is refused.
         let (job, me) = seated(&s, A).await;
-        let r = StepReport { worker_id: me.worker_id, worker_secret: me.worker_secret.clone(), job_id: job, phase_index: 0, generation: 3, step: 1, loss: 2.5, tokens: 10, step_ms: 5, world: 1, ..Default::default() };
+        let r = StepReport {
+            worker_id: me.worker_id,
+            worker_secret: me.worker_secret.clone(),
+            job_id: job,
+            phase_index: 0,
+            generation: 3,
+            step: 1,
+            loss: 2.5,
+            tokens: 10,
+            step_ms: 5,
+            world: 1,
+            ..Default::default()
+        };
         s.report_step(Request::new(r.clone())).await.unwrap();
         s.report_step(Request::new(StepReport { loss: 9.0, ..r.clone() })).await.unwrap();
         let stale = s.report_step(Request::new(StepReport { generation: 2, step: 2, ..r })).await.unwrap_err();
@@ -619,9 +637,38 @@ mod tests {
         let s = svc();
         let (job, me) = seated(&s, A).await;
         let stranger = s.register(reg(PROTOCOL_VERSION, B)).await.unwrap().into_inner();
-        let report = |id: u64, secret: &[u8], rank: u32| StepReport { worker_id: id, worker_secret: secret.to_vec(), rank, job_id: job, phase_index: 0, generation: 3, step: 1, loss: 1.0, ..Default::default() };
-        let finish = |id: u64, secret: &[u8], rank: u32| AssignmentResult { worker_id: id, worker_secret: secret.to_vec(), rank, job_id: job, phase_index: 0, generation: 3, ok: false, error: "ended by a stranger".into(), final_checkpoint: String::new() };
-        let commit = |id: u64, secret: &[u8], rank: u32| CheckpointInfo { worker_id: id, worker_secret: secret.to_vec(), rank, job_id: job, phase_index: 0, generation: 3, step: 1, path: "/tmp".into() };
+        let report = |id: u64, secret: &[u8], rank: u32| StepReport {
+            worker_id: id,
+            worker_secret: secret.to_vec(),
+            rank,
+            job_id: job,
+            phase_index: 0,
+            generation: 3,
+            step: 1,
+            loss: 1.0,
+            ..Default::default()
+        };
+        let finish = |id: u64, secret: &[u8], rank: u32| AssignmentResult {
+            worker_id: id,
+            worker_secret: secret.to_vec(),
+            rank,
+            job_id: job,
+            phase_index: 0,
+            generation: 3,
+            ok: false,
+            error: "ended by a stranger".into(),
+            final_checkpoint: String::new(),
+        };
+        let commit = |id: u64, secret: &[u8], rank: u32| CheckpointInfo {
+            worker_id: id,
+            worker_secret: secret.to_vec(),
+            rank,
+            job_id: job,
+            phase_index: 0,
+            generation: 3,
+            step: 1,
+            path: "/tmp".into(),
+        };
         let cases: [(&str, u64, Vec<u8>, u32); 4] = [
             ("a registered non-member", stranger.worker_id, stranger.worker_secret.clone(), 0),
             ("the member's id with another worker's secret", me.worker_id, stranger.worker_secret.clone(), 0),

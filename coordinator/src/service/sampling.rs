@@ -5,8 +5,8 @@
 //! answers within [`ANSWER_TIMEOUT`] is dropped and the labeler told to try again.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use liandan_proto::v1::SampleRequest;

@@ -11,12 +11,12 @@
 
 use std::path::{Path, PathBuf};
 
-use liandan_proto::v1::*;
 use liandan_proto::PROTOCOL_VERSION;
+use liandan_proto::v1::*;
 use tonic::Status;
 use tracing::{info, warn};
 
-use super::{phase_input, resolve_plan_inputs, CoordinatorService};
+use super::{CoordinatorService, phase_input, resolve_plan_inputs};
 use crate::limits;
 use crate::membership::Denied;
 use crate::scheduler::{self, Reason};
@@ -69,14 +69,20 @@ impl CoordinatorService {
             return Ok(Err(Status::not_found(format!("job {} phase {} does not exist", seat.job_id, seat.phase))));
         };
         if p.generation != seat.generation || p.state != "running" {
-            return Ok(Err(Status::failed_precondition(format!("stale: generation {} of job {} phase {} is not the current {} ({})", seat.generation, seat.job_id, seat.phase, p.generation, p.state))));
+            return Ok(Err(Status::failed_precondition(format!(
+                "stale: generation {} of job {} phase {} is not the current {} ({})",
+                seat.generation, seat.job_id, seat.phase, p.generation, p.state
+            ))));
         }
         let Some(w) = s.worker(c.worker_id)? else {
             return Ok(Err(Status::permission_denied(format!("worker {} is not registered", c.worker_id))));
         };
         let member = w.job_id == seat.job_id && w.phase_idx == seat.phase && w.generation == seat.generation && matches!(w.state.as_str(), "busy" | "draining");
         if !member {
-            return Ok(Err(Status::permission_denied(format!("worker {} is not a member of job {} phase {} generation {}", c.worker_id, seat.job_id, seat.phase, seat.generation))));
+            return Ok(Err(Status::permission_denied(format!(
+                "worker {} is not a member of job {} phase {} generation {}",
+                c.worker_id, seat.job_id, seat.phase, seat.generation
+            ))));
         }
         if w.rank != seat.rank {
             return Ok(Err(Status::permission_denied(format!("worker {} holds rank {} of this generation, not rank {}", c.worker_id, w.rank, seat.rank))));
@@ -87,7 +93,9 @@ impl CoordinatorService {
     /// [`seated`](Self::seated) for calls only rank 0 makes.
     fn seated_rank0(&self, s: &Store, c: &Claim<'_>, seat: Seat) -> Result<Result<(WorkerRow, PhaseRow), Status>, StoreError> {
         let r = self.seated(s, c, seat)?;
-        Ok(r.and_then(|wp| if seat.rank == 0 { Ok(wp) } else { Err(Status::permission_denied(format!("only rank 0 makes {}; worker {} is rank {}", c.method, c.worker_id, seat.rank))) }))
+        Ok(r.and_then(|wp| {
+            if seat.rank == 0 { Ok(wp) } else { Err(Status::permission_denied(format!("only rank 0 makes {}; worker {} is rank {}", c.method, c.worker_id, seat.rank))) }
+        }))
     }
 
     /// A store answer, refusals logged and counted.
@@ -114,9 +122,14 @@ impl CoordinatorService {
             return Err(Status::invalid_argument("ring_address is empty"));
         }
         if !limits::INSTANCE_CHARS.contains(&r.instance.len()) || !r.instance.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Status::invalid_argument(format!("instance must be {}..={} hex digits (a random id chosen once per worker process)", limits::INSTANCE_CHARS.start(), limits::INSTANCE_CHARS.end())));
+            return Err(Status::invalid_argument(format!(
+                "instance must be {}..={} hex digits (a random id chosen once per worker process)",
+                limits::INSTANCE_CHARS.start(),
+                limits::INSTANCE_CHARS.end()
+            )));
         }
-        let new = NewWorker { instance: r.instance.clone(), hostname: r.hostname.clone(), device: r.device.clone(), ring_address: r.ring_address.clone(), memory_bytes: r.memory_bytes };
+        let new =
+            NewWorker { instance: r.instance.clone(), hostname: r.hostname.clone(), device: r.device.clone(), ring_address: r.ring_address.clone(), memory_bytes: r.memory_bytes };
         let (id, fresh) = self.with_store(|s| s.register_worker(&new))?;
         let secret = self.members.admit(id, &r.instance);
         if fresh {
@@ -132,7 +145,13 @@ impl CoordinatorService {
         let action = match self.members.renew(r.worker_id, &r.worker_secret) {
             // Declared dead (or never known): the process registers again and gets its id back.
             Err(Denied::Unknown) => Action::Reregister,
-            Err(Denied::WrongSecret) => return Err(self.refuse("Heartbeat", r.worker_id, Status::permission_denied(format!("worker {}: the worker secret is not the one issued to this worker", r.worker_id)))),
+            Err(Denied::WrongSecret) => {
+                return Err(self.refuse(
+                    "Heartbeat",
+                    r.worker_id,
+                    Status::permission_denied(format!("worker {}: the worker secret is not the one issued to this worker", r.worker_id)),
+                ));
+            }
             Ok(()) => self.with_store(|s| {
                 let Some(w) = s.worker(r.worker_id)? else { return Ok(Action::Reregister) };
                 Ok(match w.state.as_str() {
@@ -211,7 +230,17 @@ impl CoordinatorService {
                 Ok(wp) => wp,
                 Err(e) => return Ok(Err(e)),
             };
-            let m = MetricRow { step: r.step, loss: r.loss, lr: r.lr, grad_norm: r.grad_norm, tokens: r.tokens, step_ms: r.step_ms, world: r.world, generation: r.generation, values: r.values.into_iter().collect() };
+            let m = MetricRow {
+                step: r.step,
+                loss: r.loss,
+                lr: r.lr,
+                grad_norm: r.grad_norm,
+                tokens: r.tokens,
+                step_ms: r.step_ms,
+                world: r.world,
+                generation: r.generation,
+                values: r.values.into_iter().collect(),
+            };
             s.insert_metric(r.job_id, r.phase_index, &m)?;
             s.advance_phase(r.job_id, r.phase_index, r.step.min(p.total_steps))?;
             Ok(Ok(()))

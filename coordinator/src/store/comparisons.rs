@@ -1,8 +1,8 @@
 //! Comparisons of two sampled answers, labelled once by a person.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{OptionalExtension, params};
 
-use super::{now_ms, Result, Store};
+use super::{Result, Store, now_ms};
 
 /// A comparison to store: a prompt and two sampled answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,10 +61,9 @@ impl Store {
     /// Records a label (`a`, `b`, `tie`, `skip`) on an open comparison. Returns false when the
     /// comparison was already labelled (nothing changes then).
     pub fn label_comparison(&self, id: u64, choice: &str, labeler: &str) -> Result<bool> {
-        let n = self.conn.execute(
-            "UPDATE comparisons SET choice = ?2, labeler = ?3, answered_ms = ?4 WHERE id = ?1 AND choice = ''",
-            params![id as i64, choice, labeler, now_ms() as i64],
-        )?;
+        let n = self
+            .conn
+            .execute("UPDATE comparisons SET choice = ?2, labeler = ?3, answered_ms = ?4 WHERE id = ?1 AND choice = ''", params![id as i64, choice, labeler, now_ms() as i64])?;
         Ok(n == 1)
     }
 
@@ -78,13 +77,10 @@ impl Store {
 
     /// Comparisons of a job: `(total, labelled)`.
     pub fn comparison_counts(&self, job_id: u64) -> Result<(u64, u64)> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(choice != ''), 0) FROM comparisons WHERE job_id = ?1",
-            [job_id as i64],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )?)
+        Ok(self.conn.query_row("SELECT COUNT(*), COALESCE(SUM(choice != ''), 0) FROM comparisons WHERE job_id = ?1", [job_id as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?)
     }
-
 }
 
 #[cfg(test)]

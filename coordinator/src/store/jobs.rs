@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 
 use rusqlite::types::{Value, ValueRef};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{OptionalExtension, params};
 
-use super::{now_ms, Result, Store};
+use super::{Result, Store, now_ms};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRow {
@@ -221,7 +221,11 @@ impl Store {
     }
 
     pub fn phase(&self, job_id: u64, idx: u32) -> Result<Option<PhaseRow>> {
-        Ok(self.conn.prepare_cached(&format!("SELECT {PHASE_COLS} FROM phases WHERE job_id = ?1 AND idx = ?2"))?.query_row(params![job_id as i64, idx as i64], phase_row).optional()?)
+        Ok(self
+            .conn
+            .prepare_cached(&format!("SELECT {PHASE_COLS} FROM phases WHERE job_id = ?1 AND idx = ?2"))?
+            .query_row(params![job_id as i64, idx as i64], phase_row)
+            .optional()?)
     }
 
     pub fn running_phases(&self) -> Result<Vec<PhaseRow>> {
@@ -234,7 +238,8 @@ impl Store {
     pub fn set_phase_state(&self, job_id: u64, idx: u32, state: &str, error: &str) -> Result<()> {
         let now = now_ms() as i64;
         let time_col = if state == "running" { "started_ms" } else { "finished_ms" };
-        self.conn.execute(&format!("UPDATE phases SET state = ?3, error = ?4, {time_col} = ?5 WHERE job_id = ?1 AND idx = ?2"), params![job_id as i64, idx as i64, state, error, now])?;
+        self.conn
+            .execute(&format!("UPDATE phases SET state = ?3, error = ?4, {time_col} = ?5 WHERE job_id = ?1 AND idx = ?2"), params![job_id as i64, idx as i64, state, error, now])?;
         Ok(())
     }
 

@@ -20,10 +20,10 @@ mod workers;
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 
 pub use comparisons::{ComparisonRow, NewComparison};
-pub use jobs::{json_f64, CheckpointRow, JobRow, MetricRow, PhaseRow};
+pub use jobs::{CheckpointRow, JobRow, MetricRow, PhaseRow, json_f64};
 pub use workers::{NewWorker, WorkerRow};
 
 /// Store errors.
@@ -97,7 +97,8 @@ impl Store {
     pub fn open_read_only(path: &Path) -> Result<Self> {
         use rusqlite::OpenFlags;
         let shown = path.display().to_string();
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|source| StoreError::Open { path: shown.clone(), source })?;
         check_ownership(&conn, &shown)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|source| StoreError::Open { path: shown, source })?;
         Ok(Store { conn, file: None, _lock: None })

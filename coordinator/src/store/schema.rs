@@ -5,7 +5,8 @@
 pub const APPLICATION_ID: i64 = 0x4C44_414E;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -80,9 +81,11 @@ CREATE TABLE datasets (
     tokenizer_sha256 TEXT NOT NULL,
     registered_ms   INTEGER NOT NULL
 );
-"#, r#"
+"#,
+    r#"
 ALTER TABLE metrics ADD COLUMN values_json TEXT NOT NULL DEFAULT '{}';
-"#, r#"
+"#,
+    r#"
 CREATE TABLE comparisons (
     id          INTEGER PRIMARY KEY,
     job_id      INTEGER NOT NULL,
@@ -97,7 +100,8 @@ CREATE TABLE comparisons (
     answered_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX comparisons_open ON comparisons (job_id, choice);
-"#, r#"
+"#,
+    r#"
 ALTER TABLE workers ADD COLUMN instance TEXT NOT NULL DEFAULT '';
 ALTER TABLE workers ADD COLUMN memory_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE phases ADD COLUMN ring_secret TEXT NOT NULL DEFAULT '';
@@ -110,4 +114,5 @@ CREATE INDEX workers_instance ON workers (instance);
 CREATE INDEX workers_group ON workers (job_id, phase_idx, generation);
 CREATE INDEX phases_state ON phases (state);
 CREATE INDEX jobs_state ON jobs (state);
-"#];
+"#,
+];

@@ -2,9 +2,9 @@
 //! membership (job, phase, rank, generation), death and pruning. Leases are not here: they live
 //! in memory ([`crate::membership`]) and only a death is written.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{OptionalExtension, params};
 
-use super::{now_ms, Result, Store};
+use super::{Result, Store, now_ms};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerRow {

@@ -27,8 +27,8 @@ use serde::Serialize;
 
 use crate::error::{DataError, Result};
 use crate::ingest::{DocKind, RawDoc};
-use filters::{failing_filter, FilterConfig, DOC_FILTERS};
-use lines::{LineRules, LINE_RULES};
+use filters::{DOC_FILTERS, FilterConfig, failing_filter};
+use lines::{LINE_RULES, LineRules};
 
 /// Every rule name, in pipeline order.
 pub fn all_rules() -> Vec<&'static str> {
@@ -206,10 +206,10 @@ impl Cleaner {
     pub fn new(config: CleanConfig) -> Result<Self> {
         config.validate()?;
         let opencc = if config.on("t2s") {
-            Some(ferrous_opencc::OpenCC::from_config(ferrous_opencc::config::BuiltinConfig::T2s).map_err(|e| DataError::Config {
-                field: "t2s",
-                reason: format!("OpenCC dictionaries failed to load: {e}"),
-            })?)
+            Some(
+                ferrous_opencc::OpenCC::from_config(ferrous_opencc::config::BuiltinConfig::T2s)
+                    .map_err(|e| DataError::Config { field: "t2s", reason: format!("OpenCC dictionaries failed to load: {e}") })?,
+            )
         } else {
             None
         };
@@ -243,17 +243,21 @@ impl Cleaner {
         let learned = self.config.quality_kinds.contains(&doc.kind) && self.config.on("quality_line");
         let kept: Vec<&str> = text
             .lines()
-            .filter(|line| match self.lines.classify(line, |r| self.config.on(r)).or_else(|| {
-                (learned && self.quality.spam_probability(line) >= self.config.quality_line_threshold).then_some("quality_line")
-            }) {
-                Some(rule) => {
-                    let e = removed.entry(rule).or_default();
-                    e.0 += 1;
-                    e.1 += line.chars().count() as i64;
-                    removed_lines.push(RemovedLine { rule, line: line.to_string() });
-                    false
+            .filter(|line| {
+                match self
+                    .lines
+                    .classify(line, |r| self.config.on(r))
+                    .or_else(|| (learned && self.quality.spam_probability(line) >= self.config.quality_line_threshold).then_some("quality_line"))
+                {
+                    Some(rule) => {
+                        let e = removed.entry(rule).or_default();
+                        e.0 += 1;
+                        e.1 += line.chars().count() as i64;
+                        removed_lines.push(RemovedLine { rule, line: line.to_string() });
+                        false
+                    }
+                    None => true,
                 }
-                None => true,
             })
             .collect();
         let kept = if doc.kind == DocKind::Html && self.config.on("short_line") {

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::work::{self, task_file, BlobReader, BlobWriter, TaskOut};
-use super::{h64, Ctx};
+use super::work::{self, BlobReader, BlobWriter, TaskOut, task_file};
+use super::{Ctx, h64};
 use crate::clean::{CleanStats, CleanedDoc, Cleaner};
 use crate::dedup::{band_key, exact_key, minhash, seeds};
 use crate::error::{DataError, Result};
-use crate::extsort::{fields4, rec4, sorted, RecordReader, RecordWriter};
+use crate::extsort::{RecordReader, RecordWriter, fields4, rec4, sorted};
 use crate::ingest::{DocKind, IngestStats};
 use crate::shard::Split;
 use crate::stream::read_chunk;

@@ -13,12 +13,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::clean_stage::{FilterTask, EXACT_TAG};
-use super::work::{self, task_file, TaskOut};
 use super::Ctx;
-use crate::dedup::{estimate, DedupStats};
+use super::clean_stage::{EXACT_TAG, FilterTask};
+use super::work::{self, TaskOut, task_file};
+use crate::dedup::{DedupStats, estimate};
 use crate::error::{DataError, Result};
-use crate::extsort::{fields4, rec4, sorted, RecordReader, RecordWriter};
+use crate::extsort::{RecordReader, RecordWriter, fields4, rec4, sorted};
 
 /// Earlier bucket members a document is compared with.
 const WINDOW: usize = 16;

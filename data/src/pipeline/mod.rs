@@ -44,10 +44,10 @@ use serde::{Deserialize, Serialize};
 use crate::clean::CleanConfig;
 use crate::dedup::DedupConfig;
 use crate::error::{DataError, Result};
-use crate::ingest::{expand_inputs, IngestOptions};
+use crate::ingest::{IngestOptions, expand_inputs};
 use crate::prepare::{Progress, Report};
 use crate::shard::SplitRatios;
-use crate::stream::{plan_chunks, Chunk, Limits};
+use crate::stream::{Chunk, Limits, plan_chunks};
 use work::Owner;
 
 /// The stages, in order.
@@ -139,7 +139,10 @@ impl PrepareConfig {
         // A document is held a few times over while it is cleaned (rewrites, line lists) on
         // every thread at once: the caps must leave room in the budget.
         if 16 * doc * rayon::current_num_threads() as u64 > self.memory_budget {
-            return bad("limits.max_doc_bytes", format!("{doc} is too large for memory_budget {} on {} threads (16 × max_doc_bytes × threads must fit)", self.memory_budget, rayon::current_num_threads()));
+            return bad(
+                "limits.max_doc_bytes",
+                format!("{doc} is too large for memory_budget {} on {} threads (16 × max_doc_bytes × threads must fit)", self.memory_budget, rayon::current_num_threads()),
+            );
         }
         if self.tokenizer_sample_bytes == Some(0) && self.tokenizer.is_none() {
             return bad("tokenizer_sample_bytes", "must be at least 1 when a tokenizer is trained".into());

@@ -15,13 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use super::clean_stage::{CleanTask, FilterTask};
 use super::dedup_stage::removed_rows;
-use super::work::{self, task_file, BlobReader, BlobWriter, TaskOut};
+use super::work::{self, BlobReader, BlobWriter, TaskOut, task_file};
 use super::{Ctx, Plan, PrepareConfig};
 use crate::dedup::DedupStats;
 use crate::error::{DataError, Result};
 use crate::ingest::IngestStats;
 use crate::prepare::{Report, SplitCount};
-use crate::shard::{dtype_for, Manifest, ShardWriter, Split, SplitInfo, VERSION};
+use crate::shard::{Manifest, ShardWriter, Split, SplitInfo, VERSION, dtype_for};
 use crate::tokenizer::ChatTokenizer;
 
 /// Seed of the order hash (the same as the single-process pipeline always used).

@@ -205,7 +205,8 @@ impl TaskOut {
             let name = path.strip_prefix(&self.work).unwrap_or(path).display().to_string();
             sums.push(FileSum { name, bytes, sha256 });
         }
-        let rec = Record { stage: self.stage.to_string(), task: self.task, files: sums, stats: serde_json::to_value(stats).map_err(|e| DataError::file(&self.work, e.to_string()))? };
+        let rec =
+            Record { stage: self.stage.to_string(), task: self.task, files: sums, stats: serde_json::to_value(stats).map_err(|e| DataError::file(&self.work, e.to_string()))? };
         let p = record_path(&self.work, self.stage, self.task);
         let json = serde_json::to_vec_pretty(&rec).map_err(|e| DataError::file(&p, e.to_string()))?;
         write_atomic(&p, &json)?;

@@ -36,9 +36,7 @@ pub struct BenchResult {
 /// `iters` times after one warm-up, and reports nccl-tests' algbw and busbw.
 pub fn ring_busbw(world: usize, bytes: usize, iters: usize) -> Result<BenchResult, CollectiveError> {
     if world == 0 || iters == 0 {
-        return Err(CollectiveError::Config {
-            reason: format!("ring_busbw needs world >= 1 and iters >= 1, got world {world}, iters {iters}"),
-        });
+        return Err(CollectiveError::Config { reason: format!("ring_busbw needs world >= 1 and iters >= 1, got world {world}, iters {iters}") });
     }
     let elems = bytes / 4;
     let listeners: Vec<RingListener> = (0..world).map(|_| TcpRing::listen("127.0.0.1:0")).collect::<Result<_, _>>()?;
@@ -62,14 +60,7 @@ pub fn ring_busbw(world: usize, bytes: usize, iters: usize) -> Result<BenchResul
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(CollectiveError::Protocol { reason: "a benchmark rank thread panicked".into() })
-                })
-            })
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CollectiveError::Protocol { reason: "a benchmark rank thread panicked".into() }))).collect()
     });
 
     let mut slowest = Duration::ZERO;
@@ -93,14 +84,7 @@ pub fn ring_busbw(world: usize, bytes: usize, iters: usize) -> Result<BenchResul
 }
 
 /// One rank of [`ring_busbw`]: connect, warm up, line up with a barrier, time `iters` ops.
-fn run_rank(
-    listener: RingListener,
-    rank: usize,
-    peers: &[String],
-    opts: RingOptions,
-    elems: usize,
-    iters: usize,
-) -> Result<Duration, CollectiveError> {
+fn run_rank(listener: RingListener, rank: usize, peers: &[String], opts: RingOptions, elems: usize, iters: usize) -> Result<Duration, CollectiveError> {
     let mut ring = TcpRing::connect(&listener, rank, peers, 0, opts)?;
     // Values grow by ×world per op and may reach inf; timing does not depend on them.
     let mut buf = vec![1.0f32; elems];

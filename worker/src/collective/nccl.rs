@@ -18,8 +18,8 @@
 //! `ncclCommAbort` and the op returns [`CollectiveError::Aborted`] or `Timeout`; after any
 //! error the communicator is broken for good, as with the TCP ring.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cudarc::nccl::sys;
@@ -108,7 +108,9 @@ fn require_nccl() -> Result<(), CollectiveError> {
     if unsafe { sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(CollectiveError::Config { reason: "libnccl not found: put a folder with libnccl.so (a link to libnccl.so.2, e.g. from the nvidia-nccl-cu13 wheel) on LD_LIBRARY_PATH".into() })
+        Err(CollectiveError::Config {
+            reason: "libnccl not found: put a folder with libnccl.so (a link to libnccl.so.2, e.g. from the nvidia-nccl-cu13 wheel) on LD_LIBRARY_PATH".into(),
+        })
     }
 }
 
@@ -298,9 +300,7 @@ impl Nccl {
     fn enqueue_sum(&mut self, ptr: u64, count: usize, dtype: sys::ncclDataType_t) -> Result<(), CollectiveError> {
         // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's device (the
         // callers take it from a checked view); in place is allowed by NCCL.
-        let r = unsafe {
-            cudarc::nccl::result::all_reduce(ptr as *const _, ptr as *mut _, count, dtype, sys::ncclRedOp_t::ncclSum, self.comm, self.stream as _)
-        };
+        let r = unsafe { cudarc::nccl::result::all_reduce(ptr as *const _, ptr as *mut _, count, dtype, sys::ncclRedOp_t::ncclSum, self.comm, self.stream as _) };
         r.map(|_| ()).map_err(|e| {
             let err = nccl_err("ncclAllReduce", e);
             self.abort();

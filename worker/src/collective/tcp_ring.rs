@@ -170,13 +170,7 @@ impl TcpRing {
     /// rank+1 (mod world) and accepts from rank-1; a handshake exchanges (magic, protocol
     /// version, generation, rank, world) and refuses a peer from another generation/world.
     /// World 1 (`peers.len() == 1`) opens no socket.
-    pub fn connect(
-        listener: &RingListener,
-        rank: usize,
-        peers: &[String],
-        generation: u64,
-        opts: RingOptions,
-    ) -> Result<TcpRing, CollectiveError> {
+    pub fn connect(listener: &RingListener, rank: usize, peers: &[String], generation: u64, opts: RingOptions) -> Result<TcpRing, CollectiveError> {
         let world = peers.len();
         let config = |reason: String| CollectiveError::Config { reason };
         if world == 0 {
@@ -207,19 +201,12 @@ impl TcpRing {
         let left = (rank + world - 1) % world;
         let right_name = format!("right neighbour rank {right} ({})", peers[right]);
         let left_name = format!("left neighbour rank {left} ({})", peers[left]);
-        let right_addrs: Vec<SocketAddr> = peers[right]
-            .to_socket_addrs()
-            .map_err(|e| config(format!("peers[{right}] = {:?}: {e}", peers[right])))?
-            .collect();
+        let right_addrs: Vec<SocketAddr> = peers[right].to_socket_addrs().map_err(|e| config(format!("peers[{right}] = {:?}: {e}", peers[right])))?.collect();
         if right_addrs.is_empty() {
             return Err(config(format!("peers[{right}] = {:?} resolves to no address", peers[right])));
         }
         // The left neighbour must connect from its advertised address (any port).
-        let left_ips: Vec<std::net::IpAddr> = peers[left]
-            .to_socket_addrs()
-            .map_err(|e| config(format!("peers[{left}] = {:?}: {e}", peers[left])))?
-            .map(|a| a.ip())
-            .collect();
+        let left_ips: Vec<std::net::IpAddr> = peers[left].to_socket_addrs().map_err(|e| config(format!("peers[{left}] = {:?}: {e}", peers[left])))?.map(|a| a.ip()).collect();
         let nonce = liandan_proto::auth::random_bytes::<16>().map_err(|e| config(format!("no random nonce for the handshake: {e}")))?;
         let hello = Hello { generation, rank, world, nonce }.encode();
         let key = ring.opts.key.clone();
@@ -263,9 +250,7 @@ impl TcpRing {
     /// Checks that the ring can run an op; returns the op's sequence number.
     fn begin(&mut self) -> Result<u64, CollectiveError> {
         if let Some(why) = &self.broken {
-            return Err(CollectiveError::Protocol {
-                reason: format!("the ring is broken by an earlier error ({why}); connect a new one"),
-            });
+            return Err(CollectiveError::Protocol { reason: format!("the ring is broken by an earlier error ({why}); connect a new one") });
         }
         if self.opts.abort.as_deref().is_some_and(|a| a.load(Ordering::Relaxed)) {
             self.broken = Some(format!("generation {} aborted", self.generation));
@@ -293,13 +278,7 @@ impl TcpRing {
         let seq = self.begin()?;
         let Some(links) = &self.links else { return Ok(vec![x]) };
         let header = Header { seq, op, len: u64::from(op == Op::Scalar) };
-        let w = Waiter {
-            op: op.name(),
-            timeout: self.opts.timeout,
-            abort: self.opts.abort.as_deref(),
-            stop: None,
-            generation: self.generation,
-        };
+        let w = Waiter { op: op.name(), timeout: self.opts.timeout, abort: self.opts.abort.as_deref(), stop: None, generation: self.generation };
         let result = gather_scalars(links, header, self.rank, self.world, x, &w);
         self.finish(result)
     }
@@ -318,8 +297,7 @@ impl Collective for TcpRing {
         let seq = self.begin()?;
         let Some(links) = &self.links else { return Ok(()) };
         let header = Header { seq, op: Op::Sum, len: buf.len() as u64 };
-        let result =
-            ring_all_reduce(links, &mut self.pool, buf, header, self.rank, self.world, &self.opts, self.generation);
+        let result = ring_all_reduce(links, &mut self.pool, buf, header, self.rank, self.world, &self.opts, self.generation);
         self.finish(result)
     }
 
@@ -339,24 +317,9 @@ impl Collective for TcpRing {
 
 /// Reduce-scatter + all-gather of `buf` (see the module docs). This thread receives and reduces;
 /// a scoped sender thread writes what it is handed to the right neighbour.
-fn ring_all_reduce(
-    links: &Links,
-    pool: &mut Vec<Vec<u8>>,
-    buf: &mut [f32],
-    header: Header,
-    rank: usize,
-    world: usize,
-    opts: &RingOptions,
-    generation: u64,
-) -> Result<(), Fail> {
+fn ring_all_reduce(links: &Links, pool: &mut Vec<Vec<u8>>, buf: &mut [f32], header: Header, rank: usize, world: usize, opts: &RingOptions, generation: u64) -> Result<(), Fail> {
     let stop = AtomicBool::new(false);
-    let w = Waiter {
-        op: "all_reduce_sum",
-        timeout: opts.timeout,
-        abort: opts.abort.as_deref(),
-        stop: Some(&stop),
-        generation,
-    };
+    let w = Waiter { op: "all_reduce_sum", timeout: opts.timeout, abort: opts.abort.as_deref(), stop: Some(&stop), generation };
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     let result = thread::scope(|s| {
@@ -446,13 +409,7 @@ fn receive_and_reduce(
 
 /// The sending half of [`ring_all_reduce`]: writes every queued message in order and hands the
 /// buffer back for reuse.
-fn send_loop(
-    stream: &TcpStream,
-    peer: &str,
-    rx: mpsc::Receiver<Vec<u8>>,
-    back: mpsc::Sender<Vec<u8>>,
-    w: &Waiter,
-) -> Result<(), Fail> {
+fn send_loop(stream: &TcpStream, peer: &str, rx: mpsc::Receiver<Vec<u8>>, back: mpsc::Sender<Vec<u8>>, w: &Waiter) -> Result<(), Fail> {
     // No look at the flags between messages: after a failure the queued messages (the header
     // first) still go out while the socket takes them, so the neighbour reads why this rank
     // stopped (a header mismatch) instead of a closed connection. A full socket ends it.
@@ -573,12 +530,7 @@ impl Header {
         let (seq, code, len) = (le_u64(got, 0), le_u32(got, 8), le_u64(got, 16));
         let theirs = Op::from_code(code).map_or("an unknown op", Op::name);
         Err(CollectiveError::Protocol {
-            reason: format!(
-                "{peer} is in op #{seq} {theirs} over {len} values, this rank in op #{} {} over {} values",
-                self.seq,
-                self.op.name(),
-                self.len
-            ),
+            reason: format!("{peer} is in op #{seq} {theirs} over {len} values, this rank in op #{} {} over {} values", self.seq, self.op.name(), self.len),
         })
     }
 }
@@ -670,13 +622,7 @@ fn le_u64<const N: usize>(b: &[u8; N], at: usize) -> u64 {
 // Connecting.
 
 /// Dials the right neighbour until it answers or `w.timeout` passes, then exchanges hellos.
-fn connect_right(
-    addrs: &[SocketAddr],
-    name: &str,
-    hello: &[u8; HELLO_LEN],
-    expect: &Expect,
-    w: &Waiter,
-) -> Result<TcpStream, Fail> {
+fn connect_right(addrs: &[SocketAddr], name: &str, hello: &[u8; HELLO_LEN], expect: &Expect, w: &Waiter) -> Result<TcpStream, Fail> {
     let start = Instant::now();
     let mut last: Option<io::Error> = None;
     let mut attempt = POLL;
@@ -700,10 +646,7 @@ fn connect_right(
         if start.elapsed() >= w.timeout {
             let after_ms = millis(start.elapsed());
             return Err(Fail::Error(match last {
-                Some(e) => CollectiveError::Io {
-                    peer: name.to_string(),
-                    source: io::Error::new(e.kind(), format!("no connection within {after_ms} ms, last error: {e}")),
-                },
+                Some(e) => CollectiveError::Io { peer: name.to_string(), source: io::Error::new(e.kind(), format!("no connection within {after_ms} ms, last error: {e}")) },
                 None => CollectiveError::Timeout { op: w.op, peer: name.to_string(), after_ms },
             }));
         }
@@ -726,14 +669,7 @@ fn connect_right(
 /// handshaken on its own thread (at most [`HANDSHAKES_MAX`] at once, each within
 /// [`HANDSHAKE_TIMEOUT`]); one from another address is dropped unread. A refused connection is
 /// logged and listed in a later timeout error, never taken for the neighbour.
-fn accept_left(
-    listener: &TcpListener,
-    name: &str,
-    allowed: &[std::net::IpAddr],
-    hello: &[u8; HELLO_LEN],
-    expect: &Expect,
-    w: &Waiter,
-) -> Result<TcpStream, Fail> {
+fn accept_left(listener: &TcpListener, name: &str, allowed: &[std::net::IpAddr], hello: &[u8; HELLO_LEN], expect: &Expect, w: &Waiter) -> Result<TcpStream, Fail> {
     // Non-blocking so the loop can look at the abort flag and the deadline.
     listener.set_nonblocking(true).map_err(|source| io_error(name, source))?;
     let start = Instant::now();
@@ -784,10 +720,7 @@ fn accept_left(
                         break Err(Fail::Error(if refused.is_empty() {
                             CollectiveError::Timeout { op: w.op, peer: name.to_string(), after_ms }
                         } else {
-                            CollectiveError::Handshake {
-                                peer: name.to_string(),
-                                reason: format!("did not connect within {after_ms} ms; dropped {}", refused.join("; ")),
-                            }
+                            CollectiveError::Handshake { peer: name.to_string(), reason: format!("did not connect within {after_ms} ms; dropped {}", refused.join("; ")) }
                         }));
                     }
                     thread::sleep(ACCEPT_POLL);
@@ -804,13 +737,7 @@ fn accept_left(
 
 /// The accepting end of a handshake: read the peer's hello, answer with ours and our MAC (even
 /// when refusing, so the peer can report a mismatch itself), then check its hello and its MAC.
-fn handshake_incoming(
-    stream: TcpStream,
-    name: &str,
-    hello: &[u8; HELLO_LEN],
-    expect: &Expect,
-    w: &Waiter,
-) -> Result<TcpStream, Fail> {
+fn handshake_incoming(stream: TcpStream, name: &str, hello: &[u8; HELLO_LEN], expect: &Expect, w: &Waiter) -> Result<TcpStream, Fail> {
     stream.set_nonblocking(false).map_err(|source| io_error(name, source))?;
     configure(&stream, w.timeout, name)?;
     let refuse = |reason: String| Fail::Error(CollectiveError::Handshake { peer: name.to_string(), reason });
@@ -891,12 +818,7 @@ impl Waiter<'_> {
     fn check(&self, since: Instant, peer: &str) -> Result<(), Fail> {
         self.interrupted()?;
         if since.elapsed() >= self.timeout {
-            return Err(CollectiveError::Timeout {
-                op: self.op,
-                peer: peer.to_string(),
-                after_ms: millis(since.elapsed()),
-            }
-            .into());
+            return Err(CollectiveError::Timeout { op: self.op, peer: peer.to_string(), after_ms: millis(since.elapsed()) }.into());
         }
         Ok(())
     }
@@ -952,8 +874,7 @@ mod tests {
         options: impl Fn(usize) -> RingOptions + Sync,
         body: impl Fn(usize, Result<TcpRing, CollectiveError>) -> T + Sync,
     ) -> Vec<T> {
-        let listeners: Vec<RingListener> =
-            (0..world).map(|_| TcpRing::listen("127.0.0.1:0").expect("binding loopback")).collect();
+        let listeners: Vec<RingListener> = (0..world).map(|_| TcpRing::listen("127.0.0.1:0").expect("binding loopback")).collect();
         let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
         thread::scope(|s| {
             let handles: Vec<_> = listeners
@@ -961,9 +882,7 @@ mod tests {
                 .enumerate()
                 .map(|(rank, listener)| {
                     let (peers, generation, options, body) = (&peers, &generation, &options, &body);
-                    s.spawn(move || {
-                        body(rank, TcpRing::connect(&listener, rank, peers, generation(rank), options(rank)))
-                    })
+                    s.spawn(move || body(rank, TcpRing::connect(&listener, rank, peers, generation(rank), options(rank))))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
@@ -988,10 +907,7 @@ mod tests {
             for (i, &got) in out.iter().enumerate() {
                 let exact: f64 = (0..world).map(|r| value(r, i) as f64).sum();
                 let scale: f64 = (0..world).map(|r| (value(r, i) as f64).abs()).sum::<f64>().max(1e-30);
-                assert!(
-                    (got as f64 - exact).abs() <= 1e-5 * scale,
-                    "world {world} len {len} rank {rank} [{i}]: {got} vs {exact}"
-                );
+                assert!((got as f64 - exact).abs() <= 1e-5 * scale, "world {world} len {len} rank {rank} [{i}]: {got} vs {exact}");
             }
             let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
             let bits0: Vec<u32> = outs[0].iter().map(|v| v.to_bits()).collect();
@@ -1020,8 +936,7 @@ mod tests {
                     Ok::<_, CollectiveError>((outs, scalar))
                 },
             );
-            let results: Vec<_> =
-                results.into_iter().map(|r| r.unwrap_or_else(|e| panic!("world {world}: {e}"))).collect();
+            let results: Vec<_> = results.into_iter().map(|r| r.unwrap_or_else(|e| panic!("world {world}: {e}"))).collect();
             for (k, &len) in LENS.iter().enumerate() {
                 let outs: Vec<Vec<f32>> = results.iter().map(|(outs, _)| outs[k].clone()).collect();
                 check_sums(world, len, &outs);
@@ -1079,8 +994,7 @@ mod tests {
         let peers = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
         let err = TcpRing::connect(&bind(), 2, &peers, 0, RingOptions::default()).unwrap_err();
         assert!(err.to_string().contains("rank 2 is outside a world of 2"), "{err}");
-        let err = TcpRing::connect(&bind(), 0, &peers, 0, RingOptions { chunk_bytes: 2, ..RingOptions::default() })
-            .unwrap_err();
+        let err = TcpRing::connect(&bind(), 0, &peers, 0, RingOptions { chunk_bytes: 2, ..RingOptions::default() }).unwrap_err();
         assert!(err.to_string().contains("chunk_bytes"), "{err}");
         let bad = ["127.0.0.1:1".to_string(), "not an address".to_string()];
         let err = TcpRing::connect(&bind(), 0, &bad, 0, RingOptions::default()).unwrap_err();
@@ -1092,13 +1006,9 @@ mod tests {
         let start = Instant::now();
         let results = with_ring(2, |rank| [1, 2][rank], |_| opts(10_000), |_, ring| ring.map(|_| ()));
         let elapsed = start.elapsed();
-        let errors: Vec<CollectiveError> =
-            results.into_iter().map(|r| r.expect_err("mismatched ring connected")).collect();
+        let errors: Vec<CollectiveError> = results.into_iter().map(|r| r.expect_err("mismatched ring connected")).collect();
         // The connecting side fails at once; the other may see that side hang up instead.
-        let handshake = errors
-            .iter()
-            .find(|e| matches!(e, CollectiveError::Handshake { .. }))
-            .unwrap_or_else(|| panic!("no handshake error among {errors:?}"));
+        let handshake = errors.iter().find(|e| matches!(e, CollectiveError::Handshake { .. })).unwrap_or_else(|| panic!("no handshake error among {errors:?}"));
         let msg = handshake.to_string();
         assert!(msg.contains("generation 1") && msg.contains("generation 2"), "{msg}");
         assert!(elapsed < Duration::from_secs(5), "refusal took {elapsed:?}");
@@ -1125,8 +1035,7 @@ mod tests {
 
     #[test]
     fn stranger_on_the_listener_is_refused_and_the_ring_still_forms() {
-        let listeners: Vec<RingListener> =
-            (0..2).map(|_| TcpRing::listen("127.0.0.1:0").expect("binding loopback")).collect();
+        let listeners: Vec<RingListener> = (0..2).map(|_| TcpRing::listen("127.0.0.1:0").expect("binding loopback")).collect();
         let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
         // Queued in rank 0's backlog before rank 1 can dial, so rank 0 accepts it first.
         let mut stranger = TcpStream::connect(listeners[0].local_addr()).expect("stranger connects");

@@ -14,7 +14,7 @@ use crate::model::config::GptConfig;
 use crate::model::gpt::Gpt;
 use crate::model::params::ParamLayout;
 use crate::model::profile::OpProfile;
-use crate::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm};
 use crate::rng::Rng;
 
 /// Makes CPU models.

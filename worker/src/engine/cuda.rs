@@ -10,11 +10,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{Engine, Model, Replica};
+use crate::backend::cuda::Precision;
 use crate::backend::cuda::device::{CudaDevice, DevBuf};
 use crate::backend::cuda::generate::CudaGenerator;
 use crate::backend::cuda::model::CudaGpt;
 use crate::backend::cuda::ops::{self, AdamWArgs, NORM_BLOCKS};
-use crate::backend::cuda::Precision;
 use crate::collective::{Collective, CollectiveError};
 use crate::error::{EngineError, Result};
 use crate::generate::{Generation, SamplingConfig};
@@ -199,7 +199,16 @@ impl CudaReplica {
             let r = m.layout.range(kind);
             let decay = if kind.decays() { 1.0 - lr * c.weight_decay } else { 1.0 };
             let pb = (m.precision == Precision::Bf16).then(|| m.params_bf16.view(r.start, r.len()));
-            ops::adamw_step(&m.dev, m.params.view(r.start, r.len()), pb, m.grads.view(r.start, r.len()), self.m.view(r.start, r.len()), self.v.view(r.start, r.len()), r.len(), AdamWArgs { decay, ..base })?;
+            ops::adamw_step(
+                &m.dev,
+                m.params.view(r.start, r.len()),
+                pb,
+                m.grads.view(r.start, r.len()),
+                self.m.view(r.start, r.len()),
+                self.v.view(r.start, r.len()),
+                r.len(),
+                AdamWArgs { decay, ..base },
+            )?;
         }
         self.opt_t = t;
         Ok(())

@@ -126,8 +126,8 @@ pub struct Opened {
 /// # Errors
 /// One line saying why: an unknown name, no GPU or a missing CUDA library for `cuda`.
 pub fn open(device: &str, precision: crate::backend::cuda::Precision) -> std::result::Result<Opened, String> {
-    use crate::backend::cuda::CudaDevice;
     use crate::backend::Device;
+    use crate::backend::cuda::CudaDevice;
     use std::sync::Arc;
     let (kind, ordinal) = match device {
         "auto" => (Device::detect(), 0),

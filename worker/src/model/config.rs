@@ -34,14 +34,7 @@ pub const MAX_PARAMS: u64 = 1 << 40;
 impl GptConfig {
     /// A config with `padded_vocab_size` rounded up to a multiple of 128 (as llm.c does).
     pub fn new(vocab_size: usize, n_positions: usize, n_layer: usize, n_head: usize, n_embd: usize) -> Self {
-        GptConfig {
-            vocab_size,
-            padded_vocab_size: vocab_size.div_ceil(128) * 128,
-            n_positions,
-            n_layer,
-            n_head,
-            n_embd,
-        }
+        GptConfig { vocab_size, padded_vocab_size: vocab_size.div_ceil(128) * 128, n_positions, n_layer, n_head, n_embd }
     }
 
     /// Named presets. `vocab_size` comes from the tokenizer in use.
@@ -59,10 +52,7 @@ impl GptConfig {
             "small-256" => (12, 768, 12, 256),
             "gpt2" => (12, 768, 12, 1024),
             other => {
-                return Err(EngineError::InvalidConfig {
-                    field: "model",
-                    reason: format!("unknown preset '{other}' (known: nano, tiny, small-256, gpt2)"),
-                });
+                return Err(EngineError::InvalidConfig { field: "model", reason: format!("unknown preset '{other}' (known: nano, tiny, small-256, gpt2)") });
             }
         };
         let cfg = GptConfig::new(vocab_size, t, l, nh, c);
@@ -82,20 +72,11 @@ impl GptConfig {
         ];
         for (field, value) in fields {
             if value == 0 || value > MAX_DIM {
-                return Err(EngineError::InvalidConfig {
-                    field,
-                    reason: format!("must be in 1..={MAX_DIM}, got {value}"),
-                });
+                return Err(EngineError::InvalidConfig { field, reason: format!("must be in 1..={MAX_DIM}, got {value}") });
             }
         }
         if self.padded_vocab_size < self.vocab_size {
-            return Err(EngineError::InvalidConfig {
-                field: "padded_vocab_size",
-                reason: format!(
-                    "must be >= vocab_size ({}), got {}",
-                    self.vocab_size, self.padded_vocab_size
-                ),
-            });
+            return Err(EngineError::InvalidConfig { field: "padded_vocab_size", reason: format!("must be >= vocab_size ({}), got {}", self.vocab_size, self.padded_vocab_size) });
         }
         match self.checked_num_parameters() {
             Some(n) if n <= MAX_PARAMS => {}
@@ -112,14 +93,8 @@ impl GptConfig {
                 });
             }
         }
-        if self.n_embd % self.n_head != 0 {
-            return Err(EngineError::InvalidConfig {
-                field: "n_embd",
-                reason: format!(
-                    "n_embd ({}) must be divisible by n_head ({})",
-                    self.n_embd, self.n_head
-                ),
-            });
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(EngineError::InvalidConfig { field: "n_embd", reason: format!("n_embd ({}) must be divisible by n_head ({})", self.n_embd, self.n_head) });
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! passed to [`Gpt::loss`] makes the sum equal the full-batch gradient.
 
 use crate::backend::cpu::attention::{attention_backward, attention_forward};
-use crate::backend::cpu::crossentropy::{softmax_crossentropy, IGNORE_INDEX};
+use crate::backend::cpu::crossentropy::{IGNORE_INDEX, softmax_crossentropy};
 use crate::backend::cpu::encoder::{encoder_backward, encoder_forward};
 use crate::backend::cpu::gelu::{gelu_backward, gelu_forward};
 use crate::backend::cpu::layernorm::{layernorm_backward, layernorm_forward};
@@ -15,10 +15,10 @@ use crate::backend::cpu::residual::residual_forward;
 use crate::error::{EngineError, Result};
 use crate::rng::Rng;
 
-use super::acts::{layer, layer_mut, Activations, GradActivations};
+use super::acts::{Activations, GradActivations, layer, layer_mut};
 use super::config::GptConfig;
 use super::params::{ParamKind as K, ParamLayout};
-use super::profile::{timed, OpProfile};
+use super::profile::{OpProfile, timed};
 
 /// A GPT-2 model with its training buffers.
 #[derive(Debug)]
@@ -54,10 +54,7 @@ impl Gpt {
             return Err(EngineError::InvalidConfig { field: "batch_size", reason: "must be at least 1".into() });
         }
         if max_t == 0 || max_t > config.n_positions {
-            return Err(EngineError::InvalidConfig {
-                field: "seq_len",
-                reason: format!("must be in 1..={} (n_positions), got {max_t}", config.n_positions),
-            });
+            return Err(EngineError::InvalidConfig { field: "seq_len", reason: format!("must be in 1..={} (n_positions), got {max_t}", config.n_positions) });
         }
         let layout = ParamLayout::new(&config);
         let n = layout.len();
@@ -124,16 +121,9 @@ impl Gpt {
         for l in 0..cfg.n_layer {
             let res_in = if l == 0 { &a.encoded[..] } else { layer(&a.residual3, l - 1, pc) };
             let ln1 = layer_mut(&mut a.ln1, l, pc);
-            timed(&mut prof, "fwd.layernorm", || layernorm_forward(
-                ln1,
-                layer_mut(&mut a.ln1_mean, l, p1),
-                layer_mut(&mut a.ln1_rstd, l, p1),
-                res_in,
-                lay.get(p, K::Ln1W, l),
-                lay.get(p, K::Ln1B, l),
-                n,
-                c,
-            ));
+            timed(&mut prof, "fwd.layernorm", || {
+                layernorm_forward(ln1, layer_mut(&mut a.ln1_mean, l, p1), layer_mut(&mut a.ln1_rstd, l, p1), res_in, lay.get(p, K::Ln1W, l), lay.get(p, K::Ln1B, l), n, c)
+            });
             let qkv = layer_mut(&mut a.qkv, l, p3);
             timed(&mut prof, "fwd.matmul", || matmul_forward(qkv, ln1, lay.get(p, K::QkvW, l), Some(lay.get(p, K::QkvB, l)), n, c, 3 * c));
             let atty = layer_mut(&mut a.atty, l, pc);
@@ -142,16 +132,9 @@ impl Gpt {
             let res2 = layer_mut(&mut a.residual2, l, pc);
             timed(&mut prof, "fwd.residual", || residual_forward(&mut res2[..n * c], &res_in[..n * c], &a.proj[..n * c]));
             let ln2 = layer_mut(&mut a.ln2, l, pc);
-            timed(&mut prof, "fwd.layernorm", || layernorm_forward(
-                ln2,
-                layer_mut(&mut a.ln2_mean, l, p1),
-                layer_mut(&mut a.ln2_rstd, l, p1),
-                res2,
-                lay.get(p, K::Ln2W, l),
-                lay.get(p, K::Ln2B, l),
-                n,
-                c,
-            ));
+            timed(&mut prof, "fwd.layernorm", || {
+                layernorm_forward(ln2, layer_mut(&mut a.ln2_mean, l, p1), layer_mut(&mut a.ln2_rstd, l, p1), res2, lay.get(p, K::Ln2W, l), lay.get(p, K::Ln2B, l), n, c)
+            });
             let fch = layer_mut(&mut a.fch, l, p4);
             timed(&mut prof, "fwd.matmul", || matmul_forward(fch, ln2, lay.get(p, K::FcW, l), Some(lay.get(p, K::FcB, l)), n, c, 4 * c));
             let fch_gelu = layer_mut(&mut a.fch_gelu, l, p4);
@@ -296,18 +279,9 @@ impl Gpt {
             let (dw, db) = pair_mut(grads, lay, K::FcW, K::FcB, l);
             timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.dln, dw, Some(db), &g.dfch, layer(&a.ln2, l, pc), lay.get(p, K::FcW, l), n, c, 4 * c));
             let (dw, db) = pair_mut(grads, lay, K::Ln2W, K::Ln2B, l);
-            timed(&mut prof, "bwd.layernorm", || layernorm_backward(
-                dres,
-                dw,
-                db,
-                &g.dln,
-                layer(&a.residual2, l, pc),
-                lay.get(p, K::Ln2W, l),
-                layer(&a.ln2_mean, l, p1),
-                layer(&a.ln2_rstd, l, p1),
-                n,
-                c,
-            ));
+            timed(&mut prof, "bwd.layernorm", || {
+                layernorm_backward(dres, dw, db, &g.dln, layer(&a.residual2, l, pc), lay.get(p, K::Ln2W, l), layer(&a.ln2_mean, l, p1), layer(&a.ln2_rstd, l, p1), n, c)
+            });
             // Attention block: residual2 = res_in + attproj(attention(qkv(ln1(res_in)))).
             let (dw, db) = pair_mut(grads, lay, K::AttProjW, K::AttProjB, l);
             timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.datty, dw, Some(db), dres, layer(&a.atty, l, pc), lay.get(p, K::AttProjW, l), n, c, c));
@@ -315,18 +289,9 @@ impl Gpt {
             let (dw, db) = pair_mut(grads, lay, K::QkvW, K::QkvB, l);
             timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.dln, dw, Some(db), &g.dqkv, layer(&a.ln1, l, pc), lay.get(p, K::QkvW, l), n, c, 3 * c));
             let (dw, db) = pair_mut(grads, lay, K::Ln1W, K::Ln1B, l);
-            timed(&mut prof, "bwd.layernorm", || layernorm_backward(
-                dres,
-                dw,
-                db,
-                &g.dln,
-                res_in,
-                lay.get(p, K::Ln1W, l),
-                layer(&a.ln1_mean, l, p1),
-                layer(&a.ln1_rstd, l, p1),
-                n,
-                c,
-            ));
+            timed(&mut prof, "bwd.layernorm", || {
+                layernorm_backward(dres, dw, db, &g.dln, res_in, lay.get(p, K::Ln1W, l), layer(&a.ln1_mean, l, p1), layer(&a.ln1_rstd, l, p1), n, c)
+            });
         }
         let (dwte, dwpe) = pair_mut(grads, lay, K::Wte, K::Wpe, 0);
         timed(&mut prof, "bwd.encoder", || encoder_backward(dwte, dwpe, dres, &self.inputs[..n], b, t, c));

@@ -96,8 +96,26 @@ mod tests {
             let m = Gpt::new(cfg.clone(), b, t).unwrap();
             let a = &m.acts;
             let acts = [
-                &a.encoded, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att, &a.atty, &a.residual2, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.fch_gelu, &a.residual3, &a.lnf, &a.lnf_mean,
-                &a.lnf_rstd, &a.logits, &a.losses, &a.proj,
+                &a.encoded,
+                &a.ln1,
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                &a.qkv,
+                &a.att,
+                &a.atty,
+                &a.residual2,
+                &a.ln2,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                &a.fch,
+                &a.fch_gelu,
+                &a.residual3,
+                &a.lnf,
+                &a.lnf_mean,
+                &a.lnf_rstd,
+                &a.logits,
+                &a.losses,
+                &a.proj,
             ]
             .iter()
             .map(|v| v.len())

@@ -69,15 +69,7 @@ impl ParamKind {
     /// AdamW's decoupled weight decay applies to matrices and embeddings, not to biases or
     /// LayerNorm parameters (as in nanoGPT and llm.c).
     pub fn decays(self) -> bool {
-        matches!(
-            self,
-            ParamKind::Wte
-                | ParamKind::Wpe
-                | ParamKind::QkvW
-                | ParamKind::AttProjW
-                | ParamKind::FcW
-                | ParamKind::FcProjW
-        )
+        matches!(self, ParamKind::Wte | ParamKind::Wpe | ParamKind::QkvW | ParamKind::AttProjW | ParamKind::FcW | ParamKind::FcProjW)
     }
 
     /// Shape of one slice (one layer's, for per-layer kinds).

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::{collective_outcome, Divergence, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics};
+use super::{Divergence, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics, collective_outcome};
 use crate::checkpoint::{self, CheckpointState, DataCursor, SaveInfo};
 use crate::collective::Collective;
 use crate::engine::Replica;
@@ -262,7 +262,14 @@ pub fn drive(run: Run<'_>, phase: &mut dyn PhaseStep, first: u64) -> Result<Phas
 
 /// Writes `step-N` under `checkpoint_dir`: the primary replica's weights and optimizer and the
 /// phase's files. Refuses non-finite weights: no checkpoint of a diverged model is ever written.
-fn save(checkpoint_dir: &Path, step: u64, primary: &mut dyn Replica, train_config: &TrainConfig, tokenizer: &str, files: &[(String, Vec<u8>)]) -> Result<std::path::PathBuf, PhaseError> {
+fn save(
+    checkpoint_dir: &Path,
+    step: u64,
+    primary: &mut dyn Replica,
+    train_config: &TrainConfig,
+    tokenizer: &str,
+    files: &[(String, Vec<u8>)],
+) -> Result<std::path::PathBuf, PhaseError> {
     let dir = checkpoint::step_dir(checkpoint_dir, step);
     let (m, v) = primary.moments()?;
     let t = primary.optimizer_t();

@@ -6,10 +6,9 @@
 //! sum of gradients is the gradient of the global batch's mean loss: the trajectory does not
 //! depend on the world size except through float summation order.
 
+use liandan_data::shard::{Manifest, Split, read_split, sha256_hex};
 
-use liandan_data::shard::{read_split, sha256_hex, Manifest, Split};
-
-use super::driver::{drive, start_replica, Ctx, Run, Start, StepOut};
+use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
 use crate::engine::{Model, Replica};
 use crate::ledger::Ledger;

@@ -4,14 +4,13 @@
 //! (by a hash of their text) are held out; the pairwise accuracy on them is written with every
 //! checkpoint (`reward_eval.json`).
 
-
 use std::path::Path;
 
-use liandan_data::chat::{read_preferences, tokenize_chat, Message, PreferencePair, Role};
+use liandan_data::chat::{Message, PreferencePair, Role, read_preferences, tokenize_chat};
 use liandan_data::tokenizer::ChatTokenizer;
 use serde::{Deserialize, Serialize};
 
-use super::driver::{drive, start_replica, Ctx, Run, Start, StepOut};
+use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
 use super::sft::load_tokenizer;
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
 use crate::engine::head::adam_step;
@@ -23,7 +22,7 @@ use crate::train::TrainConfig;
 /// File of the held-out accuracy inside a reward checkpoint.
 pub const EVAL_FILE: &str = "reward_eval.json";
 
-pub use crate::engine::head::{ScalarHead, HEAD_FILE};
+pub use crate::engine::head::{HEAD_FILE, ScalarHead};
 
 /// Held-out pairwise accuracy, overall and per task (`(correct, pairs)`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

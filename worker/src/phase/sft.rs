@@ -9,11 +9,11 @@
 //! in most packing implementations; each starts with `<|bos|>`, which marks the boundary.
 //! 5% of the examples (chosen by a hash of their text) are held out for validation.
 
-use liandan_data::chat::{read_sft, tokenize_chat, SftExample};
+use liandan_data::chat::{SftExample, read_sft, tokenize_chat};
 use liandan_data::tokenizer::ChatTokenizer;
 
 use super::driver::Start;
-use super::pretrain::{data_tokenizer, run_lm_phase, BatchSource};
+use super::pretrain::{BatchSource, data_tokenizer, run_lm_phase};
 use super::{PhaseError, PhaseIo, PhaseOutcome};
 use crate::engine::Model;
 use crate::ledger::Ledger;

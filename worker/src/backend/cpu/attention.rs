@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::mat::{matmul, MatMut, MatRef, Par};
+use super::mat::{MatMut, MatRef, Par, matmul};
 use super::math;
 
 /// Forward. `att` keeps the softmax probabilities for the backward.
@@ -73,11 +73,7 @@ pub fn attention_backward(dqkv: &mut [f32], datt: &mut [f32], dout: &[f32], qkv:
             let a = MatRef::strided((att_p as *const f32).add(bh * t * t), t, t, t);
             let g = MatRef::strided((dout_p as *const f32).add(bi * t * c + h * hs), t, hs, c);
             let dbase = dqkv_p.get().add(bi * t * 3 * c + h * hs);
-            let (dq, dk, dv) = (
-                MatMut::strided(dbase, t, hs, 3 * c),
-                MatMut::strided(dbase.add(c), t, hs, 3 * c),
-                MatMut::strided(dbase.add(2 * c), t, hs, 3 * c),
-            );
+            let (dq, dk, dv) = (MatMut::strided(dbase, t, hs, 3 * c), MatMut::strided(dbase.add(c), t, hs, 3 * c), MatMut::strided(dbase.add(2 * c), t, hs, 3 * c));
             let da_ptr = datt_p.get().add(bh * t * t);
             // dV = attᵀ·dout ; datt = dout·Vᵀ
             matmul(dv, a.t(), g, false, 1.0, Par::Serial);

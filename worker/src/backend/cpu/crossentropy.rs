@@ -18,44 +18,30 @@ pub const IGNORE_INDEX: i32 = -1;
 /// buffer doubles as `dlogits` and no second `(N, Vp)` buffer is needed.
 ///
 /// Targets must be in `[0, V)` or equal [`IGNORE_INDEX`] (the model checks this).
-pub fn softmax_crossentropy(
-    logits: &mut [f32],
-    losses: &mut [f32],
-    targets: &[i32],
-    weights: Option<&[f32]>,
-    scale: f32,
-    n: usize,
-    v: usize,
-    vp: usize,
-    grad: bool,
-) {
-    logits[..n * vp]
-        .par_chunks_mut(vp)
-        .zip(losses[..n].par_iter_mut())
-        .enumerate()
-        .for_each(|(i, (row, loss))| {
-            let target = targets[i];
-            if target == IGNORE_INDEX {
-                *loss = 0.0;
-                if grad {
-                    row.fill(0.0);
-                }
-                return;
-            }
-            let target = target as usize;
-            let max = math::max(&row[..v]);
-            let sum = math::exp_sum(&row[..v], max);
-            *loss = sum.ln() + max - row[target];
+pub fn softmax_crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[i32], weights: Option<&[f32]>, scale: f32, n: usize, v: usize, vp: usize, grad: bool) {
+    logits[..n * vp].par_chunks_mut(vp).zip(losses[..n].par_iter_mut()).enumerate().for_each(|(i, (row, loss))| {
+        let target = targets[i];
+        if target == IGNORE_INDEX {
+            *loss = 0.0;
             if grad {
-                let w = weights.map_or(1.0, |w| w[i]) * scale;
-                let inv = 1.0 / sum;
-                for x in row[..v].iter_mut() {
-                    *x = math::exp(*x - max) * inv * w;
-                }
-                row[target] -= w;
-                row[v..].fill(0.0);
+                row.fill(0.0);
             }
-        });
+            return;
+        }
+        let target = target as usize;
+        let max = math::max(&row[..v]);
+        let sum = math::exp_sum(&row[..v], max);
+        *loss = sum.ln() + max - row[target];
+        if grad {
+            let w = weights.map_or(1.0, |w| w[i]) * scale;
+            let inv = 1.0 / sum;
+            for x in row[..v].iter_mut() {
+                *x = math::exp(*x - max) * inv * w;
+            }
+            row[target] -= w;
+            row[v..].fill(0.0);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -82,11 +68,7 @@ mod tests {
             let want = lse - row[targets[i] as usize] as f64;
             assert!((losses[i] as f64 - want).abs() < 1e-6, "loss {i}");
             for j in 0..vp {
-                let g = if j < v {
-                    ((row[j] as f64).exp() / lse.exp() - if j == targets[i] as usize { 1.0 } else { 0.0 }) * weights[i] as f64 * 0.25
-                } else {
-                    0.0
-                };
+                let g = if j < v { ((row[j] as f64).exp() / lse.exp() - if j == targets[i] as usize { 1.0 } else { 0.0 }) * weights[i] as f64 * 0.25 } else { 0.0 };
                 assert!((l[i * vp + j] as f64 - g).abs() < 1e-6, "grad {i},{j}");
             }
         }

@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::math;
 use super::ROW_CHUNK_ELEMS;
+use super::math;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const COEF: f32 = 0.044715;
@@ -21,17 +21,15 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
 
 /// `dinp = dout · gelu'(inp)` (overwritten).
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-    dinp.par_chunks_mut(ROW_CHUNK_ELEMS)
-        .zip(inp.par_chunks(ROW_CHUNK_ELEMS).zip(dout.par_chunks(ROW_CHUNK_ELEMS)))
-        .for_each(|(d, (x, g))| {
-            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                let th = math::tanh(u);
-                let sech2 = 1.0 - th * th;
-                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
-                *d = g * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);
-            }
-        });
+    dinp.par_chunks_mut(ROW_CHUNK_ELEMS).zip(inp.par_chunks(ROW_CHUNK_ELEMS).zip(dout.par_chunks(ROW_CHUNK_ELEMS))).for_each(|(d, (x, g))| {
+        for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+            let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+            let th = math::tanh(u);
+            let sech2 = 1.0 - th * th;
+            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
+            *d = g * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);
+        }
+    });
 }
 
 #[cfg(test)]

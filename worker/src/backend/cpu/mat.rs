@@ -80,27 +80,5 @@ pub(crate) unsafe fn matmul(dst: MatMut, a: MatRef, b: MatRef, accumulate: bool,
         Par::Serial => Parallelism::None,
     };
     // SAFETY: forwarded from the caller; gemm computes dst := alpha·dst + beta·a·b.
-    unsafe {
-        gemm::gemm(
-            dst.rows,
-            dst.cols,
-            a.cols,
-            dst.ptr,
-            dst.cs,
-            dst.rs,
-            accumulate,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    unsafe { gemm::gemm(dst.rows, dst.cols, a.cols, dst.ptr, dst.cs, dst.rs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, scale, false, false, false, parallelism) }
 }

@@ -4,8 +4,8 @@
 
 use rayon::prelude::*;
 
-use super::mat::{matmul, MatMut, MatRef, Par};
-use super::{add_column_sums, ROW_CHUNK_ELEMS};
+use super::mat::{MatMut, MatRef, Par, matmul};
+use super::{ROW_CHUNK_ELEMS, add_column_sums};
 
 /// `out = inp·w + bias`.
 ///
@@ -26,26 +26,14 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f3
         None => false,
     };
     // SAFETY: the views cover exactly the slices above, which do not overlap.
-    unsafe {
-        matmul(MatMut::rows(out, n, oc), MatRef::rows(inp, n, c), MatRef::rows(w, c, oc), accumulate, 1.0, Par::Pool)
-    }
+    unsafe { matmul(MatMut::rows(out, n, oc), MatRef::rows(inp, n, c), MatRef::rows(w, c, oc), accumulate, 1.0, Par::Pool) }
 }
 
 /// Backward of [`matmul_forward`]:
 /// - `dinp = dout·wᵀ` (overwritten), `(N, C)`
 /// - `dw += inpᵀ·dout`, `(C, OC)`
 /// - `dbias += Σ_rows dout`, `(OC)`
-pub fn matmul_backward(
-    dinp: &mut [f32],
-    dw: &mut [f32],
-    dbias: Option<&mut [f32]>,
-    dout: &[f32],
-    inp: &[f32],
-    w: &[f32],
-    n: usize,
-    c: usize,
-    oc: usize,
-) {
+pub fn matmul_backward(dinp: &mut [f32], dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], n: usize, c: usize, oc: usize) {
     let dout_m = MatRef::rows(dout, n, oc);
     // SAFETY: distinct buffers; views within their lengths (checked by MatRef/MatMut::rows).
     unsafe {
@@ -65,9 +53,7 @@ const VOCAB_BLOCK: usize = 2048;
 /// - `logits`: `(N, Vp)`; `x`: `(N, C)`; `wte`: `(Vp, C)` (the token embedding, `out, in`)
 pub fn lm_head_forward(logits: &mut [f32], x: &[f32], wte: &[f32], n: usize, c: usize, vp: usize) {
     // SAFETY: distinct buffers; views within their lengths (checked by MatRef/MatMut::rows).
-    unsafe {
-        matmul(MatMut::rows(logits, n, vp), MatRef::rows(x, n, c), MatRef::rows(wte, vp, c).t(), false, 1.0, Par::Pool)
-    }
+    unsafe { matmul(MatMut::rows(logits, n, vp), MatRef::rows(x, n, c), MatRef::rows(wte, vp, c).t(), false, 1.0, Par::Pool) }
 }
 
 /// Backward of [`lm_head_forward`]: `dx = dlogits·wte` (overwritten), `dwte += dlogitsᵀ·x`.
@@ -105,17 +91,7 @@ pub fn matmul_forward_reference(out: &mut [f32], inp: &[f32], w: &[f32], bias: O
 }
 
 /// Plain reference of [`matmul_backward`] (f64 accumulation), for tests.
-pub fn matmul_backward_reference(
-    dinp: &mut [f32],
-    dw: &mut [f32],
-    dbias: Option<&mut [f32]>,
-    dout: &[f32],
-    inp: &[f32],
-    w: &[f32],
-    n: usize,
-    c: usize,
-    oc: usize,
-) {
+pub fn matmul_backward_reference(dinp: &mut [f32], dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], n: usize, c: usize, oc: usize) {
     for i in 0..n {
         for k in 0..c {
             let mut acc = 0.0f64;

@@ -17,7 +17,9 @@ pub enum CudaError {
     NoDevice { reason: String },
 
     /// No folder with `cuda_bf16.h` and `crt/mma.h` for NVRTC to include.
-    #[error("CUDA headers not found: no folder with both cuda_bf16.h and crt/mma.h among {looked} (set LIANDAN_CUDA_INCLUDE to the toolkit's include folder, or install the nvidia-cuda-runtime and nvidia-cuda-crt wheels)")]
+    #[error(
+        "CUDA headers not found: no folder with both cuda_bf16.h and crt/mma.h among {looked} (set LIANDAN_CUDA_INCLUDE to the toolkit's include folder, or install the nvidia-cuda-runtime and nvidia-cuda-crt wheels)"
+    )]
     IncludeMissing { looked: String },
 
     /// NVRTC rejected a kernel file; `log` is NVRTC's own (file, line, message).

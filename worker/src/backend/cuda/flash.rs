@@ -50,9 +50,10 @@ impl AttentionKernels {
             AttentionKernels::TensorCore if !TENSOR_CORE_HEAD_SIZES.contains(&hs) => {
                 Err(CudaError::Shape { op: OP, reason: format!("head size {hs}: the tensor-core kernels are built for {TENSOR_CORE_HEAD_SIZES:?}") })
             }
-            AttentionKernels::TensorCore if dev.capability.0 < 8 => {
-                Err(CudaError::Shape { op: OP, reason: format!("the tensor-core kernels need sm_80 or later (bf16 WMMA); this device is sm_{}{}", dev.capability.0, dev.capability.1) })
-            }
+            AttentionKernels::TensorCore if dev.capability.0 < 8 => Err(CudaError::Shape {
+                op: OP,
+                reason: format!("the tensor-core kernels need sm_80 or later (bf16 WMMA); this device is sm_{}{}", dev.capability.0, dev.capability.1),
+            }),
             AttentionKernels::TensorCore => Ok(()),
         }
     }
@@ -95,7 +96,10 @@ fn dims(op: &'static str, dev: &CudaDevice, b: usize, t: usize, c: usize, nh: us
     }
     let hs = c / nh;
     AttentionKernels::TensorCore.check(dev, hs).map_err(|e| CudaError::Shape { op, reason: e.to_string() })?;
-    let heads = u32::try_from(b * nh).ok().filter(|&n| (1..=65_535).contains(&n)).ok_or_else(|| CudaError::Shape { op, reason: format!("B·NH = {} must be in 1..=65535 (grid y)", b * nh) })?;
+    let heads = u32::try_from(b * nh)
+        .ok()
+        .filter(|&n| (1..=65_535).contains(&n))
+        .ok_or_else(|| CudaError::Shape { op, reason: format!("B·NH = {} must be in 1..=65535 (grid y)", b * nh) })?;
     if t == 0 || i32::try_from(3 * c).is_err() || i32::try_from(t).is_err() {
         return Err(CudaError::Shape { op, reason: format!("T={t}, C={c}: need T >= 1 and 3C, T within a 32-bit int") });
     }
@@ -136,7 +140,9 @@ pub fn flash_attention_forward(dev: &CudaDevice, out: View, lse: View, qkv: View
 pub fn flash_attention_backward(dev: &CudaDevice, dqkv: View, delta: View, dout: View, qkv: View, out: View, lse: View, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
     const OP: &str = "flash_attention_backward";
     let (hs, grid) = dims(OP, dev, b, t, c, nh)?;
-    for (what, v, len) in [("dqkv", dqkv, b * t * 3 * c), ("delta", delta, b * nh * t), ("dout", dout, b * t * c), ("qkv", qkv, b * t * 3 * c), ("out", out, b * t * c), ("lse", lse, b * nh * t)] {
+    for (what, v, len) in
+        [("dqkv", dqkv, b * t * 3 * c), ("delta", delta, b * nh * t), ("dout", dout, b * t * c), ("qkv", qkv, b * t * 3 * c), ("out", out, b * t * c), ("lse", lse, b * nh * t)]
+    {
         need(OP, what, v, len)?;
     }
     let (ti, ci, nhi) = (Arg::I(t as i32), Arg::I(c as i32), Arg::I(nh as i32));
@@ -157,7 +163,20 @@ pub fn attention_forward(dev: &CudaDevice, kernels: AttentionKernels, out: View,
 }
 
 /// The backward with the chosen kernels (the model's one call site).
-pub fn attention_backward(dev: &CudaDevice, kernels: AttentionKernels, dqkv: View, delta: View, dout: View, qkv: View, out: View, lse: View, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+pub fn attention_backward(
+    dev: &CudaDevice,
+    kernels: AttentionKernels,
+    dqkv: View,
+    delta: View,
+    dout: View,
+    qkv: View,
+    out: View,
+    lse: View,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
     match kernels {
         AttentionKernels::Reference => ops::attention_backward(dev, dqkv, delta, dout, qkv, out, lse, b, t, c, nh),
         AttentionKernels::TensorCore => flash_attention_backward(dev, dqkv, delta, dout, qkv, out, lse, b, t, c, nh),

@@ -5,7 +5,7 @@
 //! gives the same answer on every device up to the logits' rounding).
 
 use crate::error::EngineError;
-use crate::generate::{sample, Generation, SamplingConfig, StopReason};
+use crate::generate::{Generation, SamplingConfig, StopReason, sample};
 use crate::model::params::ParamKind as K;
 use crate::rng::Rng;
 

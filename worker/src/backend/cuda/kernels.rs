@@ -187,9 +187,11 @@ pub fn include_candidates() -> Vec<PathBuf> {
 /// [`CudaError::IncludeMissing`] naming every folder looked at.
 pub fn find_include_dir() -> Result<PathBuf> {
     let candidates = include_candidates();
-    candidates.iter().find(|d| d.join("cuda_bf16.h").is_file() && d.join("crt/mma.h").is_file()).cloned().ok_or_else(|| CudaError::IncludeMissing {
-        looked: candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
-    })
+    candidates
+        .iter()
+        .find(|d| d.join("cuda_bf16.h").is_file() && d.join("crt/mma.h").is_file())
+        .cloned()
+        .ok_or_else(|| CudaError::IncludeMissing { looked: candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ") })
 }
 
 /// The virtual architecture NVRTC targets for compute capability `(major, minor)`: PTX for

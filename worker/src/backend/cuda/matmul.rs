@@ -50,7 +50,21 @@ pub fn gemm_bias(dev: &CudaDevice, precision: Precision, c: DPtr, a: DPtr, b: DP
     gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, 1.0, 0.0, Epilogue::Bias(bias))
 }
 
-fn gemm_with(dev: &CudaDevice, precision: Precision, c: DPtr, a: DPtr, b: DPtr, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, beta: f32, epilogue: Epilogue) -> Result<()> {
+fn gemm_with(
+    dev: &CudaDevice,
+    precision: Precision,
+    c: DPtr,
+    a: DPtr,
+    b: DPtr,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+    epilogue: Epilogue,
+) -> Result<()> {
     let dt = precision.data_type();
     let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
     let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };

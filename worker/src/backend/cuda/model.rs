@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::crossentropy::IGNORE_INDEX;
-use crate::model::profile::OpProfile;
+use crate::error::EngineError;
 use crate::model::config::GptConfig;
 use crate::model::gpt::validate_targets;
 use crate::model::params::{ParamKind as K, ParamLayout};
-use crate::error::EngineError;
+use crate::model::profile::OpProfile;
 
 use super::device::{CudaDevice, DevBuf, View};
 use super::error::Result;
@@ -305,22 +305,30 @@ impl CudaGpt {
         for l in 0..cfg.n_layer {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
             let ln1 = lv(&a.ln1, l, pc, n * c);
-            timed(prof, dev, "fwd.layernorm", || ops::layernorm_forward(dev, ln1, lv(&a.ln1_mean, l, p1, n), lv(&a.ln1_rstd, l, p1, n), res_in, self.p(K::Ln1W, l), self.p(K::Ln1B, l), n, c))?;
+            timed(prof, dev, "fwd.layernorm", || {
+                ops::layernorm_forward(dev, ln1, lv(&a.ln1_mean, l, p1, n), lv(&a.ln1_rstd, l, p1, n), res_in, self.p(K::Ln1W, l), self.p(K::Ln1B, l), n, c)
+            })?;
             let qkv = lv(&a.qkv, l, p3, n * 3 * c);
             timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c))?;
             let atty = lv(&a.atty, l, pc, n * c);
             timed(prof, dev, "fwd.attention", || flash::attention_forward(dev, self.attention, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh))?;
             let proj = a.proj.view(0, n * c);
-            timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, proj, atty, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c))?;
+            timed(prof, dev, "fwd.matmul", || {
+                ops::matmul_forward(dev, prec, proj, atty, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
+            })?;
             let res2 = lv(&a.residual2, l, pc, n * c);
             timed(prof, dev, "fwd.residual", || ops::residual_forward(dev, res2, res_in, proj, n * c))?;
             let ln2 = lv(&a.ln2, l, pc, n * c);
-            timed(prof, dev, "fwd.layernorm", || ops::layernorm_forward(dev, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res2, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c))?;
+            timed(prof, dev, "fwd.layernorm", || {
+                ops::layernorm_forward(dev, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res2, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c)
+            })?;
             let fch = lv(&a.fch, l, p4, n * 4 * c);
             timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), Some(self.p(K::FcB, l)), sc, n, c, 4 * c))?;
             let fch_gelu = lv(&a.fch_gelu, l, p4, n * 4 * c);
             timed(prof, dev, "fwd.gelu", || ops::gelu_forward(dev, fch_gelu, fch, n * 4 * c))?;
-            timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, proj, fch_gelu, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c))?;
+            timed(prof, dev, "fwd.matmul", || {
+                ops::matmul_forward(dev, prec, proj, fch_gelu, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)
+            })?;
             timed(prof, dev, "fwd.residual", || ops::residual_forward(dev, lv(&a.residual3, l, pc, n * c), res2, proj, n * c))?;
         }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
@@ -448,23 +456,140 @@ impl CudaGpt {
         let dln = g.dln.view(0, n * c);
         dev.zero(&g.dresidual, 0, n * c)?;
         if !from_hidden {
-            timed(prof, dev, "bwd.lm_head", || ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), a.logits.view(0, n * vp), a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp))?;
+            timed(prof, dev, "bwd.lm_head", || {
+                ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), a.logits.view(0, n * vp), a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
+            })?;
         }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
-        timed(prof, dev, "bwd.layernorm", || ops::layernorm_backward(dev, dres, self.g(K::LnfW, 0), self.g(K::LnfB, 0), dln, last, self.p(K::LnfW, 0), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), partial, n, c))?;
+        timed(prof, dev, "bwd.layernorm", || {
+            ops::layernorm_backward(dev, dres, self.g(K::LnfW, 0), self.g(K::LnfB, 0), dln, last, self.p(K::LnfW, 0), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), partial, n, c)
+        })?;
         for l in (0..cfg.n_layer).rev() {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
             let (dfch, dfch_gelu) = (g.dfch.view(0, n * 4 * c), g.dfch_gelu.view(0, n * 4 * c));
-            timed(prof, dev, "bwd.matmul", || ops::matmul_backward(dev, prec, dfch_gelu, self.g(K::FcProjW, l), Some(self.g(K::FcProjB, l)), dres, lv(&a.fch_gelu, l, p4, n * 4 * c), self.p(K::FcProjW, l), self.pb(K::FcProjW, l), sc, partial, n, 4 * c, c))?;
+            timed(prof, dev, "bwd.matmul", || {
+                ops::matmul_backward(
+                    dev,
+                    prec,
+                    dfch_gelu,
+                    self.g(K::FcProjW, l),
+                    Some(self.g(K::FcProjB, l)),
+                    dres,
+                    lv(&a.fch_gelu, l, p4, n * 4 * c),
+                    self.p(K::FcProjW, l),
+                    self.pb(K::FcProjW, l),
+                    sc,
+                    partial,
+                    n,
+                    4 * c,
+                    c,
+                )
+            })?;
             timed(prof, dev, "bwd.gelu", || ops::gelu_backward(dev, dfch, lv(&a.fch, l, p4, n * 4 * c), dfch_gelu, n * 4 * c))?;
-            timed(prof, dev, "bwd.matmul", || ops::matmul_backward(dev, prec, dln, self.g(K::FcW, l), Some(self.g(K::FcB, l)), dfch, lv(&a.ln2, l, pc, n * c), self.p(K::FcW, l), self.pb(K::FcW, l), sc, partial, n, c, 4 * c))?;
-            timed(prof, dev, "bwd.layernorm", || ops::layernorm_backward(dev, dres, self.g(K::Ln2W, l), self.g(K::Ln2B, l), dln, lv(&a.residual2, l, pc, n * c), self.p(K::Ln2W, l), lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), partial, n, c))?;
+            timed(prof, dev, "bwd.matmul", || {
+                ops::matmul_backward(
+                    dev,
+                    prec,
+                    dln,
+                    self.g(K::FcW, l),
+                    Some(self.g(K::FcB, l)),
+                    dfch,
+                    lv(&a.ln2, l, pc, n * c),
+                    self.p(K::FcW, l),
+                    self.pb(K::FcW, l),
+                    sc,
+                    partial,
+                    n,
+                    c,
+                    4 * c,
+                )
+            })?;
+            timed(prof, dev, "bwd.layernorm", || {
+                ops::layernorm_backward(
+                    dev,
+                    dres,
+                    self.g(K::Ln2W, l),
+                    self.g(K::Ln2B, l),
+                    dln,
+                    lv(&a.residual2, l, pc, n * c),
+                    self.p(K::Ln2W, l),
+                    lv(&a.ln2_mean, l, p1, n),
+                    lv(&a.ln2_rstd, l, p1, n),
+                    partial,
+                    n,
+                    c,
+                )
+            })?;
             let datty = g.datty.view(0, n * c);
-            timed(prof, dev, "bwd.matmul", || ops::matmul_backward(dev, prec, datty, self.g(K::AttProjW, l), Some(self.g(K::AttProjB, l)), dres, lv(&a.atty, l, pc, n * c), self.p(K::AttProjW, l), self.pb(K::AttProjW, l), sc, partial, n, c, c))?;
+            timed(prof, dev, "bwd.matmul", || {
+                ops::matmul_backward(
+                    dev,
+                    prec,
+                    datty,
+                    self.g(K::AttProjW, l),
+                    Some(self.g(K::AttProjB, l)),
+                    dres,
+                    lv(&a.atty, l, pc, n * c),
+                    self.p(K::AttProjW, l),
+                    self.pb(K::AttProjW, l),
+                    sc,
+                    partial,
+                    n,
+                    c,
+                    c,
+                )
+            })?;
             let dqkv = g.dqkv.view(0, n * 3 * c);
-            timed(prof, dev, "bwd.attention", || flash::attention_backward(dev, self.attention, dqkv, g.delta.view(0, b * nh * t), datty, lv(&a.qkv, l, p3, n * 3 * c), lv(&a.atty, l, pc, n * c), lv(&a.lse, l, pl, b * nh * t), b, t, c, nh))?;
-            timed(prof, dev, "bwd.matmul", || ops::matmul_backward(dev, prec, dln, self.g(K::QkvW, l), Some(self.g(K::QkvB, l)), dqkv, lv(&a.ln1, l, pc, n * c), self.p(K::QkvW, l), self.pb(K::QkvW, l), sc, partial, n, c, 3 * c))?;
-            timed(prof, dev, "bwd.layernorm", || ops::layernorm_backward(dev, dres, self.g(K::Ln1W, l), self.g(K::Ln1B, l), dln, res_in, self.p(K::Ln1W, l), lv(&a.ln1_mean, l, p1, n), lv(&a.ln1_rstd, l, p1, n), partial, n, c))?;
+            timed(prof, dev, "bwd.attention", || {
+                flash::attention_backward(
+                    dev,
+                    self.attention,
+                    dqkv,
+                    g.delta.view(0, b * nh * t),
+                    datty,
+                    lv(&a.qkv, l, p3, n * 3 * c),
+                    lv(&a.atty, l, pc, n * c),
+                    lv(&a.lse, l, pl, b * nh * t),
+                    b,
+                    t,
+                    c,
+                    nh,
+                )
+            })?;
+            timed(prof, dev, "bwd.matmul", || {
+                ops::matmul_backward(
+                    dev,
+                    prec,
+                    dln,
+                    self.g(K::QkvW, l),
+                    Some(self.g(K::QkvB, l)),
+                    dqkv,
+                    lv(&a.ln1, l, pc, n * c),
+                    self.p(K::QkvW, l),
+                    self.pb(K::QkvW, l),
+                    sc,
+                    partial,
+                    n,
+                    c,
+                    3 * c,
+                )
+            })?;
+            timed(prof, dev, "bwd.layernorm", || {
+                ops::layernorm_backward(
+                    dev,
+                    dres,
+                    self.g(K::Ln1W, l),
+                    self.g(K::Ln1B, l),
+                    dln,
+                    res_in,
+                    self.p(K::Ln1W, l),
+                    lv(&a.ln1_mean, l, p1, n),
+                    lv(&a.ln1_rstd, l, p1, n),
+                    partial,
+                    n,
+                    c,
+                )
+            })?;
         }
         timed(prof, dev, "bwd.encoder", || ops::encoder_backward(dev, self.g(K::Wte, 0), self.g(K::Wpe, 0), dres, self.inputs.view(0, n), b, t, c))
     }

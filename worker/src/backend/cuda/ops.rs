@@ -3,7 +3,7 @@
 //! follow the crate glossary (N = B·T rows).
 
 use super::device::blas::BIAS_ALIGN;
-use super::device::{grid_1d, Arg, CudaDevice, DPtr, LaunchConfig, View};
+use super::device::{Arg, CudaDevice, DPtr, LaunchConfig, View, grid_1d};
 use super::error::{CudaError, Result};
 use super::matmul::{self, Precision};
 
@@ -45,7 +45,11 @@ pub fn encoder_forward(dev: &CudaDevice, out: View, inp: View, wte: View, wpe: V
     need(OP, "inp", inp, b * t)?;
     need(OP, "wpe", wpe, (pos0 + t) * c)?;
     let _ = wte; // token ids are checked against V by the caller; wte is (Vp, C)
-    dev.launch(OP, grid_1d(b * t * c, BLOCK), &[p(out), p(inp), p(wte), p(wpe), Arg::I(int(OP, "B", b)?), Arg::I(int(OP, "T", t)?), Arg::I(int(OP, "C", c)?), Arg::I(int(OP, "pos0", pos0)?)])
+    dev.launch(
+        OP,
+        grid_1d(b * t * c, BLOCK),
+        &[p(out), p(inp), p(wte), p(wpe), Arg::I(int(OP, "B", b)?), Arg::I(int(OP, "T", t)?), Arg::I(int(OP, "C", c)?), Arg::I(int(OP, "pos0", pos0)?)],
+    )
 }
 
 /// CPU: [`crate::backend::cpu::encoder::encoder_backward`] (dwte by atomics, see encoder.cu).
@@ -72,9 +76,32 @@ pub fn layernorm_forward(dev: &CudaDevice, out: View, mean: View, rstd: View, in
 
 /// CPU: [`crate::backend::cpu::layernorm::layernorm_backward`]. `partial` is scratch of
 /// [`partial_len`]`(n, c)` floats.
-pub fn layernorm_backward(dev: &CudaDevice, dinp: View, dweight: View, dbias: View, dout: View, inp: View, weight: View, mean: View, rstd: View, partial: View, n: usize, c: usize) -> Result<()> {
+pub fn layernorm_backward(
+    dev: &CudaDevice,
+    dinp: View,
+    dweight: View,
+    dbias: View,
+    dout: View,
+    inp: View,
+    weight: View,
+    mean: View,
+    rstd: View,
+    partial: View,
+    n: usize,
+    c: usize,
+) -> Result<()> {
     const OP: &str = "layernorm_backward";
-    for (what, v, len) in [("dinp", dinp, n * c), ("dout", dout, n * c), ("inp", inp, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("dweight", dweight, c), ("dbias", dbias, c), ("partial", partial, partial_len(n, c))] {
+    for (what, v, len) in [
+        ("dinp", dinp, n * c),
+        ("dout", dout, n * c),
+        ("inp", inp, n * c),
+        ("mean", mean, n),
+        ("rstd", rstd, n),
+        ("weight", weight, c),
+        ("dweight", dweight, c),
+        ("dbias", dbias, c),
+        ("partial", partial, partial_len(n, c)),
+    ] {
         need(OP, what, v, len)?;
     }
     let (ni, ci) = (int(OP, "N", n)?, int(OP, "C", c)?);
@@ -138,7 +165,19 @@ fn weight(prec: Precision, w: View, w_bf16: View) -> DPtr {
 }
 
 /// CPU: [`crate::backend::cpu::matmul::matmul_forward`]: `out(N,OC) = inp(N,C)·w(C,OC) + bias`.
-pub fn matmul_forward(dev: &CudaDevice, prec: Precision, out: View, inp: View, w: View, w_bf16: View, bias: Option<View>, scratch: Bf16Scratch, n: usize, c: usize, oc: usize) -> Result<()> {
+pub fn matmul_forward(
+    dev: &CudaDevice,
+    prec: Precision,
+    out: View,
+    inp: View,
+    w: View,
+    w_bf16: View,
+    bias: Option<View>,
+    scratch: Bf16Scratch,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
     const OP: &str = "matmul_forward";
     need(OP, "out", out, n * oc)?;
     need(OP, "inp", inp, n * c)?;
@@ -209,7 +248,20 @@ pub fn lm_head_forward(dev: &CudaDevice, prec: Precision, logits: View, x: View,
 
 /// CPU: [`crate::backend::cpu::matmul::lm_head_backward`]: `dx = dlogits·wte` (overwritten),
 /// `dwte += dlogitsᵀ·x`.
-pub fn lm_head_backward(dev: &CudaDevice, prec: Precision, dx: View, dwte: View, dlogits: View, x: View, wte: View, wte_bf16: View, scratch: Bf16Scratch, n: usize, c: usize, vp: usize) -> Result<()> {
+pub fn lm_head_backward(
+    dev: &CudaDevice,
+    prec: Precision,
+    dx: View,
+    dwte: View,
+    dlogits: View,
+    x: View,
+    wte: View,
+    wte_bf16: View,
+    scratch: Bf16Scratch,
+    n: usize,
+    c: usize,
+    vp: usize,
+) -> Result<()> {
     const OP: &str = "lm_head_backward";
     need(OP, "dx", dx, n * c)?;
     need(OP, "dwte", dwte, vp * c)?;
@@ -273,7 +325,9 @@ pub fn attention_forward(dev: &CudaDevice, out: View, lse: View, qkv: View, b: u
 pub fn attention_backward(dev: &CudaDevice, dqkv: View, delta: View, dout: View, qkv: View, out: View, lse: View, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
     const OP: &str = "attention_backward";
     let (hs, dims) = attention_dims(OP, b, t, c, nh)?;
-    for (what, v, len) in [("dqkv", dqkv, b * t * 3 * c), ("delta", delta, b * nh * t), ("dout", dout, b * t * c), ("qkv", qkv, b * t * 3 * c), ("out", out, b * t * c), ("lse", lse, b * nh * t)] {
+    for (what, v, len) in
+        [("dqkv", dqkv, b * t * 3 * c), ("delta", delta, b * nh * t), ("dout", dout, b * t * c), ("qkv", qkv, b * t * 3 * c), ("out", out, b * t * c), ("lse", lse, b * nh * t)]
+    {
         need(OP, what, v, len)?;
     }
     let variant = head_variant(OP, hs)?;
@@ -336,7 +390,18 @@ pub fn residual_forward(dev: &CudaDevice, out: View, a: View, b: View, n: usize)
 
 /// CPU: [`crate::backend::cpu::crossentropy::softmax_crossentropy`]. `targets` are i32 in
 /// `[0, V)` or IGNORE_INDEX (checked by the caller).
-pub fn softmax_crossentropy(dev: &CudaDevice, logits: View, losses: View, targets: View, weights: Option<View>, scale: f32, n: usize, v: usize, vp: usize, grad: bool) -> Result<()> {
+pub fn softmax_crossentropy(
+    dev: &CudaDevice,
+    logits: View,
+    losses: View,
+    targets: View,
+    weights: Option<View>,
+    scale: f32,
+    n: usize,
+    v: usize,
+    vp: usize,
+    grad: bool,
+) -> Result<()> {
     const OP: &str = "softmax_crossentropy";
     need(OP, "logits", logits, n * vp)?;
     need(OP, "losses", losses, n)?;

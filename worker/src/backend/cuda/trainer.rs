@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use crate::checkpoint::{CheckpointState, DataCursor, SaveInfo};
 use crate::collective::{Collective, Nccl};
-use crate::engine::cuda::CudaReplica;
 use crate::engine::Replica;
+use crate::engine::cuda::CudaReplica;
 use crate::error::EngineError;
 use crate::model::config::GptConfig;
 use crate::model::gpt::{init_params, loss_denominator};
 use crate::rng::Rng;
-use crate::train::{replica_step, MicroBatch, StepStats, TrainConfig};
+use crate::train::{MicroBatch, StepStats, TrainConfig, replica_step};
 
 use super::device::CudaDevice;
 use super::error::Result;
@@ -110,8 +110,10 @@ impl CudaTrainer {
     pub fn resume(dev: Arc<CudaDevice>, dir: &Path, precision: Precision) -> Result<(Self, CheckpointState)> {
         let ckpt = crate::checkpoint::load(dir, None)?;
         let state_path = dir.join(crate::checkpoint::STATE_FILE);
-        let config = ckpt.state.train_config.clone().ok_or_else(|| EngineError::checkpoint(&state_path, "has no train_config: a weights-only checkpoint cannot resume training"))?;
-        let (m, v) = ckpt.moments.ok_or_else(|| EngineError::checkpoint(dir.join(crate::checkpoint::OPTIMIZER_FILE), "missing: the checkpoint has no optimizer state to resume from"))?;
+        let config =
+            ckpt.state.train_config.clone().ok_or_else(|| EngineError::checkpoint(&state_path, "has no train_config: a weights-only checkpoint cannot resume training"))?;
+        let (m, v) =
+            ckpt.moments.ok_or_else(|| EngineError::checkpoint(dir.join(crate::checkpoint::OPTIMIZER_FILE), "missing: the checkpoint has no optimizer state to resume from"))?;
         config.validate(&ckpt.state.model_config)?;
         let mut model = CudaGpt::new(dev, ckpt.state.model_config.clone(), config.batch_size, config.seq_len, precision)?;
         model.set_params(&ckpt.params)?;

@@ -2,9 +2,9 @@
 //! the clipped value loss, log-probabilities and entropy at the rollout temperature, and the
 //! gradient of the policy loss written into the logits.
 
-use super::rollout::{padded, Rollout};
-use crate::engine::head::ScalarHead;
+use super::rollout::{Rollout, padded};
 use crate::engine::Model;
+use crate::engine::head::ScalarHead;
 use crate::phase::PhaseError;
 
 /// Generalised advantage estimation over one answer: `δ_t = r_t + γ·V_{t+1} − V_t` (`V` after
@@ -115,7 +115,16 @@ pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usiz
 
 /// The value model's clipped loss over `rows` (divided by `denom`): adds its gradient into the
 /// model's `grads` and `head_grad` (`C` weights then the bias); returns the loss.
-pub(super) fn value_backward(critic: &mut dyn Model, head: &ScalarHead, head_grad: &mut [f32], rows: &[&Rollout], t: usize, pad: u32, clip: f32, denom: f32) -> Result<f64, PhaseError> {
+pub(super) fn value_backward(
+    critic: &mut dyn Model,
+    head: &ScalarHead,
+    head_grad: &mut [f32],
+    rows: &[&Rollout],
+    t: usize,
+    pad: u32,
+    clip: f32,
+    denom: f32,
+) -> Result<f64, PhaseError> {
     let c = critic.config().n_embd;
     critic.forward(&padded(rows, t, pad), rows.len(), t)?;
     let h = critic.hidden()?.into_owned();

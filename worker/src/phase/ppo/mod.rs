@@ -37,15 +37,15 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use self::losses::{policy_loss_grad, value_backward, PolicyStats};
-use self::rollout::{answer_logps, answer_values, padded, read_prompts, PpoPrompt, Rollout};
+use self::losses::{PolicyStats, policy_loss_grad, value_backward};
 pub use self::losses::{clipped_surrogate, clipped_value_loss, gae};
 pub use self::rollout::requested_form;
-use super::driver::{drive, Ctx, Run, Start, StepOut};
+use self::rollout::{PpoPrompt, Rollout, answer_logps, answer_values, padded, read_prompts};
+use super::driver::{Ctx, Run, Start, StepOut, drive};
 use super::sft::load_tokenizer;
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
 use crate::checkpoint;
-use crate::engine::head::{adam_step, ScalarHead};
+use crate::engine::head::{ScalarHead, adam_step};
 use crate::engine::{Engine, Model, Replica};
 use crate::generate::SamplingConfig;
 use crate::ledger::Ledger;
@@ -252,7 +252,15 @@ impl PhaseStep for PpoStep {
         let inv_temp = 1.0 / s.temperature;
         // 1. Rollouts of this rank's share of the step's prompts.
         let mine: Vec<(usize, usize)> = Ledger::share(b_global, rank, world).zip(self.ledger.rank_offsets(step, rank, world)).collect();
-        let base = SamplingConfig { max_new_tokens: s.max_new_tokens, temperature: s.temperature, top_k: 0, top_p: 1.0, seed: 0, stop_tokens: vec![self.tk.special.end, self.tk.special.eos], greedy: false };
+        let base = SamplingConfig {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop_tokens: vec![self.tk.special.end, self.tk.special.eos],
+            greedy: false,
+        };
         let mut rolls = rollout::sample(m.policy.model_ref(), &self.prompts, &mine, &self.tk, &base, t, self.seed, step)?;
         // 2. Scores, per-token rewards, advantages.
         let beta = m.state.beta;
@@ -389,12 +397,9 @@ pub fn run_ppo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<Ph
     let s = plan.ppo.clone().unwrap_or_default();
     s.validate().map_err(|(f, r)| PhaseError::Plan(format!("ppo.{f}: {r}")))?;
     let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a ppo phase needs `data` (a JSONL of prompts in the SFT format)".into()))?;
-    let reference = plan
-        .init_checkpoint
-        .clone()
-        .ok_or_else(|| PhaseError::Plan("a ppo phase starts from an SFT checkpoint (the policy and its frozen reference); none was given".into()))?;
-    let reward =
-        plan.reward_checkpoint.clone().ok_or_else(|| PhaseError::Plan("a ppo phase needs a reward model: a reward phase before it, or `reward_checkpoint`".into()))?;
+    let reference =
+        plan.init_checkpoint.clone().ok_or_else(|| PhaseError::Plan("a ppo phase starts from an SFT checkpoint (the policy and its frozen reference); none was given".into()))?;
+    let reward = plan.reward_checkpoint.clone().ok_or_else(|| PhaseError::Plan("a ppo phase needs a reward model: a reward phase before it, or `reward_checkpoint`".into()))?;
     let (tk, tok_bytes) = load_tokenizer(plan)?;
     let t = plan.seq_len;
     let prompts = read_prompts(file, &tk, &s.tasks, t)?;

@@ -5,13 +5,13 @@
 
 use std::path::Path;
 
-use liandan_data::chat::{prompt_ids, read_sft, Role};
+use liandan_data::chat::{Role, prompt_ids, read_sft};
 use liandan_data::tokenizer::ChatTokenizer;
-use liandan_data::verify::{form_score, PoemForm};
+use liandan_data::verify::{PoemForm, form_score};
 
 use super::losses::logp_entropy;
-use crate::engine::head::ScalarHead;
 use crate::engine::Model;
+use crate::engine::head::ScalarHead;
 use crate::generate::SamplingConfig;
 use crate::phase::PhaseError;
 use crate::rng::Rng;
@@ -145,7 +145,16 @@ pub(super) fn mix(a: u64, b: u64, c: u64) -> u64 {
 
 /// Samples this rank's answers: `mine` is `(index in the global batch, prompt index)`; each
 /// answer is cut to the context and scored by the verifier when its prompt asks for a form.
-pub(super) fn sample(policy: &dyn Model, prompts: &[PpoPrompt], mine: &[(usize, usize)], tk: &ChatTokenizer, base: &SamplingConfig, t: usize, seed: u64, step: u64) -> Result<Vec<Rollout>, PhaseError> {
+pub(super) fn sample(
+    policy: &dyn Model,
+    prompts: &[PpoPrompt],
+    mine: &[(usize, usize)],
+    tk: &ChatTokenizer,
+    base: &SamplingConfig,
+    t: usize,
+    seed: u64,
+    step: u64,
+) -> Result<Vec<Rollout>, PhaseError> {
     let jobs: Vec<(Vec<u32>, SamplingConfig)> = mine
         .iter()
         .map(|&(j, pi)| {

@@ -83,7 +83,8 @@ impl Blas {
         }
         let pref = Pref::new(self.workspace.len(), key.align).map_err(|e| blas_err(&op(), e))?;
         // SAFETY: the descriptors are alive for the call.
-        let heuristic = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, layouts[0].0, layouts[1].0, layouts[2].0, layouts[3].0, pref.0) }.map_err(|e| blas_err(&op(), e))?;
+        let heuristic =
+            unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, layouts[0].0, layouts[1].0, layouts[2].0, layouts[3].0, pref.0) }.map_err(|e| blas_err(&op(), e))?;
         Ok(Plan { desc, layouts, algo: heuristic.algo })
     }
 
@@ -105,8 +106,15 @@ impl Blas {
         if let Epilogue::Bias(bias) = mm.epilogue {
             let p: u64 = bias.0;
             // SAFETY: the attribute takes a device pointer, passed by address with its size.
-            unsafe { lt::set_matmul_desc_attribute(plan.desc.0, ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, (&p) as *const u64 as *const _, std::mem::size_of::<u64>()) }
-                .map_err(|e| blas_err(&op(), e))?;
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc.0,
+                    ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&p) as *const u64 as *const _,
+                    std::mem::size_of::<u64>(),
+                )
+            }
+            .map_err(|e| blas_err(&op(), e))?;
         }
         // SAFETY: the plan's descriptors are alive (owned by the cache, locked); the pointers
         // come from buffers whose lengths the callers checked against these shapes.

@@ -92,7 +92,10 @@ impl GpuDevice {
             let (ptx, cached) = kernels::load_or_compile(file, &arch, &include, &cache)?;
             cached_files += cached as usize;
             if ptx.contains('\0') {
-                return Err(CudaError::Shape { op: "load kernels", reason: format!("{}: PTX contains a NUL byte (corrupt cache file? remove {})", file.file_name(), cache.display()) });
+                return Err(CudaError::Shape {
+                    op: "load kernels",
+                    reason: format!("{}: PTX contains a NUL byte (corrupt cache file? remove {})", file.file_name(), cache.display()),
+                });
             }
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(CudaError::driver(format!("load {}", file.file_name())))?;
             for &f in file.functions() {
@@ -158,7 +161,8 @@ impl DeviceApi for GpuDevice {
     fn set_max_dynamic_shared(&self, name: &'static str, bytes: u32) -> Result<()> {
         let f = self.function(name)?;
         let v = i32::try_from(bytes).map_err(|_| CudaError::Launch { kernel: name.to_string(), reason: format!("{bytes} bytes of shared memory") })?;
-        f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v).map_err(CudaError::driver(format!("{name}: set max dynamic shared memory")))
+        f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v)
+            .map_err(CudaError::driver(format!("{name}: set max dynamic shared memory")))
     }
 
     fn matmul(&self, m: &Matmul) -> Result<()> {

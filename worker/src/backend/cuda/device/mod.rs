@@ -292,7 +292,14 @@ impl CudaDevice {
     pub fn emulated_with(opts: EmuOptions) -> Result<CudaDevice> {
         let emu = EmuDevice::new(opts)?;
         let kernels = emu.describe();
-        Ok(CudaDevice { api: Box::new(emu), kind: DeviceKind::Emulated, name: super::emu::DEVICE_NAME.to_string(), capability: (9, 0), kernels, memory: crate::runtime::available_memory() })
+        Ok(CudaDevice {
+            api: Box::new(emu),
+            kind: DeviceKind::Emulated,
+            name: super::emu::DEVICE_NAME.to_string(),
+            capability: (9, 0),
+            kernels,
+            memory: crate::runtime::available_memory(),
+        })
     }
 
     /// The device `--device` names: `Cuda` opens GPU `ordinal`, `CudaEmu` the emulated device.

@@ -144,7 +144,13 @@ impl EmuDevice {
         }
         let threads = if opts.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { opts.threads };
         let pool = if threads > 1 {
-            Some(rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("cuda-emu-{i}")).build().map_err(|e| launch_err("(pool)", format!("cannot start {threads} threads: {e}")))?)
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("cuda-emu-{i}"))
+                    .build()
+                    .map_err(|e| launch_err("(pool)", format!("cannot start {threads} threads: {e}")))?,
+            )
         } else {
             None
         };

@@ -126,9 +126,15 @@ impl std::fmt::Display for Site {
 enum WarpKind {
     Sync,
     /// PTX `shfl.sync` mode (0 up, 1 down, 2 bfly, 3 idx) and its `b` and `c` operands.
-    Shfl { mode: i32, b: u32, c: u32 },
+    Shfl {
+        mode: i32,
+        b: u32,
+        c: u32,
+    },
     /// Every lane of the mask hands `bytes` and gets every lane's copy ([`ld_emu_warp_exchange`]).
-    Exchange { bytes: u32 },
+    Exchange {
+        bytes: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -299,7 +305,9 @@ pub extern "C" fn ld_emu_static_shared(site: *const c_void, bytes: usize, align:
     let off = blk.static_end.next_multiple_of(align.max(1));
     if off + bytes > blk.shared_limit {
         let (at, statics, dynamic, limit) = (Site { file, line }, off + bytes - blk.dynamic_shared, blk.dynamic_shared, blk.shared_limit);
-        fail(format!("__shared__ variable at {at} ({bytes} bytes) brings the block's shared memory to {statics} static + {dynamic} dynamic bytes, over the limit of {limit} bytes"));
+        fail(format!(
+            "__shared__ variable at {at} ({bytes} bytes) brings the block's shared memory to {statics} static + {dynamic} dynamic bytes, over the limit of {limit} bytes"
+        ));
         return std::ptr::null_mut();
     }
     blk.statics.push((site, off, bytes));
@@ -541,7 +549,9 @@ unsafe fn schedule(block: *mut Block, launch: &BlockLaunch, fibers: &mut Vec<Fib
         if at_barrier > 0 && at_barrier + exited == threads {
             let site = barrier_site.map_or_else(String::new, |s| s.to_string());
             if exited > 0 {
-                return Err(format!("__syncthreads at {site} is reached by {at_barrier} of {threads} threads: {exited} exited before it (every thread of the block must reach it)"));
+                return Err(format!(
+                    "__syncthreads at {site} is reached by {at_barrier} of {threads} threads: {exited} exited before it (every thread of the block must reach it)"
+                ));
             }
             for t in 0..threads {
                 unsafe { slot(block, t).state = State::Ready };

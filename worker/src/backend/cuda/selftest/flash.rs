@@ -90,7 +90,10 @@ pub(super) fn train_bf16_tensor_core(cx: &mut Ctx<'_, '_>) -> Result<()> {
     let mut cpu_tr = Trainer::new(cfg.clone(), tc.clone())?;
     let mut gpu_tr = CudaTrainer::new(cx.dev.clone(), cfg.clone(), tc.clone(), Precision::Bf16)?;
     if gpu_tr.model.attention() != AttentionKernels::TensorCore {
-        return Err(CudaError::Shape { op: "train_bf16_tensor_core", reason: format!("a bf16 model of head size 64 runs {:?} attention, not the tensor-core kernels", gpu_tr.model.attention()) });
+        return Err(CudaError::Shape {
+            op: "train_bf16_tensor_core",
+            reason: format!("a bf16 model of head size 64 runs {:?} attention, not the tensor-core kernels", gpu_tr.model.attention()),
+        });
     }
     let mut ref_tr = CudaTrainer::new(cx.dev.clone(), cfg, tc, Precision::Bf16)?;
     ref_tr.model.set_attention(AttentionKernels::Reference)?;
@@ -104,7 +107,12 @@ pub(super) fn train_bf16_tensor_core(cx: &mut Ctx<'_, '_>) -> Result<()> {
             ref_tr.train_step(&micro, None, None)?;
             let grads = gpu_tr.model.grads_to_host()?;
             cx.push(compare("whole step bf16 tensor-core attention: step 0 clipped gradients vs CPU", &grads, &cpu_tr.model.grads, Tolerance::RelativeL2 { rel: 5e-2 }));
-            cx.push(compare("whole step bf16 tensor-core attention: step 0 clipped gradients vs reference attention", &grads, &ref_tr.model.grads_to_host()?, Tolerance::RelativeL2 { rel: 2e-2 }));
+            cx.push(compare(
+                "whole step bf16 tensor-core attention: step 0 clipped gradients vs reference attention",
+                &grads,
+                &ref_tr.model.grads_to_host()?,
+                Tolerance::RelativeL2 { rel: 2e-2 },
+            ));
         }
     }
     cx.push(compare("whole step bf16 tensor-core attention: losses of steps 0..3 vs CPU", &lg, &lc, BF16));

@@ -25,7 +25,15 @@ pub(super) fn optimizer(cx: &mut Ctx<'_, '_>) -> Result<()> {
     let n = layout.len();
     let (p0, g) = (randn(n, 25), randn(n, 26));
     model.set_params(&p0)?;
-    let tc = TrainConfig { batch_size: 1, seq_len: 8, grad_accum: 1, schedule: LrSchedule { max_lr: 1e-2, min_lr: 1e-3, warmup_steps: 0, total_steps: 10 }, adamw: AdamWConfig::default(), grad_clip: 1.0, seed: 1 };
+    let tc = TrainConfig {
+        batch_size: 1,
+        seq_len: 8,
+        grad_accum: 1,
+        schedule: LrSchedule { max_lr: 1e-2, min_lr: 1e-3, warmup_steps: 0, total_steps: 10 },
+        adamw: AdamWConfig::default(),
+        grad_clip: 1.0,
+        seed: 1,
+    };
     let mut tr = CudaTrainer::with_model(model, tc)?;
     let mut opt = AdamW::new(AdamWConfig::default(), &layout);
     let mut p = p0.clone();
@@ -61,7 +69,15 @@ pub(super) fn optimizer(cx: &mut Ctx<'_, '_>) -> Result<()> {
 /// V = 300 (padded 320), B = 4, T = 32, 2 micro-batches with an ignored target and weights.
 pub fn step_setup() -> (GptConfig, TrainConfig, Vec<MicroBatch>) {
     let cfg = GptConfig::new(300, 32, 2, 2, 64);
-    let tc = TrainConfig { batch_size: 4, seq_len: 32, grad_accum: 2, schedule: LrSchedule { max_lr: 1e-3, min_lr: 1e-4, warmup_steps: 1, total_steps: 10 }, adamw: AdamWConfig::default(), grad_clip: 1.0, seed: 7 };
+    let tc = TrainConfig {
+        batch_size: 4,
+        seq_len: 32,
+        grad_accum: 2,
+        schedule: LrSchedule { max_lr: 1e-3, min_lr: 1e-4, warmup_steps: 1, total_steps: 10 },
+        adamw: AdamWConfig::default(),
+        grad_clip: 1.0,
+        seed: 7,
+    };
     let mut rng = Rng::new(8);
     let micro = (0..2)
         .map(|_| {
@@ -101,8 +117,18 @@ fn whole_step(cx: &mut Ctx<'_, '_>, prec: Precision) -> Result<()> {
     cx.push(compare(format!("whole step {tag}: losses of steps 0..3"), &lg, &lc, loss_tol));
     cx.push(compare(format!("whole step {tag}: parameters after 3 steps"), &gpu_tr.model.params_to_host()?, &cpu_tr.model.params, param_tol));
     let (m, v) = gpu_tr.moments_to_host()?;
-    cx.push(compare(format!("whole step {tag}: AdamW m after 3 steps"), &m, &cpu_tr.opt.m, if prec == Precision::F32 { Tolerance::Elementwise { atol: 1e-6, rtol: 1e-2 } } else { BF16_GRADS }));
-    cx.push(compare(format!("whole step {tag}: AdamW v after 3 steps"), &v, &cpu_tr.opt.v, if prec == Precision::F32 { Tolerance::Elementwise { atol: 1e-9, rtol: 1e-2 } } else { BF16_GRADS }));
+    cx.push(compare(
+        format!("whole step {tag}: AdamW m after 3 steps"),
+        &m,
+        &cpu_tr.opt.m,
+        if prec == Precision::F32 { Tolerance::Elementwise { atol: 1e-6, rtol: 1e-2 } } else { BF16_GRADS },
+    ));
+    cx.push(compare(
+        format!("whole step {tag}: AdamW v after 3 steps"),
+        &v,
+        &cpu_tr.opt.v,
+        if prec == Precision::F32 { Tolerance::Elementwise { atol: 1e-9, rtol: 1e-2 } } else { BF16_GRADS },
+    ));
     Ok(())
 }
 
