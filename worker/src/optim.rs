@@ -59,7 +59,7 @@ const CHUNK: usize = 1 << 15;
 
 impl AdamW {
     pub fn new(config: AdamWConfig, layout: &ParamLayout) -> Self {
-        let spans = ParamKind::ALL.iter().map(|&k| (layout.range(k), k.decays())).collect();
+        let spans = ParamKind::ALL.iter().map(|&k| (layout.range(k), k.decays())).filter(|(r, _)| !r.is_empty()).collect();
         AdamW { config, m: vec![0.0; layout.len()], v: vec![0.0; layout.len()], t: 0, spans }
     }
 

@@ -301,7 +301,9 @@ impl Gpt {
 }
 
 /// GPT-2's initialisation of a flat parameter buffer (see [`Gpt::init_weights`]); shared with
-/// the CUDA backend, which initialises on the host and uploads.
+/// the CUDA backend, which initialises on the host and uploads, and with the llama family
+/// (norm weights 1, q/k/v bias 0, matrices `N(0, 0.02)`, the output and down projections
+/// `N(0, 0.02/√(2L))`; kinds a family lacks have empty ranges and draw nothing).
 pub fn init_params(cfg: &GptConfig, layout: &ParamLayout, params: &mut [f32], rng: &mut Rng) {
     let resid_std = 0.02 / (2.0 * cfg.n_layer as f32).sqrt();
     for kind in K::ALL {
@@ -310,8 +312,9 @@ pub fn init_params(cfg: &GptConfig, layout: &ParamLayout, params: &mut [f32], rn
         match kind {
             K::Ln1W | K::Ln2W | K::LnfW => p.fill(1.0),
             K::Ln1B | K::Ln2B | K::LnfB | K::QkvB | K::AttProjB | K::FcB | K::FcProjB => p.fill(0.0),
-            K::Wte => {
-                let real = cfg.vocab_size * cfg.n_embd;
+            // LmHead exists only in untied llama layouts (empty for gpt2: no draws).
+            K::Wte | K::LmHead => {
+                let real = (cfg.vocab_size * cfg.n_embd).min(p.len());
                 p[..real].iter_mut().for_each(|x| *x = 0.02 * rng.normal());
                 p[real..].fill(0.0);
             }

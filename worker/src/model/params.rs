@@ -1,10 +1,20 @@
 //! The parameter layout: every tensor of the model lives in one flat `f32` buffer (the same
 //! layout for parameters, gradients and both AdamW moments), so the optimizer, clipping and
 //! all-reduce see one contiguous slice.
+//!
+//! # Layout
+//! - gpt2: all sixteen GPT-2 kinds below, in declaration order (no [`ParamKind::LmHead`]).
+//! - llama: `Wte`, `Ln1W` (RMSNorm), `QkvW` `(C, (NH+2·NKV)·hs)` with Q, K, V column blocks,
+//!   `QkvB` (only with `attention_bias`), `AttProjW`, `Ln2W` (RMSNorm), `FcW` `(C, 2I)` with the
+//!   gate then the up projection, `FcProjW` `(I, C)`, `LnfW`, `LmHead` (only untied). Kinds a
+//!   family lacks have an empty range.
+//!
+//! Matrices are `(in, out)` like GPT-2's Conv1D; Hugging Face Llama `Linear` weights are
+//! `(out, in)` and are transposed by [`crate::hf::weights`].
 
-use super::config::GptConfig;
+use super::config::{Family, GptConfig};
 
-/// The sixteen parameter tensors, in buffer order. Per-layer kinds hold all `L` layers back to back.
+/// The parameter tensors, in buffer order. Per-layer kinds hold all `L` layers back to back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {
     /// `(Vp, C)` token embedding, tied with the LM head.
@@ -39,10 +49,15 @@ pub enum ParamKind {
     LnfW,
     /// `(C)`.
     LnfB,
+    /// `(Vp, C)` untied LM head (llama only).
+    LmHead,
 }
 
+/// Number of [`ParamKind`]s.
+const KINDS: usize = 17;
+
 impl ParamKind {
-    pub const ALL: [ParamKind; 16] = [
+    pub const ALL: [ParamKind; KINDS] = [
         ParamKind::Wte,
         ParamKind::Wpe,
         ParamKind::Ln1W,
@@ -59,24 +74,47 @@ impl ParamKind {
         ParamKind::FcProjB,
         ParamKind::LnfW,
         ParamKind::LnfB,
+        ParamKind::LmHead,
     ];
+
+    /// Whether the family's layout holds this kind.
+    pub fn present(self, cfg: &GptConfig) -> bool {
+        match cfg.family {
+            Family::Gpt2 => self != ParamKind::LmHead,
+            Family::Llama => match self {
+                ParamKind::Wte | ParamKind::Ln1W | ParamKind::QkvW | ParamKind::AttProjW | ParamKind::Ln2W | ParamKind::FcW | ParamKind::FcProjW | ParamKind::LnfW => true,
+                ParamKind::QkvB => cfg.attention_bias,
+                ParamKind::LmHead => !cfg.tie_word_embeddings,
+                _ => false,
+            },
+        }
+    }
 
     /// Whether the tensor holds one slice per layer.
     pub fn per_layer(self) -> bool {
-        !matches!(self, ParamKind::Wte | ParamKind::Wpe | ParamKind::LnfW | ParamKind::LnfB)
+        !matches!(self, ParamKind::Wte | ParamKind::Wpe | ParamKind::LnfW | ParamKind::LnfB | ParamKind::LmHead)
     }
 
     /// AdamW's decoupled weight decay applies to matrices and embeddings, not to biases or
     /// LayerNorm parameters (as in nanoGPT and llm.c).
     pub fn decays(self) -> bool {
-        matches!(self, ParamKind::Wte | ParamKind::Wpe | ParamKind::QkvW | ParamKind::AttProjW | ParamKind::FcW | ParamKind::FcProjW)
+        matches!(self, ParamKind::Wte | ParamKind::Wpe | ParamKind::QkvW | ParamKind::AttProjW | ParamKind::FcW | ParamKind::FcProjW | ParamKind::LmHead)
     }
 
     /// Shape of one slice (one layer's, for per-layer kinds).
     pub fn shape(self, cfg: &GptConfig) -> Vec<usize> {
         let c = cfg.n_embd;
+        if cfg.family == Family::Llama {
+            match self {
+                ParamKind::QkvW => return vec![c, cfg.qkv_dim()],
+                ParamKind::QkvB => return vec![cfg.qkv_dim()],
+                ParamKind::FcW => return vec![c, 2 * cfg.mlp_dim()],
+                ParamKind::FcProjW => return vec![cfg.mlp_dim(), c],
+                _ => {}
+            }
+        }
         match self {
-            ParamKind::Wte => vec![cfg.padded_vocab_size, c],
+            ParamKind::Wte | ParamKind::LmHead => vec![cfg.padded_vocab_size, c],
             ParamKind::Wpe => vec![cfg.n_positions, c],
             ParamKind::Ln1W | ParamKind::Ln1B | ParamKind::Ln2W | ParamKind::Ln2B => vec![c],
             ParamKind::AttProjB | ParamKind::FcProjB | ParamKind::LnfW | ParamKind::LnfB => vec![c],
@@ -89,9 +127,11 @@ impl ParamKind {
         }
     }
 
-    /// The Hugging Face `GPT2LMHeadModel` state-dict name of layer `layer`'s slice.
+    /// The Hugging Face `GPT2LMHeadModel` state-dict name of layer `layer`'s slice (gpt2 kinds;
+    /// llama tensors are named by [`crate::hf::weights`], which also splits the fused ones).
     pub fn hf_name(self, layer: usize) -> String {
         let leaf = match self {
+            ParamKind::LmHead => return "lm_head.weight".into(),
             ParamKind::Wte => return "transformer.wte.weight".into(),
             ParamKind::Wpe => return "transformer.wpe.weight".into(),
             ParamKind::LnfW => return "transformer.ln_f.weight".into(),
@@ -116,8 +156,8 @@ impl ParamKind {
 /// Offsets of every tensor in the flat buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamLayout {
-    offsets: [usize; 16],
-    sizes: [usize; 16],
+    offsets: [usize; KINDS],
+    sizes: [usize; KINDS],
     layers: usize,
     total: usize,
 }
@@ -135,10 +175,14 @@ pub struct NamedSlice {
 
 impl ParamLayout {
     pub fn new(cfg: &GptConfig) -> Self {
-        let mut offsets = [0; 16];
-        let mut sizes = [0; 16];
+        let mut offsets = [0; KINDS];
+        let mut sizes = [0; KINDS];
         let mut total = 0;
         for (i, kind) in ParamKind::ALL.iter().enumerate() {
+            if !kind.present(cfg) {
+                offsets[i] = total;
+                continue;
+            }
             let one: usize = kind.shape(cfg).iter().product();
             let n = if kind.per_layer() { one * cfg.n_layer } else { one };
             offsets[i] = total;
@@ -176,7 +220,7 @@ impl ParamLayout {
     /// Every slice with its Hugging Face name, in buffer order.
     pub fn named_slices(&self, cfg: &GptConfig) -> Vec<NamedSlice> {
         let mut out = Vec::new();
-        for kind in ParamKind::ALL {
+        for kind in ParamKind::ALL.into_iter().filter(|k| k.present(cfg)) {
             let layers = if kind.per_layer() { cfg.n_layer } else { 1 };
             for layer in 0..layers {
                 let r = self.layer_range(kind, layer);
@@ -213,5 +257,22 @@ mod tests {
             next += s.len;
         }
         assert_eq!(next, layout.len());
+    }
+
+    #[test]
+    fn llama_layouts_cover_the_parameter_count() {
+        for (bias, tied) in [(false, false), (true, true), (true, false)] {
+            let mut cfg = GptConfig::llama(100, 32, 3, 4, 2, 32, 48);
+            cfg.attention_bias = bias;
+            cfg.tie_word_embeddings = tied;
+            cfg.validate().unwrap();
+            let layout = ParamLayout::new(&cfg);
+            assert_eq!(layout.len(), cfg.num_parameters());
+            let total: usize = layout.named_slices(&cfg).iter().map(|s| s.len).sum();
+            assert_eq!(total, layout.len());
+            assert_eq!(layout.range(ParamKind::QkvB).len(), if bias { 3 * 64 } else { 0 });
+            assert_eq!(layout.range(ParamKind::LmHead).len(), if tied { 0 } else { 128 * 32 });
+            assert!(layout.range(ParamKind::Wpe).is_empty());
+        }
     }
 }

@@ -10,12 +10,17 @@
 
 pub mod attention;
 pub mod crossentropy;
+pub mod embedding;
 pub mod encoder;
 pub mod gelu;
+pub mod gqa_attention;
 pub mod layernorm;
 pub mod math;
 pub mod matmul;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 
 pub(crate) mod mat;
 
