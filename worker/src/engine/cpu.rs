@@ -1,4 +1,5 @@
-//! The engine on the CPU: [`Gpt`] (the op library of [`crate::backend::cpu`]) and [`AdamW`].
+//! The engine on the CPU: [`Gpt`] and [`Llama`] (the op library of [`crate::backend::cpu`]),
+//! picked by the config's family, and [`AdamW`].
 //! Every method is the model's own, so numbers are exactly the CPU backend's; host buffers are
 //! borrowed, never copied.
 
@@ -10,7 +11,8 @@ use super::{Engine, Model, Replica};
 use crate::collective::{Collective, CollectiveError};
 use crate::error::Result;
 use crate::generate::{Generation, Generator, SamplingConfig};
-use crate::model::config::GptConfig;
+use crate::model::config::{Family, GptConfig};
+use crate::model::llama::Llama;
 use crate::model::gpt::Gpt;
 use crate::model::params::ParamLayout;
 use crate::model::profile::OpProfile;
@@ -27,105 +29,147 @@ impl Engine for CpuEngine {
     }
 
     fn model(&self, config: &GptConfig, max_b: usize, max_t: usize) -> Result<Box<dyn Model>> {
-        Ok(Box::new(Gpt::new(config.clone(), max_b, max_t)?))
+        Ok(match config.family {
+            Family::Gpt2 => Box::new(Gpt::new(config.clone(), max_b, max_t)?),
+            Family::Llama => Box::new(Llama::new(config.clone(), max_b, max_t)?),
+        })
     }
 
     fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig) -> Result<Box<dyn Replica>> {
-        let model = Gpt::new(config.clone(), max_b, max_t)?;
-        let opt = AdamW::new(adamw.clone(), &model.layout);
-        Ok(Box::new(CpuReplica { model, opt }))
+        Ok(match config.family {
+            Family::Gpt2 => {
+                let model = Gpt::new(config.clone(), max_b, max_t)?;
+                let opt = AdamW::new(adamw.clone(), &model.layout);
+                Box::new(CpuReplica { model, opt })
+            }
+            Family::Llama => {
+                let model = Llama::new(config.clone(), max_b, max_t)?;
+                let opt = AdamW::new(adamw.clone(), &model.layout);
+                Box::new(CpuReplica { model, opt })
+            }
+        })
     }
 }
 
-impl Model for Gpt {
-    fn config(&self) -> &GptConfig {
-        &self.config
-    }
+/// A CPU model's flat parameters and gradients, what [`CpuReplica`] steps.
+pub trait FlatModel: Model {
+    fn params_mut(&mut self) -> &mut Vec<f32>;
+    fn grads_mut(&mut self) -> &mut Vec<f32>;
+    /// Parameters and gradients at once (the optimizer reads one and writes the other).
+    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]);
+}
 
-    fn layout(&self) -> &ParamLayout {
-        &self.layout
-    }
+/// [`Model`] and [`FlatModel`] for a CPU model type whose inherent methods have the trait's
+/// names; `$generate` answers one `(prompt, config)`.
+macro_rules! cpu_model {
+    ($ty:ty, $generate:expr) => {
+        impl Model for $ty {
+            fn config(&self) -> &GptConfig {
+                &self.config
+            }
 
-    fn max_batch(&self) -> (usize, usize) {
-        Gpt::max_batch(self)
-    }
+            fn layout(&self) -> &ParamLayout {
+                &self.layout
+            }
 
-    fn device(&self) -> String {
-        "cpu".into()
-    }
+            fn max_batch(&self) -> (usize, usize) {
+                <$ty>::max_batch(self)
+            }
 
-    fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<()> {
-        Gpt::forward(self, inputs, b, t)
-    }
+            fn device(&self) -> String {
+                "cpu".into()
+            }
 
-    fn loss(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32, with_grad: bool) -> Result<f32> {
-        Gpt::loss(self, targets, weights, denom, with_grad)
-    }
+            fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<()> {
+                <$ty>::forward(self, inputs, b, t)
+            }
 
-    fn backward(&mut self) -> Result<()> {
-        Gpt::backward(self)
-    }
+            fn loss(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32, with_grad: bool) -> Result<f32> {
+                <$ty>::loss(self, targets, weights, denom, with_grad)
+            }
 
-    fn logits(&mut self) -> Result<Cow<'_, [f32]>> {
-        Ok(Cow::Borrowed(Gpt::logits(self)))
-    }
+            fn backward(&mut self) -> Result<()> {
+                <$ty>::backward(self)
+            }
 
-    fn hidden(&mut self) -> Result<Cow<'_, [f32]>> {
-        Ok(Cow::Borrowed(Gpt::hidden(self)))
-    }
+            fn logits(&mut self) -> Result<Cow<'_, [f32]>> {
+                Ok(Cow::Borrowed(<$ty>::logits(self)))
+            }
 
-    fn backward_from_hidden(&mut self, dhidden: &[f32]) -> Result<()> {
-        Gpt::backward_from_hidden(self, dhidden)
-    }
+            fn hidden(&mut self) -> Result<Cow<'_, [f32]>> {
+                Ok(Cow::Borrowed(<$ty>::hidden(self)))
+            }
 
-    fn backward_from_logits(&mut self, write: &mut dyn FnMut(&mut [f32])) -> Result<()> {
-        Gpt::backward_from_logits(self, write)
-    }
+            fn backward_from_hidden(&mut self, dhidden: &[f32]) -> Result<()> {
+                <$ty>::backward_from_hidden(self, dhidden)
+            }
 
-    fn zero_grad(&mut self) -> Result<()> {
-        Gpt::zero_grad(self);
-        Ok(())
-    }
+            fn backward_from_logits(&mut self, write: &mut dyn FnMut(&mut [f32])) -> Result<()> {
+                <$ty>::backward_from_logits(self, write)
+            }
 
-    fn params(&self) -> Result<Cow<'_, [f32]>> {
-        Ok(Cow::Borrowed(&self.params))
-    }
+            fn zero_grad(&mut self) -> Result<()> {
+                <$ty>::zero_grad(self);
+                Ok(())
+            }
 
-    fn set_params(&mut self, params: &[f32]) -> Result<()> {
-        if params.len() != self.params.len() {
-            return Err(crate::EngineError::BadLength { what: "params", expected: self.params.len(), got: params.len() });
+            fn params(&self) -> Result<Cow<'_, [f32]>> {
+                Ok(Cow::Borrowed(&self.params))
+            }
+
+            fn set_params(&mut self, params: &[f32]) -> Result<()> {
+                if params.len() != self.params.len() {
+                    return Err(crate::EngineError::BadLength { what: "params", expected: self.params.len(), got: params.len() });
+                }
+                self.params.copy_from_slice(params);
+                Ok(())
+            }
+
+            fn init_weights(&mut self, seed: u64) -> Result<()> {
+                <$ty>::init_weights(self, &mut Rng::new(seed));
+                Ok(())
+            }
+
+            fn generate(&self, jobs: &[(Vec<u32>, SamplingConfig)]) -> Result<Vec<Generation>> {
+                // One KV cache per answer; answers are independent, so they run in parallel.
+                let one = $generate;
+                jobs.par_iter().map(|(prompt, cfg)| one(self, prompt, cfg)).collect()
+            }
+
+            fn profile(&mut self) -> &mut Option<OpProfile> {
+                &mut self.profile
+            }
+
+            fn sync(&self) -> Result<()> {
+                Ok(())
+            }
         }
-        self.params.copy_from_slice(params);
-        Ok(())
-    }
 
-    fn init_weights(&mut self, seed: u64) -> Result<()> {
-        Gpt::init_weights(self, &mut Rng::new(seed));
-        Ok(())
-    }
-
-    fn generate(&self, jobs: &[(Vec<u32>, SamplingConfig)]) -> Result<Vec<Generation>> {
-        // One KV cache per answer; answers are independent, so they run in parallel.
-        jobs.par_iter().map(|(prompt, cfg)| Generator::new(self).generate(prompt, cfg)).collect()
-    }
-
-    fn profile(&mut self) -> &mut Option<OpProfile> {
-        &mut self.profile
-    }
-
-    fn sync(&self) -> Result<()> {
-        Ok(())
-    }
+        impl FlatModel for $ty {
+            fn params_mut(&mut self) -> &mut Vec<f32> {
+                &mut self.params
+            }
+            fn grads_mut(&mut self) -> &mut Vec<f32> {
+                &mut self.grads
+            }
+            fn params_and_grads(&mut self) -> (&mut [f32], &[f32]) {
+                (&mut self.params, &self.grads)
+            }
+        }
+    };
 }
+
+cpu_model!(Gpt, |m: &Gpt, prompt: &[u32], cfg: &SamplingConfig| Generator::new(m).generate(prompt, cfg));
+cpu_model!(Llama, |m: &Llama, prompt: &[u32], cfg: &SamplingConfig| crate::model::llama_generate::generate(m, prompt, cfg));
 
 /// A CPU model with its AdamW.
 #[derive(Debug)]
-pub struct CpuReplica {
-    pub model: Gpt,
+pub struct CpuReplica<M = Gpt> {
+    pub model: M,
     pub opt: AdamW,
 }
 
-impl Replica for CpuReplica {
+impl<M: FlatModel> Replica for CpuReplica<M> {
     fn model(&mut self) -> &mut dyn Model {
         &mut self.model
     }
@@ -135,15 +179,17 @@ impl Replica for CpuReplica {
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
-        coll.all_reduce_sum(&mut self.model.grads)
+        coll.all_reduce_sum(self.model.grads_mut())
     }
 
     fn clip(&mut self, max_norm: f32) -> Result<f32> {
-        Ok(if max_norm > 0.0 { clip_grad_norm(&mut self.model.grads, max_norm) } else { global_norm(&self.model.grads) })
+        let g = self.model.grads_mut();
+        Ok(if max_norm > 0.0 { clip_grad_norm(g, max_norm) } else { global_norm(g) })
     }
 
     fn step(&mut self, lr: f32) -> Result<()> {
-        self.opt.step(&mut self.model.params, &self.model.grads, lr);
+        let (p, g) = self.model.params_and_grads();
+        self.opt.step(p, g, lr);
         Ok(())
     }
 
@@ -156,7 +202,7 @@ impl Replica for CpuReplica {
     }
 
     fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()> {
-        let n = self.model.params.len();
+        let n = self.model.params_mut().len();
         if m.len() != n || v.len() != n {
             return Err(crate::EngineError::BadLength { what: "optimizer moments", expected: n, got: m.len().min(v.len()) });
         }

@@ -38,17 +38,30 @@ impl CudaEngine {
     }
 }
 
+/// The CUDA kernels implement the gpt2 family only (so far); a llama config runs on the CPU.
+fn refuse_llama(config: &GptConfig) -> Result<()> {
+    if config.family != crate::model::config::Family::Gpt2 {
+        return Err(crate::EngineError::InvalidConfig {
+            field: "family",
+            reason: format!("the CUDA backend implements the gpt2 family only; run this {:?}-family model with --device cpu", config.family),
+        });
+    }
+    Ok(())
+}
+
 impl Engine for CudaEngine {
     fn name(&self) -> String {
         self.dev.kind.label()
     }
 
     fn model(&self, config: &GptConfig, max_b: usize, max_t: usize) -> Result<Box<dyn Model>> {
+        refuse_llama(config)?;
         self.dev.bind_to_thread()?;
         Ok(Box::new(CudaGpt::new(self.dev.clone(), config.clone(), max_b, max_t, self.precision)?))
     }
 
     fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig) -> Result<Box<dyn Replica>> {
+        refuse_llama(config)?;
         self.dev.bind_to_thread()?;
         let model = CudaGpt::new(self.dev.clone(), config.clone(), max_b, max_t, self.precision)?;
         Ok(Box::new(CudaReplica::new(model, adamw.clone())?))

@@ -3,6 +3,8 @@
 pub mod acts;
 pub mod config;
 pub mod gpt;
+pub mod llama;
+pub mod llama_generate;
 pub mod memory;
 pub mod params;
 pub mod profile;
