@@ -1,5 +1,6 @@
-//! Checkpoints: a directory that `transformers` can load as a `GPT2LMHeadModel` and that
-//! liandan resumes from bit for bit.
+//! Checkpoints: a directory that `transformers` can load (`GPT2LMHeadModel`, or
+//! `LlamaForCausalLM` / `Qwen2ForCausalLM` for the llama family) and that liandan resumes from
+//! bit for bit. [`load`] also imports a Hugging Face model directory as downloaded.
 //!
 //! ```text
 //! DIR/model.safetensors      weights, Hugging Face names and layouts (wte without padding rows)
@@ -183,7 +184,17 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
 /// # Errors
 /// [`EngineError::Checkpoint`] naming the file and what is wrong: missing, truncated, checksum
 /// mismatch, a tensor missing or of the wrong shape or dtype, a config that differs from `expect`.
+///
+/// A Hugging Face model directory (a `config.json` and no `state.json`, as a user downloads one)
+/// is imported instead: see [`import_hf`].
 pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
+    if crate::hf::is_hf_dir(dir) {
+        let ck = import_hf(dir)?;
+        if let Some(want) = expect {
+            compare_configs(&ck.state.model_config, want).map_err(|why| EngineError::checkpoint(dir.join(HF_CONFIG_FILE), why))?;
+        }
+        return Ok(ck);
+    }
     let state = read_state(dir)?;
     let state_path = dir.join(STATE_FILE);
     if let Some(want) = expect {
@@ -217,6 +228,41 @@ pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
         None
     };
     Ok(Checkpoint { state, params, moments })
+}
+
+/// Imports a Hugging Face model directory (gpt2, llama or qwen2 `config.json`; weights in
+/// `model.safetensors` or shards with their index; f32, f16 or bf16) as a checkpoint at step 0
+/// with no optimizer state. The state names `tokenizer.json` when the directory has one.
+///
+/// # Errors
+/// One line naming the file and the field or tensor: an unsupported architecture or config
+/// field, a missing shard, a missing or misshapen tensor.
+pub fn import_hf(dir: &Path) -> Result<Checkpoint> {
+    let (model_config, params) = crate::hf::load(dir)?;
+    let tokenizer = if dir.join("tokenizer.json").is_file() { "tokenizer.json".to_string() } else { String::new() };
+    let mut state = CheckpointState {
+        format: FORMAT.into(),
+        version: VERSION,
+        step: 0,
+        rng_state: format!("{:016x}", 0),
+        model_config,
+        train_config: None,
+        optimizer_t: 0,
+        data_cursor: DataCursor::default(),
+        tokenizer,
+        files: BTreeMap::new(),
+        sha256: String::new(),
+    };
+    state.sha256 = state_digest(&state)?;
+    Ok(Checkpoint { state, params, moments: None })
+}
+
+/// The model config of a checkpoint or Hugging Face model directory, without its weights.
+///
+/// # Errors
+/// As [`read_state`] or [`crate::hf::read_config`].
+pub fn read_model_config(dir: &Path) -> Result<GptConfig> {
+    if crate::hf::is_hf_dir(dir) { Ok(crate::hf::read_config(dir)?.1) } else { Ok(read_state(dir)?.model_config) }
 }
 
 /// Largest `state.json` read: a real one is a few KiB.
@@ -306,7 +352,9 @@ fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
 /// Bytes of the model's tensors as stored (f32, the embedding without padding rows); None
 /// when they overflow.
 fn tensor_bytes(config: &GptConfig) -> Option<u64> {
-    let padding = (config.padded_vocab_size as u64 - config.vocab_size as u64).checked_mul(config.n_embd as u64)?;
+    // Untied llama models have two padded tables (embedding and LM head).
+    let tables = if config.family == crate::model::config::Family::Llama && !config.tie_word_embeddings { 2 } else { 1 };
+    let padding = (config.padded_vocab_size as u64 - config.vocab_size as u64).checked_mul(config.n_embd as u64)?.checked_mul(tables)?;
     config.checked_num_parameters()?.checked_sub(padding)?.checked_mul(4)
 }
 
@@ -319,7 +367,23 @@ fn compare_configs(got: &GptConfig, want: &GptConfig) -> std::result::Result<(),
         ("n_head", got.n_head, want.n_head),
         ("n_embd", got.n_embd, want.n_embd),
     ];
+    if got.family != want.family {
+        return Err(format!("model_config.family is {:?}, expected {:?}", got.family, want.family));
+    }
     for (field, g, w) in pairs {
+        if g != w {
+            return Err(format!("model_config.{field} is {g}, expected {w}"));
+        }
+    }
+    let more = [
+        ("n_kv_head", got.kv_heads().to_string(), want.kv_heads().to_string()),
+        ("intermediate_size", got.intermediate_size.to_string(), want.intermediate_size.to_string()),
+        ("rope_theta", got.rope_theta.to_string(), want.rope_theta.to_string()),
+        ("rms_norm_eps", got.rms_norm_eps.to_string(), want.rms_norm_eps.to_string()),
+        ("tie_word_embeddings", got.tie_word_embeddings.to_string(), want.tie_word_embeddings.to_string()),
+        ("attention_bias", got.attention_bias.to_string(), want.attention_bias.to_string()),
+    ];
+    for (field, g, w) in more {
         if g != w {
             return Err(format!("model_config.{field} is {g}, expected {w}"));
         }
@@ -370,6 +434,9 @@ fn hf_shape(config: &GptConfig, kind: ParamKind, shape: &[usize]) -> Vec<usize> 
 }
 
 pub fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32]) -> std::result::Result<Vec<u8>, String> {
+    if config.family == crate::model::config::Family::Llama {
+        return crate::hf::weights::serialize(config, params);
+    }
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for s in layout.named_slices(config) {
         let shape = hf_shape(config, s.kind, &s.shape);
@@ -390,6 +457,20 @@ pub fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32])
 /// Also reads PyTorch-written files (the numerics fixtures), which carry extra tensors.
 pub fn deserialize_model(config: &GptConfig, layout: &ParamLayout, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    if config.family == crate::model::config::Family::Llama {
+        let mut params = vec![0.0f32; layout.len()];
+        for t in crate::hf::weights::llama_tensors(config) {
+            let view = st.tensor(&t.name).map_err(|_| format!("tensor {} is missing", t.name))?;
+            if view.dtype() != Dtype::F32 {
+                return Err(format!("tensor {} has dtype {:?}, expected F32", t.name, view.dtype()));
+            }
+            if view.shape() != t.shape.as_slice() {
+                return Err(format!("tensor {} has shape {:?}, the config expects {:?}", t.name, view.shape(), t.shape));
+            }
+            crate::hf::weights::place(layout, &mut params, &t, &bytes_f32(view.data()));
+        }
+        return Ok(params);
+    }
     let mut params = vec![0.0f32; layout.len()];
     for s in layout.named_slices(config) {
         let name = s.kind.hf_name(s.layer);

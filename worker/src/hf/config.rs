@@ -131,8 +131,25 @@ fn gpt2(f: &Fields<'_>) -> Result<GptConfig> {
 
 fn llama(f: &Fields<'_>, arch: Arch) -> Result<GptConfig> {
     f.str_is("hidden_act", &["silu"])?;
-    if let Some(v) = f.present("rope_scaling") {
-        return Err(f.err("rope_scaling", format!("{v} is not supported: liandan implements plain rotary embeddings (no linear, dynamic, yarn or llama3 scaling)")));
+    // transformers 4 writes `rope_theta` (and `rope_scaling` when scaled); transformers 5
+    // writes `rope_parameters {rope_type, rope_theta, ...}`. Only the default type is supported.
+    let mut theta = f.f64_or("rope_theta", DEFAULT_ROPE_THETA)?;
+    for field in ["rope_scaling", "rope_parameters"] {
+        let Some(v) = f.present(field) else { continue };
+        let o = v.as_object().ok_or_else(|| f.err(field, format!("{v} is not an object")))?;
+        let kind = o.get("rope_type").or_else(|| o.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let extra: Vec<&String> = o.keys().filter(|k| !["rope_type", "type", "rope_theta"].contains(&k.as_str())).collect();
+        if kind != "default" || !extra.is_empty() {
+            return Err(f.err(field, format!("{v} is not supported: liandan implements plain rotary embeddings (rope_type default; no linear, dynamic, yarn or llama3 scaling)")));
+        }
+        if let Some(t) = o.get("rope_theta") {
+            theta = t.as_f64().ok_or_else(|| f.err(&format!("{field}.rope_theta"), format!("must be a number, got {t}")))?;
+        }
+    }
+    if let Some(Value::Array(types)) = f.present("layer_types")
+        && let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention"))
+    {
+        return Err(f.err("layer_types", format!("{t} is not supported: liandan attends to the whole context in every layer")));
     }
     f.only("mlp_bias", &Value::Bool(false), "liandan's SwiGLU MLP has no biases")?;
     let heads = f.usize("num_attention_heads")?;
@@ -166,7 +183,7 @@ fn llama(f: &Fields<'_>, arch: Arch) -> Result<GptConfig> {
         hidden,
         f.usize("intermediate_size")?,
     );
-    cfg.rope_theta = f.f64_or("rope_theta", DEFAULT_ROPE_THETA)?;
+    cfg.rope_theta = theta;
     cfg.rms_norm_eps = f.f64_or("rms_norm_eps", DEFAULT_RMS_NORM_EPS)?;
     cfg.tie_word_embeddings = f.bool_or("tie_word_embeddings", false)?;
     cfg.attention_bias = attention_bias;
@@ -188,7 +205,7 @@ pub fn llama_config_json(cfg: &GptConfig) -> Value {
         "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": null,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,

@@ -180,7 +180,12 @@ impl WeightFiles {
             return Err(EngineError::checkpoint(dir, format!("has neither {SINGLE_FILE} nor {INDEX_FILE}")));
         }
         let bytes = std::fs::read(&single).map_err(|e| EngineError::io(&single, e))?;
-        let names: Vec<String> = SafeTensors::deserialize(&bytes).map_err(|e| EngineError::checkpoint(&single, format!("not a valid safetensors file: {e}")))?.names().into_iter().map(|n| n.to_string()).collect();
+        let names: Vec<String> = SafeTensors::deserialize(&bytes)
+            .map_err(|e| EngineError::checkpoint(&single, format!("not a valid safetensors file: {e}")))?
+            .names()
+            .into_iter()
+            .map(|n| n.to_string())
+            .collect();
         Ok(WeightFiles { map: names.into_iter().map(|n| (n, 0)).collect(), files: vec![(single, bytes)] })
     }
 
@@ -250,7 +255,10 @@ pub fn load_params(cfg: &GptConfig, files: &WeightFiles) -> Result<Vec<f32>> {
     let mut extra: Vec<&str> = files.names().filter(|n| !known.contains(*n) && !ignorable(n, cfg)).collect();
     extra.sort();
     if let Some(n) = extra.first() {
-        return Err(EngineError::checkpoint(files.file_of(n), format!("tensor {n} has no place in a {:?}-family model of this config ({} unexpected tensors)", cfg.family, extra.len())));
+        return Err(EngineError::checkpoint(
+            files.file_of(n),
+            format!("tensor {n} has no place in a {:?}-family model of this config ({} unexpected tensors)", cfg.family, extra.len()),
+        ));
     }
     Ok(params)
 }

@@ -370,7 +370,9 @@ impl Llama {
                 rmsnorm_backward(dres, lay.get_mut(grads, K::Ln2W, l), &g.dln, layer(&a.residual2, l, pc), lay.get(p, K::Ln2W, l), layer(&a.ln2_rstd, l, p1), n, c)
             });
             // Attention block: residual2 = res_in + o(attention(rope(qkv(rms1(res_in))))).
-            timed(&mut prof, "bwd.matmul", || matmul_backward(&mut g.datty, lay.get_mut(grads, K::AttProjW, l), None, dres, layer(&a.atty, l, pc), lay.get(p, K::AttProjW, l), n, c, c));
+            timed(&mut prof, "bwd.matmul", || {
+                matmul_backward(&mut g.datty, lay.get_mut(grads, K::AttProjW, l), None, dres, layer(&a.atty, l, pc), lay.get(p, K::AttProjW, l), n, c, c)
+            });
             timed(&mut prof, "bwd.attention", || gqa_backward(&mut g.dqkv, &mut g.datt, &g.datty, layer(&a.qkv, l, pd), layer(&a.att, l, patt), b, t, gqa));
             timed(&mut prof, "bwd.rope", || rope_backward(&mut g.dqkv, rope, b, t, gqa.nh, gqa.nkv, gqa.hs));
             let (dw, db) = if cfg.attention_bias {
@@ -415,7 +417,7 @@ mod tests {
 
     fn batch() -> (Vec<u32>, Vec<i32>) {
         let inputs: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
-        let targets: Vec<i32> = (0..12).map(|i| if i % 5 == 2 { IGNORE_INDEX } else { (i * 11 % 50) as i32 }).collect();
+        let targets: Vec<i32> = (0..12).map(|i| if i % 5 == 2 { IGNORE_INDEX } else { i * 11 % 50 }).collect();
         (inputs, targets)
     }
 

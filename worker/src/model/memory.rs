@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::config::GptConfig;
+use super::config::{Family, GptConfig};
 
 /// Bytes on one rank, by what holds them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,11 +56,20 @@ pub fn grad_activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<u12
     bt.checked_mul(c)?.checked_mul(3 + 3 + 8)?.checked_add((b as u128).checked_mul(nh)?.checked_mul((t as u128).checked_mul(t as u128)?)?)
 }
 
-/// One model ([`super::gpt::Gpt`]) allocated for batches up to `(b, t)`: weights, gradients,
-/// activations; with `optimizer`, AdamW's two moments too. None when the sizes overflow.
+/// One model ([`super::gpt::Gpt`], or [`super::llama::Llama`] for the llama family) allocated
+/// for batches up to `(b, t)`: weights, gradients, activations; with `optimizer`, AdamW's two
+/// moments too. None when the sizes overflow.
 pub fn gpt(cfg: &GptConfig, b: usize, t: usize, optimizer: bool) -> Option<MemoryEstimate> {
     let params = cfg.checked_num_parameters()? as u128;
-    let acts = activation_floats(cfg, b, t)?.checked_add(grad_activation_floats(cfg, b, t)?)?;
+    let acts = match cfg.family {
+        Family::Gpt2 => activation_floats(cfg, b, t)?.checked_add(grad_activation_floats(cfg, b, t)?)?,
+        Family::Llama => {
+            let (a, g) = super::llama::activation_floats(cfg, b, t)?;
+            // The rotary table: cos and sin for maxT positions and hs/2 frequencies.
+            let rope = (t as u128).checked_mul(cfg.head_size() as u128)?;
+            a.checked_add(g)?.checked_add(rope)?
+        }
+    };
     let bytes = |floats: u128| floats.checked_mul(4).and_then(|x| u64::try_from(x).ok());
     // The input token buffer is b·t u32s.
     let tokens = (b as u128).checked_mul(t as u128)?;
@@ -130,6 +139,44 @@ mod tests {
             assert_eq!(e.optimizer, 8 * m.params.len() as u64);
             assert_eq!(e.activations, 4 * (acts + gacts + b * t) as u64);
         }
+    }
+
+    #[test]
+    fn the_llama_estimate_is_what_the_model_allocates() {
+        let mut cfg = GptConfig::llama(300, 64, 2, 4, 2, 32, 48);
+        cfg.attention_bias = true;
+        let (b, t) = (3, 16);
+        let m = crate::model::llama::Llama::new(cfg.clone(), b, t).unwrap();
+        let a = &m.acts;
+        let acts: usize = [
+            &a.encoded,
+            &a.ln1,
+            &a.ln1_rstd,
+            &a.qkv,
+            &a.att,
+            &a.atty,
+            &a.residual2,
+            &a.ln2,
+            &a.ln2_rstd,
+            &a.fch,
+            &a.fch_act,
+            &a.residual3,
+            &a.lnf,
+            &a.lnf_rstd,
+            &a.logits,
+            &a.losses,
+            &a.proj,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum();
+        let g = &m.gacts;
+        let gacts: usize = [&g.dresidual, &g.dln, &g.dqkv, &g.datt, &g.datty, &g.dfch, &g.dfch_act].iter().map(|v| v.len()).sum();
+        let rope = m.rope.cos.len() + m.rope.sin.len();
+        let e = gpt(&cfg, b, t, true).unwrap();
+        assert_eq!(e.weights, 4 * m.params.len() as u64);
+        assert_eq!(e.optimizer, 8 * m.params.len() as u64);
+        assert_eq!(e.activations, 4 * (acts + gacts + rope + b * t) as u64);
     }
 
     #[test]
