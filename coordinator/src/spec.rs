@@ -662,6 +662,52 @@ lr = 1e-3
     }
 
     #[test]
+    fn grpo_and_dpo_phases_are_checked_at_submit() {
+        let grpo = "[[phases]]\nname = \"grpo\"\nkind = \"grpo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-5\n";
+        let dpo = "[[phases]]\nname = \"dpo\"\nkind = \"dpo\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-5\n";
+        let rm = "[[phases]]\nname = \"rm\"\nkind = \"reward\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-4\n";
+        let parse = |extra: String| JobSpec::parse(&with_phase(&extra), "job.toml");
+        let err = |extra: String| parse(extra).unwrap_err().to_string();
+        // Both start from the sft phase; grpo's default reward (the verifier) needs no reward model.
+        let spec = parse(format!("{grpo}{dpo}")).unwrap();
+        assert_eq!((spec.from_phase(2), spec.from_phase(3), spec.reward_phase(2).is_err()), (Ok(Some(1)), Ok(Some(1)), true));
+        let spec = parse(format!("{rm}{grpo}[phases.grpo]\nreward = \"both\"\n")).unwrap();
+        assert_eq!((spec.from_phase(3), spec.reward_phase(3)), (Ok(Some(1)), Ok(Some(2))));
+        // G = 1, β ≤ 0 or not finite: one line naming the phase and the field.
+        assert_eq!(err(format!("{grpo}[phases.grpo]\ngroup_size = 1\n")), "job.toml: phases[2].grpo.group_size: must be in 2..=1024 (advantages are relative to the group), got 1");
+        assert_eq!(err(format!("{dpo}[phases.dpo]\nbeta = 0.0\n")), "job.toml: phases[2].dpo.beta: must be finite and > 0, got 0");
+        assert_eq!(err(format!("{dpo}[phases.dpo]\nbeta = -0.1\n")), "job.toml: phases[2].dpo.beta: must be finite and > 0, got -0.1");
+        assert_eq!(err(format!("{dpo}[phases.dpo]\nbeta = nan\n")), "job.toml: phases[2].dpo.beta: must be finite and > 0, got NaN");
+        assert_eq!(err(format!("{grpo}[phases.grpo]\nkl_coef = inf\n")), "job.toml: phases[2].grpo.kl_coef: must be finite and >= 0, got inf");
+        // Reward sources that do not exist.
+        let e = err(format!("{grpo}[phases.grpo]\nreward = \"model\"\n"));
+        assert!(e.starts_with("job.toml: phases[2].reward_model: a grpo phase with grpo.reward = \"model\" needs a reward model"), "{e}");
+        let e = err(format!("{rm}{}[phases.grpo]\nreward = \"both\"\n", grpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"nope\"")));
+        assert_eq!(e, "job.toml: phases[3].reward_model: no phase named 'nope' before this one");
+        let e = err(format!("{rm}{}", grpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"rm\"")));
+        assert!(e.starts_with("job.toml: phases[3].reward_model: grpo.reward = \"verifier\" (the default) uses no reward model"), "{e}");
+        let e = err(format!("{grpo}[phases.grpo]\nreward = \"judge\"\n"));
+        assert!(e.contains("phases[2].grpo.reward") && e.contains("judge"), "{e}");
+        let e = err(format!("{grpo}[phases.grpo]\ngroup = 4\n"));
+        assert!(e.contains("phases[2].grpo") && e.contains("group"), "{e}");
+        // Settings and keys of other kinds.
+        assert_eq!(err(format!("{dpo}[phases.grpo]\ngroup_size = 4\n")), "job.toml: phases[2].grpo: `grpo` belongs to grpo phases, not dpo");
+        assert_eq!(err(format!("{grpo}[phases.dpo]\nbeta = 0.1\n")), "job.toml: phases[2].dpo: `dpo` belongs to dpo phases, not grpo");
+        assert!(
+            err(format!("{}", dpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"rm\"")))
+                .contains("phases[2].reward_model: `reward_model` and `reward_checkpoint` belong to ppo and grpo phases, not dpo")
+        );
+        // DPO takes the reward phase's comparison sources; labelled ones need no file.
+        parse(format!("{}", dpo.replace("data = \"p.jsonl\"\n", "comparisons = \"labelled\"\n"))).unwrap();
+        let e = err(format!("{}", grpo.replace("lr = 1e-5", "lr = 1e-5\ncomparisons = \"both\"")));
+        assert!(e.contains("phases[2].comparisons: `comparisons` belongs to reward and dpo phases, not grpo"), "{e}");
+        // The example job parses.
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/post-training.toml")).unwrap();
+        let spec = JobSpec::parse(&example, "examples/post-training.toml").unwrap();
+        assert_eq!((spec.from_phase(2), spec.from_phase(3)), (Ok(Some(1)), Ok(Some(1))), "grpo and dpo both start from the sft phase");
+    }
+
+    #[test]
     fn plans_need_prepared_data() {
         let s = JobSpec::parse(GOOD, "job.toml").unwrap();
         let e = s.plans("job.toml").unwrap_err().to_string();
