@@ -389,6 +389,12 @@ fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_sub
     for k in ["reward", "rm_score", "clip_frac", "entropy", "value_loss", "verifier_pass"] {
         assert!(m.iter().all(|r| r.values[k].is_finite()), "{k}: {m:?}");
     }
+    // Rank 0's first sampled answers of each step are kept to look at (global batch 4 over 2
+    // workers: 2 per step), with the reward they got; the first step's KL is zero.
+    let samples = store.recent_samples(job, 3, 10).unwrap();
+    assert_eq!(samples.iter().map(|x| x.step).collect::<Vec<_>>(), [3, 3, 2, 2, 1, 1], "{samples:?}");
+    assert!(samples.iter().all(|x| !x.prompt.is_empty() && x.reward.is_finite() && x.rm_score.is_finite()), "{samples:?}");
+    assert!(samples.iter().filter(|x| x.step == 1).all(|x| x.kl == 0.0), "{samples:?}");
     for f in ["critic.safetensors", "critic_optimizer.safetensors", "ppo_state.json", "ppo_eval.json", "tokenizer.json"] {
         assert!(Path::new(&ppo.last_checkpoint).join(f).exists(), "{f} in {}", ppo.last_checkpoint);
     }

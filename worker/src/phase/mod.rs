@@ -92,7 +92,28 @@ pub struct StepMetrics {
     /// Phase-specific values (ppo: reward, kl, clip_frac, entropy, value_loss, verifier_pass, …;
     /// grpo: reward, reward_std, zero_signal, kl, …; dpo: margin, chosen_drift, heldout_accuracy, …).
     pub values: Vec<(String, f64)>,
+    /// A few of the step's sampled answers (RL phases, rank 0's share), to look at.
+    pub samples: Vec<RolloutSample>,
 }
+
+/// One sampled answer of an RL step, as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RolloutSample {
+    /// The prompt and the answer, decoded (special tokens dropped).
+    pub prompt: String,
+    pub answer: String,
+    /// The reward the policy was trained on, and the learned reward model's score.
+    pub reward: f64,
+    pub rm_score: f64,
+    /// The verifier's graded score, and whether it passes strictly; None when the prompt asks
+    /// for no form.
+    pub verifier: Option<(f64, bool)>,
+    /// Σ over the answer of `log π − log π_ref`, nats.
+    pub kl: f64,
+}
+
+/// Samples an RL step reports, at most.
+pub const SAMPLES_PER_STEP: usize = 4;
 
 /// How a phase talks to the outside (the coordinator, or a test).
 pub trait PhaseEvents {

@@ -194,7 +194,7 @@ impl PhaseStep for RewardStep {
             adam_step(&mut self.head, &head_grad, &mut self.hm, &mut self.hv, lr, step + 1);
         }
         tracing::debug!(step = step + 1, accuracy = correct / self.b_global as f64, "reward step");
-        Ok(StepOut { loss: loss / self.b_global as f64, grad_norm: u.norm, tokens: (2 * self.b_global * t) as u64, values: Vec::new() })
+        Ok(StepOut { loss: loss / self.b_global as f64, grad_norm: u.norm, tokens: (2 * self.b_global * t) as u64, values: Vec::new(), samples: Vec::new() })
     }
 
     fn boundary_files(&mut self, step: u64) -> Result<Vec<(String, Vec<u8>)>, PhaseError> {

@@ -391,7 +391,8 @@ impl PhaseStep for PpoStep {
                 "ppo step"
             );
         }
-        let out = StepOut { loss: stats.policy_loss, grad_norm, tokens: all_tokens as u64, values: stats.values() };
+        let samples = if rank == 0 { rollout::samples(&rolls, &self.tk, super::SAMPLES_PER_STEP) } else { Vec::new() };
+        let out = StepOut { loss: stats.policy_loss, grad_norm, tokens: all_tokens as u64, values: stats.values(), samples };
         self.last = stats;
         Ok(out)
     }

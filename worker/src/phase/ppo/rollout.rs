@@ -192,3 +192,20 @@ mod tests {
         assert_eq!(requested_form("请接出下一句：床前明月光，"), None);
     }
 }
+
+/// The first `n` of this rank's rollouts as the dashboard shows them (decoded text, rewards,
+/// verdict, KL).
+pub fn samples(rolls: &[Rollout], tk: &ChatTokenizer, n: usize) -> Vec<crate::phase::RolloutSample> {
+    rolls
+        .iter()
+        .take(n)
+        .map(|r| crate::phase::RolloutSample {
+            prompt: tk.decode_text(&r.ids[..r.prompt_len]).unwrap_or_default(),
+            answer: tk.decode_text(&r.ids[r.prompt_len..]).unwrap_or_default(),
+            reward: r.reward as f64,
+            rm_score: r.rm_score as f64,
+            verifier: r.has_form.then_some((r.verifier as f64, r.passed)),
+            kl: r.old_logp.iter().zip(&r.ref_logp).map(|(a, b)| (a - b) as f64).sum(),
+        })
+        .collect()
+}
