@@ -658,7 +658,7 @@ lr = 1e-3
         let e = JobSpec::parse(&with_phase(&format!("{rm}{}", ppo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"sft\""))), "job.toml").unwrap_err().to_string();
         assert!(e.contains("phases[3].reward_model: phase 'sft' is not a reward phase"), "{e}");
         let e = JobSpec::parse(&with_phase("[phases.ppo]\nclip = 0.1\n"), "job.toml").unwrap_err().to_string();
-        assert!(e.contains("phases[1].ppo: `ppo`, `reward_model` and `reward_checkpoint` belong to ppo phases"), "{e}");
+        assert!(e.contains("phases[1].ppo: `ppo` belongs to ppo phases, not sft"), "{e}");
     }
 
     #[test]

@@ -362,7 +362,7 @@ impl PhaseStep for DpoStep {
                 tracing::info!(step = done, heldout_accuracy = stats.heldout_accuracy, pairs = stats.heldout_pairs, "dpo held-out preference accuracy");
             }
         }
-        let out = StepOut { loss: stats.loss, grad_norm: u.norm, tokens: (2 * self.b_global * t) as u64, values };
+        let out = StepOut { loss: stats.loss, grad_norm: u.norm, tokens: (2 * self.b_global * t) as u64, values, samples: Vec::new() };
         self.last = stats;
         Ok(out)
     }

@@ -271,7 +271,9 @@ impl PhaseStep for GrpoStep {
                 "grpo step"
             );
         }
-        let out = StepOut { loss: stats.policy_loss, grad_norm, tokens: all_tokens as u64, values: stats.values() };
+        // Rank 0's first answers: the first group's, so the dashboard shows answers to one prompt side by side.
+        let samples = if rank == 0 { super::ppo::rollout::samples(&rolls, &self.tk, super::SAMPLES_PER_STEP) } else { Vec::new() };
+        let out = StepOut { loss: stats.policy_loss, grad_norm, tokens: all_tokens as u64, values: stats.values(), samples };
         self.last = stats;
         Ok(out)
     }
