@@ -74,12 +74,12 @@ pub fn comparisons(plan: &PhasePlan) -> Result<Vec<PreferencePair>, PhaseError> 
     Ok(pairs)
 }
 
-fn held_out(p: &PreferencePair) -> bool {
+pub(crate) fn held_out(p: &PreferencePair) -> bool {
     super::held_out_by_hash(&format!("{}\u{1}{}\u{1}{}", p.prompt, p.chosen, p.rejected), 0.1)
 }
 
 /// Token ids of prompt + answer (cut to `t`), and the index of the last token.
-fn conversation(tk: &ChatTokenizer, prompt: &str, answer: &str, t: usize) -> Result<Vec<u32>, PhaseError> {
+pub(crate) fn conversation(tk: &ChatTokenizer, prompt: &str, answer: &str, t: usize) -> Result<Vec<u32>, PhaseError> {
     let msgs = [Message { role: Role::User, content: prompt.into() }, Message { role: Role::Assistant, content: answer.into() }];
     let mut ids = tokenize_chat(tk, &msgs).map_err(|e| PhaseError::Data(e.to_string()))?.ids;
     ids.truncate(t);
