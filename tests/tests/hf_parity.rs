@@ -200,8 +200,32 @@ fn import_train_export_import_round_trips() {
             m.forward(&mb.inputs, mb.b, mb.t).unwrap();
             assert_eq!(real_logits(m.as_mut()), want, "{}: logits after the round trip", dir.display());
         }
+        if let Ok(keep) = std::env::var("LIANDAN_EXPORT_DIR") {
+            keep_for_transformers(Path::new(&keep), name, &saved, &mb, &want, cfg.vocab_size);
+        }
         let _ = std::fs::remove_dir_all(&out);
     }
+}
+
+/// With `LIANDAN_EXPORT_DIR` set, the trained checkpoint is copied there with the logits liandan
+/// computed (`reference_logits.safetensors`: `inputs` (B, T), `logits` (B, T, V)), for
+/// `scripts/check_hf_load.py DIR --logits DIR/reference_logits.safetensors`.
+fn keep_for_transformers(root: &Path, name: &str, saved: &Path, mb: &MicroBatch, logits: &[f32], v: usize) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = root.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(saved).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let ib: Vec<u8> = mb.inputs.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect();
+    let lb: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let views = vec![
+        ("inputs".to_string(), TensorView::new(Dtype::I32, vec![mb.b, mb.t], &ib).unwrap()),
+        ("logits".to_string(), TensorView::new(Dtype::F32, vec![mb.b, mb.t, v], &lb).unwrap()),
+    ];
+    std::fs::write(dir.join("reference_logits.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
 /// Bad directories are refused with one line naming the file and the tensor or field.
