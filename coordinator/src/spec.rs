@@ -483,7 +483,20 @@ impl JobSpec {
             Some(cfg) => Some(liandan_data::pipeline::plan(cfg).map_err(|e| err("phases[0].prepare".into(), e.to_string()))?),
             None => None,
         };
-        let model = self.model_config(vocab).map_err(|(p, r)| err(p, r))?;
+        // A phase that starts from a Hugging Face model directory fixes the model: its
+        // config.json, not the preset, is the architecture (the data's tokens must fit its
+        // vocabulary).
+        let imported = self.phases.iter().enumerate().find_map(|(i, p)| p.init.as_ref().filter(|d| liandan_worker::hf::is_hf_dir(d)).map(|d| (i, d)));
+        let model = match imported {
+            Some((i, dir)) => {
+                let m = liandan_worker::checkpoint::read_model_config(dir).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                if vocab > m.vocab_size {
+                    return Err(err(format!("phases[{i}].init"), format!("{}: the data's vocabulary of {vocab} tokens does not fit the model's {}", dir.display(), m.vocab_size)));
+                }
+                m
+            }
+            None => self.model_config(vocab).map_err(|(p, r)| err(p, r))?,
+        };
         std::fs::create_dir_all(&self.checkpoint.dir)
             .and_then(|_| {
                 let probe = self.checkpoint.dir.join(".liandan-write-probe");
