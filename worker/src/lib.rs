@@ -36,6 +36,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod hf_tokenizer;
 pub mod ledger;
 pub mod model;
 pub mod optim;
