@@ -46,9 +46,10 @@ pub struct BenchCoordinatorArgs {
     /// Seconds of heartbeating to measure.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Heartbeat interval of each simulated worker, milliseconds.
-    #[arg(long, default_value_t = 500)]
-    pub heartbeat_ms: u64,
+    /// The coordinator's heartbeat rate limit (`liandan coordinator --max-heartbeats-per-s`);
+    /// the simulated workers heartbeat as often as it asks, as real ones do (0: every 500 ms).
+    #[arg(long, default_value_t = 5000)]
+    pub max_heartbeats_per_s: u64,
     /// Connections the simulated workers share (a real worker has its own; thousands of
     /// connections from one process would measure the load generator).
     #[arg(long, default_value_t = 64)]
@@ -311,6 +312,8 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
             &addr_file.display().to_string(),
             "--lease-ms",
             "60000",
+            "--max-heartbeats-per-s",
+            &a.max_heartbeats_per_s.to_string(),
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -357,51 +360,59 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
                     memory_bytes: 1 << 30,
                 };
                 let r = clients[i % clients.len()].clone().register(req).await.map_err(|e| CliError::Usage(e.message().to_string()))?.into_inner();
-                ids.push((r.worker_id, r.worker_secret));
+                ids.push((r.worker_id, r.worker_secret, r.heartbeat_ms));
             }
             let register_s = t0.elapsed().as_secs_f64();
             let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
             let start = Instant::now();
             let end = start + std::time::Duration::from_secs(a.seconds);
             let mut tasks = Vec::new();
-            for (i, (id, secret)) in ids.into_iter().enumerate() {
+            // The interval the last registered worker was told: what every worker hears once
+            // all have registered.
+            let told_ms = ids.last().map_or(500, |x| x.2.max(1));
+            for (i, (id, secret, first_ms)) in ids.into_iter().enumerate() {
                 let mut c = clients[i % clients.len()].clone();
-                let every = std::time::Duration::from_millis(a.heartbeat_ms);
                 // Spread the workers' phases over the interval.
-                let offset = every.mul_f64(i as f64 / a.workers as f64);
+                let offset = std::time::Duration::from_millis(told_ms).mul_f64(i as f64 / a.workers as f64);
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep(offset).await;
-                    let (mut lat, mut sent) = (Vec::new(), 0usize);
-                    let mut iv = tokio::time::interval(every);
+                    let (mut lat, mut sent, mut every_ms) = (Vec::new(), 0usize, first_ms.max(1));
+                    let mut next = tokio::time::Instant::now();
                     while Instant::now() < end {
-                        iv.tick().await;
+                        tokio::time::sleep_until(next).await;
                         let t = Instant::now();
                         sent += 1;
-                        if c.heartbeat(HeartbeatRequest { worker_id: id, worker_secret: secret.clone(), ..Default::default() }).await.is_ok() {
+                        if let Ok(r) = c.heartbeat(HeartbeatRequest { worker_id: id, worker_secret: secret.clone(), ..Default::default() }).await {
                             lat.push(t.elapsed().as_secs_f64() * 1e3);
+                            // Follow the coordinator's pacing, as a real worker does.
+                            if r.get_ref().heartbeat_ms > 0 {
+                                every_ms = r.get_ref().heartbeat_ms;
+                            }
                         }
+                        next += std::time::Duration::from_millis(every_ms);
                     }
-                    (lat, sent)
+                    (lat, sent, every_ms)
                 }));
             }
-            let (mut lat, mut sent) = (Vec::new(), 0usize);
+            let (mut lat, mut sent, mut due) = (Vec::new(), 0usize, 0usize);
             for t in tasks {
-                let (l, n) = t.await.unwrap_or_default();
+                let (l, n, every_ms) = t.await.unwrap_or_default();
                 lat.extend(l);
                 sent += n;
+                // A heartbeat is due every interval the worker was told: those not even sent
+                // (the generator fell behind) count as missed too.
+                due += (a.seconds * 1000 / every_ms.max(1)) as usize;
             }
             let wall = start.elapsed().as_secs_f64();
             let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
             lat.sort_by(f64::total_cmp);
             let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(f64::NAN);
-            // A heartbeat is due every interval: those not even sent (the generator fell behind)
-            // count as missed too.
-            let due = a.workers * (a.seconds * 1000 / a.heartbeat_ms.max(1)) as usize;
             println!(
-                "{} simulated workers over {} connections, heartbeat every {} ms, {:.1} s: {} of {} sent ({} due) answered ({:.0}/s); registering all took {:.2} s",
+                "{} simulated workers over {} connections, heartbeat every {} ms (paced by the coordinator, at most {}/s), {:.1} s: {} of {} sent ({} due) answered ({:.0}/s); registering all took {:.2} s",
                 a.workers,
                 a.connections.max(1),
-                a.heartbeat_ms,
+                told_ms,
+                a.max_heartbeats_per_s,
                 wall,
                 lat.len(),
                 sent,
@@ -412,7 +423,7 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
             println!("heartbeat latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", pct(0.5), pct(0.99), lat.last().copied().unwrap_or(f64::NAN));
             println!("coordinator CPU: {cpu:.2} s over {wall:.1} s = {:.1}% of one core (leases in memory; the store is written on deaths only)", 100.0 * cpu / wall);
             println!(
-                "bench_result impl=coordinator workers={} answered={} sent={} due={due} p50_ms={:.3} p99_ms={:.3} cpu_core_share={:.3}",
+                "bench_result impl=coordinator workers={} heartbeat_ms={told_ms} answered={} sent={} due={due} p50_ms={:.3} p99_ms={:.3} cpu_core_share={:.3}",
                 a.workers,
                 lat.len(),
                 sent,

@@ -65,6 +65,10 @@ pub struct CoordinatorArgs {
     /// Milliseconds without a heartbeat after which a worker is dead.
     #[arg(long, default_value_t = 3000)]
     pub lease_ms: u64,
+    /// Most heartbeats per second asked of all workers together: a larger cluster heartbeats
+    /// less often than every 500 ms, and its leases grow by as much (0: no limit).
+    #[arg(long, default_value_t = 5000)]
+    pub max_heartbeats_per_s: u64,
     /// File with the admin tokens, one per line (default: the LIANDAN_ADMIN_TOKEN variable).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -152,7 +156,32 @@ fn is_loopback(addr: &str) -> bool {
     addr.to_socket_addrs().is_ok_and(|mut a| a.all(|x| x.ip().is_loopback()))
 }
 
+/// Raises this process's open-file limit to its hard limit (one descriptor per worker
+/// connection: the default soft limit, often 1,024, would refuse a large cluster). Returns the
+/// limit now in force.
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur as u64;
+            }
+        }
+        r.rlim_cur as u64
+    }
+}
+
 pub fn coordinator(a: CoordinatorArgs, creds: &Credentials) -> Result<(), CliError> {
+    let fds = raise_fd_limit();
+    let wanted = 2 * liandan_coordinator::incoming::MAX_CONNECTIONS as u64;
+    if fds < wanted {
+        tracing::warn!("open-file limit is {fds}: fewer than {wanted} workers and clients can connect at once (raise `ulimit -n`)");
+    }
     rt()?.block_on(async move {
         let (listener, addr) = liandan_coordinator::bind(&a.listen).await.map_err(|e| CliError::Usage(e.to_string()))?;
         let auth = coordinator_auth(&a, addr.ip().is_loopback())?;
@@ -174,7 +203,7 @@ pub fn coordinator(a: CoordinatorArgs, creds: &Credentials) -> Result<(), CliErr
             std::fs::write(f, format!("{scheme}://{addr}\n")).map_err(|e| CliError::Io { path: f.display().to_string(), source: e })?;
         }
         tracing::info!("coordinator listening on {addr}, store {}", a.store.display());
-        let config = liandan_coordinator::service::CoordinatorConfig { lease_ms: a.lease_ms, ..Default::default() };
+        let config = liandan_coordinator::service::CoordinatorConfig { lease_ms: a.lease_ms, max_heartbeats_per_s: a.max_heartbeats_per_s, ..Default::default() };
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");

@@ -24,8 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::{Stream, StreamExt};
 
-/// Connections open at once per port.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections open at once per port: a real worker holds one, so this is above the largest
+/// cluster the coordinator is measured with (10,000 workers, docs/BENCHMARKS.md) plus clients.
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// Time a new connection has to send its first bytes.
 pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (e.g. no file descriptors left) before accepting again.

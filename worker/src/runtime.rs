@@ -150,11 +150,14 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
     {
         let (client, current, abort, drain, identity) = (client.clone(), current.clone(), abort.clone(), drain.clone(), identity.clone());
         let (register, opts2) = (register.clone(), opts.clone());
-        let every = Duration::from_millis(reply.heartbeat_ms.max(50));
+        // The coordinator paces heartbeats: each reply may change the interval.
+        let mut every = Duration::from_millis(reply.heartbeat_ms.max(50));
         tokio::spawn(async move {
-            let mut iv = tokio::time::interval(every);
+            let mut next = tokio::time::Instant::now();
             loop {
-                iv.tick().await;
+                tokio::time::sleep_until(next).await;
+                // A late heartbeat is not followed by a burst of catching up.
+                next = (next + every).max(tokio::time::Instant::now());
                 let me = identity.get();
                 let req = HeartbeatRequest {
                     worker_id: me.id,
@@ -164,7 +167,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
                     step: current.step.load(Ordering::SeqCst),
                 };
                 match client.clone().heartbeat(req).await {
-                    Ok(r) => match Action::try_from(r.into_inner().action).unwrap_or(Action::Continue) {
+                    Ok(r) => match Action::try_from(paced(r.into_inner(), &mut every)).unwrap_or(Action::Continue) {
                         Action::Continue => {}
                         Action::Abort => {
                             if !abort.swap(true, Ordering::SeqCst) {
@@ -177,6 +180,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
                         }
                         Action::Reregister => {
                             if let Ok(r) = register_with_retry(&client, &register, &opts2).await {
+                                every = Duration::from_millis(r.heartbeat_ms.max(50));
                                 identity.set(&r);
                                 abort.store(true, Ordering::SeqCst);
                                 warn!("re-registered as worker {}", r.worker_id);
@@ -296,6 +300,14 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RuntimeError> {
             }
         }
     }
+}
+
+/// The reply's action; takes up the interval the coordinator asks for (it grows with the cluster).
+fn paced(reply: liandan_proto::v1::HeartbeatReply, every: &mut Duration) -> i32 {
+    if reply.heartbeat_ms > 0 {
+        *every = Duration::from_millis(reply.heartbeat_ms.max(50));
+    }
+    reply.action
 }
 
 async fn register_with_retry(client: &Client, req: &RegisterRequest, opts: &WorkerOptions) -> Result<RegisterReply, RuntimeError> {

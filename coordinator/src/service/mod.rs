@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::limits;
-use crate::membership::Membership;
+use crate::membership::{Membership, Pacing};
 use crate::metrics::RpcMetrics;
 use crate::scheduler::{self, Reason};
 use crate::spec::{JobSpec, PhaseKind, PhasePlan};
@@ -34,8 +34,13 @@ use crate::store::{Store, StoreError, now_ms};
 pub struct CoordinatorConfig {
     /// A worker not heard from for this long is dead.
     pub lease_ms: u64,
-    /// How often workers heartbeat.
+    /// How often workers heartbeat, at most (a large cluster is asked to heartbeat less often,
+    /// see `max_heartbeats_per_s`).
     pub heartbeat_ms: u64,
+    /// Most heartbeats per second the coordinator asks of all workers together: past
+    /// `max_heartbeats_per_s × heartbeat_ms / 1000` workers the interval grows with their number
+    /// (and each lease with it). 0: no limit.
+    pub max_heartbeats_per_s: u64,
     /// How often the scheduler runs.
     pub tick_ms: u64,
     /// Dead and drained workers' rows are deleted this long after they were last heard from.
@@ -44,7 +49,7 @@ pub struct CoordinatorConfig {
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
-        CoordinatorConfig { lease_ms: 3000, heartbeat_ms: 500, tick_ms: 200, prune_after_ms: 10 * 60 * 1000 }
+        CoordinatorConfig { lease_ms: 3000, heartbeat_ms: 500, max_heartbeats_per_s: 5000, tick_ms: 200, prune_after_ms: 10 * 60 * 1000 }
     }
 }
 
@@ -83,11 +88,10 @@ fn internal(e: StoreError) -> Status {
 impl CoordinatorService {
     pub fn new(store: Store, config: CoordinatorConfig) -> Result<Self, StoreError> {
         let key = worker_key(&store)?;
-        let members = Membership::new(key, config.lease_ms);
+        let pacing = Pacing { lease_ms: config.lease_ms, heartbeat_ms: config.heartbeat_ms, max_heartbeats_per_s: config.max_heartbeats_per_s };
+        let members = Membership::new(key, pacing);
         // After a restart, give workers a full lease to reconnect before declaring them dead.
-        for (id, instance) in store.live_workers()? {
-            members.admit(id, &instance);
-        }
+        members.restore(&store.live_workers()?);
         Ok(CoordinatorService {
             store: Arc::new(Mutex::new(store)),
             config,

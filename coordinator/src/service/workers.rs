@@ -131,17 +131,18 @@ impl CoordinatorService {
         let new =
             NewWorker { instance: r.instance.clone(), hostname: r.hostname.clone(), device: r.device.clone(), ring_address: r.ring_address.clone(), memory_bytes: r.memory_bytes };
         let (id, fresh) = self.with_store(|s| s.register_worker(&new))?;
-        let secret = self.members.admit(id, &r.instance);
+        let (secret, pace) = self.members.admit(id, &r.instance);
         if fresh {
             info!("worker {id} registered ({}, {}, ring {}, {} of memory)", r.hostname, r.device, r.ring_address, liandan_worker::model::memory::show_bytes(r.memory_bytes));
         } else {
             info!("worker {id} registered again (same process; ring {})", r.ring_address);
         }
         self.tick()?;
-        Ok(RegisterReply { worker_id: id, worker_secret: secret.to_vec(), lease_ms: self.config.lease_ms, heartbeat_ms: self.config.heartbeat_ms })
+        Ok(RegisterReply { worker_id: id, worker_secret: secret.to_vec(), lease_ms: pace.lease_ms, heartbeat_ms: pace.heartbeat_ms })
     }
 
     pub(super) fn heartbeat_action(&self, r: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
+        let mut heartbeat_ms = 0;
         let action = match self.members.renew(r.worker_id, &r.worker_secret) {
             // Declared dead (or never known): the process registers again and gets its id back.
             Err(Denied::Unknown) => Action::Reregister,
@@ -152,7 +153,8 @@ impl CoordinatorService {
                     Status::permission_denied(format!("worker {}: the worker secret is not the one issued to this worker", r.worker_id)),
                 ));
             }
-            Ok(()) => self.with_store(|s| {
+            Ok(pace) => self.with_store(|s| {
+                heartbeat_ms = pace.heartbeat_ms;
                 let Some(w) = s.worker(r.worker_id)? else { return Ok(Action::Reregister) };
                 Ok(match w.state.as_str() {
                     "dead" => Action::Reregister,
@@ -167,7 +169,7 @@ impl CoordinatorService {
                 })
             })?,
         };
-        Ok(HeartbeatReply { action: action as i32 })
+        Ok(HeartbeatReply { action: action as i32, heartbeat_ms })
     }
 
     pub(super) fn assignment_for(&self, r: AssignmentRequest) -> Result<Assignment, Status> {
