@@ -308,4 +308,24 @@ mod tests {
         let msgs = [Message { role: Role::User, content: "床前明月光".into() }, Message { role: Role::Assistant, content: "疑是地上霜".into() }];
         assert_eq!(tokenize_chat(&back, &msgs).unwrap(), tokenize_chat(&tk, &msgs).unwrap());
     }
+
+    #[test]
+    fn data_prepare_with_a_models_tokenizer_keeps_its_template() {
+        let out = std::env::temp_dir().join(format!("liandan-hftok-prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let lunyu = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/lunyu.txt");
+        let cfg = crate::pipeline::PrepareConfig { inputs: vec![lunyu.display().to_string()], out: out.clone(), tokenizer: Some(fixture()), ..Default::default() };
+        crate::prepare::prepare(&cfg, &crate::prepare::Silent).unwrap();
+        let m = crate::shard::Manifest::load(&out).unwrap();
+        assert_eq!((m.vocab_size, m.eos), (503, 502), "documents end with the model's eos_token <|im_end|>");
+        for f in CONFIG_FILES {
+            assert!(out.join(f).is_file(), "{f} is not in the prepared data");
+        }
+        let tk = ChatTokenizer::load(&out.join("tokenizer.json"), Some(512)).unwrap();
+        let orig = ChatTokenizer::load(&fixture(), Some(512)).unwrap();
+        assert!(tk.is_model_tokenizer());
+        assert_eq!(tk.template().source(), orig.template().source());
+        assert_eq!(tk.stop_tokens(), orig.stop_tokens());
+        assert_eq!(tk.encode("学而时习之").unwrap(), orig.encode("学而时习之").unwrap());
+    }
 }

@@ -86,6 +86,7 @@ fn a_models_template_passes_the_submit_check_for_sft_and_ppo() {
 fn refused(p: &PhasePlan) -> String {
     let e = check_inputs(p).unwrap_err().to_string();
     assert!(!e.contains('\n'), "one line: {e}");
+    eprintln!("refused: {e}");
     e
 }
 
