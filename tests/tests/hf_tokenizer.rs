@@ -111,3 +111,86 @@ fn bad_tokenizers_and_templates_are_refused_at_submit() {
     let e = refused(&plan("noprompt", Some(no_prompt), 512));
     assert!(e.contains("tokenizer_config.json") && e.contains("renders no generation prompt"), "{e}");
 }
+
+#[derive(Default)]
+struct Steps(Vec<f64>);
+
+impl liandan_worker::phase::PhaseEvents for Steps {
+    fn step(&mut self, m: liandan_worker::phase::StepMetrics) {
+        self.0.push(m.loss);
+    }
+    fn checkpoint(&mut self, _step: u64, _path: &Path) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
+/// SFT with the model's tokenizer: the checkpoint carries its template and stop tokens
+/// (checksummed), and loads back for `chat`/`eval` with them. With `LIANDAN_EXPORT_DIR` set,
+/// the checkpoint and liandan's ids for the fixture's conversations are left there for
+/// `scripts/check_hf_tokenizer.py`.
+#[test]
+fn sft_with_a_models_tokenizer_exports_its_template() {
+    use liandan_data::chat::{Message, Role, prompt_ids, tokenize_chat};
+    let p = PhasePlan { steps: 2, checkpoint_every: 2, ..plan("sft", None, 512) };
+    let ckpt = p.data_dir.parent().unwrap().join("ckpt");
+    let mut ev = Steps::default();
+    let io = liandan_worker::phase::PhaseIo {
+        checkpoint_dir: &ckpt,
+        engine: &liandan_worker::engine::cpu::CpuEngine,
+        coll: &mut liandan_worker::collective::Local,
+        abort: &std::sync::atomic::AtomicBool::new(false),
+        events: &mut ev,
+    };
+    let out = liandan_worker::phase::sft::run_sft(&p, liandan_worker::phase::Start::Fresh, io).unwrap();
+    let liandan_worker::phase::PhaseOutcome::Finished { final_checkpoint: Some(dir) } = out else { panic!("{out:?}") };
+    assert_eq!(ev.0.len(), 2);
+    assert!(ev.0.iter().all(|l| l.is_finite()));
+    let state = liandan_worker::checkpoint::verify(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+        assert!(state.files.contains_key(f), "{f} not checksummed");
+    }
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let want: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(config["chat_template"], want["chat_template"]);
+    assert_eq!(config["eos_token"], "<|im_end|>");
+    let (model, tk) = liandan_worker::eval::load_chat_model(&dir).unwrap();
+    assert!(tk.is_model_tokenizer());
+    assert_eq!(tk.stop_tokens(), vec![502, 500]);
+    // A greedy answer through the template's generation prompt (the model is barely trained:
+    // only that it runs and stops within the limit).
+    liandan_worker::eval::answer(&model, &tk, "学而时习之", 8).unwrap();
+
+    if let Some(out) = std::env::var_os("LIANDAN_EXPORT_DIR") {
+        let out = Path::new(&out);
+        std::fs::create_dir_all(out).unwrap();
+        for f in state.files.keys().map(String::as_str).chain(["state.json"]) {
+            std::fs::copy(dir.join(f), out.join(f)).unwrap();
+        }
+        let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).unwrap()).unwrap();
+        let cases: Vec<serde_json::Value> = expected["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let msgs: Vec<Message> = c["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| Message {
+                        role: match m["role"].as_str().unwrap() {
+                            "system" => Role::System,
+                            "user" => Role::User,
+                            _ => Role::Assistant,
+                        },
+                        content: m["content"].as_str().unwrap().into(),
+                    })
+                    .collect();
+                let ids = tokenize_chat(&tk, &msgs).unwrap().ids;
+                let prompt = prompt_ids(&tk, &msgs[..msgs.len() - 1]).unwrap();
+                serde_json::json!({ "messages": c["messages"], "ids": ids, "prompt_ids": prompt })
+            })
+            .collect();
+        let doc = serde_json::json!({ "stop_tokens": tk.stop_tokens(), "cases": cases });
+        std::fs::write(out.join("liandan_ids.json"), serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    }
+}
