@@ -11,6 +11,7 @@
 #   2. the selftest at small shapes under compute-sanitizer memcheck and racecheck, when present;
 #   3. the GPT-2 124M training benchmark (tokens/s, MFU) with a per-op time table;
 #   4. NCCL last (world size 1), under a short timeout with NCCL_DEBUG=WARN.
+#   5. opt-in (JOB_CHECK=1): the demo job on one CUDA worker and on one CPU worker, tables side by side.
 # LIANDAN_DEVICE=cuda-emu runs the same script on the emulated device (a dry run of the script
 # on a machine without a GPU; give it BENCH_ARGS="--model nano --batch 2 --seq 64").
 # Results go under $OUT (default ./gpu-out): one log per section and summary.txt, which ends
@@ -172,6 +173,19 @@ grep -E 'attention' "$OUT/bench-train-bf16-reference-attention.txt" | tee -a "$S
 # 4. NCCL last: it is the most likely to hang, and its own timeout bounds that.
 export NCCL_DEBUG=WARN
 section "selftest-nccl" "$NCCL_SECS" "$BIN" selftest --device "$DEVICE" --section nccl
+
+# 5. Opt-in (JOB_CHECK=1, with GPU_CHECK_BUDGET raised to fit): the demo job, pretrain → SFT →
+#    reward → PPO, on one CUDA worker and on one CPU worker, shortened pretrain and SFT, with the
+#    two tables side by side. The phases are the same code on both (the engine interface).
+if [ "${JOB_CHECK:-0}" = 1 ]; then
+    JOB_STEPS="${JOB_STEPS:-200}"
+    section "job-cuda" 300 "$BIN" up --device "$DEVICE" --workers 1 --steps "$JOB_STEPS" --out "$OUT/job-cuda"
+    section "job-cpu" 300 "$BIN" up --device cpu --workers 1 --steps "$JOB_STEPS" --out "$OUT/job-cpu"
+    for j in job-cuda job-cpu; do
+        log "--- $j"
+        grep -E '^(pretrain|sft|reward|ppo|\||- )' "$OUT/$j.txt" | tee -a "$SUMMARY"
+    done
+fi
 
 log ""
 log "section                            verdict                time  last line"

@@ -101,7 +101,7 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<(), CliError> {
             dir.join("ckpt").display(),
             prepare_settings(&a)
         );
-        let mut cluster = crate::up::LocalCluster::start(&dir, w, per)?;
+        let mut cluster = crate::up::LocalCluster::start(&dir, w, per, &["--device".into(), "cpu".into()])?;
         let done = std::sync::atomic::AtomicBool::new(false);
         let pids = cluster.worker_pids();
         let t = Instant::now();

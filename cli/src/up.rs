@@ -58,6 +58,25 @@ pub struct UpArgs {
     /// Local workers to start.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// The workers' device (`liandan worker --device`): `cpu` by default, because the demo's
+    /// sizes and documented numbers are the CPU's; `cuda` runs it on the GPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The workers' collective (`liandan worker --collective`; default: NCCL on CUDA). Several
+    /// workers on one GPU need `ring` (NCCL refuses two ranks on one device).
+    #[arg(long)]
+    pub collective: Option<String>,
+}
+
+impl UpArgs {
+    /// What each worker is started with besides its coordinator and threads.
+    fn worker_args(&self) -> Vec<String> {
+        let mut v = vec!["--device".to_string(), self.device.clone()];
+        if let Some(c) = &self.collective {
+            v.extend(["--collective".to_string(), c.clone()]);
+        }
+        v
+    }
 }
 
 pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
@@ -92,7 +111,7 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     let workers = a.workers.max(1);
     let per_worker_threads = (threads / workers).max(1);
     eprintln!("liandan up: 2/3 train: a coordinator and {workers} local workers ({per_worker_threads} thread(s) each); logs in {}", a.out.join("logs").display());
-    let mut cluster = LocalCluster::start(&a.out, workers, per_worker_threads)?;
+    let mut cluster = LocalCluster::start(&a.out, workers, per_worker_threads, &a.worker_args())?;
     let outcome = cluster.run_job(&spec);
     cluster.stop();
     let final_status = outcome?;
@@ -190,7 +209,8 @@ pub(crate) struct LocalCluster {
 }
 
 impl LocalCluster {
-    pub(crate) fn start(out: &Path, workers: usize, threads: usize) -> Result<Self, CliError> {
+    /// `worker_args`: extra arguments for every worker (`--device cpu`).
+    pub(crate) fn start(out: &Path, workers: usize, threads: usize, worker_args: &[String]) -> Result<Self, CliError> {
         let exe = std::env::current_exe().map_err(|e| CliError::Usage(format!("cannot find the liandan executable: {e}")))?;
         let logs = out.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| CliError::Io { path: logs.display().to_string(), source: e })?;
@@ -246,7 +266,9 @@ impl LocalCluster {
         };
         for i in 0..workers {
             let name = format!("worker-{i}");
-            children.push((name.clone(), spawn(&name, &["worker".into(), "--coordinator".into(), addr.clone(), "--threads".into(), threads.to_string()])?));
+            let mut args = vec!["worker".to_string(), "--coordinator".into(), addr.clone(), "--threads".into(), threads.to_string()];
+            args.extend_from_slice(worker_args);
+            children.push((name.clone(), spawn(&name, &args)?));
         }
         Ok(LocalCluster { children, addr, admin_token })
     }

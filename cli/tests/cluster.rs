@@ -389,6 +389,12 @@ fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_sub
     for k in ["reward", "rm_score", "clip_frac", "entropy", "value_loss", "verifier_pass"] {
         assert!(m.iter().all(|r| r.values[k].is_finite()), "{k}: {m:?}");
     }
+    // Rank 0's first sampled answers of each step are kept to look at (global batch 4 over 2
+    // workers: 2 per step), with the reward they got; the first step's KL is zero.
+    let samples = store.recent_samples(job, 3, 10).unwrap();
+    assert_eq!(samples.iter().map(|x| x.step).collect::<Vec<_>>(), [3, 3, 2, 2, 1, 1], "{samples:?}");
+    assert!(samples.iter().all(|x| !x.prompt.is_empty() && x.reward.is_finite() && x.rm_score.is_finite()), "{samples:?}");
+    assert!(samples.iter().filter(|x| x.step == 1).all(|x| x.kl == 0.0), "{samples:?}");
     for f in ["critic.safetensors", "critic_optimizer.safetensors", "ppo_state.json", "ppo_eval.json", "tokenizer.json"] {
         assert!(Path::new(&ppo.last_checkpoint).join(f).exists(), "{f} in {}", ppo.last_checkpoint);
     }
@@ -407,6 +413,70 @@ fn the_whole_recipe_pretrain_sft_reward_ppo_and_a_degenerate_pair_refused_at_sub
     std::fs::write(&spec_path, bad).unwrap();
     let o = c.cli(&["submit", s(&spec_path)]);
     common::assert_one_line_error(&o, &["phases[1].reward_checkpoint", "is not a reward-model checkpoint"]);
+}
+
+#[test]
+fn grpo_and_dpo_from_one_sft_model_on_two_workers_and_bad_settings_refused_at_submit() {
+    let d = scratch("grpo-dpo");
+    let data = prepared(&d);
+    let (sft, pref) = recipe_files(&d);
+    let base = std::fs::read_to_string(spec(&d, &data, 4, 2, 1)).unwrap();
+    let phase = |name: &str, kind: &str, data: &Path, steps: u64, extra: &str| {
+        format!("\n[[phases]]\nname = \"{name}\"\nkind = \"{kind}\"\ndata = \"{}\"\nsteps = {steps}\nglobal_batch = 4\nseq_len = 64\nlr = 1e-3\n{extra}", data.display())
+    };
+    // The recipe's prompts ask for no poem form, so GRPO is scored by the reward model here.
+    let phases = format!(
+        "{base}{}{}{}{}",
+        phase("sft", "sft", &sft, 2, ""),
+        phase("reward", "reward", &pref, 2, ""),
+        phase("grpo", "grpo", &sft, 3, "[phases.grpo]\ngroup_size = 3\nreward = \"model\"\nmax_new_tokens = 8\n"),
+        phase("dpo", "dpo", &pref, 3, "from = \"sft\"\n[phases.dpo]\nbeta = 0.2\n"),
+    );
+    let spec_path = d.join("post.toml");
+    std::fs::write(&spec_path, &phases).unwrap();
+    let c = Cluster::start(&d, 2);
+    let job = c.submit(&spec_path);
+    let st = c.wait_state(job, "succeeded", 240);
+    let store = Store::open_read_only(&d.join("store.db")).unwrap();
+    let sft_ckpt = store.phase(job, 1).unwrap().unwrap().last_checkpoint;
+    // Both start from the SFT model (GRPO's reference; DPO's reference and start).
+    for k in [3, 4] {
+        assert_eq!(store.phase(job, k).unwrap().unwrap().input_checkpoint, sft_ckpt, "phase {k}");
+    }
+    let g = store.metrics(job, 3).unwrap();
+    assert_eq!(g.len(), 3);
+    assert_eq!(g[0].values["kl"], 0.0, "the first rollout comes from the reference itself");
+    for k in ["reward", "reward_std", "zero_signal", "rm_score", "clip_frac", "entropy", "answer_tokens", "verifier_pass"] {
+        assert!(g.iter().all(|r| r.values[k].is_finite()), "{k}: {g:?}");
+    }
+    let m = store.metrics(job, 4).unwrap();
+    assert_eq!(m.len(), 3);
+    assert!((m[0].loss - std::f64::consts::LN_2).abs() < 1e-5, "DPO starts at its reference: loss ln 2, got {}", m[0].loss);
+    assert!(m[1].values.contains_key("heldout_accuracy") && m[2].values.contains_key("heldout_accuracy"), "{m:?}");
+    let dpo = store.phase(job, 4).unwrap().unwrap().last_checkpoint;
+    for f in ["dpo_reference.bin", "dpo_eval.json", "tokenizer.json"] {
+        assert!(Path::new(&dpo).join(f).exists(), "{f} in {dpo}");
+    }
+    assert!(Path::new(&store.phase(job, 3).unwrap().unwrap().last_checkpoint).join("grpo_eval.json").exists());
+    assert!(st.contains("phase 3 grpo") && st.contains("phase 4 dpo"), "{st}");
+
+    // At submit: G = 1, β = 0, a reward model that does not exist, pairs identical once cut.
+    let refuse = |toml: String, needles: &[&str]| {
+        std::fs::write(&spec_path, toml).unwrap();
+        common::assert_one_line_error(&c.cli(&["submit", s(&spec_path)]), needles);
+    };
+    let sft_phase = phase("sft", "sft", &sft, 2, "");
+    refuse(format!("{base}{sft_phase}{}", phase("g", "grpo", &sft, 2, "[phases.grpo]\ngroup_size = 1\nreward = \"model\"\n")), &["phases[2].grpo.group_size", "got 1"]);
+    refuse(format!("{base}{sft_phase}{}", phase("d", "dpo", &pref, 2, "[phases.dpo]\nbeta = 0.0\n")), &["phases[2].dpo.beta", "must be finite and > 0"]);
+    refuse(format!("{base}{sft_phase}{}", phase("g", "grpo", &sft, 2, "[phases.grpo]\nreward = \"both\"\n")), &["phases[2].reward_model", "needs a reward model"]);
+    refuse(
+        format!("{base}{sft_phase}{}", phase("g", "grpo", &sft, 2, "reward_model = \"judge\"\n[phases.grpo]\nreward = \"model\"\n")),
+        &["phases[2].reward_model", "no phase named 'judge'"],
+    );
+    let same = d.join("same.jsonl");
+    let long = "床前明月光".repeat(30);
+    std::fs::write(&same, format!("{{\"prompt\": \"p\", \"chosen\": \"{long}甲\", \"rejected\": \"{long}乙\"}}\n")).unwrap();
+    refuse(format!("{base}{}", phase("d", "dpo", &same, 2, &format!("init = \"{sft_ckpt}\"\n"))), &["phases[1].data", "same.jsonl", "identical after tokenization"]);
 }
 
 /// `liandan label` with its answers piped in.

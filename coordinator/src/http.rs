@@ -196,6 +196,9 @@ fn sample_indices(n: usize) -> Vec<usize> {
     v
 }
 
+/// Steps of sampled answers a job's page shows per RL phase.
+const SAMPLE_STEPS: usize = 3;
+
 async fn job(State(st): State<HttpState>, Path(id): Path<u64>) -> Response {
     let run = || -> Result<Value, tonic::Status> {
         let j = st.svc.job_status(id)?;
@@ -228,6 +231,21 @@ async fn job(State(st): State<HttpState>, Path(id): Path<u64>) -> Response {
             for k in keys {
                 v["series"][k.as_str()] = idx.iter().map(|&i| m[i].values.get(k).map_or(Value::Null, |x| json_f64(*x))).collect::<Vec<_>>().into();
             }
+            // RL phases: warnings from the metrics, and the latest steps' sampled answers.
+            let plan = st.svc.with_store(|s| s.phase(id, p.index))?.and_then(|row| serde_json::from_str::<crate::spec::PhasePlan>(&row.plan_json).ok());
+            let kl_target = plan.and_then(|pl| pl.ppo.and_then(|x| x.kl_target)).map(f64::from);
+            v["warnings"] = json!(crate::rl_watch::warnings(&m, kl_target));
+            v["samples"] = st
+                .svc
+                .with_store(|s| s.recent_samples(id, p.index, SAMPLE_STEPS))?
+                .iter()
+                .map(|x| {
+                    json!({
+                        "step": x.step, "prompt": x.prompt, "answer": x.answer, "reward": json_f64(x.reward), "rm_score": json_f64(x.rm_score),
+                        "verifier_score": x.verifier.map(|v| json_f64(v.0)), "verifier_pass": x.verifier.map(|v| v.1), "kl": json_f64(x.kl),
+                    })
+                })
+                .collect();
             v["checkpoints"] = checkpoints
                 .iter()
                 .filter(|c| c.phase_idx == p.index)

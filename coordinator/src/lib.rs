@@ -19,6 +19,7 @@ pub mod incoming;
 pub mod limits;
 pub mod membership;
 pub mod metrics;
+pub mod rl_watch;
 pub mod scheduler;
 pub mod service;
 pub mod spec;

@@ -28,6 +28,11 @@ pub const VALUES: usize = 64;
 pub const VALUE_NAME_CHARS: usize = 64;
 /// A sampled answer a worker returns for a comparison.
 pub const ANSWER_CHARS: usize = 16 * 1024;
+/// RL samples per step report, the length each prompt and answer is cut to, and how many of a
+/// phase's latest steps keep theirs.
+pub const SAMPLES: usize = 8;
+pub const SAMPLE_CHARS: usize = 2048;
+pub const SAMPLE_STEPS: u64 = 100;
 /// A labeler's name.
 pub const LABELER_CHARS: usize = 128;
 /// List pages: the default and the largest page of jobs and of workers.

@@ -129,24 +129,28 @@ pub struct PhaseSpec {
     pub grad_clip: f32,
     #[serde(default = "seed")]
     pub seed: u64,
-    /// sft: the JSONL of examples (`{prompt, response}` or `{messages}`); reward: the JSONL of
-    /// comparisons (`{prompt, chosen, rejected, label_source}`); ppo: the prompts (SFT format;
-    /// the answers are not used).
+    /// sft: the JSONL of examples (`{prompt, response}` or `{messages}`); reward and dpo: the
+    /// JSONL of comparisons (`{prompt, chosen, rejected, label_source}`); ppo and grpo: the
+    /// prompts (SFT format; the answers are not used).
     pub data: Option<PathBuf>,
     /// Start from this checkpoint instead of an earlier phase's output.
     pub init: Option<PathBuf>,
     /// Start from the output of this earlier phase (by name). Default: the previous phase; for
-    /// ppo the last sft phase before it.
+    /// ppo, grpo and dpo the last sft phase before it (also their frozen reference).
     pub from: Option<String>,
-    /// ppo: the reward phase (by name) whose model scores the answers. Default: the last reward
-    /// phase before it.
+    /// ppo (and grpo with `reward = "model"` or `"both"`): the reward phase (by name) whose
+    /// model scores the answers. Default: the last reward phase before it.
     pub reward_model: Option<String>,
-    /// ppo: a reward-model checkpoint (a reward phase's output) instead of a reward phase.
+    /// ppo and grpo: a reward-model checkpoint (a reward phase's output) instead of a reward phase.
     pub reward_checkpoint: Option<PathBuf>,
     /// ppo: the algorithm's settings (`[phases.ppo]`; every field has a default).
     pub ppo: Option<liandan_worker::plan::PpoSettings>,
-    /// reward: `file` (the `data` JSONL, default), `labelled` (comparisons labelled through
-    /// `liandan label`), or `both`.
+    /// grpo: the algorithm's settings (`[phases.grpo]`; every field has a default).
+    pub grpo: Option<liandan_worker::plan::GrpoSettings>,
+    /// dpo: the algorithm's settings (`[phases.dpo]`; every field has a default).
+    pub dpo: Option<liandan_worker::plan::DpoSettings>,
+    /// reward and dpo: `file` (the `data` JSONL, default), `labelled` (comparisons labelled
+    /// through `liandan label`), or `both`.
     #[serde(default)]
     pub comparisons: liandan_worker::plan::ComparisonSource,
     /// The device kind this phase's workers must have (overrides `cluster.device`).
@@ -282,12 +286,12 @@ impl JobSpec {
                 return bad(&at("prepare"), format!("`prepare` belongs to data phases, not {kind}"));
             }
             // The phase a fine-tuning phase starts from: none before it but a data phase.
-            let first_model = i == 0 || (self.phases[i - 1].kind == PhaseKind::Data && p.from.is_none() && p.kind != PhaseKind::Ppo);
+            let first_model = i == 0 || (self.phases[i - 1].kind == PhaseKind::Data && p.from.is_none() && !starts_from_sft(p.kind));
             if p.kind != PhaseKind::Pretrain {
                 if first_model && p.init.is_none() {
                     return bad(&at("kind"), format!("{a} {kind} phase fine-tunes an earlier phase's output: put a pretrain phase before it (or give `init`)"));
                 }
-                let labelled_only = p.kind == PhaseKind::Reward && p.comparisons == ComparisonSource::Labelled;
+                let labelled_only = takes_comparisons(p.kind) && p.comparisons == ComparisonSource::Labelled;
                 if p.data.is_none() && !labelled_only {
                     return bad(&at("data"), format!("{a} {kind} phase needs a JSONL file of examples"));
                 }
@@ -296,16 +300,40 @@ impl JobSpec {
                 return bad(&at("from"), "give `init` (a checkpoint) or `from` (a phase), not both".into());
             }
             self.from_phase(i).map_err(|r| (at("from"), r))?;
-            if p.kind == PhaseKind::Ppo {
-                self.reward_phase(i).map_err(|r| (at("reward_model"), r))?;
-                if let Some(s) = &p.ppo {
-                    s.validate().map_err(|(f, r)| (at(&format!("ppo.{f}")), r))?;
+            for (key, given, owner) in [("ppo", p.ppo.is_some(), PhaseKind::Ppo), ("grpo", p.grpo.is_some(), PhaseKind::Grpo), ("dpo", p.dpo.is_some(), PhaseKind::Dpo)] {
+                if given && p.kind != owner {
+                    return bad(&at(key), format!("`{key}` belongs to {key} phases, not {kind}"));
                 }
-            } else if p.ppo.is_some() || p.reward_model.is_some() || p.reward_checkpoint.is_some() {
-                return bad(&at("ppo"), format!("`ppo`, `reward_model` and `reward_checkpoint` belong to ppo phases, not {kind}"));
             }
-            if p.kind != PhaseKind::Reward && p.comparisons != ComparisonSource::File {
-                return bad(&at("comparisons"), format!("`comparisons` belongs to reward phases, not {kind}"));
+            if let Some(s) = &p.ppo {
+                s.validate().map_err(|(f, r)| (at(&format!("ppo.{f}")), r))?;
+            }
+            if let Some(s) = &p.grpo {
+                s.validate().map_err(|(f, r)| (at(&format!("grpo.{f}")), r))?;
+            }
+            if let Some(s) = &p.dpo {
+                s.validate().map_err(|(f, r)| (at(&format!("dpo.{f}")), r))?;
+            }
+            let scored = p.reward_model.is_some() || p.reward_checkpoint.is_some();
+            match p.kind {
+                PhaseKind::Ppo => {
+                    self.reward_phase(i).map_err(|r| (at("reward_model"), r))?;
+                }
+                PhaseKind::Grpo if p.grpo.clone().unwrap_or_default().needs_reward_model() => {
+                    self.reward_phase(i).map_err(|r| (at("reward_model"), r))?;
+                }
+                PhaseKind::Grpo if scored => {
+                    return bad(
+                        &at("reward_model"),
+                        "grpo.reward = \"verifier\" (the default) uses no reward model: drop `reward_model` and `reward_checkpoint`, or set grpo.reward = \"model\" or \"both\""
+                            .into(),
+                    );
+                }
+                _ if scored => return bad(&at("reward_model"), format!("`reward_model` and `reward_checkpoint` belong to ppo and grpo phases, not {kind}")),
+                _ => {}
+            }
+            if !takes_comparisons(p.kind) && p.comparisons != ComparisonSource::File {
+                return bad(&at("comparisons"), format!("`comparisons` belongs to reward and dpo phases, not {kind}"));
             }
             if p.steps == 0 || p.steps > MAX_STEPS {
                 return bad(&at("steps"), if p.steps == 0 { "must be at least 1".into() } else { format!("must be at most {MAX_STEPS}, got {}", p.steps) });
@@ -361,8 +389,9 @@ impl JobSpec {
             return Err(("prepare.out".into(), format!("a data phase writes data.prepared ({}); leave `out` out", self.data.prepared.display())));
         }
         let trains = p.steps != 0 || p.global_batch != 0 || p.seq_len != 0 || p.lr != 0.0;
-        if trains || p.data.is_some() || p.init.is_some() || p.from.is_some() || p.ppo.is_some() || p.reward_model.is_some() || p.reward_checkpoint.is_some() {
-            return Err(("kind".into(), "a data phase takes only name, kind and [phases.prepare] (no steps, batch, lr, data, init, from or ppo keys)".into()));
+        let post = p.ppo.is_some() || p.grpo.is_some() || p.dpo.is_some() || p.reward_model.is_some() || p.reward_checkpoint.is_some();
+        if trains || post || p.data.is_some() || p.init.is_some() || p.from.is_some() {
+            return Err(("kind".into(), "a data phase takes only name, kind and [phases.prepare] (no steps, batch, lr, data, init, from, ppo, grpo or dpo keys)".into()));
         }
         let mut cfg = cfg.clone();
         cfg.out = self.data.prepared.clone();
@@ -392,17 +421,18 @@ impl JobSpec {
                 None => Err(format!("no phase named '{name}' before this one")),
             };
         }
-        if p.kind == PhaseKind::Ppo {
+        if starts_from_sft(p.kind) {
+            let kind = format!("{:?}", p.kind).to_lowercase();
             return self.phases[..i]
                 .iter()
                 .rposition(|q| q.kind == PhaseKind::Sft)
                 .map(Some)
-                .ok_or_else(|| "a ppo phase starts from an SFT model: put an sft phase before it, or give `from` or `init`".into());
+                .ok_or_else(|| format!("a {kind} phase starts from an SFT model: put an sft phase before it, or give `from` or `init`"));
         }
         Ok(i.checked_sub(1).filter(|&k| self.phases[k].kind != PhaseKind::Data))
     }
 
-    /// The reward phase whose model a ppo phase `i` uses (`None` with `reward_checkpoint`).
+    /// The reward phase whose model a ppo (or grpo) phase `i` uses (`None` with `reward_checkpoint`).
     pub fn reward_phase(&self, i: usize) -> Result<Option<usize>, String> {
         let p = &self.phases[i];
         match (&p.reward_model, &p.reward_checkpoint) {
@@ -413,11 +443,15 @@ impl JobSpec {
                 Some(_) => Err(format!("phase '{name}' is not a reward phase")),
                 None => Err(format!("no phase named '{name}' before this one")),
             },
-            (None, None) => self.phases[..i]
-                .iter()
-                .rposition(|q| q.kind == PhaseKind::Reward)
-                .map(Some)
-                .ok_or_else(|| "a ppo phase needs a reward model: put a reward phase before it, or give `reward_checkpoint`".into()),
+            (None, None) => self.phases[..i].iter().rposition(|q| q.kind == PhaseKind::Reward).map(Some).ok_or_else(|| match p.kind {
+                PhaseKind::Grpo => {
+                    let r = format!("{:?}", p.grpo.clone().unwrap_or_default().reward).to_lowercase();
+                    format!(
+                        "a grpo phase with grpo.reward = \"{r}\" needs a reward model: put a reward phase before it, give `reward_checkpoint`, or set grpo.reward = \"verifier\""
+                    )
+                }
+                _ => "a ppo phase needs a reward model: put a reward phase before it, or give `reward_checkpoint`".into(),
+            }),
         }
     }
 
@@ -461,7 +495,7 @@ impl JobSpec {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                if let (Some(file), PhaseKind::Reward) = (&p.data, p.kind) {
+                if let (Some(file), true) = (&p.data, takes_comparisons(p.kind)) {
                     // Every comparison line is valid now, also when the phase adds labelled ones.
                     liandan_data::chat::read_preferences(file).map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
                 }
@@ -501,10 +535,12 @@ impl JobSpec {
                     examples: p.data.clone(),
                     // Validated by `parse`.
                     from_phase: self.from_phase(i).unwrap_or(None),
-                    reward_phase: if p.kind == PhaseKind::Ppo { self.reward_phase(i).unwrap_or(None) } else { None },
+                    reward_phase: if scored_by_a_model(p) { self.reward_phase(i).unwrap_or(None) } else { None },
                     init_checkpoint: p.init.clone(),
                     reward_checkpoint: p.reward_checkpoint.clone(),
                     ppo: (p.kind == PhaseKind::Ppo).then(|| p.ppo.clone().unwrap_or_default()),
+                    grpo: (p.kind == PhaseKind::Grpo).then(|| p.grpo.clone().unwrap_or_default()),
+                    dpo: (p.kind == PhaseKind::Dpo).then(|| p.dpo.clone().unwrap_or_default()),
                     comparisons: p.comparisons,
                     labelled_examples: None,
                     max_skipped_steps: p.max_skipped_steps,
@@ -532,6 +568,25 @@ impl JobSpec {
                 Ok(plan)
             })
             .collect()
+    }
+}
+
+/// The kinds that start from the last sft phase by default (their frozen reference).
+fn starts_from_sft(kind: PhaseKind) -> bool {
+    matches!(kind, PhaseKind::Ppo | PhaseKind::Grpo | PhaseKind::Dpo)
+}
+
+/// The kinds that train on comparisons (`comparisons`, preference `data`).
+fn takes_comparisons(kind: PhaseKind) -> bool {
+    matches!(kind, PhaseKind::Reward | PhaseKind::Dpo)
+}
+
+/// Whether a phase's answers are scored by a reward model.
+fn scored_by_a_model(p: &PhaseSpec) -> bool {
+    match p.kind {
+        PhaseKind::Ppo => true,
+        PhaseKind::Grpo => p.grpo.clone().unwrap_or_default().needs_reward_model(),
+        _ => false,
     }
 }
 
@@ -603,7 +658,53 @@ lr = 1e-3
         let e = JobSpec::parse(&with_phase(&format!("{rm}{}", ppo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"sft\""))), "job.toml").unwrap_err().to_string();
         assert!(e.contains("phases[3].reward_model: phase 'sft' is not a reward phase"), "{e}");
         let e = JobSpec::parse(&with_phase("[phases.ppo]\nclip = 0.1\n"), "job.toml").unwrap_err().to_string();
-        assert!(e.contains("phases[1].ppo: `ppo`, `reward_model` and `reward_checkpoint` belong to ppo phases"), "{e}");
+        assert!(e.contains("phases[1].ppo: `ppo` belongs to ppo phases, not sft"), "{e}");
+    }
+
+    #[test]
+    fn grpo_and_dpo_phases_are_checked_at_submit() {
+        let grpo = "[[phases]]\nname = \"grpo\"\nkind = \"grpo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-5\n";
+        let dpo = "[[phases]]\nname = \"dpo\"\nkind = \"dpo\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-5\n";
+        let rm = "[[phases]]\nname = \"rm\"\nkind = \"reward\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-4\n";
+        let parse = |extra: String| JobSpec::parse(&with_phase(&extra), "job.toml");
+        let err = |extra: String| parse(extra).unwrap_err().to_string();
+        // Both start from the sft phase; grpo's default reward (the verifier) needs no reward model.
+        let spec = parse(format!("{grpo}{dpo}")).unwrap();
+        assert_eq!((spec.from_phase(2), spec.from_phase(3), spec.reward_phase(2).is_err()), (Ok(Some(1)), Ok(Some(1)), true));
+        let spec = parse(format!("{rm}{grpo}[phases.grpo]\nreward = \"both\"\n")).unwrap();
+        assert_eq!((spec.from_phase(3), spec.reward_phase(3)), (Ok(Some(1)), Ok(Some(2))));
+        // G = 1, β ≤ 0 or not finite: one line naming the phase and the field.
+        assert_eq!(err(format!("{grpo}[phases.grpo]\ngroup_size = 1\n")), "job.toml: phases[2].grpo.group_size: must be in 2..=1024 (advantages are relative to the group), got 1");
+        assert_eq!(err(format!("{dpo}[phases.dpo]\nbeta = 0.0\n")), "job.toml: phases[2].dpo.beta: must be finite and > 0, got 0");
+        assert_eq!(err(format!("{dpo}[phases.dpo]\nbeta = -0.1\n")), "job.toml: phases[2].dpo.beta: must be finite and > 0, got -0.1");
+        assert_eq!(err(format!("{dpo}[phases.dpo]\nbeta = nan\n")), "job.toml: phases[2].dpo.beta: must be finite and > 0, got NaN");
+        assert_eq!(err(format!("{grpo}[phases.grpo]\nkl_coef = inf\n")), "job.toml: phases[2].grpo.kl_coef: must be finite and >= 0, got inf");
+        // Reward sources that do not exist.
+        let e = err(format!("{grpo}[phases.grpo]\nreward = \"model\"\n"));
+        assert!(e.starts_with("job.toml: phases[2].reward_model: a grpo phase with grpo.reward = \"model\" needs a reward model"), "{e}");
+        let e = err(format!("{rm}{}[phases.grpo]\nreward = \"both\"\n", grpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"nope\"")));
+        assert_eq!(e, "job.toml: phases[3].reward_model: no phase named 'nope' before this one");
+        let e = err(format!("{rm}{}", grpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"rm\"")));
+        assert!(e.starts_with("job.toml: phases[3].reward_model: grpo.reward = \"verifier\" (the default) uses no reward model"), "{e}");
+        let e = err(format!("{grpo}[phases.grpo]\nreward = \"judge\"\n"));
+        assert!(e.contains("phases[2].grpo.reward") && e.contains("judge"), "{e}");
+        let e = err(format!("{grpo}[phases.grpo]\ngroup = 4\n"));
+        assert!(e.contains("phases[2].grpo") && e.contains("group"), "{e}");
+        // Settings and keys of other kinds.
+        assert_eq!(err(format!("{dpo}[phases.grpo]\ngroup_size = 4\n")), "job.toml: phases[2].grpo: `grpo` belongs to grpo phases, not dpo");
+        assert_eq!(err(format!("{grpo}[phases.dpo]\nbeta = 0.1\n")), "job.toml: phases[2].dpo: `dpo` belongs to dpo phases, not grpo");
+        assert!(
+            err(format!("{}", dpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"rm\"")))
+                .contains("phases[2].reward_model: `reward_model` and `reward_checkpoint` belong to ppo and grpo phases, not dpo")
+        );
+        // DPO takes the reward phase's comparison sources; labelled ones need no file.
+        parse(format!("{}", dpo.replace("data = \"p.jsonl\"\n", "comparisons = \"labelled\"\n"))).unwrap();
+        let e = err(format!("{}", grpo.replace("lr = 1e-5", "lr = 1e-5\ncomparisons = \"both\"")));
+        assert!(e.contains("phases[2].comparisons: `comparisons` belongs to reward and dpo phases, not grpo"), "{e}");
+        // The example job parses.
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/post-training.toml")).unwrap();
+        let spec = JobSpec::parse(&example, "examples/post-training.toml").unwrap();
+        assert_eq!((spec.from_phase(2), spec.from_phase(3)), (Ok(Some(1)), Ok(Some(1))), "grpo and dpo both start from the sft phase");
     }
 
     #[test]

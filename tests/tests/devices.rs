@@ -1,7 +1,7 @@
 //! Every phase through the one phase driver on the CPU and on the emulated CUDA device
 //! (`cuda-emu`: the CUDA backend's host code and its kernel sources on the CPU): pretrain from
-//! scratch, SFT, the reward model and PPO run on both, each device's phase starting from the
-//! CPU's previous checkpoint, and every step's values agree within the stated tolerance.
+//! scratch, SFT, the reward model, PPO, GRPO and DPO run on both, each device's phase starting
+//! from the CPU's previous checkpoint, and every step's values agree within the stated tolerance.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use liandan_worker::engine::Engine;
 use liandan_worker::engine::cpu::CpuEngine;
 use liandan_worker::engine::cuda::CudaEngine;
 use liandan_worker::phase::{self, PhaseEvents, PhaseIo, PhaseOutcome, Start, StepMetrics};
-use liandan_worker::plan::{PhaseKind, PhasePlan, PpoSettings, RewardSource};
+use liandan_worker::plan::{DpoSettings, GrpoSettings, PhaseKind, PhasePlan, PpoSettings, RewardSource};
 
 const POEMS: [&str; 4] = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -46,7 +46,7 @@ impl PhaseEvents for Recorder {
 
 /// Prepared data (a tokenizer and a train split of poems), SFT examples and comparisons; the
 /// plan of each phase kind on a 1-layer model.
-fn plans(dir: &Path) -> [PhasePlan; 4] {
+fn plans(dir: &Path) -> [PhasePlan; 6] {
     let corpus: Vec<String> = POEMS.iter().map(|p| format!("写一首五言绝句，题目是《静夜》\n{p}")).collect();
     let tk = ChatTokenizer::train(corpus.iter().cycle().take(200), 300).unwrap();
     let data = dir.join("data");
@@ -98,6 +98,8 @@ fn plans(dir: &Path) -> [PhasePlan; 4] {
         init_checkpoint: None,
         reward_checkpoint: None,
         ppo: None,
+        grpo: None,
+        dpo: None,
         comparisons: Default::default(),
         labelled_examples: None,
         max_skipped_steps: 0,
@@ -105,11 +107,14 @@ fn plans(dir: &Path) -> [PhasePlan; 4] {
         prepare: None,
     };
     let ppo = PpoSettings { reward: RewardSource::Both, max_new_tokens: 6, epochs: 1, minibatches: 2, entropy_coef: 0.01, ..Default::default() };
+    let grpo = GrpoSettings { group_size: 3, reward: RewardSource::Both, max_new_tokens: 6, epochs: 2, minibatches: 2, kl_coef: 0.1, ..Default::default() };
     [
         base.clone(),
         PhasePlan { kind: PhaseKind::Sft, seq_len: 40, examples: Some(sft.clone()), ..base.clone() },
-        PhasePlan { kind: PhaseKind::Reward, seq_len: 40, examples: Some(prefs), ..base.clone() },
-        PhasePlan { kind: PhaseKind::Ppo, steps: 2, seq_len: 40, examples: Some(sft), ppo: Some(ppo), ..base },
+        PhasePlan { kind: PhaseKind::Reward, seq_len: 40, examples: Some(prefs.clone()), ..base.clone() },
+        PhasePlan { kind: PhaseKind::Ppo, steps: 2, seq_len: 40, examples: Some(sft.clone()), ppo: Some(ppo), ..base.clone() },
+        PhasePlan { kind: PhaseKind::Grpo, steps: 2, global_batch: 2, seq_len: 40, examples: Some(sft), grpo: Some(grpo), ..base.clone() },
+        PhasePlan { kind: PhaseKind::Dpo, steps: 3, global_batch: 4, seq_len: 40, examples: Some(prefs), dpo: Some(DpoSettings { beta: 0.5 }), checkpoint_every: 2, ..base },
     ]
 }
 
@@ -124,7 +129,7 @@ fn run(engine: &dyn Engine, plan: &PhasePlan, start: Start<'_>, dir: &Path) -> (
 #[test]
 fn every_phase_runs_on_the_cpu_and_on_the_emulated_cuda_device_alike() {
     let d = scratch("chain");
-    let [pretrain, mut sft, mut reward, mut ppo] = plans(&d);
+    let [pretrain, mut sft, mut reward, mut ppo, mut grpo, mut dpo] = plans(&d);
     let cpu = CpuEngine;
     let emu = CudaEngine::new(Arc::new(CudaDevice::emulated().unwrap()), Precision::F32);
     // Each device's phase starts from the CPU's previous checkpoint, so a difference in one
@@ -153,6 +158,11 @@ fn every_phase_runs_on_the_cpu_and_on_the_emulated_cuda_device_alike() {
     reward.init_checkpoint = Some(sft_ck.clone());
     let rm = compare(&reward, Start::From(&sft_ck), "reward");
     ppo.init_checkpoint = Some(sft_ck.clone());
-    ppo.reward_checkpoint = Some(rm);
+    ppo.reward_checkpoint = Some(rm.clone());
     compare(&ppo, Start::From(&sft_ck), "ppo");
+    grpo.init_checkpoint = Some(sft_ck.clone());
+    grpo.reward_checkpoint = Some(rm);
+    compare(&grpo, Start::From(&sft_ck), "grpo");
+    dpo.init_checkpoint = Some(sft_ck.clone());
+    compare(&dpo, Start::From(&sft_ck), "dpo");
 }

@@ -102,6 +102,8 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
             entropy_coef: 0.01,
             ..Default::default()
         }),
+        grpo: None,
+        dpo: None,
         comparisons: Default::default(),
         max_skipped_steps: 0,
         device: None,

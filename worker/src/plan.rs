@@ -19,6 +19,10 @@ pub enum PhaseKind {
     Sft,
     Reward,
     Ppo,
+    /// Group-relative policy optimisation ([`crate::phase::grpo`]).
+    Grpo,
+    /// Direct preference optimisation ([`crate::phase::dpo`]).
+    Dpo,
 }
 
 /// One phase, resolved against its data.
@@ -64,7 +68,13 @@ pub struct PhasePlan {
     /// ppo: the algorithm's settings.
     #[serde(default)]
     pub ppo: Option<PpoSettings>,
-    /// reward: which comparisons to train on.
+    /// grpo: the algorithm's settings.
+    #[serde(default)]
+    pub grpo: Option<GrpoSettings>,
+    /// dpo: the algorithm's settings.
+    #[serde(default)]
+    pub dpo: Option<DpoSettings>,
+    /// reward and dpo: which comparisons to train on.
     #[serde(default)]
     pub comparisons: ComparisonSource,
     /// reward: the comparisons labelled through the coordinator (`liandan label`), exported to a
@@ -105,7 +115,7 @@ pub enum ComparisonSource {
     Both,
 }
 
-/// What a PPO phase rewards at the end of each answer.
+/// What a PPO (or GRPO) phase rewards at the end of each answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RewardSource {
@@ -221,6 +231,109 @@ impl PpoSettings {
     }
 }
 
+/// GRPO settings (`[phases.grpo]` in a job spec). Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSettings {
+    /// G, answers sampled per prompt (at least 2: the advantage is relative to the group).
+    pub group_size: usize,
+    /// The reward of an answer: `verifier` (default), `model` or `both` (as PPO's).
+    pub reward: RewardSource,
+    /// Weight of the verifier's score under `both`.
+    pub verifier_weight: f32,
+    /// Only prompts of these tasks (the examples' `task` field); empty = all.
+    pub tasks: Vec<String>,
+    /// Longest sampled answer, tokens.
+    pub max_new_tokens: usize,
+    /// Sampling temperature τ; the policy GRPO optimises is softmax(logits/τ).
+    pub temperature: f32,
+    /// Passes over each rollout batch.
+    pub epochs: usize,
+    /// Minibatches per pass (each one optimizer step).
+    pub minibatches: usize,
+    /// The ratio clip ε.
+    pub clip: f32,
+    /// β of the per-token KL term β·k3 to the frozen reference (0: no KL term).
+    pub kl_coef: f32,
+    /// Weight of the entropy bonus.
+    pub entropy_coef: f32,
+}
+
+impl Default for GrpoSettings {
+    fn default() -> Self {
+        GrpoSettings {
+            group_size: 4,
+            reward: RewardSource::Verifier,
+            verifier_weight: 1.0,
+            tasks: Vec::new(),
+            max_new_tokens: 48,
+            temperature: 1.0,
+            epochs: 1,
+            minibatches: 1,
+            clip: 0.2,
+            kl_coef: 0.04,
+            entropy_coef: 0.0,
+        }
+    }
+}
+
+/// Largest group a GRPO phase samples per prompt.
+pub const MAX_GROUP: usize = 1024;
+
+impl GrpoSettings {
+    /// Checks every field: `Err((field, reason))`.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let checks: [(&'static str, bool, String); 9] = [
+            ("group_size", (2..=MAX_GROUP).contains(&self.group_size), format!("must be in 2..={MAX_GROUP} (advantages are relative to the group), got {}", self.group_size)),
+            ("verifier_weight", self.verifier_weight >= 0.0 && self.verifier_weight.is_finite(), format!("must be finite and >= 0, got {}", self.verifier_weight)),
+            ("max_new_tokens", (1..=MAX_NEW_TOKENS).contains(&self.max_new_tokens), "must be in 1..=65536".into()),
+            ("temperature", self.temperature > 0.0 && self.temperature.is_finite(), format!("must be finite and > 0, got {}", self.temperature)),
+            ("epochs", (1..=MAX_PASSES).contains(&self.epochs), "must be in 1..=1000".into()),
+            ("minibatches", (1..=MAX_PASSES).contains(&self.minibatches), "must be in 1..=1000".into()),
+            ("clip", self.clip > 0.0 && self.clip < 1.0, format!("must be in (0, 1), got {}", self.clip)),
+            ("kl_coef", self.kl_coef >= 0.0 && self.kl_coef.is_finite(), format!("must be finite and >= 0, got {}", self.kl_coef)),
+            ("entropy_coef", self.entropy_coef >= 0.0 && self.entropy_coef.is_finite(), format!("must be finite and >= 0, got {}", self.entropy_coef)),
+        ];
+        for (field, ok, why) in checks {
+            if !ok {
+                return Err((field, why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the reward needs a reward model.
+    pub fn needs_reward_model(&self) -> bool {
+        self.reward != RewardSource::Verifier
+    }
+}
+
+/// DPO settings (`[phases.dpo]` in a job spec); the comparisons come from `data` and
+/// `comparisons` as for a reward phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSettings {
+    /// β: the strength of the implicit KL to the reference; the loss is
+    /// −log σ(β·((log π_c − log π_ref,c) − (log π_r − log π_ref,r))).
+    pub beta: f32,
+}
+
+impl Default for DpoSettings {
+    fn default() -> Self {
+        DpoSettings { beta: 0.1 }
+    }
+}
+
+impl DpoSettings {
+    /// Checks every field: `Err((field, reason))`.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            return Err(("beta", format!("must be finite and > 0, got {}", self.beta)));
+        }
+        Ok(())
+    }
+}
+
 impl PhasePlan {
     /// Memory one rank needs when the group has `world` ranks (so the largest share of the
     /// global batch), from the models the phase holds: pretrain and sft one trained model;
@@ -239,6 +352,16 @@ impl PhasePlan {
                 let frozen = memory::gpt(&self.model, b, t, false)?;
                 trained(b)?.plus(trained(b)?)?.plus(frozen)?.plus(frozen)
             }
+            // G answers per prompt: a trained policy, the frozen reference and, when the reward
+            // needs it, the frozen reward model, each over this rank's share of the answers.
+            PhaseKind::Grpo => {
+                let s = self.grpo.clone().unwrap_or_default();
+                let b = self.global_batch.checked_mul(s.group_size)?.div_ceil(world.max(1)).max(1);
+                let frozen = memory::gpt(&self.model, b, t, false)?;
+                let policy = trained(b)?.plus(frozen)?;
+                if s.needs_reward_model() { policy.plus(frozen) } else { Some(policy) }
+            }
+            PhaseKind::Dpo => trained(b.checked_mul(2)?),
         }
     }
 

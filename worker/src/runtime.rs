@@ -360,6 +360,20 @@ impl PhaseEvents for Reporter<'_> {
             step_ms: m.step_ms,
             world: self.a.world,
             values: m.values.into_iter().collect(),
+            samples: m
+                .samples
+                .into_iter()
+                .map(|x| liandan_proto::v1::RolloutSample {
+                    prompt: x.prompt,
+                    answer: x.answer,
+                    reward: x.reward,
+                    rm_score: x.rm_score,
+                    verified: x.verifier.is_some(),
+                    verifier_score: x.verifier.map_or(0.0, |v| v.0),
+                    verifier_pass: x.verifier.is_some_and(|v| v.1),
+                    kl: x.kl,
+                })
+                .collect(),
         };
         // Metrics are best effort: a coordinator that is down for a moment must not stop training.
         if let Err(e) = self.handle.block_on(self.client.clone().report_step(req)) {

@@ -26,13 +26,13 @@ const ATTEMPTS: u64 = 16;
 
 impl CoordinatorService {
     /// A new comparison for `job_id`: a prompt of the job's SFT data and two answers sampled
-    /// from its newest SFT or PPO checkpoint, by an idle worker ([`super::sampling`]).
+    /// from its newest SFT, PPO, GRPO or DPO checkpoint, by an idle worker ([`super::sampling`]).
     pub async fn make_comparison(&self, job_id: u64) -> Result<crate::store::NewComparison, Status> {
         let (checkpoint, examples, made) = self.with_store(|s| {
             let Some(_) = s.job(job_id)? else { return Ok(Err(Status::not_found(format!("job {job_id} does not exist")))) };
             let plans: Vec<(crate::store::PhaseRow, PhasePlan)> =
                 s.phases(job_id)?.into_iter().filter_map(|p| serde_json::from_str::<PhasePlan>(&p.plan_json).ok().map(|pl| (p, pl))).collect();
-            let chat = |k: PhaseKind| matches!(k, PhaseKind::Sft | PhaseKind::Ppo);
+            let chat = |k: PhaseKind| matches!(k, PhaseKind::Sft | PhaseKind::Ppo | PhaseKind::Grpo | PhaseKind::Dpo);
             let Some((p, _)) = plans.iter().rev().find(|(p, pl)| chat(pl.kind) && !p.last_checkpoint.is_empty()) else {
                 return Ok(Err(Status::failed_precondition(format!("job {job_id} has no SFT or PPO checkpoint yet to sample answers from"))));
             };

@@ -523,13 +523,14 @@ pub(super) fn phase_input(s: &Store, p: &crate::store::PhaseRow) -> Result<Strin
 }
 
 /// The plan sent to workers, with the checkpoints it needs from other phases filled in: the
-/// starting checkpoint (a ppo phase's frozen reference) and a ppo phase's reward model.
+/// starting checkpoint (a ppo or grpo phase's frozen reference), a ppo or grpo phase's reward
+/// model, and the labelled comparisons of a reward or dpo phase.
 pub(super) fn resolve_plan_inputs(s: &Store, p: &crate::store::PhaseRow) -> Result<String, StoreError> {
     let Ok(mut plan) = serde_json::from_str::<PhasePlan>(&p.plan_json) else { return Ok(p.plan_json.clone()) };
     if plan.init_checkpoint.is_none() && !p.input_checkpoint.is_empty() {
         plan.init_checkpoint = Some(p.input_checkpoint.clone().into());
     }
-    if plan.kind == PhaseKind::Reward && plan.comparisons != crate::spec::ComparisonSource::File {
+    if matches!(plan.kind, PhaseKind::Reward | PhaseKind::Dpo) && plan.comparisons != crate::spec::ComparisonSource::File {
         plan.labelled_examples = Some(comparisons::export_labelled(s, p)?);
     }
     if let Some(k) = plan.reward_phase {

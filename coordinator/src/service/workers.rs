@@ -21,7 +21,7 @@ use crate::limits;
 use crate::membership::Denied;
 use crate::scheduler::{self, Reason};
 use crate::spec::PhasePlan;
-use crate::store::{MetricRow, NewWorker, PhaseRow, Store, StoreError, WorkerRow};
+use crate::store::{MetricRow, NewWorker, PhaseRow, SampleRow, Store, StoreError, WorkerRow};
 
 /// Bytes of an `ncclUniqueId`.
 const NCCL_ID_BYTES: usize = 128;
@@ -223,6 +223,9 @@ impl CoordinatorService {
         if r.values.len() > limits::VALUES {
             return Err(Status::invalid_argument(format!("{} phase values in one report; at most {}", r.values.len(), limits::VALUES)));
         }
+        if r.samples.len() > limits::SAMPLES {
+            return Err(Status::invalid_argument(format!("{} samples in one report; at most {}", r.samples.len(), limits::SAMPLES)));
+        }
         if let Some(k) = r.values.keys().find(|k| k.chars().count() > limits::VALUE_NAME_CHARS) {
             return Err(Status::invalid_argument(format!("value name '{}' is longer than {} characters", limits::cut(k, 32), limits::VALUE_NAME_CHARS)));
         }
@@ -244,6 +247,23 @@ impl CoordinatorService {
                 values: r.values.into_iter().collect(),
             };
             s.insert_metric(r.job_id, r.phase_index, &m)?;
+            if !r.samples.is_empty() {
+                let cut = |t: &str| limits::cut(t, limits::SAMPLE_CHARS);
+                let rows: Vec<SampleRow> = r
+                    .samples
+                    .iter()
+                    .map(|x| SampleRow {
+                        step: r.step,
+                        prompt: cut(&x.prompt),
+                        answer: cut(&x.answer),
+                        reward: x.reward,
+                        rm_score: x.rm_score,
+                        verifier: x.verified.then_some((x.verifier_score, x.verifier_pass)),
+                        kl: x.kl,
+                    })
+                    .collect();
+                s.insert_samples(r.job_id, r.phase_index, r.step, &rows, limits::SAMPLE_STEPS)?;
+            }
             s.advance_phase(r.job_id, r.phase_index, r.step.min(p.total_steps))?;
             Ok(Ok(()))
         });

@@ -116,7 +116,7 @@ pub(crate) fn sql_f64(x: f64) -> Value {
     if x.is_nan() { Value::Text("NaN".into()) } else { Value::Real(x) }
 }
 
-fn read_f64(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<f64> {
+pub(crate) fn read_f64(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<f64> {
     match r.get_ref(i)? {
         ValueRef::Real(x) => Ok(x),
         ValueRef::Integer(n) => Ok(n as f64),

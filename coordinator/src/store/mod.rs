@@ -8,6 +8,7 @@
 //! - `jobs`: jobs, phases, metrics (non-finite values kept), checkpoints, datasets.
 //! - `workers`: registration by instance, group assignment, death and pruning.
 //! - `comparisons`: human-labelled comparisons.
+//! - `samples`: RL phases' sampled answers, for a phase's latest steps.
 //!
 //! One coordinator per store: [`Store::open`] takes an exclusive lock on `PATH.lock` for the
 //! life of the process, refuses a file that is another program's SQLite database, and
@@ -15,6 +16,7 @@
 
 mod comparisons;
 mod jobs;
+mod samples;
 pub mod schema;
 mod workers;
 
@@ -24,6 +26,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use comparisons::{ComparisonRow, NewComparison};
 pub use jobs::{CheckpointRow, JobRow, MetricRow, PhaseRow, json_f64};
+pub use samples::SampleRow;
 pub use workers::{NewWorker, WorkerRow};
 
 /// Store errors.

@@ -115,4 +115,21 @@ CREATE INDEX workers_group ON workers (job_id, phase_idx, generation);
 CREATE INDEX phases_state ON phases (state);
 CREATE INDEX jobs_state ON jobs (state);
 "#,
+    r#"
+CREATE TABLE rollout_samples (
+    job_id         INTEGER NOT NULL,
+    phase_idx      INTEGER NOT NULL,
+    step           INTEGER NOT NULL,
+    idx            INTEGER NOT NULL,
+    prompt         TEXT NOT NULL,
+    answer         TEXT NOT NULL,
+    reward         REAL,
+    rm_score       REAL,
+    verified       INTEGER NOT NULL,
+    verifier_score REAL,
+    verifier_pass  INTEGER NOT NULL,
+    kl             REAL,
+    PRIMARY KEY (job_id, phase_idx, step, idx)
+);
+"#,
 ];

@@ -138,5 +138,6 @@ fn report(c: &Counters, last: &mut u64, started: Instant, events: &mut dyn Phase
         tokens: 0,
         step_ms: started.elapsed().as_millis() as u64,
         values: vec![("stage".into(), c.stage.load(Ordering::SeqCst) as f64), ("stage_done".into(), done as f64), ("stage_tasks".into(), total as f64)],
+        samples: Vec::new(),
     });
 }

@@ -78,6 +78,8 @@ pub struct StepOut {
     pub tokens: u64,
     /// Phase-specific values.
     pub values: Vec<(String, f64)>,
+    /// A few sampled answers to show (RL phases; empty elsewhere).
+    pub samples: Vec<super::RolloutSample>,
 }
 
 /// A phase's own part: its data, its models and what one step does with them.
@@ -233,7 +235,16 @@ pub fn drive(run: Run<'_>, phase: &mut dyn PhaseStep, first: u64) -> Result<Phas
                 // phase fails.
                 if rank == 0 {
                     let (loss, grad_norm) = ctx.last;
-                    events.step(StepMetrics { step: step + 1, loss, lr, grad_norm, tokens: 0, step_ms: started.elapsed().as_millis() as u64, values: divergence.values() });
+                    events.step(StepMetrics {
+                        step: step + 1,
+                        loss,
+                        lr,
+                        grad_norm,
+                        tokens: 0,
+                        step_ms: started.elapsed().as_millis() as u64,
+                        values: divergence.values(),
+                        samples: Vec::new(),
+                    });
                 }
                 return Err(e);
             }
@@ -243,7 +254,16 @@ pub fn drive(run: Run<'_>, phase: &mut dyn PhaseStep, first: u64) -> Result<Phas
         if rank == 0 {
             let mut values = out.values;
             values.extend(divergence.values());
-            events.step(StepMetrics { step, loss: out.loss, lr, grad_norm: out.grad_norm, tokens: out.tokens, step_ms: started.elapsed().as_millis() as u64, values });
+            events.step(StepMetrics {
+                step,
+                loss: out.loss,
+                lr,
+                grad_norm: out.grad_norm,
+                tokens: out.tokens,
+                step_ms: started.elapsed().as_millis() as u64,
+                values,
+                samples: out.samples,
+            });
         }
         let boundary = step.is_multiple_of(plan.checkpoint_every.max(1)) || step == plan.steps;
         if boundary && rank == 0 {

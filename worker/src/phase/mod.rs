@@ -3,11 +3,14 @@
 //! # Layout
 //! - [`driver`]: the one training loop (start, abort, updates, divergence, metrics, checkpoint
 //!   boundaries, commit and regroup) that every phase runs through.
-//! - [`pretrain`], [`sft`], [`reward`], [`ppo`]: each phase's own step logic and data.
+//! - [`pretrain`], [`sft`], [`reward`], [`ppo`], [`grpo`], [`dpo`]: each phase's own step logic
+//!   and data.
 //! - [`data`]: the data pipeline's stages, this rank's share of their tasks.
 
 pub mod data;
+pub mod dpo;
 pub mod driver;
+pub mod grpo;
 pub mod ppo;
 pub mod pretrain;
 pub mod reward;
@@ -18,8 +21,8 @@ pub use driver::{PhaseStep, Start};
 use std::path::PathBuf;
 
 /// The files in which phases record an evaluation of their checkpoint (SFT validation loss,
-/// reward-model held-out accuracy, PPO step statistics).
-pub const EVAL_FILES: [&str; 3] = [sft::EVAL_FILE, reward::EVAL_FILE, ppo::EVAL_FILE];
+/// reward-model held-out accuracy, PPO and GRPO step statistics, DPO held-out accuracy).
+pub const EVAL_FILES: [&str; 5] = [sft::EVAL_FILE, reward::EVAL_FILE, ppo::EVAL_FILE, grpo::EVAL_FILE, dpo::EVAL_FILE];
 
 /// What a worker would refuse about a phase's inputs, found before any worker starts (the
 /// coordinator calls this at submit): the same loaders the phases run. Checkpoints named by
@@ -57,6 +60,20 @@ pub fn check_inputs(plan: &crate::plan::PhasePlan) -> Result<(), PhaseError> {
             let (tk, _) = sft::load_tokenizer(plan)?;
             ppo::rollout::read_prompts(file, &tk, &s.tasks, plan.seq_len).map(|_| ())
         }
+        PhaseKind::Grpo => {
+            let s = grpo::settings(plan)?;
+            let (tk, _) = sft::load_tokenizer(plan)?;
+            grpo::prompts(plan, &tk, &s).map(|_| ())
+        }
+        PhaseKind::Dpo => {
+            dpo::settings(plan)?;
+            let (tk, _) = sft::load_tokenizer(plan)?;
+            // Labelled comparisons only exist once people label them.
+            if plan.comparisons != ComparisonSource::File {
+                return Ok(());
+            }
+            dpo::load_pairs(plan, &tk).map(|_| ())
+        }
     }
 }
 
@@ -72,9 +89,31 @@ pub struct StepMetrics {
     /// Tokens of the global batch.
     pub tokens: u64,
     pub step_ms: u64,
-    /// Phase-specific values (ppo: reward, kl, clip_frac, entropy, value_loss, verifier_pass, …).
+    /// Phase-specific values (ppo: reward, kl, clip_frac, entropy, value_loss, verifier_pass, …;
+    /// grpo: reward, reward_std, zero_signal, kl, …; dpo: margin, chosen_drift, heldout_accuracy, …).
     pub values: Vec<(String, f64)>,
+    /// A few of the step's sampled answers (RL phases, rank 0's share), to look at.
+    pub samples: Vec<RolloutSample>,
 }
+
+/// One sampled answer of an RL step, as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RolloutSample {
+    /// The prompt and the answer, decoded (special tokens dropped).
+    pub prompt: String,
+    pub answer: String,
+    /// The reward the policy was trained on, and the learned reward model's score.
+    pub reward: f64,
+    pub rm_score: f64,
+    /// The verifier's graded score, and whether it passes strictly; None when the prompt asks
+    /// for no form.
+    pub verifier: Option<(f64, bool)>,
+    /// Σ over the answer of `log π − log π_ref`, nats.
+    pub kl: f64,
+}
+
+/// Samples an RL step reports, at most.
+pub const SAMPLES_PER_STEP: usize = 4;
 
 /// How a phase talks to the outside (the coordinator, or a test).
 pub trait PhaseEvents {
@@ -114,6 +153,8 @@ pub fn entry(kind: crate::plan::PhaseKind) -> PhaseFn {
         PhaseKind::Sft => sft::run_sft,
         PhaseKind::Reward => reward::run_reward,
         PhaseKind::Ppo => ppo::run_ppo,
+        PhaseKind::Grpo => grpo::run_grpo,
+        PhaseKind::Dpo => dpo::run_dpo,
     }
 }
 

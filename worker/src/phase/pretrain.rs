@@ -125,7 +125,7 @@ impl PhaseStep for LmStep<'_, '_> {
         let loss = ctx.sum(local_loss)?;
         let lr = ctx.lr();
         let u = ctx.update(&mut [(self.replica.as_mut(), lr)], &mut [], loss)?;
-        Ok(StepOut { loss, grad_norm: u.norm, tokens: denom as u64, values: Vec::new() })
+        Ok(StepOut { loss, grad_norm: u.norm, tokens: denom as u64, values: Vec::new(), samples: Vec::new() })
     }
 
     fn boundary_files(&mut self, _step: u64) -> Result<Vec<(String, Vec<u8>)>, PhaseError> {

@@ -74,12 +74,12 @@ pub fn comparisons(plan: &PhasePlan) -> Result<Vec<PreferencePair>, PhaseError> 
     Ok(pairs)
 }
 
-fn held_out(p: &PreferencePair) -> bool {
+pub(crate) fn held_out(p: &PreferencePair) -> bool {
     super::held_out_by_hash(&format!("{}\u{1}{}\u{1}{}", p.prompt, p.chosen, p.rejected), 0.1)
 }
 
 /// Token ids of prompt + answer (cut to `t`), and the index of the last token.
-fn conversation(tk: &ChatTokenizer, prompt: &str, answer: &str, t: usize) -> Result<Vec<u32>, PhaseError> {
+pub(crate) fn conversation(tk: &ChatTokenizer, prompt: &str, answer: &str, t: usize) -> Result<Vec<u32>, PhaseError> {
     let msgs = [Message { role: Role::User, content: prompt.into() }, Message { role: Role::Assistant, content: answer.into() }];
     let mut ids = tokenize_chat(tk, &msgs).map_err(|e| PhaseError::Data(e.to_string()))?.ids;
     ids.truncate(t);
@@ -194,7 +194,7 @@ impl PhaseStep for RewardStep {
             adam_step(&mut self.head, &head_grad, &mut self.hm, &mut self.hv, lr, step + 1);
         }
         tracing::debug!(step = step + 1, accuracy = correct / self.b_global as f64, "reward step");
-        Ok(StepOut { loss: loss / self.b_global as f64, grad_norm: u.norm, tokens: (2 * self.b_global * t) as u64, values: Vec::new() })
+        Ok(StepOut { loss: loss / self.b_global as f64, grad_norm: u.norm, tokens: (2 * self.b_global * t) as u64, values: Vec::new(), samples: Vec::new() })
     }
 
     fn boundary_files(&mut self, step: u64) -> Result<Vec<(String, Vec<u8>)>, PhaseError> {

@@ -1,6 +1,7 @@
 //! PPO's losses and their gradients: generalised advantage estimation, the clipped surrogate,
-//! the clipped value loss, log-probabilities and entropy at the rollout temperature, and the
-//! gradient of the policy loss written into the logits.
+//! the clipped value loss, log-probabilities and entropy at the rollout temperature, the k3 KL
+//! estimator (GRPO's KL term), and the gradient of the policy loss written into the logits
+//! (shared by PPO and GRPO).
 
 use super::rollout::{Rollout, padded};
 use crate::engine::Model;
@@ -34,6 +35,14 @@ pub fn clipped_surrogate(logp: f32, old_logp: f32, adv: f32, eps: f32) -> (f64, 
     (unclipped.max(clipped) as f64, grad, (ratio - 1.0).abs() > eps)
 }
 
+/// The k3 estimator of KL(π ‖ π_ref) from one token sampled from π:
+/// `exp(d) − d − 1` with `d = log π_ref − log π` (unbiased, never negative); returns
+/// `(k3, d k3 / d log π = 1 − exp(d))`.
+pub fn k3(logp: f32, ref_logp: f32) -> (f64, f32) {
+    let d = (ref_logp - logp) as f64;
+    (d.exp() - d - 1.0, (1.0 - d.exp()) as f32)
+}
+
 /// The clipped value loss for one token, `½·max((V − R)², (V_clip − R)²)` with
 /// `V_clip = V_old + clip(V − V_old, ±c)`: `(loss, d loss / d V)`.
 pub fn clipped_value_loss(v: f32, v_old: f32, ret: f32, clip: f32) -> (f64, f32) {
@@ -50,7 +59,7 @@ pub fn clipped_value_loss(v: f32, v_old: f32, ret: f32, clip: f32) -> (f64, f32)
 
 /// `log softmax(row/τ)[target]` and that softmax's entropy, over a row of real-vocabulary
 /// logits (`inv_temp` = 1/τ: the rollouts' sampling distribution).
-pub(super) fn logp_entropy(row: &[f32], target: usize, inv_temp: f32) -> (f32, f64) {
+pub(crate) fn logp_entropy(row: &[f32], target: usize, inv_temp: f32) -> (f32, f64) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f64;
     let mut dot = 0.0f64;
@@ -76,11 +85,13 @@ pub struct PolicyStats {
 }
 
 /// Turns the logits `x` of a forward over `rows` (each padded to `t`) into the gradient of the
-/// minibatch's policy loss `Σ_tokens [surrogate − entropy_coef·H] / denom`, where the policy is
-/// `π = softmax(x/τ)` (`inv_temp` = 1/τ):
+/// minibatch's policy loss `Σ_tokens [surrogate + kl_coef·k3 − entropy_coef·H] / denom`, where
+/// the policy is `π = softmax(x/τ)` (`inv_temp` = 1/τ):
 /// `d/dx = (1/τ)·[g·(onehot − p) + entropy_coef·p·(log p + H)/denom]` at each answer position,
-/// with `g = d surrogate / d log π / denom`; zero elsewhere and in the padding columns.
-pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usize, vp: usize, inv_temp: f32, eps: f32, entropy_coef: f32, denom: f32) -> PolicyStats {
+/// with `g = d (surrogate + kl_coef·k3) / d log π / denom`; zero elsewhere and in the padding
+/// columns. The k3 term (GRPO's) reads each row's `ref_logp`; PPO passes `kl_coef = 0`, its KL
+/// being in the rewards.
+pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usize, vp: usize, inv_temp: f32, eps: f32, entropy_coef: f32, kl_coef: f32, denom: f32) -> PolicyStats {
     let mut stats = PolicyStats::default();
     for (i, r) in rows.iter().enumerate() {
         let answer = r.prompt_len - 1..r.ids.len() - 1;
@@ -93,7 +104,13 @@ pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usiz
             let k = pos + 1 - r.prompt_len;
             let target = r.ids[pos + 1] as usize;
             let (logp, entropy) = logp_entropy(&row[..v], target, inv_temp);
-            let (loss, dlogp, clipped) = clipped_surrogate(logp, r.old_logp[k], r.adv[k], eps);
+            let (mut loss, mut dlogp, clipped) = clipped_surrogate(logp, r.old_logp[k], r.adv[k], eps);
+            // Only with a KL term, so that PPO's numbers stay exactly what they were.
+            if kl_coef != 0.0 {
+                let (kl, dkl) = k3(logp, r.ref_logp[k]);
+                loss += kl_coef as f64 * kl;
+                dlogp += kl_coef * dkl;
+            }
             stats.loss += (loss - entropy_coef as f64 * entropy) / denom as f64;
             stats.clipped += clipped as u8 as f64;
             stats.tokens += 1.0;
@@ -115,7 +132,7 @@ pub fn policy_loss_grad(logits: &mut [f32], rows: &[&Rollout], t: usize, v: usiz
 
 /// The value model's clipped loss over `rows` (divided by `denom`): adds its gradient into the
 /// model's `grads` and `head_grad` (`C` weights then the bias); returns the loss.
-pub(super) fn value_backward(
+pub(crate) fn value_backward(
     critic: &mut dyn Model,
     head: &ScalarHead,
     head_grad: &mut [f32],
@@ -208,10 +225,44 @@ mod tests {
         m.forward(&padded(&[&r], 8, 0), 1, 8).unwrap();
         m.zero_grad();
         m.backward_from_logits(|lg| {
-            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.0, 3.0);
+            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.0, 0.0, 3.0);
         })
         .unwrap();
         assert!(m.grads.iter().all(|&g| g == 0.0), "max |g| = {}", m.grads.iter().fold(0.0f32, |a, g| a.max(g.abs())));
+    }
+
+    #[test]
+    fn grpo_zero_advantages_give_a_zero_gradient_and_its_kl_term_matches_finite_differences() {
+        // GRPO's loss adds β·k3 per token. A = 0 with the reference equal to the policy: the
+        // surrogate and k3 both have zero gradient (k3' = 1 − exp(0) = 0), exactly.
+        let (mut m, mut r) = tiny_rollout(0.0);
+        let (lp, _) = answer_logps(&mut m, &[&r.clone()], 8, 0, 1.0 / 0.7).unwrap().remove(0);
+        r.ref_logp = lp.clone();
+        m.forward(&padded(&[&r], 8, 0), 1, 8).unwrap();
+        m.zero_grad();
+        m.backward_from_logits(|lg| {
+            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.0, 0.04, 3.0);
+        })
+        .unwrap();
+        assert!(m.grads.iter().all(|&g| g == 0.0), "max |g| = {}", m.grads.iter().fold(0.0f32, |a, g| a.max(g.abs())));
+        // A reference away from the policy and A ≠ 0: the whole loss's gradient (surrogate,
+        // k3 with a large β so it matters, entropy) against central differences.
+        r.ref_logp = lp.iter().enumerate().map(|(i, x)| x - 0.3 + 0.2 * i as f32).collect();
+        r.adv = vec![0.7; 3];
+        let loss = |m: &mut Gpt| -> f64 {
+            m.forward(&padded(&[&r], 8, 0), 1, 8).unwrap();
+            let mut lg = Gpt::logits(m).to_vec();
+            policy_loss_grad(&mut lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 0.5, 3.0).loss
+        };
+        loss(&mut m);
+        m.zero_grad();
+        m.backward_from_logits(|lg| {
+            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 0.5, 3.0);
+        })
+        .unwrap();
+        let (analytic, numeric) = crate::model::gradcheck::directional(&mut m, loss, 5, 1e-2);
+        // As for PPO's: central differences, h = 1e-2 in f32, 2% relative.
+        assert!((analytic - numeric).abs() <= 2e-2 * analytic.abs().max(1e-3), "{analytic} vs {numeric}");
     }
 
     #[test]
@@ -220,12 +271,12 @@ mod tests {
         let loss = |m: &mut Gpt| -> f64 {
             m.forward(&padded(&[&r], 8, 0), 1, 8).unwrap();
             let mut lg = Gpt::logits(m).to_vec();
-            policy_loss_grad(&mut lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 3.0).loss
+            policy_loss_grad(&mut lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 0.0, 3.0).loss
         };
         loss(&mut m);
         m.zero_grad();
         m.backward_from_logits(|lg| {
-            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 3.0);
+            policy_loss_grad(lg, &[&r], 8, 40, 128, 1.0 / 0.7, 0.2, 0.01, 0.0, 3.0);
         })
         .unwrap();
         let (analytic, numeric) = crate::model::gradcheck::directional(&mut m, loss, 5, 1e-2);

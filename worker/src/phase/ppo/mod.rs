@@ -133,7 +133,7 @@ struct Models {
 }
 
 /// Loads a checkpoint the phase needs, naming its role in the error.
-fn load_role(dir: &Path, role: &str, plan: &PhasePlan) -> Result<checkpoint::Checkpoint, PhaseError> {
+pub(crate) fn load_role(dir: &Path, role: &str, plan: &PhasePlan) -> Result<checkpoint::Checkpoint, PhaseError> {
     checkpoint::load(dir, Some(&plan.model)).map_err(|e| PhaseError::Plan(format!("the {role} checkpoint {}: {e}", dir.display())))
 }
 
@@ -215,8 +215,23 @@ impl Models {
     }
 }
 
+/// Reshuffles the rollouts' global indices for pass `epoch` over step `step`'s batch: a seeded
+/// permutation (the same on every rank, whatever the world size), applied to the previous pass's
+/// order.
+pub(crate) fn shuffle_for_epoch(order: &mut [usize], seed: u64, step: u64, epoch: usize) {
+    let mut rng = Rng::new(rollout::mix(seed, step, 1 + epoch as u64));
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+}
+
+/// Minibatch `mb` of `n`: a contiguous slice of the pass's order.
+pub(crate) fn minibatch(order: &[usize], mb: usize, n: usize) -> &[usize] {
+    &order[mb * order.len() / n..(mb + 1) * order.len() / n]
+}
+
 /// Pretty JSON of a value whose type always serialises (plain structs of numbers).
-fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec_pretty(v).unwrap_or_default()
 }
 
@@ -311,12 +326,9 @@ impl PhaseStep for PpoStep {
         let mut grad_norm = 0.0;
         let mut order: Vec<usize> = (0..b_global).collect();
         for epoch in 0..s.epochs {
-            let mut rng = Rng::new(rollout::mix(self.seed, step, 1 + epoch as u64));
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.below(i as u64 + 1) as usize);
-            }
+            shuffle_for_epoch(&mut order, self.seed, step, epoch);
             for mb in 0..s.minibatches {
-                let members = &order[mb * b_global / s.minibatches..(mb + 1) * b_global / s.minibatches];
+                let members = minibatch(&order, mb, s.minibatches);
                 let denom = members.iter().map(|&j| lens[j]).sum::<f32>().max(1.0);
                 let rows: Vec<&Rollout> = members.iter().filter_map(|&j| rolls.iter().find(|r| r.global == j)).collect();
                 m.policy.model().zero_grad()?;
@@ -327,7 +339,7 @@ impl PhaseStep for PpoStep {
                     let policy = m.policy.model();
                     policy.forward(&padded(&rows, t, pad), rows.len(), t)?;
                     let mut st = PolicyStats::default();
-                    policy.backward_from_logits(&mut |logits| st = policy_loss_grad(logits, &rows, t, v, vp, inv_temp, s.clip, s.entropy_coef, denom))?;
+                    policy.backward_from_logits(&mut |logits| st = policy_loss_grad(logits, &rows, t, v, vp, inv_temp, s.clip, s.entropy_coef, 0.0, denom))?;
                     local[0] = st.loss;
                     local[1] = st.clipped;
                     local[2] = value_backward(m.critic.model(), &m.state.value_head, &mut head_grad, &rows, t, pad, s.value_clip, denom)?;
@@ -372,7 +384,8 @@ impl PhaseStep for PpoStep {
                 "ppo step"
             );
         }
-        let out = StepOut { loss: stats.policy_loss, grad_norm, tokens: all_tokens as u64, values: stats.values() };
+        let samples = if rank == 0 { rollout::samples(&rolls, &self.tk, super::SAMPLES_PER_STEP) } else { Vec::new() };
+        let out = StepOut { loss: stats.policy_loss, grad_norm, tokens: all_tokens as u64, values: stats.values(), samples };
         self.last = stats;
         Ok(out)
     }

@@ -96,19 +96,19 @@ impl Rollout {
     }
 
     /// Row position whose logits predict answer token `k`.
-    pub(super) fn position(&self, k: usize) -> usize {
+    pub(crate) fn position(&self, k: usize) -> usize {
         self.prompt_len - 1 + k
     }
 }
 
 /// Rows `(b, t)` of the rollouts' tokens, padded with `pad`.
-pub(super) fn padded(rows: &[&Rollout], t: usize, pad: u32) -> Vec<u32> {
+pub(crate) fn padded(rows: &[&Rollout], t: usize, pad: u32) -> Vec<u32> {
     crate::phase::padded_rows(rows.iter().map(|r| r.ids.as_slice()), t, pad)
 }
 
 /// `log π` (and the entropy) of every answer token under `model` at temperature `1/inv_temp`,
 /// per row.
-pub(super) fn answer_logps(model: &mut dyn Model, rows: &[&Rollout], t: usize, pad: u32, inv_temp: f32) -> Result<Vec<(Vec<f32>, f64)>, PhaseError> {
+pub(crate) fn answer_logps(model: &mut dyn Model, rows: &[&Rollout], t: usize, pad: u32, inv_temp: f32) -> Result<Vec<(Vec<f32>, f64)>, PhaseError> {
     model.forward(&padded(rows, t, pad), rows.len(), t)?;
     let (v, vp) = (model.config().vocab_size, model.config().padded_vocab_size);
     let logits = model.logits()?;
@@ -131,7 +131,7 @@ pub(super) fn answer_logps(model: &mut dyn Model, rows: &[&Rollout], t: usize, p
 }
 
 /// `V` before every answer token (value head on the hidden state that predicts it), per row.
-pub(super) fn answer_values(model: &mut dyn Model, head: &ScalarHead, rows: &[&Rollout], t: usize, pad: u32) -> Result<Vec<Vec<f32>>, PhaseError> {
+pub(crate) fn answer_values(model: &mut dyn Model, head: &ScalarHead, rows: &[&Rollout], t: usize, pad: u32) -> Result<Vec<Vec<f32>>, PhaseError> {
     model.forward(&padded(rows, t, pad), rows.len(), t)?;
     let c = model.config().n_embd;
     let h = model.hidden()?;
@@ -139,13 +139,13 @@ pub(super) fn answer_values(model: &mut dyn Model, head: &ScalarHead, rows: &[&R
 }
 
 /// A seed from a few numbers (splitmix-style mixing through [`Rng::new`]).
-pub(super) fn mix(a: u64, b: u64, c: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64, c: u64) -> u64 {
     Rng::new(a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ c.rotate_left(29).wrapping_mul(0xBF58_476D_1CE4_E5B9)).next_u64()
 }
 
 /// Samples this rank's answers: `mine` is `(index in the global batch, prompt index)`; each
 /// answer is cut to the context and scored by the verifier when its prompt asks for a form.
-pub(super) fn sample(
+pub(crate) fn sample(
     policy: &dyn Model,
     prompts: &[PpoPrompt],
     mine: &[(usize, usize)],
@@ -191,4 +191,21 @@ mod tests {
         assert_eq!(requested_form("写一首七言律诗，题目是《有忆》"), Some(PoemForm::QiyanLushi));
         assert_eq!(requested_form("请接出下一句：床前明月光，"), None);
     }
+}
+
+/// The first `n` of this rank's rollouts as the dashboard shows them (decoded text, rewards,
+/// verdict, KL).
+pub fn samples(rolls: &[Rollout], tk: &ChatTokenizer, n: usize) -> Vec<crate::phase::RolloutSample> {
+    rolls
+        .iter()
+        .take(n)
+        .map(|r| crate::phase::RolloutSample {
+            prompt: tk.decode_text(&r.ids[..r.prompt_len]).unwrap_or_default(),
+            answer: tk.decode_text(&r.ids[r.prompt_len..]).unwrap_or_default(),
+            reward: r.reward as f64,
+            rm_score: r.rm_score as f64,
+            verifier: r.has_form.then_some((r.verifier as f64, r.passed)),
+            kl: r.old_logp.iter().zip(&r.ref_logp).map(|(a, b)| (a - b) as f64).sum(),
+        })
+        .collect()
 }
