@@ -5,6 +5,10 @@
 //! Special tokens (ids 0–6, in this order): `<|bos|>`, `<|eos|>`, `<|pad|>`, `<|system|>`,
 //! `<|user|>`, `<|assistant|>`, `<|end|>`. The chat template ([`crate::chat`]) wraps each turn
 //! as `<|role|>text<|end|>`; pretraining documents end with `<|eos|>`.
+//!
+//! A [`ChatTokenizer`] is also a model's own tokenizer: `tokenizer.json` with the
+//! `tokenizer_config.json` beside it ([`crate::hf_tokenizer`]), whose chat template, eos and pad
+//! tokens replace liandan's. Callers see one type either way.
 
 use std::path::Path;
 
