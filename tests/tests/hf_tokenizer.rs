@@ -66,6 +66,8 @@ fn plan(name: &str, template: Option<&str>, rows: usize) -> PhasePlan {
         init_checkpoint: None,
         reward_checkpoint: None,
         ppo: None,
+        grpo: None,
+        dpo: None,
         comparisons: Default::default(),
         max_skipped_steps: 0,
         device: None,
