@@ -276,8 +276,11 @@ impl PhaseStep for GrpoStep {
     }
 }
 
+/// A frozen reward model and its scalar head.
+type RewardModel = (Box<dyn Model>, ScalarHead);
+
 /// The reward model, when the reward needs one: its checkpoint and scalar head.
-fn reward_model(plan: &PhasePlan, engine: &dyn Engine, s: &GrpoSettings, b: usize) -> Result<Option<(Box<dyn Model>, ScalarHead)>, PhaseError> {
+fn reward_model(plan: &PhasePlan, engine: &dyn Engine, s: &GrpoSettings, b: usize) -> Result<Option<RewardModel>, PhaseError> {
     if !s.needs_reward_model() {
         return Ok(None);
     }
