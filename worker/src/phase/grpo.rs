@@ -124,7 +124,7 @@ pub fn token_loss(logp: f32, old_logp: f32, ref_logp: f32, adv: f32, eps: f32, b
 struct GrpoStep {
     policy: Box<dyn Replica>,
     reference: Box<dyn Model>,
-    reward: Option<(Box<dyn Model>, ScalarHead)>,
+    reward: Option<RewardModel>,
     s: GrpoSettings,
     prompts: Vec<PpoPrompt>,
     ledger: Ledger,
@@ -283,8 +283,11 @@ impl PhaseStep for GrpoStep {
     }
 }
 
+/// A frozen reward model and its scalar head.
+type RewardModel = (Box<dyn Model>, ScalarHead);
+
 /// The reward model, when the reward needs one: its checkpoint and scalar head.
-fn reward_model(plan: &PhasePlan, engine: &dyn Engine, s: &GrpoSettings, b: usize) -> Result<Option<(Box<dyn Model>, ScalarHead)>, PhaseError> {
+fn reward_model(plan: &PhasePlan, engine: &dyn Engine, s: &GrpoSettings, b: usize) -> Result<Option<RewardModel>, PhaseError> {
     if !s.needs_reward_model() {
         return Ok(None);
     }
