@@ -124,7 +124,7 @@ pub fn token_loss(logp: f32, old_logp: f32, ref_logp: f32, adv: f32, eps: f32, b
 struct GrpoStep {
     policy: Box<dyn Replica>,
     reference: Box<dyn Model>,
-    reward: Option<(Box<dyn Model>, ScalarHead)>,
+    reward: Option<RewardModel>,
     s: GrpoSettings,
     prompts: Vec<PpoPrompt>,
     ledger: Ledger,

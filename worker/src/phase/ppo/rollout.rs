@@ -209,4 +209,3 @@ mod tests {
         assert_eq!(requested_form("请接出下一句：床前明月光，"), None);
     }
 }
-
