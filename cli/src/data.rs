@@ -99,7 +99,9 @@ pub struct PrepareArgs {
     /// Vocabulary size of the BPE tokenizer (special tokens included).
     #[arg(long, default_value_t = 8192)]
     pub vocab_size: usize,
-    /// Reuse this tokenizer.json instead of training one.
+    /// Tokenize with this existing tokenizer instead of training one: a tokenizer.json, or a
+    /// model directory (tokenizer.json, tokenizer_config.json with its chat template and special
+    /// tokens, generation_config.json), whose config files go along into the output.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Split ratios train,val,test.

@@ -61,11 +61,12 @@ impl Codec {
         })
     }
 
-    /// Tokens that end a generation by default: `<|eos|>` and `<|end|>` for BPE, none for bytes.
+    /// Tokens that end a generation by default: the tokenizer's (`<|end|>` and `<|eos|>` for
+    /// liandan's), none for bytes.
     pub fn stop_tokens(&self) -> Vec<u32> {
         match self {
             Codec::Bytes => vec![],
-            Codec::Bpe(tk) => vec![tk.special.eos, tk.special.end],
+            Codec::Bpe(tk) => tk.stop_tokens(),
         }
     }
 }

@@ -102,12 +102,15 @@ fn load_corpus(args: &TrainArgs) -> Result<Corpus, CliError> {
         }
         let train = read_split(dir, &manifest, Split::Train)?;
         let val = read_split(dir, &manifest, Split::Val)?;
+        // The tokenizer first (resume compares it); a model's template and stop tokens after it.
+        let mut extra_files = vec![(TOKENIZER_FILE.to_string(), tok_bytes)];
+        extra_files.extend(liandan_worker::hf_tokenizer::data_configs(dir, &extra_files).map_err(CliError::Usage)?);
         return Ok(Corpus {
             train,
             val: if val.is_empty() { None } else { Some(val) },
             vocab_size: manifest.vocab_size,
             tokenizer: TOKENIZER_FILE.into(),
-            extra_files: vec![(TOKENIZER_FILE.to_string(), tok_bytes)],
+            extra_files,
             origin: dir.clone(),
         });
     }

@@ -707,12 +707,12 @@ lr = 1e-3
         assert_eq!(err(format!("{dpo}[phases.grpo]\ngroup_size = 4\n")), "job.toml: phases[2].grpo: `grpo` belongs to grpo phases, not dpo");
         assert_eq!(err(format!("{grpo}[phases.dpo]\nbeta = 0.1\n")), "job.toml: phases[2].dpo: `dpo` belongs to dpo phases, not grpo");
         assert!(
-            err(format!("{}", dpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"rm\"")))
+            err(dpo.replace("lr = 1e-5", "lr = 1e-5\nreward_model = \"rm\""))
                 .contains("phases[2].reward_model: `reward_model` and `reward_checkpoint` belong to ppo and grpo phases, not dpo")
         );
         // DPO takes the reward phase's comparison sources; labelled ones need no file.
-        parse(format!("{}", dpo.replace("data = \"p.jsonl\"\n", "comparisons = \"labelled\"\n"))).unwrap();
-        let e = err(format!("{}", grpo.replace("lr = 1e-5", "lr = 1e-5\ncomparisons = \"both\"")));
+        parse(dpo.replace("data = \"p.jsonl\"\n", "comparisons = \"labelled\"\n")).unwrap();
+        let e = err(grpo.replace("lr = 1e-5", "lr = 1e-5\ncomparisons = \"both\""));
         assert!(e.contains("phases[2].comparisons: `comparisons` belongs to reward and dpo phases, not grpo"), "{e}");
         // The example job parses.
         let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/post-training.toml")).unwrap();

@@ -11,8 +11,9 @@
 //! Other fields (`task`, `rule`, `form`, `reference`) are kept as metadata. Every error names the
 //! file, the line and the field.
 //!
-//! The template: `<|bos|>` then each turn as `<|role|>content<|end|>`. The loss mask is 1 on the
-//! assistant's content tokens and its `<|end|>` (so the model learns to stop), 0 elsewhere.
+//! Conversations are formatted by the tokenizer's chat template ([`crate::template`]); liandan's
+//! own writes `<|bos|>` then each turn as `<|role|>content<|end|>`. The loss mask is 1 on the
+//! assistant's content tokens and its end of turn (so the model learns to stop), 0 elsewhere.
 
 use std::path::Path;
 
@@ -170,33 +171,39 @@ pub struct TokenizedChat {
     pub mask: Vec<u8>,
 }
 
-/// Tokenizes `messages` with the chat template.
+/// Tokenizes `messages` with the tokenizer's chat template; the mask is 1 on what each
+/// assistant message renders as (its content and end of turn), found as
+/// [`crate::template`] describes.
+///
+/// # Errors
+/// The template fails on these messages (see [`crate::template::ChatTemplate::render_spans`]).
 pub fn tokenize_chat(tk: &ChatTokenizer, messages: &[Message]) -> Result<TokenizedChat> {
-    let s = tk.special;
-    let mut ids = vec![s.bos];
-    let mut mask = vec![0u8];
-    for m in messages {
-        let (role, learn) = match m.role {
-            Role::System => (s.system, 0),
-            Role::User => (s.user, 0),
-            Role::Assistant => (s.assistant, 1),
-        };
-        ids.push(role);
-        mask.push(0);
-        let body = tk.encode(&m.content)?;
-        mask.extend(std::iter::repeat_n(learn, body.len() + 1));
-        ids.extend(body);
-        ids.push(s.end);
-    }
+    let stops: Vec<String> = tk.stop_tokens().iter().filter_map(|&i| tk.inner().id_to_token(i)).collect();
+    let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+    let r = tk.template().render_spans(messages, &|t| tk.special_ranges(t), &stops).map_err(template_error)?;
+    let protected: Vec<std::ops::Range<usize>> = r.content.iter().flatten().cloned().collect();
+    let (ids, offsets) = tk.encode_rendered(&r.text, &protected)?;
+    let mask = offsets.iter().map(|o| u8::from(r.learn.iter().any(|l| o.start < l.end && l.start < o.end))).collect();
     Ok(TokenizedChat { ids, mask })
 }
 
-/// The prompt of a conversation ready for generation: the template up to and including the
-/// `<|assistant|>` that opens the reply.
+/// The prompt of a conversation ready for generation: the template's rendering of `messages`
+/// with its generation prompt (for liandan's, up to and including the `<|assistant|>` that
+/// opens the reply).
+///
+/// # Errors
+/// The template fails on these messages.
 pub fn prompt_ids(tk: &ChatTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
-    let mut t = tokenize_chat(tk, messages)?;
-    t.ids.push(tk.special.assistant);
-    Ok(t.ids)
+    let text = tk.template().render(messages, true).map_err(template_error)?;
+    // Contents are located in the rendering without the prompt; it is a prefix of this one for
+    // every template that can be used (checked at submit), else they are not protected.
+    let base = tk.template().render_spans(messages, &|t| tk.special_ranges(t), &[]).map_err(template_error)?;
+    let protected: Vec<std::ops::Range<usize>> = if text.starts_with(&base.text) { base.content.iter().flatten().cloned().collect() } else { Vec::new() };
+    Ok(tk.encode_rendered(&text, &protected)?.0)
+}
+
+fn template_error(e: crate::template::TemplateError) -> DataError {
+    DataError::Config { field: "chat_template", reason: e.0 }
 }
 
 #[cfg(test)]
@@ -255,5 +262,53 @@ mod tests {
         assert_eq!(tk.decode(&learned).unwrap(), "疑是地上霜<|end|>");
         let p = prompt_ids(&tk, &msgs[..1]).unwrap();
         assert_eq!(tk.decode(&p).unwrap(), "<|bos|><|user|>床前明月光<|end|><|assistant|>");
+    }
+
+    /// liandan's template as code, as it was before templates were Jinja: the reference the
+    /// rendered template must reproduce id for id.
+    fn reference(tk: &ChatTokenizer, messages: &[Message]) -> TokenizedChat {
+        let id = |t: &str| tk.inner().token_to_id(t).unwrap();
+        let mut ids = vec![id(crate::tokenizer::BOS)];
+        let mut mask = vec![0u8];
+        for m in messages {
+            let (role, learn) = match m.role {
+                Role::System => (id(crate::tokenizer::SYSTEM), 0),
+                Role::User => (id(crate::tokenizer::USER), 0),
+                Role::Assistant => (id(crate::tokenizer::ASSISTANT), 1),
+            };
+            ids.push(role);
+            mask.push(0);
+            let body = tk.encode(&m.content).unwrap();
+            mask.extend(std::iter::repeat_n(learn, body.len() + 1));
+            ids.extend(body);
+            ids.push(tk.special.end);
+        }
+        TokenizedChat { ids, mask }
+    }
+
+    #[test]
+    fn jinja_template_gives_the_ids_and_mask_of_the_code_template_on_the_demo_data() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
+        let examples = read_sft(&root.join("sft.jsonl")).unwrap();
+        let text: Vec<String> = examples.iter().flat_map(|e| e.messages.iter().map(|m| m.content.clone())).collect();
+        let tk = ChatTokenizer::train(text.iter(), 2000).unwrap();
+        assert!(examples.len() > 100, "{}", examples.len());
+        for ex in &examples {
+            let want = reference(&tk, &ex.messages);
+            assert_eq!(tokenize_chat(&tk, &ex.messages).unwrap(), want, "{}", ex.source);
+            let upto = ex.messages.iter().rposition(|m| m.role == Role::Assistant).unwrap();
+            let mut p = reference(&tk, &ex.messages[..upto]).ids;
+            p.push(tk.inner().token_to_id(crate::tokenizer::ASSISTANT).unwrap());
+            assert_eq!(prompt_ids(&tk, &ex.messages[..upto]).unwrap(), p, "{}", ex.source);
+        }
+        // Multi-turn, a system turn, and content that looks like the template's own tokens.
+        let tricky = vec![
+            Message { role: Role::System, content: "system".into() },
+            Message { role: Role::User, content: "user<|end|><|assistant|>".into() },
+            Message { role: Role::Assistant, content: "assistant".into() },
+            Message { role: Role::User, content: "<|bos|>".into() },
+            Message { role: Role::Assistant, content: "end<|end|>".into() },
+        ];
+        assert_eq!(tokenize_chat(&tk, &tricky).unwrap(), reference(&tk, &tricky));
     }
 }

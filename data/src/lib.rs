@@ -9,7 +9,12 @@
 //! - [`clean`]: named cleaning rules, each with a counter and a switch: normalisation,
 //!   Traditional→Simplified, spam-line rules, cross-document boilerplate, document filters.
 //! - [`dedup`]: exact (hash of the normalised text) and near-duplicate (MinHash LSH).
-//! - [`tokenizer`]: byte-level BPE training with the chat template's special tokens.
+//! - [`tokenizer`]: byte-level BPE training with the chat template's special tokens; the
+//!   [`tokenizer::ChatTokenizer`] every phase formats conversations with.
+//! - [`template`]: chat templates as Jinja (minijinja, Hugging Face's conventions) and where
+//!   each assistant turn lands in the rendered text.
+//! - [`hf_tokenizer`]: a model's own `tokenizer_config.json` / `generation_config.json`, read
+//!   and written.
 //! - [`shard`]: deterministic split by document hash, binary token shards, `manifest.json`.
 //! - [`chat`]: SFT (`{prompt, response}` / `{messages}`) and preference (`{prompt, chosen,
 //!   rejected}`) JSONL, validated with file:line errors and tokenized with an assistant mask.
@@ -30,6 +35,7 @@ pub mod dedup;
 pub mod error;
 pub mod extsort;
 pub mod files;
+pub mod hf_tokenizer;
 pub mod html;
 pub mod ingest;
 pub mod pipeline;
@@ -38,6 +44,7 @@ pub mod quality;
 pub mod shard;
 pub mod stream;
 pub mod synth;
+pub mod template;
 pub mod tokenizer;
 pub mod verify;
 

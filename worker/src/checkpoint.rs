@@ -6,6 +6,9 @@
 //! DIR/model.safetensors      weights, Hugging Face names and layouts (wte without padding rows)
 //! DIR/optimizer.safetensors  AdamW moments "m" and "v" in the flat parameter layout
 //! DIR/config.json            Hugging Face GPT2Config
+//! DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
+//!                            when the model has a BPE tokenizer: with the chat template, so
+//!                            `AutoTokenizer.from_pretrained(DIR)` formats chats as liandan does
 //! DIR/state.json             step, RNG state, model and training config, data cursor, tokenizer,
 //!                            and the size and SHA-256 of every other file; its own SHA-256 too
 //! ```
@@ -140,6 +143,12 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
         if [MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE, STATE_FILE].contains(&name.as_str()) || name.contains('/') {
             return Err(EngineError::checkpoint(dir, format!("extra file name '{name}' is reserved or not a plain name")));
         }
+        files.insert(name.clone(), write_synced(&tmp.join(name), bytes)?);
+    }
+    // The tokenizer's config files (chat template, special tokens, stop ids): a checkpoint with a
+    // tokenizer is a Hugging Face model directory `AutoTokenizer` loads.
+    let exported = crate::hf_tokenizer::export_files(info.extra_files, config.n_positions).map_err(|why| EngineError::checkpoint(dir, format!("tokenizer files: {why}")))?;
+    for (name, bytes) in &exported {
         files.insert(name.clone(), write_synced(&tmp.join(name), bytes)?);
     }
     let hf = serde_json::to_vec_pretty(&config.to_hf_config_json()).map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;

@@ -53,7 +53,7 @@ pub fn answer_with(model: &dyn Model, tk: &ChatTokenizer, prompt: &str, mut cfg:
         return Ok(String::new());
     }
     cfg.max_new_tokens = cfg.max_new_tokens.min(room);
-    cfg.stop_tokens = vec![tk.special.end, tk.special.eos];
+    cfg.stop_tokens = tk.stop_tokens();
     let out = model.generate(&[(ids, cfg)]).map_err(|e| e.to_string())?;
     let tokens = out.into_iter().next().map(|g| g.tokens).unwrap_or_default();
     tk.decode_text(&tokens).map_err(|e| e.to_string())
@@ -67,7 +67,15 @@ pub fn load_for_inference(dir: &Path) -> Result<(Gpt, Option<ChatTokenizer>), St
         None
     } else {
         let bytes = crate::checkpoint::read_verified(dir, &ck.state.tokenizer, &ck.state).map_err(|e| e.to_string())?;
-        Some(ChatTokenizer::from_bytes(&bytes, &dir.join(&ck.state.tokenizer), Some(ck.state.model_config.vocab_size)).map_err(|e| e.to_string())?)
+        // The template and stop tokens written beside it (checkpoints from before they were
+        // written have liandan's template).
+        let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
+            if ck.state.files.contains_key(name) { crate::checkpoint::read_verified(dir, name, &ck.state).map(Some).map_err(|e| e.to_string()) } else { Ok(None) }
+        };
+        let config = read(liandan_data::hf_tokenizer::TOKENIZER_CONFIG)?;
+        let generation = read(liandan_data::hf_tokenizer::GENERATION_CONFIG)?;
+        let what = dir.join(&ck.state.tokenizer);
+        Some(ChatTokenizer::from_parts(&bytes, config.as_deref(), generation.as_deref(), &what, Some(ck.state.model_config.vocab_size)).map_err(|e| e.to_string())?)
     };
     let mut model = Gpt::new(ck.state.model_config.clone(), 1, 1).map_err(|e| e.to_string())?;
     model.params = ck.params;

@@ -37,6 +37,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod hf;
+pub mod hf_tokenizer;
 pub mod ledger;
 pub mod model;
 pub mod optim;

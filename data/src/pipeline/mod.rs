@@ -67,7 +67,8 @@ pub struct PrepareConfig {
     pub split: SplitRatios,
     /// Vocabulary of the tokenizer to train (ignored with `tokenizer`).
     pub vocab_size: usize,
-    /// Use this existing `tokenizer.json` instead of training one.
+    /// Use this existing `tokenizer.json` (or a model directory holding it with its
+    /// `tokenizer_config.json`) instead of training one.
     pub tokenizer: Option<PathBuf>,
     /// Tokens per shard file.
     pub shard_tokens: usize,

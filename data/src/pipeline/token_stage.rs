@@ -138,6 +138,17 @@ pub(crate) fn tokenizer(ctx: &Ctx) -> Result<()> {
     st.vocab_size = tk.vocab_size();
     tk.save(&tmp)?;
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| DataError::io(&tmp, e))?;
+    // A model's tokenizer keeps its template and stop tokens beside it (where `ChatTokenizer::load`
+    // of the tokenizer file finds them), and the shards stage copies them into the output.
+    for name in crate::hf_tokenizer::CONFIG_FILES {
+        let _ = std::fs::remove_file(ctx.work.join("tokenizer").join(name));
+    }
+    if tk.is_model_tokenizer() {
+        for (name, bytes) in crate::hf_tokenizer::export_files(&tk, 0)? {
+            let at = out.file_at(ctx.work.join("tokenizer").join(&name));
+            crate::shard::write_atomic(&at, &bytes)?;
+        }
+    }
     out.commit(&st)?;
     Ok(())
 }
@@ -216,7 +227,14 @@ pub(crate) fn shards(ctx: &Ctx) -> Result<()> {
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::create_dir_all(&final_dir).map_err(|e| DataError::io(&final_dir, e))?;
     let tk_bytes = std::fs::read(tokenizer_path(&ctx.work)).map_err(|e| DataError::io(tokenizer_path(&ctx.work), e))?;
-    let tk = ChatTokenizer::from_bytes(&tk_bytes, &tokenizer_path(&ctx.work), None)?;
+    let tk = ChatTokenizer::load(&tokenizer_path(&ctx.work), None)?;
+    for name in crate::hf_tokenizer::CONFIG_FILES {
+        let p = ctx.work.join("tokenizer").join(name);
+        if p.is_file() {
+            let b = std::fs::read(&p).map_err(|e| DataError::io(&p, e))?;
+            crate::shard::write_atomic(&final_dir.join(name), &b)?;
+        }
+    }
     let dtype = dtype_for(tk.vocab_size());
     let mut readers = Vec::new();
     for t in 0..ctx.plan.tasks.len() {

@@ -197,7 +197,7 @@ pub fn decode_reference(bytes: &[u8], fp: u64, n: usize) -> Result<Vec<(f64, f64
         w.copy_from_slice(&bytes[8 * i..8 * i + 8]);
         w
     };
-    if bytes.len() < 16 || (bytes.len() - 16) % 16 != 0 {
+    if bytes.len() < 16 || !(bytes.len() - 16).is_multiple_of(16) {
         return Err(format!("{} bytes is not a reference cache", bytes.len()));
     }
     let (got_fp, got_n) = (u64::from_le_bytes(word(0)), u64::from_le_bytes(word(1)));

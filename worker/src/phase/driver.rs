@@ -267,7 +267,9 @@ pub fn drive(run: Run<'_>, phase: &mut dyn PhaseStep, first: u64) -> Result<Phas
         }
         let boundary = step.is_multiple_of(plan.checkpoint_every.max(1)) || step == plan.steps;
         if boundary && rank == 0 {
-            let files = phase.boundary_files(step)?;
+            let mut files = phase.boundary_files(step)?;
+            // A model's template and stop tokens travel with its tokenizer.
+            files.extend(crate::hf_tokenizer::data_configs(&plan.data_dir, &files).map_err(PhaseError::Data)?);
             let dir = save(checkpoint_dir, step, phase.primary(), &train_config, tokenizer, &files)?;
             if step == plan.steps {
                 return Ok(PhaseOutcome::Finished { final_checkpoint: Some(dir) });

@@ -124,7 +124,7 @@ pub fn token_loss(logp: f32, old_logp: f32, ref_logp: f32, adv: f32, eps: f32, b
 struct GrpoStep {
     policy: Box<dyn Replica>,
     reference: Box<dyn Model>,
-    reward: Option<(Box<dyn Model>, ScalarHead)>,
+    reward: Option<RewardModel>,
     s: GrpoSettings,
     prompts: Vec<PpoPrompt>,
     ledger: Ledger,
@@ -160,15 +160,8 @@ impl PhaseStep for GrpoStep {
         // 1. This rank's share of the step's B·G answers: answer j answers prompt slot j / G.
         let slots = self.ledger.step_offsets(step);
         let mine: Vec<(usize, usize)> = Ledger::share(n, rank, world).map(|j| (j, slots[j / g])).collect();
-        let base = SamplingConfig {
-            max_new_tokens: s.max_new_tokens,
-            temperature: s.temperature,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            stop_tokens: vec![self.tk.special.end, self.tk.special.eos],
-            greedy: false,
-        };
+        let base =
+            SamplingConfig { max_new_tokens: s.max_new_tokens, temperature: s.temperature, top_k: 0, top_p: 1.0, seed: 0, stop_tokens: self.tk.stop_tokens(), greedy: false };
         let mut rolls = sample(self.policy.model_ref(), &self.prompts, &mine, &self.tk, &base, t, self.seed, step)?;
         // 2. Log-probs of the policy and the reference, rewards.
         if !rolls.is_empty() {
@@ -283,8 +276,11 @@ impl PhaseStep for GrpoStep {
     }
 }
 
+/// A frozen reward model and its scalar head.
+type RewardModel = (Box<dyn Model>, ScalarHead);
+
 /// The reward model, when the reward needs one: its checkpoint and scalar head.
-fn reward_model(plan: &PhasePlan, engine: &dyn Engine, s: &GrpoSettings, b: usize) -> Result<Option<(Box<dyn Model>, ScalarHead)>, PhaseError> {
+fn reward_model(plan: &PhasePlan, engine: &dyn Engine, s: &GrpoSettings, b: usize) -> Result<Option<RewardModel>, PhaseError> {
     if !s.needs_reward_model() {
         return Ok(None);
     }

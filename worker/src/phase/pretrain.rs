@@ -57,7 +57,10 @@ impl BatchSource for TokenWindows {
 /// The prepared data's tokenizer file, verified against its manifest.
 pub fn data_tokenizer(plan: &PhasePlan) -> Result<(Manifest, Vec<u8>), PhaseError> {
     let manifest = Manifest::load(&plan.data_dir).map_err(|e| PhaseError::Data(e.to_string()))?;
-    if manifest.vocab_size != plan.model.vocab_size {
+    // A model's own tokenizer may have fewer tokens than its embedding has rows (Qwen2 rounds
+    // the embedding up); liandan's is padded to exactly the model's vocabulary.
+    let model_tokenizer = plan.data_dir.join(liandan_data::hf_tokenizer::TOKENIZER_CONFIG).is_file();
+    if manifest.vocab_size > plan.model.vocab_size || (manifest.vocab_size != plan.model.vocab_size && !model_tokenizer) {
         return Err(PhaseError::Plan(format!("data vocabulary {} differs from the model's {}", manifest.vocab_size, plan.model.vocab_size)));
     }
     let tok_path = plan.data_dir.join(&manifest.tokenizer);

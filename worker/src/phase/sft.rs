@@ -119,6 +119,8 @@ impl BatchSource for SftRows {
 pub fn load_tokenizer(plan: &PhasePlan) -> Result<(ChatTokenizer, Vec<u8>), PhaseError> {
     let (manifest, bytes) = data_tokenizer(plan)?;
     let tk = ChatTokenizer::load(&plan.data_dir.join(&manifest.tokenizer), Some(plan.model.vocab_size)).map_err(|e| PhaseError::Data(e.to_string()))?;
+    // A template that cannot mask an answer or open one is refused before anything trains.
+    tk.check_chat().map_err(|e| PhaseError::Data(e.to_string()))?;
     Ok((tk, bytes))
 }
 

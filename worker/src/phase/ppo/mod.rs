@@ -267,15 +267,8 @@ impl PhaseStep for PpoStep {
         let inv_temp = 1.0 / s.temperature;
         // 1. Rollouts of this rank's share of the step's prompts.
         let mine: Vec<(usize, usize)> = Ledger::share(b_global, rank, world).zip(self.ledger.rank_offsets(step, rank, world)).collect();
-        let base = SamplingConfig {
-            max_new_tokens: s.max_new_tokens,
-            temperature: s.temperature,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            stop_tokens: vec![self.tk.special.end, self.tk.special.eos],
-            greedy: false,
-        };
+        let base =
+            SamplingConfig { max_new_tokens: s.max_new_tokens, temperature: s.temperature, top_k: 0, top_p: 1.0, seed: 0, stop_tokens: self.tk.stop_tokens(), greedy: false };
         let mut rolls = rollout::sample(m.policy.model_ref(), &self.prompts, &mine, &self.tk, &base, t, self.seed, step)?;
         // 2. Scores, per-token rewards, advantages.
         let beta = m.state.beta;

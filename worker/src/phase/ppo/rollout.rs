@@ -182,17 +182,6 @@ pub(crate) fn sample(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requested_forms_are_read_from_the_prompt() {
-        assert_eq!(requested_form("写一首七言律诗，题目是《有忆》"), Some(PoemForm::QiyanLushi));
-        assert_eq!(requested_form("请接出下一句：床前明月光，"), None);
-    }
-}
-
 /// The first `n` of this rank's rollouts as the dashboard shows them (decoded text, rewards,
 /// verdict, KL).
 pub fn samples(rolls: &[Rollout], tk: &ChatTokenizer, n: usize) -> Vec<crate::phase::RolloutSample> {
@@ -208,4 +197,15 @@ pub fn samples(rolls: &[Rollout], tk: &ChatTokenizer, n: usize) -> Vec<crate::ph
             kl: r.old_logp.iter().zip(&r.ref_logp).map(|(a, b)| (a - b) as f64).sum(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requested_forms_are_read_from_the_prompt() {
+        assert_eq!(requested_form("写一首七言律诗，题目是《有忆》"), Some(PoemForm::QiyanLushi));
+        assert_eq!(requested_form("请接出下一句：床前明月光，"), None);
+    }
 }
