@@ -81,7 +81,7 @@ fn dashboard_api_metrics_and_phase_logs() {
     assert!(code == 200 && page.contains("Label comparisons"), "{code}");
     assert_eq!(http_get(&l.http, &format!("/api/label/{job}/next"), None).0, 401);
     let (code, body) = http_get(&l.http, &format!("/api/label/{job}/next"), Some(ADMIN_TOKEN));
-    assert!(code == 409 && body.contains("no SFT or PPO checkpoint"), "{code} {body}");
+    assert!(code == 409 && body.contains("no chat checkpoint (SFT, PPO, GRPO or DPO)"), "{code} {body}");
     let post = |path: &str, token: &str, json: &str| http_request(&l.http, "POST", path, Some(token), Some(json));
     assert_eq!(post("/api/label/999", ADMIN_TOKEN, r#"{"choice":"a"}"#).0, 404);
     assert_eq!(post("/api/label/999", ADMIN_TOKEN, r#"{"choice":"best"}"#).0, 400);

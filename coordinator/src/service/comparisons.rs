@@ -34,7 +34,7 @@ impl CoordinatorService {
                 s.phases(job_id)?.into_iter().filter_map(|p| serde_json::from_str::<PhasePlan>(&p.plan_json).ok().map(|pl| (p, pl))).collect();
             let chat = |k: PhaseKind| matches!(k, PhaseKind::Sft | PhaseKind::Ppo | PhaseKind::Grpo | PhaseKind::Dpo);
             let Some((p, _)) = plans.iter().rev().find(|(p, pl)| chat(pl.kind) && !p.last_checkpoint.is_empty()) else {
-                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no SFT or PPO checkpoint yet to sample answers from"))));
+                return Ok(Err(Status::failed_precondition(format!("job {job_id} has no chat checkpoint (SFT, PPO, GRPO or DPO) yet to sample answers from"))));
             };
             let Some(examples) = plans.iter().find(|(_, pl)| pl.kind == PhaseKind::Sft).and_then(|(_, pl)| pl.examples.clone()) else {
                 return Ok(Err(Status::failed_precondition(format!("job {job_id} has no sft phase whose prompts could be asked"))));
