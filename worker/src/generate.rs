@@ -165,22 +165,39 @@ impl<'m> Generator<'m> {
     /// Feeds `prompt`, then samples up to `cfg.max_new_tokens` tokens.
     pub fn generate(&mut self, prompt: &[u32], cfg: &SamplingConfig) -> Result<Generation> {
         self.reset();
-        let mut rng = Rng::new(cfg.seed);
-        let mut out = Vec::new();
-        let mut next = sample(self.feed(prompt)?, cfg, &mut rng);
-        loop {
-            out.push(next);
-            if cfg.stop_tokens.contains(&next) {
-                return Ok(Generation { tokens: out, stop: StopReason::StopToken });
-            }
-            if out.len() >= cfg.max_new_tokens {
-                return Ok(Generation { tokens: out, stop: StopReason::MaxTokens });
-            }
-            if self.len >= self.model.config.n_positions {
-                return Ok(Generation { tokens: out, stop: StopReason::ContextFull });
-            }
-            next = sample(self.feed(&[next])?, cfg, &mut rng);
+        let max_t = self.model.config.n_positions;
+        decode(prompt, cfg, max_t, |tokens, rng| {
+            let next = sample(self.feed(tokens)?, cfg, rng);
+            Ok((next, self.len))
+        })
+    }
+}
+
+/// The decoding loop every KV-cache generator shares. `step` feeds tokens to the cache, samples
+/// the next token from the last position's logits with the generation's RNG, and returns it with
+/// the cache's length; the answer ends at a stop token, after `cfg.max_new_tokens` tokens, or
+/// when the cache holds `max_t` positions.
+pub fn decode<E>(
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    max_t: usize,
+    mut step: impl FnMut(&[u32], &mut Rng) -> std::result::Result<(u32, usize), E>,
+) -> std::result::Result<Generation, E> {
+    let mut rng = Rng::new(cfg.seed);
+    let mut out = Vec::new();
+    let (mut next, mut len) = step(prompt, &mut rng)?;
+    loop {
+        out.push(next);
+        if cfg.stop_tokens.contains(&next) {
+            return Ok(Generation { tokens: out, stop: StopReason::StopToken });
         }
+        if out.len() >= cfg.max_new_tokens {
+            return Ok(Generation { tokens: out, stop: StopReason::MaxTokens });
+        }
+        if len >= max_t {
+            return Ok(Generation { tokens: out, stop: StopReason::ContextFull });
+        }
+        (next, len) = step(&[next], &mut rng)?;
     }
 }
 

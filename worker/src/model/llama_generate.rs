@@ -12,8 +12,7 @@ use crate::backend::cpu::rmsnorm::rmsnorm_forward;
 use crate::backend::cpu::rope::{RopeTable, rope_apply};
 use crate::backend::cpu::swiglu::swiglu_forward;
 use crate::error::{EngineError, Result};
-use crate::generate::{Generation, SamplingConfig, StopReason, sample};
-use crate::rng::Rng;
+use crate::generate::{Generation, SamplingConfig, decode, sample};
 
 use super::llama::Llama;
 use super::params::ParamKind as K;
@@ -128,22 +127,11 @@ impl<'m> LlamaGenerator<'m> {
     /// as [`crate::generate::Generator::generate`]).
     pub fn generate(&mut self, prompt: &[u32], cfg: &SamplingConfig) -> Result<Generation> {
         self.len = 0;
-        let mut rng = Rng::new(cfg.seed);
-        let mut out = Vec::new();
-        let mut next = sample(self.feed(prompt)?, cfg, &mut rng);
-        loop {
-            out.push(next);
-            if cfg.stop_tokens.contains(&next) {
-                return Ok(Generation { tokens: out, stop: StopReason::StopToken });
-            }
-            if out.len() >= cfg.max_new_tokens {
-                return Ok(Generation { tokens: out, stop: StopReason::MaxTokens });
-            }
-            if self.len >= self.model.config.n_positions {
-                return Ok(Generation { tokens: out, stop: StopReason::ContextFull });
-            }
-            next = sample(self.feed(&[next])?, cfg, &mut rng);
-        }
+        let max_t = self.model.config.n_positions;
+        decode(prompt, cfg, max_t, |tokens, rng| {
+            let next = sample(self.feed(tokens)?, cfg, rng);
+            Ok((next, self.len))
+        })
     }
 }
 
@@ -156,6 +144,7 @@ pub fn generate(model: &Llama, prompt: &[u32], cfg: &SamplingConfig) -> Result<G
 mod tests {
     use super::*;
     use crate::model::config::GptConfig;
+    use crate::rng::Rng;
 
     #[test]
     fn cached_logits_match_the_full_forward() {

@@ -5,9 +5,8 @@
 //! gives the same answer on every device up to the logits' rounding).
 
 use crate::error::EngineError;
-use crate::generate::{Generation, SamplingConfig, StopReason, sample};
+use crate::generate::{Generation, SamplingConfig, decode, sample};
 use crate::model::params::ParamKind as K;
-use crate::rng::Rng;
 
 use super::device::DevBuf;
 use super::error::Result;
@@ -132,21 +131,10 @@ impl<'m> CudaGenerator<'m> {
     /// [`crate::generate::Generator::generate`]).
     pub fn generate(&mut self, prompt: &[u32], cfg: &SamplingConfig) -> Result<Generation> {
         self.len = 0;
-        let mut rng = Rng::new(cfg.seed);
-        let mut out = Vec::new();
-        let mut next = sample(self.feed(prompt)?, cfg, &mut rng);
-        loop {
-            out.push(next);
-            if cfg.stop_tokens.contains(&next) {
-                return Ok(Generation { tokens: out, stop: StopReason::StopToken });
-            }
-            if out.len() >= cfg.max_new_tokens {
-                return Ok(Generation { tokens: out, stop: StopReason::MaxTokens });
-            }
-            if self.len >= self.model.config.n_positions {
-                return Ok(Generation { tokens: out, stop: StopReason::ContextFull });
-            }
-            next = sample(self.feed(&[next])?, cfg, &mut rng);
-        }
+        let max_t = self.model.config.n_positions;
+        decode(prompt, cfg, max_t, |tokens, rng| {
+            let next = sample(self.feed(tokens)?, cfg, rng);
+            Ok((next, self.len))
+        })
     }
 }
