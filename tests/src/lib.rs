@@ -246,3 +246,52 @@ pub mod post {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
     }
 }
+
+/// The tiny random `Qwen2ForCausalLM` of `tests/fixtures/qwen2_tiny_chat/`, whose vocabulary
+/// (512) holds the 503 tokens of `tests/fixtures/hf_tokenizer_tiny`, so data prepared with that
+/// tokenizer trains it: C = 32, 2 layers, 4 query heads over 2 key/value heads, I = 64, q/k/v
+/// biases, tied head, θ = 1e6, context 128. Weights from liandan's initialisation with seed
+/// 20261202; the RMSNorm weights are `1 + 0.1·N(0, 1)` and the q/k/v biases `0.1·N(0, 1)` so a
+/// mistake in either shows in the logits. `cargo run --release -p liandan-tests --example
+/// qwen2_tiny_chat` writes the directory; `tests/tests/hf_fixture.rs` checks that the committed
+/// files are what this function makes.
+pub fn qwen2_tiny_chat() -> (liandan_worker::GptConfig, Vec<f32>) {
+    use liandan_worker::model::params::{ParamKind, ParamLayout};
+    let mut cfg = liandan_worker::GptConfig::llama(512, 128, 2, 4, 2, 32, 64);
+    cfg.attention_bias = true;
+    cfg.tie_word_embeddings = true;
+    cfg.rope_theta = 1e6;
+    cfg.rms_norm_eps = 1e-6;
+    let layout = ParamLayout::new(&cfg);
+    let mut params = vec![0.0f32; layout.len()];
+    let mut rng = liandan_worker::rng::Rng::new(20261202);
+    liandan_worker::model::gpt::init_params(&cfg, &layout, &mut params, &mut rng);
+    for kind in [ParamKind::Ln1W, ParamKind::Ln2W, ParamKind::LnfW] {
+        params[layout.range(kind)].iter_mut().for_each(|x| *x = 1.0 + 0.1 * rng.normal());
+    }
+    params[layout.range(ParamKind::QkvB)].iter_mut().for_each(|x| *x = 0.1 * rng.normal());
+    (cfg, params)
+}
+
+/// The files of the [`qwen2_tiny_chat`] directory, as a model hub serves one: `config.json`
+/// (with the tokenizer's special-token ids), `generation_config.json`, `model.safetensors`
+/// (f32, Hugging Face names).
+pub fn qwen2_tiny_chat_files() -> Vec<(&'static str, Vec<u8>)> {
+    let (cfg, params) = qwen2_tiny_chat();
+    let mut config = cfg.to_hf_config_json();
+    // <|endoftext|> = 500, <|im_end|> = 502 in hf_tokenizer_tiny.
+    config["bos_token_id"] = serde_json::json!(500);
+    config["eos_token_id"] = serde_json::json!(502);
+    config["pad_token_id"] = serde_json::json!(500);
+    let generation = serde_json::json!({"bos_token_id": 500, "eos_token_id": [502, 500], "pad_token_id": 500});
+    let pretty = |v: &serde_json::Value| {
+        let mut s = serde_json::to_string_pretty(v).expect("a JSON value serialises");
+        s.push('\n');
+        s.into_bytes()
+    };
+    vec![
+        ("config.json", pretty(&config)),
+        ("generation_config.json", pretty(&generation)),
+        ("model.safetensors", liandan_worker::hf::weights::serialize(&cfg, &params).expect("the layout's own tensors serialise")),
+    ]
+}

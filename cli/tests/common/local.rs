@@ -56,6 +56,18 @@ pub fn prepared(dir: &Path) -> PathBuf {
     out
 }
 
+/// A small corpus in `dir/data`, tokenized with an existing tokenizer (`--tokenizer`: a model
+/// directory's tokenizer.json and chat template).
+pub fn prepared_hf(dir: &Path, tokenizer: &Path) -> PathBuf {
+    let raw = dir.join("raw.jsonl");
+    let body: String = (0..200).map(|i| serde_json::json!({"text": format!("第{i}篇：床前明月光，疑是地上霜。举头望明月，低头思故乡。")}).to_string() + "\n").collect();
+    std::fs::write(&raw, body).unwrap();
+    let out = dir.join("data");
+    let o = liandan(&["data", "prepare", s(&raw), "--out", s(&out), "--tokenizer", s(tokenizer), "--split", "0.9,0.05,0.05", "--no-near-dedup"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
 /// A one-phase pretraining job on a 1-layer model.
 pub fn job_spec(dir: &Path, data: &Path, steps: u64, every: u64, seq_len: usize) -> PathBuf {
     let p = dir.join("job.toml");

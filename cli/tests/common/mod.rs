@@ -48,3 +48,8 @@ pub fn assert_one_line_error(out: &Output, needles: &[&str]) {
         assert!(lines[0].contains(n), "'{n}' missing from: {err}");
     }
 }
+
+/// A committed fixture of the workspace's integration tests (`tests/fixtures/NAME`).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}

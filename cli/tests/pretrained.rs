@@ -1,0 +1,114 @@
+//! Starting from a downloaded model, end to end on real processes: a coordinator and two CPU
+//! workers run SFT → reward model → PPO from `tests/fixtures/qwen2_tiny_chat` (a tiny random
+//! `Qwen2ForCausalLM` directory, `init = DIR`) on data tokenized with the model's tokenizer
+//! (`tests/fixtures/hf_tokenizer_tiny`), and the PPO phase's final checkpoint, copied without
+//! liandan's `state.json`, is read back through the Hugging Face import path with the same
+//! weights bit for bit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::local::{Local, prepared_hf, wait_for};
+use common::{fixture, scratch};
+use liandan_coordinator::store::Store;
+use liandan_worker::checkpoint;
+use liandan_worker::model::config::Family;
+
+/// Chat-format SFT examples and rule-derived comparisons. The fixture tokenizer is byte-level
+/// with few merges, so the text is short and mostly ASCII to fit the template's system prompt
+/// and a question in 128 tokens.
+fn chat_files(d: &Path) -> (PathBuf, PathBuf) {
+    let (sft, pref) = (d.join("sft.jsonl"), d.join("pref.jsonl"));
+    let (mut a, mut b) = (String::new(), String::new());
+    for i in 0..40 {
+        let prompt = format!("Next line {i}: 床前明月光");
+        a.push_str(&serde_json::json!({"prompt": prompt, "response": "疑是地上霜", "task": "next_line"}).to_string());
+        a.push('\n');
+        b.push_str(&serde_json::json!({"prompt": prompt, "chosen": "疑是地上霜", "rejected": "hello world", "label_source": "rule"}).to_string());
+        b.push('\n');
+    }
+    std::fs::write(&sft, a).unwrap();
+    std::fs::write(&pref, b).unwrap();
+    (sft, pref)
+}
+
+/// The job: SFT from the model directory, a reward model from the SFT model, PPO from the SFT
+/// model scored by the reward model and the verifier.
+fn job(d: &Path, data: &Path, init: &Path) -> PathBuf {
+    let (sft, pref) = chat_files(d);
+    let phase = |name: &str, data: &Path, steps: u64, extra: &str| {
+        format!("\n[[phases]]\nname = \"{name}\"\nkind = \"{name}\"\ndata = \"{}\"\nsteps = {steps}\nglobal_batch = 4\nseq_len = 128\nlr = 3e-3\n{extra}", data.display())
+    };
+    let spec = format!(
+        "name = \"qwen2-tiny\"\n[model]\npreset = \"nano\"\n[data]\nprepared = \"{}\"\n[cluster]\nmin_workers = 2\nmax_workers = 2\n[checkpoint]\ndir = \"{}\"\nevery = 10\n{}{}{}",
+        data.display(),
+        d.join("ckpt").display(),
+        phase("sft", &sft, 12, &format!("init = \"{}\"\n", init.display())),
+        phase("reward", &pref, 6, ""),
+        phase("ppo", &sft, 3, "[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n"),
+    );
+    let p = d.join("qwen.toml");
+    std::fs::write(&p, spec).unwrap();
+    p
+}
+
+fn wait_succeeded(c: &Local, job: u64) -> String {
+    wait_for(300, &format!("job {job} to succeed"), || {
+        let st = c.status(job);
+        assert!(!st.contains(": failed"), "job failed: {st}\n{}\n{}", c.log("worker-0.log"), c.log("worker-1.log"));
+        st.lines().next().is_some_and(|l| l.contains(": succeeded")).then_some(st)
+    })
+}
+
+#[test]
+fn a_tiny_qwen2_runs_sft_reward_ppo_on_two_workers_and_its_export_imports_again() {
+    let d = scratch("qwen2");
+    let data = prepared_hf(&d, &fixture("hf_tokenizer_tiny"));
+    let init = fixture("qwen2_tiny_chat");
+    let spec = job(&d, &data, &init);
+    let c = Local::start(&d, 2, &["--device", "cpu"], false);
+    let id = c.submit(&spec);
+    let st = wait_succeeded(&c, id);
+    assert!(st.contains("phase 2 ppo") && st.contains("world 2"), "{st}");
+
+    let store = Store::open_read_only(&d.join("store.db")).unwrap();
+    let sft = store.phase(id, 0).unwrap().unwrap();
+    assert_eq!(Path::new(&sft.input_checkpoint), init.as_path(), "the sft phase starts from the model directory");
+    let losses: Vec<f64> = store.metrics(id, 0).unwrap().iter().map(|m| m.loss).collect();
+    eprintln!("sft losses: {losses:?}");
+    assert_eq!(losses.len(), 12);
+    // A random model on 503 tokens starts near ln 512 = 6.24 and learns the one answer quickly.
+    assert!(losses[0] > 5.0 && losses[11] < losses[0] - 1.0, "sft losses {losses:?}");
+    let reward: Vec<f64> = store.metrics(id, 1).unwrap().iter().map(|m| m.loss).collect();
+    // The scalar head starts at zero: the first Bradley–Terry loss is exactly ln 2.
+    assert!((reward[0] - std::f64::consts::LN_2).abs() < 1e-9, "{reward:?}");
+    eprintln!("reward losses: {reward:?}");
+    let ppo = store.metrics(id, 2).unwrap();
+    eprintln!("ppo: {:?}", ppo.iter().map(|m| (m.loss, m.values["reward"], m.values["kl"])).collect::<Vec<_>>());
+    assert_eq!(ppo.len(), 3);
+    assert_eq!(ppo[0].values["kl"], 0.0, "the first rollout comes from the reference itself");
+    assert!(ppo.iter().all(|m| m.loss.is_finite() && m.values["reward"].is_finite()), "{ppo:?}");
+
+    // The final checkpoint is a Hugging Face Qwen2 directory.
+    let last = PathBuf::from(store.phase(id, 2).unwrap().unwrap().last_checkpoint);
+    let hf: serde_json::Value = serde_json::from_slice(&std::fs::read(last.join("config.json")).unwrap()).unwrap();
+    assert_eq!((hf["model_type"].as_str(), hf["architectures"][0].as_str()), (Some("qwen2"), Some("Qwen2ForCausalLM")), "{hf}");
+    assert_eq!(hf["vocab_size"], 512);
+    let trained = checkpoint::load(&last, None).unwrap();
+    assert_eq!(trained.state.step, 3);
+    // Without state.json it is what a user would download: the import path reads it.
+    let export = d.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(last.join(f), export.join(f)).unwrap_or_else(|e| panic!("{f} in {}: {e}", last.display()));
+    }
+    assert!(liandan_worker::hf::is_hf_dir(&export));
+    let imported = checkpoint::load(&export, None).unwrap();
+    assert_eq!(imported.state.model_config, trained.state.model_config);
+    assert_eq!(imported.state.model_config.family, Family::Llama);
+    assert!(imported.params == trained.params, "the import of the export differs from the checkpoint");
+    let start = checkpoint::load(&init, None).unwrap();
+    assert_eq!(start.state.model_config, imported.state.model_config, "training kept the architecture");
+    assert!(start.params != imported.params, "SFT and PPO changed the weights");
+}
