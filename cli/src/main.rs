@@ -1,8 +1,10 @@
 //! `liandan`: the command-line entry point.
 //!
 //! # Layout
-//! - `train`: single-process training on a text file (byte-level vocabulary) with checkpoints
+//! - `train`: single-process training (prepared data or a text file; from scratch, `--init` a
+//!   checkpoint or Hugging Face model directory, or `--resume`) with checkpoints
 //! - `generate`: sampling from a checkpoint
+//! - `plan`: a job spec's memory per rank, phase by phase, before it is submitted
 //! - `bench`: training throughput (tokens/s, GFLOP/s, MFU on a GPU) on a preset
 //! - `selftest`: the CUDA backend's kernels and a training step against the CPU backend
 //! - `up`: the main job on the embedded demo text — train, checkpoint, generate
@@ -16,6 +18,7 @@ mod data;
 mod data_bench;
 mod evaluate;
 mod generate;
+mod plan;
 mod progress;
 mod selftest;
 mod train;
@@ -50,7 +53,8 @@ enum Command {
     /// and workers, run pretrain → SFT → reward model → PPO as one job, then score every
     /// phase's checkpoint on held-out prompts and print the table.
     Up(up::UpArgs),
-    /// Train a model on a text file in this process (UTF-8 bytes as tokens).
+    /// Train a model in this process: on prepared data or a text file (UTF-8 bytes as tokens),
+    /// from scratch or from a checkpoint or Hugging Face model directory (`--init`).
     Train(train::TrainArgs),
     /// Generate text from a checkpoint.
     Generate(generate::GenerateArgs),
@@ -62,6 +66,9 @@ enum Command {
     Coordinator(cluster::CoordinatorArgs),
     /// Run a worker that takes assignments from the coordinator.
     Worker(cluster::WorkerArgs),
+    /// Show what each phase of a job spec needs per rank (parameters; bytes of weights,
+    /// gradients, optimizer state, activations), resolved as the coordinator does at submit.
+    Plan(plan::PlanArgs),
     /// Submit a job spec (TOML) to the coordinator.
     Submit { file: std::path::PathBuf },
     /// Show jobs (or one job): phase, step/total, loss, tokens/s, ETA, workers, last checkpoint.
@@ -138,6 +145,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Coordinator(a) => cluster::coordinator(a, &cli.creds),
         Command::Worker(a) => cluster::worker(a, &cli.creds),
+        Command::Plan(a) => plan::run(a),
         Command::Submit { file } => cluster::submit(file, &coord),
         Command::Status { job } => cluster::status(job, &coord),
         Command::Watch { job } => cluster::watch(job, &coord),

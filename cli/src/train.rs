@@ -1,14 +1,23 @@
 //! `liandan train`: one process; data from a prepared directory (`liandan data prepare`: token
 //! shards + tokenizer) or a plain text file read as UTF-8 bytes; checkpoints in a run directory.
+//!
+//! The model runs through the engine interface on the CPU ([`CpuEngine`]: GPT-2 or the llama
+//! family), so `--init` takes any model the import path reads: a liandan checkpoint or a
+//! Hugging Face model directory (`config.json` + safetensors), with the data's tokenizer checked
+//! against the model's.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use liandan_data::shard::{Manifest, Split, read_split, sha256_hex};
-use liandan_worker::checkpoint::{self, DataCursor};
+use liandan_worker::checkpoint::{self, DataCursor, SaveInfo};
+use liandan_worker::engine::cpu::CpuEngine;
+use liandan_worker::engine::{Engine, Replica};
+use liandan_worker::model::params::ParamLayout;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
+use liandan_worker::rng::Rng;
 use liandan_worker::tokenizer::{BYTES, ByteTokenizer};
-use liandan_worker::train::{TokenStream, TrainConfig, Trainer};
+use liandan_worker::train::{MicroBatch, TokenStream, TrainConfig, replica_step, step_denominator};
 use liandan_worker::{EngineError, GptConfig};
 
 use crate::CliError;
@@ -28,17 +37,24 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Model preset: nano, tiny, small-256, gpt2.
-    #[arg(long, default_value = "nano")]
+    #[arg(long, default_value = "nano", conflicts_with = "init")]
     pub model: String,
     /// Override the preset's number of layers (L).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init")]
     pub layers: Option<usize>,
     /// Override the preset's attention heads (NH).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init")]
     pub heads: Option<usize>,
     /// Override the preset's channels (C); must divide evenly by the heads.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init")]
     pub channels: Option<usize>,
+    /// Start from these weights instead of a fresh model: a liandan checkpoint (or run
+    /// directory), or a Hugging Face model directory (gpt2, llama or qwen2 `config.json` and
+    /// safetensors). Its config is the model; the optimizer and schedule start fresh. The
+    /// data's tokens must fit its vocabulary, and its tokenizer (when it has one) must be the
+    /// data's.
+    #[arg(long, conflicts_with = "resume")]
+    pub init: Option<PathBuf>,
     /// Sequences per micro-batch (B).
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -136,7 +152,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
     let (mut trainer, cursor) = match &args.resume {
         Some(dir) => {
             let dir = resolve_checkpoint(dir)?;
-            let (t, state) = Trainer::resume(&dir)?;
+            let (t, state) = Run::resume(&dir)?;
             if state.tokenizer != corpus.tokenizer {
                 return Err(CliError::Usage(format!("{}: trained with tokenizer '{}', but the data uses '{}'", dir.display(), state.tokenizer, corpus.tokenizer)));
             }
@@ -146,18 +162,13 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
                     return Err(CliError::Usage(format!("{}: its {name} differs from the data's (a tokenizer from another vocabulary)", dir.display())));
                 }
             }
-            if t.model.config.vocab_size != corpus.vocab_size {
-                return Err(CliError::Usage(format!("{}: vocab_size {} does not match the data's {}", dir.display(), t.model.config.vocab_size, corpus.vocab_size)));
+            if t.model_config().vocab_size != corpus.vocab_size {
+                return Err(CliError::Usage(format!("{}: vocab_size {} does not match the data's {}", dir.display(), t.model_config().vocab_size, corpus.vocab_size)));
             }
             eprintln!("resuming {} at step {}", dir.display(), state.step);
             (t, state.data_cursor.position as usize)
         }
         None => {
-            let mut model = GptConfig::preset(&args.model, corpus.vocab_size)?;
-            model.n_layer = args.layers.unwrap_or(model.n_layer);
-            model.n_head = args.heads.unwrap_or(model.n_head);
-            model.n_embd = args.channels.unwrap_or(model.n_embd);
-            model.validate()?;
             let config = TrainConfig {
                 batch_size: args.batch,
                 seq_len: args.seq,
@@ -172,7 +183,21 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
                 grad_clip: args.clip,
                 seed: args.seed,
             };
-            (Trainer::new(model, config)?, 0)
+            let run = match &args.init {
+                Some(dir) => {
+                    let (model, params) = load_init(dir, &corpus)?;
+                    Run::new(model, config, Some(params))?
+                }
+                None => {
+                    let mut model = GptConfig::preset(&args.model, corpus.vocab_size)?;
+                    model.n_layer = args.layers.unwrap_or(model.n_layer);
+                    model.n_head = args.heads.unwrap_or(model.n_head);
+                    model.n_embd = args.channels.unwrap_or(model.n_embd);
+                    model.validate()?;
+                    Run::new(model, config, None)?
+                }
+            };
+            (run, 0)
         }
     };
     let cfg = trainer.config.clone();
@@ -184,9 +209,10 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
     // Validation needs at least one micro-batch of tokens.
     let mut val = corpus.val.filter(|v| v.len() > b * t).map(|v| TokenStream::new(v, b, t, &corpus.origin)).transpose()?;
 
-    let m = &trainer.model.config;
+    let m = trainer.model_config().clone();
     eprintln!(
-        "model: L={} C={} NH={} V={} ({:.2}M parameters); B={b} T={t} accum={}; {} training tokens, {} validation",
+        "model: {:?} L={} C={} NH={} V={} ({:.2}M parameters); B={b} T={t} accum={}; {} training tokens, {} validation",
+        m.family,
         m.n_layer,
         m.n_embd,
         m.n_head,
@@ -249,11 +275,149 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
 }
 
 /// Mean loss over the first (up to) 8 micro-batches of the validation stream.
-fn eval(trainer: &mut Trainer, val: &mut TokenStream, b: usize, t: usize) -> Result<f32, CliError> {
+fn eval(trainer: &mut Run, val: &mut TokenStream, b: usize, t: usize) -> Result<f32, CliError> {
     val.cursor = 0;
     let n = ((val.len() - 1) / (b * t)).clamp(1, 8);
     let micro: Vec<_> = (0..n).map(|_| val.next_batch(b, t)).collect();
-    Ok(trainer.eval_loss(&micro)?)
+    trainer.eval_loss(&micro)
+}
+
+/// Weights to start from (`--init`): a liandan checkpoint or a Hugging Face model directory,
+/// refused when the data does not fit it.
+fn load_init(path: &Path, corpus: &Corpus) -> Result<(GptConfig, Vec<f32>), CliError> {
+    let hf = liandan_worker::hf::is_hf_dir(path);
+    let dir = if hf { path.to_path_buf() } else { resolve_checkpoint(path)? };
+    let ck = checkpoint::load(&dir, None)?;
+    let model = ck.state.model_config.clone();
+    let init = format!("--init {}", dir.display());
+    if corpus.vocab_size > model.vocab_size {
+        return Err(CliError::Usage(format!(
+            "{init}: the data's vocabulary of {} tokens does not fit the model's {} (prepare the data with the model's tokenizer: liandan data prepare --tokenizer DIR)",
+            corpus.vocab_size, model.vocab_size
+        )));
+    }
+    // The model's tokenizer, when it names one, must be the data's: same tokens, same ids (a
+    // Hugging Face directory without tokenizer.json names none).
+    let theirs = ck.state.tokenizer.clone();
+    if theirs.is_empty() {
+        return Ok((model, ck.params));
+    }
+    if theirs != corpus.tokenizer {
+        let what = |t: &str| if t == BYTES { "bytes".to_string() } else { format!("the BPE in {t}") };
+        return Err(CliError::Usage(format!("{init}: the model reads {}, but the data was made with {}", what(&theirs), what(&corpus.tokenizer))));
+    }
+    if theirs != BYTES {
+        let model_tok =
+            if hf { std::fs::read(dir.join(&theirs)).map_err(|e| EngineError::io(dir.join(&theirs), e))? } else { checkpoint::read_verified(&dir, &theirs, &ck.state)? };
+        let data_tok = corpus.extra_files.first().map(|(_, b)| b.as_slice()).unwrap_or_default();
+        if vocabulary(&model_tok) != vocabulary(data_tok) {
+            return Err(CliError::Usage(format!(
+                "{init}: its {theirs} is not the tokenizer the data in {} was made with (other tokens or ids); prepare the data with --tokenizer {}",
+                corpus.origin.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok((model, ck.params))
+}
+
+/// A `tokenizer.json`'s vocabulary: the model's token → id map and the added tokens (None when
+/// the file is not JSON). Formatting and key order do not count: the data pipeline re-saves a
+/// given tokenizer.
+fn vocabulary(bytes: &[u8]) -> Option<(serde_json::Value, Vec<(u64, String)>)> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let added = v["added_tokens"].as_array().map(|a| a.iter().filter_map(|t| Some((t["id"].as_u64()?, t["content"].as_str()?.to_string()))).collect()).unwrap_or_default();
+    Some((v["model"]["vocab"].clone(), added))
+}
+
+/// A model on the CPU engine (GPT-2 or llama family), its AdamW state and the position.
+#[derive(Debug)]
+struct Run {
+    replica: Box<dyn Replica>,
+    config: TrainConfig,
+    /// Optimizer steps taken so far.
+    step: u64,
+    /// Seeded with `config.seed`; its state after initialisation is saved with each checkpoint.
+    rng: Rng,
+}
+
+impl Run {
+    /// A model from `params`, or initialised from `config.seed` (GPT-2's initialisation,
+    /// the same weights as the worker's phases draw).
+    fn new(model: GptConfig, config: TrainConfig, params: Option<Vec<f32>>) -> Result<Run, CliError> {
+        config.validate(&model)?;
+        let mut replica = CpuEngine.replica(&model, config.batch_size, config.seq_len, &config.adamw)?;
+        let mut rng = Rng::new(config.seed);
+        let params = match params {
+            Some(p) => p,
+            None => {
+                let layout = ParamLayout::new(&model);
+                let mut p = vec![0.0; layout.len()];
+                liandan_worker::model::gpt::init_params(&model, &layout, &mut p, &mut rng);
+                p
+            }
+        };
+        replica.model().set_params(&params)?;
+        Ok(Run { replica, config, step: 0, rng })
+    }
+
+    /// Continues a checkpoint exactly where it stopped.
+    ///
+    /// # Errors
+    /// The checkpoint lacks a training config or optimizer state (a weights-only export or a
+    /// Hugging Face directory: start from it with `--init`).
+    fn resume(dir: &Path) -> Result<(Run, checkpoint::CheckpointState), CliError> {
+        let ck = checkpoint::load(dir, None)?;
+        let state_path = dir.join(checkpoint::STATE_FILE);
+        let config = ck
+            .state
+            .train_config
+            .clone()
+            .ok_or_else(|| EngineError::checkpoint(&state_path, "has no train_config: a weights-only checkpoint cannot resume training (use --init)"))?;
+        let (m, v) = ck
+            .moments
+            .ok_or_else(|| EngineError::checkpoint(dir.join(checkpoint::OPTIMIZER_FILE), "missing: the checkpoint has no optimizer state to resume from (use --init)"))?;
+        let mut run = Run::new(ck.state.model_config.clone(), config, Some(ck.params))?;
+        run.replica.set_moments(&m, &v, ck.state.optimizer_t)?;
+        run.step = ck.state.step;
+        run.rng = Rng::from_state(ck.state.rng_state()?);
+        Ok((run, ck.state))
+    }
+
+    fn model_config(&self) -> &GptConfig {
+        self.replica.model_ref().config()
+    }
+
+    /// One optimizer step over `micro` ([`replica_step`]), at the schedule's rate for this step.
+    fn train_step(&mut self, micro: &[MicroBatch]) -> Result<liandan_worker::train::StepStats, CliError> {
+        let denom = step_denominator(micro)?;
+        let lr = self.config.schedule.lr(self.step);
+        let (loss, grad_norm, tokens) = replica_step(&mut *self.replica, micro, denom, None, self.config.grad_clip, lr)?;
+        let stats = liandan_worker::train::StepStats { step: self.step, loss: loss as f32, grad_norm, lr, tokens };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// Mean loss over `micro` without touching gradients or the optimizer.
+    fn eval_loss(&mut self, micro: &[MicroBatch]) -> Result<f32, CliError> {
+        let denom = step_denominator(micro)?;
+        let model = self.replica.model();
+        let mut loss = 0.0f64;
+        for mb in micro {
+            model.forward(&mb.inputs, mb.b, mb.t)?;
+            loss += model.loss(&mb.targets, mb.weights.as_deref(), denom, false)? as f64;
+        }
+        Ok(loss as f32)
+    }
+
+    /// Weights, AdamW moments and the position, atomically ([`checkpoint::save`]).
+    fn save(&self, dir: &Path, data_cursor: DataCursor, tokenizer: &str, extra_files: &[(String, Vec<u8>)]) -> Result<(), CliError> {
+        let model = self.replica.model_ref();
+        let (m, v) = self.replica.moments()?;
+        let info = SaveInfo { step: self.step, rng_state: self.rng.state(), train_config: Some(&self.config), data_cursor, tokenizer, extra_files };
+        checkpoint::save(dir, model.config(), &model.params()?, Some((&m, &v, self.replica.optimizer_t())), &info)?;
+        Ok(())
+    }
 }
 
 /// Records `dir` as the newest checkpoint of the run `out` (atomically: temp file + rename).

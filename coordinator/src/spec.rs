@@ -465,6 +465,116 @@ impl JobSpec {
         Ok(m)
     }
 
+    /// The vocabulary the model is sized by: the data phase's (its tokenizer's, or
+    /// `vocab_size`) when the job makes its data, else the prepared data's manifest.
+    ///
+    /// # Errors
+    /// The manifest or the data phase's tokenizer cannot be read (key `data.prepared` or
+    /// `phases[0].prepare.tokenizer`).
+    pub fn vocab_size(&self, source_name: &str) -> Result<usize, SpecError> {
+        let err = |path: &str, reason: String| SpecError { source_name: source_name.to_string(), path: path.into(), reason };
+        match self.data_settings() {
+            Some(cfg) => match &cfg.tokenizer {
+                Some(t) => Ok(liandan_data::tokenizer::ChatTokenizer::load(t, None).map_err(|e| err("phases[0].prepare.tokenizer", e.to_string()))?.vocab_size()),
+                None => Ok(cfg.vocab_size),
+            },
+            None => Ok(liandan_data::shard::Manifest::load(&self.data.prepared).map_err(|e| err("data.prepared", e.to_string()))?.vocab_size),
+        }
+    }
+
+    /// The model every phase trains, for a data vocabulary of `vocab` tokens: the `config.json`
+    /// of a phase's `init` when that is a Hugging Face model directory (the data's tokens must
+    /// fit its vocabulary), else the preset with the spec's overrides. Reads no weights.
+    ///
+    /// # Errors
+    /// The directory's config is unreadable or unsupported, the vocabulary does not fit, the
+    /// preset or its overrides are invalid.
+    pub fn resolve_model(&self, vocab: usize, source_name: &str) -> Result<GptConfig, SpecError> {
+        let err = |path: String, reason: String| SpecError { source_name: source_name.to_string(), path, reason };
+        let imported = self.phases.iter().enumerate().find_map(|(i, p)| p.init.as_ref().filter(|d| liandan_worker::hf::is_hf_dir(d)).map(|d| (i, d)));
+        match imported {
+            Some((i, dir)) => {
+                let m = liandan_worker::checkpoint::read_model_config(dir).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                if vocab > m.vocab_size {
+                    return Err(err(format!("phases[{i}].init"), format!("{}: the data's vocabulary of {vocab} tokens does not fit the model's {}", dir.display(), m.vocab_size)));
+                }
+                Ok(m)
+            }
+            None => self.model_config(vocab).map_err(|(p, r)| err(p, r)),
+        }
+    }
+
+    /// Phase `i`'s plan for `model`, as the coordinator sends it (before the checks of
+    /// [`JobSpec::plans`]); `data_plan` sizes a data phase (its steps are its tasks).
+    pub fn phase_plan(&self, i: usize, model: &GptConfig, data_plan: Option<&liandan_data::pipeline::Plan>) -> PhasePlan {
+        let p = &self.phases[i];
+        let data = self.data_settings();
+        PhasePlan {
+            kind: p.kind,
+            model: model.clone(),
+            data_dir: self.data.prepared.clone(),
+            steps: match (data_plan, p.kind) {
+                (Some(d), PhaseKind::Data) => d.total_tasks(),
+                _ => p.steps,
+            },
+            // A data phase's "batch" is its widest stage: more workers than tasks idle.
+            global_batch: match (data_plan, p.kind) {
+                (Some(d), PhaseKind::Data) => d.tasks.len().max(d.partitions),
+                _ => p.global_batch,
+            },
+            seq_len: p.seq_len,
+            max_lr: p.lr,
+            min_lr: p.min_lr.unwrap_or(p.lr / 10.0),
+            warmup: p.warmup.unwrap_or(p.steps / 20),
+            weight_decay: p.weight_decay,
+            grad_clip: p.grad_clip,
+            seed: p.seed,
+            checkpoint_every: self.checkpoint.every,
+            examples: p.data.clone(),
+            // Validated by `parse`.
+            from_phase: self.from_phase(i).unwrap_or(None),
+            reward_phase: if scored_by_a_model(p) { self.reward_phase(i).unwrap_or(None) } else { None },
+            init_checkpoint: p.init.clone(),
+            reward_checkpoint: p.reward_checkpoint.clone(),
+            ppo: (p.kind == PhaseKind::Ppo).then(|| p.ppo.clone().unwrap_or_default()),
+            grpo: (p.kind == PhaseKind::Grpo).then(|| p.grpo.clone().unwrap_or_default()),
+            dpo: (p.kind == PhaseKind::Dpo).then(|| p.dpo.clone().unwrap_or_default()),
+            comparisons: p.comparisons,
+            labelled_examples: None,
+            max_skipped_steps: p.max_skipped_steps,
+            device: p.device.clone().or_else(|| self.cluster.device.clone()),
+            prepare: if p.kind == PhaseKind::Data { data } else { None },
+        }
+    }
+
+    /// The model and every phase's plan for a data vocabulary of `vocab` tokens, with the
+    /// checks that need no file beyond a model directory's `config.json`: each phase's
+    /// `seq_len` within the model's context, and memory sizes that do not overflow. What
+    /// [`JobSpec::plans`] and `liandan plan` share.
+    ///
+    /// # Errors
+    /// As [`JobSpec::resolve_model`]; a `seq_len` past the context; sizes that overflow.
+    pub fn resolve(&self, vocab: usize, data_plan: Option<&liandan_data::pipeline::Plan>, source_name: &str) -> Result<(GptConfig, Vec<PhasePlan>), SpecError> {
+        let err = |path: String, reason: String| SpecError { source_name: source_name.to_string(), path, reason };
+        // A phase that starts from a Hugging Face model directory fixes the model: its
+        // config.json, not the preset, is the architecture.
+        let model = self.resolve_model(vocab, source_name)?;
+        let plans = (0..self.phases.len())
+            .map(|i| {
+                let p = &self.phases[i];
+                if p.seq_len > model.n_positions {
+                    return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
+                }
+                let plan = self.phase_plan(i, &model, data_plan);
+                if plan.memory_per_rank(self.cluster.min_workers as usize).is_none() {
+                    return Err(err(format!("phases[{i}]"), "the model and batch need more memory than any machine has (the sizes overflow)".into()));
+                }
+                Ok(plan)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((model, plans))
+    }
+
     /// Resolves every phase against the data: reads the manifest (vocabulary), checks sequence
     /// lengths against the model, and that the checkpoint directory is writable.
     pub fn plans(&self, source_name: &str) -> Result<Vec<PhasePlan>, SpecError> {
@@ -472,31 +582,12 @@ impl JobSpec {
         let data = self.data_settings();
         // With a data phase the data does not exist yet: the model is sized by the vocabulary
         // it will have (a given tokenizer's, or `vocab_size`, padded to exactly that).
-        let vocab = match &data {
-            Some(cfg) => match &cfg.tokenizer {
-                Some(t) => liandan_data::tokenizer::ChatTokenizer::load(t, None).map_err(|e| err("phases[0].prepare.tokenizer".into(), e.to_string()))?.vocab_size(),
-                None => cfg.vocab_size,
-            },
-            None => liandan_data::shard::Manifest::load(&self.data.prepared).map_err(|e| err("data.prepared".into(), e.to_string()))?.vocab_size,
-        };
+        let vocab = self.vocab_size(source_name)?;
         let data_plan = match &data {
             Some(cfg) => Some(liandan_data::pipeline::plan(cfg).map_err(|e| err("phases[0].prepare".into(), e.to_string()))?),
             None => None,
         };
-        // A phase that starts from a Hugging Face model directory fixes the model: its
-        // config.json, not the preset, is the architecture (the data's tokens must fit its
-        // vocabulary).
-        let imported = self.phases.iter().enumerate().find_map(|(i, p)| p.init.as_ref().filter(|d| liandan_worker::hf::is_hf_dir(d)).map(|d| (i, d)));
-        let model = match imported {
-            Some((i, dir)) => {
-                let m = liandan_worker::checkpoint::read_model_config(dir).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
-                if vocab > m.vocab_size {
-                    return Err(err(format!("phases[{i}].init"), format!("{}: the data's vocabulary of {vocab} tokens does not fit the model's {}", dir.display(), m.vocab_size)));
-                }
-                m
-            }
-            None => self.model_config(vocab).map_err(|(p, r)| err(p, r))?,
-        };
+        let (model, plans) = self.resolve(vocab, data_plan.as_ref(), source_name)?;
         std::fs::create_dir_all(&self.checkpoint.dir)
             .and_then(|_| {
                 let probe = self.checkpoint.dir.join(".liandan-write-probe");
@@ -504,83 +595,37 @@ impl JobSpec {
                 std::fs::remove_file(probe)
             })
             .map_err(|e| err("checkpoint.dir".into(), format!("{} is not writable: {e}", self.checkpoint.dir.display())))?;
-        self.phases
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                if let (Some(file), true) = (&p.data, takes_comparisons(p.kind)) {
-                    // Every comparison line is valid now, also when the phase adds labelled ones.
-                    liandan_data::chat::read_preferences(file).map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
-                }
-                // Checkpoints named in the spec must exist and fit the model now, not when a
-                // worker reaches the phase.
-                if let Some(dir) = &p.init {
-                    liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
-                }
-                if let Some(dir) = &p.reward_checkpoint {
-                    let ck = liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
-                    liandan_worker::phase::ppo::load_reward_head(dir, &ck.state).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
-                }
-                if p.seq_len > model.n_positions {
-                    return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
-                }
-                let plan = PhasePlan {
-                    kind: p.kind,
-                    model: model.clone(),
-                    data_dir: self.data.prepared.clone(),
-                    steps: match (&data_plan, p.kind) {
-                        (Some(d), PhaseKind::Data) => d.total_tasks(),
-                        _ => p.steps,
-                    },
-                    // A data phase's "batch" is its widest stage: more workers than tasks idle.
-                    global_batch: match (&data_plan, p.kind) {
-                        (Some(d), PhaseKind::Data) => d.tasks.len().max(d.partitions),
-                        _ => p.global_batch,
-                    },
-                    seq_len: p.seq_len,
-                    max_lr: p.lr,
-                    min_lr: p.min_lr.unwrap_or(p.lr / 10.0),
-                    warmup: p.warmup.unwrap_or(p.steps / 20),
-                    weight_decay: p.weight_decay,
-                    grad_clip: p.grad_clip,
-                    seed: p.seed,
-                    checkpoint_every: self.checkpoint.every,
-                    examples: p.data.clone(),
-                    // Validated by `parse`.
-                    from_phase: self.from_phase(i).unwrap_or(None),
-                    reward_phase: if scored_by_a_model(p) { self.reward_phase(i).unwrap_or(None) } else { None },
-                    init_checkpoint: p.init.clone(),
-                    reward_checkpoint: p.reward_checkpoint.clone(),
-                    ppo: (p.kind == PhaseKind::Ppo).then(|| p.ppo.clone().unwrap_or_default()),
-                    grpo: (p.kind == PhaseKind::Grpo).then(|| p.grpo.clone().unwrap_or_default()),
-                    dpo: (p.kind == PhaseKind::Dpo).then(|| p.dpo.clone().unwrap_or_default()),
-                    comparisons: p.comparisons,
-                    labelled_examples: None,
-                    max_skipped_steps: p.max_skipped_steps,
-                    device: p.device.clone().or_else(|| self.cluster.device.clone()),
-                    prepare: if p.kind == PhaseKind::Data { data.clone() } else { None },
+        for (i, (p, plan)) in self.phases.iter().zip(&plans).enumerate() {
+            if let (Some(file), true) = (&p.data, takes_comparisons(p.kind)) {
+                // Every comparison line is valid now, also when the phase adds labelled ones.
+                liandan_data::chat::read_preferences(file).map_err(|e| err(format!("phases[{i}].data"), e.to_string()))?;
+            }
+            // Checkpoints named in the spec must exist and fit the model now, not when a
+            // worker reaches the phase.
+            if let Some(dir) = &p.init {
+                liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+            }
+            if let Some(dir) = &p.reward_checkpoint {
+                let ck = liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+                liandan_worker::phase::ppo::load_reward_head(dir, &ck.state).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+            }
+            // Whatever the worker would refuse about the inputs, refused now (the same loaders).
+            // Phases after a data phase read data that does not exist yet: their workers check
+            // it when the phase starts.
+            if data.is_some() && plan.kind != PhaseKind::Data {
+                continue;
+            }
+            liandan_worker::phase::check_inputs(plan).map_err(|e| {
+                let key = match (plan.kind, &e) {
+                    (PhaseKind::Pretrain, _) => "data.prepared".to_string(),
+                    (PhaseKind::Data, _) => format!("phases[{i}].prepare"),
+                    (_, liandan_worker::phase::PhaseError::Data(_)) => format!("phases[{i}].data"),
+                    _ => format!("phases[{i}]"),
                 };
-                if plan.memory_per_rank(self.cluster.min_workers as usize).is_none() {
-                    return Err(err(format!("phases[{i}]"), "the model and batch need more memory than any machine has (the sizes overflow)".into()));
-                }
-                // Whatever the worker would refuse about the inputs, refused now (the same loaders).
-                // Phases after a data phase read data that does not exist yet: their workers check
-                // it when the phase starts.
-                if data.is_some() && plan.kind != PhaseKind::Data {
-                    return Ok(plan);
-                }
-                liandan_worker::phase::check_inputs(&plan).map_err(|e| {
-                    let key = match (plan.kind, &e) {
-                        (PhaseKind::Pretrain, _) => "data.prepared".to_string(),
-                        (PhaseKind::Data, _) => format!("phases[{i}].prepare"),
-                        (_, liandan_worker::phase::PhaseError::Data(_)) => format!("phases[{i}].data"),
-                        _ => format!("phases[{i}]"),
-                    };
-                    err(key, e.to_string())
-                })?;
-                Ok(plan)
-            })
-            .collect()
+                err(key, e.to_string())
+            })?;
+        }
+        Ok(plans)
     }
 }
 
@@ -718,6 +763,46 @@ lr = 1e-3
         let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/post-training.toml")).unwrap();
         let spec = JobSpec::parse(&example, "examples/post-training.toml").unwrap();
         assert_eq!((spec.from_phase(2), spec.from_phase(3)), (Ok(Some(1)), Ok(Some(1))), "grpo and dpo both start from the sft phase");
+    }
+
+    #[test]
+    fn the_models_and_sequences_a_plan_names_are_what_its_memory_estimate_counts() {
+        use liandan_worker::model::memory;
+        let rm = "[[phases]]\nname = \"rm\"\nkind = \"reward\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 5\nseq_len = 32\nlr = 1e-4\n";
+        let ppo = "[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 7\nseq_len = 32\nlr = 1e-5\n";
+        let grpo = |name: &str, reward: &str| {
+            format!(
+                "[[phases]]\nname = \"{name}\"\nkind = \"grpo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 3\nseq_len = 16\nlr = 1e-5\n[phases.grpo]\ngroup_size = 3\nreward = \"{reward}\"\n"
+            )
+        };
+        let dpo = "[[phases]]\nname = \"dpo\"\nkind = \"dpo\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 3\nseq_len = 16\nlr = 1e-5\n";
+        let spec = JobSpec::parse(&with_phase(&format!("{rm}{ppo}{}{}{dpo}", grpo("g1", "verifier"), grpo("g2", "both"))), "job.toml").unwrap();
+        let model = spec.model_config(300).unwrap();
+        for world in [1, 2, 3] {
+            for i in 0..spec.phases.len() {
+                let plan = spec.phase_plan(i, &model, None);
+                let ((trained, frozen), b) = (plan.models(), plan.sequences_per_rank(world).unwrap());
+                let one = |opt| memory::gpt(&model, b, plan.seq_len, opt).unwrap();
+                let mut want = MemoryEstimateSum::default();
+                (0..trained).for_each(|_| want.add(one(true)));
+                (0..frozen).for_each(|_| want.add(one(false)));
+                assert_eq!(plan.memory_per_rank(world), Some(want.0), "phase {i} ({:?}) at world {world}", plan.kind);
+            }
+        }
+        let counts: Vec<_> = (0..spec.phases.len()).map(|i| spec.phase_plan(i, &model, None).models()).collect();
+        assert_eq!(counts, [(1, 0), (1, 0), (1, 0), (2, 2), (1, 1), (1, 2), (1, 0)]);
+        // Sequences at world 2: the share of the global batch, ×2 for pairs, ×G for groups.
+        let b: Vec<_> = (0..spec.phases.len()).map(|i| spec.phase_plan(i, &model, None).sequences_per_rank(2).unwrap()).collect();
+        assert_eq!(b, [2, 1, 6, 4, 5, 5, 4]);
+    }
+
+    #[derive(Default)]
+    struct MemoryEstimateSum(liandan_worker::model::memory::MemoryEstimate);
+
+    impl MemoryEstimateSum {
+        fn add(&mut self, e: liandan_worker::model::memory::MemoryEstimate) {
+            self.0 = self.0.plus(e).unwrap();
+        }
     }
 
     #[test]

@@ -365,6 +365,32 @@ impl PhasePlan {
         }
     }
 
+    /// The models a rank of this phase holds, `(trained, frozen)`, as [`Self::memory_per_rank`]
+    /// counts them: ppo trains the policy and the value model and keeps the reference and the
+    /// reward model frozen; grpo trains the policy against a frozen reference (and a frozen
+    /// reward model when its reward needs one); a data phase holds none.
+    pub fn models(&self) -> (usize, usize) {
+        match self.kind {
+            PhaseKind::Data => (0, 0),
+            PhaseKind::Pretrain | PhaseKind::Sft | PhaseKind::Reward | PhaseKind::Dpo => (1, 0),
+            PhaseKind::Ppo => (2, 2),
+            PhaseKind::Grpo => (1, if self.grpo.clone().unwrap_or_default().needs_reward_model() { 2 } else { 1 }),
+        }
+    }
+
+    /// The sequences each model of a rank is sized for at `world` ranks, as
+    /// [`Self::memory_per_rank`] sizes them: the rank's share of the global batch, twice that
+    /// for reward and dpo (a chosen and a rejected answer per pair), G times for grpo.
+    pub fn sequences_per_rank(&self, world: usize) -> Option<usize> {
+        let share = |n: usize| n.div_ceil(world.max(1)).max(1);
+        match self.kind {
+            PhaseKind::Data => Some(0),
+            PhaseKind::Pretrain | PhaseKind::Sft | PhaseKind::Ppo => Some(share(self.global_batch)),
+            PhaseKind::Reward | PhaseKind::Dpo => share(self.global_batch).checked_mul(2),
+            PhaseKind::Grpo => Some(share(self.global_batch.checked_mul(self.grpo.clone().unwrap_or_default().group_size)?)),
+        }
+    }
+
     pub fn schedule(&self) -> LrSchedule {
         LrSchedule { max_lr: self.max_lr, min_lr: self.min_lr, warmup_steps: self.warmup, total_steps: self.steps }
     }
