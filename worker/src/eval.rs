@@ -63,6 +63,15 @@ pub fn answer_with(model: &dyn Model, tk: &ChatTokenizer, prompt: &str, mut cfg:
 /// chat tokenizer stored in it, or `None` for a byte-level checkpoint.
 pub fn load_for_inference(dir: &Path) -> Result<(Gpt, Option<ChatTokenizer>), String> {
     let ck = crate::checkpoint::load(dir, None).map_err(|e| e.to_string())?;
+    // This path builds the GPT-2 model directly; the llama family samples through the engine
+    // inside the phases only, for now.
+    if ck.state.model_config.family != crate::model::config::Family::Gpt2 {
+        return Err(format!(
+            "{}: a {:?}-family model; generate, chat, eval and labeling samples run GPT-2 checkpoints only for now (the phases' own evaluations run every family)",
+            dir.display(),
+            ck.state.model_config.family
+        ));
+    }
     let tk = if ck.state.tokenizer == crate::tokenizer::BYTES {
         None
     } else {
