@@ -39,8 +39,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use liandan_worker::GptConfig;
-pub use liandan_worker::plan::{ComparisonSource, PhaseKind, PhasePlan};
+use liandan_plan::GptConfig;
+pub use liandan_plan::phase::{ComparisonSource, PhaseKind, PhasePlan};
 
 /// A spec error: where (`phases[0].steps`) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,15 +144,15 @@ pub struct PhaseSpec {
     /// ppo and grpo: a reward-model checkpoint (a reward phase's output) instead of a reward phase.
     pub reward_checkpoint: Option<PathBuf>,
     /// ppo: the algorithm's settings (`[phases.ppo]`; every field has a default).
-    pub ppo: Option<liandan_worker::plan::PpoSettings>,
+    pub ppo: Option<liandan_plan::phase::PpoSettings>,
     /// grpo: the algorithm's settings (`[phases.grpo]`; every field has a default).
-    pub grpo: Option<liandan_worker::plan::GrpoSettings>,
+    pub grpo: Option<liandan_plan::phase::GrpoSettings>,
     /// dpo: the algorithm's settings (`[phases.dpo]`; every field has a default).
-    pub dpo: Option<liandan_worker::plan::DpoSettings>,
+    pub dpo: Option<liandan_plan::phase::DpoSettings>,
     /// reward and dpo: `file` (the `data` JSONL, default), `labelled` (comparisons labelled
     /// through `liandan label`), or `both`.
     #[serde(default)]
-    pub comparisons: liandan_worker::plan::ComparisonSource,
+    pub comparisons: liandan_plan::phase::ComparisonSource,
     /// The device kind this phase's workers must have (overrides `cluster.device`).
     pub device: Option<String>,
     /// Steps whose loss or gradient norm is not finite that the phase skips (no update, counted
@@ -238,7 +238,7 @@ impl JobSpec {
         if self.cluster.min_workers == 0 {
             return bad("cluster.min_workers", "must be at least 1".into());
         }
-        let known = |d: &Option<String>| d.as_deref().is_none_or(|d| liandan_worker::plan::DEVICE_KINDS.contains(&d));
+        let known = |d: &Option<String>| d.as_deref().is_none_or(|d| liandan_plan::phase::DEVICE_KINDS.contains(&d));
         if !known(&self.cluster.device) {
             return bad("cluster.device", format!("'{}' is not a device kind (cpu, cuda, cuda-emu)", self.cluster.device.as_deref().unwrap_or_default()));
         }
@@ -486,10 +486,10 @@ impl JobSpec {
         // A phase that starts from a Hugging Face model directory fixes the model: its
         // config.json, not the preset, is the architecture (the data's tokens must fit its
         // vocabulary).
-        let imported = self.phases.iter().enumerate().find_map(|(i, p)| p.init.as_ref().filter(|d| liandan_worker::hf::is_hf_dir(d)).map(|d| (i, d)));
+        let imported = self.phases.iter().enumerate().find_map(|(i, p)| p.init.as_ref().filter(|d| liandan_plan::hf::is_hf_dir(d)).map(|d| (i, d)));
         let model = match imported {
             Some((i, dir)) => {
-                let m = liandan_worker::checkpoint::read_model_config(dir).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                let m = liandan_plan::checkpoint::read_model_config(dir).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
                 if vocab > m.vocab_size {
                     return Err(err(format!("phases[{i}].init"), format!("{}: the data's vocabulary of {vocab} tokens does not fit the model's {}", dir.display(), m.vocab_size)));
                 }
@@ -515,11 +515,11 @@ impl JobSpec {
                 // Checkpoints named in the spec must exist and fit the model now, not when a
                 // worker reaches the phase.
                 if let Some(dir) = &p.init {
-                    liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                    liandan_plan::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
                 }
                 if let Some(dir) = &p.reward_checkpoint {
-                    let ck = liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
-                    liandan_worker::phase::ppo::load_reward_head(dir, &ck.state).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+                    let ck = liandan_plan::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+                    liandan_plan::head::ScalarHead::load(dir, &ck.state).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
                 }
                 if p.seq_len > model.n_positions {
                     return Err(err(format!("phases[{i}].seq_len"), format!("must be <= the model's context {}, got {}", model.n_positions, p.seq_len)));
@@ -569,11 +569,11 @@ impl JobSpec {
                 if data.is_some() && plan.kind != PhaseKind::Data {
                     return Ok(plan);
                 }
-                liandan_worker::phase::check_inputs(&plan).map_err(|e| {
+                liandan_plan::inputs::check(&plan).map_err(|e| {
                     let key = match (plan.kind, &e) {
                         (PhaseKind::Pretrain, _) => "data.prepared".to_string(),
                         (PhaseKind::Data, _) => format!("phases[{i}].prepare"),
-                        (_, liandan_worker::phase::PhaseError::Data(_)) => format!("phases[{i}].data"),
+                        (_, liandan_plan::inputs::InputError::Data(_)) => format!("phases[{i}].data"),
                         _ => format!("phases[{i}]"),
                     };
                     err(key, e.to_string())
