@@ -129,6 +129,12 @@ pub enum CliError {
     Io { path: String, source: std::io::Error },
 }
 
+impl From<liandan_plan::PlanError> for CliError {
+    fn from(e: liandan_plan::PlanError) -> Self {
+        CliError::Engine(e.into())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

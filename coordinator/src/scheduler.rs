@@ -9,7 +9,7 @@
 
 use crate::spec::PhasePlan;
 use crate::store::{PhaseRow, Result, Store, WorkerRow};
-use liandan_worker::plan::device_kind;
+use liandan_plan::phase::device_kind;
 
 /// Why a group re-forms (for the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,8 +39,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use liandan_worker::GptConfig;
-pub use liandan_worker::plan::{ComparisonSource, PhaseKind, PhasePlan};
+use liandan_plan::GptConfig;
+pub use liandan_plan::phase::{ComparisonSource, PhaseKind, PhasePlan};
 
 /// A spec error: where (`phases[0].steps`) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,15 +144,15 @@ pub struct PhaseSpec {
     /// ppo and grpo: a reward-model checkpoint (a reward phase's output) instead of a reward phase.
     pub reward_checkpoint: Option<PathBuf>,
     /// ppo: the algorithm's settings (`[phases.ppo]`; every field has a default).
-    pub ppo: Option<liandan_worker::plan::PpoSettings>,
+    pub ppo: Option<liandan_plan::phase::PpoSettings>,
     /// grpo: the algorithm's settings (`[phases.grpo]`; every field has a default).
-    pub grpo: Option<liandan_worker::plan::GrpoSettings>,
+    pub grpo: Option<liandan_plan::phase::GrpoSettings>,
     /// dpo: the algorithm's settings (`[phases.dpo]`; every field has a default).
-    pub dpo: Option<liandan_worker::plan::DpoSettings>,
+    pub dpo: Option<liandan_plan::phase::DpoSettings>,
     /// reward and dpo: `file` (the `data` JSONL, default), `labelled` (comparisons labelled
     /// through `liandan label`), or `both`.
     #[serde(default)]
-    pub comparisons: liandan_worker::plan::ComparisonSource,
+    pub comparisons: liandan_plan::phase::ComparisonSource,
     /// The device kind this phase's workers must have (overrides `cluster.device`).
     pub device: Option<String>,
     /// Steps whose loss or gradient norm is not finite that the phase skips (no update, counted
@@ -238,7 +238,7 @@ impl JobSpec {
         if self.cluster.min_workers == 0 {
             return bad("cluster.min_workers", "must be at least 1".into());
         }
-        let known = |d: &Option<String>| d.as_deref().is_none_or(|d| liandan_worker::plan::DEVICE_KINDS.contains(&d));
+        let known = |d: &Option<String>| d.as_deref().is_none_or(|d| liandan_plan::phase::DEVICE_KINDS.contains(&d));
         if !known(&self.cluster.device) {
             return bad("cluster.device", format!("'{}' is not a device kind (cpu, cuda, cuda-emu)", self.cluster.device.as_deref().unwrap_or_default()));
         }
@@ -491,10 +491,10 @@ impl JobSpec {
     /// preset or its overrides are invalid.
     pub fn resolve_model(&self, vocab: usize, source_name: &str) -> Result<GptConfig, SpecError> {
         let err = |path: String, reason: String| SpecError { source_name: source_name.to_string(), path, reason };
-        let imported = self.phases.iter().enumerate().find_map(|(i, p)| p.init.as_ref().filter(|d| liandan_worker::hf::is_hf_dir(d)).map(|d| (i, d)));
+        let imported = self.phases.iter().enumerate().find_map(|(i, p)| p.init.as_ref().filter(|d| liandan_plan::hf::is_hf_dir(d)).map(|d| (i, d)));
         match imported {
             Some((i, dir)) => {
-                let m = liandan_worker::checkpoint::read_model_config(dir).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                let m = liandan_plan::checkpoint::read_model_config(dir).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
                 if vocab > m.vocab_size {
                     return Err(err(format!("phases[{i}].init"), format!("{}: the data's vocabulary of {vocab} tokens does not fit the model's {}", dir.display(), m.vocab_size)));
                 }
@@ -603,11 +603,11 @@ impl JobSpec {
             // Checkpoints named in the spec must exist and fit the model now, not when a
             // worker reaches the phase.
             if let Some(dir) = &p.init {
-                liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                liandan_plan::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
             }
             if let Some(dir) = &p.reward_checkpoint {
-                let ck = liandan_worker::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
-                liandan_worker::phase::ppo::load_reward_head(dir, &ck.state).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+                let ck = liandan_plan::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
+                liandan_plan::head::ScalarHead::load(dir, &ck.state).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;
             }
             // Whatever the worker would refuse about the inputs, refused now (the same loaders).
             // Phases after a data phase read data that does not exist yet: their workers check
@@ -615,11 +615,11 @@ impl JobSpec {
             if data.is_some() && plan.kind != PhaseKind::Data {
                 continue;
             }
-            liandan_worker::phase::check_inputs(plan).map_err(|e| {
+            liandan_plan::inputs::check(plan).map_err(|e| {
                 let key = match (plan.kind, &e) {
                     (PhaseKind::Pretrain, _) => "data.prepared".to_string(),
                     (PhaseKind::Data, _) => format!("phases[{i}].prepare"),
-                    (_, liandan_worker::phase::PhaseError::Data(_)) => format!("phases[{i}].data"),
+                    (_, liandan_plan::inputs::InputError::Data(_)) => format!("phases[{i}].data"),
                     _ => format!("phases[{i}]"),
                 };
                 err(key, e.to_string())
@@ -767,7 +767,7 @@ lr = 1e-3
 
     #[test]
     fn the_models_and_sequences_a_plan_names_are_what_its_memory_estimate_counts() {
-        use liandan_worker::model::memory;
+        use liandan_plan::model::memory;
         let rm = "[[phases]]\nname = \"rm\"\nkind = \"reward\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 5\nseq_len = 32\nlr = 1e-4\n";
         let ppo = "[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 7\nseq_len = 32\nlr = 1e-5\n";
         let grpo = |name: &str, reward: &str| {
@@ -797,10 +797,10 @@ lr = 1e-3
     }
 
     #[derive(Default)]
-    struct MemoryEstimateSum(liandan_worker::model::memory::MemoryEstimate);
+    struct MemoryEstimateSum(liandan_plan::model::memory::MemoryEstimate);
 
     impl MemoryEstimateSum {
-        fn add(&mut self, e: liandan_worker::model::memory::MemoryEstimate) {
+        fn add(&mut self, e: liandan_plan::model::memory::MemoryEstimate) {
             self.0 = self.0.plus(e).unwrap();
         }
     }

@@ -56,6 +56,17 @@ impl From<crate::backend::cuda::CudaError> for EngineError {
     }
 }
 
+impl From<liandan_plan::PlanError> for EngineError {
+    fn from(e: liandan_plan::PlanError) -> Self {
+        use liandan_plan::PlanError as P;
+        match e {
+            P::InvalidConfig { field, reason } => EngineError::InvalidConfig { field, reason },
+            P::Checkpoint { path, reason } => EngineError::Checkpoint { path, reason },
+            P::Io { path, source } => EngineError::Io { path, source },
+        }
+    }
+}
+
 impl EngineError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

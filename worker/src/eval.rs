@@ -171,3 +171,78 @@ mod tests {
         assert!(!passes(&line, ""));
     }
 }
+
+/// Checkpoints carry the chat tokenizer files and load back for inference with them.
+#[cfg(test)]
+mod checkpoint_tokenizer_files {
+    use std::path::Path;
+
+    use crate::checkpoint::{self, DataCursor, SaveInfo};
+    use crate::model::config::GptConfig;
+    use crate::model::params::ParamLayout;
+    use liandan_data::chat::{Message, Role, prompt_ids, tokenize_chat};
+    use liandan_data::hf_tokenizer::{GENERATION_CONFIG, TOKENIZER_CONFIG};
+    use liandan_data::tokenizer::ChatTokenizer;
+
+    /// Conversations the export check compares (`scripts/check_hf_tokenizer.py`).
+    fn conversations() -> Vec<Vec<Message>> {
+        let m = |r, c: &str| Message { role: r, content: c.to_string() };
+        vec![
+            vec![m(Role::User, "床前明月光"), m(Role::Assistant, "疑是地上霜")],
+            vec![m(Role::System, "你是诗人。"), m(Role::User, "白日依山尽"), m(Role::Assistant, "黄河入海流"), m(Role::User, "再来一句"), m(Role::Assistant, "欲穷千里目")],
+        ]
+    }
+
+    /// A checkpoint saved with liandan's tokenizer carries the tokenizer files, checksummed, and
+    /// loads back with the same chat format. With `LIANDAN_EXPORT_DIR` set, the checkpoint and the
+    /// ids liandan gives (`liandan_ids.json`) are left there for the transformers check.
+    #[test]
+    fn checkpoints_carry_the_chat_tokenizer_files() {
+        let corpus = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。", "你是诗人。再来一句"];
+        let mut tk = ChatTokenizer::train(corpus.iter().cycle().take(200), 300).unwrap();
+        tk.pad_to(300);
+        let root = std::env::temp_dir().join(format!("liandan-hf-export-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        tk.save(&root.join("tokenizer.json")).unwrap();
+        let tok_bytes = std::fs::read(root.join("tokenizer.json")).unwrap();
+        let cfg = GptConfig::new(tk.vocab_size(), 64, 1, 2, 16);
+        let params = vec![0.01f32; ParamLayout::new(&cfg).len()];
+        let dir = root.join("step-1");
+        let files = vec![("tokenizer.json".to_string(), tok_bytes)];
+        let info = SaveInfo { step: 1, rng_state: 0, train_config: None, data_cursor: DataCursor::default(), tokenizer: "tokenizer.json", extra_files: &files };
+        checkpoint::save(&dir, &cfg, &params, None, &info).unwrap();
+        let state = checkpoint::verify(&dir).unwrap();
+        for f in ["tokenizer.json", TOKENIZER_CONFIG, GENERATION_CONFIG, "special_tokens_map.json"] {
+            assert!(state.files.contains_key(f), "{f} is not in state.json's checksums");
+        }
+        // A changed template is caught by the checksums.
+        let p = dir.join(TOKENIZER_CONFIG);
+        let orig = std::fs::read(&p).unwrap();
+        std::fs::write(&p, String::from_utf8(orig.clone()).unwrap().replace("<|end|>", "<|eos|>")).unwrap();
+        assert!(checkpoint::verify(&dir).unwrap_err().to_string().contains(TOKENIZER_CONFIG));
+        std::fs::write(&p, &orig).unwrap();
+
+        let (_, back) = crate::eval::load_for_inference(&dir).unwrap();
+        let back = back.unwrap();
+        assert_eq!(back.stop_tokens(), tk.stop_tokens());
+        let mut cases = Vec::new();
+        for conv in conversations() {
+            let ids = tokenize_chat(&back, &conv).unwrap().ids;
+            assert_eq!(ids, tokenize_chat(&tk, &conv).unwrap().ids);
+            let upto = conv.len() - 1;
+            let prompt = prompt_ids(&back, &conv[..upto]).unwrap();
+            assert_eq!(prompt, prompt_ids(&tk, &conv[..upto]).unwrap());
+            cases.push(serde_json::json!({ "messages": conv, "ids": ids, "prompt_ids": prompt }));
+        }
+        if let Some(out) = std::env::var_os("LIANDAN_EXPORT_DIR") {
+            let out = Path::new(&out);
+            std::fs::create_dir_all(out).unwrap();
+            for f in state.files.keys().map(String::as_str).chain(["state.json"]) {
+                std::fs::copy(dir.join(f), out.join(f)).unwrap();
+            }
+            let expect = serde_json::json!({ "stop_tokens": tk.stop_tokens(), "cases": cases });
+            std::fs::write(out.join("liandan_ids.json"), serde_json::to_vec_pretty(&expect).unwrap()).unwrap();
+        }
+    }
+}

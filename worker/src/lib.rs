@@ -30,23 +30,22 @@
 //! checkpoint is written without transposes and `transformers` loads it as it is.
 
 pub mod backend;
-pub mod checkpoint;
 pub mod collective;
 pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
-pub mod hf;
-pub mod hf_tokenizer;
-pub mod ledger;
 pub mod model;
 pub mod optim;
 pub mod phase;
-pub mod plan;
-pub mod rng;
 pub mod runtime;
 pub mod tokenizer;
 pub mod train;
+
+// What the worker shares with the coordinator lives in liandan-plan; re-exported at the paths
+// the engine and the phases use.
+pub use liandan_plan::phase as plan;
+pub use liandan_plan::{checkpoint, hf, hf_tokenizer, ledger, rng};
 
 pub use error::EngineError;
 pub use model::{config::GptConfig, gpt::Gpt};

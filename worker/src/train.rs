@@ -3,54 +3,15 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
 use crate::collective::Collective;
 use crate::engine::cpu::CpuReplica;
 use crate::engine::{Model, Replica};
 use crate::error::{EngineError, Result};
 use crate::model::config::GptConfig;
 use crate::model::gpt::{Gpt, loss_denominator};
-use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+use crate::optim::AdamW;
 use crate::rng::Rng;
-
-/// How a model is trained. Saved in every checkpoint's `state.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    /// `B`: sequences per micro-batch.
-    pub batch_size: usize,
-    /// `T`: tokens per sequence.
-    pub seq_len: usize,
-    /// Micro-batches per optimizer step; the step's batch is `grad_accum·B·T` tokens.
-    pub grad_accum: usize,
-    pub schedule: LrSchedule,
-    pub adamw: AdamWConfig,
-    /// Global gradient-norm clip; 0 disables clipping.
-    pub grad_clip: f32,
-    /// Seeds weight initialisation (and anything else random in training).
-    pub seed: u64,
-}
-
-impl TrainConfig {
-    /// Checks every field against the model; the error names the field and the numbers.
-    pub fn validate(&self, model: &GptConfig) -> Result<()> {
-        if self.batch_size == 0 {
-            return Err(EngineError::InvalidConfig { field: "batch_size", reason: "must be at least 1".into() });
-        }
-        if self.seq_len == 0 || self.seq_len > model.n_positions {
-            return Err(EngineError::InvalidConfig { field: "seq_len", reason: format!("must be in 1..={} (the model's n_positions), got {}", model.n_positions, self.seq_len) });
-        }
-        if self.grad_accum == 0 {
-            return Err(EngineError::InvalidConfig { field: "grad_accum", reason: "must be at least 1".into() });
-        }
-        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
-            return Err(EngineError::InvalidConfig { field: "grad_clip", reason: format!("must be >= 0, got {}", self.grad_clip) });
-        }
-        self.schedule.validate()?;
-        self.adamw.validate()
-    }
-}
+pub use liandan_plan::training::TrainConfig;
 
 /// Inputs and targets of one micro-batch, `(B, T)` each; optional per-position loss weights.
 #[derive(Debug, Clone)]
@@ -240,7 +201,7 @@ impl Trainer {
     /// `extra_files` (name, bytes) are stored and checksummed with the checkpoint (the tokenizer).
     pub fn save(&self, dir: &Path, data_cursor: crate::checkpoint::DataCursor, tokenizer: &str, extra_files: &[(String, Vec<u8>)]) -> Result<()> {
         let info = crate::checkpoint::SaveInfo { step: self.step, rng_state: self.rng.state(), train_config: Some(&self.config), data_cursor, tokenizer, extra_files };
-        crate::checkpoint::save(dir, &self.model.config, &self.model.params, Some((&self.opt.m, &self.opt.v, self.opt.t)), &info)
+        Ok(crate::checkpoint::save(dir, &self.model.config, &self.model.params, Some((&self.opt.m, &self.opt.v, self.opt.t)), &info)?)
     }
 
     /// Rebuilds a trainer from a verified checkpoint, continuing exactly where it stopped.

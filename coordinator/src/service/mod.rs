@@ -210,7 +210,7 @@ impl CoordinatorService {
         cache
             .entry(dir.to_string())
             .or_insert_with(|| {
-                liandan_worker::phase::EVAL_FILES
+                liandan_plan::checkpoint::eval_files::ALL
                     .iter()
                     .find_map(|f| std::fs::read(std::path::Path::new(dir).join(f)).ok())
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -280,7 +280,7 @@ impl CoordinatorService {
             // `plans` refused plans whose estimate overflows.
             let need = plan.memory_per_rank(spec.cluster.min_workers as usize).unwrap_or_default();
             if need.total() > best {
-                use liandan_worker::model::memory::show_bytes;
+                use liandan_plan::memory::show_bytes;
                 return Err(Status::invalid_argument(format!(
                     "{source}: phases[{i}]: a rank needs {} (weights {}, gradients {}, optimizer {}, activations {} at {} sequences of {}), and the largest registered worker has {}; lower global_batch or seq_len, raise cluster.min_workers, or use a smaller model",
                     show_bytes(need.total()),

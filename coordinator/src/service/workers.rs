@@ -133,7 +133,7 @@ impl CoordinatorService {
         let (id, fresh) = self.with_store(|s| s.register_worker(&new))?;
         let (secret, pace) = self.members.admit(id, &r.instance);
         if fresh {
-            info!("worker {id} registered ({}, {}, ring {}, {} of memory)", r.hostname, r.device, r.ring_address, liandan_worker::model::memory::show_bytes(r.memory_bytes));
+            info!("worker {id} registered ({}, {}, ring {}, {} of memory)", r.hostname, r.device, r.ring_address, liandan_plan::memory::show_bytes(r.memory_bytes));
         } else {
             info!("worker {id} registered again (same process; ring {})", r.ring_address);
         }
@@ -426,7 +426,7 @@ fn check_checkpoint(root: &Path, dir: &Path, plan_json: &str, step: u64) -> Resu
     if !real.starts_with(&root) || real == root {
         return Err(format!("is not under the phase's checkpoint directory {}", root.display()));
     }
-    let state = liandan_worker::checkpoint::verify(&real).map_err(|e| e.to_string())?;
+    let state = liandan_plan::checkpoint::verify(&real).map_err(|e| e.to_string())?;
     if state.step != step {
         return Err(format!("holds step {}, reported as step {step}", state.step));
     }

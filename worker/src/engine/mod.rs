@@ -23,7 +23,8 @@
 
 pub mod cpu;
 pub mod cuda;
-pub mod head;
+// The score head is a checkpoint file shared with the coordinator (liandan-plan).
+pub use liandan_plan::head;
 
 use std::borrow::Cow;
 

@@ -74,22 +74,6 @@ pub struct LlamaGrads {
     pub dfch_act: Vec<f32>,
 }
 
-/// Floats of [`LlamaActs`] and [`LlamaGrads`] for batches up to `(b, t)` (None on overflow):
-/// what [`super::memory`] charges for a llama model.
-pub fn activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<(u128, u128)> {
-    let (c, l, nh, vp) = (cfg.n_embd as u128, cfg.n_layer as u128, cfg.n_head as u128, cfg.padded_vocab_size as u128);
-    let (d, i) = (cfg.qkv_dim() as u128, cfg.mlp_dim() as u128);
-    let n = (b as u128).checked_mul(t as u128)?;
-    let tt = (t as u128).checked_mul(t as u128)?;
-    let att = (b as u128).checked_mul(nh)?.checked_mul(tt)?;
-    // encoded, lnf, proj: n·c; lnf_rstd, losses: n; logits: n·vp. Per layer: ln1, atty,
-    // residual2, ln2, residual3: n·c; two rstd: n; qkv: n·d; fch: n·2i; fch_act: n·i; att.
-    let per_layer = n.checked_mul(c.checked_mul(5)?.checked_add(2)?.checked_add(d)?.checked_add(i.checked_mul(3)?)?)?.checked_add(att)?;
-    let acts = n.checked_mul(c.checked_mul(3)?.checked_add(2)?.checked_add(vp)?)?.checked_add(l.checked_mul(per_layer)?)?;
-    let grads = n.checked_mul(c.checked_mul(3)?.checked_add(d)?.checked_add(i.checked_mul(3)?)?)?.checked_add(att)?;
-    Some((acts, grads))
-}
-
 /// A llama-family model with its training buffers.
 #[derive(Debug)]
 pub struct Llama {

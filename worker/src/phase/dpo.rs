@@ -15,10 +15,6 @@
 //! (`dpo_eval.json`). Pairs whose chosen and rejected answers are identical after tokenization
 //! (cut to `seq_len`) carry no preference and are dropped; a phase left with none is refused.
 
-use std::path::Path;
-
-use liandan_data::chat::{Message, PreferencePair, Role, prompt_ids};
-use liandan_data::tokenizer::ChatTokenizer;
 use serde::{Deserialize, Serialize};
 
 use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
@@ -28,31 +24,16 @@ use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
 use crate::checkpoint;
 use crate::engine::{Model, Replica};
 use crate::ledger::Ledger;
-use crate::plan::{DpoSettings, PhasePlan};
+use crate::plan::PhasePlan;
 use crate::train::TrainConfig;
 
+use liandan_plan::inputs::dpo_settings;
+pub use liandan_plan::inputs::pairs::{DpoPair, DpoPairs, dpo_pairs, load_dpo_pairs};
+
 /// The statistics of the step that wrote the checkpoint, with the held-out accuracy.
-pub const EVAL_FILE: &str = "dpo_eval.json";
+pub const EVAL_FILE: &str = liandan_plan::checkpoint::eval_files::DPO;
 /// The reference log-probs of every pair (see [`encode_reference`]).
 pub const REFERENCE_FILE: &str = "dpo_reference.bin";
-
-/// A comparison as token ids: both conversations (cut to `seq_len`) share the prompt's first
-/// `prompt_len` tokens; the answer is the rest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DpoPair {
-    pub chosen: Vec<u32>,
-    pub rejected: Vec<u32>,
-    pub prompt_len: usize,
-}
-
-/// The phase's pairs, training and held out, and how many were dropped.
-#[derive(Debug, Clone)]
-pub struct DpoPairs {
-    pub train: Vec<DpoPair>,
-    pub heldout: Vec<DpoPair>,
-    /// Pairs whose chosen and rejected ids are the same after tokenization and the cut.
-    pub identical: usize,
-}
 
 /// DPO's loss for one pair from the summed log-probs of the chosen and rejected answers under
 /// the policy (`pc`, `pr`) and the reference (`rc`, `rr`): with
@@ -63,43 +44,6 @@ pub fn dpo_loss(pc: f64, pr: f64, rc: f64, rr: f64, beta: f64) -> (f64, f64, f64
     let loss = if z > 0.0 { (-z).exp().ln_1p() } else { -z + z.exp().ln_1p() };
     let s = 1.0 / (1.0 + z.exp()); // σ(−z)
     (loss, -beta * s, beta * s)
-}
-
-/// Tokenizes and splits the comparisons (what the phase trains on, and what the coordinator
-/// checks at submit). `file` names them in errors.
-pub fn tokenized_pairs(tk: &ChatTokenizer, pairs: &[PreferencePair], t: usize, file: &Path) -> Result<DpoPairs, PhaseError> {
-    let mut out = DpoPairs { train: Vec::new(), heldout: Vec::new(), identical: 0 };
-    let mut no_room = 0;
-    for p in pairs {
-        let prompt = prompt_ids(tk, &[Message { role: Role::User, content: p.prompt.clone() }]).map_err(|e| PhaseError::Data(format!("{}: {e}", p.source)))?;
-        let chosen = super::reward::conversation(tk, &p.prompt, &p.chosen, t)?;
-        let rejected = super::reward::conversation(tk, &p.prompt, &p.rejected, t)?;
-        if chosen.len() <= prompt.len() || rejected.len() <= prompt.len() {
-            no_room += 1;
-            continue;
-        }
-        if chosen == rejected {
-            out.identical += 1;
-            continue;
-        }
-        let pair = DpoPair { chosen, rejected, prompt_len: prompt.len() };
-        if super::reward::held_out(p) { out.heldout.push(pair) } else { out.train.push(pair) }
-    }
-    if out.train.is_empty() {
-        let n = pairs.len();
-        let why = if out.identical == n {
-            format!("all {n} pairs are identical after tokenization (chosen and rejected cut to seq_len = {t} tokens): DPO has no preference to learn")
-        } else if no_room + out.identical == n {
-            format!("no pair leaves room for an answer in seq_len = {t} tokens ({no_room} prompts too long, {} pairs identical after the cut)", out.identical)
-        } else {
-            format!("no training pairs ({n} comparisons, {} held out, {} identical after tokenization, {no_room} without room for an answer)", out.heldout.len(), out.identical)
-        };
-        return Err(PhaseError::Data(format!("{}: {why}", file.display())));
-    }
-    if out.identical > 0 || no_room > 0 {
-        tracing::warn!(identical = out.identical, no_room, "dpo pairs dropped: identical after tokenization, or no room for an answer in seq_len");
-    }
-    Ok(out)
 }
 
 /// `log π` of the answer (positions `prompt_len..`) of one row of logits `(t, vp)`.
@@ -376,26 +320,12 @@ impl PhaseStep for DpoStep {
     }
 }
 
-/// The checked settings of a dpo phase.
-pub fn settings(plan: &PhasePlan) -> Result<DpoSettings, PhaseError> {
-    let s = plan.dpo.clone().unwrap_or_default();
-    s.validate().map_err(|(f, r)| PhaseError::Plan(format!("dpo.{f}: {r}")))?;
-    Ok(s)
-}
-
-/// The phase's pairs from its comparison sources, tokenized and split.
-pub fn load_pairs(plan: &PhasePlan, tk: &ChatTokenizer) -> Result<DpoPairs, PhaseError> {
-    let pairs = super::reward::comparisons(plan)?;
-    let file = plan.examples.clone().or_else(|| plan.labelled_examples.clone()).unwrap_or_default();
-    tokenized_pairs(tk, &pairs, plan.seq_len, &file)
-}
-
 /// Runs (or resumes) the DPO phase on this rank, from the SFT phase's checkpoint (the reference).
 pub fn run_dpo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError> {
     let world = io.coll.world();
-    let s = settings(plan)?;
+    let s = dpo_settings(plan)?;
     let (tk, tok_bytes) = load_tokenizer(plan)?;
-    let pairs = load_pairs(plan, &tk)?;
+    let pairs = load_dpo_pairs(plan, &tk)?;
     let t = plan.seq_len;
     let b_global = plan.global_batch;
     let b_max = b_global.div_ceil(world).max(1);
@@ -440,6 +370,7 @@ pub fn run_dpo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<Ph
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::DpoSettings;
 
     #[test]
     fn the_dpo_loss_matches_hand_computed_values() {

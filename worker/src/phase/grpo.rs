@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
 use super::ppo::losses::{PolicyStats, k3, policy_loss_grad};
-use super::ppo::rollout::{PpoPrompt, Rollout, answer_logps, padded, read_prompts, sample};
+use super::ppo::rollout::{PpoPrompt, Rollout, answer_logps, padded, sample};
 use super::ppo::{load_reward_head, load_role, minibatch, shuffle_for_epoch, to_json};
 use super::sft::load_tokenizer;
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
@@ -38,9 +38,11 @@ use crate::ledger::Ledger;
 use crate::plan::{GrpoSettings, PhasePlan, RewardSource};
 use crate::train::TrainConfig;
 use liandan_data::tokenizer::ChatTokenizer;
+use liandan_plan::inputs::grpo_settings;
+use liandan_plan::inputs::prompts::grpo_prompts;
 
 /// The metrics of the step that wrote the checkpoint.
-pub const EVAL_FILE: &str = "grpo_eval.json";
+pub const EVAL_FILE: &str = liandan_plan::checkpoint::eval_files::GRPO;
 
 /// ε of the advantage's denominator `std + ε`: a group with all-equal rewards gets A = 0.
 pub const ADV_EPS: f64 = 1e-4;
@@ -295,39 +297,17 @@ fn reward_model(plan: &PhasePlan, engine: &dyn Engine, s: &GrpoSettings, b: usiz
     Ok(Some((m, head)))
 }
 
-/// The checked settings of a grpo phase.
-pub fn settings(plan: &PhasePlan) -> Result<GrpoSettings, PhaseError> {
-    let s = plan.grpo.clone().unwrap_or_default();
-    s.validate().map_err(|(f, r)| PhaseError::Plan(format!("grpo.{f}: {r}")))?;
-    Ok(s)
-}
-
-/// The prompts of a grpo phase; with the verifier as the whole reward, at least one must ask
-/// for a poem form (the verifier scores nothing else).
-pub fn prompts(plan: &PhasePlan, tk: &ChatTokenizer, s: &GrpoSettings) -> Result<Vec<PpoPrompt>, PhaseError> {
-    let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a grpo phase needs `data` (a JSONL of prompts in the SFT format)".into()))?;
-    let prompts = read_prompts(file, tk, &s.tasks, plan.seq_len)?;
-    if s.reward == RewardSource::Verifier && prompts.iter().all(|p| p.form.is_none()) {
-        return Err(PhaseError::Plan(format!(
-            "grpo.reward = \"verifier\", but none of the {} prompts of {} asks for a poem form (the verifier scores nothing else): every reward would be 0",
-            prompts.len(),
-            file.display()
-        )));
-    }
-    Ok(prompts)
-}
-
 /// Runs (or resumes) the GRPO phase on this rank: the policy starts from `plan.init_checkpoint`
 /// (the SFT model, also the frozen reference), the reward model (if the reward needs one) from
 /// `plan.reward_checkpoint`.
 pub fn run_grpo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError> {
     let world = io.coll.world();
-    let s = settings(plan)?;
+    let s = grpo_settings(plan)?;
     let reference_dir =
         plan.init_checkpoint.clone().ok_or_else(|| PhaseError::Plan("a grpo phase starts from an SFT checkpoint (the policy and its frozen reference); none was given".into()))?;
     let (tk, tok_bytes) = load_tokenizer(plan)?;
     let t = plan.seq_len;
-    let prompts = prompts(plan, &tk, &s)?;
+    let prompts = grpo_prompts(plan, &tk, &s)?;
     let b_global = plan.global_batch;
     let b_max = (b_global * s.group_size).div_ceil(world).max(1);
     let ref_ck = load_role(&reference_dir, "reference (SFT)", plan)?;

@@ -17,65 +17,14 @@ pub mod reward;
 pub mod sft;
 
 pub use driver::{PhaseStep, Start};
+/// What a worker would refuse about a phase's inputs (the coordinator runs it at submit).
+pub use liandan_plan::inputs::check as check_inputs;
 
 use std::path::PathBuf;
 
 /// The files in which phases record an evaluation of their checkpoint (SFT validation loss,
 /// reward-model held-out accuracy, PPO and GRPO step statistics, DPO held-out accuracy).
-pub const EVAL_FILES: [&str; 5] = [sft::EVAL_FILE, reward::EVAL_FILE, ppo::EVAL_FILE, grpo::EVAL_FILE, dpo::EVAL_FILE];
-
-/// What a worker would refuse about a phase's inputs, found before any worker starts (the
-/// coordinator calls this at submit): the same loaders the phases run. Checkpoints named by
-/// other phases do not exist yet and are not checked here.
-///
-/// # Errors
-/// The error the phase itself would end with.
-pub fn check_inputs(plan: &crate::plan::PhasePlan) -> Result<(), PhaseError> {
-    use crate::plan::{ComparisonSource, PhaseKind};
-    match plan.kind {
-        PhaseKind::Data => {
-            let cfg = plan.prepare.as_ref().ok_or_else(|| PhaseError::Plan("a data phase needs [phases.prepare]".into()))?;
-            liandan_data::pipeline::plan(cfg).map(|_| ()).map_err(|e| PhaseError::Data(e.to_string()))
-        }
-        PhaseKind::Pretrain => {
-            let (manifest, _) = pretrain::data_tokenizer(plan)?;
-            let tokens = manifest.splits.get("train").map_or(0, |s| s.tokens);
-            pretrain::ledger(plan, usize::try_from(tokens).unwrap_or(usize::MAX)).map(|_| ())
-        }
-        PhaseKind::Sft => sft::load_data(plan).map(|_| ()),
-        PhaseKind::Reward => {
-            let (tk, _) = sft::load_tokenizer(plan)?;
-            // Labelled comparisons only exist once people label them.
-            if plan.comparisons != ComparisonSource::File {
-                return Ok(());
-            }
-            let pairs = reward::comparisons(plan)?;
-            let file = plan.examples.clone().unwrap_or_default();
-            reward::tokenized_pairs(&tk, &pairs, plan.seq_len, &file).map(|_| ())
-        }
-        PhaseKind::Ppo => {
-            let s = plan.ppo.clone().unwrap_or_default();
-            s.validate().map_err(|(f, r)| PhaseError::Plan(format!("ppo.{f}: {r}")))?;
-            let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a ppo phase needs `data` (a JSONL of prompts in the SFT format)".into()))?;
-            let (tk, _) = sft::load_tokenizer(plan)?;
-            ppo::rollout::read_prompts(file, &tk, &s.tasks, plan.seq_len).map(|_| ())
-        }
-        PhaseKind::Grpo => {
-            let s = grpo::settings(plan)?;
-            let (tk, _) = sft::load_tokenizer(plan)?;
-            grpo::prompts(plan, &tk, &s).map(|_| ())
-        }
-        PhaseKind::Dpo => {
-            dpo::settings(plan)?;
-            let (tk, _) = sft::load_tokenizer(plan)?;
-            // Labelled comparisons only exist once people label them.
-            if plan.comparisons != ComparisonSource::File {
-                return Ok(());
-            }
-            dpo::load_pairs(plan, &tk).map(|_| ())
-        }
-    }
-}
+pub const EVAL_FILES: [&str; 5] = liandan_plan::checkpoint::eval_files::ALL;
 
 /// Metrics of one optimizer step over the whole group.
 #[derive(Debug, Clone, PartialEq)]
@@ -257,9 +206,18 @@ pub(crate) fn padded_rows<'a>(seqs: impl Iterator<Item = &'a [u32]>, t: usize, p
     tokens
 }
 
-/// Whether a piece of data is held out, from a stable hash of its text (FNV-1a: the same on every
-/// platform and version), so the split never depends on order or on the world size.
-pub(crate) fn held_out_by_hash(text: &str, share: f64) -> bool {
-    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3));
-    ((h >> 11) as f64 / (1u64 << 53) as f64) < share
+impl From<liandan_plan::PlanError> for PhaseError {
+    fn from(e: liandan_plan::PlanError) -> Self {
+        PhaseError::Engine(e.into())
+    }
+}
+
+impl From<liandan_plan::inputs::InputError> for PhaseError {
+    fn from(e: liandan_plan::inputs::InputError) -> Self {
+        use liandan_plan::inputs::InputError as I;
+        match e {
+            I::Data(s) => PhaseError::Data(s),
+            I::Plan(s) => PhaseError::Plan(s),
+        }
+    }
 }

@@ -6,7 +6,8 @@
 //! sum of gradients is the gradient of the global batch's mean loss: the trajectory does not
 //! depend on the world size except through float summation order.
 
-use liandan_data::shard::{Manifest, Split, read_split, sha256_hex};
+use liandan_data::shard::{Split, read_split};
+use liandan_plan::inputs::ledger;
 
 use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
@@ -15,11 +16,7 @@ use crate::ledger::Ledger;
 use crate::plan::PhasePlan;
 use crate::train::TrainConfig;
 
-/// Name of the tokenizer inside prepared data and checkpoints.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
-
-/// Largest tokenizer file read (a 150k-token BPE is about 10 MiB).
-const TOKENIZER_MAX_BYTES: u64 = 256 << 20;
+pub use liandan_plan::inputs::{TOKENIZER_FILE, data_tokenizer};
 
 /// Rows of a phase's data: `T + 1` tokens each (inputs are the first `T`, targets the last `T`).
 pub trait BatchSource {
@@ -52,29 +49,6 @@ impl BatchSource for TokenWindows {
     fn global_denominator(&mut self, _step: u64) -> f32 {
         (self.global_batch * self.t) as f32
     }
-}
-
-/// The prepared data's tokenizer file, verified against its manifest.
-pub fn data_tokenizer(plan: &PhasePlan) -> Result<(Manifest, Vec<u8>), PhaseError> {
-    let manifest = Manifest::load(&plan.data_dir).map_err(|e| PhaseError::Data(e.to_string()))?;
-    // A model's own tokenizer may have fewer tokens than its embedding has rows (Qwen2 rounds
-    // the embedding up); liandan's is padded to exactly the model's vocabulary.
-    let model_tokenizer = plan.data_dir.join(liandan_data::hf_tokenizer::TOKENIZER_CONFIG).is_file();
-    if manifest.vocab_size > plan.model.vocab_size || (manifest.vocab_size != plan.model.vocab_size && !model_tokenizer) {
-        return Err(PhaseError::Plan(format!("data vocabulary {} differs from the model's {}", manifest.vocab_size, plan.model.vocab_size)));
-    }
-    let tok_path = plan.data_dir.join(&manifest.tokenizer);
-    let tokenizer = liandan_data::files::read_bounded(&tok_path, TOKENIZER_MAX_BYTES).map_err(|e| PhaseError::Data(e.to_string()))?;
-    if sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
-        return Err(PhaseError::Data(format!("{}: sha256 does not match manifest.json", tok_path.display())));
-    }
-    Ok((manifest, tokenizer))
-}
-
-/// The sample ledger over `tokens` training tokens, or why they are too few.
-pub(crate) fn ledger(plan: &PhasePlan, tokens: usize) -> Result<Ledger, PhaseError> {
-    Ledger::new(tokens, plan.seq_len, plan.global_batch, plan.seed)
-        .ok_or_else(|| PhaseError::Data(format!("{}: {tokens} training tokens do not make one sequence of {}", plan.data_dir.display(), plan.seq_len)))
 }
 
 /// Runs (or resumes) the pretrain phase on this rank; rank 0 writes `step-NNNNNNNN`

@@ -4,10 +4,6 @@
 //! (by a hash of their text) are held out; the pairwise accuracy on them is written with every
 //! checkpoint (`reward_eval.json`).
 
-use std::path::Path;
-
-use liandan_data::chat::{Message, PreferencePair, Role, read_preferences, tokenize_chat};
-use liandan_data::tokenizer::ChatTokenizer;
 use serde::{Deserialize, Serialize};
 
 use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
@@ -20,9 +16,10 @@ use crate::plan::PhasePlan;
 use crate::train::TrainConfig;
 
 /// File of the held-out accuracy inside a reward checkpoint.
-pub const EVAL_FILE: &str = "reward_eval.json";
+pub const EVAL_FILE: &str = liandan_plan::checkpoint::eval_files::REWARD;
 
 pub use crate::engine::head::{HEAD_FILE, ScalarHead};
+pub use liandan_plan::inputs::pairs::{RewardPairs, comparisons, conversation, held_out, reward_pairs};
 
 /// Held-out pairwise accuracy, overall and per task (`(correct, pairs)`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,42 +47,6 @@ pub fn bradley_terry(rc: &[f32], rr: &[f32], n: f32) -> (f64, Vec<f32>, Vec<f32>
     (loss, dc, dr)
 }
 
-/// The phase's comparisons: its `data` file, the comparisons labelled through the coordinator,
-/// or both (`comparisons`). Logs how many of each label source it trains on.
-pub fn comparisons(plan: &PhasePlan) -> Result<Vec<PreferencePair>, PhaseError> {
-    use crate::plan::ComparisonSource as S;
-    let mut pairs = Vec::new();
-    if matches!(plan.comparisons, S::File | S::Both) {
-        let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("a reward phase needs `data` (a JSONL of comparisons)".into()))?;
-        pairs.extend(read_preferences(file).map_err(|e| PhaseError::Data(e.to_string()))?);
-    }
-    if matches!(plan.comparisons, S::Labelled | S::Both) {
-        let file = plan.labelled_examples.as_ref().ok_or_else(|| PhaseError::Plan("the coordinator did not export the labelled comparisons".into()))?;
-        let empty = std::fs::metadata(file).map(|m| m.len() == 0).unwrap_or(false);
-        if empty && plan.comparisons == S::Labelled {
-            return Err(PhaseError::Data(format!("{}: no comparison has been labelled yet (label some with `liandan label JOB`)", file.display())));
-        }
-        if !empty {
-            pairs.extend(read_preferences(file).map_err(|e| PhaseError::Data(e.to_string()))?);
-        }
-    }
-    let human = pairs.iter().filter(|p| p.label_source == liandan_data::chat::LabelSource::Human).count();
-    tracing::info!(human, rule = pairs.len() - human, "reward model comparisons by label source");
-    Ok(pairs)
-}
-
-pub(crate) fn held_out(p: &PreferencePair) -> bool {
-    super::held_out_by_hash(&format!("{}\u{1}{}\u{1}{}", p.prompt, p.chosen, p.rejected), 0.1)
-}
-
-/// Token ids of prompt + answer (cut to `t`), and the index of the last token.
-pub(crate) fn conversation(tk: &ChatTokenizer, prompt: &str, answer: &str, t: usize) -> Result<Vec<u32>, PhaseError> {
-    let msgs = [Message { role: Role::User, content: prompt.into() }, Message { role: Role::Assistant, content: answer.into() }];
-    let mut ids = tokenize_chat(tk, &msgs).map_err(|e| PhaseError::Data(e.to_string()))?.ids;
-    ids.truncate(t);
-    Ok(ids)
-}
-
 /// Rows padded to `t` and the last real index of each.
 fn rows(convs: &[&Vec<u32>], t: usize, pad: u32) -> (Vec<u32>, Vec<usize>) {
     (super::padded_rows(convs.iter().map(|c| c.as_slice()), t, pad), convs.iter().map(|c| c.len() - 1).collect())
@@ -104,32 +65,6 @@ pub fn scores(model: &mut dyn Model, head: &ScalarHead, convs: &[&Vec<u32>], t: 
             let at = (i * t + l) * c;
             out.push(head.score(&h[at..at + c]));
         }
-    }
-    Ok(out)
-}
-
-/// Comparisons as token ids: (chosen, rejected) conversations cut to `t`, training and held out.
-pub(crate) struct Pairs {
-    pub train: Vec<(Vec<u32>, Vec<u32>)>,
-    pub heldout: Vec<(Vec<u32>, Vec<u32>)>,
-    pub heldout_tasks: Vec<String>,
-}
-
-/// Tokenizes and splits the comparisons (what the phase trains on, and what the coordinator
-/// checks at submit). `file` names them in errors.
-pub(crate) fn tokenized_pairs(tk: &ChatTokenizer, pairs: &[PreferencePair], t: usize, file: &Path) -> Result<Pairs, PhaseError> {
-    let mut out = Pairs { train: Vec::new(), heldout: Vec::new(), heldout_tasks: Vec::new() };
-    for p in pairs {
-        let pair = (conversation(tk, &p.prompt, &p.chosen, t)?, conversation(tk, &p.prompt, &p.rejected, t)?);
-        if held_out(p) {
-            out.heldout.push(pair);
-            out.heldout_tasks.push(p.task.clone().unwrap_or_default());
-        } else {
-            out.train.push(pair)
-        }
-    }
-    if out.train.is_empty() {
-        return Err(PhaseError::Data(format!("{}: no training pairs ({} comparisons, all held out)", file.display(), pairs.len())));
     }
     Ok(out)
 }
@@ -216,10 +151,10 @@ pub fn run_reward(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result
     let (tk, tok_bytes) = load_tokenizer(plan)?;
     let t = plan.seq_len;
     let pad = tk.special.pad;
-    let Pairs { train, heldout, heldout_tasks } = tokenized_pairs(&tk, &pairs, t, &file)?;
+    let RewardPairs { train, heldout, heldout_tasks } = reward_pairs(&tk, &pairs, t, &file)?;
     let b_global = plan.global_batch;
     let b_max = b_global.div_ceil(world).max(1);
-    // `tokenized_pairs` made sure there is at least one training pair.
+    // `reward_pairs` made sure there is at least one training pair.
     let ledger = Ledger::over_rows(train.len(), 1, b_global, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no training pairs", file.display())))?;
     if start.dir().is_none() {
         return Err(PhaseError::Plan("a reward phase starts from the SFT phase's checkpoint; none was given".into()));

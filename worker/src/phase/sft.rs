@@ -1,95 +1,24 @@
 //! The SFT phase: supervised fine-tuning on `{prompt, response}` / `{messages}` examples with the
 //! chat template, loss only on the assistant's tokens.
 //!
-//! Examples are tokenized once, then packed greedily into rows of `T + 1` tokens (short examples
-//! share a row; an example longer than a row is cut, and one whose answer is cut away entirely is
-//! skipped). A target is the next token where that token
-//! belongs to an assistant turn, and ignored elsewhere, so prompts and padding teach nothing.
-//! Packed examples can attend to the earlier examples of their row (no block-diagonal mask), as
-//! in most packing implementations; each starts with `<|bos|>`, which marks the boundary.
-//! 5% of the examples (chosen by a hash of their text) are held out for validation.
+//! Examples are tokenized once, then packed greedily into rows of `T + 1` tokens
+//! ([`liandan_plan::inputs::sft`]), so prompts and padding teach nothing. Packed examples can
+//! attend to the earlier examples of their row (no block-diagonal mask), as in most packing
+//! implementations; each starts with `<|bos|>`, which marks the boundary. 5% of the examples
+//! (chosen by a hash of their text) are held out for validation.
 
-use liandan_data::chat::{SftExample, read_sft, tokenize_chat};
-use liandan_data::tokenizer::ChatTokenizer;
+use liandan_data::chat::SftExample;
+use liandan_plan::inputs::sft::{self, SftInputs};
 
 use super::driver::Start;
-use super::pretrain::{BatchSource, data_tokenizer, run_lm_phase};
+use super::pretrain::{BatchSource, run_lm_phase};
 use super::{PhaseError, PhaseIo, PhaseOutcome};
 use crate::engine::Model;
 use crate::ledger::Ledger;
 use crate::plan::PhasePlan;
 
-/// Share of examples held out for validation.
-pub const VAL_SHARE: f64 = 0.05;
-
-/// Packed rows: `rows × (T + 1)` input tokens and the matching targets.
-#[derive(Debug, Clone)]
-pub struct PackedRows {
-    pub row_len: usize,
-    /// Tokens, `rows × row_len`.
-    pub tokens: Vec<u32>,
-    /// `targets[r·row_len + i]` is the target of position `i` of row `r` (the next token if it
-    /// is an assistant token, else −1); the last position of a row has none.
-    pub targets: Vec<i32>,
-}
-
-impl PackedRows {
-    pub fn rows(&self) -> usize {
-        self.tokens.len() / self.row_len
-    }
-}
-
-/// Whether an example is held out (by a hash of its text, so the split is stable).
-pub fn held_out(ex: &SftExample) -> bool {
-    let text: String = ex.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\u{1}");
-    super::held_out_by_hash(&text, VAL_SHARE)
-}
-
-/// Tokenizes and packs examples into rows of `seq_len + 1` tokens.
-pub fn pack(tk: &ChatTokenizer, examples: &[SftExample], seq_len: usize) -> Result<PackedRows, PhaseError> {
-    let row_len = seq_len + 1;
-    let pad = tk.special.pad;
-    let mut tokens = Vec::new();
-    let mut learn = Vec::new();
-    let mut row_fill = 0;
-    for ex in examples {
-        let mut c = tokenize_chat(tk, &ex.messages).map_err(|e| PhaseError::Data(format!("{}: {e}", ex.source)))?;
-        c.ids.truncate(row_len);
-        c.mask.truncate(row_len);
-        // An example whose answer does not fit in a row teaches nothing: skip it.
-        if !c.mask.contains(&1) {
-            continue;
-        }
-        if row_fill + c.ids.len() > row_len {
-            // Pad the rest of the row.
-            let rest = row_len - row_fill;
-            tokens.extend(std::iter::repeat_n(pad, rest));
-            learn.extend(std::iter::repeat_n(0u8, rest));
-            row_fill = 0;
-        }
-        row_fill += c.ids.len();
-        tokens.extend(c.ids);
-        learn.extend(c.mask);
-        if row_fill == row_len {
-            row_fill = 0;
-        }
-    }
-    if row_fill > 0 {
-        let rest = row_len - row_fill;
-        tokens.extend(std::iter::repeat_n(pad, rest));
-        learn.extend(std::iter::repeat_n(0u8, rest));
-    }
-    let mut targets = vec![-1i32; tokens.len()];
-    for r in 0..tokens.len() / row_len {
-        for i in 0..row_len - 1 {
-            let at = r * row_len + i;
-            if learn[at + 1] == 1 {
-                targets[at] = tokens[at + 1] as i32;
-            }
-        }
-    }
-    Ok(PackedRows { row_len, tokens, targets })
-}
+pub use liandan_plan::inputs::load_tokenizer;
+pub use liandan_plan::inputs::sft::{PackedRows, VAL_SHARE, held_out, pack};
 
 /// Rows for the training loop, chosen by a [`Ledger`] over rows.
 #[derive(Debug)]
@@ -115,42 +44,10 @@ impl BatchSource for SftRows {
     }
 }
 
-/// Loads the tokenizer of the plan's data.
-pub fn load_tokenizer(plan: &PhasePlan) -> Result<(ChatTokenizer, Vec<u8>), PhaseError> {
-    let (manifest, bytes) = data_tokenizer(plan)?;
-    let tk = ChatTokenizer::load(&plan.data_dir.join(&manifest.tokenizer), Some(plan.model.vocab_size)).map_err(|e| PhaseError::Data(e.to_string()))?;
-    // A template that cannot mask an answer or open one is refused before anything trains.
-    tk.check_chat().map_err(|e| PhaseError::Data(e.to_string()))?;
-    Ok((tk, bytes))
-}
-
-/// An SFT phase's data, tokenized and packed.
-pub(crate) struct SftData {
-    tk: ChatTokenizer,
-    tok_bytes: Vec<u8>,
-    /// Held-out examples and their packed rows.
-    val: Vec<SftExample>,
-    val_rows: PackedRows,
-    source: SftRows,
-}
-
-/// Reads, splits, tokenizes and packs the phase's examples: what the phase trains on, and what
-/// the coordinator checks at submit (so a file the worker would refuse is refused there).
-pub(crate) fn load_data(plan: &PhasePlan) -> Result<SftData, PhaseError> {
-    let file = plan.examples.as_ref().ok_or_else(|| PhaseError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
-    let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
-    let (train, val): (Vec<SftExample>, Vec<SftExample>) = examples.into_iter().partition(|e| !held_out(e));
-    let (tk, tok_bytes) = load_tokenizer(plan)?;
-    let packed = pack(&tk, &train, plan.seq_len)?;
-    let val_rows = pack(&tk, &val, plan.seq_len)?;
-    let ledger = Ledger::over_rows(packed.rows(), packed.row_len, plan.global_batch, plan.seed)
-        .ok_or_else(|| PhaseError::Data(format!("{}: no training example fits a sequence of {} tokens", file.display(), plan.seq_len)))?;
-    Ok(SftData { tk, tok_bytes, val, val_rows, source: SftRows { packed, ledger } })
-}
-
 /// Runs (or resumes) the SFT phase on this rank, from the previous phase's checkpoint.
 pub fn run_sft(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<PhaseOutcome, PhaseError> {
-    let SftData { tk, tok_bytes, val, val_rows, mut source } = load_data(plan)?;
+    let SftInputs { tk, tok_bytes, train, ledger, val, val_rows } = sft::load(plan)?;
+    let mut source = SftRows { packed: train, ledger };
     let prompts = task_prompts(&val);
     let mut eval = |model: &mut dyn Model| -> Result<(String, Vec<u8>), PhaseError> {
         let loss = validation_loss(model, &val_rows)?;
@@ -180,7 +77,7 @@ fn task_prompts(val: &[SftExample]) -> Vec<crate::eval::EvalItem> {
 }
 
 /// File of the validation result inside an SFT checkpoint.
-pub const EVAL_FILE: &str = "sft_eval.json";
+pub const EVAL_FILE: &str = liandan_plan::checkpoint::eval_files::SFT;
 
 /// Mean loss over the assistant tokens of packed held-out rows (0 when there are none).
 pub fn validation_loss(model: &mut dyn Model, rows: &PackedRows) -> Result<f64, PhaseError> {
@@ -216,6 +113,7 @@ pub fn validation_loss(model: &mut dyn Model, rows: &PackedRows) -> Result<f64, 
 mod tests {
     use super::*;
     use liandan_data::chat::{Message, Role};
+    use liandan_data::tokenizer::ChatTokenizer;
 
     fn tokenizer() -> ChatTokenizer {
         let corpus = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "请接出下一句：白日依山尽，黄河入海流。"];

@@ -67,3 +67,9 @@ impl CudaError {
 }
 
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
+
+impl From<liandan_plan::PlanError> for CudaError {
+    fn from(e: liandan_plan::PlanError) -> Self {
+        CudaError::Engine(e.into())
+    }
+}

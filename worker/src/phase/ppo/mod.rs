@@ -62,7 +62,7 @@ pub const CRITIC_FILE: &str = "critic.safetensors";
 /// The value model's AdamW moments.
 pub const CRITIC_OPT_FILE: &str = "critic_optimizer.safetensors";
 /// The metrics of the step that wrote the checkpoint.
-pub const EVAL_FILE: &str = "ppo_eval.json";
+pub const EVAL_FILE: &str = liandan_plan::checkpoint::eval_files::PPO;
 
 /// β, the value head and the head's Adam state, saved with every checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,11 +3,8 @@
 //! global batch)`, so rollouts do not depend on the world size), and the log-probabilities,
 //! entropies and values scored on them.
 
-use std::path::Path;
-
-use liandan_data::chat::{Role, prompt_ids, read_sft};
 use liandan_data::tokenizer::ChatTokenizer;
-use liandan_data::verify::{PoemForm, form_score};
+use liandan_data::verify::form_score;
 
 use super::losses::logp_entropy;
 use crate::engine::Model;
@@ -16,51 +13,7 @@ use crate::generate::SamplingConfig;
 use crate::phase::PhaseError;
 use crate::rng::Rng;
 
-/// A prompt to answer, ready for generation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PpoPrompt {
-    /// The chat template up to `<|assistant|>`.
-    pub ids: Vec<u32>,
-    /// The form a poem request asks for (the verifier's target), if any.
-    pub form: Option<PoemForm>,
-}
-
-/// The form named in a prompt (`写一首五言绝句…`), if any.
-pub fn requested_form(prompt: &str) -> Option<PoemForm> {
-    PoemForm::ALL.into_iter().find(|f| prompt.contains(f.name()))
-}
-
-/// The prompts of a PPO phase: the examples' conversations up to their last answer, only the
-/// `tasks` asked for, without the SFT phase's held-out examples, and only those that leave room
-/// in `seq_len` for an answer.
-pub fn read_prompts(file: &Path, tk: &ChatTokenizer, tasks: &[String], seq_len: usize) -> Result<Vec<PpoPrompt>, PhaseError> {
-    let examples = read_sft(file).map_err(|e| PhaseError::Data(e.to_string()))?;
-    let mut out = Vec::new();
-    for ex in examples {
-        if !tasks.is_empty() && !ex.task.as_ref().is_some_and(|t| tasks.contains(t)) {
-            continue;
-        }
-        if crate::phase::sft::held_out(&ex) {
-            continue;
-        }
-        let upto = ex.messages.iter().rposition(|m| m.role == Role::Assistant).unwrap_or(ex.messages.len());
-        let msgs = &ex.messages[..upto];
-        if msgs.is_empty() {
-            continue;
-        }
-        let ids = prompt_ids(tk, msgs).map_err(|e| PhaseError::Data(format!("{}: {e}", ex.source)))?;
-        if ids.len() >= seq_len {
-            continue;
-        }
-        let text: String = msgs.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str()).collect();
-        out.push(PpoPrompt { ids, form: requested_form(&text) });
-    }
-    if out.is_empty() {
-        let which = if tasks.is_empty() { String::new() } else { format!(" of tasks {tasks:?}") };
-        return Err(PhaseError::Data(format!("{}: no prompts{which} fit a sequence of {seq_len} tokens", file.display())));
-    }
-    Ok(out)
-}
+pub use liandan_plan::inputs::prompts::{PpoPrompt, read_prompts, requested_form};
 
 /// One sampled answer and everything PPO computes about it.
 #[derive(Debug, Clone, Default)]
@@ -202,6 +155,7 @@ pub fn samples(rolls: &[Rollout], tk: &ChatTokenizer, n: usize) -> Vec<crate::ph
 #[cfg(test)]
 mod tests {
     use super::*;
+    use liandan_data::verify::PoemForm;
 
     #[test]
     fn requested_forms_are_read_from_the_prompt() {

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::error::{EngineError, Result};
-use crate::model::config::{Family, GptConfig};
-use crate::model::params::{ParamKind as K, ParamLayout};
+use crate::config::{Family, GptConfig};
+use crate::error::{PlanError, Result};
+use crate::params::{ParamKind as K, ParamLayout};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -142,46 +142,46 @@ impl WeightFiles {
         let index = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
         if index.is_file() {
-            let raw = std::fs::read(&index).map_err(|e| EngineError::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| EngineError::checkpoint(&index, format!("not valid JSON: {e}")))?;
-            let wm = v.get("weight_map").and_then(|w| w.as_object()).ok_or_else(|| EngineError::checkpoint(&index, "weight_map: missing or not an object"))?;
+            let raw = std::fs::read(&index).map_err(|e| PlanError::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| PlanError::checkpoint(&index, format!("not valid JSON: {e}")))?;
+            let wm = v.get("weight_map").and_then(|w| w.as_object()).ok_or_else(|| PlanError::checkpoint(&index, "weight_map: missing or not an object"))?;
             let mut names: BTreeMap<String, usize> = BTreeMap::new();
             let mut files = Vec::new();
             let mut map = HashMap::new();
             for (tensor, file) in wm {
-                let file = file.as_str().ok_or_else(|| EngineError::checkpoint(&index, format!("weight_map.{tensor}: not a file name")))?;
+                let file = file.as_str().ok_or_else(|| PlanError::checkpoint(&index, format!("weight_map.{tensor}: not a file name")))?;
                 if file.contains('/') || file.contains('\\') || file == ".." {
-                    return Err(EngineError::checkpoint(&index, format!("weight_map.{tensor}: '{file}' is not a plain file name")));
+                    return Err(PlanError::checkpoint(&index, format!("weight_map.{tensor}: '{file}' is not a plain file name")));
                 }
                 let next = names.len();
                 let at = *names.entry(file.to_string()).or_insert(next);
                 if at == files.len() {
                     let path = dir.join(file);
                     if !path.is_file() {
-                        return Err(EngineError::checkpoint(&index, format!("names shard {file} (for {tensor}), which is missing from {}", dir.display())));
+                        return Err(PlanError::checkpoint(&index, format!("names shard {file} (for {tensor}), which is missing from {}", dir.display())));
                     }
-                    let bytes = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
+                    let bytes = std::fs::read(&path).map_err(|e| PlanError::io(&path, e))?;
                     files.push((path, bytes));
                 }
                 map.insert(tensor.clone(), at);
             }
             let wf = WeightFiles { files, map };
             for (i, (path, bytes)) in wf.files.iter().enumerate() {
-                let st = SafeTensors::deserialize(bytes).map_err(|e| EngineError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+                let st = SafeTensors::deserialize(bytes).map_err(|e| PlanError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
                 for (tensor, &f) in &wf.map {
                     if f == i && st.tensor(tensor).is_err() {
-                        return Err(EngineError::checkpoint(path, format!("tensor {tensor} is missing (the index places it in this shard)")));
+                        return Err(PlanError::checkpoint(path, format!("tensor {tensor} is missing (the index places it in this shard)")));
                     }
                 }
             }
             return Ok(wf);
         }
         if !single.is_file() {
-            return Err(EngineError::checkpoint(dir, format!("has neither {SINGLE_FILE} nor {INDEX_FILE}")));
+            return Err(PlanError::checkpoint(dir, format!("has neither {SINGLE_FILE} nor {INDEX_FILE}")));
         }
-        let bytes = std::fs::read(&single).map_err(|e| EngineError::io(&single, e))?;
+        let bytes = std::fs::read(&single).map_err(|e| PlanError::io(&single, e))?;
         let names: Vec<String> = SafeTensors::deserialize(&bytes)
-            .map_err(|e| EngineError::checkpoint(&single, format!("not a valid safetensors file: {e}")))?
+            .map_err(|e| PlanError::checkpoint(&single, format!("not a valid safetensors file: {e}")))?
             .names()
             .into_iter()
             .map(|n| n.to_string())
@@ -207,9 +207,9 @@ impl WeightFiles {
         let Some(&i) = self.map.get(name) else { return Ok(None) };
         let (path, bytes) = &self.files[i];
         // open() checked every file parses.
-        let st = SafeTensors::deserialize(bytes).map_err(|e| EngineError::checkpoint(path, e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| PlanError::checkpoint(path, e.to_string()))?;
         let Ok(view) = st.tensor(name) else { return Ok(None) };
-        let vals = to_f32(&view).ok_or_else(|| EngineError::checkpoint(path, format!("tensor {name} has dtype {:?}: liandan reads F32, F16 and BF16", view.dtype())))?;
+        let vals = to_f32(&view).ok_or_else(|| PlanError::checkpoint(path, format!("tensor {name} has dtype {:?}: liandan reads F32, F16 and BF16", view.dtype())))?;
         Ok(Some((view.shape().to_vec(), vals)))
     }
 }
@@ -245,9 +245,9 @@ pub fn load_params(cfg: &GptConfig, files: &WeightFiles) -> Result<Vec<f32>> {
     let stored = |name: &str| if bare { name.strip_prefix("transformer.").unwrap_or(name).to_string() } else { name.to_string() };
     for t in &wanted {
         let name = stored(&t.name);
-        let (shape, vals) = files.get(&name)?.ok_or_else(|| EngineError::checkpoint(files.file_of(&name), format!("tensor {name} is missing")))?;
+        let (shape, vals) = files.get(&name)?.ok_or_else(|| PlanError::checkpoint(files.file_of(&name), format!("tensor {name} is missing")))?;
         if shape != t.shape {
-            return Err(EngineError::checkpoint(files.file_of(&name), format!("tensor {name} has shape {shape:?}, the config expects {:?}", t.shape)));
+            return Err(PlanError::checkpoint(files.file_of(&name), format!("tensor {name} has shape {shape:?}, the config expects {:?}", t.shape)));
         }
         place(&layout, &mut params, t, &vals);
     }
@@ -255,7 +255,7 @@ pub fn load_params(cfg: &GptConfig, files: &WeightFiles) -> Result<Vec<f32>> {
     let mut extra: Vec<&str> = files.names().filter(|n| !known.contains(*n) && !ignorable(n, cfg)).collect();
     extra.sort();
     if let Some(n) = extra.first() {
-        return Err(EngineError::checkpoint(
+        return Err(PlanError::checkpoint(
             files.file_of(n),
             format!("tensor {n} has no place in a {:?}-family model of this config ({} unexpected tensors)", cfg.family, extra.len()),
         ));

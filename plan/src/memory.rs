@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::config::{Family, GptConfig};
+use crate::config::{Family, GptConfig};
 
 /// Bytes on one rank, by what holds them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ impl MemoryEstimate {
     }
 }
 
-/// Floats of [`super::acts::Activations`] for batches up to `(b, t)`.
+/// Floats of the worker's `model::acts::Activations` for batches up to `(b, t)`.
 pub fn activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<u128> {
     let (c, l, nh, vp) = (cfg.n_embd as u128, cfg.n_layer as u128, cfg.n_head as u128, cfg.padded_vocab_size as u128);
     let bt = (b as u128).checked_mul(t as u128)?;
@@ -48,7 +48,7 @@ pub fn activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<u128> {
     total.checked_add(l.checked_mul(bt)?.checked_mul(4)?)?.checked_add(bt.checked_mul(3)?)?.checked_add(bt.checked_mul(vp)?)
 }
 
-/// Floats of [`super::acts::GradActivations`] for batches up to `(b, t)`.
+/// Floats of the worker's `model::acts::GradActivations` for batches up to `(b, t)`.
 pub fn grad_activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<u128> {
     let (c, nh) = (cfg.n_embd as u128, cfg.n_head as u128);
     let bt = (b as u128).checked_mul(t as u128)?;
@@ -56,7 +56,23 @@ pub fn grad_activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<u12
     bt.checked_mul(c)?.checked_mul(3 + 3 + 8)?.checked_add((b as u128).checked_mul(nh)?.checked_mul((t as u128).checked_mul(t as u128)?)?)
 }
 
-/// One model ([`super::gpt::Gpt`], or [`super::llama::Llama`] for the llama family) allocated
+/// Floats of the worker's llama activations and their gradients (`LlamaActs`, `LlamaGrads`)
+/// for batches up to `(b, t)` (None on overflow).
+pub fn llama_activation_floats(cfg: &GptConfig, b: usize, t: usize) -> Option<(u128, u128)> {
+    let (c, l, nh, vp) = (cfg.n_embd as u128, cfg.n_layer as u128, cfg.n_head as u128, cfg.padded_vocab_size as u128);
+    let (d, i) = (cfg.qkv_dim() as u128, cfg.mlp_dim() as u128);
+    let n = (b as u128).checked_mul(t as u128)?;
+    let tt = (t as u128).checked_mul(t as u128)?;
+    let att = (b as u128).checked_mul(nh)?.checked_mul(tt)?;
+    // encoded, lnf, proj: n·c; lnf_rstd, losses: n; logits: n·vp. Per layer: ln1, atty,
+    // residual2, ln2, residual3: n·c; two rstd: n; qkv: n·d; fch: n·2i; fch_act: n·i; att.
+    let per_layer = n.checked_mul(c.checked_mul(5)?.checked_add(2)?.checked_add(d)?.checked_add(i.checked_mul(3)?)?)?.checked_add(att)?;
+    let acts = n.checked_mul(c.checked_mul(3)?.checked_add(2)?.checked_add(vp)?)?.checked_add(l.checked_mul(per_layer)?)?;
+    let grads = n.checked_mul(c.checked_mul(3)?.checked_add(d)?.checked_add(i.checked_mul(3)?)?)?.checked_add(att)?;
+    Some((acts, grads))
+}
+
+/// One model (the worker's `Gpt`, or `Llama` for the llama family) allocated
 /// for batches up to `(b, t)`: weights, gradients, activations; with `optimizer`, AdamW's two
 /// moments too. None when the sizes overflow.
 pub fn gpt(cfg: &GptConfig, b: usize, t: usize, optimizer: bool) -> Option<MemoryEstimate> {
@@ -64,7 +80,7 @@ pub fn gpt(cfg: &GptConfig, b: usize, t: usize, optimizer: bool) -> Option<Memor
     let acts = match cfg.family {
         Family::Gpt2 => activation_floats(cfg, b, t)?.checked_add(grad_activation_floats(cfg, b, t)?)?,
         Family::Llama => {
-            let (a, g) = super::llama::activation_floats(cfg, b, t)?;
+            let (a, g) = llama_activation_floats(cfg, b, t)?;
             // The rotary table: cos and sin for maxT positions and hs/2 frequencies.
             let rope = (t as u128).checked_mul(cfg.head_size() as u128)?;
             a.checked_add(g)?.checked_add(rope)?
@@ -91,98 +107,5 @@ pub fn show_bytes(b: u64) -> String {
         format!("{:.1} MiB", x / (K * K))
     } else {
         format!("{:.1} KiB", x / K)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::gpt::Gpt;
-
-    #[test]
-    fn the_estimate_is_what_the_model_allocates() {
-        for (cfg, b, t) in [(GptConfig::new(300, 64, 2, 4, 32), 3, 16), (GptConfig::new(1000, 128, 3, 2, 48), 2, 128)] {
-            let m = Gpt::new(cfg.clone(), b, t).unwrap();
-            let a = &m.acts;
-            let acts = [
-                &a.encoded,
-                &a.ln1,
-                &a.ln1_mean,
-                &a.ln1_rstd,
-                &a.qkv,
-                &a.att,
-                &a.atty,
-                &a.residual2,
-                &a.ln2,
-                &a.ln2_mean,
-                &a.ln2_rstd,
-                &a.fch,
-                &a.fch_gelu,
-                &a.residual3,
-                &a.lnf,
-                &a.lnf_mean,
-                &a.lnf_rstd,
-                &a.logits,
-                &a.losses,
-                &a.proj,
-            ]
-            .iter()
-            .map(|v| v.len())
-            .sum::<usize>();
-            let g = &m.gacts;
-            let gacts = [&g.dresidual, &g.dln, &g.dqkv, &g.datt, &g.datty, &g.dfch, &g.dfch_gelu].iter().map(|v| v.len()).sum::<usize>();
-            assert_eq!(activation_floats(&cfg, b, t), Some(acts as u128));
-            assert_eq!(grad_activation_floats(&cfg, b, t), Some(gacts as u128));
-            let e = gpt(&cfg, b, t, true).unwrap();
-            assert_eq!(e.weights, 4 * m.params.len() as u64);
-            assert_eq!(e.gradients, 4 * m.grads.len() as u64);
-            assert_eq!(e.optimizer, 8 * m.params.len() as u64);
-            assert_eq!(e.activations, 4 * (acts + gacts + b * t) as u64);
-        }
-    }
-
-    #[test]
-    fn the_llama_estimate_is_what_the_model_allocates() {
-        let mut cfg = GptConfig::llama(300, 64, 2, 4, 2, 32, 48);
-        cfg.attention_bias = true;
-        let (b, t) = (3, 16);
-        let m = crate::model::llama::Llama::new(cfg.clone(), b, t).unwrap();
-        let a = &m.acts;
-        let acts: usize = [
-            &a.encoded,
-            &a.ln1,
-            &a.ln1_rstd,
-            &a.qkv,
-            &a.att,
-            &a.atty,
-            &a.residual2,
-            &a.ln2,
-            &a.ln2_rstd,
-            &a.fch,
-            &a.fch_act,
-            &a.residual3,
-            &a.lnf,
-            &a.lnf_rstd,
-            &a.logits,
-            &a.losses,
-            &a.proj,
-        ]
-        .iter()
-        .map(|v| v.len())
-        .sum();
-        let g = &m.gacts;
-        let gacts: usize = [&g.dresidual, &g.dln, &g.dqkv, &g.datt, &g.datty, &g.dfch, &g.dfch_act].iter().map(|v| v.len()).sum();
-        let rope = m.rope.cos.len() + m.rope.sin.len();
-        let e = gpt(&cfg, b, t, true).unwrap();
-        assert_eq!(e.weights, 4 * m.params.len() as u64);
-        assert_eq!(e.optimizer, 8 * m.params.len() as u64);
-        assert_eq!(e.activations, 4 * (acts + gacts + rope + b * t) as u64);
-    }
-
-    #[test]
-    fn absurd_sizes_do_not_overflow() {
-        let cfg = GptConfig::new(1 << 20, 1 << 20, 1 << 20, 1 << 10, 1 << 20);
-        assert_eq!(gpt(&cfg, usize::MAX, usize::MAX, true), None);
-        assert!(gpt(&GptConfig::new(50257, 1024, 12, 12, 768), 1 << 20, 1024, true).is_none_or(|e| e.total() > 1 << 40));
     }
 }

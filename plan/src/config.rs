@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{EngineError, Result};
+use crate::error::{PlanError, Result};
 
 /// The architecture a config describes.
 ///
@@ -170,7 +170,7 @@ impl GptConfig {
             "small-256" => (12, 768, 12, 256),
             "gpt2" => (12, 768, 12, 1024),
             other => {
-                return Err(EngineError::InvalidConfig { field: "model", reason: format!("unknown preset '{other}' (known: nano, tiny, small-256, gpt2)") });
+                return Err(PlanError::InvalidConfig { field: "model", reason: format!("unknown preset '{other}' (known: nano, tiny, small-256, gpt2)") });
             }
         };
         let cfg = GptConfig::new(vocab_size, t, l, nh, c);
@@ -190,16 +190,16 @@ impl GptConfig {
         ];
         for (field, value) in fields {
             if value == 0 || value > MAX_DIM {
-                return Err(EngineError::InvalidConfig { field, reason: format!("must be in 1..={MAX_DIM}, got {value}") });
+                return Err(PlanError::InvalidConfig { field, reason: format!("must be in 1..={MAX_DIM}, got {value}") });
             }
         }
         if self.padded_vocab_size < self.vocab_size {
-            return Err(EngineError::InvalidConfig { field: "padded_vocab_size", reason: format!("must be >= vocab_size ({}), got {}", self.vocab_size, self.padded_vocab_size) });
+            return Err(PlanError::InvalidConfig { field: "padded_vocab_size", reason: format!("must be >= vocab_size ({}), got {}", self.vocab_size, self.padded_vocab_size) });
         }
         match self.checked_num_parameters() {
             Some(n) if n <= MAX_PARAMS => {}
             n => {
-                return Err(EngineError::InvalidConfig {
+                return Err(PlanError::InvalidConfig {
                     field: "model",
                     reason: format!(
                         "{} parameters (n_layer {}, n_embd {}, vocab {}) is more than the {MAX_PARAMS} this trainer allocates",
@@ -212,7 +212,7 @@ impl GptConfig {
             }
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(EngineError::InvalidConfig { field: "n_embd", reason: format!("n_embd ({}) must be divisible by n_head ({})", self.n_embd, self.n_head) });
+            return Err(PlanError::InvalidConfig { field: "n_embd", reason: format!("n_embd ({}) must be divisible by n_head ({})", self.n_embd, self.n_head) });
         }
         match self.family {
             Family::Gpt2 => self.validate_gpt2_fields(),
@@ -222,7 +222,7 @@ impl GptConfig {
 
     /// A gpt2 config carries the Llama fields only at their defaults.
     fn validate_gpt2_fields(&self) -> Result<()> {
-        let bad = |field: &'static str, got: String| Err(EngineError::InvalidConfig { field, reason: format!("is a llama-family field; a gpt2 model takes none, got {got}") });
+        let bad = |field: &'static str, got: String| Err(PlanError::InvalidConfig { field, reason: format!("is a llama-family field; a gpt2 model takes none, got {got}") });
         if self.n_kv_head != 0 && self.n_kv_head != self.n_head {
             return bad("n_kv_head", self.n_kv_head.to_string());
         }
@@ -247,22 +247,22 @@ impl GptConfig {
     fn validate_llama_fields(&self) -> Result<()> {
         let nkv = self.kv_heads();
         if nkv > self.n_head || !self.n_head.is_multiple_of(nkv) {
-            return Err(EngineError::InvalidConfig { field: "n_kv_head", reason: format!("n_kv_head ({nkv}) must divide n_head ({})", self.n_head) });
+            return Err(PlanError::InvalidConfig { field: "n_kv_head", reason: format!("n_kv_head ({nkv}) must divide n_head ({})", self.n_head) });
         }
         if self.intermediate_size == 0 || self.intermediate_size > MAX_DIM {
-            return Err(EngineError::InvalidConfig { field: "intermediate_size", reason: format!("must be in 1..={MAX_DIM}, got {}", self.intermediate_size) });
+            return Err(PlanError::InvalidConfig { field: "intermediate_size", reason: format!("must be in 1..={MAX_DIM}, got {}", self.intermediate_size) });
         }
         if !self.head_size().is_multiple_of(2) {
-            return Err(EngineError::InvalidConfig {
+            return Err(PlanError::InvalidConfig {
                 field: "n_embd",
                 reason: format!("rotary embeddings rotate channel pairs: head size n_embd/n_head = {}/{} = {} must be even", self.n_embd, self.n_head, self.head_size()),
             });
         }
         if !(self.rope_theta > 1.0 && self.rope_theta.is_finite()) {
-            return Err(EngineError::InvalidConfig { field: "rope_theta", reason: format!("must be finite and > 1, got {}", self.rope_theta) });
+            return Err(PlanError::InvalidConfig { field: "rope_theta", reason: format!("must be finite and > 1, got {}", self.rope_theta) });
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
-            return Err(EngineError::InvalidConfig { field: "rms_norm_eps", reason: format!("must be in (0, 1), got {}", self.rms_norm_eps) });
+            return Err(PlanError::InvalidConfig { field: "rms_norm_eps", reason: format!("must be in (0, 1), got {}", self.rms_norm_eps) });
         }
         Ok(())
     }

@@ -28,15 +28,26 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{EngineError, Result};
-use crate::model::config::GptConfig;
-use crate::model::params::{ParamKind, ParamLayout};
-use crate::train::TrainConfig;
+use crate::config::GptConfig;
+use crate::error::{PlanError, Result};
+use crate::params::{ParamKind, ParamLayout};
+use crate::training::TrainConfig;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const HF_CONFIG_FILE: &str = "config.json";
 pub const STATE_FILE: &str = "state.json";
+/// The files in which phases record an evaluation of their checkpoint (SFT validation loss
+/// and task scores, reward-model held-out accuracy, PPO and GRPO step statistics, DPO held-out
+/// accuracy), checksummed like every other file; the coordinator shows them with the job.
+pub mod eval_files {
+    pub const SFT: &str = "sft_eval.json";
+    pub const REWARD: &str = "reward_eval.json";
+    pub const PPO: &str = "ppo_eval.json";
+    pub const GRPO: &str = "grpo_eval.json";
+    pub const DPO: &str = "dpo_eval.json";
+    pub const ALL: [&str; 5] = [SFT, REWARD, PPO, GRPO, DPO];
+}
 const FORMAT: &str = "liandan-checkpoint";
 const VERSION: u32 = 1;
 
@@ -71,7 +82,7 @@ pub struct CheckpointState {
     /// Updates applied by AdamW (its bias-correction `t`); 0 when no optimizer state was saved.
     pub optimizer_t: u64,
     pub data_cursor: DataCursor,
-    /// Tokenizer the model was trained with ([`crate::tokenizer::BYTES`] or a tokenizer file name).
+    /// Tokenizer the model was trained with (`bytes` for the byte-level vocabulary, or a tokenizer file name).
     pub tokenizer: String,
     pub files: BTreeMap<String, FileSum>,
     /// SHA-256 of this JSON with this field empty.
@@ -80,7 +91,7 @@ pub struct CheckpointState {
 
 impl CheckpointState {
     pub fn rng_state(&self) -> Result<u64> {
-        u64::from_str_radix(&self.rng_state, 16).map_err(|e| EngineError::checkpoint(STATE_FILE, format!("rng_state '{}': {e}", self.rng_state)))
+        u64::from_str_radix(&self.rng_state, 16).map_err(|e| PlanError::checkpoint(STATE_FILE, format!("rng_state '{}': {e}", self.rng_state)))
     }
 }
 
@@ -117,23 +128,23 @@ pub struct Checkpoint {
 pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Moments<'_>>, info: &SaveInfo<'_>) -> Result<()> {
     let layout = ParamLayout::new(config);
     if params.len() != layout.len() {
-        return Err(EngineError::checkpoint(dir, format!("params have {} floats, the config needs {}", params.len(), layout.len())));
+        return Err(PlanError::checkpoint(dir, format!("params have {} floats, the config needs {}", params.len(), layout.len())));
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
-    let name = dir.file_name().ok_or_else(|| EngineError::checkpoint(dir, "checkpoint path has no directory name"))?;
+    fs::create_dir_all(parent).map_err(|e| PlanError::io(parent, e))?;
+    let name = dir.file_name().ok_or_else(|| PlanError::checkpoint(dir, "checkpoint path has no directory name"))?;
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+        fs::remove_dir_all(&tmp).map_err(|e| PlanError::io(&tmp, e))?;
     }
-    fs::create_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    fs::create_dir(&tmp).map_err(|e| PlanError::io(&tmp, e))?;
 
     let mut files = BTreeMap::new();
-    let model_bytes = serialize_model(config, &layout, params).map_err(|e| EngineError::checkpoint(dir, e))?;
+    let model_bytes = serialize_model(config, &layout, params).map_err(|e| PlanError::checkpoint(dir, e))?;
     files.insert(MODEL_FILE.to_string(), write_synced(&tmp.join(MODEL_FILE), &model_bytes)?);
     let optimizer_t = match moments {
         Some((m, v, t)) => {
-            let bytes = serialize_moments(m, v, layout.len()).map_err(|e| EngineError::checkpoint(dir, e))?;
+            let bytes = serialize_moments(m, v, layout.len()).map_err(|e| PlanError::checkpoint(dir, e))?;
             files.insert(OPTIMIZER_FILE.to_string(), write_synced(&tmp.join(OPTIMIZER_FILE), &bytes)?);
             t
         }
@@ -141,17 +152,17 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
     };
     for (name, bytes) in info.extra_files {
         if [MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE, STATE_FILE].contains(&name.as_str()) || name.contains('/') {
-            return Err(EngineError::checkpoint(dir, format!("extra file name '{name}' is reserved or not a plain name")));
+            return Err(PlanError::checkpoint(dir, format!("extra file name '{name}' is reserved or not a plain name")));
         }
         files.insert(name.clone(), write_synced(&tmp.join(name), bytes)?);
     }
     // The tokenizer's config files (chat template, special tokens, stop ids): a checkpoint with a
     // tokenizer is a Hugging Face model directory `AutoTokenizer` loads.
-    let exported = crate::hf_tokenizer::export_files(info.extra_files, config.n_positions).map_err(|why| EngineError::checkpoint(dir, format!("tokenizer files: {why}")))?;
+    let exported = crate::hf_tokenizer::export_files(info.extra_files, config.n_positions).map_err(|why| PlanError::checkpoint(dir, format!("tokenizer files: {why}")))?;
     for (name, bytes) in &exported {
         files.insert(name.clone(), write_synced(&tmp.join(name), bytes)?);
     }
-    let hf = serde_json::to_vec_pretty(&config.to_hf_config_json()).map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
+    let hf = serde_json::to_vec_pretty(&config.to_hf_config_json()).map_err(|e| PlanError::checkpoint(dir, e.to_string()))?;
     files.insert(HF_CONFIG_FILE.to_string(), write_synced(&tmp.join(HF_CONFIG_FILE), &hf)?);
 
     let mut state = CheckpointState {
@@ -168,7 +179,7 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
         sha256: String::new(),
     };
     state.sha256 = state_digest(&state)?;
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| PlanError::checkpoint(dir, e.to_string()))?;
     write_synced(&tmp.join(STATE_FILE), &json)?;
     sync_dir(&tmp)?;
 
@@ -177,12 +188,12 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
     let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
     let had_old = dir.exists();
     if had_old {
-        fs::rename(dir, &old).map_err(|e| EngineError::io(dir, e))?;
+        fs::rename(dir, &old).map_err(|e| PlanError::io(dir, e))?;
     }
-    fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+    fs::rename(&tmp, dir).map_err(|e| PlanError::io(dir, e))?;
     sync_dir(parent)?;
     if had_old {
-        fs::remove_dir_all(&old).map_err(|e| EngineError::io(&old, e))?;
+        fs::remove_dir_all(&old).map_err(|e| PlanError::io(&old, e))?;
     }
     Ok(())
 }
@@ -191,7 +202,7 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], moments: Option<Mome
 /// must equal it (a checkpoint of another vocabulary or shape is refused, naming the field).
 ///
 /// # Errors
-/// [`EngineError::Checkpoint`] naming the file and what is wrong: missing, truncated, checksum
+/// [`PlanError::Checkpoint`] naming the file and what is wrong: missing, truncated, checksum
 /// mismatch, a tensor missing or of the wrong shape or dtype, a config that differs from `expect`.
 ///
 /// A Hugging Face model directory (a `config.json` and no `state.json`, as a user downloads one)
@@ -200,14 +211,14 @@ pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
     if crate::hf::is_hf_dir(dir) {
         let ck = import_hf(dir)?;
         if let Some(want) = expect {
-            compare_configs(&ck.state.model_config, want).map_err(|why| EngineError::checkpoint(dir.join(HF_CONFIG_FILE), why))?;
+            compare_configs(&ck.state.model_config, want).map_err(|why| PlanError::checkpoint(dir.join(HF_CONFIG_FILE), why))?;
         }
         return Ok(ck);
     }
     let state = read_state(dir)?;
     let state_path = dir.join(STATE_FILE);
     if let Some(want) = expect {
-        compare_configs(&state.model_config, want).map_err(|why| EngineError::checkpoint(&state_path, why))?;
+        compare_configs(&state.model_config, want).map_err(|why| PlanError::checkpoint(&state_path, why))?;
     }
     let config = &state.model_config;
     let layout = ParamLayout::new(config);
@@ -216,7 +227,7 @@ pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
     let need = tensor_bytes(config);
     let have = state.files.get(MODEL_FILE).map_or(0, |f| f.bytes);
     if need.is_none_or(|n| have < n) {
-        return Err(EngineError::checkpoint(
+        return Err(PlanError::checkpoint(
             dir.join(MODEL_FILE),
             format!(
                 "{have} bytes cannot hold the {} parameters state.json declares ({} bytes of f32)",
@@ -228,11 +239,11 @@ pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
 
     let model_bytes = read_verified(dir, MODEL_FILE, &state)?;
     let model_path = dir.join(MODEL_FILE);
-    let params = deserialize_model(config, &layout, &model_bytes).map_err(|why| EngineError::checkpoint(&model_path, why))?;
+    let params = deserialize_model(config, &layout, &model_bytes).map_err(|why| PlanError::checkpoint(&model_path, why))?;
     let moments = if state.files.contains_key(OPTIMIZER_FILE) {
         let bytes = read_verified(dir, OPTIMIZER_FILE, &state)?;
         let path = dir.join(OPTIMIZER_FILE);
-        Some(deserialize_moments(&bytes, layout.len()).map_err(|why| EngineError::checkpoint(&path, why))?)
+        Some(deserialize_moments(&bytes, layout.len()).map_err(|why| PlanError::checkpoint(&path, why))?)
     } else {
         None
     };
@@ -282,18 +293,18 @@ const STATE_MAX_BYTES: u64 = 16 << 20;
 pub fn read_state(dir: &Path) -> Result<CheckpointState> {
     let state_path = dir.join(STATE_FILE);
     let raw = read_bounded(&state_path, STATE_MAX_BYTES).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => EngineError::checkpoint(&state_path, "missing: not a liandan checkpoint (or an unfinished one)"),
-        _ => EngineError::io(&state_path, e),
+        std::io::ErrorKind::NotFound => PlanError::checkpoint(&state_path, "missing: not a liandan checkpoint (or an unfinished one)"),
+        _ => PlanError::io(&state_path, e),
     })?;
-    let state: CheckpointState = serde_json::from_slice(&raw).map_err(|e| EngineError::checkpoint(&state_path, format!("not valid checkpoint state: {e}")))?;
+    let state: CheckpointState = serde_json::from_slice(&raw).map_err(|e| PlanError::checkpoint(&state_path, format!("not valid checkpoint state: {e}")))?;
     if state.format != FORMAT || state.version != VERSION {
-        return Err(EngineError::checkpoint(&state_path, format!("format {} v{} is not {FORMAT} v{VERSION}", state.format, state.version)));
+        return Err(PlanError::checkpoint(&state_path, format!("format {} v{} is not {FORMAT} v{VERSION}", state.format, state.version)));
     }
     let digest = state_digest(&state)?;
     if digest != state.sha256 {
-        return Err(EngineError::checkpoint(&state_path, format!("sha256 mismatch: recorded {}, computed {digest}", state.sha256)));
+        return Err(PlanError::checkpoint(&state_path, format!("sha256 mismatch: recorded {}, computed {digest}", state.sha256)));
     }
-    state.model_config.validate().map_err(|e| EngineError::checkpoint(&state_path, format!("model_config: {e}")))?;
+    state.model_config.validate().map_err(|e| PlanError::checkpoint(&state_path, format!("model_config: {e}")))?;
     Ok(state)
 }
 
@@ -302,7 +313,7 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState> {
 /// model). What the coordinator runs before it records a checkpoint.
 ///
 /// # Errors
-/// [`EngineError::Checkpoint`] naming the file: missing, truncated, corrupt, a listed name that
+/// [`PlanError::Checkpoint`] naming the file: missing, truncated, corrupt, a listed name that
 /// is not a plain file name.
 pub fn verify(dir: &Path) -> Result<CheckpointState> {
     use std::io::Read;
@@ -310,14 +321,14 @@ pub fn verify(dir: &Path) -> Result<CheckpointState> {
     for (name, sum) in &state.files {
         let path = dir.join(name);
         if name.contains('/') || name == ".." || name.is_empty() {
-            return Err(EngineError::checkpoint(&path, "state.json lists a file that is not a plain name"));
+            return Err(PlanError::checkpoint(&path, "state.json lists a file that is not a plain name"));
         }
-        let mut f = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
+        let mut f = File::open(&path).map_err(|e| PlanError::io(&path, e))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut bytes = 0u64;
         loop {
-            let n = f.read(&mut buf).map_err(|e| EngineError::io(&path, e))?;
+            let n = f.read(&mut buf).map_err(|e| PlanError::io(&path, e))?;
             if n == 0 {
                 break;
             }
@@ -328,14 +339,14 @@ pub fn verify(dir: &Path) -> Result<CheckpointState> {
             h.update(&buf[..n]);
         }
         if bytes != sum.bytes {
-            return Err(EngineError::checkpoint(
+            return Err(PlanError::checkpoint(
                 &path,
                 format!("truncated or extended: {bytes}{} bytes, state.json records {}", if bytes > sum.bytes { "+" } else { "" }, sum.bytes),
             ));
         }
         let digest = hex(&h.finalize());
         if digest != sum.sha256 {
-            return Err(EngineError::checkpoint(&path, format!("sha256 mismatch (corrupt file): recorded {}, computed {digest}", sum.sha256)));
+            return Err(PlanError::checkpoint(&path, format!("sha256 mismatch (corrupt file): recorded {}, computed {digest}", sum.sha256)));
         }
     }
     Ok(state)
@@ -362,7 +373,7 @@ fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
 /// when they overflow.
 fn tensor_bytes(config: &GptConfig) -> Option<u64> {
     // Untied llama models have two padded tables (embedding and LM head).
-    let tables = if config.family == crate::model::config::Family::Llama && !config.tie_word_embeddings { 2 } else { 1 };
+    let tables = if config.family == crate::config::Family::Llama && !config.tie_word_embeddings { 2 } else { 1 };
     let padding = (config.padded_vocab_size as u64 - config.vocab_size as u64).checked_mul(config.n_embd as u64)?.checked_mul(tables)?;
     config.checked_num_parameters()?.checked_sub(padding)?.checked_mul(4)
 }
@@ -403,17 +414,17 @@ fn compare_configs(got: &GptConfig, want: &GptConfig) -> std::result::Result<(),
 /// Reads a file of a loaded checkpoint, verifying its size and checksum against `state.json`.
 pub fn read_verified(dir: &Path, name: &str, state: &CheckpointState) -> Result<Vec<u8>> {
     let path = dir.join(name);
-    let sum = state.files.get(name).ok_or_else(|| EngineError::checkpoint(&path, "not listed in state.json"))?;
+    let sum = state.files.get(name).ok_or_else(|| PlanError::checkpoint(&path, "not listed in state.json"))?;
     let bytes = read_bounded(&path, sum.bytes).map_err(|e| match e.kind() {
-        std::io::ErrorKind::InvalidData => EngineError::checkpoint(&path, format!("extended: {e}, state.json records {}", sum.bytes)),
-        _ => EngineError::io(&path, e),
+        std::io::ErrorKind::InvalidData => PlanError::checkpoint(&path, format!("extended: {e}, state.json records {}", sum.bytes)),
+        _ => PlanError::io(&path, e),
     })?;
     if bytes.len() as u64 != sum.bytes {
-        return Err(EngineError::checkpoint(&path, format!("truncated or extended: {} bytes, state.json records {}", bytes.len(), sum.bytes)));
+        return Err(PlanError::checkpoint(&path, format!("truncated or extended: {} bytes, state.json records {}", bytes.len(), sum.bytes)));
     }
     let digest = hex(&Sha256::digest(&bytes));
     if digest != sum.sha256 {
-        return Err(EngineError::checkpoint(&path, format!("sha256 mismatch (corrupt file): recorded {}, computed {digest}", sum.sha256)));
+        return Err(PlanError::checkpoint(&path, format!("sha256 mismatch (corrupt file): recorded {}, computed {digest}", sum.sha256)));
     }
     Ok(bytes)
 }
@@ -421,7 +432,7 @@ pub fn read_verified(dir: &Path, name: &str, state: &CheckpointState) -> Result<
 fn state_digest(state: &CheckpointState) -> Result<String> {
     let mut blank = state.clone();
     blank.sha256 = String::new();
-    let bytes = serde_json::to_vec(&blank).map_err(|e| EngineError::checkpoint(STATE_FILE, e.to_string()))?;
+    let bytes = serde_json::to_vec(&blank).map_err(|e| PlanError::checkpoint(STATE_FILE, e.to_string()))?;
     Ok(hex(&Sha256::digest(&bytes)))
 }
 
@@ -443,7 +454,7 @@ fn hf_shape(config: &GptConfig, kind: ParamKind, shape: &[usize]) -> Vec<usize> 
 }
 
 pub fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32]) -> std::result::Result<Vec<u8>, String> {
-    if config.family == crate::model::config::Family::Llama {
+    if config.family == crate::config::Family::Llama {
         return crate::hf::weights::serialize(config, params);
     }
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -466,7 +477,7 @@ pub fn serialize_model(config: &GptConfig, layout: &ParamLayout, params: &[f32])
 /// Also reads PyTorch-written files (the numerics fixtures), which carry extra tensors.
 pub fn deserialize_model(config: &GptConfig, layout: &ParamLayout, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
-    if config.family == crate::model::config::Family::Llama {
+    if config.family == crate::config::Family::Llama {
         let mut params = vec![0.0f32; layout.len()];
         for t in crate::hf::weights::llama_tensors(config) {
             let view = st.tensor(&t.name).map_err(|_| format!("tensor {} is missing", t.name))?;
@@ -522,14 +533,14 @@ pub fn deserialize_moments(bytes: &[u8], n: usize) -> std::result::Result<(Vec<f
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileSum> {
-    let mut f = File::create(path).map_err(|e| EngineError::io(path, e))?;
-    f.write_all(bytes).map_err(|e| EngineError::io(path, e))?;
-    f.sync_all().map_err(|e| EngineError::io(path, e))?;
+    let mut f = File::create(path).map_err(|e| PlanError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| PlanError::io(path, e))?;
+    f.sync_all().map_err(|e| PlanError::io(path, e))?;
     Ok(FileSum { bytes: bytes.len() as u64, sha256: hex(&Sha256::digest(bytes)) })
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(dir, e))
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| PlanError::io(dir, e))
 }
 
 /// The checkpoint directory for `step` under `root` (`root/step-00000100`).

@@ -13,8 +13,8 @@ pub mod weights;
 
 use std::path::Path;
 
-use crate::error::{EngineError, Result};
-use crate::model::config::GptConfig;
+use crate::config::GptConfig;
+use crate::error::{PlanError, Result};
 
 /// The file that marks a Hugging Face model directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -34,12 +34,12 @@ pub fn is_hf_dir(dir: &Path) -> bool {
 /// The file is missing, too large or not JSON; the architecture or a field is unsupported.
 pub fn read_config(dir: &Path) -> Result<(config::Arch, GptConfig)> {
     let path = dir.join(CONFIG_FILE);
-    let meta = std::fs::metadata(&path).map_err(|e| EngineError::io(&path, e))?;
+    let meta = std::fs::metadata(&path).map_err(|e| PlanError::io(&path, e))?;
     if meta.len() > CONFIG_MAX_BYTES {
-        return Err(EngineError::checkpoint(&path, format!("{} bytes is more than the {CONFIG_MAX_BYTES} a config.json may have", meta.len())));
+        return Err(PlanError::checkpoint(&path, format!("{} bytes is more than the {CONFIG_MAX_BYTES} a config.json may have", meta.len())));
     }
-    let raw = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
-    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| EngineError::checkpoint(&path, format!("not valid JSON: {e}")))?;
+    let raw = std::fs::read(&path).map_err(|e| PlanError::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| PlanError::checkpoint(&path, format!("not valid JSON: {e}")))?;
     config::from_hf_config(&path, &v)
 }
 

@@ -5,23 +5,23 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::config::GptConfig;
-use crate::model::memory::{self, MemoryEstimate};
-use crate::optim::{AdamWConfig, LrSchedule};
+use crate::config::GptConfig;
+use crate::memory::{self, MemoryEstimate};
+use crate::training::{AdamWConfig, LrSchedule};
 
 /// What a phase does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PhaseKind {
-    /// The data pipeline, sharded over the group ([`crate::phase::data`]).
+    /// The data pipeline, sharded over the group (the worker's `phase::data`).
     Data,
     Pretrain,
     Sft,
     Reward,
     Ppo,
-    /// Group-relative policy optimisation ([`crate::phase::grpo`]).
+    /// Group-relative policy optimisation (the worker's `phase::grpo`).
     Grpo,
-    /// Direct preference optimisation ([`crate::phase::dpo`]).
+    /// Direct preference optimisation (the worker's `phase::dpo`).
     Dpo,
 }
 

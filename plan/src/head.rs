@@ -1,14 +1,13 @@
 //! The scalar head `r = h·w + b` that reward and value models put on a final hidden state
 //! `(C)`, its gradient, and its own Adam. Host-side: a head is `C + 1` numbers, and its input and
-//! output gradient travel through [`super::Model::hidden`] and
-//! [`super::Model::backward_from_hidden`].
+//! output gradient travel through the engine's `Model::hidden` and `Model::backward_from_hidden`.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::error::{EngineError, Result};
+use crate::error::{PlanError, Result};
 
 /// File of the head inside a reward checkpoint.
 pub const HEAD_FILE: &str = "score_head.json";
@@ -48,10 +47,10 @@ impl ScalarHead {
     /// the model's width.
     pub fn load(dir: &Path, state: &checkpoint::CheckpointState) -> Result<ScalarHead> {
         let bytes = checkpoint::read_verified(dir, HEAD_FILE, state)
-            .map_err(|e| EngineError::Checkpoint { path: dir.to_path_buf(), reason: format!("is not a reward-model checkpoint (a reward phase's output): {e}") })?;
-        let head: ScalarHead = serde_json::from_slice(&bytes).map_err(|e| EngineError::checkpoint(dir.join(HEAD_FILE), e.to_string()))?;
+            .map_err(|e| PlanError::Checkpoint { path: dir.to_path_buf(), reason: format!("is not a reward-model checkpoint (a reward phase's output): {e}") })?;
+        let head: ScalarHead = serde_json::from_slice(&bytes).map_err(|e| PlanError::checkpoint(dir.join(HEAD_FILE), e.to_string()))?;
         if head.weight.len() != state.model_config.n_embd {
-            return Err(EngineError::checkpoint(dir.join(HEAD_FILE), format!("a head of {} weights on a model of {} channels", head.weight.len(), state.model_config.n_embd)));
+            return Err(PlanError::checkpoint(dir.join(HEAD_FILE), format!("a head of {} weights on a model of {} channels", head.weight.len(), state.model_config.n_embd)));
         }
         Ok(head)
     }

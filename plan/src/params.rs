@@ -12,7 +12,7 @@
 //! Matrices are `(in, out)` like GPT-2's Conv1D; Hugging Face Llama `Linear` weights are
 //! `(out, in)` and are transposed by [`crate::hf::weights`].
 
-use super::config::{Family, GptConfig};
+use crate::config::{Family, GptConfig};
 
 /// The parameter tensors, in buffer order. Per-layer kinds hold all `L` layers back to back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::error::{EngineError, Result};
-use crate::model::config::{DEFAULT_RMS_NORM_EPS, DEFAULT_ROPE_THETA, Family, GptConfig};
+use crate::config::{DEFAULT_RMS_NORM_EPS, DEFAULT_ROPE_THETA, Family, GptConfig};
+use crate::error::{PlanError, Result};
 
 /// The architectures an imported directory may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub enum Arch {
 /// An unknown or unsupported architecture, a missing or out-of-range field, a field the engine
 /// does not implement: one line naming `path` and the field.
 pub fn from_hf_config(path: &Path, v: &Value) -> Result<(Arch, GptConfig)> {
-    let bad = |field: &str, why: String| EngineError::checkpoint(path, format!("{field}: {why}"));
+    let bad = |field: &str, why: String| PlanError::checkpoint(path, format!("{field}: {why}"));
     let obj = v.as_object().ok_or_else(|| bad("config.json", "is not a JSON object".into()))?;
     let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("");
     let archs: Vec<&str> = obj.get("architectures").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
@@ -55,7 +55,7 @@ pub fn from_hf_config(path: &Path, v: &Value) -> Result<(Arch, GptConfig)> {
         Arch::Gpt2 => gpt2(&f)?,
         Arch::Llama | Arch::Qwen2 => llama(&f, arch)?,
     };
-    cfg.validate().map_err(|e| EngineError::checkpoint(path, e.to_string()))?;
+    cfg.validate().map_err(|e| PlanError::checkpoint(path, e.to_string()))?;
     Ok((arch, cfg))
 }
 
@@ -66,8 +66,8 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    fn err(&self, field: &str, why: impl std::fmt::Display) -> EngineError {
-        EngineError::checkpoint(self.path, format!("{field}: {why}"))
+    fn err(&self, field: &str, why: impl std::fmt::Display) -> PlanError {
+        PlanError::checkpoint(self.path, format!("{field}: {why}"))
     }
 
     fn present(&self, field: &str) -> Option<&Value> {
