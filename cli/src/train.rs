@@ -162,8 +162,10 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
                     return Err(CliError::Usage(format!("{}: its {name} differs from the data's (a tokenizer from another vocabulary)", dir.display())));
                 }
             }
-            if t.model_config().vocab_size != corpus.vocab_size {
-                return Err(CliError::Usage(format!("{}: vocab_size {} does not match the data's {}", dir.display(), t.model_config().vocab_size, corpus.vocab_size)));
+            // The tokenizer is the data's (checked above); a model's own may have more embedding
+            // rows than tokens (Qwen2 rounds them up).
+            if t.model_config().vocab_size < corpus.vocab_size {
+                return Err(CliError::Usage(format!("{}: vocab_size {} does not fit the data's {}", dir.display(), t.model_config().vocab_size, corpus.vocab_size)));
             }
             eprintln!("resuming {} at step {}", dir.display(), state.step);
             (t, state.data_cursor.position as usize)
@@ -290,21 +292,21 @@ fn load_init(path: &Path, corpus: &Corpus) -> Result<(GptConfig, Vec<f32>), CliE
     let ck = checkpoint::load(&dir, None)?;
     let model = ck.state.model_config.clone();
     let init = format!("--init {}", dir.display());
+    // The model's tokenizer, when it names one, must be the data's: same tokens, same ids (a
+    // Hugging Face directory without tokenizer.json names none).
+    let theirs = ck.state.tokenizer.clone();
+    if !theirs.is_empty() && theirs != corpus.tokenizer {
+        let what = |t: &str| if t == BYTES { "bytes".to_string() } else { format!("the BPE in {t}") };
+        return Err(CliError::Usage(format!("{init}: the model reads {}, but the data was made with {}", what(&theirs), what(&corpus.tokenizer))));
+    }
     if corpus.vocab_size > model.vocab_size {
         return Err(CliError::Usage(format!(
             "{init}: the data's vocabulary of {} tokens does not fit the model's {} (prepare the data with the model's tokenizer: liandan data prepare --tokenizer DIR)",
             corpus.vocab_size, model.vocab_size
         )));
     }
-    // The model's tokenizer, when it names one, must be the data's: same tokens, same ids (a
-    // Hugging Face directory without tokenizer.json names none).
-    let theirs = ck.state.tokenizer.clone();
     if theirs.is_empty() {
         return Ok((model, ck.params));
-    }
-    if theirs != corpus.tokenizer {
-        let what = |t: &str| if t == BYTES { "bytes".to_string() } else { format!("the BPE in {t}") };
-        return Err(CliError::Usage(format!("{init}: the model reads {}, but the data was made with {}", what(&theirs), what(&corpus.tokenizer))));
     }
     if theirs != BYTES {
         let model_tok =

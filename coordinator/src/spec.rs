@@ -767,7 +767,7 @@ lr = 1e-3
 
     #[test]
     fn the_models_and_sequences_a_plan_names_are_what_its_memory_estimate_counts() {
-        use liandan_plan::model::memory;
+        use liandan_plan::memory;
         let rm = "[[phases]]\nname = \"rm\"\nkind = \"reward\"\ndata = \"p.jsonl\"\nsteps = 2\nglobal_batch = 5\nseq_len = 32\nlr = 1e-4\n";
         let ppo = "[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 7\nseq_len = 32\nlr = 1e-5\n";
         let grpo = |name: &str, reward: &str| {
@@ -797,10 +797,10 @@ lr = 1e-3
     }
 
     #[derive(Default)]
-    struct MemoryEstimateSum(liandan_plan::model::memory::MemoryEstimate);
+    struct MemoryEstimateSum(liandan_plan::memory::MemoryEstimate);
 
     impl MemoryEstimateSum {
-        fn add(&mut self, e: liandan_plan::model::memory::MemoryEstimate) {
+        fn add(&mut self, e: liandan_plan::memory::MemoryEstimate) {
             self.0 = self.0.plus(e).unwrap();
         }
     }
