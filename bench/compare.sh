@@ -6,6 +6,8 @@
 # For each preset it runs
 #   $LIANDAN bench train --device cpu --model PRESET --batch B --threads N --steps S --warmup 2
 #   python3 bench/torch_gpt.py     --model PRESET --batch B --threads N --steps S --warmup 2
+# and for the llama-family preset qwen2.5-0.5b (both with --seq T)
+#   python3 bench/torch_llama.py   --model PRESET --batch B --seq T --threads N --steps S --warmup 2
 # takes the last `bench_result ...` line each prints, and prints a table of
 # tokens/s and the liandan/pytorch ratio. The runs' own output goes to stderr.
 #
@@ -15,6 +17,7 @@
 #   BATCH    batch size (default 4)
 #   THREADS  CPU threads for both (default 2)
 #   STEPS    timed steps (default 10)
+#   SEQ      tokens per sequence for qwen2.5-0.5b (default 256; the GPT-2 presets use their context)
 #
 # The functions can be sourced without running anything (`source bench/compare.sh`).
 set -euo pipefail
@@ -94,18 +97,25 @@ main() {
     fi
 
     local -a rows=()
-    local preset out lline pline
+    local preset out lline pline peer
+    local -a seq
     for preset in "$@"; do
+        peer=torch_gpt.py
+        seq=()
+        if [[ "$preset" == qwen2.5-0.5b ]]; then
+            peer=torch_llama.py
+            seq=(--seq "${SEQ:-256}")
+        fi
         echo "== $preset: liandan" >&2
-        out="$("$liandan" bench train --device cpu --model "$preset" --batch "$batch" \
+        out="$("$liandan" bench train --device cpu --model "$preset" --batch "$batch" "${seq[@]}" \
             --threads "$threads" --steps "$steps" --warmup 2 | show)" ||
             { echo "compare.sh: liandan failed for $preset" >&2; exit 1; }
         lline="$(result_line liandan "$preset" <<<"$out")"
 
         echo "== $preset: pytorch" >&2
-        out="$("$python" "$here/torch_gpt.py" --model "$preset" --batch "$batch" \
+        out="$("$python" "$here/$peer" --model "$preset" --batch "$batch" "${seq[@]}" \
             --threads "$threads" --steps "$steps" --warmup 2 | show)" ||
-            { echo "compare.sh: torch_gpt.py failed for $preset" >&2; exit 1; }
+            { echo "compare.sh: $peer failed for $preset" >&2; exit 1; }
         pline="$(result_line pytorch "$preset" <<<"$out")"
 
         rows+=("$(print_row "$preset" "$lline" "$pline")")

@@ -8,10 +8,12 @@ use std::time::Instant;
 
 use liandan_worker::GptConfig;
 use liandan_worker::backend::Device;
+use liandan_worker::engine::Engine;
+use liandan_worker::engine::cpu::CpuEngine;
 use liandan_worker::model::profile::OpProfile;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
 use liandan_worker::rng::Rng;
-use liandan_worker::train::{MicroBatch, TrainConfig, Trainer};
+use liandan_worker::train::{MicroBatch, TrainConfig, replica_step, step_denominator};
 
 use crate::CliError;
 
@@ -65,7 +67,8 @@ pub struct BenchTrainArgs {
     /// Matmul precision on cuda: bf16 (f32 accumulation, f32 master weights) or f32.
     #[arg(long, default_value = "bf16")]
     pub precision: String,
-    /// Preset: tiny, small-256, nano, gpt2 (alias gpt2-124m).
+    /// Preset: tiny, small-256, nano, gpt2 (alias gpt2-124m), or qwen2.5-0.5b (the llama family
+    /// at Qwen2.5-0.5B's shape; the CPU only, with --seq: its context is 32768).
     #[arg(long, default_value = "tiny")]
     pub model: String,
     /// Sequences per step (B).
@@ -74,9 +77,10 @@ pub struct BenchTrainArgs {
     /// Tokens per sequence (T); default the preset's context.
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Vocabulary size (GPT-2's by default, padded to 50304).
-    #[arg(long, default_value_t = 50257)]
-    pub vocab: usize,
+    /// Vocabulary size (default: GPT-2's 50257, padded to 50304; Qwen2.5's 151936 for
+    /// qwen2.5-0.5b).
+    #[arg(long)]
+    pub vocab: Option<usize>,
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -113,39 +117,45 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     }
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
-    let mut trainer = Trainer::new(model.clone(), config)?;
+    config.validate(&model)?;
+    // The step the phases take on the CPU: the engine's replica for the config's family.
+    let mut replica = CpuEngine.replica(&model, b, t, &config.adamw)?;
+    replica.model().init_weights(config.seed)?;
     let mut rng = Rng::new(2);
-    let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
+    let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(model.vocab_size as u64) as u32).collect();
     let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
+    let denom = step_denominator(std::slice::from_ref(&mb))?;
     eprintln!(
-        "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {threads} threads, {} warmup + {} timed steps",
+        "bench train: {} ({:?}: L={} C={} NH={} NKV={} V={}, {:.1}M params), B={b} T={t}, {threads} threads, {} warmup + {} timed steps",
         a.model,
+        model.family,
         model.n_layer,
         model.n_embd,
         model.n_head,
+        model.kv_heads(),
         model.vocab_size,
         model.num_real_parameters() as f64 / 1e6,
         a.warmup,
         a.steps
     );
-    for _ in 0..a.warmup {
-        trainer.train_step(std::slice::from_ref(&mb))?;
-    }
-    if a.profile {
-        trainer.model.profile = Some(OpProfile::default());
-    }
+    let micro = std::slice::from_ref(&mb);
     let mut times = Vec::with_capacity(a.steps);
-    for i in 0..a.steps {
+    for k in 0..a.warmup + a.steps {
+        if k == a.warmup && a.profile {
+            *replica.model().profile() = Some(OpProfile::default());
+        }
         let t0 = Instant::now();
-        let st = trainer.train_step(std::slice::from_ref(&mb))?;
+        let (loss, ..) = replica_step(replica.as_mut(), micro, denom, None, config.grad_clip, config.schedule.lr(k as u64))?;
         let dt = t0.elapsed().as_secs_f64();
-        times.push(dt);
-        eprintln!("step {i}: {:.1} ms, loss {:.4}", dt * 1e3, st.loss);
+        if k >= a.warmup {
+            times.push(dt);
+            eprintln!("step {}: {:.1} ms, loss {loss:.4}", k - a.warmup, dt * 1e3);
+        }
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let tokens_per_s = (b * t) as f64 / mean;
     let gflops = model.train_flops_per_token(t) * tokens_per_s / 1e9;
-    if let Some(prof) = &trainer.model.profile {
+    if let Some(prof) = replica.model().profile() {
         print_profile(prof, a.steps, mean);
     }
     println!("tokens/s: {tokens_per_s:.1}  step: {:.1} ms  achieved: {gflops:.1} GFLOP/s (6·N + 6·L·C·T per token)", mean * 1e3);
@@ -181,7 +191,7 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
         trainer.model.set_attention(k.parse().map_err(CliError::Usage)?)?;
     }
     let mut rng = Rng::new(2);
-    let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(a.vocab as u64) as u32).collect();
+    let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(model.vocab_size as u64) as u32).collect();
     let mb = MicroBatch { inputs: tokens[..b * t].to_vec(), targets: tokens[1..].iter().map(|&x| x as i32).collect(), weights: None, b, t };
     eprintln!(
         "bench train: {} (L={} C={} NH={} V={}, {:.1}M params), B={b} T={t}, {} ({}), {precision:?} matmuls, {:?} attention, {} warmup + {} timed steps",
@@ -443,7 +453,12 @@ fn bench_coordinator(a: BenchCoordinatorArgs) -> Result<(), CliError> {
 /// The benchmark's model and training config (the same for every device): the preset at
 /// `--batch` × `--seq` (default: the full context), AdamW, clip 1.0, seed 1.
 fn bench_setup(a: &BenchTrainArgs) -> Result<(GptConfig, TrainConfig), CliError> {
-    let model = GptConfig::preset(preset_name(&a.model), a.vocab)?;
+    let name = preset_name(&a.model);
+    let vocab = a.vocab.unwrap_or(if name == "qwen2.5-0.5b" { 151_936 } else { 50_257 });
+    let model = GptConfig::preset(name, vocab)?;
+    if a.seq.is_none() && model.n_positions > 1024 {
+        return Err(CliError::Usage(format!("--model {}: its context is {} tokens; give --seq (256, say)", a.model, model.n_positions)));
+    }
     let config = TrainConfig {
         batch_size: a.batch,
         seq_len: a.seq.unwrap_or(model.n_positions),

@@ -4,14 +4,15 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use liandan_data::chat::{Message, Role, prompt_ids};
-use liandan_worker::generate::{Generator, SamplingConfig};
+use liandan_worker::generate::SamplingConfig;
 
 use crate::CliError;
-use crate::generate::{Codec, load_model};
+use crate::generate::{Codec, generate_one, load_model};
 
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
-    /// Checkpoint directory (or run directory) of a model trained with a chat tokenizer.
+    /// Checkpoint directory (or run directory, or Hugging Face model directory) of a model with a
+    /// chat tokenizer.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Softmax temperature (0 = greedy).
@@ -45,11 +46,11 @@ pub fn run(a: ChatArgs) -> Result<(), CliError> {
         history.push(Message { role: Role::User, content: line.trim().to_string() });
         // Keep the conversation inside the context: drop the oldest turns first.
         let mut ids = prompt_ids(tk, &history)?;
-        while ids.len() + 8 > model.config.n_positions && history.len() > 1 {
+        while ids.len() + 8 > model.config().n_positions && history.len() > 1 {
             history.remove(0);
             ids = prompt_ids(tk, &history)?;
         }
-        let room = model.config.n_positions.saturating_sub(ids.len());
+        let room = model.config().n_positions.saturating_sub(ids.len());
         let cfg = SamplingConfig {
             max_new_tokens: a.max_new_tokens.min(room.max(1)),
             temperature: a.temperature,
@@ -59,8 +60,7 @@ pub fn run(a: ChatArgs) -> Result<(), CliError> {
             stop_tokens: codec.stop_tokens(),
             greedy: a.temperature <= 0.0,
         };
-        let out = Generator::new(&model).generate(&ids, &cfg)?;
-        let reply = codec.decode(&out.tokens)?;
+        let reply = codec.decode(&generate_one(model.as_ref(), ids, cfg)?)?;
         println!("模型> {}", reply.trim());
         history.push(Message { role: Role::Assistant, content: reply.trim().to_string() });
         turn += 1;

@@ -30,7 +30,7 @@ pub fn run(a: EvalArgs) -> Result<(), CliError> {
     let crate::generate::Codec::Bpe(tk) = &codec else {
         return Err(CliError::Usage(format!("{}: a byte-level checkpoint has no chat template to answer prompts with", a.checkpoint.display())));
     };
-    let r = liandan_worker::eval::evaluate(&model, tk, &items, a.per_task, a.max_new_tokens).map_err(CliError::Usage)?;
+    let r = liandan_worker::eval::evaluate(model.as_ref(), tk, &items, a.per_task, a.max_new_tokens).map_err(CliError::Usage)?;
     for (task, passed, total) in &r.tasks {
         println!("{task:<12} {passed:>3}/{total:<3} {:>5.1}%", 100.0 * *passed as f64 / (*total).max(1) as f64);
     }

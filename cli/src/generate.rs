@@ -3,15 +3,16 @@
 use std::path::PathBuf;
 
 use liandan_data::tokenizer::ChatTokenizer;
-use liandan_worker::Gpt;
-use liandan_worker::generate::{Generator, SamplingConfig};
+use liandan_worker::engine::Model;
+use liandan_worker::generate::SamplingConfig;
 use liandan_worker::tokenizer::ByteTokenizer;
 
 use crate::CliError;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory, or a run directory (its newest checkpoint is used).
+    /// Checkpoint directory, a run directory (its newest checkpoint is used), or a Hugging Face
+    /// model directory (gpt2, llama or qwen2).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Text to continue.
@@ -71,22 +72,28 @@ impl Codec {
     }
 }
 
-/// Loads a checkpoint for inference with the tokenizer it was trained with.
-pub fn load_model(path: &std::path::Path) -> Result<(Gpt, Codec), CliError> {
-    let dir = crate::train::resolve_checkpoint(path)?;
+/// Loads a checkpoint or Hugging Face model directory for inference with the tokenizer it was
+/// trained with.
+pub fn load_model(path: &std::path::Path) -> Result<(Box<dyn Model>, Codec), CliError> {
+    let dir = if liandan_worker::hf::is_hf_dir(path) { path.to_path_buf() } else { crate::train::resolve_checkpoint(path)? };
     let (model, tk) = liandan_worker::eval::load_for_inference(&dir).map_err(CliError::Usage)?;
     Ok((model, tk.map_or(Codec::Bytes, |t| Codec::Bpe(Box::new(t)))))
 }
 
 /// Continues `prompt` and returns the new text.
-pub fn complete(model: &Gpt, codec: &Codec, prompt: &str, cfg: &SamplingConfig) -> Result<String, CliError> {
+pub fn complete(model: &dyn Model, codec: &Codec, prompt: &str, cfg: &SamplingConfig) -> Result<String, CliError> {
     let ids = codec.encode(prompt)?;
     if ids.is_empty() {
         return Err(CliError::Usage("--prompt is empty: give at least one character".into()));
     }
-    let mut g = Generator::new(model);
-    let out = g.generate(&ids, cfg)?;
-    codec.decode(&out.tokens)
+    let tokens = generate_one(model, ids, cfg.clone())?;
+    codec.decode(&tokens)
+}
+
+/// The tokens `model` generates after `ids` (the KV-cache generator of its family).
+pub fn generate_one(model: &dyn Model, ids: Vec<u32>, cfg: SamplingConfig) -> Result<Vec<u32>, CliError> {
+    let out = model.generate(&[(ids, cfg)])?;
+    Ok(out.into_iter().next().map(|g| g.tokens).unwrap_or_default())
 }
 
 pub fn run(a: GenerateArgs) -> Result<(), CliError> {
@@ -96,7 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
         stop_tokens.extend(codec.encode(s)?.into_iter().take(1));
     }
     let cfg = SamplingConfig { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, stop_tokens, greedy: a.greedy };
-    let text = complete(&model, &codec, &a.prompt, &cfg)?;
+    let text = complete(model.as_ref(), &codec, &a.prompt, &cfg)?;
     println!("{}{}", a.prompt, text);
     Ok(())
 }

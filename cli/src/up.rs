@@ -143,8 +143,8 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
         }
         let (model, codec) = crate::generate::load_model(ckpt)?;
         let crate::generate::Codec::Bpe(tk) = &codec else { continue };
-        let r = liandan_worker::eval::evaluate(&model, tk, &items, EVAL_PER_TASK, 64).map_err(CliError::Usage)?;
-        let sampled = liandan_worker::eval::poem_pass_sampled(&model, tk, &items, 0.7, 4, 64).map_err(CliError::Usage)?;
+        let r = liandan_worker::eval::evaluate(model.as_ref(), tk, &items, EVAL_PER_TASK, 64).map_err(CliError::Usage)?;
+        let sampled = liandan_worker::eval::poem_pass_sampled(model.as_ref(), tk, &items, 0.7, 4, 64).map_err(CliError::Usage)?;
         reports.push((phase.name.clone(), r, sampled));
     }
     let tasks: Vec<String> = reports.first().map(|(_, r, _)| r.tasks.iter().map(|t| t.0.clone()).collect()).unwrap_or_default();

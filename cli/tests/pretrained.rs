@@ -111,4 +111,79 @@ fn a_tiny_qwen2_runs_sft_reward_ppo_on_two_workers_and_its_export_imports_again(
     let start = checkpoint::load(&init, None).unwrap();
     assert_eq!(start.state.model_config, imported.state.model_config, "training kept the architecture");
     assert!(start.params != imported.params, "SFT and PPO changed the weights");
+    // The trained model answers the same from its checkpoint as from the exported directory.
+    let greedy = |dir: &Path| {
+        let out = common::liandan(&["generate", "--checkpoint", common::s(dir), "--prompt", "Next line 3: 床前明月光", "--greedy", "--max-new-tokens", "8"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(greedy(&last), greedy(&export));
+}
+
+/// A Hugging Face Qwen2 directory as a user downloads it: the fixture's weights and config with
+/// the fixture tokenizer's files beside them.
+fn qwen2_with_tokenizer(d: &Path) -> PathBuf {
+    let dir = d.join("Qwen2-tiny");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture("qwen2_tiny_chat").join(f), dir.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("hf_tokenizer_tiny").join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+/// `generate`, `eval` and `chat` read a llama-family model directory. The greedy text of
+/// `generate` (the KV-cache generator) is checked against the argmax of full forward passes
+/// over the whole sequence, one per new token, decoded with the directory's tokenizer.
+#[test]
+fn generate_eval_and_chat_answer_from_a_hugging_face_qwen2_directory() {
+    use liandan_worker::engine::Engine;
+    let d = scratch("qwen2-generate");
+    let dir = qwen2_with_tokenizer(&d);
+    let (prompt, max_new) = ("床前明月光", 12);
+    let out = common::liandan(&["generate", "--checkpoint", common::s(&dir), "--prompt", prompt, "--greedy", "--max-new-tokens", &max_new.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8(out.stdout).unwrap();
+
+    let (loaded, tk) = liandan_worker::eval::load_for_inference(&dir).unwrap();
+    let tk = tk.expect("the directory has a tokenizer");
+    assert_eq!(loaded.config().family, Family::Llama);
+    let cfg = loaded.config().clone();
+    let mut ids = tk.encode(prompt).unwrap();
+    let n0 = ids.len();
+    let mut full = liandan_worker::engine::cpu::CpuEngine.model(&cfg, 1, n0 + max_new).unwrap();
+    full.set_params(&loaded.params().unwrap()).unwrap();
+    let stops = tk.stop_tokens();
+    for _ in 0..max_new {
+        full.forward(&ids, 1, ids.len()).unwrap();
+        let logits = full.logits().unwrap();
+        let row = &logits[(ids.len() - 1) * cfg.padded_vocab_size..][..cfg.vocab_size];
+        let next = (0..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best }) as u32;
+        if stops.contains(&next) {
+            break;
+        }
+        ids.push(next);
+    }
+    let want = format!("{prompt}{}\n", tk.decode_text(&ids[n0..]).unwrap());
+    assert_eq!(printed, want, "KV-cache greedy generation differs from full forward passes");
+
+    let out = common::liandan(&["eval", "--checkpoint", common::s(&dir), "--per-task", "1", "--max-new-tokens", "8"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().any(|l| l.starts_with("poem") && l.contains("/1")), "{text}");
+
+    use std::io::Write;
+    let mut chat = common::command()
+        .args(["chat", "--checkpoint", common::s(&dir), "--temperature", "0", "--max-new-tokens", "6"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all("你好\n\n".as_bytes()).unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("模型>"), "{}", String::from_utf8_lossy(&out.stdout));
 }

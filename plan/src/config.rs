@@ -104,6 +104,9 @@ pub struct GptConfig {
 /// overflowing `usize` and catches typos (a stray zero or two) before allocating.
 const MAX_DIM: usize = 1 << 20;
 
+/// The names [`GptConfig::preset`] knows.
+pub const PRESETS: [&str; 5] = ["nano", "tiny", "small-256", "gpt2", "qwen2.5-0.5b"];
+
 /// Most parameters a config may declare (2^40, about 1.1 trillion): every product of sizes the
 /// engine computes stays far from overflowing, whatever a config file says.
 pub const MAX_PARAMS: u64 = 1 << 40;
@@ -163,17 +166,21 @@ impl GptConfig {
     /// | `tiny`      | 4  | 256 | 4  | 256  |
     /// | `small-256` | 12 | 768 | 12 | 256  |
     /// | `gpt2`      | 12 | 768 | 12 | 1024 |
+    /// | `qwen2.5-0.5b` (llama family, NKV 2, I 4864) | 24 | 896 | 14 | 32768 |
     pub fn preset(name: &str, vocab_size: usize) -> Result<Self> {
-        let (l, c, nh, t) = match name {
-            "nano" => (4, 128, 4, 128),
-            "tiny" => (4, 256, 4, 256),
-            "small-256" => (12, 768, 12, 256),
-            "gpt2" => (12, 768, 12, 1024),
+        let cfg = match name {
+            "nano" => GptConfig::new(vocab_size, 128, 4, 4, 128),
+            "tiny" => GptConfig::new(vocab_size, 256, 4, 4, 256),
+            "small-256" => GptConfig::new(vocab_size, 256, 12, 12, 768),
+            "gpt2" => GptConfig::new(vocab_size, 1024, 12, 12, 768),
+            // Qwen2.5-0.5B's shape, from its config.json: 24 blocks, C = 896, 14 query heads
+            // over 2 key/value heads (hs = 64), I = 4864, q/k/v biases, tied head, θ = 1e6,
+            // a 32768-token context. Its own vocabulary is 151936.
+            "qwen2.5-0.5b" => GptConfig { rope_theta: 1e6, tie_word_embeddings: true, attention_bias: true, ..GptConfig::llama(vocab_size, 32768, 24, 14, 2, 896, 4864) },
             other => {
-                return Err(PlanError::InvalidConfig { field: "model", reason: format!("unknown preset '{other}' (known: nano, tiny, small-256, gpt2)") });
+                return Err(PlanError::InvalidConfig { field: "model", reason: format!("unknown preset '{other}' (known: {})", PRESETS.join(", ")) });
             }
         };
-        let cfg = GptConfig::new(vocab_size, t, l, nh, c);
         cfg.validate()?;
         Ok(cfg)
     }

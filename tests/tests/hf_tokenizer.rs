@@ -160,7 +160,7 @@ fn sft_with_a_models_tokenizer_exports_its_template() {
     assert_eq!(tk.stop_tokens(), vec![502, 500]);
     // A greedy answer through the template's generation prompt (the model is barely trained:
     // only that it runs and stops within the limit).
-    liandan_worker::eval::answer(&model, &tk, "学而时习之", 8).unwrap();
+    liandan_worker::eval::answer(model.as_ref(), &tk, "学而时习之", 8).unwrap();
 
     if let Some(out) = std::env::var_os("LIANDAN_EXPORT_DIR") {
         let out = Path::new(&out);

@@ -9,9 +9,9 @@ use liandan_data::tokenizer::ChatTokenizer;
 use liandan_data::verify::{PoemForm, poem_form};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Model;
+use crate::engine::cpu::CpuEngine;
+use crate::engine::{Engine, Model};
 use crate::generate::SamplingConfig;
-use crate::model::gpt::Gpt;
 
 /// One held-out prompt (`data/demo/eval.jsonl`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,40 +59,48 @@ pub fn answer_with(model: &dyn Model, tk: &ChatTokenizer, prompt: &str, mut cfg:
     tk.decode_text(&tokens).map_err(|e| e.to_string())
 }
 
-/// A checkpoint for inference: the model (buffers for one row; generation has its own) and the
-/// chat tokenizer stored in it, or `None` for a byte-level checkpoint.
-pub fn load_for_inference(dir: &Path) -> Result<(Gpt, Option<ChatTokenizer>), String> {
+/// A checkpoint (or Hugging Face model directory) for inference on the CPU: the model, of
+/// either family (buffers for one row; generation keeps its own KV cache), and its chat
+/// tokenizer, or `None` for a byte-level checkpoint.
+pub fn load_for_inference(dir: &Path) -> Result<(Box<dyn Model>, Option<ChatTokenizer>), String> {
     let ck = crate::checkpoint::load(dir, None).map_err(|e| e.to_string())?;
-    // This path builds the GPT-2 model directly; the llama family samples through the engine
-    // inside the phases only, for now.
-    if ck.state.model_config.family != crate::model::config::Family::Gpt2 {
-        return Err(format!(
-            "{}: a {:?}-family model; generate, chat, eval and labeling samples run GPT-2 checkpoints only for now (the phases' own evaluations run every family)",
-            dir.display(),
-            ck.state.model_config.family
-        ));
-    }
+    let hf = crate::hf::is_hf_dir(dir);
     let tk = if ck.state.tokenizer == crate::tokenizer::BYTES {
         None
+    } else if ck.state.tokenizer.is_empty() {
+        return Err(format!("{}: no tokenizer.json beside the model, so no text can be read or written with it", dir.display()));
     } else {
-        let bytes = crate::checkpoint::read_verified(dir, &ck.state.tokenizer, &ck.state).map_err(|e| e.to_string())?;
+        // A liandan checkpoint's files are read against their checksums; a Hugging Face
+        // directory has none, so its files are read as they are.
+        let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
+            if hf {
+                let p = dir.join(name);
+                match std::fs::read(&p) {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(format!("{}: {e}", p.display())),
+                }
+            } else if ck.state.files.contains_key(name) {
+                crate::checkpoint::read_verified(dir, name, &ck.state).map(Some).map_err(|e| e.to_string())
+            } else {
+                Ok(None)
+            }
+        };
+        let what = dir.join(&ck.state.tokenizer);
+        let bytes = read(&ck.state.tokenizer)?.ok_or_else(|| format!("{}: missing", what.display()))?;
         // The template and stop tokens written beside it (checkpoints from before they were
         // written have liandan's template).
-        let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
-            if ck.state.files.contains_key(name) { crate::checkpoint::read_verified(dir, name, &ck.state).map(Some).map_err(|e| e.to_string()) } else { Ok(None) }
-        };
         let config = read(liandan_data::hf_tokenizer::TOKENIZER_CONFIG)?;
         let generation = read(liandan_data::hf_tokenizer::GENERATION_CONFIG)?;
-        let what = dir.join(&ck.state.tokenizer);
         Some(ChatTokenizer::from_parts(&bytes, config.as_deref(), generation.as_deref(), &what, Some(ck.state.model_config.vocab_size)).map_err(|e| e.to_string())?)
     };
-    let mut model = Gpt::new(ck.state.model_config.clone(), 1, 1).map_err(|e| e.to_string())?;
-    model.params = ck.params;
+    let mut model = CpuEngine.model(&ck.state.model_config, 1, 1).map_err(|e| e.to_string())?;
+    model.set_params(&ck.params).map_err(|e| e.to_string())?;
     Ok((model, tk))
 }
 
 /// A checkpoint and the chat tokenizer stored in it, for answering prompts.
-pub fn load_chat_model(dir: &Path) -> Result<(Gpt, ChatTokenizer), String> {
+pub fn load_chat_model(dir: &Path) -> Result<(Box<dyn Model>, ChatTokenizer), String> {
     match load_for_inference(dir)? {
         (model, Some(tk)) => Ok((model, tk)),
         (_, None) => Err(format!("{}: not a chat model (it reads bytes, with no chat tokenizer)", dir.display())),

@@ -528,7 +528,7 @@ fn nccl_group(
 }
 
 /// The chat model answers for human comparisons come from, loaded once per checkpoint.
-type SamplerCache = std::sync::Mutex<Option<(String, crate::model::gpt::Gpt, liandan_data::tokenizer::ChatTokenizer)>>;
+type SamplerCache = std::sync::Mutex<Option<(String, Box<dyn crate::engine::Model>, liandan_data::tokenizer::ChatTokenizer)>>;
 
 /// One answer per seed of `req`, sampled from its checkpoint with the chat template (on the CPU:
 /// two short answers, whatever device this worker trains on).
@@ -550,7 +550,7 @@ fn sample_answers(cache: &SamplerCache, req: &SampleRequest) -> Result<Vec<Strin
                 seed,
                 ..Default::default()
             };
-            crate::eval::answer_with(model, tk, &req.prompt, cfg)
+            crate::eval::answer_with(model.as_ref(), tk, &req.prompt, cfg)
         })
         .collect()
 }
