@@ -1,7 +1,7 @@
 //! Starting from a downloaded model, end to end on real processes: a coordinator and two CPU
-//! workers run SFT → reward model → PPO from `tests/fixtures/qwen2_tiny_chat` (a tiny random
-//! `Qwen2ForCausalLM` directory, `init = DIR`) on data tokenized with the model's tokenizer
-//! (`tests/fixtures/hf_tokenizer_tiny`), and the PPO phase's final checkpoint, copied without
+//! workers run `examples/qwen2-tiny.toml`, SFT → reward model → PPO from
+//! `tests/fixtures/qwen2_tiny_chat` (a tiny random `Qwen2ForCausalLM` directory, `init = DIR`)
+//! on data tokenized with the model's tokenizer (`tests/fixtures/hf_tokenizer_tiny`), and the PPO phase's final checkpoint, copied without
 //! liandan's `state.json`, is read back through the Hugging Face import path with the same
 //! weights bit for bit.
 
@@ -9,45 +9,18 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::local::{Local, prepared_hf, wait_for};
+use common::local::{Local, wait_for};
 use common::{fixture, scratch};
 use liandan_coordinator::store::Store;
 use liandan_worker::checkpoint;
 use liandan_worker::model::config::Family;
 
-/// Chat-format SFT examples and rule-derived comparisons. The fixture tokenizer is byte-level
-/// with few merges, so the text is short and mostly ASCII to fit the template's system prompt
-/// and a question in 128 tokens.
-fn chat_files(d: &Path) -> (PathBuf, PathBuf) {
-    let (sft, pref) = (d.join("sft.jsonl"), d.join("pref.jsonl"));
-    let (mut a, mut b) = (String::new(), String::new());
-    for i in 0..40 {
-        let prompt = format!("Next line {i}: 床前明月光");
-        a.push_str(&serde_json::json!({"prompt": prompt, "response": "疑是地上霜", "task": "next_line"}).to_string());
-        a.push('\n');
-        b.push_str(&serde_json::json!({"prompt": prompt, "chosen": "疑是地上霜", "rejected": "hello world", "label_source": "rule"}).to_string());
-        b.push('\n');
-    }
-    std::fs::write(&sft, a).unwrap();
-    std::fs::write(&pref, b).unwrap();
-    (sft, pref)
-}
-
-/// The job: SFT from the model directory, a reward model from the SFT model, PPO from the SFT
-/// model scored by the reward model and the verifier.
-fn job(d: &Path, data: &Path, init: &Path) -> PathBuf {
-    let (sft, pref) = chat_files(d);
-    let phase = |name: &str, data: &Path, steps: u64, extra: &str| {
-        format!("\n[[phases]]\nname = \"{name}\"\nkind = \"{name}\"\ndata = \"{}\"\nsteps = {steps}\nglobal_batch = 4\nseq_len = 128\nlr = 3e-3\n{extra}", data.display())
-    };
-    let spec = format!(
-        "name = \"qwen2-tiny\"\n[model]\npreset = \"nano\"\n[data]\nprepared = \"{}\"\n[cluster]\nmin_workers = 2\nmax_workers = 2\n[checkpoint]\ndir = \"{}\"\nevery = 10\n{}{}{}",
-        data.display(),
-        d.join("ckpt").display(),
-        phase("sft", &sft, 12, &format!("init = \"{}\"\n", init.display())),
-        phase("reward", &pref, 6, ""),
-        phase("ppo", &sft, 3, "[phases.ppo]\nmax_new_tokens = 8\nreward = \"both\"\n"),
-    );
+/// `examples/qwen2-tiny.toml` with its paths made absolute: the fixtures' under the repository,
+/// `runs/qwen2-tiny/` under `d`.
+fn job(d: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let spec = std::fs::read_to_string(root.join("examples/qwen2-tiny.toml")).unwrap();
+    let spec = spec.replace("\"tests/fixtures/", &format!("\"{}/", root.join("tests/fixtures").display())).replace("\"runs/qwen2-tiny/", &format!("\"{}/", d.display()));
     let p = d.join("qwen.toml");
     std::fs::write(&p, spec).unwrap();
     p
@@ -64,9 +37,23 @@ fn wait_succeeded(c: &Local, job: u64) -> String {
 #[test]
 fn a_tiny_qwen2_runs_sft_reward_ppo_on_two_workers_and_its_export_imports_again() {
     let d = scratch("qwen2");
-    let data = prepared_hf(&d, &fixture("hf_tokenizer_tiny"));
+    let corpus = fixture("qwen2_tiny_chat_data/corpus.jsonl");
+    let tokenizer = fixture("hf_tokenizer_tiny");
+    let o = common::liandan(&[
+        "data",
+        "prepare",
+        common::s(&corpus),
+        "--out",
+        common::s(&d.join("data")),
+        "--tokenizer",
+        common::s(&tokenizer),
+        "--split",
+        "0.9,0.05,0.05",
+        "--no-near-dedup",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let init = fixture("qwen2_tiny_chat");
-    let spec = job(&d, &data, &init);
+    let spec = job(&d);
     let c = Local::start(&d, 2, &["--device", "cpu"], false);
     let id = c.submit(&spec);
     let st = wait_succeeded(&c, id);
