@@ -154,7 +154,6 @@ pub fn swiglu_forward(dev: &CudaDevice, out: View, inp: View, n: usize, i: usize
     const OP: &str = "swiglu_forward";
     need(OP, "out", out, n * i)?;
     need(OP, "inp", inp, n * 2 * i)?;
-    int(OP, "N·I", n * i)?;
     dev.launch(OP, grid_1d(n * i, BLOCK), &[p(out), p(inp), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "I", i)?)])
 }
 
@@ -207,7 +206,6 @@ fn gqa_dims(op: &'static str, b: usize, t: usize, s: Gqa) -> Result<[Arg; 5]> {
     if b * s.nh > GRID_Y_MAX {
         return Err(CudaError::Shape { op, reason: format!("B·NH = {} exceeds a grid's {GRID_Y_MAX} block rows", b * s.nh) });
     }
-    int(op, "B·T·Dqkv", b * t * s.dqkv())?;
     Ok([Arg::I(int(op, "B", b)?), Arg::I(int(op, "T", t)?), Arg::I(int(op, "NH", s.nh)?), Arg::I(int(op, "NKV", s.nkv)?), Arg::I(int(op, "hs", s.hs)?)])
 }
 
@@ -261,4 +259,32 @@ pub fn gqa_backward(dev: &CudaDevice, dqkv: View, delta: View, dout: View, qkv: 
     dev.launch(gqa_kernel("dq", variant), cfg, &args)?;
     let cfg = LaunchConfig { grid_dim: (rows, (b * s.nkv) as u32, 1), block_dim: (ATT_ROWS, 1, 1), shared_mem_bytes: ((2 * ATT_TILE * s.hs + 2 * ATT_TILE) * 4) as u32 };
     dev.launch(gqa_kernel("dkdv", variant), cfg, &args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shapes the kernels cannot run are refused with an error naming the op, before a launch.
+    #[test]
+    fn bad_shapes_are_refused_before_the_launch() {
+        let dev = CudaDevice::emulated().expect("the emulated device opens");
+        let buf = dev.alloc::<f32>(4096).expect("a small allocation");
+        let x = buf.all();
+        let shape_err = |r: Result<()>, op: &str| match r {
+            Err(CudaError::Shape { op: o, reason }) => assert_eq!(o, op, "{reason}"),
+            other => panic!("{op}: expected a shape error, got {other:?}"),
+        };
+        shape_err(gqa_forward(&dev, x, x, x, 1, 2, Gqa { nh: 4, nkv: 3, hs: 8 }), "gqa_forward");
+        shape_err(gqa_backward(&dev, x, x, x, x, x, x, 1, 2, Gqa { nh: 4, nkv: 0, hs: 8 }), "gqa_backward");
+        shape_err(gqa_forward(&dev, x, x, x, 1, 2, Gqa { nh: 4, nkv: 2, hs: 256 }), "gqa_forward");
+        shape_err(gqa_forward(&dev, x, x, x, 1, 200, Gqa { nh: 4, nkv: 2, hs: 8 }), "gqa_forward");
+        let table = RopeTableDev::upload(&dev, &RopeTable::new(4, 8, 1e4)).expect("a table of 4 positions");
+        // Positions 2..6 but the table holds 4.
+        shape_err(rope_forward(&dev, x, &table, 1, 4, 4, 2, 8, 2), "rope_apply");
+        shape_err(rope_forward(&dev, x, &table, 1, 4, 4, 2, 16, 0), "rope_forward");
+        shape_err(rmsnorm_forward(&dev, x, x, x, x, 8, 64, 0.0), "rmsnorm_forward");
+        shape_err(swiglu_forward(&dev, x, x, 64, 64), "swiglu_forward");
+        assert!(RopeTableDev::upload(&dev, &RopeTable { cos: vec![1.0; 6], sin: vec![0.0; 4], half: 2 }).is_err());
+    }
 }
