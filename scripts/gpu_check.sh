@@ -154,7 +154,7 @@ done
 sanitizer="$(command -v compute-sanitizer || true)"
 [ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
 if [ -n "$sanitizer" ]; then
-    kernel_sections="encoder,layernorm,gelu_residual,cast_bf16,matmul,lm_head,attention,flash_attention,kv_cache,crossentropy,scalar_head,optimizer"
+    kernel_sections="encoder,layernorm,gelu_residual,cast_bf16,matmul,lm_head,attention,flash_attention,kv_cache,rmsnorm,rope,swiglu,embedding,gqa_attention,crossentropy,scalar_head,optimizer"
     section "sanitizer-memcheck" 75 "$sanitizer" --tool memcheck --error-exitcode 3 "$BIN" selftest --device "$DEVICE" --shapes small --section "$kernel_sections"
     section "sanitizer-racecheck" 75 "$sanitizer" --tool racecheck --error-exitcode 3 "$BIN" selftest --device "$DEVICE" --shapes small --section "$kernel_sections"
 else

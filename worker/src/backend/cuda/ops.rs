@@ -1,6 +1,14 @@
 //! Host wrappers of the kernels: one function per op with the CPU backend's name and argument
 //! order, each checking every operand's length against the shapes before it launches. Shapes
-//! follow the crate glossary (N = B·T rows).
+//! follow the crate glossary (N = B·T rows). The llama family's ops are in [`llama`] and
+//! re-exported here.
+
+pub mod llama;
+
+pub use llama::{
+    RopeTableDev, embedding_backward, embedding_forward, gqa_backward, gqa_forward, rmsnorm_backward, rmsnorm_forward, rmsnorm_partial_len, rope_apply, rope_backward,
+    rope_forward, swiglu_backward, swiglu_forward,
+};
 
 use super::device::blas::BIAS_ALIGN;
 use super::device::{Arg, CudaDevice, DPtr, LaunchConfig, View, grid_1d};

@@ -1,7 +1,8 @@
 //! `liandan selftest --device cuda|cuda-emu`: every kernel's forward and backward against the
 //! CPU backend at several shapes (odd sizes for edge tiles and partial blocks; with
-//! [`Shapes::Full`] also GPT-2 sizes), whole training steps against the CPU trainer, and an NCCL
-//! all-reduce of world size 1 (GPU only). `cargo test` runs it on the emulated device
+//! [`Shapes::Full`] also GPT-2 sizes and the llama family's: Qwen2-0.5B, Llama 2 7B, Llama 3
+//! 8B), whole training steps against the CPU trainer, and an NCCL all-reduce of world size 1
+//! (GPU only). `cargo test` runs it on the emulated device
 //! (`worker/tests/cuda_emu.rs`); `scripts/gpu_check.sh` on the GPU, one section per process.
 //!
 //! Sections run independently: an error in one (a failed launch, an out-of-memory) becomes a
@@ -10,12 +11,16 @@
 //! comparison; buffers a kernel accumulates into start at chosen non-zero values.
 //!
 //! Tolerances, and why:
-//! - f32 element-wise ops (encoder, GELU, residual, LayerNorm, softmax/CE, AdamW, head): the GPU
+//! - f32 element-wise ops (encoder, GELU, residual, LayerNorm, softmax/CE, AdamW, head; the
+//!   llama family's RMSNorm forward, RoPE, SwiGLU and token-embedding backward): the GPU
 //!   uses libdevice `expf`/`tanhf` (the emulated device glibc's) and another summation order than
 //!   the CPU's vectorised polynomials; all are within ~1e-6 relative of exact, so
 //!   `1e-5 + 1e-4·|x|` covers them.
-//! - f32 matmuls and attention: dot products of length K in another order; error grows like
-//!   √K·ε·|x|, so `1e-4 + 1e-3·|x|` up to K = 3072.
+//! - f32 matmuls and attention (GPT-2's and grouped-query), and the backward of the norms: dot
+//!   products of length K in another order; error grows like √K·ε·|x|, so `1e-4 + 1e-3·|x|` up
+//!   to K = 3072.
+//! - the token-embedding forward (a copy of table rows): bit for bit; so is grouped-query
+//!   attention with NKV = NH against GPT-2's attention kernels (the same code on the same layout).
 //! - bf16 matmuls (and the bf16 LM head): inputs rounded to 8 bits of mantissa (relative 2⁻⁹),
 //!   so the result is compared by relative L2 error, ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-2 (measured on the
 //!   emulated device: 2.4e-3 at K = 768).
@@ -238,6 +243,11 @@ const SECTIONS: &[(&str, SectionFn)] = &[
     ("attention", ops::attention),
     ("flash_attention", flash::attention),
     ("kv_cache", ops::kv_cache),
+    ("rmsnorm", ops::rmsnorm),
+    ("rope", ops::rope),
+    ("swiglu", ops::swiglu),
+    ("embedding", ops::embedding),
+    ("gqa_attention", ops::gqa_attention),
     ("crossentropy", ops::crossentropy),
     ("scalar_head", ops::scalar_head),
     ("optimizer", train::optimizer),

@@ -275,6 +275,140 @@ pub(super) fn scalar_head(cx: &mut Ctx<'_, '_>) -> Result<()> {
     Ok(())
 }
 
+pub(super) fn rmsnorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // C = 37 and 100 leave partial warps; N = 300 spans two row chunks of the dweight sum.
+    for (k, (n, c)) in pick(cx.shapes, &[(1, 8), (7, 37), (37, 64), (300, 100)], &[(512, 896), (256, 4096)]).into_iter().enumerate() {
+        let eps = if k % 2 == 0 { 1e-6 } else { 1e-5 };
+        let x = randn(n * c, 40);
+        let w: Vec<f32> = randn(c, 41).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let dout = randn(n * c, 42);
+        let (mut o, mut s) = (vec![0.0; n * c], vec![0.0; n]);
+        cpu::rmsnorm::rmsnorm_forward(&mut o, &mut s, &x, &w, n, c, eps);
+        let (gx, gw, go, gs) = (cx.up(&x)?, cx.up(&w)?, cx.out(n * c)?, cx.out(n)?);
+        ops::rmsnorm_forward(cx.d(), go.all(), gs.all(), gx.all(), gw.all(), n, c, eps)?;
+        let (g_o, g_s) = (cx.down(&go, n * c)?, cx.down(&gs, n)?);
+        cx.push(compare(format!("rmsnorm_forward out N={n} C={c} eps={eps:e}"), &g_o, &o, EW));
+        cx.push(compare(format!("rmsnorm_forward rstd N={n} C={c} eps={eps:e}"), &g_s, &s, EW));
+        let (mut di, mut dw) = (vec![0.1; n * c], vec![0.2; c]);
+        cpu::rmsnorm::rmsnorm_backward(&mut di, &mut dw, &dout, &x, &w, &s, n, c);
+        let (gdi, gdw, gdo, part) = (cx.up(&vec![0.1; n * c])?, cx.up(&vec![0.2; c])?, cx.up(&dout)?, cx.out(ops::rmsnorm_partial_len(n, c))?);
+        ops::rmsnorm_backward(cx.d(), gdi.all(), gdw.all(), gdo.all(), gx.all(), gw.all(), gs.all(), part.all(), n, c)?;
+        let (g1, g2) = (cx.down(&gdi, n * c)?, cx.down(&gdw, c)?);
+        cx.push(compare(format!("rmsnorm_backward dinp N={n} C={c}"), &g1, &di, MM));
+        cx.push(compare(format!("rmsnorm_backward dweight N={n} C={c}"), &g2, &dw, MM));
+    }
+    Ok(())
+}
+
+pub(super) fn rope(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // (B, T, NH, NKV, hs, pos0, θ): NKV = 1 and 2 under NH = 4, a start past position 0 (as in
+    // generation), and Llama 2's, Qwen2's and Llama 3's θ.
+    let small = [(1, 1, 4, 1, 8, 0, 1e4), (2, 7, 4, 2, 16, 0, 1e6), (2, 37, 4, 1, 8, 0, 5e5), (1, 9, 4, 2, 16, 5, 1e4), (1, 37, 4, 4, 64, 0, 1e6)];
+    for (b, t, nh, nkv, hs, pos0, theta) in pick(cx.shapes, &small, &[(2, 256, 14, 2, 64, 0, 1e6), (1, 256, 32, 8, 128, 0, 5e5)]) {
+        let d = (nh + 2 * nkv) * hs;
+        let table = cpu::rope::RopeTable::new(pos0 + t, hs, theta);
+        let gtable = ops::RopeTableDev::upload(cx.d(), &table)?;
+        let x = randn(b * t * d, 43);
+        let mut want = x.clone();
+        cpu::rope::rope_forward(&mut want, &table, b, t, nh, nkv, hs, pos0);
+        let gx = cx.up(&x)?;
+        ops::rope_forward(cx.d(), gx.all(), &gtable, b, t, nh, nkv, hs, pos0)?;
+        let got = cx.down(&gx, b * t * d)?;
+        let tag = format!("B={b} T={t} NH={nh} NKV={nkv} hs={hs} pos0={pos0} theta={theta:e}");
+        cx.push(compare(format!("rope_forward {tag}"), &got, &want, EW));
+        if pos0 == 0 {
+            let g = randn(b * t * d, 44);
+            let mut want = g.clone();
+            cpu::rope::rope_backward(&mut want, &table, b, t, nh, nkv, hs);
+            let gg = cx.up(&g)?;
+            ops::rope_backward(cx.d(), gg.all(), &gtable, b, t, nh, nkv, hs)?;
+            let got = cx.down(&gg, b * t * d)?;
+            cx.push(compare(format!("rope_backward {tag}"), &got, &want, EW));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn swiglu(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    for (n, i) in pick(cx.shapes, &[(1, 1), (7, 37), (64, 100), (3, 1001)], &[(512, 4864), (256, 11008)]) {
+        // Gates across [-6, 6], where σ saturates on both sides.
+        let x: Vec<f32> = randn(n * 2 * i, 45).iter().map(|v| 2.0 * v).collect();
+        let dout = randn(n * i, 46);
+        let mut o = vec![0.0; n * i];
+        cpu::swiglu::swiglu_forward(&mut o, &x, n, i);
+        let mut dx = vec![0.0; n * 2 * i];
+        cpu::swiglu::swiglu_backward(&mut dx, &x, &dout, n, i);
+        let (gx, gdo, go, gdx) = (cx.up(&x)?, cx.up(&dout)?, cx.out(n * i)?, cx.out(n * 2 * i)?);
+        ops::swiglu_forward(cx.d(), go.all(), gx.all(), n, i)?;
+        let got = cx.down(&go, n * i)?;
+        cx.push(compare(format!("swiglu_forward N={n} I={i}"), &got, &o, EW));
+        ops::swiglu_backward(cx.d(), gdx.all(), gx.all(), gdo.all(), n, i)?;
+        let got = cx.down(&gdx, n * 2 * i)?;
+        cx.push(compare(format!("swiglu_backward N={n} I={i}"), &got, &dx, EW));
+    }
+    Ok(())
+}
+
+pub(super) fn embedding(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // Vp = 5 with 74 rows: every token repeats, so dwte sums many rows per token.
+    for (n, c, vp) in pick(cx.shapes, &[(1, 8, 16), (7, 37, 50), (74, 64, 5)], &[(512, 896, 32000)]) {
+        let mut r = Rng::new(47);
+        let inp: Vec<u32> = (0..n).map(|_| r.below(vp as u64) as u32).collect();
+        let (wte, dout) = (randn(vp * c, 48), randn(n * c, 49));
+        let mut want = vec![0.0; n * c];
+        cpu::embedding::embedding_forward(&mut want, &inp, &wte, n, c);
+        let (gi, gwte, gout) = (cx.d().upload_new(&inp)?, cx.up(&wte)?, cx.out(n * c)?);
+        ops::embedding_forward(cx.d(), gout.all(), gi.all(), gwte.all(), n, c)?;
+        let got = cx.down(&gout, n * c)?;
+        // A copy of the table's rows: bit for bit.
+        cx.push(compare(format!("embedding_forward N={n} C={c} Vp={vp}"), &got, &want, Tolerance::Exact));
+        let mut dwte = vec![0.5; vp * c];
+        cpu::embedding::embedding_backward(&mut dwte, &dout, &inp, n, c);
+        let (gdwte, gdout) = (cx.up(&vec![0.5; vp * c])?, cx.up(&dout)?);
+        ops::embedding_backward(cx.d(), gdwte.all(), gdout.all(), gi.all(), n, c)?;
+        let got = cx.down(&gdwte, vp * c)?;
+        cx.push(compare(format!("embedding_backward dwte N={n} C={c} Vp={vp}"), &got, &dwte, EW));
+    }
+    Ok(())
+}
+
+pub(super) fn gqa_attention(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    use cpu::gqa_attention::Gqa;
+    // (B, T, NH, NKV, hs): head sizes 8/16, 64 and 128 reach the three instantiations; NKV = 1,
+    // 2 and 4 (plain multi-head) under NH = 4; T = 37, 65 and 130 leave partial blocks (64 rows)
+    // and partial tiles (32 keys).
+    let small = [(1, 1, 4, 1, 8), (2, 7, 4, 2, 16), (2, 37, 4, 1, 8), (1, 37, 4, 2, 16), (2, 7, 4, 4, 8), (1, 65, 4, 2, 64), (1, 37, 4, 1, 128), (1, 130, 6, 3, 32)];
+    for (b, t, nh, nkv, hs) in pick(cx.shapes, &small, &[(2, 256, 14, 2, 64), (1, 256, 32, 8, 128)]) {
+        let s = Gqa { nh, nkv, hs };
+        let (d, c) = (s.dqkv(), nh * hs);
+        let (qkv, dout) = (randn(b * t * d, 50), randn(b * t * c, 51));
+        let (mut o, mut att) = (vec![0.0; b * t * c], vec![0.0; b * nh * t * t]);
+        cpu::gqa_attention::gqa_forward(&mut o, &mut att, &qkv, b, t, s);
+        let (mut dqkv, mut datt) = (vec![0.0; b * t * d], vec![0.0; b * nh * t * t]);
+        cpu::gqa_attention::gqa_backward(&mut dqkv, &mut datt, &dout, &qkv, &att, b, t, s);
+        let (gq, gdo, go, gl, gdq, gdelta) = (cx.up(&qkv)?, cx.up(&dout)?, cx.out(b * t * c)?, cx.out(b * nh * t)?, cx.out(b * t * d)?, cx.out(b * nh * t)?);
+        let tag = format!("B={b} T={t} NH={nh} NKV={nkv} hs={hs}");
+        ops::gqa_forward(cx.d(), go.all(), gl.all(), gq.all(), b, t, s)?;
+        let got = cx.down(&go, b * t * c)?;
+        cx.push(compare(format!("gqa_forward {tag}"), &got, &o, MM));
+        ops::gqa_backward(cx.d(), gdq.all(), gdelta.all(), gdo.all(), gq.all(), go.all(), gl.all(), b, t, s)?;
+        let got = cx.down(&gdq, b * t * d)?;
+        cx.push(compare(format!("gqa_backward dqkv {tag}"), &got, &dqkv, MM));
+        if nkv == nh {
+            // With NKV = NH the layout is GPT-2's (B, T, 3C) and both entry points run the same
+            // code: their outputs agree bit for bit.
+            let (go2, gl2, gdq2, gdelta2) = (cx.out(b * t * c)?, cx.out(b * nh * t)?, cx.out(b * t * d)?, cx.out(b * nh * t)?);
+            ops::attention_forward(cx.d(), go2.all(), gl2.all(), gq.all(), b, t, c, nh)?;
+            ops::attention_backward(cx.d(), gdq2.all(), gdelta2.all(), gdo.all(), gq.all(), go2.all(), gl2.all(), b, t, c, nh)?;
+            let (a, bb) = (cx.down(&go2, b * t * c)?, cx.down(&go, b * t * c)?);
+            cx.push(compare(format!("gqa_forward equals attention_forward {tag}"), &bb, &a, Tolerance::Exact));
+            let (a, bb) = (cx.down(&gdq2, b * t * d)?, cx.down(&gdq, b * t * d)?);
+            cx.push(compare(format!("gqa_backward equals attention_backward {tag}"), &bb, &a, Tolerance::Exact));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::bf16_rne;
