@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from torch_gpt import make_optimizer  # the same AdamW groups as the GPT-2 peer
+
 PRESETS = {
     "qwen2.5-0.5b": dict(
         vocab_size=151936,
@@ -40,18 +42,6 @@ PRESETS = {
         tie_word_embeddings=True,
     ),
 }
-
-
-def make_optimizer(model, lr, weight_decay):
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
 
 
 def main():
