@@ -603,7 +603,7 @@ impl JobSpec {
             // Checkpoints named in the spec must exist and fit the model now, not when a
             // worker reaches the phase.
             if let Some(dir) = &p.init {
-                liandan_plan::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
+                liandan_plan::checkpoint::check(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].init"), e.to_string()))?;
             }
             if let Some(dir) = &p.reward_checkpoint {
                 let ck = liandan_plan::checkpoint::load(dir, Some(&model)).map_err(|e| err(format!("phases[{i}].reward_checkpoint"), e.to_string()))?;

@@ -250,6 +250,25 @@ pub fn load(dir: &Path, expect: Option<&GptConfig>) -> Result<Checkpoint> {
     Ok(Checkpoint { state, params, moments })
 }
 
+/// Checks that `dir` is a checkpoint (or Hugging Face model directory) that loads, with
+/// `expect`'s config when given, and returns its model config. A Hugging Face directory is
+/// checked from its config and safetensors headers without reading the weights (the
+/// coordinator runs this at submit, where a multi-gigabyte model must not be read into memory);
+/// a liandan checkpoint is loaded and verified in full.
+///
+/// # Errors
+/// As [`load`].
+pub fn check(dir: &Path, expect: Option<&GptConfig>) -> Result<GptConfig> {
+    if !crate::hf::is_hf_dir(dir) {
+        return Ok(load(dir, expect)?.state.model_config);
+    }
+    let config = crate::hf::check(dir)?;
+    if let Some(want) = expect {
+        compare_configs(&config, want).map_err(|why| PlanError::checkpoint(dir.join(HF_CONFIG_FILE), why))?;
+    }
+    Ok(config)
+}
+
 /// Imports a Hugging Face model directory (gpt2, llama or qwen2 `config.json`; weights in
 /// `model.safetensors` or shards with their index; f32, f16 or bf16) as a checkpoint at step 0
 /// with no optimizer state. The state names `tokenizer.json` when the directory has one.

@@ -240,7 +240,12 @@ fn bad_directories_are_refused_by_file_and_field() {
         }
         d
     };
-    let err = |d: &Path| checkpoint::load(d, None).expect_err("must be refused").to_string();
+    // The submit-time check (headers only) refuses what the import refuses, with the same line.
+    let err = |d: &Path| {
+        let m = checkpoint::load(d, None).expect_err("must be refused").to_string();
+        assert_eq!(checkpoint::check(d, None).expect_err("the check must refuse it too").to_string(), m);
+        m
+    };
     // A Mistral config.
     let d = copy("mistral");
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();

@@ -43,6 +43,18 @@ pub fn read_config(dir: &Path) -> Result<(config::Arch, GptConfig)> {
     config::from_hf_config(&path, &v)
 }
 
+/// Checks a Hugging Face model directory without reading its weights: the config, and from the
+/// safetensors headers every tensor's presence, shape and dtype (what [`load`] would refuse
+/// about them). Returns the model config.
+///
+/// # Errors
+/// As [`read_config`] and [`weights::check_params`].
+pub fn check(dir: &Path) -> Result<GptConfig> {
+    let (_, cfg) = read_config(dir)?;
+    weights::check_params(&cfg, &weights::WeightIndex::open(dir)?)?;
+    Ok(cfg)
+}
+
 /// Reads a Hugging Face model directory: its config and its weights in the flat layout.
 ///
 /// # Errors
