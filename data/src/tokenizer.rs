@@ -2,6 +2,11 @@
 //! tokens of the chat template. Byte-level means every UTF-8 string encodes (no unknown token)
 //! and `decode(encode(x)) == x`.
 //!
+//! Each Han character is its own pre-token, so merges never join two of them: a token is at
+//! most one character of Chinese text (rare characters stay two or three byte tokens). A line of
+//! a poem is then as many tokens as characters, which is what a small model has to count to
+//! keep a form; the price is a longer sequence than word-level merges would give.
+//!
 //! Special tokens (ids 0–6, in this order): `<|bos|>`, `<|eos|>`, `<|pad|>`, `<|system|>`,
 //! `<|user|>`, `<|assistant|>`, `<|end|>`. The chat template ([`crate::chat`]) wraps each turn
 //! as `<|role|>text<|end|>`; pretraining documents end with `<|eos|>`.
@@ -15,6 +20,9 @@ use std::path::Path;
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::tokenizer::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::error::{DataError, Result};
@@ -96,7 +104,9 @@ impl ChatTokenizer {
         let mut trainer = TrainerWrapper::BpeTrainer(trainer);
         let mut tk = Tokenizer::new(BPE::default());
         let byte_level = ByteLevel::new(false, false, true);
-        tk.with_pre_tokenizer(Some(byte_level));
+        let han = Split::new(SplitPattern::Regex(r"\p{Han}".into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| DataError::Config { field: "tokenizer", reason: format!("the Han split pattern: {e}") })?;
+        tk.with_pre_tokenizer(Some(Sequence::new(vec![han.into(), byte_level.into()])));
         tk.with_decoder(Some(byte_level));
         tk.train(&mut trainer, texts).map_err(|e| DataError::Config { field: "tokenizer", reason: format!("training failed: {e}") })?;
         Self::from_tokenizer(tk, None, Path::new("<trained>"))
@@ -352,6 +362,21 @@ pub(crate) mod tests {
         for id in SPECIAL_TOKENS.iter().map(|t| tk.inner().token_to_id(t).unwrap()) {
             assert!(!injected.contains(&id), "text typed as a special token must not become one: {injected:?}");
         }
+    }
+
+    #[test]
+    fn merges_never_join_two_han_characters() {
+        let tk = small_tokenizer();
+        // Every character of the corpus is frequent enough to be one token, and no token holds two.
+        let line = "床前明月光，疑是地上霜。";
+        let ids = tk.encode(line).unwrap();
+        assert_eq!(ids.len(), line.chars().count(), "{ids:?}");
+        for id in ids {
+            let piece = tk.decode(&[id]).unwrap();
+            assert!(piece.chars().filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c)).count() <= 1, "{piece}");
+        }
+        // Latin text still merges across letters.
+        assert!(tk.encode("quick brown").unwrap().len() < "quick brown".len());
     }
 
     #[test]
