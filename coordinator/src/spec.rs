@@ -153,6 +153,10 @@ pub struct PhaseSpec {
     /// through `liandan label`), or `both`.
     #[serde(default)]
     pub comparisons: liandan_plan::phase::ComparisonSource,
+    /// sft, reward and dpo: train only on the examples (comparisons) whose `task` field is one
+    /// of these; empty (default) = all. ppo and grpo take theirs in `ppo.tasks`/`grpo.tasks`.
+    #[serde(default)]
+    pub tasks: Vec<String>,
     /// The device kind this phase's workers must have (overrides `cluster.device`).
     pub device: Option<String>,
     /// Steps whose loss or gradient norm is not finite that the phase skips (no update, counted
@@ -331,6 +335,13 @@ impl JobSpec {
                 }
                 _ if scored => return bad(&at("reward_model"), format!("`reward_model` and `reward_checkpoint` belong to ppo and grpo phases, not {kind}")),
                 _ => {}
+            }
+            if !p.tasks.is_empty() && !matches!(p.kind, PhaseKind::Sft | PhaseKind::Reward | PhaseKind::Dpo) {
+                let hint = if matches!(p.kind, PhaseKind::Ppo | PhaseKind::Grpo) { format!(" (a {kind} phase's prompts are chosen by `{kind}.tasks`)") } else { String::new() };
+                return bad(&at("tasks"), format!("`tasks` belongs to sft, reward and dpo phases, not {kind}{hint}"));
+            }
+            if p.tasks.iter().any(|t| t.trim().is_empty()) {
+                return bad(&at("tasks"), "a task name must not be empty".into());
             }
             if !takes_comparisons(p.kind) && p.comparisons != ComparisonSource::File {
                 return bad(&at("comparisons"), format!("`comparisons` belongs to reward and dpo phases, not {kind}"));
@@ -540,6 +551,7 @@ impl JobSpec {
             grpo: (p.kind == PhaseKind::Grpo).then(|| p.grpo.clone().unwrap_or_default()),
             dpo: (p.kind == PhaseKind::Dpo).then(|| p.dpo.clone().unwrap_or_default()),
             comparisons: p.comparisons,
+            tasks: p.tasks.clone(),
             labelled_examples: None,
             max_skipped_steps: p.max_skipped_steps,
             device: p.device.clone().or_else(|| self.cluster.device.clone()),
@@ -759,6 +771,13 @@ lr = 1e-3
         parse(dpo.replace("data = \"p.jsonl\"\n", "comparisons = \"labelled\"\n")).unwrap();
         let e = err(grpo.replace("lr = 1e-5", "lr = 1e-5\ncomparisons = \"both\""));
         assert!(e.contains("phases[2].comparisons: `comparisons` belongs to reward and dpo phases, not grpo"), "{e}");
+        // `tasks` narrows sft, reward and dpo data; ppo and grpo name theirs in their settings.
+        let spec = parse(dpo.replace("lr = 1e-5", "lr = 1e-5\ntasks = [\"poem\"]")).unwrap();
+        assert_eq!(spec.phases[2].tasks, vec!["poem".to_string()]);
+        let e = err(grpo.replace("lr = 1e-5", "lr = 1e-5\ntasks = [\"poem\"]"));
+        assert_eq!(e, "job.toml: phases[2].tasks: `tasks` belongs to sft, reward and dpo phases, not grpo (a grpo phase's prompts are chosen by `grpo.tasks`)");
+        let e = err(dpo.replace("lr = 1e-5", "lr = 1e-5\ntasks = [\" \"]"));
+        assert_eq!(e, "job.toml: phases[2].tasks: a task name must not be empty");
         // The example job parses.
         let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/post-training.toml")).unwrap();
         let spec = JobSpec::parse(&example, "examples/post-training.toml").unwrap();

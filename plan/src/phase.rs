@@ -77,6 +77,10 @@ pub struct PhasePlan {
     /// reward and dpo: which comparisons to train on.
     #[serde(default)]
     pub comparisons: ComparisonSource,
+    /// sft, reward and dpo: only the examples (or comparisons) whose `task` is one of these;
+    /// empty = all. (ppo and grpo take theirs in `ppo.tasks` and `grpo.tasks`.)
+    #[serde(default)]
+    pub tasks: Vec<String>,
     /// reward: the comparisons labelled through the coordinator (`liandan label`), exported to a
     /// JSONL file by the coordinator when the phase starts.
     #[serde(default)]

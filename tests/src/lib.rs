@@ -165,6 +165,7 @@ pub mod post {
             grpo: None,
             dpo: None,
             comparisons: Default::default(),
+            tasks: Vec::new(),
             labelled_examples: None,
             max_skipped_steps: 0,
             device: None,

@@ -101,6 +101,7 @@ fn plans(dir: &Path) -> [PhasePlan; 6] {
         grpo: None,
         dpo: None,
         comparisons: Default::default(),
+        tasks: Vec::new(),
         labelled_examples: None,
         max_skipped_steps: 0,
         device: None,

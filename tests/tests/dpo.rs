@@ -114,4 +114,8 @@ fn identical_pairs_and_a_bad_beta_are_refused_before_training() {
     std::fs::write(&same, lines).unwrap();
     let e = check_inputs(&PhasePlan { examples: Some(same), ..good.clone() }).unwrap_err().to_string();
     assert!(e.contains("same.jsonl") && e.contains("all 5 pairs are identical after tokenization") && e.contains("seq_len = 40"), "{e}");
+    // `tasks` keeps the comparisons of those tasks; one the file lacks is refused, naming the file.
+    check_inputs(&PhasePlan { tasks: vec!["poem".into()], ..good.clone() }).unwrap();
+    let e = check_inputs(&PhasePlan { tasks: vec!["idiom".into()], ..good.clone() }).unwrap_err().to_string();
+    assert!(e.contains("prefs.jsonl: no comparison of tasks [\"idiom\"] (its tasks: [\"poem\"])"), "{e}");
 }

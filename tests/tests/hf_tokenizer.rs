@@ -69,6 +69,7 @@ fn plan(name: &str, template: Option<&str>, rows: usize) -> PhasePlan {
         grpo: None,
         dpo: None,
         comparisons: Default::default(),
+        tasks: Vec::new(),
         max_skipped_steps: 0,
         device: None,
         labelled_examples: None,

@@ -105,6 +105,7 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
         grpo: None,
         dpo: None,
         comparisons: Default::default(),
+        tasks: Vec::new(),
         max_skipped_steps: 0,
         device: None,
         labelled_examples: None,

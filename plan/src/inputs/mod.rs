@@ -67,6 +67,22 @@ pub fn load_tokenizer(plan: &PhasePlan) -> Result<(ChatTokenizer, Vec<u8>), Inpu
     Ok((tk, bytes))
 }
 
+/// Keeps the items whose task is one of `tasks` (all when it is empty); none left is an error
+/// naming the file, the tasks asked for and the ones it has. `what` names the items in it.
+pub fn of_tasks<T>(items: Vec<T>, task: impl Fn(&T) -> Option<&str>, tasks: &[String], file: &std::path::Path, what: &str) -> Result<Vec<T>, InputError> {
+    if tasks.is_empty() {
+        return Ok(items);
+    }
+    let mut present: Vec<String> = items.iter().filter_map(|x| task(x).map(str::to_string)).collect();
+    present.sort();
+    present.dedup();
+    let kept: Vec<T> = items.into_iter().filter(|x| task(x).is_some_and(|t| tasks.iter().any(|w| w == t))).collect();
+    if kept.is_empty() {
+        return Err(InputError::Data(format!("{}: no {what} of tasks {tasks:?} (its tasks: {present:?})", file.display())));
+    }
+    Ok(kept)
+}
+
 /// The sample ledger over `tokens` training tokens, or why they are too few.
 pub fn ledger(plan: &PhasePlan, tokens: usize) -> Result<Ledger, InputError> {
     Ledger::new(tokens, plan.seq_len, plan.global_batch, plan.seed)
@@ -137,5 +153,23 @@ pub fn check(plan: &PhasePlan) -> Result<(), InputError> {
             }
             pairs::load_dpo_pairs(plan, &tk).map(|_| ())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn of_tasks_keeps_the_named_tasks_and_names_what_a_file_has_when_none_match() {
+        let items = vec![("a", Some("poem")), ("b", Some("xhy")), ("c", None), ("d", Some("poem"))];
+        let task = |x: &(&str, Option<&str>)| x.1;
+        let f = std::path::Path::new("sft.jsonl");
+        let all = of_tasks(items.clone(), task, &[], f, "example").unwrap();
+        assert_eq!(all.len(), 4, "no tasks named: everything");
+        let poems = of_tasks(items.clone(), task, &["poem".into()], f, "example").unwrap();
+        assert_eq!(poems.iter().map(|x| x.0).collect::<Vec<_>>(), ["a", "d"]);
+        let e = of_tasks(items, task, &["idiom".into()], f, "example").unwrap_err().to_string();
+        assert_eq!(e, r#"data: sft.jsonl: no example of tasks ["idiom"] (its tasks: ["poem", "xhy"])"#);
     }
 }

@@ -11,7 +11,8 @@ use super::InputError;
 use crate::phase::PhasePlan;
 
 /// The phase's comparisons: its `data` file, the comparisons labelled through the coordinator,
-/// or both (`comparisons`). Logs how many of each label source it trains on.
+/// or both (`comparisons`), only those of the plan's `tasks` when it names some (a comparison
+/// without a `task` is then left out). Logs how many of each label source it trains on.
 pub fn comparisons(plan: &PhasePlan) -> Result<Vec<PreferencePair>, InputError> {
     use crate::phase::ComparisonSource as S;
     let mut pairs = Vec::new();
@@ -29,6 +30,8 @@ pub fn comparisons(plan: &PhasePlan) -> Result<Vec<PreferencePair>, InputError> 
             pairs.extend(read_preferences(file).map_err(|e| InputError::Data(e.to_string()))?);
         }
     }
+    let source = plan.examples.clone().or_else(|| plan.labelled_examples.clone()).unwrap_or_default();
+    let pairs = super::of_tasks(pairs, |p| p.task.as_deref(), &plan.tasks, &source, "comparison")?;
     let human = pairs.iter().filter(|p| p.label_source == liandan_data::chat::LabelSource::Human).count();
     tracing::info!(human, rule = pairs.len() - human, "reward model comparisons by label source");
     Ok(pairs)

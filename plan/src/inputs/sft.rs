@@ -101,6 +101,7 @@ pub struct SftInputs {
 pub fn load(plan: &PhasePlan) -> Result<SftInputs, InputError> {
     let file = plan.examples.as_ref().ok_or_else(|| InputError::Plan("an sft phase needs `data` (a JSONL of examples)".into()))?;
     let examples = read_sft(file).map_err(|e| InputError::Data(e.to_string()))?;
+    let examples = super::of_tasks(examples, |e| e.task.as_deref(), &plan.tasks, file, "example")?;
     let (train, val): (Vec<SftExample>, Vec<SftExample>) = examples.into_iter().partition(|e| !held_out(e));
     let (tk, tok_bytes) = load_tokenizer(plan)?;
     let packed = pack(&tk, &train, plan.seq_len)?;
