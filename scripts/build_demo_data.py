@@ -9,8 +9,9 @@ What it builds (all UTF-8, Simplified Chinese):
   data/demo/pretrain/shijing.jsonl  the whole 诗经 (305 poems)
   data/demo/pretrain/lunyu.txt      a copy of data/demo/lunyu.txt (the Analects), checked to be
                                     the same text the package gives
-  data/demo/sft.jsonl               {"prompt", "response", "task"}; tasks poem, next_line,
-                                    source, idiom, xhy, in equal numbers
+  data/demo/sft.jsonl               {"prompt", "response", "task"}; tasks next_line,
+                                    source, idiom, xhy (700 each) and poem (2000
+                                    requests, 500 per form)
   data/demo/preference.jsonl        {"prompt", "chosen", "rejected", "task", "label_source":
                                     "rule", "rule"}: chosen is the real answer, rejected is made
                                     by a named rule (never a human judgement)
@@ -38,7 +39,8 @@ Run from anywhere (Python 3.11, npm and pip on PATH, network access to the regis
     python3 scripts/build_demo_data.py [--poetry-tgz PATH]
 
 --poetry-tgz reuses an already downloaded chinese-poetry-2.0.1.tgz (85 MB). The outputs are
-committed; CI does not run this script.
+committed; CI does not run this script. --corpus DIR also writes the long run's pretraining text
+(examples/poetry.toml) to DIR: all Tang poems and 宋词 but the withheld ones, not committed.
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ OPENCC = ("opencc-purepy", "1.5.0", "39872a0018abf5f9dbe277f9007f7ab012e2172adac
 # Sizes. Pretraining text is filled up to these byte budgets (after the held-out data is chosen).
 TANG_BYTES = 1_500_000
 SONGCI_BYTES = 450_000
-TOTAL_BYTES_MAX = 3_600_000
+TOTAL_BYTES_MAX = 4_000_000
 
 # How many items of each task go to each split.
-SFT_PER_TASK = 700  # poem requests: 175 per form
+SFT_PER_TASK = 700  # next_line, source, idiom, xhy
+SFT_POEM_PER_FORM = 500  # x4 forms: the demo's SFT trains on poem requests alone
 PREF_POEM_PER_FORM = 150  # x4 forms, rules other_form / line_dropped / line_cut in turn
 PREF_PER_TASK = 350  # next_line, source, idiom, xhy
 EVAL_POEM_PER_FORM = 20
@@ -304,6 +307,8 @@ def check_web(web: Path, t2s) -> tuple[dict, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--poetry-tgz", type=Path, help="an already downloaded chinese-poetry-2.0.1.tgz")
+    ap.add_argument("--corpus", type=Path, help="also write the long run's pretraining corpus here "
+                    "(examples/poetry.toml): every Tang poem and every 宋词 except the withheld ones")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="liandan-demo-") as tmpdir:
@@ -324,7 +329,7 @@ def main() -> None:
         from opencc_purepy import OpenCC  # noqa: E402  (installed just above)
 
         cc = OpenCC("t2s")
-        build(poetry_tgz, xhy_tgz, idiom_whl, opencc_whl, cc.convert)
+        build(poetry_tgz, xhy_tgz, idiom_whl, opencc_whl, cc.convert, args.corpus)
 
 
 def read_poetry(tgz: Path) -> dict[str, bytes]:
@@ -339,7 +344,8 @@ def read_poetry(tgz: Path) -> dict[str, bytes]:
     return files
 
 
-def build(poetry_tgz: Path, xhy_tgz: Path, idiom_whl: Path, opencc_whl: Path, t2s) -> None:
+def build(poetry_tgz: Path, xhy_tgz: Path, idiom_whl: Path, opencc_whl: Path, t2s,
+          corpus: Path | None = None) -> None:
     print("reading chinese-poetry")
     pf = read_poetry(poetry_tgz)
     poetry_license = pf["LICENSE"].decode("utf-8").strip()
@@ -411,7 +417,7 @@ def build(poetry_tgz: Path, xhy_tgz: Path, idiom_whl: Path, opencc_whl: Path, t2
     split_poem = {"eval": {}, "sft": {}, "pref": {}}  # form -> poems for the poem task
     for form in FORM_ORDER:
         lst = by_form[form]
-        n_e, n_s, n_p = EVAL_POEM_PER_FORM, SFT_PER_TASK // 4, PREF_POEM_PER_FORM
+        n_e, n_s, n_p = EVAL_POEM_PER_FORM, SFT_POEM_PER_FORM, PREF_POEM_PER_FORM
         assert len(lst) >= n_e + n_s + n_p, f"not enough {form}"
         split_poem["eval"][form] = lst[:n_e]
         split_poem["sft"][form] = lst[n_e:n_e + n_s]
@@ -479,6 +485,9 @@ def build(poetry_tgz: Path, xhy_tgz: Path, idiom_whl: Path, opencc_whl: Path, t2
         songci_docs.append(row)
         size += b
     print(f"  songci: {len(ci_all)} distinct ci, {len(songci_docs)} sampled")
+
+    if corpus is not None:
+        write_corpus(corpus, all_poems, held_all, ci_all, shijing_docs, lunyu_committed, contains_held_line)
 
     pretrain_text = "\n".join([fixed_text] + [d["text"] for d in tang_docs + songci_docs])
     pretrain_4grams = {pretrain_text[j:j + 4] for j in range(len(pretrain_text) - 3)}
@@ -668,6 +677,9 @@ def build(poetry_tgz: Path, xhy_tgz: Path, idiom_whl: Path, opencc_whl: Path, t2
     xhy_sets = {s: set(v) for s, v in xhy_split.items()}
     for sets in (keys, idiom_sets, xhy_sets):
         assert not (sets["sft"] & sets["pref"] or sets["sft"] & sets["eval"] or sets["pref"] & sets["eval"])
+    if corpus is not None:
+        write_corpus(corpus, all_poems, held_all, ci_all, shijing_docs, lunyu_committed, contains_held_line)
+
     pretrain_text = "\n".join([fixed_text] + [d["text"] for d in tang_docs + songci_docs])
     assert not contains_held_line(pretrain_text), "a held-out poem line is in the pretraining text"
     for sets, what in ((idiom_sets, "idiom"), (xhy_sets, "歇后语")):
@@ -729,6 +741,27 @@ def build(poetry_tgz: Path, xhy_tgz: Path, idiom_whl: Path, opencc_whl: Path, t2
     pre_total = sum(p.stat().st_size for p in pre.iterdir())
     print(f"  pretrain total {pre_total:,} bytes; data/demo total {total:,} bytes")
     assert total <= TOTAL_BYTES_MAX, "data/demo is over its size budget"
+
+
+def write_corpus(out: Path, all_poems: dict[str, Poem], held_all: set[str], ci_all: list[dict],
+                 shijing_docs: list[dict], lunyu: bytes, contains_held_line) -> None:
+    """The long run's pretraining text: the demo's corpus without its byte budgets. Every distinct
+    Tang poem of any form and every distinct 宋词, except the poems withheld for SFT, preference
+    and evaluation and any text containing one of their lines; 诗经 and 论语 as in the demo."""
+    tang = []
+    for p in sorted(all_poems.values(), key=lambda p: hkey("pretrain", p.key)):
+        text = f"《{p.title}》\n{p.author}\n{p.body()}"
+        if p.key not in held_all and not contains_held_line(text):
+            tang.append({"text": text, "source": f"chinese-poetry@2.0.1 {p.source}"})
+    ci = [r for r in sorted(ci_all, key=lambda r: hkey("ci", r["text"])) if not contains_held_line(r["text"])]
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl(out / "tang.jsonl", tang)
+    jsonl(out / "songci.jsonl", ci)
+    jsonl(out / "shijing.jsonl", shijing_docs)
+    (out / "lunyu.txt").write_bytes(lunyu)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"  corpus {out}: tang {len(tang)}, songci {len(ci)}, shijing {len(shijing_docs)}, "
+          f"lunyu; {size:,} bytes")
 
 
 MIT_BODY = """Permission is hereby granted, free of charge, to any person obtaining a copy

@@ -17,7 +17,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 20)]
     pub per_task: usize,
     /// Longest answer, tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = liandan_worker::eval::ANSWER_TOKENS)]
     pub max_new_tokens: usize,
 }
 

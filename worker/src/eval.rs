@@ -13,6 +13,11 @@ use crate::engine::cpu::CpuEngine;
 use crate::engine::{Engine, Model};
 use crate::generate::SamplingConfig;
 
+/// The longest answer, in tokens, that held-out scoring generates. A 七言律诗 (8 lines of 7
+/// characters, punctuation, line breaks) is 67–70 tokens with the demo's tokenizer, which gives
+/// every Han character its own token; a smaller cap would fail every one of them unread.
+pub const ANSWER_TOKENS: usize = 80;
+
 /// One held-out prompt (`data/demo/eval.jsonl`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalItem {

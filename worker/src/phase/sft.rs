@@ -51,7 +51,7 @@ pub fn run_sft(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<Ph
     let prompts = task_prompts(&val);
     let mut eval = |model: &mut dyn Model| -> Result<(String, Vec<u8>), PhaseError> {
         let loss = validation_loss(model, &val_rows)?;
-        let scores = crate::eval::evaluate(model, &tk, &prompts, TASK_PROMPTS, 64).map_err(PhaseError::Data)?;
+        let scores = crate::eval::evaluate(model, &tk, &prompts, TASK_PROMPTS, crate::eval::ANSWER_TOKENS).map_err(PhaseError::Data)?;
         let tasks: std::collections::BTreeMap<&str, (usize, usize)> = scores.tasks.iter().map(|(t, p, n)| (t.as_str(), (*p, *n))).collect();
         tracing::info!(val_loss = loss, examples = val.len(), ?tasks, "sft validation loss and task scores on held-out examples");
         let json = serde_json::json!({ "val_loss": loss, "examples": val.len(), "tasks": tasks });
