@@ -107,7 +107,7 @@ pub fn run(a: BenchArgs, threads: usize) -> Result<(), CliError> {
         let t = Instant::now();
         let (status, peak) = std::thread::scope(|s| {
             let watcher = s.spawn(|| watch_peak(pids, &done));
-            let r = cluster.run_job(&spec);
+            let r = cluster.run_job(&spec, "liandan data bench");
             done.store(true, std::sync::atomic::Ordering::SeqCst);
             (r, watcher.join().unwrap_or(0))
         });
