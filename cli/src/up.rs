@@ -133,7 +133,10 @@ pub fn run(a: UpArgs, threads: usize) -> Result<(), CliError> {
     let ckpts: Vec<PathBuf> = final_status.phases.iter().map(|p| PathBuf::from(&p.last_checkpoint)).collect();
 
     eprintln!("liandan up: 3/3 evaluate: held-out prompts answered after each phase, scored by rule");
-    let items = eval_items();
+    // The held-out prompts of the tasks the job's SFT trained on (all of them when it names none):
+    // a task no phase trained scores 0 after every phase and only costs generation time.
+    let trained = sft_tasks(&spec);
+    let items: Vec<_> = eval_items().into_iter().filter(|i| trained.is_empty() || trained.contains(&i.task)).collect();
     let mut reports = Vec::new();
     let mut reward_accuracy = None;
     let mut ppo_stats = None;
@@ -256,6 +259,15 @@ impl Aims {
         }
         out
     }
+}
+
+/// The `tasks` of the spec's first sft phase (empty: all tasks, or no sft phase).
+fn sft_tasks(spec: &str) -> Vec<String> {
+    let Ok(doc) = spec.parse::<toml::Table>() else { return Vec::new() };
+    let phases = doc.get("phases").and_then(|p| p.as_array()).map(Vec::as_slice).unwrap_or_default();
+    let sft = phases.iter().find(|p| p.get("kind").and_then(|k| k.as_str()) == Some("sft"));
+    let tasks = sft.and_then(|p| p.get("tasks")).and_then(|t| t.as_array()).map(Vec::as_slice).unwrap_or_default();
+    tasks.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()
 }
 
 /// `spec` with its first phase's steps set to `first` and every other phase's scaled by the
@@ -442,6 +454,12 @@ mod tests {
         let steps: Vec<i64> = out["phases"].as_array().unwrap().iter().map(|p| p["steps"].as_integer().unwrap()).collect();
         assert_eq!(steps, [12, 10, 1]);
         assert!(super::scale_steps("name = \"x\"\n", 5).is_err());
+    }
+
+    #[test]
+    fn the_demo_is_scored_on_the_tasks_its_sft_phase_trains() {
+        assert_eq!(super::sft_tasks(super::DEMO_JOB), ["poem"]);
+        assert!(super::sft_tasks("[[phases]]\nname = \"s\"\nkind = \"sft\"\n").is_empty());
     }
 
     #[test]

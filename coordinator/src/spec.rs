@@ -782,6 +782,18 @@ lr = 1e-3
         let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/post-training.toml")).unwrap();
         let spec = JobSpec::parse(&example, "examples/post-training.toml").unwrap();
         assert_eq!((spec.from_phase(2), spec.from_phase(3)), (Ok(Some(1)), Ok(Some(1))), "grpo and dpo both start from the sft phase");
+        // The long run: ppo, grpo and dpo all start from its sft phase; sft, reward and dpo train on poems.
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/poetry.toml")).unwrap();
+        let spec = JobSpec::parse(&example, "examples/poetry.toml").unwrap();
+        let kinds: Vec<&str> = spec.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(kinds, ["pretrain", "sft", "reward", "ppo", "grpo", "dpo"]);
+        assert_eq!((spec.from_phase(3), spec.from_phase(4), spec.from_phase(5)), (Ok(Some(1)), Ok(Some(1)), Ok(Some(1))));
+        for i in [1, 2, 5] {
+            assert_eq!(spec.phases[i].tasks, vec!["poem".to_string()], "{}", spec.phases[i].name);
+        }
+        let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo.toml")).unwrap();
+        let spec = JobSpec::parse(&demo, "examples/demo.toml").unwrap();
+        assert_eq!((spec.phases[1].tasks.as_slice(), spec.phases[2].tasks.as_slice()), (["poem".to_string()].as_slice(), ["poem".to_string()].as_slice()));
     }
 
     #[test]
