@@ -162,8 +162,10 @@ mod tests {
 
     #[test]
     fn of_tasks_keeps_the_named_tasks_and_names_what_a_file_has_when_none_match() {
-        let items = vec![("a", Some("poem")), ("b", Some("xhy")), ("c", None), ("d", Some("poem"))];
-        let task = |x: &(&str, Option<&str>)| x.1;
+        let items: Vec<(&str, Option<String>)> = vec![("a", Some("poem".into())), ("b", Some("xhy".into())), ("c", None), ("d", Some("poem".into()))];
+        fn task<'a>(x: &'a (&str, Option<String>)) -> Option<&'a str> {
+            x.1.as_deref()
+        }
         let f = std::path::Path::new("sft.jsonl");
         let all = of_tasks(items.clone(), task, &[], f, "example").unwrap();
         assert_eq!(all.len(), 4, "no tasks named: everything");
