@@ -263,11 +263,8 @@ impl Aims {
 
 /// The `tasks` of the spec's first sft phase (empty: all tasks, or no sft phase).
 fn sft_tasks(spec: &str) -> Vec<String> {
-    let Ok(doc) = spec.parse::<toml::Table>() else { return Vec::new() };
-    let phases = doc.get("phases").and_then(|p| p.as_array()).map(Vec::as_slice).unwrap_or_default();
-    let sft = phases.iter().find(|p| p.get("kind").and_then(|k| k.as_str()) == Some("sft"));
-    let tasks = sft.and_then(|p| p.get("tasks")).and_then(|t| t.as_array()).map(Vec::as_slice).unwrap_or_default();
-    tasks.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()
+    let Ok(job) = liandan_coordinator::spec::JobSpec::parse(spec, "the job spec") else { return Vec::new() };
+    job.phases.into_iter().find(|p| p.kind == liandan_plan::phase::PhaseKind::Sft).map(|p| p.tasks).unwrap_or_default()
 }
 
 /// `spec` with its first phase's steps set to `first` and every other phase's scaled by the
