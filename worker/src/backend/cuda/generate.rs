@@ -104,19 +104,25 @@ impl<'m> CudaGenerator<'m> {
         let (qkv, atty, proj) = (self.qkv.view(0, n * 3 * c), self.atty.view(0, n * c), self.proj.view(0, n * c));
         let (fch, fch_gelu) = (self.fch.view(0, n * 4 * c), self.fch_gelu.view(0, n * 4 * c));
         ops::encoder_forward(dev, x, self.tokens.view(0, n), m.p(K::Wte, 0), m.p(K::Wpe, 0), 1, n, c, pos0)?;
+        // Layer 0's first LayerNorm stands alone; the later ones are fused with the residual
+        // add before them, as in the training forward.
+        ops::layernorm_forward(dev, ln, mean, rstd, x, m.p(K::Ln1W, 0), m.p(K::Ln1B, 0), n, c)?;
         for l in 0..cfg.n_layer {
-            ops::layernorm_forward(dev, ln, mean, rstd, x, m.p(K::Ln1W, l), m.p(K::Ln1B, l), n, c)?;
             ops::matmul_forward(dev, prec, qkv, ln, m.p(K::QkvW, l), m.pb(K::QkvW, l), Some(m.p(K::QkvB, l)), sc, n, c, 3 * c)?;
             let (kc, vc) = (self.k_cache.view(l * maxt * c, maxt * c), self.v_cache.view(l * maxt * c, maxt * c));
             ops::kv_cache_write(dev, kc, vc, qkv, pos0, n, c)?;
             ops::attention_forward_cached(dev, atty, qkv, kc, vc, pos0, n, c, nh)?;
             ops::matmul_forward(dev, prec, proj, atty, m.p(K::AttProjW, l), m.pb(K::AttProjW, l), Some(m.p(K::AttProjB, l)), sc, n, c, c)?;
-            ops::residual_forward(dev, x2, x, proj, n * c)?;
-            ops::layernorm_forward(dev, ln, mean, rstd, x2, m.p(K::Ln2W, l), m.p(K::Ln2B, l), n, c)?;
+            ops::residual_layernorm_forward(dev, x2, ln, mean, rstd, x, proj, m.p(K::Ln2W, l), m.p(K::Ln2B, l), n, c)?;
             ops::matmul_forward(dev, prec, fch, ln, m.p(K::FcW, l), m.pb(K::FcW, l), Some(m.p(K::FcB, l)), sc, n, c, 4 * c)?;
             ops::gelu_forward(dev, fch_gelu, fch, n * 4 * c)?;
             ops::matmul_forward(dev, prec, proj, fch_gelu, m.p(K::FcProjW, l), m.pb(K::FcProjW, l), Some(m.p(K::FcProjB, l)), sc, n, 4 * c, c)?;
-            ops::residual_forward(dev, x, x2, proj, n * c)?;
+            if l + 1 < cfg.n_layer {
+                ops::residual_layernorm_forward(dev, x, ln, mean, rstd, x2, proj, m.p(K::Ln1W, l + 1), m.p(K::Ln1B, l + 1), n, c)?;
+            } else {
+                // Only the last position goes through the final LayerNorm.
+                ops::residual_forward(dev, x, x2, proj, n * c)?;
+            }
         }
         let last = self.x.view((n - 1) * c, c);
         let (ln1, mean1, rstd1) = (self.ln.view(0, c), self.mean.view(0, 1), self.rstd.view(0, 1));

@@ -102,7 +102,7 @@ impl KernelFile {
     pub fn functions(self) -> &'static [&'static str] {
         match self {
             KernelFile::Encoder => &["encoder_forward", "encoder_backward_wpe", "encoder_backward_wte"],
-            KernelFile::LayerNorm => &["layernorm_forward", "layernorm_backward_input", "layernorm_backward_params_partial"],
+            KernelFile::LayerNorm => &["layernorm_forward", "residual_layernorm_forward", "layernorm_backward_input", "layernorm_backward_params_partial"],
             KernelFile::Gelu => &["gelu_forward", "gelu_backward"],
             KernelFile::Residual => &["residual_forward", "bias_broadcast", "column_sum_partial", "column_sum_reduce", "cast_f32_to_bf16"],
             KernelFile::CrossEntropy => &["softmax_crossentropy"],

@@ -302,12 +302,15 @@ impl CudaGpt {
         let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
 
         timed(prof, dev, "fwd.encoder", || ops::encoder_forward(dev, a.encoded.view(0, n * c), self.inputs.view(0, n), self.p(K::Wte, 0), self.p(K::Wpe, 0), b, t, c, 0))?;
+        // Layer 0's first LayerNorm stands alone; every later one (and the final one) is fused
+        // with the residual add before it.
+        timed(prof, dev, "fwd.layernorm", || {
+            ops::layernorm_forward(dev, a.ln1.view(0, n * c), a.ln1_mean.view(0, n), a.ln1_rstd.view(0, n), a.encoded.view(0, n * c), self.p(K::Ln1W, 0), self.p(K::Ln1B, 0), n, c)
+        })?;
+        let lnf = a.lnf.view(0, n * c);
         for l in 0..cfg.n_layer {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
             let ln1 = lv(&a.ln1, l, pc, n * c);
-            timed(prof, dev, "fwd.layernorm", || {
-                ops::layernorm_forward(dev, ln1, lv(&a.ln1_mean, l, p1, n), lv(&a.ln1_rstd, l, p1, n), res_in, self.p(K::Ln1W, l), self.p(K::Ln1B, l), n, c)
-            })?;
             let qkv = lv(&a.qkv, l, p3, n * 3 * c);
             timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c))?;
             let atty = lv(&a.atty, l, pc, n * c);
@@ -317,10 +320,9 @@ impl CudaGpt {
                 ops::matmul_forward(dev, prec, proj, atty, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
             })?;
             let res2 = lv(&a.residual2, l, pc, n * c);
-            timed(prof, dev, "fwd.residual", || ops::residual_forward(dev, res2, res_in, proj, n * c))?;
             let ln2 = lv(&a.ln2, l, pc, n * c);
-            timed(prof, dev, "fwd.layernorm", || {
-                ops::layernorm_forward(dev, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res2, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c)
+            timed(prof, dev, "fwd.residual_layernorm", || {
+                ops::residual_layernorm_forward(dev, res2, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res_in, proj, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c)
             })?;
             let fch = lv(&a.fch, l, p4, n * 4 * c);
             timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), Some(self.p(K::FcB, l)), sc, n, c, 4 * c))?;
@@ -329,11 +331,15 @@ impl CudaGpt {
             timed(prof, dev, "fwd.matmul", || {
                 ops::matmul_forward(dev, prec, proj, fch_gelu, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)
             })?;
-            timed(prof, dev, "fwd.residual", || ops::residual_forward(dev, lv(&a.residual3, l, pc, n * c), res2, proj, n * c))?;
+            let res3 = lv(&a.residual3, l, pc, n * c);
+            // The LayerNorm after this block: the next block's first, or the final one.
+            let (ln, mean, rstd, w, bias) = if l + 1 < cfg.n_layer {
+                (lv(&a.ln1, l + 1, pc, n * c), lv(&a.ln1_mean, l + 1, p1, n), lv(&a.ln1_rstd, l + 1, p1, n), self.p(K::Ln1W, l + 1), self.p(K::Ln1B, l + 1))
+            } else {
+                (lnf, a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), self.p(K::LnfW, 0), self.p(K::LnfB, 0))
+            };
+            timed(prof, dev, "fwd.residual_layernorm", || ops::residual_layernorm_forward(dev, res3, ln, mean, rstd, res2, proj, w, bias, n, c))?;
         }
-        let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
-        let lnf = a.lnf.view(0, n * c);
-        timed(prof, dev, "fwd.layernorm", || ops::layernorm_forward(dev, lnf, a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), last, self.p(K::LnfW, 0), self.p(K::LnfB, 0), n, c))?;
         timed(prof, dev, "fwd.lm_head", || ops::lm_head_forward(dev, prec, a.logits.view(0, n * vp), lnf, self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp))
     }
 

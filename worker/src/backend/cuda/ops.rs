@@ -82,6 +82,33 @@ pub fn layernorm_forward(dev: &CudaDevice, out: View, mean: View, rstd: View, in
     dev.launch(OP, cfg, &[p(out), p(mean), p(rstd), p(inp), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?)])
 }
 
+/// `residual = a + b`, then `out = LayerNorm(residual)` in one launch. CPU:
+/// [`crate::backend::cpu::residual::residual_forward`] then
+/// [`crate::backend::cpu::layernorm::layernorm_forward`]; bit for bit the two kernels'.
+pub fn residual_layernorm_forward(
+    dev: &CudaDevice,
+    residual: View,
+    out: View,
+    mean: View,
+    rstd: View,
+    a: View,
+    b: View,
+    weight: View,
+    bias: View,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    const OP: &str = "residual_layernorm_forward";
+    for (what, v, len) in
+        [("residual", residual, n * c), ("out", out, n * c), ("a", a, n * c), ("b", b, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)]
+    {
+        need(OP, what, v, len)?;
+    }
+    let warps = BLOCK as usize / 32;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    dev.launch(OP, cfg, &[p(residual), p(out), p(mean), p(rstd), p(a), p(b), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?)])
+}
+
 /// CPU: [`crate::backend::cpu::layernorm::layernorm_backward`]. `partial` is scratch of
 /// [`partial_len`]`(n, c)` floats.
 pub fn layernorm_backward(

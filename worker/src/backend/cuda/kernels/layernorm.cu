@@ -29,6 +29,42 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     }
 }
 
+// CPU reference: backend::cpu::residual::residual_forward, then backend::cpu::layernorm::layernorm_forward
+// residual = a + b, then out = LayerNorm(residual): a block's residual add and the LayerNorm
+// that follows it (the next block's first, or the final one) in one launch, so the residual
+// stream is read twice and written once instead of read three times and written once. One
+// warp per row; each lane reads back only the elements it wrote itself, and the sums run in
+// layernorm_forward's order, so the results are those two kernels' bit for bit.
+extern "C" __global__ void residual_layernorm_forward(float* residual, float* out, float* mean, float* rstd,
+                                                      const float* a, const float* b, const float* weight,
+                                                      const float* bias, int N, int C) {
+    const int warps = blockDim.x / LD_WARP;
+    const int row = blockIdx.x * warps + threadIdx.x / LD_WARP;
+    const int lane = threadIdx.x % LD_WARP;
+    if (row >= N) return;
+    const long long base = (long long)row * C;
+    float* x = residual + base;
+    float s = 0.0f;
+    for (int i = lane; i < C; i += LD_WARP) {
+        const float r = a[base + i] + b[base + i];
+        x[i] = r;
+        s += r;
+    }
+    const float mu = warp_sum(s) / C;
+    float v = 0.0f;
+    for (int i = lane; i < C; i += LD_WARP) {
+        const float d = x[i] - mu;
+        v += d * d;
+    }
+    const float r = 1.0f / sqrtf(warp_sum(v) / C + LN_EPS);
+    float* o = out + base;
+    for (int i = lane; i < C; i += LD_WARP) o[i] = (x[i] - mu) * r * weight[i] + bias[i];
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+}
+
 // CPU reference: backend::cpu::layernorm::layernorm_backward (the dinp half)
 // dinp += (dnorm − mean(dnorm) − norm·mean(dnorm·norm))·rstd with dnorm = weight·dout
 // (accumulated: the residual stream's gradient arrives from two branches). One warp per row.

@@ -49,6 +49,24 @@ pub(super) fn layernorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
         cx.push(compare(format!("layernorm_backward dinp N={n} C={c}"), &g1, &di, MM));
         cx.push(compare(format!("layernorm_backward dweight N={n} C={c}"), &g2, &dw, MM));
         cx.push(compare(format!("layernorm_backward dbias N={n} C={c}"), &g3, &db, MM));
+
+        // The fused residual + LayerNorm: against the CPU's two ops, and bit for bit against
+        // the two kernels it replaces.
+        let y = randn(n * c, 9);
+        let mut res = vec![0.0; n * c];
+        cpu::residual::residual_forward(&mut res, &x, &y);
+        cpu::layernorm::layernorm_forward(&mut o, &mut m, &mut s, &res, &w, &bias, n, c);
+        let gy = cx.up(&y)?;
+        let (fr, fo, fm, fs) = (cx.out(n * c)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
+        ops::residual_layernorm_forward(cx.d(), fr.all(), fo.all(), fm.all(), fs.all(), gx.all(), gy.all(), gw.all(), gb.all(), n, c)?;
+        let (ur, uo, um, us) = (cx.out(n * c)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
+        ops::residual_forward(cx.d(), ur.all(), gx.all(), gy.all(), n * c)?;
+        ops::layernorm_forward(cx.d(), uo.all(), um.all(), us.all(), ur.all(), gw.all(), gb.all(), n, c)?;
+        for (what, fused, unfused, want, len) in [("residual", &fr, &ur, &res, n * c), ("out", &fo, &uo, &o, n * c), ("mean", &fm, &um, &m, n), ("rstd", &fs, &us, &s, n)] {
+            let got = cx.down(fused, len)?;
+            cx.push(compare(format!("residual_layernorm_forward {what} N={n} C={c}"), &got, want, EW));
+            cx.push(compare(format!("residual_layernorm_forward {what} N={n} C={c} vs residual_forward + layernorm_forward"), &got, &cx.down(unfused, len)?, Tolerance::Exact));
+        }
     }
     Ok(())
 }
