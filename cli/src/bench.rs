@@ -94,6 +94,15 @@ pub struct BenchTrainArgs {
     /// (f32). Default: tensor-core for bf16 where they apply, else reference.
     #[arg(long)]
     pub attention: Option<String>,
+    /// On cuda: the size n of the square n×n×n gemm timed for the measured matmul peak
+    /// (default 8192 on a GPU, 256 on the emulated device; 0 skips it).
+    #[arg(long)]
+    pub gemm_size: Option<usize>,
+    /// On cuda: read `--profile`'s roofline and the MFU against the datasheet peaks of this
+    /// device name (e.g. H200) instead of the device's own, for one the table does not know
+    /// (the emulated device).
+    #[arg(long)]
+    pub peaks_of: Option<String>,
 }
 
 pub fn run(cmd: BenchCommand, threads: usize) -> Result<(), CliError> {
@@ -112,8 +121,8 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     if device != Device::Cpu {
         return bench_train_cuda(a, device);
     }
-    if a.attention.is_some() {
-        return Err(CliError::Usage("--attention chooses CUDA kernels: use it with --device cuda or cuda-emu".into()));
+    if a.attention.is_some() || a.gemm_size.is_some() || a.peaks_of.is_some() {
+        return Err(CliError::Usage("--attention, --gemm-size and --peaks-of are for CUDA: use them with --device cuda or cuda-emu".into()));
     }
     let (model, config) = bench_setup(&a)?;
     let (b, t) = (config.batch_size, config.seq_len);
@@ -172,7 +181,8 @@ fn preset_name(model: &str) -> &str {
 /// with MFU against the device's datasheet peak ([`liandan_worker::backend::cuda::peak`]) and,
 /// with `--profile`, the time per op.
 fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
-    use liandan_worker::backend::cuda::{CudaDevice, Precision, peak::peak_flops, trainer::CudaTrainer};
+    use liandan_worker::backend::cuda::peak::{measured_gemm_flops, peak_flops, peaks};
+    use liandan_worker::backend::cuda::{CudaDevice, Precision, trainer::CudaTrainer};
     if device == Device::Cuda
         && let Some(e) = Device::cuda_unavailable_reason()
     {
@@ -187,6 +197,10 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     let (b, t) = (config.batch_size, config.seq_len);
     let dev = std::sync::Arc::new(CudaDevice::for_device(device, 0)?);
     let mut trainer = CudaTrainer::new(dev.clone(), model.clone(), config, precision)?;
+    let peak_name = a.peaks_of.as_deref().unwrap_or(&dev.name);
+    if peak_flops(peak_name, precision).is_none() && a.peaks_of.is_some() {
+        return Err(CliError::Usage(format!("--peaks-of {peak_name}: no datasheet peaks for that name (see backend/cuda/peak.rs)")));
+    }
     if let Some(k) = &a.attention {
         trainer.model.set_attention(k.parse().map_err(CliError::Usage)?)?;
     }
@@ -222,7 +236,13 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     if a.profile {
         // Separate steps, so the timed ones above run without the per-op synchronisation.
-        trainer.model.profile = Some(OpProfile::default());
+        trainer.model.profile = Some(match peaks(peak_name, precision) {
+            Some(p) => OpProfile::with_peaks(p),
+            None => {
+                eprintln!("no datasheet peaks for {peak_name}: the per-op table has no roofline");
+                OpProfile::default()
+            }
+        });
         let t0 = Instant::now();
         for _ in 0..a.steps {
             trainer.train_step(std::slice::from_ref(&mb), None, None)?;
@@ -235,39 +255,85 @@ fn bench_train_cuda(a: BenchTrainArgs, device: Device) -> Result<(), CliError> {
     }
     let tokens_per_s = (b * t) as f64 / mean;
     let flops = model.train_flops_per_token(t) * tokens_per_s;
-    let peak = peak_flops(&dev.name, precision);
+    let peak = peak_flops(peak_name, precision);
     let mfu = peak.map(|p| flops / p);
+    // The gemm ceiling measured in this run: square products through the model's matmul path.
+    let gemm_n = a.gemm_size.unwrap_or(if device == Device::CudaEmu { 256 } else { 8192 });
+    let measured = if gemm_n > 0 { Some(measured_gemm_flops(&dev, precision, gemm_n, if device == Device::CudaEmu { 2 } else { 20 })?) } else { None };
+    if let Some(g) = measured {
+        println!(
+            "measured {precision:?} gemm {gemm_n}×{gemm_n}×{gemm_n}: {:.1} TFLOP/s ({}); the step's FLOP/s are {:.1}% of it",
+            g / 1e12,
+            peak.map_or("no datasheet peak".to_string(), |p| format!("{:.1}% of the datasheet's {:.0}", 100.0 * g / p, p / 1e12)),
+            100.0 * flops / g
+        );
+    }
     println!(
         "tokens/s: {tokens_per_s:.1}  step: {:.1} ms  achieved: {:.1} TFLOP/s  MFU: {} (6·N + 6·L·C·T per token; peak {} for {})",
         mean * 1e3,
         flops / 1e12,
         mfu.map_or("n/a".to_string(), |m| format!("{:.1}%", 100.0 * m)),
         peak.map_or("unknown".to_string(), |p| format!("{:.0} TFLOP/s", p / 1e12)),
-        dev.name
+        peak_name
     );
     println!(
-        "bench_result impl=liandan-cuda device=\"{}\" model={} precision={precision:?} batch={b} seq={t} tokens_per_s={tokens_per_s:.1} step_ms={:.1} tflops={:.2} mfu={}",
+        "bench_result impl=liandan-cuda device=\"{}\" model={} precision={precision:?} batch={b} seq={t} tokens_per_s={tokens_per_s:.1} step_ms={:.1} tflops={:.2} mfu={} gemm_tflops={} mfu_of_gemm={}",
         dev.name,
         a.model,
         mean * 1e3,
         flops / 1e12,
-        mfu.map_or("nan".to_string(), |m| format!("{m:.4}"))
+        mfu.map_or("nan".to_string(), |m| format!("{m:.4}")),
+        measured.map_or("nan".to_string(), |g| format!("{:.2}", g / 1e12)),
+        measured.map_or("nan".to_string(), |g| format!("{:.4}", flops / g))
     );
     Ok(())
 }
 
-/// A table of per-op time per step and its share of the step.
+/// A table of per-op time per step and its share of the step; with the device's peaks, each
+/// op's work and its roofline (the least time its FLOPs and bytes take at peak compute and
+/// bandwidth) next to the time it took.
 fn print_profile(prof: &OpProfile, steps: usize, step_s: f64) {
-    let mut rows: Vec<_> = prof.entries().to_vec();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
-    println!("{:<18} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
-    let mut accounted = 0.0;
-    for (op, d, calls) in rows {
-        let ms = d.as_secs_f64() * 1e3 / steps as f64;
-        accounted += ms;
-        println!("{op:<18} {ms:>10.1} {:>6.1}% {:>8}", 100.0 * ms / (step_s * 1e3), calls / steps as u64);
+    for line in profile_table(prof, steps, step_s) {
+        println!("{line}");
     }
-    println!("{:<18} {:>10.1} {:>6.1}%", "(other)", step_s * 1e3 - accounted, 100.0 * (1.0 - accounted / (step_s * 1e3)));
+}
+
+fn profile_table(prof: &OpProfile, steps: usize, step_s: f64) -> Vec<String> {
+    let mut rows: Vec<_> = prof.entries().to_vec();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.time));
+    let per = |x: f64| x / steps as f64;
+    let roof = prof.peaks().is_some();
+    let mut out = Vec::new();
+    let mut head = format!("{:<24} {:>10} {:>7} {:>6}", "op", "ms/step", "share", "calls");
+    if roof {
+        head += &format!(" {:>9} {:>9} {:>8} {:>11} {:>11}", "GFLOP", "MB", "FLOP/B", "roofline ms", "of roofline");
+    }
+    out.push(head);
+    let (mut accounted, mut bound) = (0.0, 0.0);
+    for e in rows {
+        let ms = per(e.time.as_secs_f64() * 1e3);
+        accounted += ms;
+        let mut line = format!("{:<24} {ms:>10.2} {:>6.1}% {:>6}", e.op, 100.0 * ms / (step_s * 1e3), e.calls / steps as u64);
+        if roof {
+            let b = per(e.bound_s * 1e3);
+            bound += b;
+            let intensity = if e.cost.bytes > 0.0 { e.cost.flops / e.cost.bytes } else { 0.0 };
+            line +=
+                &format!(" {:>9.2} {:>9.1} {intensity:>8.1} {b:>11.3} {:>10.1}%", per(e.cost.flops / 1e9), per(e.cost.bytes / 1e6), if ms > 0.0 { 100.0 * b / ms } else { 0.0 });
+        }
+        out.push(line);
+    }
+    out.push(format!("{:<24} {:>10.2} {:>6.1}%", "(other)", step_s * 1e3 - accounted, 100.0 * (1.0 - accounted / (step_s * 1e3))));
+    if let Some(p) = prof.peaks() {
+        out.push(format!(
+            "roofline of the profiled ops: {bound:.2} ms/step at {:.0} TFLOP/s and {:.2} TB/s, {:.1}% of the {:.2} ms they took",
+            p.flops_per_s / 1e12,
+            p.bytes_per_s / 1e12,
+            100.0 * bound / accounted.max(f64::MIN_POSITIVE),
+            accounted
+        ));
+    }
+    out
 }
 
 fn bench_allreduce(a: BenchAllreduceArgs) -> Result<(), CliError> {
@@ -469,4 +535,36 @@ fn bench_setup(a: &BenchTrainArgs) -> Result<(GptConfig, TrainConfig), CliError>
         seed: 1,
     };
     Ok((model, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use liandan_worker::model::profile::{Cost, Peaks};
+    use std::time::Duration;
+
+    #[test]
+    fn the_profile_table_shows_work_and_roofline_per_op() {
+        let mut p = OpProfile::with_peaks(Peaks { flops_per_s: 1e12, bytes_per_s: 1e9 });
+        // Two steps: a compute-bound op (2 ms at roofline per call) and a memory-bound one (1 ms).
+        for _ in 0..2 {
+            p.add_cost("fwd.matmul", Duration::from_millis(4), Cost::new(2e9, 1e3));
+            p.add_cost("fwd.gelu", Duration::from_millis(2), Cost::new(1e3, 1e6));
+        }
+        let lines = profile_table(&p, 2, 0.008);
+        assert!(lines[0].contains("roofline ms") && lines[0].contains("of roofline"), "{}", lines[0]);
+        let mm = lines.iter().find(|l| l.starts_with("fwd.matmul")).unwrap();
+        // 4 ms/step, 50% of the step, 1 call, 2 GFLOP, 2 ms roofline = 50% of its time.
+        assert!(mm.contains("4.00") && mm.contains("50.0%") && mm.contains("2.00") && mm.contains("2.000"), "{mm}");
+        let ge = lines.iter().find(|l| l.starts_with("fwd.gelu")).unwrap();
+        assert!(ge.contains("1.000") && ge.contains("50.0%"), "{ge}");
+        let last = lines.last().unwrap();
+        assert!(last.contains("3.00 ms/step") && last.contains("50.0% of the 6.00 ms"), "{last}");
+        // Without peaks: time columns only.
+        let mut plain = OpProfile::default();
+        plain.add("fwd.matmul", Duration::from_millis(4));
+        let lines = profile_table(&plain, 1, 0.005);
+        assert!(!lines[0].contains("roofline") && lines.len() == 3, "{lines:?}");
+        assert!(lines[2].starts_with("(other)") && lines[2].contains("1.00"), "{}", lines[2]);
+    }
 }

@@ -3,12 +3,14 @@
 
 use std::path::Path;
 
+use crate::backend::cuda::cost;
 use crate::collective::Collective;
 use crate::engine::cpu::CpuReplica;
 use crate::engine::{Model, Replica};
 use crate::error::{EngineError, Result};
 use crate::model::config::GptConfig;
 use crate::model::gpt::{Gpt, loss_denominator};
+use crate::model::profile::Cost;
 use crate::optim::AdamW;
 use crate::rng::Rng;
 pub use liandan_plan::training::TrainConfig;
@@ -64,14 +66,15 @@ pub fn replica_step(replica: &mut dyn Replica, micro: &[MicroBatch], denom: f32,
     if let Some(c) = coll {
         replica.all_reduce_grads(c)?;
     }
-    let norm = timed_op(replica, "opt.clip", |r| r.clip(clip))?;
-    timed_op(replica, "opt.adamw", |r| r.step(lr))?;
+    let params = replica.model_ref().layout().len();
+    let norm = timed_op(replica, "opt.clip", cost::global_norm(params, clip > 0.0), |r| r.clip(clip))?;
+    timed_op(replica, "opt.adamw", cost::adamw(params), |r| r.step(lr))?;
     Ok((loss, norm, tokens))
 }
 
-/// Runs `f` on the replica, charging its time (after the device's queue drains) to `op` when
-/// the model is profiling.
-fn timed_op<T>(replica: &mut dyn Replica, op: &'static str, f: impl FnOnce(&mut dyn Replica) -> Result<T>) -> Result<T> {
+/// Runs `f` on the replica, charging its time (after the device's queue drains) and `work` to
+/// `op` when the model is profiling.
+fn timed_op<T>(replica: &mut dyn Replica, op: &'static str, work: Cost, f: impl FnOnce(&mut dyn Replica) -> Result<T>) -> Result<T> {
     if replica.model().profile().is_none() {
         return f(replica);
     }
@@ -79,7 +82,7 @@ fn timed_op<T>(replica: &mut dyn Replica, op: &'static str, f: impl FnOnce(&mut 
     let r = f(&mut *replica)?;
     replica.model_ref().sync()?;
     if let Some(p) = replica.model().profile() {
-        p.add(op, t0.elapsed());
+        p.add_cost(op, t0.elapsed(), work);
     }
     Ok(r)
 }

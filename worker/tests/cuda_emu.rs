@@ -271,3 +271,15 @@ fn a_short_training_run_on_the_emulated_device_tracks_the_cpu() {
     }
     assert!(last < 0.5 * first, "30 steps on one batch should halve the loss: {first} -> {last}");
 }
+
+#[test]
+fn measured_gemm_peak_runs_on_the_emulated_device_and_refuses_an_empty_size() {
+    use liandan_worker::backend::cuda::peak::measured_gemm_flops;
+    let dev = CudaDevice::emulated().unwrap();
+    for prec in [Precision::Bf16, Precision::F32] {
+        let f = measured_gemm_flops(&dev, prec, 48, 2).unwrap();
+        assert!(f.is_finite() && f > 0.0, "{prec:?}: {f}");
+    }
+    let e = measured_gemm_flops(&dev, Precision::Bf16, 0, 1).unwrap_err().to_string();
+    assert!(e.contains("n = 0"), "{e}");
+}

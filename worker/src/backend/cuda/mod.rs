@@ -19,10 +19,13 @@
 //! - [`model`]: the GPT-2 forward, loss and backward on device buffers.
 //! - [`trainer`]: a training step (accumulation, NCCL all-reduce, clipping, AdamW), checkpoints.
 //! - [`selftest`]: every op and a whole step against the CPU backend, for `liandan selftest`.
-//! - [`peak`]: datasheet peak FLOP/s by device name, for MFU.
+//! - [`peak`]: datasheet peak FLOP/s and memory bandwidth by device name, for MFU and the
+//!   roofline.
+//! - [`cost`]: each op's FLOPs and bytes, for the roofline of `bench train --profile`.
 //!
 //! What has run where is stated in docs/CUDA.md.
 
+pub mod cost;
 pub mod cubin;
 pub mod device;
 pub mod emu;

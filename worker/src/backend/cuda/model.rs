@@ -17,8 +17,9 @@ use crate::error::EngineError;
 use crate::model::config::GptConfig;
 use crate::model::gpt::validate_targets;
 use crate::model::params::{ParamKind as K, ParamLayout};
-use crate::model::profile::OpProfile;
+use crate::model::profile::{Cost, OpProfile};
 
+use super::cost;
 use super::device::{CudaDevice, DevBuf, View};
 use super::error::Result;
 use super::flash::{self, AttentionKernels};
@@ -100,14 +101,15 @@ pub struct CudaGpt {
 }
 
 /// Runs `f` and, when profiling, waits for the device and charges the time to `op`.
-fn timed(prof: &mut Option<OpProfile>, dev: &CudaDevice, op: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+/// `cost` is the op's work for the roofline ([`super::cost`]).
+pub(crate) fn timed(prof: &mut Option<OpProfile>, dev: &CudaDevice, op: &'static str, cost: Cost, f: impl FnOnce() -> Result<()>) -> Result<()> {
     match prof {
         None => f(),
         Some(p) => {
             let t0 = Instant::now();
             f()?;
             dev.sync()?;
-            p.add(op, t0.elapsed());
+            p.add_cost(op, t0.elapsed(), cost);
             Ok(())
         }
     }
@@ -301,10 +303,12 @@ impl CudaGpt {
         let (pc, p1, p3, p4, pl) = (cap * c, cap, cap * 3 * c, cap * 4 * c, self.max_b * nh * self.max_t);
         let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
 
-        timed(prof, dev, "fwd.encoder", || ops::encoder_forward(dev, a.encoded.view(0, n * c), self.inputs.view(0, n), self.p(K::Wte, 0), self.p(K::Wpe, 0), b, t, c, 0))?;
+        timed(prof, dev, "fwd.encoder", cost::encoder_forward(b, t, c), || {
+            ops::encoder_forward(dev, a.encoded.view(0, n * c), self.inputs.view(0, n), self.p(K::Wte, 0), self.p(K::Wpe, 0), b, t, c, 0)
+        })?;
         // Layer 0's first LayerNorm stands alone; every later one (and the final one) is fused
         // with the residual add before it.
-        timed(prof, dev, "fwd.layernorm", || {
+        timed(prof, dev, "fwd.layernorm", cost::layernorm_forward(n, c), || {
             ops::layernorm_forward(dev, a.ln1.view(0, n * c), a.ln1_mean.view(0, n), a.ln1_rstd.view(0, n), a.encoded.view(0, n * c), self.p(K::Ln1W, 0), self.p(K::Ln1B, 0), n, c)
         })?;
         let lnf = a.lnf.view(0, n * c);
@@ -312,23 +316,29 @@ impl CudaGpt {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
             let ln1 = lv(&a.ln1, l, pc, n * c);
             let qkv = lv(&a.qkv, l, p3, n * 3 * c);
-            timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c))?;
+            timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, 3 * c, true), || {
+                ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c)
+            })?;
             let atty = lv(&a.atty, l, pc, n * c);
-            timed(prof, dev, "fwd.attention", || flash::attention_forward(dev, self.attention, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh))?;
+            timed(prof, dev, "fwd.attention", cost::attention_forward(b, t, c, nh), || {
+                flash::attention_forward(dev, self.attention, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh)
+            })?;
             let proj = a.proj.view(0, n * c);
-            timed(prof, dev, "fwd.matmul", || {
+            timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, c, true), || {
                 ops::matmul_forward(dev, prec, proj, atty, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
             })?;
             let res2 = lv(&a.residual2, l, pc, n * c);
             let ln2 = lv(&a.ln2, l, pc, n * c);
-            timed(prof, dev, "fwd.residual_layernorm", || {
+            timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
                 ops::residual_layernorm_forward(dev, res2, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res_in, proj, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c)
             })?;
             let fch = lv(&a.fch, l, p4, n * 4 * c);
-            timed(prof, dev, "fwd.matmul", || ops::matmul_forward(dev, prec, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), Some(self.p(K::FcB, l)), sc, n, c, 4 * c))?;
+            timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, 4 * c, true), || {
+                ops::matmul_forward(dev, prec, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), Some(self.p(K::FcB, l)), sc, n, c, 4 * c)
+            })?;
             let fch_gelu = lv(&a.fch_gelu, l, p4, n * 4 * c);
-            timed(prof, dev, "fwd.gelu", || ops::gelu_forward(dev, fch_gelu, fch, n * 4 * c))?;
-            timed(prof, dev, "fwd.matmul", || {
+            timed(prof, dev, "fwd.gelu", cost::elementwise(n * 4 * c, 1, 1, 10.0), || ops::gelu_forward(dev, fch_gelu, fch, n * 4 * c))?;
+            timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, 4 * c, c, true), || {
                 ops::matmul_forward(dev, prec, proj, fch_gelu, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)
             })?;
             let res3 = lv(&a.residual3, l, pc, n * c);
@@ -338,9 +348,13 @@ impl CudaGpt {
             } else {
                 (lnf, a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), self.p(K::LnfW, 0), self.p(K::LnfB, 0))
             };
-            timed(prof, dev, "fwd.residual_layernorm", || ops::residual_layernorm_forward(dev, res3, ln, mean, rstd, res2, proj, w, bias, n, c))?;
+            timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
+                ops::residual_layernorm_forward(dev, res3, ln, mean, rstd, res2, proj, w, bias, n, c)
+            })?;
         }
-        timed(prof, dev, "fwd.lm_head", || ops::lm_head_forward(dev, prec, a.logits.view(0, n * vp), lnf, self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp))
+        timed(prof, dev, "fwd.lm_head", cost::lm_head_forward(prec, n, c, vp), || {
+            ops::lm_head_forward(dev, prec, a.logits.view(0, n * vp), lnf, self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
+        })
     }
 
     /// The loss `Σ_i w_i·ce_i / denom` of the last forward; with `with_grad`, prepares dlogits
@@ -365,7 +379,7 @@ impl CudaGpt {
         }
         let wv = weights.map(|_| self.weights.view(0, n));
         let mut prof = self.profile.take();
-        let r = timed(&mut prof, &self.dev, "loss.softmax_ce", || {
+        let r = timed(&mut prof, &self.dev, "loss.softmax_ce", cost::softmax_crossentropy(n, v, vp, with_grad), || {
             ops::softmax_crossentropy(&self.dev, self.acts.logits.view(0, n * vp), self.acts.losses.view(0, n), self.targets.view(0, n), wv, 1.0 / denom, n, v, vp, with_grad)
         });
         self.profile = prof;
@@ -462,18 +476,18 @@ impl CudaGpt {
         let dln = g.dln.view(0, n * c);
         dev.zero(&g.dresidual, 0, n * c)?;
         if !from_hidden {
-            timed(prof, dev, "bwd.lm_head", || {
+            timed(prof, dev, "bwd.lm_head", cost::lm_head_backward(prec, n, c, vp), || {
                 ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), a.logits.view(0, n * vp), a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
             })?;
         }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
-        timed(prof, dev, "bwd.layernorm", || {
+        timed(prof, dev, "bwd.layernorm", cost::layernorm_backward(n, c), || {
             ops::layernorm_backward(dev, dres, self.g(K::LnfW, 0), self.g(K::LnfB, 0), dln, last, self.p(K::LnfW, 0), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), partial, n, c)
         })?;
         for l in (0..cfg.n_layer).rev() {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
             let (dfch, dfch_gelu) = (g.dfch.view(0, n * 4 * c), g.dfch_gelu.view(0, n * 4 * c));
-            timed(prof, dev, "bwd.matmul", || {
+            timed(prof, dev, "bwd.matmul", cost::matmul_backward(prec, n, 4 * c, c, true), || {
                 ops::matmul_backward(
                     dev,
                     prec,
@@ -491,8 +505,8 @@ impl CudaGpt {
                     c,
                 )
             })?;
-            timed(prof, dev, "bwd.gelu", || ops::gelu_backward(dev, dfch, lv(&a.fch, l, p4, n * 4 * c), dfch_gelu, n * 4 * c))?;
-            timed(prof, dev, "bwd.matmul", || {
+            timed(prof, dev, "bwd.gelu", cost::elementwise(n * 4 * c, 2, 1, 16.0), || ops::gelu_backward(dev, dfch, lv(&a.fch, l, p4, n * 4 * c), dfch_gelu, n * 4 * c))?;
+            timed(prof, dev, "bwd.matmul", cost::matmul_backward(prec, n, c, 4 * c, true), || {
                 ops::matmul_backward(
                     dev,
                     prec,
@@ -510,7 +524,7 @@ impl CudaGpt {
                     4 * c,
                 )
             })?;
-            timed(prof, dev, "bwd.layernorm", || {
+            timed(prof, dev, "bwd.layernorm", cost::layernorm_backward(n, c), || {
                 ops::layernorm_backward(
                     dev,
                     dres,
@@ -527,7 +541,7 @@ impl CudaGpt {
                 )
             })?;
             let datty = g.datty.view(0, n * c);
-            timed(prof, dev, "bwd.matmul", || {
+            timed(prof, dev, "bwd.matmul", cost::matmul_backward(prec, n, c, c, true), || {
                 ops::matmul_backward(
                     dev,
                     prec,
@@ -546,7 +560,7 @@ impl CudaGpt {
                 )
             })?;
             let dqkv = g.dqkv.view(0, n * 3 * c);
-            timed(prof, dev, "bwd.attention", || {
+            timed(prof, dev, "bwd.attention", cost::attention_backward(b, t, c, nh), || {
                 flash::attention_backward(
                     dev,
                     self.attention,
@@ -562,7 +576,7 @@ impl CudaGpt {
                     nh,
                 )
             })?;
-            timed(prof, dev, "bwd.matmul", || {
+            timed(prof, dev, "bwd.matmul", cost::matmul_backward(prec, n, c, 3 * c, true), || {
                 ops::matmul_backward(
                     dev,
                     prec,
@@ -580,7 +594,7 @@ impl CudaGpt {
                     3 * c,
                 )
             })?;
-            timed(prof, dev, "bwd.layernorm", || {
+            timed(prof, dev, "bwd.layernorm", cost::layernorm_backward(n, c), || {
                 ops::layernorm_backward(
                     dev,
                     dres,
@@ -597,6 +611,6 @@ impl CudaGpt {
                 )
             })?;
         }
-        timed(prof, dev, "bwd.encoder", || ops::encoder_backward(dev, self.g(K::Wte, 0), self.g(K::Wpe, 0), dres, self.inputs.view(0, n), b, t, c))
+        timed(prof, dev, "bwd.encoder", cost::encoder_backward(b, t, c), || ops::encoder_backward(dev, self.g(K::Wte, 0), self.g(K::Wpe, 0), dres, self.inputs.view(0, n), b, t, c))
     }
 }
