@@ -283,3 +283,82 @@ fn measured_gemm_peak_runs_on_the_emulated_device_and_refuses_an_empty_size() {
     let e = measured_gemm_flops(&dev, Precision::Bf16, 0, 1).unwrap_err().to_string();
     assert!(e.contains("n = 0"), "{e}");
 }
+
+/// GELU in f64, the tanh form the GELU epilogues follow, and its derivative.
+fn gelu64(x: f64) -> (f64, f64) {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let th = (k * (x + 0.044715 * x.powi(3))).tanh();
+    (0.5 * x * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k * (1.0 + 3.0 * 0.044715 * x * x))
+}
+
+#[test]
+fn emulated_gelu_epilogues_follow_the_contract_and_refuse_a_bad_aux_matrix() {
+    let dev = CudaDevice::emulated().unwrap();
+    let (m, n, k) = (7usize, 5usize, 9usize);
+    let mut rng = Rng::new(4);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let bias: Vec<f32> = (0..m).map(|_| rng.normal()).collect();
+    let (ga, gb, gbias) = (dev.upload_new(&a).unwrap(), dev.upload_new(&b).unwrap(), dev.upload_new(&bias).unwrap());
+    let lay = |rows: usize, cols: usize, ld: usize| MatrixLayout { dtype: DataType::F32, rows: rows as u64, cols: cols as u64, ld: ld as i64 };
+    let prod = reference(m, n, k, false, false, &a, m, &b, k, &[], m, 1.0, 0.0);
+    for aux_ld in [8usize, 16] {
+        // Forward: aux = A·B + bias, D = GELU(aux); aux rows past m untouched.
+        let (gd, gaux) = (dev.upload_new(&vec![f32::NAN; m * n]).unwrap(), dev.upload_new(&vec![-7.0f32; aux_ld * n]).unwrap());
+        let mm = Matmul {
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+            a: ga.ptr(),
+            a_layout: lay(m, k, m),
+            b: gb.ptr(),
+            b_layout: lay(k, n, k),
+            c: gd.ptr(),
+            c_layout: lay(m, n, m),
+            d: gd.ptr(),
+            d_layout: lay(m, n, m),
+            epilogue: Epilogue::GeluAuxBias { bias: gbias.ptr(), aux: gaux.ptr(), aux_ld: aux_ld as i64 },
+        };
+        dev.matmul(&mm).unwrap();
+        let (d, aux) = (dev.to_host(&gd).unwrap(), dev.to_host(&gaux).unwrap());
+        for j in 0..n {
+            for i in 0..m {
+                let x = prod[i + j * m] as f64 + bias[i] as f64;
+                let (g, _) = gelu64(x);
+                assert!((aux[i + j * aux_ld] as f64 - x).abs() <= 1e-5 * (1.0 + x.abs()), "aux({i},{j}) = {}, want {x}", aux[i + j * aux_ld]);
+                assert!((d[i + j * m] as f64 - g).abs() <= 1e-5 * (1.0 + g.abs()), "D({i},{j}) = {}, want {g}", d[i + j * m]);
+            }
+            for i in m..aux_ld {
+                assert_eq!(aux[i + j * aux_ld], -7.0, "aux padding row {i} of column {j} was written");
+            }
+        }
+        // Backward: D = (A·B) ⊙ GELU'(aux), the aux matrix read.
+        let gd2 = dev.upload_new(&vec![f32::NAN; m * n]).unwrap();
+        dev.matmul(&Matmul { c: gd2.ptr(), d: gd2.ptr(), epilogue: Epilogue::DGelu { aux: gaux.ptr(), aux_ld: aux_ld as i64 }, ..mm }).unwrap();
+        let d2 = dev.to_host(&gd2).unwrap();
+        for j in 0..n {
+            for i in 0..m {
+                let (_, dg) = gelu64(aux[i + j * aux_ld] as f64);
+                let w = prod[i + j * m] as f64 * dg;
+                assert!((d2[i + j * m] as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "DGELU D({i},{j}) = {}, want {w}", d2[i + j * m]);
+            }
+        }
+        // Refusals: the leading dimension, the alignment, the allocation, aliasing D.
+        let with = |aux: DPtr, ld: i64| Matmul { epilogue: Epilogue::DGelu { aux, aux_ld: ld }, ..mm };
+        let e = dev.matmul(&with(gaux.ptr(), 12)).unwrap_err().to_string();
+        assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE") && e.contains("multiple of 8"), "{e}");
+        let e = dev.matmul(&with(gaux.ptr(), 0)).unwrap_err().to_string();
+        assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE") && e.contains("at least m = 7"), "{e}");
+        let e = dev.matmul(&with(gaux.at(1), aux_ld as i64)).unwrap_err().to_string();
+        assert!(e.contains("CUBLAS_STATUS_NOT_SUPPORTED") && e.contains("16-byte aligned"), "{e}");
+        let e = dev.matmul(&with(gaux.at(aux_ld), aux_ld as i64)).unwrap_err().to_string();
+        assert!(e.contains("not inside one device allocation"), "{e}");
+        let big = dev.alloc::<f32>(aux_ld * n).unwrap();
+        let e = dev
+            .matmul(&Matmul { c: big.ptr(), d: big.ptr(), epilogue: Epilogue::GeluAuxBias { bias: gbias.ptr(), aux: big.ptr(), aux_ld: aux_ld as i64 }, ..mm })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlaps D"), "{e}");
+    }
+}

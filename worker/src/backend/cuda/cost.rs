@@ -54,6 +54,16 @@ pub fn matmul_backward(prec: Precision, n: usize, k: usize, oc: usize, bias: boo
     Cost::new(4.0 * n * k * oc, bytes) + db
 }
 
+/// [`matmul_forward`] with GELU in the epilogue: GELU's input is written too.
+pub fn matmul_forward_gelu(prec: Precision, n: usize, k: usize, oc: usize) -> Cost {
+    matmul_forward(prec, n, k, oc, true) + elementwise(n * oc, 0, 1, 10.0)
+}
+
+/// [`matmul_backward`] with GELU's backward in the input gradient's epilogue: GELU's input read.
+pub fn matmul_backward_gelu(prec: Precision, n: usize, k: usize, oc: usize) -> Cost {
+    matmul_backward(prec, n, k, oc, true) + elementwise(n * k, 1, 0, 16.0)
+}
+
 /// Causal attention forward: `S = Q·Kᵀ`, softmax, `O = P·V`, over `B·NH` heads.
 pub fn attention_forward(b: usize, t: usize, c: usize, nh: usize) -> Cost {
     let (n, t_, c_) = ((b * t) as f64, t as f64, c as f64);

@@ -59,6 +59,12 @@ pub enum CudaError {
 }
 
 impl CudaError {
+    /// cuBLASLt has no algorithm for the call (`CUBLAS_STATUS_NOT_SUPPORTED`), as opposed to a
+    /// refused argument or a failed launch: the caller may do the same work another way.
+    pub fn is_not_supported(&self) -> bool {
+        matches!(self, CudaError::Blas { status, .. } if status.starts_with("CUBLAS_STATUS_NOT_SUPPORTED"))
+    }
+
     /// Wraps a driver error with the op that failed.
     pub fn driver(op: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
         let op = op.into();
@@ -71,5 +77,19 @@ pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 impl From<liandan_plan::PlanError> for CudaError {
     fn from(e: liandan_plan::PlanError) -> Self {
         CudaError::Engine(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaError;
+
+    #[test]
+    fn only_cublaslt_not_supported_counts_as_not_supported() {
+        let blas = |status: &str| CudaError::Blas { op: "matmul".into(), status: status.into() };
+        assert!(blas("CUBLAS_STATUS_NOT_SUPPORTED").is_not_supported());
+        assert!(blas("CUBLAS_STATUS_NOT_SUPPORTED: the GELU aux matrix at 0x4 is not 16-byte aligned").is_not_supported());
+        assert!(!blas("CUBLAS_STATUS_INVALID_VALUE: ld").is_not_supported());
+        assert!(!CudaError::Shape { op: "x", reason: "y".into() }.is_not_supported());
     }
 }

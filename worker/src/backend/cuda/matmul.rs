@@ -50,6 +50,39 @@ pub fn gemm_bias(dev: &CudaDevice, precision: Precision, c: DPtr, a: DPtr, b: DP
     gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, 1.0, 0.0, Epilogue::Bias(bias))
 }
 
+/// Row-major `pre(M,N) = op(A)·op(B) + bias` and `C = GELU(pre)` in one gemm (cuBLASLt's
+/// GELU_AUX_BIAS epilogue: `pre` is its aux matrix, `(M,N)` row-major = column-major `N × M` with
+/// leading dimension `N`). `N` must be a multiple of
+/// [`super::device::blas::AUX_LD_MULTIPLE`]; `bias` and `pre` [`super::device::blas::BIAS_ALIGN`]-aligned.
+///
+/// # Errors
+/// As [`gemm`].
+pub fn gemm_bias_gelu(
+    dev: &CudaDevice,
+    precision: Precision,
+    c: DPtr,
+    pre: DPtr,
+    a: DPtr,
+    b: DPtr,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: DPtr,
+) -> Result<()> {
+    gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, 1.0, 0.0, Epilogue::GeluAuxBias { bias, aux: pre, aux_ld: n as i64 })
+}
+
+/// Row-major `C(M,N) = (op(A)·op(B)) ⊙ GELU'(pre)` with `pre` `(M,N)` the forward's GELU input
+/// (cuBLASLt's DGELU epilogue); the same requirements on `N` and `pre` as [`gemm_bias_gelu`].
+///
+/// # Errors
+/// As [`gemm`].
+pub fn gemm_dgelu(dev: &CudaDevice, precision: Precision, c: DPtr, pre: DPtr, a: DPtr, b: DPtr, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize) -> Result<()> {
+    gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, 1.0, 0.0, Epilogue::DGelu { aux: pre, aux_ld: n as i64 })
+}
+
 fn gemm_with(
     dev: &CudaDevice,
     precision: Precision,

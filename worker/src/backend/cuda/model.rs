@@ -332,12 +332,10 @@ impl CudaGpt {
             timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
                 ops::residual_layernorm_forward(dev, res2, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res_in, proj, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c)
             })?;
-            let fch = lv(&a.fch, l, p4, n * 4 * c);
-            timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, 4 * c, true), || {
-                ops::matmul_forward(dev, prec, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), Some(self.p(K::FcB, l)), sc, n, c, 4 * c)
+            let (fch, fch_gelu) = (lv(&a.fch, l, p4, n * 4 * c), lv(&a.fch_gelu, l, p4, n * 4 * c));
+            timed(prof, dev, "fwd.matmul_gelu", cost::matmul_forward_gelu(prec, n, c, 4 * c), || {
+                ops::matmul_forward_gelu(dev, prec, fch_gelu, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), self.p(K::FcB, l), sc, n, c, 4 * c)
             })?;
-            let fch_gelu = lv(&a.fch_gelu, l, p4, n * 4 * c);
-            timed(prof, dev, "fwd.gelu", cost::elementwise(n * 4 * c, 1, 1, 10.0), || ops::gelu_forward(dev, fch_gelu, fch, n * 4 * c))?;
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, 4 * c, c, true), || {
                 ops::matmul_forward(dev, prec, proj, fch_gelu, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)
             })?;
@@ -487,15 +485,17 @@ impl CudaGpt {
         for l in (0..cfg.n_layer).rev() {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
             let (dfch, dfch_gelu) = (g.dfch.view(0, n * 4 * c), g.dfch_gelu.view(0, n * 4 * c));
-            timed(prof, dev, "bwd.matmul", cost::matmul_backward(prec, n, 4 * c, c, true), || {
-                ops::matmul_backward(
+            timed(prof, dev, "bwd.matmul_gelu", cost::matmul_backward_gelu(prec, n, 4 * c, c), || {
+                ops::matmul_backward_gelu(
                     dev,
                     prec,
+                    dfch,
                     dfch_gelu,
                     self.g(K::FcProjW, l),
                     Some(self.g(K::FcProjB, l)),
                     dres,
                     lv(&a.fch_gelu, l, p4, n * 4 * c),
+                    lv(&a.fch, l, p4, n * 4 * c),
                     self.p(K::FcProjW, l),
                     self.pb(K::FcProjW, l),
                     sc,
@@ -505,7 +505,6 @@ impl CudaGpt {
                     c,
                 )
             })?;
-            timed(prof, dev, "bwd.gelu", cost::elementwise(n * 4 * c, 2, 1, 16.0), || ops::gelu_backward(dev, dfch, lv(&a.fch, l, p4, n * 4 * c), dfch_gelu, n * 4 * c))?;
             timed(prof, dev, "bwd.matmul", cost::matmul_backward(prec, n, c, 4 * c, true), || {
                 ops::matmul_backward(
                     dev,

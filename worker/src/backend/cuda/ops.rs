@@ -10,7 +10,7 @@ pub use llama::{
     rope_forward, swiglu_backward, swiglu_forward,
 };
 
-use super::device::blas::BIAS_ALIGN;
+use super::device::blas::{AUX_LD_MULTIPLE, BIAS_ALIGN};
 use super::device::{Arg, CudaDevice, DPtr, LaunchConfig, View, grid_1d};
 use super::error::{CudaError, Result};
 use super::matmul::{self, Precision};
@@ -237,6 +237,131 @@ pub fn matmul_forward(
     }
 }
 
+/// Whether a GELU epilogue can take `oc` output columns with this bias and aux matrix.
+fn gelu_epilogue_fits(oc: usize, bias: View, pre: View) -> bool {
+    (oc as i64) % AUX_LD_MULTIPLE == 0 && bias.ptr.0.is_multiple_of(BIAS_ALIGN) && pre.ptr.0.is_multiple_of(BIAS_ALIGN)
+}
+
+/// `pre(N,OC) = inp(N,C)·w(C,OC) + bias` and `out = GELU(pre)`: in the gemm's GELU_AUX_BIAS
+/// epilogue where it applies (`OC` a multiple of 8, `bias` and `pre` 16-byte aligned), else the
+/// matmul then `gelu_forward`. CPU: [`crate::backend::cpu::matmul::matmul_forward`] then
+/// [`crate::backend::cpu::gelu::gelu_forward`].
+pub fn matmul_forward_gelu(
+    dev: &CudaDevice,
+    prec: Precision,
+    out: View,
+    pre: View,
+    inp: View,
+    w: View,
+    w_bf16: View,
+    bias: View,
+    scratch: Bf16Scratch,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    const OP: &str = "matmul_forward_gelu";
+    for (what, v, len) in [("out", out, n * oc), ("pre", pre, n * oc), ("inp", inp, n * c), ("w", w, c * oc), ("bias", bias, oc)] {
+        need(OP, what, v, len)?;
+    }
+    if !gelu_epilogue_fits(oc, bias, pre) {
+        matmul_forward(dev, prec, pre, inp, w, w_bf16, Some(bias), scratch, n, c, oc)?;
+        return gelu_forward(dev, out, pre, n * oc);
+    }
+    if prec == Precision::Bf16 {
+        need(OP, "w_bf16", w_bf16, c * oc)?;
+    }
+    let a = operand(dev, prec, inp, scratch.a, n * c)?;
+    match matmul::gemm_bias_gelu(dev, prec, out.ptr, pre.ptr, a, weight(prec, w, w_bf16), false, false, n, oc, c, bias.ptr) {
+        // A cuBLASLt without an algorithm for this epilogue and type mix: the unfused pair.
+        Err(e) if e.is_not_supported() => {
+            matmul_forward(dev, prec, pre, inp, w, w_bf16, Some(bias), scratch, n, c, oc)?;
+            gelu_forward(dev, out, pre, n * oc)
+        }
+        r => r,
+    }
+}
+
+/// [`matmul_backward`] of a matmul whose input was `GELU(pre)`, with GELU's backward fused into
+/// the input gradient: `dpre = (dout·wᵀ) ⊙ GELU'(pre)` (overwritten), `dw += inpᵀ·dout`,
+/// `dbias += Σ_rows dout`, where `inp = GELU(pre)` `(N,C)`. In the gemm's DGELU epilogue where it
+/// applies (`C` a multiple of 8, `pre` 16-byte aligned), else through `dinp_scratch` `(N,C)` and
+/// `gelu_backward`. CPU: [`crate::backend::cpu::matmul::matmul_backward`] then
+/// [`crate::backend::cpu::gelu::gelu_backward`].
+pub fn matmul_backward_gelu(
+    dev: &CudaDevice,
+    prec: Precision,
+    dpre: View,
+    dinp_scratch: View,
+    dw: View,
+    dbias: Option<View>,
+    dout: View,
+    inp: View,
+    pre: View,
+    w: View,
+    w_bf16: View,
+    scratch: Bf16Scratch,
+    partial: View,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    const OP: &str = "matmul_backward_gelu";
+    for (what, v, len) in [("dpre", dpre, n * c), ("pre", pre, n * c), ("dw", dw, c * oc), ("dout", dout, n * oc), ("inp", inp, n * c), ("w", w, c * oc)] {
+        need(OP, what, v, len)?;
+    }
+    if !((c as i64) % AUX_LD_MULTIPLE == 0 && pre.ptr.0.is_multiple_of(BIAS_ALIGN)) {
+        need(OP, "dinp_scratch", dinp_scratch, n * c)?;
+        matmul_backward(dev, prec, dinp_scratch, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)?;
+        return gelu_backward(dev, dpre, pre, dinp_scratch, n * c);
+    }
+    if prec == Precision::Bf16 {
+        need(OP, "w_bf16", w_bf16, c * oc)?;
+    }
+    match backward_gemms(dev, prec, dpre, Some(pre), dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc) {
+        // As in matmul_forward_gelu; the DGELU gemm is the first, so nothing was accumulated yet.
+        Err(e) if e.is_not_supported() => {
+            need(OP, "dinp_scratch", dinp_scratch, n * c)?;
+            matmul_backward(dev, prec, dinp_scratch, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)?;
+            gelu_backward(dev, dpre, pre, dinp_scratch, n * c)
+        }
+        r => r,
+    }
+}
+
+/// The gemms of a matmul's backward: `dinp = dout·wᵀ` (times `GELU'(pre)` in the epilogue when
+/// `pre` is given), `dw += inpᵀ·dout`, and the bias gradient.
+fn backward_gemms(
+    dev: &CudaDevice,
+    prec: Precision,
+    dinp: View,
+    pre: Option<View>,
+    dw: View,
+    dbias: Option<View>,
+    dout: View,
+    inp: View,
+    w: View,
+    w_bf16: View,
+    scratch: Bf16Scratch,
+    partial: View,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let g = operand(dev, prec, dout, scratch.a, n * oc)?;
+    let wp = weight(prec, w, w_bf16);
+    match pre {
+        Some(pre) => matmul::gemm_dgelu(dev, prec, dinp.ptr, pre.ptr, g, wp, false, true, n, c, oc)?,
+        None => matmul::gemm(dev, prec, dinp.ptr, g, wp, false, true, n, c, oc, 1.0, 0.0)?,
+    }
+    let x = operand(dev, prec, inp, scratch.b, n * c)?;
+    matmul::gemm(dev, prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0)?;
+    if let Some(db) = dbias {
+        add_column_sums(dev, db, dout, partial, n, oc)?;
+    }
+    Ok(())
+}
+
 /// CPU: [`crate::backend::cpu::matmul::matmul_backward`]: `dinp = dout·wᵀ` (overwritten),
 /// `dw += inpᵀ·dout`, `dbias += Σ_rows dout`. `partial`: [`partial_len`]`(n, oc)` floats.
 pub fn matmul_backward(
@@ -261,14 +386,7 @@ pub fn matmul_backward(
     need(OP, "dout", dout, n * oc)?;
     need(OP, "inp", inp, n * c)?;
     need(OP, "w", w, c * oc)?;
-    let g = operand(dev, prec, dout, scratch.a, n * oc)?;
-    matmul::gemm(dev, prec, dinp.ptr, g, weight(prec, w, w_bf16), false, true, n, c, oc, 1.0, 0.0)?;
-    let x = operand(dev, prec, inp, scratch.b, n * c)?;
-    matmul::gemm(dev, prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0)?;
-    if let Some(db) = dbias {
-        add_column_sums(dev, db, dout, partial, n, oc)?;
-    }
-    Ok(())
+    backward_gemms(dev, prec, dinp, None, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)
 }
 
 /// CPU: [`crate::backend::cpu::matmul::lm_head_forward`]: `logits(N,Vp) = x(N,C)·wteᵀ`.

@@ -15,9 +15,25 @@
 //! to every column and added last: `D = alpha·op(A)·op(B) + beta·C + bias`. cuBLASLt does not
 //! document an alignment for it, but it fails on bias vectors that are not 16-byte aligned in
 //! practice, so [`BIAS_ALIGN`] is required here (and checked by the emulated device).
+//!
+//! GELU epilogues use an auxiliary matrix (`CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER`, column
+//! major, `m × n`, leading dimension `CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD` in elements, which
+//! must be divisible by 8 and at least `m`; its type is D's, f32, by default):
+//! - `CUBLASLT_EPILOGUE_GELU_AUX_BIAS`: `x = alpha·op(A)·op(B) + beta·C + bias`; the aux matrix
+//!   receives `x` (GELU's input, kept for the backward) and `D = GELU(x)`.
+//! - `CUBLASLT_EPILOGUE_DGELU`: `D = (alpha·op(A)·op(B) + beta·C) ⊙ GELU'(aux)`, the aux matrix
+//!   read: the forward's GELU input.
+//!
+//! GELU is the tanh approximation `x/2·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, GPT-2's. The aux
+//! pointer is required to be [`BIAS_ALIGN`]-aligned like the bias (the heuristic reads its
+//! alignment; unaligned ones are not sent to cuBLASLt).
 
-/// The alignment, in bytes, a bias vector of the bias epilogue must have.
+/// The alignment, in bytes, a bias vector of the bias epilogue (and a GELU epilogue's aux
+/// matrix) must have.
 pub const BIAS_ALIGN: u64 = 16;
+
+/// What the aux matrix's leading dimension (elements) must be a multiple of.
+pub const AUX_LD_MULTIPLE: i64 = 8;
 
 /// Element type of a matrix (`cudaDataType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +70,29 @@ pub enum Epilogue {
     Default,
     /// `CUBLASLT_EPILOGUE_BIAS` with the f32 vector of `m` elements at this address.
     Bias(super::DPtr),
+    /// `CUBLASLT_EPILOGUE_GELU_AUX_BIAS`: bias added, GELU's input written to `aux` (f32,
+    /// `m × n`, leading dimension `aux_ld`), `D = GELU(·)`.
+    GeluAuxBias { bias: super::DPtr, aux: super::DPtr, aux_ld: i64 },
+    /// `CUBLASLT_EPILOGUE_DGELU`: the product times `GELU'(aux)`, `aux` as above (read).
+    DGelu { aux: super::DPtr, aux_ld: i64 },
+}
+
+impl Epilogue {
+    /// The bias vector, for the epilogues that add one.
+    pub fn bias(&self) -> Option<super::DPtr> {
+        match *self {
+            Epilogue::Bias(b) | Epilogue::GeluAuxBias { bias: b, .. } => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The aux matrix and its leading dimension, for the GELU epilogues.
+    pub fn aux(&self) -> Option<(super::DPtr, i64)> {
+        match *self {
+            Epilogue::GeluAuxBias { aux, aux_ld, .. } | Epilogue::DGelu { aux, aux_ld } => Some((aux, aux_ld)),
+            _ => None,
+        }
+    }
 }
 
 /// One matmul: the descriptor's transposes, the scalars, the four matrices and their layouts.

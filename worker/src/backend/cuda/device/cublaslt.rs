@@ -7,8 +7,9 @@
 //! The key includes each pointer's alignment (up to 256 bytes), handed to the heuristic as the
 //! `CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES` preferences: by default cuBLASLt assumes 256-byte
 //! aligned matrices and may pick an algorithm that needs it, while views into the model's buffers
-//! start wherever a layer's slot does. Per call, only the bias pointer is set on the plan's
-//! descriptor.
+//! start wherever a layer's slot does. The epilogue (bias, GELU with its aux matrix, or GELU's
+//! derivative) is part of the key with its leading dimension and pointer alignments; per call,
+//! only the bias and aux pointers are set on the plan's descriptor.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -29,7 +30,39 @@ struct PlanKey {
     /// Alignment of A, B, C and D in bytes (the largest power of two dividing the address, at
     /// most 256).
     align: [u32; 4],
-    bias: bool,
+    epilogue: EpilogueKind,
+}
+
+/// The epilogue without its per-call pointers: what the plan's descriptor and algorithm depend on
+/// (the aux matrix's leading dimension, and the alignment of the bias and aux pointers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum EpilogueKind {
+    Default,
+    Bias { align: u32 },
+    GeluAuxBias { align: u32, aux_align: u32, aux_ld: i64 },
+    DGelu { aux_align: u32, aux_ld: i64 },
+}
+
+impl EpilogueKind {
+    fn of(e: &Epilogue) -> Self {
+        match *e {
+            Epilogue::Default => EpilogueKind::Default,
+            Epilogue::Bias(b) => EpilogueKind::Bias { align: alignment(b.0) },
+            Epilogue::GeluAuxBias { bias, aux, aux_ld } => EpilogueKind::GeluAuxBias { align: alignment(bias.0), aux_align: alignment(aux.0), aux_ld },
+            Epilogue::DGelu { aux, aux_ld } => EpilogueKind::DGelu { aux_align: alignment(aux.0), aux_ld },
+        }
+    }
+
+    /// `cublasLtEpilogue_t` and the aux leading dimension to set on the descriptor.
+    fn descriptor(&self) -> (ltsys::cublasLtEpilogue_t, Option<i64>) {
+        use ltsys::cublasLtEpilogue_t as E;
+        match *self {
+            EpilogueKind::Default => (E::CUBLASLT_EPILOGUE_DEFAULT, None),
+            EpilogueKind::Bias { .. } => (E::CUBLASLT_EPILOGUE_BIAS, None),
+            EpilogueKind::GeluAuxBias { aux_ld, .. } => (E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(aux_ld)),
+            EpilogueKind::DGelu { aux_ld, .. } => (E::CUBLASLT_EPILOGUE_DGELU, Some(aux_ld)),
+        }
+    }
 }
 
 /// Descriptors and the algorithm of one shape.
@@ -70,17 +103,33 @@ impl Blas {
         Ok(Blas { handle, workspace, workspace_ptr, stream, plans: Mutex::new(HashMap::new()) })
     }
 
-    fn plan(&self, key: &PlanKey, op: &dyn Fn() -> String) -> Result<Plan> {
+    fn plan(&self, key: &PlanKey, epilogue: &Epilogue, op: &dyn Fn() -> String) -> Result<Plan> {
         let layouts = [Layout::new(&key.layouts[0]), Layout::new(&key.layouts[1]), Layout::new(&key.layouts[2]), Layout::new(&key.layouts[3])];
         let [a, b, c, d] = layouts;
         let layouts = [a.map_err(|e| blas_err(&op(), e))?, b.map_err(|e| blas_err(&op(), e))?, c.map_err(|e| blas_err(&op(), e))?, d.map_err(|e| blas_err(&op(), e))?];
         let desc = Desc::new().map_err(|e| blas_err(&op(), e))?;
         desc.set_i32(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, key.trans_a as i32).map_err(|e| blas_err(&op(), e))?;
         desc.set_i32(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, key.trans_b as i32).map_err(|e| blas_err(&op(), e))?;
-        if key.bias {
-            let epi = ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as i32;
-            desc.set_i32(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, epi).map_err(|e| blas_err(&op(), e))?;
+        let (epi, aux_ld) = key.epilogue.descriptor();
+        if key.epilogue != EpilogueKind::Default {
+            desc.set_i32(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, epi as i32).map_err(|e| blas_err(&op(), e))?;
         }
+        if let Some(ld) = aux_ld {
+            // SAFETY: the attribute takes an int64_t, passed by address with its size.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                    (&ld) as *const i64 as *const _,
+                    std::mem::size_of::<i64>(),
+                )
+            }
+            .map_err(|e| blas_err(&op(), e))?;
+        }
+        // The heuristic reads the epilogue pointers' alignment from the descriptor, so the plan
+        // is built with this call's pointers set (a later call with the same key has the same
+        // alignments and sets its own).
+        set_epilogue_pointers(&desc, epilogue, op)?;
         let pref = Pref::new(self.workspace.len(), key.align).map_err(|e| blas_err(&op(), e))?;
         // SAFETY: the descriptors are alive for the call.
         let heuristic =
@@ -96,26 +145,14 @@ impl Blas {
             trans_b: mm.trans_b,
             layouts: [mm.a_layout, mm.b_layout, mm.c_layout, mm.d_layout],
             align: [alignment(mm.a.0), alignment(mm.b.0), alignment(mm.c.0), alignment(mm.d.0)],
-            bias: matches!(mm.epilogue, Epilogue::Bias(_)),
+            epilogue: EpilogueKind::of(&mm.epilogue),
         };
         let mut plans = self.plans.lock().map_err(|_| CudaError::Blas { op: op(), status: "plan cache poisoned".into() })?;
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(v) => v.insert(self.plan(&key, &op)?),
+            Entry::Vacant(v) => v.insert(self.plan(&key, &mm.epilogue, &op)?),
         };
-        if let Epilogue::Bias(bias) = mm.epilogue {
-            let p: u64 = bias.0;
-            // SAFETY: the attribute takes a device pointer, passed by address with its size.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    plan.desc.0,
-                    ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    (&p) as *const u64 as *const _,
-                    std::mem::size_of::<u64>(),
-                )
-            }
-            .map_err(|e| blas_err(&op(), e))?;
-        }
+        set_epilogue_pointers(&plan.desc, &mm.epilogue, &op)?;
         // SAFETY: the plan's descriptors are alive (owned by the cache, locked); the pointers
         // come from buffers whose lengths the callers checked against these shapes.
         unsafe {
@@ -151,6 +188,19 @@ impl Drop for Blas {
         // SAFETY: the handle was created in `new` and is destroyed once.
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
+}
+
+/// Sets this call's bias and aux pointers on a plan's descriptor (the epilogues that have them).
+fn set_epilogue_pointers(desc: &Desc, epilogue: &Epilogue, op: &dyn Fn() -> String) -> Result<()> {
+    use ltsys::cublasLtMatmulDescAttributes_t as A;
+    let pointers = [(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, epilogue.bias()), (A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, epilogue.aux().map(|a| a.0))];
+    for (attr, ptr) in pointers {
+        let Some(ptr) = ptr else { continue };
+        let p: u64 = ptr.0;
+        // SAFETY: the attribute takes a device pointer, passed by address with its size.
+        unsafe { lt::set_matmul_desc_attribute(desc.0, attr, (&p) as *const u64 as *const _, std::mem::size_of::<u64>()) }.map_err(|e| blas_err(&op(), e))?;
+    }
+    Ok(())
 }
 
 fn blas_err(op: &str, e: lt::CublasError) -> CudaError {

@@ -13,9 +13,31 @@
 //! crate, in its own summation order); `C` is not read when `beta == 0`. The bias epilogue adds
 //! `bias[i]` to every element of row `i` of `D` after the product (one more f32 rounding); its
 //! vector must be `m` f32 inside one allocation, not overlapping `D`, and
-//! [`BIAS_ALIGN`]-byte aligned (what cuBLASLt needs in practice; it is undocumented).
+//! [`BIAS_ALIGN`]-byte aligned (what cuBLASLt needs in practice; it is undocumented). The GELU
+//! epilogues follow [`crate::backend::cuda::device::blas`]: the aux matrix is `m × n` f32 with
+//! its own leading dimension (a multiple of [`AUX_LD_MULTIPLE`], at least `m`, else
+//! INVALID_VALUE), [`BIAS_ALIGN`]-aligned, inside one allocation and apart from `D`, `A` and `B`;
+//! GELU and its derivative are computed here in f32 from the tanh formula ([`gelu`],
+//! [`gelu_grad`]), not by the kernels' code.
 
-use crate::backend::cuda::device::blas::{BIAS_ALIGN, DataType, Epilogue, Matmul, MatrixLayout};
+use crate::backend::cuda::device::blas::{AUX_LD_MULTIPLE, BIAS_ALIGN, DataType, Epilogue, Matmul, MatrixLayout};
+
+/// GELU, the tanh approximation (GPT-2's, and the one the GELU epilogues implement).
+pub fn gelu(x: f32) -> f32 {
+    let k = (2.0f32 / std::f32::consts::PI).sqrt();
+    0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// `d gelu(x) / dx` of [`gelu`].
+pub fn gelu_grad(x: f32) -> f32 {
+    let k = (2.0f32 / std::f32::consts::PI).sqrt();
+    let th = (k * (x + 0.044715 * x * x * x)).tanh();
+    0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+fn overlaps(a: (u64, usize), b: (u64, usize)) -> bool {
+    a.1 > 0 && b.1 > 0 && a.0 < b.0 + b.1 as u64 && b.0 < a.0 + a.1 as u64
+}
 
 /// The bytes a column-major matrix spans from its first element.
 fn footprint(l: &MatrixLayout) -> usize {
@@ -54,7 +76,24 @@ pub fn check(m: &Matmul, inside: &dyn Fn(u64, usize) -> bool) -> Result<(), Stri
         return invalid("C and D are the same matrix with different layouts".into());
     }
     let d_span = (m.d.0, footprint(&m.d_layout));
-    if let Epilogue::Bias(bias) = m.epilogue {
+    if let Some((aux, aux_ld)) = m.epilogue.aux() {
+        if aux_ld < rows as i64 || aux_ld % AUX_LD_MULTIPLE != 0 {
+            return invalid(format!("the GELU aux matrix has ld {aux_ld}: it must be a multiple of {AUX_LD_MULTIPLE} and at least m = {rows}"));
+        }
+        if !aux.0.is_multiple_of(BIAS_ALIGN) {
+            return not_supported(format!("the GELU aux matrix at {:#x} is not {BIAS_ALIGN}-byte aligned", aux.0));
+        }
+        let span = (aux.0, footprint(&MatrixLayout { dtype: DataType::F32, rows, cols, ld: aux_ld }));
+        if span.1 > 0 && !inside(span.0, span.1) {
+            return Err(format!("the GELU aux matrix ({rows}×{cols}, ld {aux_ld}, from {:#x}) is not inside one device allocation", aux.0));
+        }
+        for (name, p, l) in [("D", m.d, &m.d_layout), ("A", m.a, &m.a_layout), ("B", m.b, &m.b_layout)] {
+            if overlaps(span, (p.0, footprint(l))) {
+                return Err(format!("the GELU aux matrix overlaps {name}: cuBLASLt's result is undefined when they alias"));
+            }
+        }
+    }
+    if let Some(bias) = m.epilogue.bias() {
         let bytes = rows as usize * 4;
         if !bias.0.is_multiple_of(BIAS_ALIGN) {
             return not_supported(format!("the bias vector at {:#x} is not {BIAS_ALIGN}-byte aligned", bias.0));
@@ -127,7 +166,7 @@ pub unsafe fn run(m: &Matmul, parallel: bool) {
                 }
             }
         }
-        add_bias(m, d, rows, cols, ldd);
+        epilogue(m, d, rows, cols, ldd);
         return;
     }
     // Element (i, p) of op(A): A(i, p) at i + p·lda, or A(p, i) at p + i·lda when transposed.
@@ -160,18 +199,39 @@ pub unsafe fn run(m: &Matmul, parallel: bool) {
             if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None },
         )
     }
-    add_bias(m, d, rows, cols, ldd);
+    epilogue(m, d, rows, cols, ldd);
 }
 
-/// The bias epilogue: `D(i, j) += bias[i]`.
-fn add_bias(m: &Matmul, d: *mut f32, rows: usize, cols: usize, ldd: isize) {
-    let Epilogue::Bias(bias) = m.epilogue else { return };
-    // SAFETY: check() placed `rows` f32 of bias inside an allocation that D does not overlap.
-    let bias = unsafe { std::slice::from_raw_parts(bias.0 as *const f32, rows) };
+/// The epilogue after the product: `D(i, j) += bias[i]`; then for GELU_AUX_BIAS
+/// `aux(i, j) = D(i, j)`, `D(i, j) = gelu(D(i, j))`; for DGELU `D(i, j) *= gelu'(aux(i, j))`.
+fn epilogue(m: &Matmul, d: *mut f32, rows: usize, cols: usize, ldd: isize) {
+    if let Some(bias) = m.epilogue.bias() {
+        // SAFETY: check() placed `rows` f32 of bias inside an allocation that D does not overlap.
+        let bias = unsafe { std::slice::from_raw_parts(bias.0 as *const f32, rows) };
+        for j in 0..cols {
+            for (i, &b) in bias.iter().enumerate() {
+                // SAFETY: (i, j) is inside D's footprint (check()).
+                unsafe { *d.offset(i as isize + j as isize * ldd) += b };
+            }
+        }
+    }
+    let Some((aux, aux_ld)) = m.epilogue.aux() else { return };
+    let aux = aux.0 as *mut f32;
+    let forward = matches!(m.epilogue, Epilogue::GeluAuxBias { .. });
     for j in 0..cols {
-        for (i, &b) in bias.iter().enumerate() {
-            // SAFETY: (i, j) is inside D's footprint (check()).
-            unsafe { *d.offset(i as isize + j as isize * ldd) += b };
+        for i in 0..rows {
+            // SAFETY: (i, j) is inside D's and the aux matrix's footprints, which do not overlap
+            // (check()).
+            unsafe {
+                let x = d.offset(i as isize + j as isize * ldd);
+                let a = aux.offset(i as isize + j as isize * aux_ld as isize);
+                if forward {
+                    *a = *x;
+                    *x = gelu(*x);
+                } else {
+                    *x *= gelu_grad(*a);
+                }
+            }
         }
     }
 }

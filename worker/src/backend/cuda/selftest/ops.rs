@@ -1,7 +1,7 @@
 //! The kernel sections of the selftest: each op's forward and backward against its CPU
 //! reference (tolerances in the module docs of [`super`]).
 
-use super::{BF16, Ctx, EW, MM, Tolerance, compare, pick, randn};
+use super::{BF16, Ctx, EW, F32_NORM, MM, Tolerance, compare, pick, randn};
 use crate::backend::cpu;
 use crate::backend::cuda::error::Result;
 use crate::backend::cuda::matmul::Precision;
@@ -125,6 +125,77 @@ pub(super) fn cast_bf16(cx: &mut Ctx<'_, '_>) -> Result<()> {
     let as_f32 = |v: &[u16]| v.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect::<Vec<_>>();
     let want: Vec<u16> = x.iter().map(|&v| bf16_rne(v)).collect();
     cx.push(compare(format!("cast_f32_to_bf16 n={n} (ties, overflow, subnormals, NaN)"), &as_f32(&got), &as_f32(&want), Tolerance::Exact));
+    Ok(())
+}
+
+/// The matmuls with GELU fused into cuBLASLt's epilogues (GELU_AUX_BIAS forward, DGELU
+/// backward), and their fallbacks (an output width that is not a multiple of 8, or a bias or
+/// GELU input 4 bytes off 16-byte alignment), against the CPU's matmul then GELU.
+pub(super) fn matmul_gelu(cx: &mut Ctx<'_, '_>) -> Result<()> {
+    // (N, K, OC) of the forward `pre(N,OC) = x(N,K)·w + b`; the backward is that of the matmul
+    // that reads GELU(pre) `(N,OC)` as its input, with `out2` columns.
+    for (n, k, oc, out2) in pick(cx.shapes, &[(7, 13, 16, 5), (33, 48, 40, 48), (9, 16, 12, 7)], &[(256, 768, 3072, 768)]) {
+        let (x, w, bias) = (randn(n * k, 21), randn(k * oc, 22), randn(oc, 23));
+        let (w2, dout) = (randn(oc * out2, 24), randn(n * out2, 25));
+        let mut pre = vec![0.0; n * oc];
+        cpu::matmul::matmul_forward(&mut pre, &x, &w, Some(&bias), n, k, oc);
+        let mut act = vec![0.0; n * oc];
+        cpu::gelu::gelu_forward(&mut act, &pre);
+        let (mut dact, mut dw2, mut db2) = (vec![0.0; n * oc], vec![0.5; oc * out2], vec![0.25; out2]);
+        cpu::matmul::matmul_backward(&mut dact, &mut dw2, Some(&mut db2[..]), &dout, &act, &w2, n, oc, out2);
+        let mut dpre = vec![0.0; n * oc];
+        cpu::gelu::gelu_backward(&mut dpre, &pre, &dact);
+        let (gx, gw, gw2, gdo) = (cx.up(&x)?, cx.up(&w)?, cx.up(&w2)?, cx.up(&dout)?);
+        let (gwb, gw2b) = (cx.d().alloc::<u16>(k * oc)?, cx.d().alloc::<u16>(oc * out2)?);
+        ops::cast_to_bf16(cx.d(), gwb.all(), gw.all(), k * oc)?;
+        ops::cast_to_bf16(cx.d(), gw2b.all(), gw2.all(), oc * out2)?;
+        let big = (n * k).max(n * oc).max(n * out2);
+        let (sa, sb) = (cx.d().alloc::<u16>(big)?, cx.d().alloc::<u16>(big)?);
+        let sc = Bf16Scratch { a: sa.all(), b: sb.all() };
+        let part = cx.out(ops::partial_len(n, out2))?;
+        // at = 0: every pointer 16-byte aligned; at = 1: the bias and GELU's input 4 bytes off.
+        for at in [0usize, 1] {
+            let path = if at == 0 && oc % 8 == 0 { "epilogue" } else { "fallback" };
+            let gbias = cx.up(&[vec![0.0; at], bias.clone()].concat())?;
+            for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
+                let (gact, gpre) = (cx.out(n * oc)?, cx.out(at + n * oc)?);
+                ops::matmul_forward_gelu(cx.d(), prec, gact.all(), gpre.view(at, n * oc), gx.all(), gw.all(), gwb.all(), gbias.view(at, oc), sc, n, k, oc)?;
+                let tag = format!("{prec:?} {path} N={n} K={k} OC={oc}");
+                cx.push(compare(format!("matmul_forward_gelu out {tag}"), &cx.down(&gact, n * oc)?, &act, tol));
+                cx.push(compare(format!("matmul_forward_gelu pre {tag}"), &cx.down(&gpre, at + n * oc)?[at..], &pre, tol));
+                // The backward reads the CPU's pre and GELU(pre), so only its own error counts.
+                let gpre_in = cx.up(&[vec![0.0; at], pre.clone()].concat())?;
+                let gact_in = cx.up(&act)?;
+                let (gdpre, gscratch, gdw, gdb) = (cx.out(n * oc)?, cx.out(n * oc)?, cx.up(&vec![0.5; oc * out2])?, cx.up(&vec![0.25; out2])?);
+                ops::matmul_backward_gelu(
+                    cx.d(),
+                    prec,
+                    gdpre.all(),
+                    gscratch.all(),
+                    gdw.all(),
+                    Some(gdb.all()),
+                    gdo.all(),
+                    gact_in.all(),
+                    gpre_in.view(at, n * oc),
+                    gw2.all(),
+                    gw2b.all(),
+                    sc,
+                    part.all(),
+                    n,
+                    oc,
+                    out2,
+                )?;
+                let tag = format!("{prec:?} {path} N={n} C={oc} OC={out2}");
+                // dpre is a dot product scaled by GELU'(pre): where that factor or the dot
+                // product's cancellation makes it small, the dot product's own rounding (of its
+                // terms' size) dominates, so f32 is judged by the norm (measured 2.1e-7 at K = 768).
+                let dpre_tol = if prec == Precision::F32 { F32_NORM } else { tol };
+                cx.push(compare(format!("matmul_backward_gelu dpre {tag}"), &cx.down(&gdpre, n * oc)?, &dpre, dpre_tol));
+                cx.push(compare(format!("matmul_backward_gelu dw {tag}"), &cx.down(&gdw, oc * out2)?, &dw2, tol));
+                cx.push(compare(format!("matmul_backward_gelu dbias {tag}"), &cx.down(&gdb, out2)?, &db2, MM));
+            }
+        }
+    }
     Ok(())
 }
 
