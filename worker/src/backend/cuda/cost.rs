@@ -10,6 +10,7 @@
 //! ops are memory-bound by far, so their roofline is their bytes.
 
 use super::matmul::Precision;
+use super::ops::Grad;
 use crate::model::profile::Cost;
 
 /// Bytes of an f32.
@@ -117,15 +118,22 @@ pub fn lm_head_forward(prec: Precision, n: usize, c: usize, vp: usize) -> Cost {
     matmul_forward(prec, n, c, vp, false)
 }
 
-/// `dx = dlogits·wte`, `dwte += dlogitsᵀ·x`.
-pub fn lm_head_backward(prec: Precision, n: usize, c: usize, vp: usize) -> Cost {
-    matmul_backward(prec, n, c, vp, false)
+/// `dx = dlogits·wte`, `dwte += dlogitsᵀ·x`; with `bf16_ready` the gradient arrives as bf16
+/// (the fused classifier) and is not cast first.
+pub fn lm_head_backward(prec: Precision, n: usize, c: usize, vp: usize, bf16_ready: bool) -> Cost {
+    let full = matmul_backward(prec, n, c, vp, false);
+    if bf16_ready { Cost::new(full.flops, full.bytes - (n * vp) as f64 * (F32 + 2.0)) } else { full }
 }
 
-/// Softmax + cross-entropy over `n` rows of `v` real logits (of `vp`), dlogits in place.
-pub fn softmax_crossentropy(n: usize, v: usize, vp: usize, with_grad: bool) -> Cost {
-    let writes = if with_grad { n * vp } else { 0 };
-    Cost::new(5.0 * (n * v) as f64, (n * vp + writes + 3 * n) as f64 * F32)
+/// Softmax + cross-entropy over `n` rows of `v` real logits (of `vp`): the f32 logits read, the
+/// gradient written over them (f32) or to a bf16 buffer, or not at all.
+pub fn softmax_crossentropy(n: usize, v: usize, vp: usize, grad: Grad) -> Cost {
+    let grad_bytes = match grad {
+        Grad::None => 0.0,
+        Grad::InPlace => F32,
+        Grad::Bf16(_) => 2.0,
+    };
+    Cost::new(5.0 * (n * v) as f64, (n * vp) as f64 * (F32 + grad_bytes) + (3 * n) as f64 * F32)
 }
 
 /// AdamW over `p` parameters: reads params, grads, m, v; writes params, m, v (f32; with bf16
@@ -154,7 +162,7 @@ mod tests {
         for (k, oc) in [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)] {
             flops += l as f64 * (matmul_forward(Precision::Bf16, n, k, oc, false).flops + matmul_backward(Precision::Bf16, n, k, oc, false).flops);
         }
-        flops += lm_head_forward(Precision::Bf16, n, c, vp).flops + lm_head_backward(Precision::Bf16, n, c, vp).flops;
+        flops += lm_head_forward(Precision::Bf16, n, c, vp).flops + lm_head_backward(Precision::Bf16, n, c, vp, true).flops;
         let weights = (l * 12 * c * c + vp * c) as f64;
         assert!((flops / (6.0 * weights * n as f64) - 1.0).abs() < 1e-12);
         // Attention: the usual 6·L·C·T per token is 2 products × 2 FLOPs × 3 (forward +

@@ -95,6 +95,9 @@ pub struct CudaGpt {
     pub(crate) max_t: usize,
     shape: Option<(usize, usize)>,
     dlogits_ready: bool,
+    /// The last `loss(.., true)` left the logits' gradient as bf16 in `scratch_a` (the fused
+    /// classifier of [`Precision::Bf16`]) rather than over the f32 logits.
+    dlogits_bf16: bool,
     /// Per-op time when set (`liandan bench train --profile`): each op is followed by a device
     /// synchronisation, so the times include launch latency and the pipeline is serialised.
     pub profile: Option<OpProfile>,
@@ -186,6 +189,7 @@ impl CudaGpt {
             max_t,
             shape: None,
             dlogits_ready: false,
+            dlogits_bf16: false,
             profile: None,
         })
     }
@@ -236,10 +240,16 @@ impl CudaGpt {
     }
 
     /// Logits of the last forward `(B, T, Vp)`, copied to the host (gradients after
-    /// `loss(.., true)`, as on the CPU).
+    /// `loss(.., true)`, as on the CPU; bf16-rounded with bf16 matmuls, which keep them as bf16).
     pub fn logits_to_host(&self) -> Result<Vec<f32>> {
         let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
-        let mut out = vec![0.0; b * t * self.config.padded_vocab_size];
+        let len = b * t * self.config.padded_vocab_size;
+        if self.dlogits_ready && self.dlogits_bf16 {
+            let mut bits = vec![0u16; len];
+            self.dev.download(&self.scratch_a, 0, &mut bits)?;
+            return Ok(bits.iter().map(|&h| f32::from_bits((h as u32) << 16)).collect());
+        }
+        let mut out = vec![0.0; len];
         self.dev.download(&self.acts.logits, 0, &mut out)?;
         Ok(out)
     }
@@ -376,10 +386,17 @@ impl CudaGpt {
             self.dev.upload(&self.weights, 0, w)?;
         }
         let wv = weights.map(|_| self.weights.view(0, n));
+        // With bf16 matmuls the gradient goes straight to bf16, the LM head backward's operand.
+        let grad = match (with_grad, self.precision) {
+            (false, _) => ops::Grad::None,
+            (true, Precision::Bf16) => ops::Grad::Bf16(self.scratch_a.view(0, n * vp)),
+            (true, Precision::F32) => ops::Grad::InPlace,
+        };
         let mut prof = self.profile.take();
-        let r = timed(&mut prof, &self.dev, "loss.softmax_ce", cost::softmax_crossentropy(n, v, vp, with_grad), || {
-            ops::softmax_crossentropy(&self.dev, self.acts.logits.view(0, n * vp), self.acts.losses.view(0, n), self.targets.view(0, n), wv, 1.0 / denom, n, v, vp, with_grad)
+        let r = timed(&mut prof, &self.dev, "loss.softmax_ce", cost::softmax_crossentropy(n, v, vp, grad), || {
+            ops::softmax_crossentropy(&self.dev, self.acts.logits.view(0, n * vp), self.acts.losses.view(0, n), self.targets.view(0, n), wv, 1.0 / denom, n, v, vp, grad)
         });
+        self.dlogits_bf16 = matches!(grad, ops::Grad::Bf16(_));
         self.profile = prof;
         r?;
         let mut losses = vec![0.0f32; n];
@@ -447,6 +464,7 @@ impl CudaGpt {
         let mut logits = self.logits_to_host()?;
         write(&mut logits);
         self.dev.upload(&self.acts.logits, 0, &logits)?;
+        self.dlogits_bf16 = false;
         self.backward_from(false)
     }
 
@@ -474,8 +492,9 @@ impl CudaGpt {
         let dln = g.dln.view(0, n * c);
         dev.zero(&g.dresidual, 0, n * c)?;
         if !from_hidden {
-            timed(prof, dev, "bwd.lm_head", cost::lm_head_backward(prec, n, c, vp), || {
-                ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), a.logits.view(0, n * vp), a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
+            let dlogits = if self.dlogits_bf16 { ops::Dlogits::Bf16(self.scratch_a.view(0, n * vp)) } else { ops::Dlogits::F32(a.logits.view(0, n * vp)) };
+            timed(prof, dev, "bwd.lm_head", cost::lm_head_backward(prec, n, c, vp, self.dlogits_bf16), || {
+                ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), dlogits, a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
             })?;
         }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);

@@ -399,6 +399,15 @@ pub fn lm_head_forward(dev: &CudaDevice, prec: Precision, logits: View, x: View,
     matmul::gemm(dev, prec, logits.ptr, a, weight(prec, wte, wte_bf16), false, true, n, vp, c, 1.0, 0.0)
 }
 
+/// The logits' gradient [`lm_head_backward`] starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dlogits {
+    /// f32 `(N, Vp)`, cast to bf16 first when the matmuls are bf16.
+    F32(View),
+    /// Already bf16 (from [`softmax_crossentropy`] with [`Grad::Bf16`]); bf16 matmuls only.
+    Bf16(View),
+}
+
 /// CPU: [`crate::backend::cpu::matmul::lm_head_backward`]: `dx = dlogits·wte` (overwritten),
 /// `dwte += dlogitsᵀ·x`.
 pub fn lm_head_backward(
@@ -406,7 +415,7 @@ pub fn lm_head_backward(
     prec: Precision,
     dx: View,
     dwte: View,
-    dlogits: View,
+    dlogits: Dlogits,
     x: View,
     wte: View,
     wte_bf16: View,
@@ -418,9 +427,20 @@ pub fn lm_head_backward(
     const OP: &str = "lm_head_backward";
     need(OP, "dx", dx, n * c)?;
     need(OP, "dwte", dwte, vp * c)?;
-    need(OP, "dlogits", dlogits, n * vp)?;
     need(OP, "x", x, n * c)?;
-    let g = operand(dev, prec, dlogits, scratch.a, n * vp)?;
+    let g = match dlogits {
+        Dlogits::F32(d) => {
+            need(OP, "dlogits", d, n * vp)?;
+            operand(dev, prec, d, scratch.a, n * vp)?
+        }
+        Dlogits::Bf16(d) => {
+            if prec != Precision::Bf16 {
+                return Err(CudaError::Shape { op: OP, reason: "bf16 dlogits need bf16 matmuls".into() });
+            }
+            need(OP, "dlogits", d, n * vp)?;
+            d.ptr
+        }
+    };
     matmul::gemm(dev, prec, dx.ptr, g, weight(prec, wte, wte_bf16), false, false, n, c, vp, 1.0, 0.0)?;
     let xa = operand(dev, prec, x, scratch.b, n * c)?;
     matmul::gemm(dev, prec, dwte.ptr, g, xa, true, false, vp, c, n, 1.0, 1.0)
@@ -541,6 +561,18 @@ pub fn residual_forward(dev: &CudaDevice, out: View, a: View, b: View, n: usize)
     dev.launch("residual_forward", grid_1d(n, BLOCK), &[p(out), p(a), p(b), Arg::L(n as i64)])
 }
 
+/// Where [`softmax_crossentropy`] puts the logits' gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grad {
+    /// The loss only.
+    None,
+    /// Over the logits, in place (f32).
+    InPlace,
+    /// Into this bf16 buffer `(N, Vp)`, the logits left as they are: the operand
+    /// [`lm_head_backward`] takes as `dlogits_bf16`.
+    Bf16(View),
+}
+
 /// CPU: [`crate::backend::cpu::crossentropy::softmax_crossentropy`]. `targets` are i32 in
 /// `[0, V)` or IGNORE_INDEX (checked by the caller).
 pub fn softmax_crossentropy(
@@ -553,7 +585,7 @@ pub fn softmax_crossentropy(
     n: usize,
     v: usize,
     vp: usize,
-    grad: bool,
+    grad: Grad,
 ) -> Result<()> {
     const OP: &str = "softmax_crossentropy";
     need(OP, "logits", logits, n * vp)?;
@@ -562,9 +594,17 @@ pub fn softmax_crossentropy(
     if let Some(w) = weights {
         need(OP, "weights", w, n)?;
     }
+    let out = match grad {
+        Grad::Bf16(d) => {
+            need(OP, "dlogits_bf16", d, n * vp)?;
+            p(d)
+        }
+        _ => Arg::P(DPtr::NULL),
+    };
     let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
     let w = weights.map_or(Arg::P(DPtr::NULL), p);
-    dev.launch(OP, cfg, &[p(logits), p(losses), p(targets), w, Arg::F(scale), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "V", v)?), Arg::I(int(OP, "Vp", vp)?), Arg::I(grad as i32)])
+    let g = Arg::I((grad != Grad::None) as i32);
+    dev.launch(OP, cfg, &[p(logits), p(losses), p(targets), w, Arg::F(scale), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "V", v)?), Arg::I(int(OP, "Vp", vp)?), g, out])
 }
 
 /// Hyper-parameters of one AdamW launch (see [`crate::optim::AdamW::step`]).

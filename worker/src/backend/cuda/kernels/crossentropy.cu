@@ -5,19 +5,27 @@
 
 // CPU reference: backend::cpu::crossentropy::softmax_crossentropy
 // Per row i of logits (N,Vp): losses[i] = logsumexp(logits[i,:V]) − logits[i,target] (0 when the
-// target is IGNORE_INDEX). With grad != 0 the row is overwritten by (softmax − onehot)·w_i·scale,
-// w_i = weights[i] or 1 when weights is null; padded columns and ignored rows become 0.
+// target is IGNORE_INDEX). With grad != 0 the gradient (softmax − onehot)·w_i·scale, w_i =
+// weights[i] or 1 when weights is null, 0 in padded columns and ignored rows, overwrites the row
+// in place, or, when dlogits_bf16 is not null, goes there as bf16 (round to nearest even) and
+// the logits stay as they are: the fused classifier of the bf16 path, which hands the LM head's
+// backward gemm its operand directly instead of an f32 gradient for a separate cast.
 // One block per row (blockDim a multiple of 32).
 extern "C" __global__ void softmax_crossentropy(float* logits, float* losses, const int* targets, const float* weights,
-                                                float scale, int N, int V, int Vp, int grad) {
+                                                float scale, int N, int V, int Vp, int grad,
+                                                __nv_bfloat16* dlogits_bf16) {
     const int row = blockIdx.x;
     if (row >= N) return;
     float* x = logits + (long long)row * Vp;
+    __nv_bfloat16* d = dlogits_bf16 ? dlogits_bf16 + (long long)row * Vp : nullptr;
     const int target = targets[row];
     if (target == CE_IGNORE_INDEX) {
         if (threadIdx.x == 0) losses[row] = 0.0f;
         if (grad)
-            for (int i = threadIdx.x; i < Vp; i += blockDim.x) x[i] = 0.0f;
+            for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+                if (d) d[i] = __float2bfloat16_rn(0.0f);
+                else x[i] = 0.0f;
+            }
         return;
     }
     float m = -LD_INF;
@@ -35,7 +43,12 @@ extern "C" __global__ void softmax_crossentropy(float* logits, float* losses, co
     const float inv = 1.0f / s;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         const float p = expf(x[i] - m) * inv * w;
-        x[i] = i == target ? p - w : p;
+        const float g = i == target ? p - w : p;
+        if (d) d[i] = __float2bfloat16_rn(g);
+        else x[i] = g;
     }
-    for (int i = V + threadIdx.x; i < Vp; i += blockDim.x) x[i] = 0.0f;
+    for (int i = V + threadIdx.x; i < Vp; i += blockDim.x) {
+        if (d) d[i] = __float2bfloat16_rn(0.0f);
+        else x[i] = 0.0f;
+    }
 }

@@ -107,6 +107,11 @@ pub fn bf16_rne(x: f32) -> u16 {
     (hi + up as u32) as u16
 }
 
+/// bf16 bits widened to f32 (exact).
+fn as_f32(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()
+}
+
 pub(super) fn cast_bf16(cx: &mut Ctx<'_, '_>) -> Result<()> {
     // Ties to even both ways, the largest finite value rounding up to infinity, subnormals,
     // signed zeros, infinities and a NaN; then random values around 1 and across magnitudes.
@@ -122,7 +127,6 @@ pub(super) fn cast_bf16(cx: &mut Ctx<'_, '_>) -> Result<()> {
     ops::cast_to_bf16(cx.d(), gout.all(), gx.all(), n)?;
     let mut got = vec![0u16; n];
     cx.d().download(&gout, 0, &mut got)?;
-    let as_f32 = |v: &[u16]| v.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect::<Vec<_>>();
     let want: Vec<u16> = x.iter().map(|&v| bf16_rne(v)).collect();
     cx.push(compare(format!("cast_f32_to_bf16 n={n} (ties, overflow, subnormals, NaN)"), &as_f32(&got), &as_f32(&want), Tolerance::Exact));
     Ok(())
@@ -260,10 +264,19 @@ pub(super) fn lm_head(cx: &mut Ctx<'_, '_>) -> Result<()> {
             ops::lm_head_forward(cx.d(), prec, glo.all(), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
             let got = cx.down(&glo, n * vp)?;
             cx.push(compare(format!("lm_head_forward {prec:?} N={n} C={c} Vp={vp}"), &got, &lo, tol));
-            ops::lm_head_backward(cx.d(), prec, gdx.all(), gdw.all(), gdl.all(), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
+            ops::lm_head_backward(cx.d(), prec, gdx.all(), gdw.all(), ops::Dlogits::F32(gdl.all()), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
             let (g1, g2) = (cx.down(&gdx, n * c)?, cx.down(&gdw, vp * c)?);
             cx.push(compare(format!("lm_head_backward dx {prec:?} N={n} C={c} Vp={vp}"), &g1, &dx, tol));
             cx.push(compare(format!("lm_head_backward dwte {prec:?} N={n} C={c} Vp={vp}"), &g2, &dwte, tol));
+            if prec == Precision::Bf16 {
+                // The same from dlogits already in bf16 (the fused classifier's output): no cast,
+                // so the same gemm operands and bit for bit the same results.
+                let bits: Vec<u16> = dl.iter().map(|&x| bf16_rne(x)).collect();
+                let (gdlb, gdx2, gdw2) = (cx.d().upload_new(&bits)?, cx.out(n * c)?, cx.up(&vec![0.5; vp * c])?);
+                ops::lm_head_backward(cx.d(), prec, gdx2.all(), gdw2.all(), ops::Dlogits::Bf16(gdlb.all()), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
+                cx.push(compare(format!("lm_head_backward dx from bf16 dlogits N={n} C={c} Vp={vp}"), &cx.down(&gdx2, n * c)?, &g1, Tolerance::Exact));
+                cx.push(compare(format!("lm_head_backward dwte from bf16 dlogits N={n} C={c} Vp={vp}"), &cx.down(&gdw2, vp * c)?, &g2, Tolerance::Exact));
+            }
         }
     }
     Ok(())
@@ -326,10 +339,21 @@ pub(super) fn crossentropy(cx: &mut Ctx<'_, '_>) -> Result<()> {
         let (mut l, mut losses) = (logits.clone(), vec![0.0; n]);
         cpu::crossentropy::softmax_crossentropy(&mut l, &mut losses, &targets, Some(&weights), 0.25, n, v, vp, true);
         let (gl, glo, gt, gw) = (cx.up(&logits)?, cx.out(n)?, cx.d().upload_new(&targets)?, cx.up(&weights)?);
-        ops::softmax_crossentropy(cx.d(), gl.all(), glo.all(), gt.all(), Some(gw.all()), 0.25, n, v, vp, true)?;
+        // The bf16 gradient first (it leaves the logits as they are), then in place.
+        let (gd, glo_b) = (cx.d().upload_new(&vec![0x7fc1u16; n * vp])?, cx.out(n)?);
+        ops::softmax_crossentropy(cx.d(), gl.all(), glo_b.all(), gt.all(), Some(gw.all()), 0.25, n, v, vp, ops::Grad::Bf16(gd.all()))?;
+        let untouched = cx.down(&gl, n * vp)?;
+        cx.push(compare(format!("softmax_crossentropy logits kept with bf16 dlogits N={n} V={v}"), &untouched, &logits, Tolerance::Exact));
+        let mut bits = vec![0u16; n * vp];
+        cx.d().download(&gd, 0, &mut bits)?;
+        ops::softmax_crossentropy(cx.d(), gl.all(), glo.all(), gt.all(), Some(gw.all()), 0.25, n, v, vp, ops::Grad::InPlace)?;
         let (g1, g2) = (cx.down(&glo, n)?, cx.down(&gl, n * vp)?);
         cx.push(compare(format!("softmax_crossentropy loss N={n} V={v}"), &g1, &losses, EW));
         cx.push(compare(format!("softmax_crossentropy dlogits N={n} V={v}"), &g2, &l, EW));
+        cx.push(compare(format!("softmax_crossentropy loss with bf16 dlogits N={n} V={v}"), &cx.down(&glo_b, n)?, &g1, Tolerance::Exact));
+        // The bf16 gradient is the f32 one rounded to nearest even, element for element.
+        let want = as_f32(&g2.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
+        cx.push(compare(format!("softmax_crossentropy bf16 dlogits N={n} V={v}"), &as_f32(&bits), &want, Tolerance::Exact));
     }
     Ok(())
 }
