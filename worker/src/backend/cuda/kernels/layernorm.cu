@@ -2,6 +2,25 @@
 
 #define LN_EPS 1e-5f
 
+// One row of LayerNorm by one warp, given this lane's partial sum `s` of the row x (its elements
+// lane, lane + 32, ...): the mean, the variance from squared deviations (a second pass, like the
+// CPU), and out = (x − mean)·rstd·weight + bias; lane 0 writes mean and rstd.
+__device__ __forceinline__ void layernorm_row(float* o, float* mean, float* rstd, const float* x, float s,
+                                              const float* weight, const float* bias, int C, int lane) {
+    const float mu = warp_sum(s) / C;
+    float v = 0.0f;
+    for (int i = lane; i < C; i += LD_WARP) {
+        const float d = x[i] - mu;
+        v += d * d;
+    }
+    const float r = 1.0f / sqrtf(warp_sum(v) / C + LN_EPS);
+    for (int i = lane; i < C; i += LD_WARP) o[i] = (x[i] - mu) * r * weight[i] + bias[i];
+    if (lane == 0) {
+        *mean = mu;
+        *rstd = r;
+    }
+}
+
 // CPU reference: backend::cpu::layernorm::layernorm_forward
 // out = (inp − mean)·rstd·weight + bias per row; out, inp (N,C); mean, rstd (N); weight, bias (C).
 // One warp per row, two passes (mean, then squared deviations) like the CPU.
@@ -14,19 +33,7 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     const float* x = inp + (long long)row * C;
     float s = 0.0f;
     for (int i = lane; i < C; i += LD_WARP) s += x[i];
-    const float mu = warp_sum(s) / C;
-    float v = 0.0f;
-    for (int i = lane; i < C; i += LD_WARP) {
-        const float d = x[i] - mu;
-        v += d * d;
-    }
-    const float r = 1.0f / sqrtf(warp_sum(v) / C + LN_EPS);
-    float* o = out + (long long)row * C;
-    for (int i = lane; i < C; i += LD_WARP) o[i] = (x[i] - mu) * r * weight[i] + bias[i];
-    if (lane == 0) {
-        mean[row] = mu;
-        rstd[row] = r;
-    }
+    layernorm_row(out + (long long)row * C, mean + row, rstd + row, x, s, weight, bias, C, lane);
 }
 
 // CPU reference: backend::cpu::residual::residual_forward, then backend::cpu::layernorm::layernorm_forward
@@ -50,19 +57,7 @@ extern "C" __global__ void residual_layernorm_forward(float* residual, float* ou
         x[i] = r;
         s += r;
     }
-    const float mu = warp_sum(s) / C;
-    float v = 0.0f;
-    for (int i = lane; i < C; i += LD_WARP) {
-        const float d = x[i] - mu;
-        v += d * d;
-    }
-    const float r = 1.0f / sqrtf(warp_sum(v) / C + LN_EPS);
-    float* o = out + base;
-    for (int i = lane; i < C; i += LD_WARP) o[i] = (x[i] - mu) * r * weight[i] + bias[i];
-    if (lane == 0) {
-        mean[row] = mu;
-        rstd[row] = r;
-    }
+    layernorm_row(out + base, mean + row, rstd + row, x, s, weight, bias, C, lane);
 }
 
 // CPU reference: backend::cpu::layernorm::layernorm_backward (the dinp half)
