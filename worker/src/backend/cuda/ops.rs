@@ -237,9 +237,9 @@ pub fn matmul_forward(
     }
 }
 
-/// Whether a GELU epilogue can take `oc` output columns with this bias and aux matrix.
-fn gelu_epilogue_fits(oc: usize, bias: View, pre: View) -> bool {
-    (oc as i64) % AUX_LD_MULTIPLE == 0 && bias.ptr.0.is_multiple_of(BIAS_ALIGN) && pre.ptr.0.is_multiple_of(BIAS_ALIGN)
+/// Whether a GELU epilogue can take `width` columns with these vectors and aux matrices.
+fn gelu_epilogue_fits(width: usize, pointers: &[View]) -> bool {
+    (width as i64) % AUX_LD_MULTIPLE == 0 && pointers.iter().all(|v| v.ptr.0.is_multiple_of(BIAS_ALIGN))
 }
 
 /// `pre(N,OC) = inp(N,C)·w(C,OC) + bias` and `out = GELU(pre)`: in the gemm's GELU_AUX_BIAS
@@ -264,9 +264,12 @@ pub fn matmul_forward_gelu(
     for (what, v, len) in [("out", out, n * oc), ("pre", pre, n * oc), ("inp", inp, n * c), ("w", w, c * oc), ("bias", bias, oc)] {
         need(OP, what, v, len)?;
     }
-    if !gelu_epilogue_fits(oc, bias, pre) {
+    let unfused = || {
         matmul_forward(dev, prec, pre, inp, w, w_bf16, Some(bias), scratch, n, c, oc)?;
-        return gelu_forward(dev, out, pre, n * oc);
+        gelu_forward(dev, out, pre, n * oc)
+    };
+    if !gelu_epilogue_fits(oc, &[bias, pre]) {
+        return unfused();
     }
     if prec == Precision::Bf16 {
         need(OP, "w_bf16", w_bf16, c * oc)?;
@@ -274,10 +277,7 @@ pub fn matmul_forward_gelu(
     let a = operand(dev, prec, inp, scratch.a, n * c)?;
     match matmul::gemm_bias_gelu(dev, prec, out.ptr, pre.ptr, a, weight(prec, w, w_bf16), false, false, n, oc, c, bias.ptr) {
         // A cuBLASLt without an algorithm for this epilogue and type mix: the unfused pair.
-        Err(e) if e.is_not_supported() => {
-            matmul_forward(dev, prec, pre, inp, w, w_bf16, Some(bias), scratch, n, c, oc)?;
-            gelu_forward(dev, out, pre, n * oc)
-        }
+        Err(e) if e.is_not_supported() => unfused(),
         r => r,
     }
 }
@@ -310,21 +310,20 @@ pub fn matmul_backward_gelu(
     for (what, v, len) in [("dpre", dpre, n * c), ("pre", pre, n * c), ("dw", dw, c * oc), ("dout", dout, n * oc), ("inp", inp, n * c), ("w", w, c * oc)] {
         need(OP, what, v, len)?;
     }
-    if !((c as i64) % AUX_LD_MULTIPLE == 0 && pre.ptr.0.is_multiple_of(BIAS_ALIGN)) {
+    let unfused = || {
         need(OP, "dinp_scratch", dinp_scratch, n * c)?;
         matmul_backward(dev, prec, dinp_scratch, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)?;
-        return gelu_backward(dev, dpre, pre, dinp_scratch, n * c);
+        gelu_backward(dev, dpre, pre, dinp_scratch, n * c)
+    };
+    if !gelu_epilogue_fits(c, &[pre]) {
+        return unfused();
     }
     if prec == Precision::Bf16 {
         need(OP, "w_bf16", w_bf16, c * oc)?;
     }
     match backward_gemms(dev, prec, dpre, Some(pre), dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc) {
         // As in matmul_forward_gelu; the DGELU gemm is the first, so nothing was accumulated yet.
-        Err(e) if e.is_not_supported() => {
-            need(OP, "dinp_scratch", dinp_scratch, n * c)?;
-            matmul_backward(dev, prec, dinp_scratch, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)?;
-            gelu_backward(dev, dpre, pre, dinp_scratch, n * c)
-        }
+        Err(e) if e.is_not_supported() => unfused(),
         r => r,
     }
 }
