@@ -43,13 +43,16 @@ pub struct StepStats {
 /// Forward, loss and backward of every micro-batch into `model`'s gradients (gradient
 /// accumulation): each micro-batch's loss is divided by `denom`, the whole step's loss weight,
 /// so the accumulated gradient is the gradient of the step's mean loss. Returns the summed loss
-/// and the tokens processed.
+/// that stayed on the host (a device model keeps its part for [`Model::take_loss`], so no
+/// micro-batch waits for the device) and the tokens processed.
 pub fn accumulate(model: &mut dyn Model, micro: &[MicroBatch], denom: f32) -> Result<(f64, usize)> {
     let mut loss = 0.0f64;
     let mut tokens = 0;
     for mb in micro {
         model.forward(&mb.inputs, mb.b, mb.t)?;
-        loss += model.loss(&mb.targets, mb.weights.as_deref(), denom, true)? as f64;
+        if let Some(l) = model.loss_deferred(&mb.targets, mb.weights.as_deref(), denom)? {
+            loss += l as f64;
+        }
         model.backward()?;
         tokens += mb.b * mb.t;
     }
@@ -62,12 +65,15 @@ pub fn accumulate(model: &mut dyn Model, micro: &[MicroBatch], denom: f32) -> Re
 /// same pieces through the phase driver ([`crate::phase::driver`]).
 pub fn replica_step(replica: &mut dyn Replica, micro: &[MicroBatch], denom: f32, coll: Option<&mut dyn Collective>, clip: f32, lr: f32) -> Result<(f64, f32, usize)> {
     replica.model().zero_grad()?;
-    let (loss, tokens) = accumulate(replica.model(), micro, denom)?;
+    let (host_loss, tokens) = accumulate(replica.model(), micro, denom)?;
     if let Some(c) = coll {
         replica.all_reduce_grads(c)?;
     }
     let params = replica.model_ref().layout().len();
     let norm = timed_op(replica, "opt.clip", cost::global_norm(params, clip > 0.0), |r| r.clip(clip))?;
+    // Reading the norm waited for the whole backward, so the device's loss is ready: read it
+    // now, while the device is idle, rather than wait once more after AdamW.
+    let loss = host_loss + replica.model().take_loss()?;
     timed_op(replica, "opt.adamw", cost::adamw(params), |r| r.step(lr))?;
     Ok((loss, norm, tokens))
 }

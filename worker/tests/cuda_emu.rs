@@ -362,3 +362,20 @@ fn emulated_gelu_epilogues_follow_the_contract_and_refuse_a_bad_aux_matrix() {
         assert!(e.contains("overlaps D"), "{e}");
     }
 }
+
+/// Uploads through a staging buffer arrive in order (the buffer is reused at once), and one
+/// that overruns the staging buffer or the destination is refused, leaving the data as it was.
+#[test]
+fn staged_uploads_arrive_and_refuse_what_does_not_fit() {
+    let dev = CudaDevice::emulated().unwrap();
+    let buf: DevBuf<u32> = dev.alloc(8).unwrap();
+    let mut stage = dev.staging::<u32>(4).unwrap();
+    stage.upload(&buf, 0, &[1, 2, 3, 4]).unwrap();
+    stage.upload(&buf, 4, &[5, 6]).unwrap();
+    assert_eq!(dev.to_host(&buf).unwrap(), vec![1, 2, 3, 4, 5, 6, 0, 0]);
+    let e = stage.upload(&buf, 0, &[9; 5]).unwrap_err().to_string();
+    assert!(e.contains("staging buffer of 4"), "{e}");
+    let e = stage.upload(&buf, 6, &[9; 3]).unwrap_err().to_string();
+    assert!(e.contains("outside a buffer of 8"), "{e}");
+    assert_eq!(dev.to_host(&buf).unwrap(), vec![1, 2, 3, 4, 5, 6, 0, 0]);
+}

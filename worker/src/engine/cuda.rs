@@ -95,6 +95,17 @@ impl Model for CudaGpt {
         Ok(CudaGpt::loss(self, targets, weights, denom, with_grad)?)
     }
 
+    fn loss_deferred(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32) -> Result<Option<f32>> {
+        self.dev.bind_to_thread()?;
+        CudaGpt::loss_deferred(self, targets, weights, denom)?;
+        Ok(None)
+    }
+
+    fn take_loss(&mut self) -> Result<f64> {
+        self.dev.bind_to_thread()?;
+        Ok(CudaGpt::take_loss(self)?)
+    }
+
     fn backward(&mut self) -> Result<()> {
         self.dev.bind_to_thread()?;
         Ok(CudaGpt::backward(self)?)

@@ -50,6 +50,18 @@ pub trait Model: Send + std::fmt::Debug {
     /// `Σ_i w_i·ce_i / denom` over the last forward's positions (targets `-1` take none); with
     /// `with_grad`, prepares the logits' gradient for [`Model::backward`].
     fn loss(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32, with_grad: bool) -> Result<f32>;
+    /// `loss(.., true)` for a training step. A device model adds the value to a sum it keeps
+    /// and returns `None`, so nothing waits for the forward to finish, and
+    /// [`Model::take_loss`] reads the sum once per step; a model whose loss is on the host
+    /// anyway returns it (the default).
+    fn loss_deferred(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32) -> Result<Option<f32>> {
+        self.loss(targets, weights, denom, true).map(Some)
+    }
+    /// The sum of the losses [`Model::loss_deferred`] kept since the last call or
+    /// [`Model::zero_grad`], which it resets (0 for a model that keeps none, the default).
+    fn take_loss(&mut self) -> Result<f64> {
+        Ok(0.0)
+    }
     /// Backward of the last forward + loss; adds into the gradients.
     fn backward(&mut self) -> Result<()>;
     /// The last forward's logits `(B, T, Vp)`.
@@ -61,7 +73,7 @@ pub trait Model: Send + std::fmt::Debug {
     /// Backward from the logits' gradient: `write` gets the last forward's logits `(B, T, Vp)`
     /// and overwrites them with `dloss/dlogits` (padding columns zero).
     fn backward_from_logits(&mut self, write: &mut dyn FnMut(&mut [f32])) -> Result<()>;
-    /// Clears the gradients.
+    /// Clears the gradients (and the deferred loss): the start of a step.
     fn zero_grad(&mut self) -> Result<()>;
 
     /// The parameters, flat layout.

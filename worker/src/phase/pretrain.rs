@@ -93,8 +93,10 @@ impl PhaseStep for LmStep<'_, '_> {
         let mut local_loss = 0.0f64;
         if b > 0 && self.targets.iter().any(|&x| x >= 0) {
             model.forward(&self.inputs, b, t)?;
-            local_loss = model.loss(&self.targets, None, denom, true)? as f64;
+            // Deferred: the backward is queued before anything waits for the device.
+            local_loss = model.loss_deferred(&self.targets, None, denom)?.map_or(0.0, f64::from);
             model.backward()?;
+            local_loss += model.take_loss()?;
         }
         let loss = ctx.sum(local_loss)?;
         let lr = ctx.lr();

@@ -105,7 +105,7 @@ impl KernelFile {
             KernelFile::LayerNorm => &["layernorm_forward", "residual_layernorm_forward", "layernorm_backward_input", "layernorm_backward_params_partial"],
             KernelFile::Gelu => &["gelu_forward", "gelu_backward"],
             KernelFile::Residual => &["residual_forward", "bias_broadcast", "column_sum_partial", "column_sum_reduce", "cast_f32_to_bf16"],
-            KernelFile::CrossEntropy => &["softmax_crossentropy"],
+            KernelFile::CrossEntropy => &["softmax_crossentropy", "loss_sum"],
             KernelFile::Attention => &[
                 "attention_forward_hs32",
                 "attention_forward_hs64",

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::cpu::crossentropy::IGNORE_INDEX;
 use crate::error::EngineError;
 use crate::model::config::GptConfig;
 use crate::model::gpt::validate_targets;
@@ -20,7 +19,7 @@ use crate::model::params::{ParamKind as K, ParamLayout};
 use crate::model::profile::{Cost, OpProfile};
 
 use super::cost;
-use super::device::{CudaDevice, DevBuf, View};
+use super::device::{CudaDevice, DevBuf, StagingBuf, View};
 use super::error::Result;
 use super::flash::{self, AttentionKernels};
 use super::matmul::Precision;
@@ -86,6 +85,13 @@ pub struct CudaGpt {
     inputs: DevBuf<u32>,
     targets: DevBuf<i32>,
     weights: DevBuf<f32>,
+    /// Page-locked staging of `inputs`, `targets` and `weights`: their uploads do not wait.
+    stage_inputs: StagingBuf<u32>,
+    stage_targets: StagingBuf<i32>,
+    stage_weights: StagingBuf<f32>,
+    /// `[0]`: the losses of [`CudaGpt::loss_deferred`] since the last [`CudaGpt::take_loss`]
+    /// (or `zero_grad`); `[1]`: the one [`CudaGpt::loss`] reads back.
+    loss_acc: DevBuf<f64>,
     /// bf16 casts of matmul activation operands, `maxB·maxT·max(4C, Vp)` each.
     scratch_a: DevBuf<u16>,
     scratch_b: DevBuf<u16>,
@@ -178,6 +184,10 @@ impl CudaGpt {
             inputs: dev.alloc::<u32>(bt)?,
             targets: dev.alloc::<i32>(bt)?,
             weights: z(bt)?,
+            stage_inputs: dev.staging(bt)?,
+            stage_targets: dev.staging(bt)?,
+            stage_weights: dev.staging(bt)?,
+            loss_acc: dev.alloc::<f64>(2)?,
             scratch_a: dev.alloc::<u16>(scratch)?,
             scratch_b: dev.alloc::<u16>(scratch)?,
             partial: z(ops::partial_len(bt, 4 * c))?,
@@ -254,7 +264,9 @@ impl CudaGpt {
         Ok(out)
     }
 
+    /// Clears the gradients and the deferred loss: the start of a step.
     pub fn zero_grad(&mut self) -> Result<()> {
+        self.dev.zero(&self.loss_acc, 0, 1)?;
         self.dev.zero(&self.grads, 0, self.grads.len())
     }
 
@@ -295,7 +307,7 @@ impl CudaGpt {
         if let Some((i, &tok)) = inputs.iter().enumerate().find(|(_, tok)| **tok as usize >= v) {
             return Err(EngineError::TokenOutOfRange { what: "inputs", position: i, token: tok as i64, vocab: v }.into());
         }
-        self.dev.upload(&self.inputs, 0, inputs)?;
+        self.stage_inputs.upload(&self.inputs, 0, inputs)?;
         self.shape = Some((b, t));
         self.dlogits_ready = false;
         let mut prof = self.profile.take();
@@ -366,11 +378,42 @@ impl CudaGpt {
     }
 
     /// The loss `Σ_i w_i·ce_i / denom` of the last forward; with `with_grad`, prepares dlogits
-    /// (the CPU's [`crate::model::gpt::Gpt::loss`]).
+    /// (the CPU's [`crate::model::gpt::Gpt::loss`]). Reads the value back, so it waits for the
+    /// forward: a training step uses [`CudaGpt::loss_deferred`] instead.
     ///
     /// # Errors
     /// No forward ran, bad targets or weights, `denom <= 0`, or a launch fails.
     pub fn loss(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32, with_grad: bool) -> Result<f32> {
+        self.dev.zero(&self.loss_acc, 1, 1)?;
+        self.loss_into(1, targets, weights, denom, with_grad)?;
+        let mut total = [0.0f64];
+        self.dev.download(&self.loss_acc, 1, &mut total)?;
+        Ok(total[0] as f32)
+    }
+
+    /// `loss(.., true)` whose value is added on the device to the step's sum instead of read
+    /// back, so nothing waits for the forward; [`CudaGpt::take_loss`] reads the sum once.
+    ///
+    /// # Errors
+    /// As [`CudaGpt::loss`].
+    pub fn loss_deferred(&mut self, targets: &[i32], weights: Option<&[f32]>, denom: f32) -> Result<()> {
+        self.loss_into(0, targets, weights, denom, true)
+    }
+
+    /// The sum of the deferred losses since the last call (or `zero_grad`), which it resets.
+    ///
+    /// # Errors
+    /// A failed copy (or an earlier kernel's asynchronous error, which surfaces here).
+    pub fn take_loss(&mut self) -> Result<f64> {
+        let mut total = [0.0f64];
+        self.dev.download(&self.loss_acc, 0, &mut total)?;
+        self.dev.zero(&self.loss_acc, 0, 1)?;
+        Ok(total[0])
+    }
+
+    /// Softmax cross-entropy of the last forward, its gradient when `with_grad`, and the
+    /// weighted sum over `denom` added to `loss_acc[slot]`.
+    fn loss_into(&mut self, slot: usize, targets: &[i32], weights: Option<&[f32]>, denom: f32, with_grad: bool) -> Result<()> {
         let (b, t) = self.shape.ok_or(EngineError::NoForward)?;
         if self.dlogits_ready {
             return Err(EngineError::NoForward.into());
@@ -381,9 +424,9 @@ impl CudaGpt {
         }
         let n = b * t;
         let (v, vp) = (self.config.vocab_size, self.config.padded_vocab_size);
-        self.dev.upload(&self.targets, 0, targets)?;
+        self.stage_targets.upload(&self.targets, 0, targets)?;
         if let Some(w) = weights {
-            self.dev.upload(&self.weights, 0, w)?;
+            self.stage_weights.upload(&self.weights, 0, w)?;
         }
         let wv = weights.map(|_| self.weights.view(0, n));
         // With bf16 matmuls the gradient goes straight to bf16, the LM head backward's operand.
@@ -393,22 +436,16 @@ impl CudaGpt {
             (true, Precision::F32) => ops::Grad::InPlace,
         };
         let mut prof = self.profile.take();
+        let (losses, tv) = (self.acts.losses.view(0, n), self.targets.view(0, n));
         let r = timed(&mut prof, &self.dev, "loss.softmax_ce", cost::softmax_crossentropy(n, v, vp, grad), || {
-            ops::softmax_crossentropy(&self.dev, self.acts.logits.view(0, n * vp), self.acts.losses.view(0, n), self.targets.view(0, n), wv, 1.0 / denom, n, v, vp, grad)
+            ops::softmax_crossentropy(&self.dev, self.acts.logits.view(0, n * vp), losses, tv, wv, 1.0 / denom, n, v, vp, grad)?;
+            ops::loss_sum(&self.dev, self.loss_acc.view(slot, 1), losses, tv, wv, denom, n)
         });
         self.dlogits_bf16 = matches!(grad, ops::Grad::Bf16(_));
         self.profile = prof;
         r?;
-        let mut losses = vec![0.0f32; n];
-        self.dev.download(&self.acts.losses, 0, &mut losses)?;
-        let mut total = 0.0f64;
-        for i in 0..n {
-            if targets[i] != IGNORE_INDEX {
-                total += weights.map_or(1.0, |w| w[i] as f64) * losses[i] as f64;
-            }
-        }
         self.dlogits_ready = with_grad;
-        Ok((total / denom as f64) as f32)
+        Ok(())
     }
 
     /// Backward of the last forward + `loss(.., true)`; adds into `grads`.

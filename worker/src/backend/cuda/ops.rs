@@ -606,6 +606,20 @@ pub fn softmax_crossentropy(
     dev.launch(OP, cfg, &[p(logits), p(losses), p(targets), w, Arg::F(scale), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "V", v)?), Arg::I(int(OP, "Vp", vp)?), g, out])
 }
 
+/// CPU: the sum [`crate::model::gpt::Gpt::loss`] takes: `acc[0] += Σ w_i·losses[i] / denom`
+/// (f64, on the device) over the rows whose target is not ignored.
+pub fn loss_sum(dev: &CudaDevice, acc: View, losses: View, targets: View, weights: Option<View>, denom: f32, n: usize) -> Result<()> {
+    const OP: &str = "loss_sum";
+    need(OP, "acc", acc, 1)?;
+    need(OP, "losses", losses, n)?;
+    need(OP, "targets", targets, n)?;
+    if let Some(w) = weights {
+        need(OP, "weights", w, n)?;
+    }
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    dev.launch(OP, cfg, &[p(acc), p(losses), p(targets), weights.map_or(Arg::P(DPtr::NULL), p), Arg::I(int(OP, "N", n)?), Arg::F(denom)])
+}
+
 /// Hyper-parameters of one AdamW launch (see [`crate::optim::AdamW::step`]).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWArgs {

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, PushKerne
 
 use super::blas::Matmul;
 use super::cublaslt::Blas;
-use super::{Arg, DPtr, DeviceApi, LaunchConfig, Memory};
+use super::{Arg, DPtr, DeviceApi, LaunchConfig, Memory, Staging};
 use crate::backend::cuda::error::{CudaError, Result};
 use crate::backend::cuda::kernels::{self, KernelFile};
 
@@ -115,6 +115,96 @@ impl GpuDevice {
     }
 }
 
+/// Page-locked host memory for uploads that do not wait, and an event recorded after the copy
+/// that reads it: the next upload waits on that event (long done, in a training step: the copy
+/// ran before the previous micro-batch's kernels) before it overwrites the memory.
+struct PinnedStaging {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    host: *mut u8,
+    bytes: usize,
+    event: cudarc::driver::sys::CUevent,
+    /// A copy from `host` was queued after the event was last waited on.
+    pending: bool,
+}
+
+// SAFETY: the host memory and the event are owned by this struct alone; the memory is written
+// only through `&mut self` and after the event says the device has finished reading it.
+unsafe impl Send for PinnedStaging {}
+// SAFETY: as above; `&self` gives access to nothing but the capacity.
+unsafe impl Sync for PinnedStaging {}
+
+impl PinnedStaging {
+    fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>, bytes: usize) -> Result<PinnedStaging> {
+        use cudarc::driver::result;
+        let bytes = bytes.max(1);
+        ctx.bind_to_thread().map_err(CudaError::driver("bind context to thread"))?;
+        let event = result::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(CudaError::driver("create staging event"))?;
+        // SAFETY: a plain allocation of `bytes` page-locked bytes; it is only ever written before it is read.
+        let host = match unsafe { result::malloc_host(bytes, 0) } {
+            Ok(h) => h.cast::<u8>(),
+            Err(e) => {
+                // SAFETY: the event was created above and is not used anywhere else.
+                let _ = unsafe { result::event::destroy(event) };
+                return Err(CudaError::driver(format!("page-lock {bytes} bytes of host memory"))(e));
+            }
+        };
+        Ok(PinnedStaging { ctx, stream, host, bytes, event, pending: false })
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        if self.pending {
+            // SAFETY: the event is alive (owned by self) and was recorded on our stream.
+            unsafe { cudarc::driver::result::event::synchronize(self.event) }.map_err(CudaError::driver("wait for a staged upload"))?;
+            self.pending = false;
+        }
+        Ok(())
+    }
+}
+
+impl Staging for PinnedStaging {
+    fn capacity(&self) -> usize {
+        self.bytes
+    }
+
+    fn upload(&mut self, dst: DPtr, src: &[u8]) -> Result<()> {
+        use cudarc::driver::result;
+        if src.len() > self.bytes {
+            return Err(CudaError::Shape { op: "staged upload", reason: format!("{} bytes through a staging buffer of {}", src.len(), self.bytes) });
+        }
+        self.ctx.bind_to_thread().map_err(CudaError::driver("bind context to thread"))?;
+        self.wait()?;
+        // SAFETY: `host` holds `bytes >= src.len()` bytes, and the device no longer reads them
+        // (the wait above).
+        let staged = unsafe { std::slice::from_raw_parts_mut(self.host, src.len()) };
+        staged.copy_from_slice(src);
+        let stream = self.stream.cu_stream();
+        // SAFETY: the caller ([`super::StagingBuf::upload`]) checked `dst` against its buffer;
+        // `staged` stays valid and unwritten until the event recorded next has completed.
+        unsafe { result::memcpy_htod_async(dst.0, staged, stream) }.map_err(CudaError::driver("queue a staged upload"))?;
+        // SAFETY: event and stream are alive.
+        unsafe { result::event::record(self.event, stream) }.map_err(CudaError::driver("record a staged upload"))?;
+        self.pending = true;
+        Ok(())
+    }
+}
+
+impl Drop for PinnedStaging {
+    fn drop(&mut self) {
+        use cudarc::driver::result;
+        if self.ctx.bind_to_thread().is_err() || self.wait().is_err() {
+            // A copy may still read the memory: leaking it is the only safe choice.
+            tracing::warn!(bytes = self.bytes, "a staged upload could not be waited for; its page-locked buffer is leaked");
+            return;
+        }
+        // SAFETY: no copy reads the memory any more (the wait above); both were created in `new`.
+        unsafe {
+            let _ = result::free_host(self.host.cast());
+            let _ = result::event::destroy(self.event);
+        }
+    }
+}
+
 impl DeviceApi for GpuDevice {
     fn alloc_zeroed(&self, bytes: usize) -> Result<Memory> {
         let slice = self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(CudaError::driver(format!("allocate {bytes} bytes")))?;
@@ -132,6 +222,10 @@ impl DeviceApi for GpuDevice {
         // SAFETY: the caller checked the range; `dst` is valid for writes until the sync below.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src.0, self.stream.cu_stream()) }.map_err(CudaError::driver("copy to host"))?;
         self.synchronize()
+    }
+
+    fn staging(&self, bytes: usize) -> Result<Box<dyn Staging>> {
+        Ok(Box::new(PinnedStaging::new(self.ctx.clone(), self.stream.clone(), bytes)?))
     }
 
     fn memset_zero(&self, dst: DPtr, bytes: usize) -> Result<()> {

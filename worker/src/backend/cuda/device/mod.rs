@@ -119,6 +119,17 @@ impl std::fmt::Debug for Memory {
     }
 }
 
+/// Host memory that uploads are queued from without the host waiting for the copy: page-locked
+/// on a GPU, so the copy engine reads it while the host goes on queueing kernels; plain memory
+/// on the emulated device, whose copies finish before they return.
+pub trait Staging: Send + Sync {
+    /// Bytes it holds.
+    fn capacity(&self) -> usize;
+    /// Waits until the device has read what the previous call queued, copies `src` in and
+    /// queues its copy to `dst` after all earlier work; returns without waiting for that copy.
+    fn upload(&mut self, dst: DPtr, src: &[u8]) -> Result<()>;
+}
+
 /// What the host code needs from a device. Every call is ordered after the calls before it on
 /// the same device (one stream); copies to the host return after the data has arrived.
 pub trait DeviceApi: Send + Sync {
@@ -128,6 +139,8 @@ pub trait DeviceApi: Send + Sync {
     fn copy_to_device(&self, dst: DPtr, src: &[u8]) -> Result<()>;
     /// Copies `dst.len()` bytes from device address `src` into `dst`, after all earlier work.
     fn copy_to_host(&self, dst: &mut [u8], src: DPtr) -> Result<()>;
+    /// A [`Staging`] buffer of `bytes` (at least 1) for uploads that do not wait.
+    fn staging(&self, bytes: usize) -> Result<Box<dyn Staging>>;
     /// Sets `bytes` bytes at `dst` to zero.
     fn memset_zero(&self, dst: DPtr, bytes: usize) -> Result<()>;
     /// Launches kernel `name` with `cfg` and `args` (in the kernel's parameter order).
@@ -244,6 +257,39 @@ impl View {
     pub fn sub(self, offset: usize, len: usize, elem_bytes: usize) -> View {
         assert!(offset + len <= self.len, "sub-view {offset}+{len} outside a view of {}", self.len);
         View { ptr: DPtr(self.ptr.0 + (offset * elem_bytes) as u64), len }
+    }
+}
+
+/// A [`Staging`] buffer for up to `len` elements of `T`: the model's inputs, targets and loss
+/// weights go to the device through these, so a training step does not wait for its uploads.
+pub struct StagingBuf<T> {
+    inner: Box<dyn Staging>,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T> std::fmt::Debug for StagingBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagingBuf({} elements)", self.len)
+    }
+}
+
+impl<T: DeviceElem> StagingBuf<T> {
+    /// Queues a copy of `data` into `buf[offset..offset + data.len()]` after all earlier work
+    /// and returns without waiting for it (see [`Staging::upload`]); `data` may be reused at once.
+    ///
+    /// # Errors
+    /// The range does not fit the buffer, `data` is longer than this staging buffer, or the
+    /// copy cannot be queued.
+    pub fn upload(&mut self, buf: &DevBuf<T>, offset: usize, data: &[T]) -> Result<()> {
+        check_range("staged upload", buf.len(), offset, data.len())?;
+        if data.len() > self.len {
+            return Err(CudaError::Shape { op: "staged upload", reason: format!("{} elements through a staging buffer of {}", data.len(), self.len) });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.inner.upload(buf.at(offset), as_bytes(data))
     }
 }
 
@@ -373,6 +419,14 @@ impl CudaDevice {
             return Ok(());
         }
         self.api.copy_to_device(buf.at(offset), as_bytes(data))
+    }
+
+    /// A staging buffer for uploads of up to `len` elements that do not wait ([`StagingBuf::upload`]).
+    ///
+    /// # Errors
+    /// The host cannot lock the memory, or the device cannot create the event that tracks it.
+    pub fn staging<T: DeviceElem>(&self, len: usize) -> Result<StagingBuf<T>> {
+        Ok(StagingBuf { inner: self.api.staging(len.max(1) * std::mem::size_of::<T>())?, len, _elem: PhantomData })
     }
 
     /// Copies `buf[offset..offset + out.len()]` into `out`, after all work queued before it.

@@ -24,7 +24,7 @@ use std::ffi::{CStr, c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::device::{Arg, DPtr, DeviceApi, LaunchConfig, Matmul, Memory};
+use super::device::{Arg, DPtr, DeviceApi, LaunchConfig, Matmul, Memory, Staging};
 use super::error::{CudaError, Result};
 use super::kernels::KernelFile;
 pub use runtime::Order;
@@ -79,6 +79,44 @@ unsafe impl Sync for Allocation {}
 
 /// Live allocations by base address, shared with the [`Memory`] owners that remove themselves.
 type Registry = Arc<Mutex<BTreeMap<u64, usize>>>;
+
+/// Whether `bytes` at `addr` lie inside one live allocation.
+fn inside(registry: &Registry, addr: u64, bytes: usize) -> bool {
+    let Ok(r) = registry.lock() else { return false };
+    r.range(..=addr).next_back().is_some_and(|(&base, &len)| addr.checked_add(bytes as u64).is_some_and(|end| end <= base + len as u64))
+}
+
+fn check_range(registry: &Registry, op: &'static str, addr: u64, bytes: usize) -> Result<()> {
+    if inside(registry, addr, bytes) {
+        Ok(())
+    } else {
+        Err(CudaError::Shape { op, reason: format!("{bytes} bytes at {addr:#x} are not inside one allocation of the emulated device") })
+    }
+}
+
+/// The emulated device's [`Staging`]: its copies finish before they return, so there is nothing
+/// to wait for and no reason to copy through a buffer of its own; it keeps the capacity so a
+/// caller that overruns it fails here as on a GPU.
+struct EmuStaging {
+    registry: Registry,
+    capacity: usize,
+}
+
+impl Staging for EmuStaging {
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn upload(&mut self, dst: DPtr, src: &[u8]) -> Result<()> {
+        if src.len() > self.capacity {
+            return Err(CudaError::Shape { op: "staged upload", reason: format!("{} bytes through a staging buffer of {}", src.len(), self.capacity) });
+        }
+        check_range(&self.registry, "staged upload", dst.0, src.len())?;
+        // SAFETY: the destination range is inside a live allocation (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.0 as *mut u8, src.len()) };
+        Ok(())
+    }
+}
 
 struct Freed {
     alloc: Allocation,
@@ -184,16 +222,11 @@ impl EmuDevice {
 
     /// Whether `bytes` from `addr` lie inside one live allocation.
     fn inside(&self, addr: u64, bytes: usize) -> bool {
-        let Ok(r) = self.registry.lock() else { return false };
-        r.range(..=addr).next_back().is_some_and(|(&base, &len)| addr.checked_add(bytes as u64).is_some_and(|end| end <= base + len as u64))
+        inside(&self.registry, addr, bytes)
     }
 
     fn check_range(&self, op: &'static str, addr: u64, bytes: usize) -> Result<()> {
-        if self.inside(addr, bytes) {
-            Ok(())
-        } else {
-            Err(CudaError::Shape { op, reason: format!("{bytes} bytes at {addr:#x} are not inside one allocation of the emulated device") })
-        }
+        check_range(&self.registry, op, addr, bytes)
     }
 
     /// The first guard byte a kernel changed, as (allocation base, size, offset from base).
@@ -296,6 +329,10 @@ impl DeviceApi for EmuDevice {
         // SAFETY: the source range is inside a live allocation (checked above).
         unsafe { std::ptr::copy_nonoverlapping(src.0 as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
+    }
+
+    fn staging(&self, bytes: usize) -> Result<Box<dyn Staging>> {
+        Ok(Box::new(EmuStaging { registry: self.registry.clone(), capacity: bytes.max(1) }))
     }
 
     fn memset_zero(&self, dst: DPtr, bytes: usize) -> Result<()> {

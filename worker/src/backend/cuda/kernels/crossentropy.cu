@@ -52,3 +52,18 @@ extern "C" __global__ void softmax_crossentropy(float* logits, float* losses, co
         else x[i] = 0.0f;
     }
 }
+
+// CPU reference: the step's loss as crate::model::gpt::Gpt::loss sums it: Σ_i w_i·losses[i] over
+// the rows whose target is not IGNORE_INDEX (w_i = weights[i], or 1 when weights is null), in
+// double, divided by denom and added to acc[0]. It stays on the device, so a step with many
+// micro-batches reads its loss back once. One block; the order of the sum depends only on N
+// and the block size, so the bits are reproducible.
+extern "C" __global__ void loss_sum(double* acc, const float* losses, const int* targets, const float* weights, int N,
+                                    float denom) {
+    if (blockIdx.x != 0) return;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x)
+        if (targets[i] != CE_IGNORE_INDEX) s += (double)(weights ? weights[i] : 1.0f) * (double)losses[i];
+    s = block_sum_d(s);
+    if (threadIdx.x == 0) acc[0] += s / (double)denom;
+}

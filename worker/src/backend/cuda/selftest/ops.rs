@@ -354,6 +354,21 @@ pub(super) fn crossentropy(cx: &mut Ctx<'_, '_>) -> Result<()> {
         // The bf16 gradient is the f32 one rounded to nearest even, element for element.
         let want = as_f32(&g2.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
         cx.push(compare(format!("softmax_crossentropy bf16 dlogits N={n} V={v}"), &as_f32(&bits), &want, Tolerance::Exact));
+        // The step's loss sum, added onto what the accumulator held (in f64 on both sides).
+        let denom = 3.5f32;
+        let sum = |l: &[f32], w: Option<&[f32]>| -> f64 {
+            let s: f64 = (0..n).filter(|&i| targets[i] != cpu::crossentropy::IGNORE_INDEX).map(|i| w.map_or(1.0, |w| w[i] as f64) * l[i] as f64).sum();
+            0.75 + s / denom as f64
+        };
+        for w in [Some(&weights[..]), None] {
+            let acc = cx.d().upload_new(&[0.75f64])?;
+            ops::loss_sum(cx.d(), acc.all(), glo.all(), gt.all(), w.map(|_| gw.all()), denom, n)?;
+            let got = cx.d().to_host(&acc)?[0] as f32;
+            let label = if w.is_some() { "weighted" } else { "unweighted" };
+            cx.push(compare(format!("loss_sum {label} vs CPU N={n} V={v}"), &[got], &[sum(&losses, w) as f32], EW));
+            // Against the device's own losses summed on the host: only the order of an f64 sum differs.
+            cx.push(compare(format!("loss_sum {label} vs host sum N={n} V={v}"), &[got], &[sum(&g1, w) as f32], Tolerance::Elementwise { atol: 0.0, rtol: 1e-6 }));
+        }
     }
     Ok(())
 }
