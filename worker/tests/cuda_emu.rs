@@ -42,6 +42,18 @@ fn selftest_passes_with_threads_run_in_reverse_order() {
     run_selftest(&dev);
 }
 
+/// A cuBLASLt with no algorithm for the fused epilogues (GELU_AUX_BIAS, DGELU, BGRADA): every
+/// op and whole step still matches, through the unfused fallbacks, and those ran.
+#[test]
+fn selftest_passes_when_cublaslt_refuses_the_fused_epilogues() {
+    let dev = Arc::new(CudaDevice::emulated_with(EmuOptions { refuse_fused_epilogues: true, ..Default::default() }).unwrap());
+    run_selftest(&dev);
+    let counts = dev.emulator().unwrap().launch_counts();
+    for k in ["gelu_forward", "gelu_backward", "column_sum_partial"] {
+        assert!(counts.get(k).copied().unwrap_or(0) > 0, "the fallback kernel {k} never ran");
+    }
+}
+
 /// `D = alpha·op(A)·op(B) + beta·C`, column-major, computed term by term in f64 from the
 /// cuBLASLt documentation: element (i, j) of a stored matrix is at `i + j·ld`.
 fn reference(m: usize, n: usize, k: usize, ta: bool, tb: bool, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &[f32], ldc: usize, alpha: f32, beta: f32) -> Vec<f32> {
@@ -378,4 +390,54 @@ fn staged_uploads_arrive_and_refuse_what_does_not_fit() {
     let e = stage.upload(&buf, 6, &[9; 3]).unwrap_err().to_string();
     assert!(e.contains("outside a buffer of 8"), "{e}");
     assert_eq!(dev.to_host(&buf).unwrap(), vec![1, 2, 3, 4, 5, 6, 0, 0]);
+}
+
+/// BGRADA: `D = op(A)·op(B) + beta·C` as with no epilogue, and `Σ_p op(A)(i, p)` written over
+/// the vector, with A stored either way; a vector that is unaligned or aliases A is refused.
+#[test]
+fn emulated_bias_gradient_epilogue_follows_the_contract() {
+    let dev = CudaDevice::emulated().unwrap();
+    let (m, n, k) = (6usize, 4usize, 11usize);
+    let mut rng = Rng::new(5);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let c0: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
+    let (ga, gb) = (dev.upload_new(&a).unwrap(), dev.upload_new(&b).unwrap());
+    let lay = |rows: usize, cols: usize, ld: usize| MatrixLayout { dtype: DataType::F32, rows: rows as u64, cols: cols as u64, ld: ld as i64 };
+    for trans_a in [false, true] {
+        // op(A) is m×k: stored m×k (ld m), or k×m (ld k) when transposed.
+        let (a_layout, lda) = if trans_a { (lay(k, m, k), k) } else { (lay(m, k, m), m) };
+        let at = |i: usize, p: usize| if trans_a { a[p + i * lda] } else { a[i + p * lda] };
+        let (gd, gbias) = (dev.upload_new(&c0).unwrap(), dev.upload_new(&vec![f32::NAN; m + 4]).unwrap());
+        let mm = Matmul {
+            trans_a,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 1.0,
+            a: ga.ptr(),
+            a_layout,
+            b: gb.ptr(),
+            b_layout: lay(k, n, k),
+            c: gd.ptr(),
+            c_layout: lay(m, n, m),
+            d: gd.ptr(),
+            d_layout: lay(m, n, m),
+            epilogue: Epilogue::BGradA(gbias.ptr()),
+        };
+        dev.matmul(&mm).unwrap();
+        let want_d = reference(m, n, k, trans_a, false, &a, lda, &b, k, &c0, m, 1.0, 1.0);
+        let (d, bias) = (dev.to_host(&gd).unwrap(), dev.to_host(&gbias).unwrap());
+        for (i, (&g, &w)) in d.iter().zip(&want_d).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "transa={trans_a}: D[{i}] = {g}, want {w}");
+        }
+        for i in 0..m {
+            let w: f64 = (0..k).map(|p| at(i, p) as f64).sum();
+            assert!((bias[i] as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()), "transa={trans_a}: dbias[{i}] = {}, want {w}", bias[i]);
+        }
+        assert!(bias[m..].iter().all(|x| x.is_nan()), "BGRADA wrote past m elements: {bias:?}");
+        let e = dev.matmul(&Matmul { epilogue: Epilogue::BGradA(gbias.at(1)), ..mm }).unwrap_err().to_string();
+        assert!(e.contains("CUBLAS_STATUS_NOT_SUPPORTED") && e.contains("16-byte aligned"), "{e}");
+        let e = dev.matmul(&Matmul { epilogue: Epilogue::BGradA(ga.ptr()), ..mm }).unwrap_err().to_string();
+        assert!(e.contains("bias gradient overlaps A"), "{e}");
+    }
 }

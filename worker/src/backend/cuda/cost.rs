@@ -49,7 +49,9 @@ pub fn matmul_forward(prec: Precision, n: usize, k: usize, oc: usize, bias: bool
 /// `dinp = dout·wᵀ`, `dw += inpᵀ·dout`, `dbias += Σ_rows dout`.
 pub fn matmul_backward(prec: Precision, n: usize, k: usize, oc: usize, bias: bool) -> Cost {
     let (n, k, oc) = (n as f64, k as f64, oc as f64);
-    let db = if bias { Cost::new(n * oc, n * oc * F32 + 2.0 * oc * F32) } else { Cost::default() };
+    // The bias gradient is summed as the dW gemm reads dout (its BGRADA epilogue): only the
+    // vector itself is extra traffic.
+    let db = if bias { Cost::new(n * oc, 2.0 * oc * F32) } else { Cost::default() };
     // dout feeds both gemms; inp only the weight gradient; dw is read and written (accumulated).
     let bytes = activation(prec, n * oc, 2.0) + activation(prec, n * k, 1.0) + k * oc * operand_bytes(prec) + n * k * F32 + 2.0 * k * oc * F32;
     Cost::new(4.0 * n * k * oc, bytes) + db

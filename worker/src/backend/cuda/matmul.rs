@@ -83,6 +83,29 @@ pub fn gemm_dgelu(dev: &CudaDevice, precision: Precision, c: DPtr, pre: DPtr, a:
     gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, 1.0, 0.0, Epilogue::DGelu { aux: pre, aux_ld: n as i64 })
 }
 
+/// Row-major `C(M,N) += op(A)·op(B)` and `dbias(N) = Σ_k op(B)(k, ·)`, the column sums of
+/// `op(B)` (`K × N`), in the same gemm: cuBLASLt's BGRADA epilogue, the row-major B being its A.
+/// It overwrites `dbias` (f32, [`super::device::blas::BIAS_ALIGN`]-aligned, apart from the
+/// operands).
+///
+/// # Errors
+/// As [`gemm`].
+pub fn gemm_accumulate_bias_grad(
+    dev: &CudaDevice,
+    precision: Precision,
+    c: DPtr,
+    a: DPtr,
+    b: DPtr,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dbias: DPtr,
+) -> Result<()> {
+    gemm_with(dev, precision, c, a, b, trans_a, trans_b, m, n, k, 1.0, 1.0, Epilogue::BGradA(dbias))
+}
+
 fn gemm_with(
     dev: &CudaDevice,
     precision: Precision,

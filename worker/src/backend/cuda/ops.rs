@@ -354,11 +354,28 @@ fn backward_gemms(
         None => matmul::gemm(dev, prec, dinp.ptr, g, wp, false, true, n, c, oc, 1.0, 0.0)?,
     }
     let x = operand(dev, prec, inp, scratch.b, n * c)?;
-    matmul::gemm(dev, prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0)?;
-    if let Some(db) = dbias {
-        add_column_sums(dev, db, dout, partial, n, oc)?;
+    let Some(db) = dbias else { return matmul::gemm(dev, prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0) };
+    // The bias gradient in the dW gemm's BGRADA epilogue (it reads `dout` once, for both), into
+    // `partial` (the epilogue overwrites; the gradients accumulate), then added; else the
+    // column sums. A refused epilogue ran nothing, so the fallback starts from scratch.
+    if partial.len >= oc && partial.ptr.0.is_multiple_of(BIAS_ALIGN) {
+        match matmul::gemm_accumulate_bias_grad(dev, prec, dw.ptr, x, g, true, false, c, oc, n, partial.ptr) {
+            Ok(()) => return add_vector(dev, db, partial, oc),
+            Err(e) if e.is_not_supported() => {}
+            Err(e) => return Err(e),
+        }
     }
-    Ok(())
+    matmul::gemm(dev, prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0)?;
+    add_column_sums(dev, db, dout, partial, n, oc)
+}
+
+/// `dst[..n] += src[..n]` (the one-chunk reduce of [`add_column_sums`]).
+fn add_vector(dev: &CudaDevice, dst: View, src: View, n: usize) -> Result<()> {
+    const OP: &str = "add_vector";
+    need(OP, "dst", dst, n)?;
+    need(OP, "src", src, n)?;
+    let ni = int(OP, "n", n)?;
+    dev.launch("column_sum_reduce", grid_1d(n, BLOCK), &[p(dst), p(src), Arg::I(1), Arg::I(ni), Arg::L(n as i64)])
 }
 
 /// CPU: [`crate::backend::cpu::matmul::matmul_backward`]: `dinp = dout·wᵀ` (overwritten),

@@ -24,6 +24,11 @@
 //! - `CUBLASLT_EPILOGUE_DGELU`: `D = (alpha·op(A)·op(B) + beta·C) ⊙ GELU'(aux)`, the aux matrix
 //!   read: the forward's GELU input.
 //!
+//! - `CUBLASLT_EPILOGUE_BGRADA`: `D` as with the default epilogue, and the bias gradient of the
+//!   input matrix A, `bias[i] = Σ_p op(A)(i, p)` (the reduction over the gemm's `k`), written to
+//!   (overwriting) the f32 vector of `m` elements at the bias pointer. The wrappers here use it
+//!   only with `alpha = 1`, where the documentation leaves no doubt about its scale.
+//!
 //! GELU is the tanh approximation `x/2·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, GPT-2's. The aux
 //! pointer is required to be [`BIAS_ALIGN`]-aligned like the bias (the heuristic reads its
 //! alignment; unaligned ones are not sent to cuBLASLt).
@@ -75,13 +80,17 @@ pub enum Epilogue {
     GeluAuxBias { bias: super::DPtr, aux: super::DPtr, aux_ld: i64 },
     /// `CUBLASLT_EPILOGUE_DGELU`: the product times `GELU'(aux)`, `aux` as above (read).
     DGelu { aux: super::DPtr, aux_ld: i64 },
+    /// `CUBLASLT_EPILOGUE_BGRADA`: the default product, and `Σ_k op(A)` written to the f32
+    /// vector of `m` elements at this address.
+    BGradA(super::DPtr),
 }
 
 impl Epilogue {
-    /// The bias vector, for the epilogues that add one.
+    /// The bias vector (`CUBLASLT_MATMUL_DESC_BIAS_POINTER`): read by the epilogues that add
+    /// one, written by BGRADA.
     pub fn bias(&self) -> Option<super::DPtr> {
         match *self {
-            Epilogue::Bias(b) | Epilogue::GeluAuxBias { bias: b, .. } => Some(b),
+            Epilogue::Bias(b) | Epilogue::GeluAuxBias { bias: b, .. } | Epilogue::BGradA(b) => Some(b),
             _ => None,
         }
     }

@@ -41,6 +41,7 @@ enum EpilogueKind {
     Bias { align: u32 },
     GeluAuxBias { align: u32, aux_align: u32, aux_ld: i64 },
     DGelu { aux_align: u32, aux_ld: i64 },
+    BGradA { align: u32 },
 }
 
 impl EpilogueKind {
@@ -50,6 +51,7 @@ impl EpilogueKind {
             Epilogue::Bias(b) => EpilogueKind::Bias { align: alignment(b.0) },
             Epilogue::GeluAuxBias { bias, aux, aux_ld } => EpilogueKind::GeluAuxBias { align: alignment(bias.0), aux_align: alignment(aux.0), aux_ld },
             Epilogue::DGelu { aux, aux_ld } => EpilogueKind::DGelu { aux_align: alignment(aux.0), aux_ld },
+            Epilogue::BGradA(b) => EpilogueKind::BGradA { align: alignment(b.0) },
         }
     }
 
@@ -61,6 +63,7 @@ impl EpilogueKind {
             EpilogueKind::Bias { .. } => (E::CUBLASLT_EPILOGUE_BIAS, None),
             EpilogueKind::GeluAuxBias { aux_ld, .. } => (E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(aux_ld)),
             EpilogueKind::DGelu { aux_ld, .. } => (E::CUBLASLT_EPILOGUE_DGELU, Some(aux_ld)),
+            EpilogueKind::BGradA { .. } => (E::CUBLASLT_EPILOGUE_BGRADA, None),
         }
     }
 }

@@ -18,7 +18,9 @@
 //! its own leading dimension (a multiple of [`AUX_LD_MULTIPLE`], at least `m`, else
 //! INVALID_VALUE), [`BIAS_ALIGN`]-aligned, inside one allocation and apart from `D`, `A` and `B`;
 //! GELU and its derivative are computed here in f32 from the tanh formula ([`gelu`],
-//! [`gelu_grad`]), not by the kernels' code.
+//! [`gelu_grad`]), not by the kernels' code. BGRADA writes `Σ_p op(A)(i, p)` (unscaled) to its
+//! vector, summed in f64 and rounded once (cuBLASLt's order is its own), under the bias vector's
+//! rules, and it may not overlap A or B either: it is an output.
 
 use crate::backend::cuda::device::blas::{AUX_LD_MULTIPLE, BIAS_ALIGN, DataType, Epilogue, Matmul, MatrixLayout};
 
@@ -104,6 +106,13 @@ pub fn check(m: &Matmul, inside: &dyn Fn(u64, usize) -> bool) -> Result<(), Stri
         if bytes > 0 && d_span.1 > 0 && bias.0 < d_span.0 + d_span.1 as u64 && d_span.0 < bias.0 + bytes as u64 {
             return Err("D overlaps the bias vector: cuBLASLt's result is undefined when the output aliases an input".into());
         }
+        if matches!(m.epilogue, Epilogue::BGradA(_)) {
+            for (name, p, l) in [("A", m.a, &m.a_layout), ("B", m.b, &m.b_layout)] {
+                if overlaps((bias.0, bytes), (p.0, footprint(l))) {
+                    return Err(format!("the bias gradient overlaps {name}: cuBLASLt's result is undefined when an output aliases an input"));
+                }
+            }
+        }
     }
     for (name, p, l) in [("A", m.a, &m.a_layout), ("B", m.b, &m.b_layout), ("C", m.c, &m.c_layout), ("D", m.d, &m.d_layout)] {
         let bytes = footprint(l);
@@ -143,6 +152,16 @@ pub unsafe fn run(m: &Matmul, parallel: bool) {
     }
     // SAFETY: check() placed A and B inside live allocations.
     let (a, b) = unsafe { (widen(m.a.0, &m.a_layout), widen(m.b.0, &m.b_layout)) };
+    if let Epilogue::BGradA(bias) = m.epilogue {
+        // Element (i, p) of op(A), as for the product below.
+        let lda = m.a_layout.ld as usize;
+        let at = |i: usize, p: usize| if m.trans_a { a[p + i * lda] } else { a[i + p * lda] };
+        // SAFETY: check() placed `rows` f32 of the vector inside an allocation apart from A, B and D.
+        let out = unsafe { std::slice::from_raw_parts_mut(bias.0 as *mut f32, rows) };
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = (0..k).map(|p| at(i, p) as f64).sum::<f64>() as f32;
+        }
+    }
     let d = m.d.0 as *mut f32;
     let ldd = m.d_layout.ld as isize;
     let read_dst = m.beta != 0.0;
@@ -202,10 +221,10 @@ pub unsafe fn run(m: &Matmul, parallel: bool) {
     epilogue(m, d, rows, cols, ldd);
 }
 
-/// The epilogue after the product: `D(i, j) += bias[i]`; then for GELU_AUX_BIAS
+/// The epilogue after the product (BGRADA's sum is taken before it, from A): `D(i, j) += bias[i]`; then for GELU_AUX_BIAS
 /// `aux(i, j) = D(i, j)`, `D(i, j) = gelu(D(i, j))`; for DGELU `D(i, j) *= gelu'(aux(i, j))`.
 fn epilogue(m: &Matmul, d: *mut f32, rows: usize, cols: usize, ldd: isize) {
-    if let Some(bias) = m.epilogue.bias() {
+    if let Some(bias) = m.epilogue.bias().filter(|_| !matches!(m.epilogue, Epilogue::BGradA(_))) {
         // SAFETY: check() placed `rows` f32 of bias inside an allocation that D does not overlap.
         let bias = unsafe { std::slice::from_raw_parts(bias.0 as *const f32, rows) };
         for j in 0..cols {

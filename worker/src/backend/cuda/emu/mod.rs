@@ -24,7 +24,7 @@ use std::ffi::{CStr, c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::device::{Arg, DPtr, DeviceApi, LaunchConfig, Matmul, Memory, Staging};
+use super::device::{Arg, DPtr, DeviceApi, Epilogue, LaunchConfig, Matmul, Memory, Staging};
 use super::error::{CudaError, Result};
 use super::kernels::KernelFile;
 pub use runtime::Order;
@@ -63,6 +63,9 @@ pub struct EmuOptions {
     pub threads: usize,
     /// The order of warps and lanes within a block ([`Order`]).
     pub order: Order,
+    /// Answer CUBLAS_STATUS_NOT_SUPPORTED to every epilogue but the default and the bias, as a
+    /// cuBLASLt without algorithms for them would: what runs the callers' unfused fallbacks.
+    pub refuse_fused_epilogues: bool,
 }
 
 /// One allocation as `std::alloc` made it (guards included).
@@ -143,6 +146,7 @@ pub struct EmuDevice {
     pool: Option<rayon::ThreadPool>,
     threads: usize,
     order: Order,
+    refuse_fused_epilogues: bool,
 }
 
 impl std::fmt::Debug for EmuDevice {
@@ -200,6 +204,7 @@ impl EmuDevice {
             pool,
             threads,
             order: opts.order,
+            refuse_fused_epilogues: opts.refuse_fused_epilogues,
         })
     }
 
@@ -422,6 +427,9 @@ impl DeviceApi for EmuDevice {
         let (rows, cols, k) = m.dims();
         let op = format!("matmul m={rows} n={cols} k={k} transa={} transb={}", m.trans_a, m.trans_b);
         gemm::check(m, &|addr, bytes| self.inside(addr, bytes)).map_err(|status| CudaError::Blas { op: op.clone(), status })?;
+        if self.refuse_fused_epilogues && !matches!(m.epilogue, Epilogue::Default | Epilogue::Bias(_)) {
+            return Err(CudaError::Blas { op, status: format!("CUBLAS_STATUS_NOT_SUPPORTED: {:?} (this emulated device refuses fused epilogues)", m.epilogue) });
+        }
         let go = || {
             // SAFETY: check() passed; the host code is the only user of these matrices now.
             unsafe { gemm::run(m, self.pool.is_some()) }
