@@ -23,7 +23,7 @@ use super::device::{CudaDevice, DevBuf, StagingBuf, View};
 use super::error::Result;
 use super::flash::{self, AttentionKernels};
 use super::matmul::Precision;
-use super::ops::{self, Bf16Scratch};
+use super::ops::{self, Act, Bf16Scratch};
 
 /// Forward activations, laid out as the CPU's [`crate::model::acts::Activations`] (per-layer
 /// buffers hold `L` slots of `maxB·maxT·width`).
@@ -50,6 +50,16 @@ struct Acts {
     logits: DevBuf<f32>,
     losses: DevBuf<f32>,
     proj: DevBuf<f32>,
+    /// bf16 copies of `ln1`, `ln2` and `lnf` (bits in u16), written by the LayerNorm kernels
+    /// on the bf16 path: the operands of the matmuls after them, forward and backward, with
+    /// no cast kernel. One element each on the f32 path.
+    ln1_bf16: DevBuf<u16>,
+    ln2_bf16: DevBuf<u16>,
+    lnf_bf16: DevBuf<u16>,
+    /// bf16 casts of `atty` and `fch_gelu` on the bf16 path, made once in the forward and read
+    /// again by the backward's weight-gradient gemms. One element each on the f32 path.
+    atty_bf16: DevBuf<u16>,
+    fch_gelu_bf16: DevBuf<u16>,
 }
 
 /// Activation gradients (one layer's worth, reused), as the CPU's `GradActivations`.
@@ -159,6 +169,11 @@ impl CudaGpt {
             logits: z(bt * vp)?,
             losses: z(bt)?,
             proj: z(bt * c)?,
+            ln1_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { l * bt * c } else { 1 })?,
+            ln2_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { l * bt * c } else { 1 })?,
+            lnf_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { bt * c } else { 1 })?,
+            atty_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { l * bt * c } else { 1 })?,
+            fch_gelu_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { l * bt * 4 * c } else { 1 })?,
         };
         let gacts = GradActs {
             dresidual: z(bt * c)?,
@@ -264,6 +279,29 @@ impl CudaGpt {
         Ok(out)
     }
 
+    /// `len` elements from `offset` of an activation's bf16 copy, on the bf16 path.
+    fn bf16_copy(&self, buf: &DevBuf<u16>, offset: usize, len: usize) -> Option<View> {
+        (self.precision == Precision::Bf16).then(|| buf.view(offset, len))
+    }
+
+    /// An activation as a matmul reads it: its bf16 copy when there is one.
+    fn act(&self, f32_view: View, bf16: Option<View>) -> Act {
+        bf16.map_or(Act::F32(f32_view), Act::Bf16)
+    }
+
+    /// `f32_view` as the matmul after it reads it, forward and backward: on the bf16 path cast
+    /// into its own slot of `bf16` (`len` elements from `offset`), so the backward reads that
+    /// copy instead of casting again.
+    fn kept(&self, prof: &mut Option<OpProfile>, f32_view: View, bf16: &DevBuf<u16>, offset: usize, len: usize) -> Result<Act> {
+        match self.bf16_copy(bf16, offset, len) {
+            Some(copy) => {
+                timed(prof, &self.dev, "fwd.cast", cost::cast_to_bf16(len), || ops::cast_to_bf16(&self.dev, copy, f32_view, len))?;
+                Ok(Act::Bf16(copy))
+            }
+            None => Ok(Act::F32(f32_view)),
+        }
+    }
+
     /// Clears the gradients and the deferred loss: the start of a step.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.dev.zero(&self.loss_acc, 0, 1)?;
@@ -324,6 +362,7 @@ impl CudaGpt {
         let cap = self.max_b * self.max_t;
         let (pc, p1, p3, p4, pl) = (cap * c, cap, cap * 3 * c, cap * 4 * c, self.max_b * nh * self.max_t);
         let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
+        let (ln1b, ln2b, lnfb) = (|l| self.bf16_copy(&a.ln1_bf16, l * pc, n * c), |l| self.bf16_copy(&a.ln2_bf16, l * pc, n * c), self.bf16_copy(&a.lnf_bf16, 0, n * c));
 
         timed(prof, dev, "fwd.encoder", cost::encoder_forward(b, t, c), || {
             ops::encoder_forward(dev, a.encoded.view(0, n * c), self.inputs.view(0, n), self.p(K::Wte, 0), self.p(K::Wpe, 0), b, t, c, 0)
@@ -331,12 +370,23 @@ impl CudaGpt {
         // Layer 0's first LayerNorm stands alone; every later one (and the final one) is fused
         // with the residual add before it.
         timed(prof, dev, "fwd.layernorm", cost::layernorm_forward(n, c), || {
-            ops::layernorm_forward(dev, a.ln1.view(0, n * c), a.ln1_mean.view(0, n), a.ln1_rstd.view(0, n), a.encoded.view(0, n * c), self.p(K::Ln1W, 0), self.p(K::Ln1B, 0), n, c)
+            ops::layernorm_forward(
+                dev,
+                a.ln1.view(0, n * c),
+                ln1b(0),
+                a.ln1_mean.view(0, n),
+                a.ln1_rstd.view(0, n),
+                a.encoded.view(0, n * c),
+                self.p(K::Ln1W, 0),
+                self.p(K::Ln1B, 0),
+                n,
+                c,
+            )
         })?;
         let lnf = a.lnf.view(0, n * c);
         for l in 0..cfg.n_layer {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
-            let ln1 = lv(&a.ln1, l, pc, n * c);
+            let ln1 = self.act(lv(&a.ln1, l, pc, n * c), ln1b(l));
             let qkv = lv(&a.qkv, l, p3, n * 3 * c);
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, 3 * c, true), || {
                 ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c)
@@ -346,34 +396,49 @@ impl CudaGpt {
                 flash::attention_forward(dev, self.attention, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh)
             })?;
             let proj = a.proj.view(0, n * c);
+            let atty_in = self.kept(prof, atty, &a.atty_bf16, l * pc, n * c)?;
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, c, true), || {
-                ops::matmul_forward(dev, prec, proj, atty, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
+                ops::matmul_forward(dev, prec, proj, atty_in, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
             })?;
             let res2 = lv(&a.residual2, l, pc, n * c);
             let ln2 = lv(&a.ln2, l, pc, n * c);
             timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
-                ops::residual_layernorm_forward(dev, res2, ln2, lv(&a.ln2_mean, l, p1, n), lv(&a.ln2_rstd, l, p1, n), res_in, proj, self.p(K::Ln2W, l), self.p(K::Ln2B, l), n, c)
+                ops::residual_layernorm_forward(
+                    dev,
+                    res2,
+                    ln2,
+                    ln2b(l),
+                    lv(&a.ln2_mean, l, p1, n),
+                    lv(&a.ln2_rstd, l, p1, n),
+                    res_in,
+                    proj,
+                    self.p(K::Ln2W, l),
+                    self.p(K::Ln2B, l),
+                    n,
+                    c,
+                )
             })?;
             let (fch, fch_gelu) = (lv(&a.fch, l, p4, n * 4 * c), lv(&a.fch_gelu, l, p4, n * 4 * c));
             timed(prof, dev, "fwd.matmul_gelu", cost::matmul_forward_gelu(prec, n, c, 4 * c), || {
-                ops::matmul_forward_gelu(dev, prec, fch_gelu, fch, ln2, self.p(K::FcW, l), self.pb(K::FcW, l), self.p(K::FcB, l), sc, n, c, 4 * c)
+                ops::matmul_forward_gelu(dev, prec, fch_gelu, fch, self.act(ln2, ln2b(l)), self.p(K::FcW, l), self.pb(K::FcW, l), self.p(K::FcB, l), sc, n, c, 4 * c)
             })?;
+            let fch_gelu_in = self.kept(prof, fch_gelu, &a.fch_gelu_bf16, l * p4, n * 4 * c)?;
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, 4 * c, c, true), || {
-                ops::matmul_forward(dev, prec, proj, fch_gelu, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)
+                ops::matmul_forward(dev, prec, proj, fch_gelu_in, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)
             })?;
             let res3 = lv(&a.residual3, l, pc, n * c);
             // The LayerNorm after this block: the next block's first, or the final one.
-            let (ln, mean, rstd, w, bias) = if l + 1 < cfg.n_layer {
-                (lv(&a.ln1, l + 1, pc, n * c), lv(&a.ln1_mean, l + 1, p1, n), lv(&a.ln1_rstd, l + 1, p1, n), self.p(K::Ln1W, l + 1), self.p(K::Ln1B, l + 1))
+            let (ln, ln_b, mean, rstd, w, bias) = if l + 1 < cfg.n_layer {
+                (lv(&a.ln1, l + 1, pc, n * c), ln1b(l + 1), lv(&a.ln1_mean, l + 1, p1, n), lv(&a.ln1_rstd, l + 1, p1, n), self.p(K::Ln1W, l + 1), self.p(K::Ln1B, l + 1))
             } else {
-                (lnf, a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), self.p(K::LnfW, 0), self.p(K::LnfB, 0))
+                (lnf, lnfb, a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), self.p(K::LnfW, 0), self.p(K::LnfB, 0))
             };
             timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
-                ops::residual_layernorm_forward(dev, res3, ln, mean, rstd, res2, proj, w, bias, n, c)
+                ops::residual_layernorm_forward(dev, res3, ln, ln_b, mean, rstd, res2, proj, w, bias, n, c)
             })?;
         }
         timed(prof, dev, "fwd.lm_head", cost::lm_head_forward(prec, n, c, vp), || {
-            ops::lm_head_forward(dev, prec, a.logits.view(0, n * vp), lnf, self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
+            ops::lm_head_forward(dev, prec, a.logits.view(0, n * vp), self.act(lnf, lnfb), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
         })
     }
 
@@ -524,14 +589,15 @@ impl CudaGpt {
         let (pc, p1, p3, p4, pl) = (cap * c, cap, cap * 3 * c, cap * 4 * c, self.max_b * nh * self.max_t);
         let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
         let partial = self.partial.all();
+        let ln_in = |buf: &DevBuf<f32>, bf: &DevBuf<u16>, off: usize| self.act(buf.view(off, n * c), self.bf16_copy(bf, off, n * c));
 
         let dres = g.dresidual.view(0, n * c);
         let dln = g.dln.view(0, n * c);
         dev.zero(&g.dresidual, 0, n * c)?;
         if !from_hidden {
-            let dlogits = if self.dlogits_bf16 { ops::Dlogits::Bf16(self.scratch_a.view(0, n * vp)) } else { ops::Dlogits::F32(a.logits.view(0, n * vp)) };
-            timed(prof, dev, "bwd.lm_head", cost::lm_head_backward(prec, n, c, vp, self.dlogits_bf16), || {
-                ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), dlogits, a.lnf.view(0, n * c), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
+            let dlogits = if self.dlogits_bf16 { Act::Bf16(self.scratch_a.view(0, n * vp)) } else { Act::F32(a.logits.view(0, n * vp)) };
+            timed(prof, dev, "bwd.lm_head", cost::lm_head_backward(prec, n, c, vp), || {
+                ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), dlogits, ln_in(&a.lnf, &a.lnf_bf16, 0), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
             })?;
         }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
@@ -550,7 +616,7 @@ impl CudaGpt {
                     self.g(K::FcProjW, l),
                     Some(self.g(K::FcProjB, l)),
                     dres,
-                    lv(&a.fch_gelu, l, p4, n * 4 * c),
+                    self.act(lv(&a.fch_gelu, l, p4, n * 4 * c), self.bf16_copy(&a.fch_gelu_bf16, l * p4, n * 4 * c)),
                     lv(&a.fch, l, p4, n * 4 * c),
                     self.p(K::FcProjW, l),
                     self.pb(K::FcProjW, l),
@@ -569,7 +635,7 @@ impl CudaGpt {
                     self.g(K::FcW, l),
                     Some(self.g(K::FcB, l)),
                     dfch,
-                    lv(&a.ln2, l, pc, n * c),
+                    ln_in(&a.ln2, &a.ln2_bf16, l * pc),
                     self.p(K::FcW, l),
                     self.pb(K::FcW, l),
                     sc,
@@ -604,7 +670,7 @@ impl CudaGpt {
                     self.g(K::AttProjW, l),
                     Some(self.g(K::AttProjB, l)),
                     dres,
-                    lv(&a.atty, l, pc, n * c),
+                    self.act(lv(&a.atty, l, pc, n * c), self.bf16_copy(&a.atty_bf16, l * pc, n * c)),
                     self.p(K::AttProjW, l),
                     self.pb(K::AttProjW, l),
                     sc,
@@ -639,7 +705,7 @@ impl CudaGpt {
                     self.g(K::QkvW, l),
                     Some(self.g(K::QkvB, l)),
                     dqkv,
-                    lv(&a.ln1, l, pc, n * c),
+                    ln_in(&a.ln1, &a.ln1_bf16, l * pc),
                     self.p(K::QkvW, l),
                     self.pb(K::QkvW, l),
                     sc,

@@ -72,23 +72,38 @@ pub fn encoder_backward(dev: &CudaDevice, dwte: View, dwpe: View, dout: View, in
 }
 
 /// CPU: [`crate::backend::cpu::layernorm::layernorm_forward`].
-pub fn layernorm_forward(dev: &CudaDevice, out: View, mean: View, rstd: View, inp: View, weight: View, bias: View, n: usize, c: usize) -> Result<()> {
+/// With `out_bf16`, `out` rounded to bf16 goes there too (the next matmul's operand).
+pub fn layernorm_forward(dev: &CudaDevice, out: View, out_bf16: Option<View>, mean: View, rstd: View, inp: View, weight: View, bias: View, n: usize, c: usize) -> Result<()> {
     const OP: &str = "layernorm_forward";
     for (what, v, len) in [("out", out, n * c), ("inp", inp, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)] {
         need(OP, what, v, len)?;
     }
+    let ob = optional(OP, "out_bf16", out_bf16, n * c)?;
     let warps = BLOCK as usize / 32;
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    dev.launch(OP, cfg, &[p(out), p(mean), p(rstd), p(inp), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?)])
+    dev.launch(OP, cfg, &[p(out), p(mean), p(rstd), p(inp), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
+}
+
+/// An optional pointer argument of `len` elements: null when absent.
+fn optional(op: &'static str, what: &str, v: Option<View>, len: usize) -> Result<Arg> {
+    match v {
+        Some(v) => {
+            need(op, what, v, len)?;
+            Ok(p(v))
+        }
+        None => Ok(Arg::P(DPtr::NULL)),
+    }
 }
 
 /// `residual = a + b`, then `out = LayerNorm(residual)` in one launch. CPU:
 /// [`crate::backend::cpu::residual::residual_forward`] then
-/// [`crate::backend::cpu::layernorm::layernorm_forward`]; bit for bit the two kernels'.
+/// [`crate::backend::cpu::layernorm::layernorm_forward`]; bit for bit the two kernels'. `out_bf16`
+/// as in [`layernorm_forward`].
 pub fn residual_layernorm_forward(
     dev: &CudaDevice,
     residual: View,
     out: View,
+    out_bf16: Option<View>,
     mean: View,
     rstd: View,
     a: View,
@@ -104,9 +119,10 @@ pub fn residual_layernorm_forward(
     {
         need(OP, what, v, len)?;
     }
+    let ob = optional(OP, "out_bf16", out_bf16, n * c)?;
     let warps = BLOCK as usize / 32;
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    dev.launch(OP, cfg, &[p(residual), p(out), p(mean), p(rstd), p(a), p(b), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?)])
+    dev.launch(OP, cfg, &[p(residual), p(out), p(mean), p(rstd), p(a), p(b), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
 }
 
 /// CPU: [`crate::backend::cpu::layernorm::layernorm_backward`]. `partial` is scratch of
@@ -180,14 +196,30 @@ pub struct Bf16Scratch {
     pub b: View,
 }
 
-/// The operand to hand cuBLASLt: the f32 view itself, or its bf16 cast in `scratch`.
-fn operand(dev: &CudaDevice, prec: Precision, f32_view: View, scratch: View, n: usize) -> Result<DPtr> {
-    match prec {
-        Precision::F32 => Ok(f32_view.ptr),
-        Precision::Bf16 => {
-            cast_to_bf16(dev, scratch, f32_view, n)?;
+/// An activation a matmul reads: f32, or already bf16 (written so by the kernel that produced
+/// it: a LayerNorm's copy of its output, the loss kernel's logits gradient).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// f32, cast to bf16 in a scratch buffer first when the matmuls are bf16.
+    F32(View),
+    /// bf16 bits; bf16 matmuls only.
+    Bf16(View),
+}
+
+/// The operand to hand cuBLASLt for `n` elements of `act` (`what` of `op`, for errors): an f32
+/// view as it is for f32 matmuls or cast into `scratch` for bf16 ones, a bf16 view as it is.
+fn operand(dev: &CudaDevice, prec: Precision, op: &'static str, what: &str, act: Act, scratch: View, n: usize) -> Result<DPtr> {
+    match (act, prec) {
+        (Act::F32(v), Precision::F32) | (Act::Bf16(v), Precision::Bf16) => {
+            need(op, what, v, n)?;
+            Ok(v.ptr)
+        }
+        (Act::F32(v), Precision::Bf16) => {
+            need(op, what, v, n)?;
+            cast_to_bf16(dev, scratch, v, n)?;
             Ok(scratch.ptr)
         }
+        (Act::Bf16(_), Precision::F32) => Err(CudaError::Shape { op, reason: format!("{what} is bf16: it needs bf16 matmuls") }),
     }
 }
 
@@ -204,7 +236,7 @@ pub fn matmul_forward(
     dev: &CudaDevice,
     prec: Precision,
     out: View,
-    inp: View,
+    inp: Act,
     w: View,
     w_bf16: View,
     bias: Option<View>,
@@ -215,12 +247,11 @@ pub fn matmul_forward(
 ) -> Result<()> {
     const OP: &str = "matmul_forward";
     need(OP, "out", out, n * oc)?;
-    need(OP, "inp", inp, n * c)?;
     need(OP, "w", w, c * oc)?;
     if prec == Precision::Bf16 {
         need(OP, "w_bf16", w_bf16, c * oc)?;
     }
-    let a = operand(dev, prec, inp, scratch.a, n * c)?;
+    let a = operand(dev, prec, OP, "inp", inp, scratch.a, n * c)?;
     let wp = weight(prec, w, w_bf16);
     match bias {
         // In the gemm's epilogue where cuBLASLt takes the vector; else broadcast first, beta = 1.
@@ -251,7 +282,7 @@ pub fn matmul_forward_gelu(
     prec: Precision,
     out: View,
     pre: View,
-    inp: View,
+    inp: Act,
     w: View,
     w_bf16: View,
     bias: View,
@@ -261,7 +292,7 @@ pub fn matmul_forward_gelu(
     oc: usize,
 ) -> Result<()> {
     const OP: &str = "matmul_forward_gelu";
-    for (what, v, len) in [("out", out, n * oc), ("pre", pre, n * oc), ("inp", inp, n * c), ("w", w, c * oc), ("bias", bias, oc)] {
+    for (what, v, len) in [("out", out, n * oc), ("pre", pre, n * oc), ("w", w, c * oc), ("bias", bias, oc)] {
         need(OP, what, v, len)?;
     }
     let unfused = || {
@@ -274,7 +305,7 @@ pub fn matmul_forward_gelu(
     if prec == Precision::Bf16 {
         need(OP, "w_bf16", w_bf16, c * oc)?;
     }
-    let a = operand(dev, prec, inp, scratch.a, n * c)?;
+    let a = operand(dev, prec, OP, "inp", inp, scratch.a, n * c)?;
     match matmul::gemm_bias_gelu(dev, prec, out.ptr, pre.ptr, a, weight(prec, w, w_bf16), false, false, n, oc, c, bias.ptr) {
         // A cuBLASLt without an algorithm for this epilogue and type mix: the unfused pair.
         Err(e) if e.is_not_supported() => unfused(),
@@ -296,7 +327,7 @@ pub fn matmul_backward_gelu(
     dw: View,
     dbias: Option<View>,
     dout: View,
-    inp: View,
+    inp: Act,
     pre: View,
     w: View,
     w_bf16: View,
@@ -307,7 +338,7 @@ pub fn matmul_backward_gelu(
     oc: usize,
 ) -> Result<()> {
     const OP: &str = "matmul_backward_gelu";
-    for (what, v, len) in [("dpre", dpre, n * c), ("pre", pre, n * c), ("dw", dw, c * oc), ("dout", dout, n * oc), ("inp", inp, n * c), ("w", w, c * oc)] {
+    for (what, v, len) in [("dpre", dpre, n * c), ("pre", pre, n * c), ("dw", dw, c * oc), ("dout", dout, n * oc), ("w", w, c * oc)] {
         need(OP, what, v, len)?;
     }
     let unfused = || {
@@ -338,7 +369,7 @@ fn backward_gemms(
     dw: View,
     dbias: Option<View>,
     dout: View,
-    inp: View,
+    inp: Act,
     w: View,
     w_bf16: View,
     scratch: Bf16Scratch,
@@ -347,13 +378,14 @@ fn backward_gemms(
     c: usize,
     oc: usize,
 ) -> Result<()> {
-    let g = operand(dev, prec, dout, scratch.a, n * oc)?;
+    const OP: &str = "matmul_backward";
+    let g = operand(dev, prec, OP, "dout", Act::F32(dout), scratch.a, n * oc)?;
     let wp = weight(prec, w, w_bf16);
     match pre {
         Some(pre) => matmul::gemm_dgelu(dev, prec, dinp.ptr, pre.ptr, g, wp, false, true, n, c, oc)?,
         None => matmul::gemm(dev, prec, dinp.ptr, g, wp, false, true, n, c, oc, 1.0, 0.0)?,
     }
-    let x = operand(dev, prec, inp, scratch.b, n * c)?;
+    let x = operand(dev, prec, OP, "inp", inp, scratch.b, n * c)?;
     let Some(db) = dbias else { return matmul::gemm(dev, prec, dw.ptr, x, g, true, false, c, oc, n, 1.0, 1.0) };
     // The bias gradient in the dW gemm's BGRADA epilogue (it reads `dout` once, for both), into
     // `partial` (the epilogue overwrites; the gradients accumulate), then added; else the
@@ -387,7 +419,7 @@ pub fn matmul_backward(
     dw: View,
     dbias: Option<View>,
     dout: View,
-    inp: View,
+    inp: Act,
     w: View,
     w_bf16: View,
     scratch: Bf16Scratch,
@@ -400,28 +432,17 @@ pub fn matmul_backward(
     need(OP, "dinp", dinp, n * c)?;
     need(OP, "dw", dw, c * oc)?;
     need(OP, "dout", dout, n * oc)?;
-    need(OP, "inp", inp, n * c)?;
     need(OP, "w", w, c * oc)?;
     backward_gemms(dev, prec, dinp, None, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)
 }
 
 /// CPU: [`crate::backend::cpu::matmul::lm_head_forward`]: `logits(N,Vp) = x(N,C)·wteᵀ`.
-pub fn lm_head_forward(dev: &CudaDevice, prec: Precision, logits: View, x: View, wte: View, wte_bf16: View, scratch: Bf16Scratch, n: usize, c: usize, vp: usize) -> Result<()> {
+pub fn lm_head_forward(dev: &CudaDevice, prec: Precision, logits: View, x: Act, wte: View, wte_bf16: View, scratch: Bf16Scratch, n: usize, c: usize, vp: usize) -> Result<()> {
     const OP: &str = "lm_head_forward";
     need(OP, "logits", logits, n * vp)?;
-    need(OP, "x", x, n * c)?;
     need(OP, "wte", wte, vp * c)?;
-    let a = operand(dev, prec, x, scratch.a, n * c)?;
+    let a = operand(dev, prec, OP, "x", x, scratch.a, n * c)?;
     matmul::gemm(dev, prec, logits.ptr, a, weight(prec, wte, wte_bf16), false, true, n, vp, c, 1.0, 0.0)
-}
-
-/// The logits' gradient [`lm_head_backward`] starts from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dlogits {
-    /// f32 `(N, Vp)`, cast to bf16 first when the matmuls are bf16.
-    F32(View),
-    /// Already bf16 (from [`softmax_crossentropy`] with [`Grad::Bf16`]); bf16 matmuls only.
-    Bf16(View),
 }
 
 /// CPU: [`crate::backend::cpu::matmul::lm_head_backward`]: `dx = dlogits·wte` (overwritten),
@@ -431,8 +452,8 @@ pub fn lm_head_backward(
     prec: Precision,
     dx: View,
     dwte: View,
-    dlogits: Dlogits,
-    x: View,
+    dlogits: Act,
+    x: Act,
     wte: View,
     wte_bf16: View,
     scratch: Bf16Scratch,
@@ -443,22 +464,9 @@ pub fn lm_head_backward(
     const OP: &str = "lm_head_backward";
     need(OP, "dx", dx, n * c)?;
     need(OP, "dwte", dwte, vp * c)?;
-    need(OP, "x", x, n * c)?;
-    let g = match dlogits {
-        Dlogits::F32(d) => {
-            need(OP, "dlogits", d, n * vp)?;
-            operand(dev, prec, d, scratch.a, n * vp)?
-        }
-        Dlogits::Bf16(d) => {
-            if prec != Precision::Bf16 {
-                return Err(CudaError::Shape { op: OP, reason: "bf16 dlogits need bf16 matmuls".into() });
-            }
-            need(OP, "dlogits", d, n * vp)?;
-            d.ptr
-        }
-    };
+    let g = operand(dev, prec, OP, "dlogits", dlogits, scratch.a, n * vp)?;
     matmul::gemm(dev, prec, dx.ptr, g, weight(prec, wte, wte_bf16), false, false, n, c, vp, 1.0, 0.0)?;
-    let xa = operand(dev, prec, x, scratch.b, n * c)?;
+    let xa = operand(dev, prec, OP, "x", x, scratch.b, n * c)?;
     matmul::gemm(dev, prec, dwte.ptr, g, xa, true, false, vp, c, n, 1.0, 1.0)
 }
 
@@ -607,9 +615,7 @@ pub fn softmax_crossentropy(
     need(OP, "logits", logits, n * vp)?;
     need(OP, "losses", losses, n)?;
     need(OP, "targets", targets, n)?;
-    if let Some(w) = weights {
-        need(OP, "weights", w, n)?;
-    }
+    let w = optional(OP, "weights", weights, n)?;
     let out = match grad {
         Grad::Bf16(d) => {
             need(OP, "dlogits_bf16", d, n * vp)?;
@@ -618,7 +624,6 @@ pub fn softmax_crossentropy(
         _ => Arg::P(DPtr::NULL),
     };
     let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-    let w = weights.map_or(Arg::P(DPtr::NULL), p);
     let g = Arg::I((grad != Grad::None) as i32);
     dev.launch(OP, cfg, &[p(logits), p(losses), p(targets), w, Arg::F(scale), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "V", v)?), Arg::I(int(OP, "Vp", vp)?), g, out])
 }
@@ -630,11 +635,9 @@ pub fn loss_sum(dev: &CudaDevice, acc: View, losses: View, targets: View, weight
     need(OP, "acc", acc, 1)?;
     need(OP, "losses", losses, n)?;
     need(OP, "targets", targets, n)?;
-    if let Some(w) = weights {
-        need(OP, "weights", w, n)?;
-    }
+    let w = optional(OP, "weights", weights, n)?;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-    dev.launch(OP, cfg, &[p(acc), p(losses), p(targets), weights.map_or(Arg::P(DPtr::NULL), p), Arg::I(int(OP, "N", n)?), Arg::F(denom)])
+    dev.launch(OP, cfg, &[p(acc), p(losses), p(targets), w, Arg::I(int(OP, "N", n)?), Arg::F(denom)])
 }
 
 /// Hyper-parameters of one AdamW launch (see [`crate::optim::AdamW::step`]).

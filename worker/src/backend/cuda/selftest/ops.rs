@@ -5,7 +5,7 @@ use super::{BF16, Ctx, EW, F32_NORM, MM, Tolerance, compare, pick, randn};
 use crate::backend::cpu;
 use crate::backend::cuda::error::Result;
 use crate::backend::cuda::matmul::Precision;
-use crate::backend::cuda::ops::{self, Bf16Scratch};
+use crate::backend::cuda::ops::{self, Act, Bf16Scratch};
 use crate::rng::Rng;
 
 pub(super) fn encoder(cx: &mut Ctx<'_, '_>) -> Result<()> {
@@ -36,9 +36,13 @@ pub(super) fn layernorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
         let (mut o, mut m, mut s) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
         cpu::layernorm::layernorm_forward(&mut o, &mut m, &mut s, &x, &w, &bias, n, c);
         let (gx, gw, gb, go, gm, gs) = (cx.up(&x)?, cx.up(&w)?, cx.up(&bias)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
-        ops::layernorm_forward(cx.d(), go.all(), gm.all(), gs.all(), gx.all(), gw.all(), gb.all(), n, c)?;
+        let gob = cx.d().upload_new(&vec![0x7fc1u16; n * c])?;
+        ops::layernorm_forward(cx.d(), go.all(), Some(gob.all()), gm.all(), gs.all(), gx.all(), gw.all(), gb.all(), n, c)?;
         let (g_o, g_m, g_s) = (cx.down(&go, n * c)?, cx.down(&gm, n)?, cx.down(&gs, n)?);
         cx.push(compare(format!("layernorm_forward out N={n} C={c}"), &g_o, &o, EW));
+        // The bf16 copy (the next matmul's operand) is the f32 output rounded to nearest even.
+        let want_b = as_f32(&g_o.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
+        cx.push(compare(format!("layernorm_forward bf16 out N={n} C={c}"), &as_f32(&cx.d().to_host(&gob)?), &want_b, Tolerance::Exact));
         cx.push(compare(format!("layernorm_forward mean N={n} C={c}"), &g_m, &m, EW));
         cx.push(compare(format!("layernorm_forward rstd N={n} C={c}"), &g_s, &s, EW));
         let (mut di, mut dw, mut db) = (vec![0.1; n * c], vec![0.2; c], vec![0.3; c]);
@@ -58,10 +62,13 @@ pub(super) fn layernorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
         cpu::layernorm::layernorm_forward(&mut o, &mut m, &mut s, &res, &w, &bias, n, c);
         let gy = cx.up(&y)?;
         let (fr, fo, fm, fs) = (cx.out(n * c)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
-        ops::residual_layernorm_forward(cx.d(), fr.all(), fo.all(), fm.all(), fs.all(), gx.all(), gy.all(), gw.all(), gb.all(), n, c)?;
+        let fob = cx.d().upload_new(&vec![0x7fc1u16; n * c])?;
+        ops::residual_layernorm_forward(cx.d(), fr.all(), fo.all(), Some(fob.all()), fm.all(), fs.all(), gx.all(), gy.all(), gw.all(), gb.all(), n, c)?;
         let (ur, uo, um, us) = (cx.out(n * c)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
         ops::residual_forward(cx.d(), ur.all(), gx.all(), gy.all(), n * c)?;
-        ops::layernorm_forward(cx.d(), uo.all(), um.all(), us.all(), ur.all(), gw.all(), gb.all(), n, c)?;
+        ops::layernorm_forward(cx.d(), uo.all(), None, um.all(), us.all(), ur.all(), gw.all(), gb.all(), n, c)?;
+        let want_b = as_f32(&cx.down(&fo, n * c)?.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
+        cx.push(compare(format!("residual_layernorm_forward bf16 out N={n} C={c}"), &as_f32(&cx.d().to_host(&fob)?), &want_b, Tolerance::Exact));
         for (what, fused, unfused, want, len) in [("residual", &fr, &ur, &res, n * c), ("out", &fo, &uo, &o, n * c), ("mean", &fm, &um, &m, n), ("rstd", &fs, &us, &s, n)] {
             let got = cx.down(fused, len)?;
             cx.push(compare(format!("residual_layernorm_forward {what} N={n} C={c}"), &got, want, EW));
@@ -163,7 +170,7 @@ pub(super) fn matmul_gelu(cx: &mut Ctx<'_, '_>) -> Result<()> {
             let gbias = cx.up(&[vec![0.0; at], bias.clone()].concat())?;
             for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
                 let (gact, gpre) = (cx.out(n * oc)?, cx.out(at + n * oc)?);
-                ops::matmul_forward_gelu(cx.d(), prec, gact.all(), gpre.view(at, n * oc), gx.all(), gw.all(), gwb.all(), gbias.view(at, oc), sc, n, k, oc)?;
+                ops::matmul_forward_gelu(cx.d(), prec, gact.all(), gpre.view(at, n * oc), Act::F32(gx.all()), gw.all(), gwb.all(), gbias.view(at, oc), sc, n, k, oc)?;
                 let tag = format!("{prec:?} {path} N={n} K={k} OC={oc}");
                 cx.push(compare(format!("matmul_forward_gelu out {tag}"), &cx.down(&gact, n * oc)?, &act, tol));
                 cx.push(compare(format!("matmul_forward_gelu pre {tag}"), &cx.down(&gpre, at + n * oc)?[at..], &pre, tol));
@@ -179,7 +186,7 @@ pub(super) fn matmul_gelu(cx: &mut Ctx<'_, '_>) -> Result<()> {
                     gdw.all(),
                     Some(gdb.all()),
                     gdo.all(),
-                    gact_in.all(),
+                    Act::F32(gact_in.all()),
                     gpre_in.view(at, n * oc),
                     gw2.all(),
                     gw2b.all(),
@@ -233,19 +240,47 @@ pub(super) fn matmul(cx: &mut Ctx<'_, '_>) -> Result<()> {
             };
             for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
                 let go = cx.out(n * oc)?;
-                ops::matmul_forward(cx.d(), prec, go.all(), gx.all(), gw.all(), gwb.all(), with_bias.then(|| bias_view.view(at, oc)), sc, n, c, oc)?;
+                ops::matmul_forward(cx.d(), prec, go.all(), Act::F32(gx.all()), gw.all(), gwb.all(), with_bias.then(|| bias_view.view(at, oc)), sc, n, c, oc)?;
                 let got = cx.down(&go, n * oc)?;
                 cx.push(compare(format!("matmul_forward {prec:?}{tag} N={n} C={c} OC={oc}"), &got, &o, tol));
                 let (gdi, gdw, gdb) = (cx.out(n * c)?, cx.up(&vec![0.5; c * oc])?, cx.up(&vec![0.25; oc])?);
                 // With the bias 4 bytes off, `partial` is too: the bias gradient then takes the
                 // column-sum kernels instead of the dW gemm's BGRADA epilogue.
                 let pv = if at == 0 { part.all() } else { part.view(1, part.len() - 1) };
-                ops::matmul_backward(cx.d(), prec, gdi.all(), gdw.all(), with_bias.then(|| gdb.all()), gdo.all(), gx.all(), gw.all(), gwb.all(), sc, pv, n, c, oc)?;
+                ops::matmul_backward(cx.d(), prec, gdi.all(), gdw.all(), with_bias.then(|| gdb.all()), gdo.all(), Act::F32(gx.all()), gw.all(), gwb.all(), sc, pv, n, c, oc)?;
                 let (g1, g2, g3) = (cx.down(&gdi, n * c)?, cx.down(&gdw, c * oc)?, cx.down(&gdb, oc)?);
                 cx.push(compare(format!("matmul_backward dinp {prec:?}{tag} N={n} C={c} OC={oc}"), &g1, &di, tol));
                 cx.push(compare(format!("matmul_backward dw {prec:?}{tag} N={n} C={c} OC={oc}"), &g2, &dw, tol));
                 // As in matmul_gelu: on the bf16 path BGRADA sums the bf16 dout.
                 cx.push(compare(format!("matmul_backward dbias {prec:?}{tag} N={n} C={c} OC={oc}"), &g3, &db, tol));
+                if prec == Precision::Bf16 {
+                    // The input already bf16 (a LayerNorm's copy): the same gemm operands as
+                    // the cast, so bit for bit the same results, forward and backward.
+                    let gxb = cx.d().upload_new(&x.iter().map(|&v| bf16_rne(v)).collect::<Vec<_>>())?;
+                    let go2 = cx.out(n * oc)?;
+                    ops::matmul_forward(cx.d(), prec, go2.all(), Act::Bf16(gxb.all()), gw.all(), gwb.all(), with_bias.then(|| bias_view.view(at, oc)), sc, n, c, oc)?;
+                    cx.push(compare(format!("matmul_forward from bf16 input{tag} N={n} C={c} OC={oc}"), &cx.down(&go2, n * oc)?, &got, Tolerance::Exact));
+                    let (gdi2, gdw2, gdb2) = (cx.out(n * c)?, cx.up(&vec![0.5; c * oc])?, cx.up(&vec![0.25; oc])?);
+                    ops::matmul_backward(
+                        cx.d(),
+                        prec,
+                        gdi2.all(),
+                        gdw2.all(),
+                        with_bias.then(|| gdb2.all()),
+                        gdo.all(),
+                        Act::Bf16(gxb.all()),
+                        gw.all(),
+                        gwb.all(),
+                        sc,
+                        pv,
+                        n,
+                        c,
+                        oc,
+                    )?;
+                    for (what, a, b, len) in [("dinp", &gdi2, &g1, n * c), ("dw", &gdw2, &g2, c * oc), ("dbias", &gdb2, &g3, oc)] {
+                        cx.push(compare(format!("matmul_backward {what} from bf16 input{tag} N={n} C={c} OC={oc}"), &cx.down(a, len)?, b, Tolerance::Exact));
+                    }
+                }
             }
         }
     }
@@ -267,10 +302,10 @@ pub(super) fn lm_head(cx: &mut Ctx<'_, '_>) -> Result<()> {
         let sc = Bf16Scratch { a: sa.all(), b: sb.all() };
         for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
             let (glo, gdx, gdw) = (cx.out(n * vp)?, cx.out(n * c)?, cx.up(&vec![0.5; vp * c])?);
-            ops::lm_head_forward(cx.d(), prec, glo.all(), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
+            ops::lm_head_forward(cx.d(), prec, glo.all(), Act::F32(gx.all()), gw.all(), gwb.all(), sc, n, c, vp)?;
             let got = cx.down(&glo, n * vp)?;
             cx.push(compare(format!("lm_head_forward {prec:?} N={n} C={c} Vp={vp}"), &got, &lo, tol));
-            ops::lm_head_backward(cx.d(), prec, gdx.all(), gdw.all(), ops::Dlogits::F32(gdl.all()), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
+            ops::lm_head_backward(cx.d(), prec, gdx.all(), gdw.all(), Act::F32(gdl.all()), Act::F32(gx.all()), gw.all(), gwb.all(), sc, n, c, vp)?;
             let (g1, g2) = (cx.down(&gdx, n * c)?, cx.down(&gdw, vp * c)?);
             cx.push(compare(format!("lm_head_backward dx {prec:?} N={n} C={c} Vp={vp}"), &g1, &dx, tol));
             cx.push(compare(format!("lm_head_backward dwte {prec:?} N={n} C={c} Vp={vp}"), &g2, &dwte, tol));
@@ -279,7 +314,7 @@ pub(super) fn lm_head(cx: &mut Ctx<'_, '_>) -> Result<()> {
                 // so the same gemm operands and bit for bit the same results.
                 let bits: Vec<u16> = dl.iter().map(|&x| bf16_rne(x)).collect();
                 let (gdlb, gdx2, gdw2) = (cx.d().upload_new(&bits)?, cx.out(n * c)?, cx.up(&vec![0.5; vp * c])?);
-                ops::lm_head_backward(cx.d(), prec, gdx2.all(), gdw2.all(), ops::Dlogits::Bf16(gdlb.all()), gx.all(), gw.all(), gwb.all(), sc, n, c, vp)?;
+                ops::lm_head_backward(cx.d(), prec, gdx2.all(), gdw2.all(), Act::Bf16(gdlb.all()), Act::F32(gx.all()), gw.all(), gwb.all(), sc, n, c, vp)?;
                 cx.push(compare(format!("lm_head_backward dx from bf16 dlogits N={n} C={c} Vp={vp}"), &cx.down(&gdx2, n * c)?, &g1, Tolerance::Exact));
                 cx.push(compare(format!("lm_head_backward dwte from bf16 dlogits N={n} C={c} Vp={vp}"), &cx.down(&gdw2, vp * c)?, &g2, Tolerance::Exact));
             }
