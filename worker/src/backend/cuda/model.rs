@@ -73,6 +73,9 @@ struct GradActs {
     datty: DevBuf<f32>,
     dfch: DevBuf<f32>,
     dfch_gelu: DevBuf<f32>,
+    /// bf16 copy of `dresidual` on the bf16 path, written by each LayerNorm backward: the
+    /// gradient operand of the matmul backward after it. One element on the f32 path.
+    dresidual_bf16: DevBuf<u16>,
 }
 
 /// A GPT-2 model with its training buffers on one GPU.
@@ -183,6 +186,7 @@ impl CudaGpt {
             datty: z(bt * c)?,
             dfch: z(bt * 4 * c)?,
             dfch_gelu: z(bt * 4 * c)?,
+            dresidual_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { bt * c } else { 1 })?,
         };
         let scratch = match precision {
             Precision::Bf16 => bt * (4 * c).max(vp),
@@ -592,6 +596,7 @@ impl CudaGpt {
         let ln_in = |buf: &DevBuf<f32>, bf: &DevBuf<u16>, off: usize| self.act(buf.view(off, n * c), self.bf16_copy(bf, off, n * c));
 
         let dres = g.dresidual.view(0, n * c);
+        let dres_b = self.bf16_copy(&g.dresidual_bf16, 0, n * c);
         let dln = g.dln.view(0, n * c);
         dev.zero(&g.dresidual, 0, n * c)?;
         if !from_hidden {
@@ -602,7 +607,21 @@ impl CudaGpt {
         }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
         timed(prof, dev, "bwd.layernorm", cost::layernorm_backward(n, c), || {
-            ops::layernorm_backward(dev, dres, self.g(K::LnfW, 0), self.g(K::LnfB, 0), dln, last, self.p(K::LnfW, 0), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), partial, n, c)
+            ops::layernorm_backward(
+                dev,
+                dres,
+                dres_b,
+                self.g(K::LnfW, 0),
+                self.g(K::LnfB, 0),
+                dln,
+                last,
+                self.p(K::LnfW, 0),
+                a.lnf_mean.view(0, n),
+                a.lnf_rstd.view(0, n),
+                partial,
+                n,
+                c,
+            )
         })?;
         for l in (0..cfg.n_layer).rev() {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
@@ -616,6 +635,7 @@ impl CudaGpt {
                     self.g(K::FcProjW, l),
                     Some(self.g(K::FcProjB, l)),
                     dres,
+                    dres_b,
                     self.act(lv(&a.fch_gelu, l, p4, n * 4 * c), self.bf16_copy(&a.fch_gelu_bf16, l * p4, n * 4 * c)),
                     lv(&a.fch, l, p4, n * 4 * c),
                     self.p(K::FcProjW, l),
@@ -635,6 +655,7 @@ impl CudaGpt {
                     self.g(K::FcW, l),
                     Some(self.g(K::FcB, l)),
                     dfch,
+                    None,
                     ln_in(&a.ln2, &a.ln2_bf16, l * pc),
                     self.p(K::FcW, l),
                     self.pb(K::FcW, l),
@@ -649,6 +670,7 @@ impl CudaGpt {
                 ops::layernorm_backward(
                     dev,
                     dres,
+                    dres_b,
                     self.g(K::Ln2W, l),
                     self.g(K::Ln2B, l),
                     dln,
@@ -670,6 +692,7 @@ impl CudaGpt {
                     self.g(K::AttProjW, l),
                     Some(self.g(K::AttProjB, l)),
                     dres,
+                    dres_b,
                     self.act(lv(&a.atty, l, pc, n * c), self.bf16_copy(&a.atty_bf16, l * pc, n * c)),
                     self.p(K::AttProjW, l),
                     self.pb(K::AttProjW, l),
@@ -705,6 +728,7 @@ impl CudaGpt {
                     self.g(K::QkvW, l),
                     Some(self.g(K::QkvB, l)),
                     dqkv,
+                    None,
                     ln_in(&a.ln1, &a.ln1_bf16, l * pc),
                     self.p(K::QkvW, l),
                     self.pb(K::QkvW, l),
@@ -719,6 +743,7 @@ impl CudaGpt {
                 ops::layernorm_backward(
                     dev,
                     dres,
+                    dres_b,
                     self.g(K::Ln1W, l),
                     self.g(K::Ln1B, l),
                     dln,

@@ -130,6 +130,7 @@ pub fn residual_layernorm_forward(
 pub fn layernorm_backward(
     dev: &CudaDevice,
     dinp: View,
+    dinp_bf16: Option<View>,
     dweight: View,
     dbias: View,
     dout: View,
@@ -155,10 +156,11 @@ pub fn layernorm_backward(
     ] {
         need(OP, what, v, len)?;
     }
+    let db = optional(OP, "dinp_bf16", dinp_bf16, n * c)?;
     let (ni, ci) = (int(OP, "N", n)?, int(OP, "C", c)?);
     let warps = BLOCK as usize / 32;
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    dev.launch("layernorm_backward_input", cfg, &[p(dinp), p(dout), p(inp), p(weight), p(mean), p(rstd), Arg::I(ni), Arg::I(ci)])?;
+    dev.launch("layernorm_backward_input", cfg, &[p(dinp), p(dout), p(inp), p(weight), p(mean), p(rstd), Arg::I(ni), Arg::I(ci), db])?;
     let chunks = n.div_ceil(ROWS_PER_CHUNK);
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(BLOCK as usize) as u32, chunks as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     dev.launch("layernorm_backward_params_partial", cfg, &[p(partial), p(dout), p(inp), p(mean), p(rstd), Arg::I(ni), Arg::I(ci), Arg::I(ROWS_PER_CHUNK as i32)])?;
@@ -327,6 +329,7 @@ pub fn matmul_backward_gelu(
     dw: View,
     dbias: Option<View>,
     dout: View,
+    dout_bf16: Option<View>,
     inp: Act,
     pre: View,
     w: View,
@@ -343,7 +346,7 @@ pub fn matmul_backward_gelu(
     }
     let unfused = || {
         need(OP, "dinp_scratch", dinp_scratch, n * c)?;
-        matmul_backward(dev, prec, dinp_scratch, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)?;
+        matmul_backward(dev, prec, dinp_scratch, dw, dbias, dout, dout_bf16, inp, w, w_bf16, scratch, partial, n, c, oc)?;
         gelu_backward(dev, dpre, pre, dinp_scratch, n * c)
     };
     if !gelu_epilogue_fits(c, &[pre]) {
@@ -352,7 +355,7 @@ pub fn matmul_backward_gelu(
     if prec == Precision::Bf16 {
         need(OP, "w_bf16", w_bf16, c * oc)?;
     }
-    match backward_gemms(dev, prec, dpre, Some(pre), dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc) {
+    match backward_gemms(dev, prec, dpre, Some(pre), dw, dbias, dout, dout_bf16, inp, w, w_bf16, scratch, partial, n, c, oc) {
         // As in matmul_forward_gelu; the DGELU gemm is the first, so nothing was accumulated yet.
         Err(e) if e.is_not_supported() => unfused(),
         r => r,
@@ -369,6 +372,7 @@ fn backward_gemms(
     dw: View,
     dbias: Option<View>,
     dout: View,
+    dout_bf16: Option<View>,
     inp: Act,
     w: View,
     w_bf16: View,
@@ -379,7 +383,10 @@ fn backward_gemms(
     oc: usize,
 ) -> Result<()> {
     const OP: &str = "matmul_backward";
-    let g = operand(dev, prec, OP, "dout", Act::F32(dout), scratch.a, n * oc)?;
+    let g = match dout_bf16 {
+        Some(d) => operand(dev, prec, OP, "dout_bf16", Act::Bf16(d), scratch.a, n * oc)?,
+        None => operand(dev, prec, OP, "dout", Act::F32(dout), scratch.a, n * oc)?,
+    };
     let wp = weight(prec, w, w_bf16);
     match pre {
         Some(pre) => matmul::gemm_dgelu(dev, prec, dinp.ptr, pre.ptr, g, wp, false, true, n, c, oc)?,
@@ -412,6 +419,8 @@ fn add_vector(dev: &CudaDevice, dst: View, src: View, n: usize) -> Result<()> {
 
 /// CPU: [`crate::backend::cpu::matmul::matmul_backward`]: `dinp = dout·wᵀ` (overwritten),
 /// `dw += inpᵀ·dout`, `dbias += Σ_rows dout`. `partial`: [`partial_len`]`(n, oc)` floats.
+/// `dout_bf16`, when given (bf16 matmuls), is `dout` already rounded to bf16 (a LayerNorm
+/// backward's copy): the gemms read it instead of a cast.
 pub fn matmul_backward(
     dev: &CudaDevice,
     prec: Precision,
@@ -419,6 +428,7 @@ pub fn matmul_backward(
     dw: View,
     dbias: Option<View>,
     dout: View,
+    dout_bf16: Option<View>,
     inp: Act,
     w: View,
     w_bf16: View,
@@ -433,7 +443,7 @@ pub fn matmul_backward(
     need(OP, "dw", dw, c * oc)?;
     need(OP, "dout", dout, n * oc)?;
     need(OP, "w", w, c * oc)?;
-    backward_gemms(dev, prec, dinp, None, dw, dbias, dout, inp, w, w_bf16, scratch, partial, n, c, oc)
+    backward_gemms(dev, prec, dinp, None, dw, dbias, dout, dout_bf16, inp, w, w_bf16, scratch, partial, n, c, oc)
 }
 
 /// CPU: [`crate::backend::cpu::matmul::lm_head_forward`]: `logits(N,Vp) = x(N,C)·wteᵀ`.

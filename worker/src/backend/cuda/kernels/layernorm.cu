@@ -72,8 +72,11 @@ extern "C" __global__ void residual_layernorm_forward(float* residual, float* ou
 // CPU reference: backend::cpu::layernorm::layernorm_backward (the dinp half)
 // dinp += (dnorm − mean(dnorm) − norm·mean(dnorm·norm))·rstd with dnorm = weight·dout
 // (accumulated: the residual stream's gradient arrives from two branches). One warp per row.
+// With dinp_bf16 not null, the accumulated dinp rounded to bf16 goes there too: the next
+// matmul backward's gradient operand, with no cast kernel.
 extern "C" __global__ void layernorm_backward_input(float* dinp, const float* dout, const float* inp, const float* weight,
-                                                    const float* mean, const float* rstd, int N, int C) {
+                                                    const float* mean, const float* rstd, int N, int C,
+                                                    __nv_bfloat16* dinp_bf16) {
     const int warps = blockDim.x / LD_WARP;
     const int row = blockIdx.x * warps + threadIdx.x / LD_WARP;
     const int lane = threadIdx.x % LD_WARP;
@@ -92,7 +95,9 @@ extern "C" __global__ void layernorm_backward_input(float* dinp, const float* do
     for (int i = lane; i < C; i += LD_WARP) {
         const float norm = (inp[base + i] - mu) * r;
         const float dnorm = weight[i] * dout[base + i];
-        dinp[base + i] += (dnorm - dm - norm * dnm) * r;
+        const float v = dinp[base + i] + (dnorm - dm - norm * dnm) * r;
+        dinp[base + i] = v;
+        if (dinp_bf16) dinp_bf16[base + i] = __float2bfloat16_rn(v);
     }
 }
 

@@ -48,9 +48,13 @@ pub(super) fn layernorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
         let (mut di, mut dw, mut db) = (vec![0.1; n * c], vec![0.2; c], vec![0.3; c]);
         cpu::layernorm::layernorm_backward(&mut di, &mut dw, &mut db, &dout, &x, &w, &m, &s, n, c);
         let (gdi, gdw, gdb, gdo, part) = (cx.up(&vec![0.1; n * c])?, cx.up(&vec![0.2; c])?, cx.up(&vec![0.3; c])?, cx.up(&dout)?, cx.out(ops::partial_len(n, c))?);
-        ops::layernorm_backward(cx.d(), gdi.all(), gdw.all(), gdb.all(), gdo.all(), gx.all(), gw.all(), gm.all(), gs.all(), part.all(), n, c)?;
+        let gdib = cx.d().upload_new(&vec![0x7fc1u16; n * c])?;
+        ops::layernorm_backward(cx.d(), gdi.all(), Some(gdib.all()), gdw.all(), gdb.all(), gdo.all(), gx.all(), gw.all(), gm.all(), gs.all(), part.all(), n, c)?;
         let (g1, g2, g3) = (cx.down(&gdi, n * c)?, cx.down(&gdw, c)?, cx.down(&gdb, c)?);
         cx.push(compare(format!("layernorm_backward dinp N={n} C={c}"), &g1, &di, MM));
+        // The bf16 copy is the accumulated f32 dinp rounded to nearest even.
+        let want_b = as_f32(&g1.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
+        cx.push(compare(format!("layernorm_backward bf16 dinp N={n} C={c}"), &as_f32(&cx.d().to_host(&gdib)?), &want_b, Tolerance::Exact));
         cx.push(compare(format!("layernorm_backward dweight N={n} C={c}"), &g2, &dw, MM));
         cx.push(compare(format!("layernorm_backward dbias N={n} C={c}"), &g3, &db, MM));
 
@@ -186,6 +190,7 @@ pub(super) fn matmul_gelu(cx: &mut Ctx<'_, '_>) -> Result<()> {
                     gdw.all(),
                     Some(gdb.all()),
                     gdo.all(),
+                    None,
                     Act::F32(gact_in.all()),
                     gpre_in.view(at, n * oc),
                     gw2.all(),
@@ -247,7 +252,7 @@ pub(super) fn matmul(cx: &mut Ctx<'_, '_>) -> Result<()> {
                 // With the bias 4 bytes off, `partial` is too: the bias gradient then takes the
                 // column-sum kernels instead of the dW gemm's BGRADA epilogue.
                 let pv = if at == 0 { part.all() } else { part.view(1, part.len() - 1) };
-                ops::matmul_backward(cx.d(), prec, gdi.all(), gdw.all(), with_bias.then(|| gdb.all()), gdo.all(), Act::F32(gx.all()), gw.all(), gwb.all(), sc, pv, n, c, oc)?;
+                ops::matmul_backward(cx.d(), prec, gdi.all(), gdw.all(), with_bias.then(|| gdb.all()), gdo.all(), None, Act::F32(gx.all()), gw.all(), gwb.all(), sc, pv, n, c, oc)?;
                 let (g1, g2, g3) = (cx.down(&gdi, n * c)?, cx.down(&gdw, c * oc)?, cx.down(&gdb, oc)?);
                 cx.push(compare(format!("matmul_backward dinp {prec:?}{tag} N={n} C={c} OC={oc}"), &g1, &di, tol));
                 cx.push(compare(format!("matmul_backward dw {prec:?}{tag} N={n} C={c} OC={oc}"), &g2, &dw, tol));
@@ -255,8 +260,10 @@ pub(super) fn matmul(cx: &mut Ctx<'_, '_>) -> Result<()> {
                 cx.push(compare(format!("matmul_backward dbias {prec:?}{tag} N={n} C={c} OC={oc}"), &g3, &db, tol));
                 if prec == Precision::Bf16 {
                     // The input already bf16 (a LayerNorm's copy): the same gemm operands as
-                    // the cast, so bit for bit the same results, forward and backward.
+                    // the cast, so bit for bit the same results, forward and backward; the
+                    // backward also takes dout already bf16 (a LayerNorm backward's copy).
                     let gxb = cx.d().upload_new(&x.iter().map(|&v| bf16_rne(v)).collect::<Vec<_>>())?;
+                    let gdob = cx.d().upload_new(&dout.iter().map(|&v| bf16_rne(v)).collect::<Vec<_>>())?;
                     let go2 = cx.out(n * oc)?;
                     ops::matmul_forward(cx.d(), prec, go2.all(), Act::Bf16(gxb.all()), gw.all(), gwb.all(), with_bias.then(|| bias_view.view(at, oc)), sc, n, c, oc)?;
                     cx.push(compare(format!("matmul_forward from bf16 input{tag} N={n} C={c} OC={oc}"), &cx.down(&go2, n * oc)?, &got, Tolerance::Exact));
@@ -268,6 +275,7 @@ pub(super) fn matmul(cx: &mut Ctx<'_, '_>) -> Result<()> {
                         gdw2.all(),
                         with_bias.then(|| gdb2.all()),
                         gdo.all(),
+                        Some(gdob.all()),
                         Act::Bf16(gxb.all()),
                         gw.all(),
                         gwb.all(),
@@ -278,7 +286,7 @@ pub(super) fn matmul(cx: &mut Ctx<'_, '_>) -> Result<()> {
                         oc,
                     )?;
                     for (what, a, b, len) in [("dinp", &gdi2, &g1, n * c), ("dw", &gdw2, &g2, c * oc), ("dbias", &gdb2, &g3, oc)] {
-                        cx.push(compare(format!("matmul_backward {what} from bf16 input{tag} N={n} C={c} OC={oc}"), &cx.down(a, len)?, b, Tolerance::Exact));
+                        cx.push(compare(format!("matmul_backward {what} from bf16 input and dout{tag} N={n} C={c} OC={oc}"), &cx.down(a, len)?, b, Tolerance::Exact));
                     }
                 }
             }
