@@ -217,6 +217,25 @@ impl ParamLayout {
         r.start + layer * one..r.start + (layer + 1) * one
     }
 
+    /// Gradient buckets: `0..layers` are the layers, each its per-layer slices (final once
+    /// that layer's backward is done), and [`buckets`](Self::buckets)` - 1` is the tensors
+    /// outside the layers (embeddings, the last norm, the head: final at the end of the
+    /// backward). Together they cover the buffer once. Empty slices are left out.
+    pub fn bucket(&self, slot: usize) -> Vec<std::ops::Range<usize>> {
+        let in_layer = slot < self.layers;
+        ParamKind::ALL
+            .into_iter()
+            .filter(|k| k.per_layer() == in_layer)
+            .map(|k| if in_layer { self.layer_range(k, slot) } else { self.range(k) })
+            .filter(|r| !r.is_empty())
+            .collect()
+    }
+
+    /// The number of gradient buckets: one per layer and one for the rest ([`bucket`](Self::bucket)).
+    pub fn buckets(&self) -> usize {
+        self.layers + 1
+    }
+
     /// Every slice with its Hugging Face name, in buffer order.
     pub fn named_slices(&self, cfg: &GptConfig) -> Vec<NamedSlice> {
         let mut out = Vec::new();
@@ -257,6 +276,23 @@ mod tests {
             next += s.len;
         }
         assert_eq!(next, layout.len());
+    }
+
+    #[test]
+    fn gradient_buckets_cover_the_buffer_once() {
+        for cfg in [GptConfig::new(100, 32, 3, 4, 32), GptConfig::new(50, 16, 1, 2, 16)] {
+            let layout = ParamLayout::new(&cfg);
+            let mut seen = vec![0u8; layout.len()];
+            for slot in 0..layout.buckets() {
+                for r in layout.bucket(slot) {
+                    seen[r].iter_mut().for_each(|s| *s += 1);
+                }
+            }
+            assert!(seen.iter().all(|&s| s == 1), "every parameter in exactly one bucket");
+            // A layer's bucket is exactly its named slices.
+            let want: usize = layout.named_slices(&cfg).iter().filter(|s| s.kind.per_layer() && s.layer == 1 % cfg.n_layer).map(|s| s.len).sum();
+            assert_eq!(layout.bucket(1 % cfg.n_layer).iter().map(|r| r.len()).sum::<usize>(), want);
+        }
     }
 
     #[test]

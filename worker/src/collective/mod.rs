@@ -11,7 +11,8 @@
 //!   sum with the bandwidth-optimal ring all-reduce. Its wire format is private to this module; a
 //!   handshake refuses peers of another protocol version, generation or world.
 //! - [`Nccl`]: NCCL through cudarc for GPU workers, one rank per GPU; gradients are summed on the
-//!   device in buckets ([`Nccl::all_reduce_device`]), and the trait's host-buffer ops stage through
+//!   device, bucket by bucket on a side stream while the backward goes on
+//!   ([`Nccl::all_reduce_buckets`]), and the trait's host-buffer ops stage through
 //!   a device bucket. Rank 0's unique id travels through a rendezvous function the caller supplies
 //!   (the coordinator's `PublishRendezvous`); an abort flag ends a stuck op with `ncclCommAbort`.
 //! - [`bench`](mod@bench): loopback bandwidth of the ring and of a plain memory copy, for `liandan bench`.

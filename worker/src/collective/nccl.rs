@@ -11,8 +11,14 @@
 //! `blocking = 0`): its progress is polled, watching the abort flag and the timeout, so a peer
 //! that never arrives ends the wait (`ncclCommAbort`) instead of hanging the rank.
 //!
+//! # Overlap
+//! [`Nccl::all_reduce_buckets`] sums the gradients layer by layer on the device's side stream,
+//! each bucket after the ready mark the backward records when that layer's gradients are final.
+//! The host queues the whole backward before it gets there (a step has no waits), so the sums
+//! of the last layers run while the main stream is still on the backward of the first.
+//!
 //! # Failure model
-//! Every op is enqueued on the device's stream and then waited for by polling, so the wait can
+//! Every op is enqueued on one of the device's streams and then waited for by polling, so the wait can
 //! look at the abort flag (raised by the runtime when the coordinator moves to a new generation)
 //! and at NCCL's asynchronous error. On abort or timeout the communicator is torn down with
 //! `ncclCommAbort` and the op returns [`CollectiveError::Aborted`] or `Timeout`; after any
@@ -244,11 +250,17 @@ impl Nccl {
         }
     }
 
-    /// Waits for the stream, watching the abort flag, NCCL's async error and the timeout.
+    /// Waits for the main stream, watching the abort flag, NCCL's async error and the timeout.
     fn wait(&mut self, op: &'static str) -> Result<(), CollectiveError> {
+        self.wait_until(op, CudaDevice::is_idle)
+    }
+
+    /// Polls `idle` (a stream of the device) until it is true, watching the abort flag, NCCL's
+    /// async error and the timeout.
+    fn wait_until(&mut self, op: &'static str, idle: impl Fn(&CudaDevice) -> crate::backend::cuda::error::Result<bool>) -> Result<(), CollectiveError> {
         let start = Instant::now();
         loop {
-            match self.dev.is_idle() {
+            match idle(&self.dev) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => {
@@ -297,15 +309,83 @@ impl Nccl {
         Ok(())
     }
 
+    /// Sums gradient buckets over all ranks on the device's side stream while the main stream
+    /// goes on: each bucket `(slot, views)` of f32 is summed in place after the device's ready
+    /// mark `slot` (one NCCL group per bucket), in the order given, which every rank must share
+    /// (the backward's: the last layer first). Returns once every sum is done (polled, as every
+    /// op here), with the main stream ordered after them.
+    ///
+    /// # Errors
+    /// Aborted (new generation), timeout, an NCCL or driver error; the device has no side stream.
+    pub fn all_reduce_buckets(&mut self, dev: &CudaDevice, buckets: &[(usize, Vec<View>)]) -> Result<(), crate::backend::cuda::CudaError> {
+        let to_cuda = |e: CollectiveError| crate::backend::cuda::CudaError::Nccl { op: "all-reduce (overlapped)", status: e.to_string() };
+        self.check().map_err(to_cuda)?;
+        let side = dev.side_stream().ok_or_else(|| to_cuda(CollectiveError::Config { reason: format!("{} has no side stream for NCCL", dev.name) }))?;
+        for (slot, views) in buckets {
+            dev.side_after_mark(*slot)?;
+            cudarc::nccl::result::group_start().map_err(|e| to_cuda(self.fail("ncclGroupStart", e)))?;
+            let mut queued = Ok(());
+            for v in views {
+                queued = self.enqueue_sum_on(side, v.ptr.0, v.len, sys::ncclDataType_t::ncclFloat32);
+                if queued.is_err() {
+                    break;
+                }
+            }
+            // The group is closed even after a failed call, so NCCL's group state is left clean.
+            let closed = cudarc::nccl::result::group_end().map_err(|e| self.fail("ncclGroupEnd", e));
+            queued.and(closed).map_err(to_cuda)?;
+            self.settle("ncclGroupEnd").map_err(to_cuda)?;
+        }
+        self.wait_until("ncclAllReduce (overlapped)", CudaDevice::side_is_idle).map_err(to_cuda)?;
+        dev.main_after_side()
+    }
+
+    /// After a call of a nonblocking communicator returned `ncclInProgress`, NCCL must see its
+    /// state leave `InProgress` before the next call; polls it, watching the abort flag and the
+    /// timeout.
+    fn settle(&mut self, op: &'static str) -> Result<(), CollectiveError> {
+        let start = Instant::now();
+        loop {
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is alive (`check` ran before the op); valid out-pointer.
+            let _ = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+            match state {
+                sys::ncclResult_t::ncclSuccess => return Ok(()),
+                sys::ncclResult_t::ncclInProgress => {}
+                other => {
+                    self.abort();
+                    return Err(CollectiveError::Device { op, reason: format!("asynchronous NCCL error {other:?}") });
+                }
+            }
+            if self.opts.abort.as_deref().is_some_and(|a| a.load(Ordering::Relaxed)) {
+                self.abort();
+                return Err(CollectiveError::Aborted { generation: self.generation });
+            }
+            if start.elapsed() > self.opts.timeout {
+                self.abort();
+                return Err(CollectiveError::Timeout { op, peer: format!("NCCL world {}", self.world), after_ms: self.opts.timeout.as_millis() as u64 });
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// An NCCL call failed: the communicator is aborted (broken for good) and the error named.
+    fn fail(&mut self, op: &'static str, e: cudarc::nccl::result::NcclError) -> CollectiveError {
+        let err = nccl_err(op, e);
+        self.abort();
+        err
+    }
+
     fn enqueue_sum(&mut self, ptr: u64, count: usize, dtype: sys::ncclDataType_t) -> Result<(), CollectiveError> {
+        self.enqueue_sum_on(self.stream, ptr, count, dtype)
+    }
+
+    fn enqueue_sum_on(&mut self, stream: cudarc::driver::sys::CUstream, ptr: u64, count: usize, dtype: sys::ncclDataType_t) -> Result<(), CollectiveError> {
         // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's device (the
-        // callers take it from a checked view); in place is allowed by NCCL.
-        let r = unsafe { cudarc::nccl::result::all_reduce(ptr as *const _, ptr as *mut _, count, dtype, sys::ncclRedOp_t::ncclSum, self.comm, self.stream as _) };
-        r.map(|_| ()).map_err(|e| {
-            let err = nccl_err("ncclAllReduce", e);
-            self.abort();
-            err
-        })
+        // callers take it from a checked view); in place is allowed by NCCL; `stream` is one of
+        // the device's.
+        let r = unsafe { cudarc::nccl::result::all_reduce(ptr as *const _, ptr as *mut _, count, dtype, sys::ncclRedOp_t::ncclSum, self.comm, stream as _) };
+        r.map(|_| ()).map_err(|e| self.fail("ncclAllReduce", e))
     }
 }
 

@@ -255,9 +255,19 @@ impl Replica for CudaReplica {
         let device = |op: &'static str| move |e: crate::backend::cuda::CudaError| CollectiveError::Device { op, reason: e.to_string() };
         self.model.dev.bind_to_thread().map_err(device("bind the CUDA context"))?;
         let n = self.model.layout.len();
+        let layout = &self.model.layout;
+        // The backward's order: the last layer's bucket is final first, the shared tensors last.
+        let order = (0..layout.buckets() - 1).rev().chain([layout.buckets() - 1]);
         if let Some(nccl) = coll.as_nccl() {
-            return nccl.all_reduce_device(&self.model.dev, self.model.grads.all(), n).map_err(device("NCCL all-reduce"));
+            let buckets: Vec<(usize, Vec<_>)> = order.map(|slot| (slot, layout.bucket(slot).into_iter().map(|r| self.model.grads.view(r.start, r.len())).collect())).collect();
+            return nccl.all_reduce_buckets(&self.model.dev, &buckets).map_err(device("NCCL all-reduce"));
         }
+        // Through the host: ordered as the side stream would be (on the emulated device, this
+        // checks that no work after a bucket's ready mark wrote the bucket).
+        for slot in order {
+            self.model.dev.side_after_mark(slot).map_err(device("wait for a gradient bucket"))?;
+        }
+        self.model.dev.main_after_side().map_err(device("wait for the side stream"))?;
         self.staging.resize(n, 0.0);
         self.model.dev.download(&self.model.grads, 0, &mut self.staging).map_err(device("copy gradients to the host"))?;
         coll.all_reduce_sum(&mut self.staging)?;

@@ -309,7 +309,9 @@ impl CudaGpt {
     /// Clears the gradients and the deferred loss: the start of a step.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.dev.zero(&self.loss_acc, 0, 1)?;
-        self.dev.zero(&self.grads, 0, self.grads.len())
+        self.dev.zero(&self.grads, 0, self.grads.len())?;
+        // Marked too, so a step with no backward sums zeros, not what the memset overwrites.
+        (0..self.layout.buckets()).try_for_each(|slot| self.mark_bucket(slot))
     }
 
     pub(super) fn p(&self, kind: K, l: usize) -> View {
@@ -756,7 +758,20 @@ impl CudaGpt {
                     c,
                 )
             })?;
+            // Layer l's gradients are final for this backward: its bucket may be summed now.
+            self.mark_bucket(l)?;
         }
-        timed(prof, dev, "bwd.encoder", cost::encoder_backward(b, t, c), || ops::encoder_backward(dev, self.g(K::Wte, 0), self.g(K::Wpe, 0), dres, self.inputs.view(0, n), b, t, c))
+        timed(prof, dev, "bwd.encoder", cost::encoder_backward(b, t, c), || {
+            ops::encoder_backward(dev, self.g(K::Wte, 0), self.g(K::Wpe, 0), dres, self.inputs.view(0, n), b, t, c)
+        })?;
+        self.mark_bucket(cfg.n_layer)
+    }
+
+    /// Ready mark of gradient bucket `slot` ([`ParamLayout::bucket`]): the side stream's
+    /// all-reduce of it waits for the work queued so far, and no later work of the step writes
+    /// it (the emulated device checks).
+    fn mark_bucket(&self, slot: usize) -> Result<()> {
+        let views: Vec<View> = self.layout.bucket(slot).into_iter().map(|r| self.grads.view(r.start, r.len())).collect();
+        self.dev.mark(slot, &views, std::mem::size_of::<f32>())
     }
 }

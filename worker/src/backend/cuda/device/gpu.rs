@@ -1,12 +1,15 @@
 //! The real GPU behind [`super::DeviceApi`]: a CUDA context and stream through cudarc, the
 //! kernels compiled by NVRTC and loaded from [`crate::backend::cuda::kernels`], and cuBLASLt
-//! ([`super::cublaslt`]: one handle and workspace, a plan cached per shape). Event tracking is switched off: with a single stream, stream order
-//! is the only synchronisation needed.
+//! ([`super::cublaslt`]: one handle and workspace, a plan cached per shape). cudarc's event
+//! tracking is switched off: the kernels, copies and gemms run on one main stream, whose order
+//! is their synchronisation; the side stream NCCL sums gradient buckets on is ordered against
+//! it by the device's own events (ready marks, [`super::DeviceApi::mark`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::sys as ltsys;
+use cudarc::driver::sys::{CUevent, CUevent_flags, CUevent_wait_flags};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, PushKernelArg};
 
 use super::blas::Matmul;
@@ -57,9 +60,21 @@ pub struct GpuInfo {
 pub struct GpuDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// The side stream: NCCL's gradient sums, overlapping the main stream's backward.
+    side: Arc<CudaStream>,
+    /// One event per ready-mark slot, created on first use.
+    marks: Mutex<Vec<CUevent>>,
+    /// Recorded on the side stream for the main stream to wait on.
+    side_done: CUevent,
     functions: HashMap<&'static str, CudaFunction>,
     blas: Blas,
 }
+
+// SAFETY: the events are owned by this device and used only through its methods; CUDA event
+// handles may be used from any thread with the context current.
+unsafe impl Send for GpuDevice {}
+// SAFETY: as above; the mark table is behind a mutex.
+unsafe impl Sync for GpuDevice {}
 
 impl std::fmt::Debug for GpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,6 +95,8 @@ impl GpuDevice {
         // SAFETY: this backend uses one stream per device; stream order is its only synchronisation.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(CudaError::driver("create stream"))?;
+        let side = ctx.new_stream().map_err(CudaError::driver("create the side stream"))?;
+        let side_done = cudarc::driver::result::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(CudaError::driver("create the side stream's event"))?;
         let name = ctx.name().map_err(CudaError::driver("device name"))?;
         let capability = ctx.compute_capability().map_err(CudaError::driver("compute capability"))?;
         let nvrtc_version = kernels::nvrtc_version()?;
@@ -107,7 +124,16 @@ impl GpuDevice {
         let kernels = format!("NVRTC {}.{} ({arch} PTX; {cached_files} of {} files from the cache {})", nvrtc_version.0, nvrtc_version.1, KernelFile::ALL.len(), cache.display());
         tracing::info!(device = %name, sm = format!("{}.{}", capability.0, capability.1), kernels = %kernels, "CUDA device ready");
         let memory = ctx.total_mem().map_err(CudaError::driver("total memory"))? as u64;
-        Ok((GpuDevice { ctx, stream, functions, blas }, GpuInfo { name, capability, kernels, memory }))
+        Ok((GpuDevice { ctx, stream, side, marks: Mutex::new(Vec::new()), side_done, functions, blas }, GpuInfo { name, capability, kernels, memory }))
+    }
+
+    /// The event of mark `slot`, created when first asked for.
+    fn mark_event(&self, slot: usize) -> Result<CUevent> {
+        let mut marks = self.marks.lock().map_err(|_| CudaError::Shape { op: "mark", reason: "mark table poisoned".into() })?;
+        while marks.len() <= slot {
+            marks.push(cudarc::driver::result::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(CudaError::driver("create a mark event"))?);
+        }
+        Ok(marks[slot])
     }
 
     fn function(&self, name: &'static str) -> Result<&CudaFunction> {
@@ -268,12 +294,7 @@ impl DeviceApi for GpuDevice {
     }
 
     fn is_idle(&self) -> Result<bool> {
-        // SAFETY: the stream is alive (owned by self).
-        match unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) } {
-            cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(true),
-            cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            other => Err(CudaError::Shape { op: "stream query", reason: format!("{other:?}") }),
-        }
+        stream_idle(self.stream.cu_stream())
     }
 
     fn bind_to_thread(&self) -> Result<()> {
@@ -282,5 +303,61 @@ impl DeviceApi for GpuDevice {
 
     fn cuda_stream(&self) -> Option<cudarc::driver::sys::CUstream> {
         Some(self.stream.cu_stream())
+    }
+
+    fn mark(&self, slot: usize, _ranges: &[(DPtr, usize)]) -> Result<()> {
+        let ev = self.mark_event(slot)?;
+        // SAFETY: the event and the stream are alive (owned by self).
+        unsafe { cudarc::driver::result::event::record(ev, self.stream.cu_stream()) }.map_err(CudaError::driver("record a mark"))
+    }
+
+    fn side_after_mark(&self, slot: usize) -> Result<()> {
+        let ev = self.mark_event(slot)?;
+        // SAFETY: as above; an event never recorded makes the wait a no-op.
+        unsafe { cudarc::driver::result::stream::wait_event(self.side.cu_stream(), ev, CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(CudaError::driver("side stream waits for a mark"))
+    }
+
+    fn main_after_side(&self) -> Result<()> {
+        // SAFETY: the event and both streams are alive (owned by self).
+        unsafe {
+            cudarc::driver::result::event::record(self.side_done, self.side.cu_stream()).map_err(CudaError::driver("record the side stream's event"))?;
+            cudarc::driver::result::stream::wait_event(self.stream.cu_stream(), self.side_done, CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(CudaError::driver("main stream waits for the side stream"))
+        }
+    }
+
+    fn side_stream(&self) -> Option<cudarc::driver::sys::CUstream> {
+        Some(self.side.cu_stream())
+    }
+
+    fn side_is_idle(&self) -> Result<bool> {
+        stream_idle(self.side.cu_stream())
+    }
+}
+
+/// `cuStreamQuery`: done, not yet, or the asynchronous error of its work.
+fn stream_idle(stream: cudarc::driver::sys::CUstream) -> Result<bool> {
+    // SAFETY: the caller passes a live stream of this device.
+    match unsafe { cudarc::driver::sys::cuStreamQuery(stream) } {
+        cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(true),
+        cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        other => Err(CudaError::Shape { op: "stream query", reason: format!("{other:?}") }),
+    }
+}
+
+impl Drop for GpuDevice {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // Both streams drained first: no queued record or wait may outlive its event.
+        let _ = self.stream.synchronize();
+        let _ = self.side.synchronize();
+        let marks = self.marks.get_mut().map(std::mem::take).unwrap_or_default();
+        for ev in marks.into_iter().chain([self.side_done]) {
+            // SAFETY: created by this device, destroyed once, no longer used by queued work.
+            let _ = unsafe { cudarc::driver::result::event::destroy(ev) };
+        }
     }
 }

@@ -163,6 +163,22 @@ pub trait DeviceApi: Send + Sync {
     fn as_emulated(&self) -> Option<&EmuDevice> {
         None
     }
+
+    /// Ready mark `slot`: the bytes of `ranges` are final once the work queued so far is done.
+    /// A later [`DeviceApi::side_after_mark`] of the slot orders the side stream after that
+    /// work. Marking a slot again replaces its mark (a CUDA event, recorded again).
+    fn mark(&self, slot: usize, ranges: &[(DPtr, usize)]) -> Result<()>;
+    /// Orders the side stream (where NCCL sums gradient buckets while the backward goes on)
+    /// after mark `slot`. The emulated device, whose work is done when it is queued, checks
+    /// instead that the marked bytes have not changed since the mark: a change means work
+    /// queued after the mark wrote them, which on a GPU would race with the side stream.
+    fn side_after_mark(&self, slot: usize) -> Result<()>;
+    /// Orders the main stream after all side-stream work queued so far.
+    fn main_after_side(&self) -> Result<()>;
+    /// The side stream, for NCCL; `None` on the emulated device.
+    fn side_stream(&self) -> Option<cudarc::driver::sys::CUstream>;
+    /// Whether the side stream's queued work is done, without blocking.
+    fn side_is_idle(&self) -> Result<bool>;
 }
 
 /// Element types a device buffer may hold: plain data in which every bit pattern is a value,
@@ -491,6 +507,44 @@ impl CudaDevice {
     /// The CUDA stream for NCCL; `None` on the emulated device.
     pub fn cuda_stream(&self) -> Option<cudarc::driver::sys::CUstream> {
         self.api.cuda_stream()
+    }
+
+    /// Ready mark `slot` over `views` of `T` elements ([`DeviceApi::mark`]).
+    ///
+    /// # Errors
+    /// The driver refuses the event.
+    pub fn mark(&self, slot: usize, views: &[View], elem_bytes: usize) -> Result<()> {
+        let ranges: Vec<(DPtr, usize)> = views.iter().map(|v| (v.ptr, v.len * elem_bytes)).collect();
+        self.api.mark(slot, &ranges)
+    }
+
+    /// The side stream waits for mark `slot` ([`DeviceApi::side_after_mark`]).
+    ///
+    /// # Errors
+    /// The driver refuses; on the emulated device, the marked bytes changed after the mark.
+    pub fn side_after_mark(&self, slot: usize) -> Result<()> {
+        self.api.side_after_mark(slot)
+    }
+
+    /// The main stream waits for the side stream's queued work.
+    ///
+    /// # Errors
+    /// The driver refuses.
+    pub fn main_after_side(&self) -> Result<()> {
+        self.api.main_after_side()
+    }
+
+    /// The side stream for NCCL; `None` on the emulated device.
+    pub fn side_stream(&self) -> Option<cudarc::driver::sys::CUstream> {
+        self.api.side_stream()
+    }
+
+    /// Whether the side stream is idle, without blocking.
+    ///
+    /// # Errors
+    /// An asynchronous error of the side stream's work.
+    pub fn side_is_idle(&self) -> Result<bool> {
+        self.api.side_is_idle()
     }
 }
 

@@ -137,6 +137,9 @@ impl Drop for Freed {
     }
 }
 
+/// A range a ready mark covers: its address and its bytes at the mark.
+type MarkedRange = (u64, Vec<u8>);
+
 /// The emulated device.
 pub struct EmuDevice {
     kernels: HashMap<&'static str, Kernel>,
@@ -147,6 +150,8 @@ pub struct EmuDevice {
     threads: usize,
     order: Order,
     refuse_fused_epilogues: bool,
+    /// Ready marks by slot: each marked range with a copy of its bytes at the mark.
+    marks: Mutex<HashMap<usize, Vec<MarkedRange>>>,
 }
 
 impl std::fmt::Debug for EmuDevice {
@@ -205,6 +210,7 @@ impl EmuDevice {
             threads,
             order: opts.order,
             refuse_fused_epilogues: opts.refuse_fused_epilogues,
+            marks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -459,5 +465,50 @@ impl DeviceApi for EmuDevice {
 
     fn as_emulated(&self) -> Option<&EmuDevice> {
         Some(self)
+    }
+
+    fn mark(&self, slot: usize, ranges: &[(DPtr, usize)]) -> Result<()> {
+        let mut kept = Vec::with_capacity(ranges.len());
+        for &(ptr, bytes) in ranges {
+            self.check_range("mark", ptr.0, bytes)?;
+            // SAFETY: inside a live allocation (checked above); nothing runs concurrently with
+            // a call on the emulated device.
+            kept.push((ptr.0, unsafe { std::slice::from_raw_parts(ptr.0 as *const u8, bytes) }.to_vec()));
+        }
+        self.marks.lock().map_err(|_| CudaError::Shape { op: "mark", reason: "mark table poisoned".into() })?.insert(slot, kept);
+        Ok(())
+    }
+
+    fn side_after_mark(&self, slot: usize) -> Result<()> {
+        let marks = self.marks.lock().map_err(|_| CudaError::Shape { op: "side stream wait", reason: "mark table poisoned".into() })?;
+        // A slot never marked is an event never recorded: waiting on it waits for nothing.
+        let Some(ranges) = marks.get(&slot) else { return Ok(()) };
+        for (addr, want) in ranges {
+            self.check_range("side stream wait", *addr, want.len())?;
+            // SAFETY: inside a live allocation (checked above).
+            let now = unsafe { std::slice::from_raw_parts(*addr as *const u8, want.len()) };
+            if let Some(i) = now.iter().zip(want).position(|(a, b)| a != b) {
+                return Err(CudaError::Shape {
+                    op: "side stream wait",
+                    reason: format!(
+                        "mark {slot}: byte {i} of the {} marked at {addr:#x} changed after the mark (work queued after it wrote a range the side stream reads)",
+                        want.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn main_after_side(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn side_stream(&self) -> Option<cudarc::driver::sys::CUstream> {
+        None
+    }
+
+    fn side_is_idle(&self) -> Result<bool> {
+        Ok(true)
     }
 }

@@ -161,5 +161,14 @@ pub(super) fn nccl(cx: &mut Ctx<'_, '_>) -> Result<()> {
     comm.all_reduce_device(cx.d(), g.all(), x.len())?;
     let got = cx.down(&g, x.len())?;
     cx.push(compare("nccl all_reduce_device world=1", &got, &x, Tolerance::Exact));
+    // The overlapped path: two buckets on the side stream, each after its ready mark.
+    let g = cx.up(&x)?;
+    let halves = [g.view(0, 1200), g.view(1200, x.len() - 1200)];
+    for (slot, v) in halves.iter().enumerate() {
+        cx.d().mark(slot, &[*v], 4)?;
+    }
+    comm.all_reduce_buckets(cx.d(), &[(1, vec![halves[1]]), (0, vec![halves[0]])])?;
+    let got = cx.down(&g, x.len())?;
+    cx.push(compare("nccl all_reduce_buckets world=1 (side stream, 2 buckets)", &got, &x, Tolerance::Exact));
     Ok(())
 }
