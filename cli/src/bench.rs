@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use liandan_worker::GptConfig;
 use liandan_worker::backend::Device;
+use liandan_worker::collective::Shard;
 use liandan_worker::engine::Engine;
 use liandan_worker::engine::cpu::CpuEngine;
 use liandan_worker::model::profile::OpProfile;
@@ -128,7 +129,7 @@ fn bench_train(a: BenchTrainArgs, threads: usize) -> Result<(), CliError> {
     let (b, t) = (config.batch_size, config.seq_len);
     config.validate(&model)?;
     // The step the phases take on the CPU: the engine's replica for the config's family.
-    let mut replica = CpuEngine.replica(&model, b, t, &config.adamw)?;
+    let mut replica = CpuEngine.replica(&model, b, t, &config.adamw, Shard::WHOLE)?;
     replica.model().init_weights(config.seed)?;
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(model.vocab_size as u64) as u32).collect();

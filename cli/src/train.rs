@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use liandan_data::shard::{Manifest, Split, read_split, sha256_hex};
 use liandan_worker::checkpoint::{self, DataCursor, SaveInfo};
+use liandan_worker::collective::Shard;
 use liandan_worker::engine::cpu::CpuEngine;
 use liandan_worker::engine::{Engine, Replica};
 use liandan_worker::model::params::ParamLayout;
@@ -348,7 +349,7 @@ impl Run {
     /// the same weights as the worker's phases draw).
     fn new(model: GptConfig, config: TrainConfig, params: Option<Vec<f32>>) -> Result<Run, CliError> {
         config.validate(&model)?;
-        let mut replica = CpuEngine.replica(&model, config.batch_size, config.seq_len, &config.adamw)?;
+        let mut replica = CpuEngine.replica(&model, config.batch_size, config.seq_len, &config.adamw, Shard::WHOLE)?;
         let mut rng = Rng::new(config.seed);
         let params = match params {
             Some(p) => p,

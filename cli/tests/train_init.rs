@@ -10,6 +10,7 @@ use common::local::prepared_hf;
 use common::{assert_one_line_error, fixture, liandan, s, scratch};
 use liandan_data::shard::{Manifest, Split, read_split};
 use liandan_worker::checkpoint;
+use liandan_worker::collective::Shard;
 use liandan_worker::engine::Engine;
 use liandan_worker::engine::cpu::CpuEngine;
 use liandan_worker::optim::{AdamWConfig, LrSchedule};
@@ -39,7 +40,7 @@ fn a_qwen2_directory_trains_in_one_process_as_the_engine_does_and_resumes() {
     // token windows and schedule. Same code, same order: equal bit for bit.
     let start = checkpoint::load(&init, None).unwrap();
     let cfg = start.state.model_config.clone();
-    let mut replica = CpuEngine.replica(&cfg, 2, 32, &AdamWConfig { weight_decay: 0.1, ..Default::default() }).unwrap();
+    let mut replica = CpuEngine.replica(&cfg, 2, 32, &AdamWConfig { weight_decay: 0.1, ..Default::default() }, Shard::WHOLE).unwrap();
     replica.model().set_params(&start.params).unwrap();
     let manifest = Manifest::load(&data).unwrap();
     let mut stream = TokenStream::new(read_split(&data, &manifest, Split::Train).unwrap(), 2, 32, &data).unwrap();

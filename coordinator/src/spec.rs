@@ -165,6 +165,11 @@ pub struct PhaseSpec {
     pub max_skipped_steps: u64,
     /// data: the pipeline's settings (`[phases.prepare]`); the output is `data.prepared`.
     pub prepare: Option<liandan_data::prepare::PrepareConfig>,
+    /// pretrain and sft: shard AdamW's state over the phase's data-parallel workers (ZeRO-1),
+    /// so each keeps `1/world` of the moments; the numbers match an unsharded run to f32
+    /// rounding. Default false.
+    #[serde(default)]
+    pub shard_optimizer: bool,
 }
 
 /// A parser's message on one line, each of its lines cut to [`QUOTED_CHARS`]: a spec error that
@@ -367,6 +372,9 @@ impl JobSpec {
             if p.lr > MAX_LR {
                 return bad(&at("lr"), format!("must be at most {MAX_LR}, got {}", p.lr));
             }
+            if p.shard_optimizer && !matches!(p.kind, PhaseKind::Pretrain | PhaseKind::Sft) {
+                return bad(&at("shard_optimizer"), format!("`shard_optimizer` belongs to pretrain and sft phases, not {kind}"));
+            }
             if p.max_skipped_steps > MAX_SKIPPED {
                 return bad(&at("max_skipped_steps"), format!("must be at most {MAX_SKIPPED}, got {}", p.max_skipped_steps));
             }
@@ -556,6 +564,7 @@ impl JobSpec {
             max_skipped_steps: p.max_skipped_steps,
             device: p.device.clone().or_else(|| self.cluster.device.clone()),
             prepare: if p.kind == PhaseKind::Data { data } else { None },
+            shard_optimizer: p.shard_optimizer,
         }
     }
 
@@ -778,6 +787,13 @@ lr = 1e-3
         assert_eq!(e, "job.toml: phases[2].tasks: `tasks` belongs to sft, reward and dpo phases, not grpo (a grpo phase's prompts are chosen by `grpo.tasks`)");
         let e = err(dpo.replace("lr = 1e-5", "lr = 1e-5\ntasks = [\" \"]"));
         assert_eq!(e, "job.toml: phases[2].tasks: a task name must not be empty");
+        // A sharded optimizer is the language-model phases' (their one trained model).
+        assert_eq!(
+            err(dpo.replace("lr = 1e-5", "lr = 1e-5\nshard_optimizer = true")),
+            "job.toml: phases[2].shard_optimizer: `shard_optimizer` belongs to pretrain and sft phases, not dpo"
+        );
+        let spec = parse("shard_optimizer = true\n".into()).unwrap();
+        assert!(spec.phases[1].shard_optimizer && !spec.phases[0].shard_optimizer);
         // The example job parses.
         let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/post-training.toml")).unwrap();
         let spec = JobSpec::parse(&example, "examples/post-training.toml").unwrap();
@@ -825,6 +841,14 @@ lr = 1e-3
         // Sequences at world 2: the share of the global batch, ×2 for pairs, ×G for groups.
         let b: Vec<_> = (0..spec.phases.len()).map(|i| spec.phase_plan(i, &model, None).sequences_per_rank(2).unwrap()).collect();
         assert_eq!(b, [2, 1, 6, 4, 5, 5, 4]);
+        // A sharded optimizer keeps its rank's share of AdamW's moments; nothing else shrinks.
+        let mut sharded = spec.phase_plan(0, &model, None);
+        sharded.shard_optimizer = true;
+        for world in [1, 2, 3] {
+            let (whole, part) = (spec.phase_plan(0, &model, None).memory_per_rank(world).unwrap(), sharded.memory_per_rank(world).unwrap());
+            assert_eq!(part.optimizer, whole.optimizer.div_ceil(world as u64), "world {world}");
+            assert_eq!((part.weights, part.gradients, part.activations), (whole.weights, whole.gradients, whole.activations));
+        }
     }
 
     #[derive(Default)]

@@ -95,6 +95,11 @@ pub struct PhasePlan {
     /// data: the pipeline's settings (`out` is the job's prepared-data directory).
     #[serde(default)]
     pub prepare: Option<liandan_data::prepare::PrepareConfig>,
+    /// pretrain and sft: AdamW's state sharded over the data-parallel ranks (ZeRO-1): each rank
+    /// keeps `m` and `v` of its own `1/world` of the parameters, receives only that part of the
+    /// summed gradients (a reduce-scatter) and all-gathers the updated parameters.
+    #[serde(default)]
+    pub shard_optimizer: bool,
 }
 
 /// Device kinds a phase may require.
@@ -350,6 +355,8 @@ impl PhasePlan {
         match self.kind {
             // The pipeline holds at most its budget, whatever the model.
             PhaseKind::Data => Some(MemoryEstimate { activations: self.prepare.as_ref().map_or(0, |c| c.memory_budget), ..Default::default() }),
+            // A sharded optimizer keeps its rank's share of the moments.
+            PhaseKind::Pretrain | PhaseKind::Sft if self.shard_optimizer => trained(b).map(|m| MemoryEstimate { optimizer: m.optimizer.div_ceil(world.max(1) as u64), ..m }),
             PhaseKind::Pretrain | PhaseKind::Sft => trained(b),
             PhaseKind::Reward => trained(b.checked_mul(2)?),
             PhaseKind::Ppo => {

@@ -170,6 +170,7 @@ pub mod post {
             max_skipped_steps: 0,
             device: None,
             prepare: None,
+            shard_optimizer: false,
         };
         Fixture { base, prompts, prefs, sft, reward, tokenizer_bytes: bytes }
     }

@@ -106,6 +106,7 @@ fn plans(dir: &Path) -> [PhasePlan; 6] {
         max_skipped_steps: 0,
         device: None,
         prepare: None,
+        shard_optimizer: false,
     };
     let ppo = PpoSettings { reward: RewardSource::Both, max_new_tokens: 6, epochs: 1, minibatches: 2, entropy_coef: 0.01, ..Default::default() };
     let grpo = GrpoSettings { group_size: 3, reward: RewardSource::Both, max_new_tokens: 6, epochs: 2, minibatches: 2, kl_coef: 0.1, ..Default::default() };

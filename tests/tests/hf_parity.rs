@@ -9,6 +9,7 @@ use std::path::Path;
 
 use liandan_tests::{assert_close, fixture, max_abs, scratch_dir};
 use liandan_worker::checkpoint::{self, SaveInfo};
+use liandan_worker::collective::Shard;
 use liandan_worker::engine::cpu::CpuEngine;
 use liandan_worker::engine::{Engine, Model};
 use liandan_worker::hf::weights::{extract, llama_tensors};
@@ -111,7 +112,7 @@ fn ten_adamw_steps(name: &str) {
     let adamw = AdamWConfig { beta1: r.f("beta1"), beta2: r.f("beta2"), eps: r.f("eps"), weight_decay: r.f("weight_decay") };
     let schedule =
         LrSchedule { max_lr: r.f("max_lr"), min_lr: r.f("min_lr"), warmup_steps: r.train["warmup_steps"].as_u64().unwrap(), total_steps: r.train["total_steps"].as_u64().unwrap() };
-    let mut rep = CpuEngine.replica(&cfg, mb.b, mb.t, &adamw).unwrap();
+    let mut rep = CpuEngine.replica(&cfg, mb.b, mb.t, &adamw, Shard::WHOLE).unwrap();
     rep.model().set_params(&ck.params).unwrap();
     let denom = loss_denominator([(&mb.targets[..], mb.weights.as_deref())]);
     let (want_losses, want_lrs, want_norms) = (r.f32s("losses"), r.f32s("lrs"), r.f32s("grad_norms"));
@@ -168,7 +169,7 @@ fn import_train_export_import_round_trips() {
             }
         }
         mb.weights = None;
-        let mut rep = CpuEngine.replica(&cfg, mb.b, mb.t, &AdamWConfig::default()).unwrap();
+        let mut rep = CpuEngine.replica(&cfg, mb.b, mb.t, &AdamWConfig::default(), Shard::WHOLE).unwrap();
         rep.model().set_params(&ck.params).unwrap();
         let denom = loss_denominator([(&mb.targets[..], None)]);
         for _ in 0..5 {

@@ -74,6 +74,7 @@ fn plan(name: &str, template: Option<&str>, rows: usize) -> PhasePlan {
         device: None,
         labelled_examples: None,
         prepare: None,
+        shard_optimizer: false,
     }
 }
 

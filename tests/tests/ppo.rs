@@ -110,6 +110,7 @@ fn fixture(dir: &Path, steps: u64) -> PhasePlan {
         device: None,
         labelled_examples: None,
         prepare: None,
+        shard_optimizer: false,
     }
 }
 

@@ -5,17 +5,20 @@ use rayon::prelude::*;
 use crate::model::params::{ParamKind, ParamLayout};
 pub use liandan_plan::training::{AdamWConfig, LrSchedule};
 
-/// AdamW state: first and second moments in the parameters' flat layout.
+/// AdamW state: first and second moments of the parameters in the flat layout, or of one
+/// shard of them (ZeRO-1: each rank of a data-parallel group keeps and updates its own).
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub config: AdamWConfig,
-    /// `m`: running mean of gradients.
+    /// `m`: running mean of gradients, element `i` of it for parameter `shard.start + i`.
     pub m: Vec<f32>,
-    /// `v`: running mean of squared gradients.
+    /// `v`: running mean of squared gradients, indexed as `m`.
     pub v: Vec<f32>,
     /// Updates applied so far (the `t` of bias correction).
     pub t: u64,
-    /// Per-element weight-decay flag spans: `(range, decays)` in layout order.
+    /// The parameters this optimizer updates (all of them unless sharded).
+    pub shard: std::ops::Range<usize>,
+    /// Per-element weight-decay flag spans within `shard`: `(range, decays)` in layout order.
     spans: Vec<(std::ops::Range<usize>, bool)>,
 }
 
@@ -24,11 +27,24 @@ const CHUNK: usize = 1 << 15;
 
 impl AdamW {
     pub fn new(config: AdamWConfig, layout: &ParamLayout) -> Self {
-        let spans = ParamKind::ALL.iter().map(|&k| (layout.range(k), k.decays())).filter(|(r, _)| !r.is_empty()).collect();
-        AdamW { config, m: vec![0.0; layout.len()], v: vec![0.0; layout.len()], t: 0, spans }
+        Self::sharded(config, layout, 0..layout.len())
     }
 
-    /// One update with learning rate `lr`, in PyTorch's `torch.optim.AdamW` order:
+    /// An optimizer of the parameters `shard` only (a range of the flat layout).
+    pub fn sharded(config: AdamWConfig, layout: &ParamLayout, shard: std::ops::Range<usize>) -> Self {
+        let spans = ParamKind::ALL
+            .iter()
+            .map(|&k| {
+                let r = layout.range(k);
+                (r.start.max(shard.start)..r.end.min(shard.end), k.decays())
+            })
+            .filter(|(r, _)| r.start < r.end)
+            .collect();
+        AdamW { config, m: vec![0.0; shard.len()], v: vec![0.0; shard.len()], t: 0, shard, spans }
+    }
+
+    /// One update with learning rate `lr` of the parameters in `shard` (`params` and `grads`
+    /// are the whole flat layout), in PyTorch's `torch.optim.AdamW` order:
     /// `p ← p·(1 − lr·wd)`, then `p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + eps)`.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32) {
         self.t += 1;
@@ -41,11 +57,9 @@ impl AdamW {
         for (range, decays) in &self.spans {
             let decay = if *decays { 1.0 - lr * c.weight_decay } else { 1.0 };
             let r = range.clone();
-            params[r.clone()]
-                .par_chunks_mut(CHUNK)
-                .zip(grads[r.clone()].par_chunks(CHUNK))
-                .zip(self.m[r.clone()].par_chunks_mut(CHUNK).zip(self.v[r].par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| {
+            let own = r.start - self.shard.start..r.end - self.shard.start;
+            params[r.clone()].par_chunks_mut(CHUNK).zip(grads[r].par_chunks(CHUNK)).zip(self.m[own.clone()].par_chunks_mut(CHUNK).zip(self.v[own].par_chunks_mut(CHUNK))).for_each(
+                |((p, g), (m, v))| {
                     for i in 0..p.len() {
                         let gi = g[i];
                         m[i] = b1 * m[i] + (1.0 - b1) * gi;
@@ -53,26 +67,37 @@ impl AdamW {
                         let denom = v[i].sqrt() / bc2_sqrt + eps;
                         p[i] = p[i] * decay - step_size * m[i] / denom;
                     }
-                });
+                },
+            );
         }
     }
 }
 
 /// The global L2 norm of `grads`, summed in f64 over fixed chunks in order (deterministic).
 pub fn global_norm(grads: &[f32]) -> f32 {
+    sum_of_squares(grads).sqrt() as f32
+}
+
+/// `Σ g²` in f64 over fixed chunks in order (deterministic): one shard's part of the squared norm.
+pub fn sum_of_squares(grads: &[f32]) -> f64 {
     let partial: Vec<f64> = grads.par_chunks(CHUNK).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum()).collect();
-    partial.iter().sum::<f64>().sqrt() as f32
+    partial.iter().sum::<f64>()
 }
 
 /// Scales `grads` so their global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`:
 /// factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
     let norm = global_norm(grads);
+    scale_to_norm(grads, norm, max_norm);
+    norm
+}
+
+/// [`clip_grad_norm`]'s scaling of `grads` when their norm (over every shard) is `norm`.
+pub fn scale_to_norm(grads: &mut [f32], norm: f32, max_norm: f32) {
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         grads.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
     }
-    norm
 }
 
 #[cfg(test)]

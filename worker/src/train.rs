@@ -66,15 +66,15 @@ pub fn accumulate(model: &mut dyn Model, micro: &[MicroBatch], denom: f32) -> Re
 pub fn replica_step(replica: &mut dyn Replica, micro: &[MicroBatch], denom: f32, coll: Option<&mut dyn Collective>, clip: f32, lr: f32) -> Result<(f64, f32, usize)> {
     replica.model().zero_grad()?;
     let (host_loss, tokens) = accumulate(replica.model(), micro, denom)?;
-    if let Some(c) = coll {
-        replica.all_reduce_grads(c)?;
-    }
+    let mut local = crate::collective::Local;
+    let coll = coll.unwrap_or(&mut local);
+    replica.all_reduce_grads(coll)?;
     let params = replica.model_ref().layout().len();
-    let norm = timed_op(replica, "opt.clip", cost::global_norm(params, clip > 0.0), |r| r.clip(clip))?;
+    let norm = timed_op(replica, "opt.clip", cost::global_norm(params, clip > 0.0), |r| r.clip(clip, coll))?;
     // Reading the norm waited for the whole backward, so the device's loss is ready: read it
     // now, while the device is idle, rather than wait once more after AdamW.
     let loss = host_loss + replica.model().take_loss()?;
-    timed_op(replica, "opt.adamw", cost::adamw(params), |r| r.step(lr))?;
+    timed_op(replica, "opt.adamw", cost::adamw(params), |r| r.step(lr, coll))?;
     Ok((loss, norm, tokens))
 }
 
@@ -125,7 +125,7 @@ impl Trainer {
         let mut model = Gpt::new(model_config, config.batch_size, config.seq_len)?;
         model.init_weights(&mut rng);
         let opt = AdamW::new(config.adamw.clone(), &model.layout);
-        Ok(Trainer { replica: CpuReplica { model, opt }, config, step: 0, rng })
+        Ok(Trainer { replica: CpuReplica::new(model, opt), config, step: 0, rng })
     }
 
     /// One optimizer step over `micro` ([`replica_step`]).
@@ -232,6 +232,6 @@ impl Trainer {
         opt.v = v;
         opt.t = ckpt.state.optimizer_t;
         let rng = Rng::from_state(ckpt.state.rng_state()?);
-        Ok((Trainer { replica: CpuReplica { model, opt }, config, step: ckpt.state.step, rng }, ckpt.state))
+        Ok((Trainer { replica: CpuReplica::new(model, opt), config, step: ckpt.state.step, rng }, ckpt.state))
     }
 }

@@ -15,6 +15,8 @@
 //!   ([`Nccl::all_reduce_buckets`]), and the trait's host-buffer ops stage through
 //!   a device bucket. Rank 0's unique id travels through a rendezvous function the caller supplies
 //!   (the coordinator's `PublishRendezvous`); an abort flag ends a stuck op with `ncclCommAbort`.
+//! - [`shard`] and [`Shard`]: which part of a buffer each rank owns in a reduce-scatter and an
+//!   all-gather, the two halves of a sum that a sharded optimizer (ZeRO-1) runs apart.
 //! - [`bench`](mod@bench): loopback bandwidth of the ring and of a plain memory copy, for `liandan bench`.
 //!
 //! # Failure model
@@ -23,6 +25,8 @@
 //! within about 100 ms once the runtime raises the abort flag (the coordinator moved to a new
 //! generation). After any error a ring is broken for good: the bytes in flight are unknown, so
 //! the runtime drops it and connects a new ring in the next generation.
+
+use std::ops::Range;
 
 pub mod bench;
 mod local;
@@ -46,10 +50,59 @@ pub trait Collective: Send {
     fn all_reduce_scalar(&mut self, x: f64) -> Result<f64, CollectiveError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// Sum over all ranks of this rank's [`shard`] of `buf`, left in place; the rest of `buf`
+    /// is left unspecified. Every rank's shard ends with the bits every other rank would see
+    /// after the [`all_gather`](Collective::all_gather) that usually follows. The default sums
+    /// the whole buffer, which meets the contract at the cost of the full all-reduce.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(buf)
+    }
+    /// Every rank's [`shard`] of `buf` copied from its owner to every rank, bit for bit.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
     /// The NCCL communicator, when this collective is one: a GPU replica then sums its
     /// gradients on the device instead of staging them through the host.
     fn as_nccl(&mut self) -> Option<&mut Nccl> {
         None
+    }
+}
+
+/// The part of a `len`-element buffer rank `rank` of `world` owns in a reduce-scatter and an
+/// all-gather (and whose optimizer state it keeps when the optimizer is sharded): elements
+/// `rank·len/world .. (rank+1)·len/world`, uneven when `world` does not divide `len`.
+pub fn shard(len: usize, rank: usize, world: usize) -> Range<usize> {
+    let at = |k: usize| (k as u128 * len as u128 / world.max(1) as u128) as usize;
+    at(rank)..at(rank + 1)
+}
+
+/// Which part of the optimizer state a replica keeps: all of it (`world` 1), or with the
+/// optimizer sharded over the data-parallel group (ZeRO stage 1), rank `rank`'s [`shard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole state: an unsharded optimizer.
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// This rank's elements of a `len`-element buffer.
+    pub fn range(&self, len: usize) -> Range<usize> {
+        shard(len, self.rank, self.world)
+    }
+
+    pub fn is_whole(&self) -> bool {
+        self.world <= 1
+    }
+
+    /// Refuses a collective of another rank or world than the shard was made for.
+    pub fn check(&self, coll: &dyn Collective) -> Result<(), CollectiveError> {
+        if (coll.rank(), coll.world()) == (self.rank, self.world) {
+            return Ok(());
+        }
+        Err(CollectiveError::Protocol {
+            reason: format!("the optimizer is sharded for rank {} of {}, the group is rank {} of {}", self.rank, self.world, coll.rank(), coll.world()),
+        })
     }
 }
 

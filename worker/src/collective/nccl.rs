@@ -15,7 +15,9 @@
 //! [`Nccl::all_reduce_buckets`] sums the gradients layer by layer on the device's side stream,
 //! each bucket after the ready mark the backward records when that layer's gradients are final.
 //! The host queues the whole backward before it gets there (a step has no waits), so the sums
-//! of the last layers run while the main stream is still on the backward of the first.
+//! of the last layers run while the main stream is still on the backward of the first. With the
+//! optimizer sharded (ZeRO-1), the same buckets are reduced only to the rank that owns each
+//! element, and [`Nccl::all_gather_device`] then broadcasts each rank's updated parameters.
 //!
 //! # Failure model
 //! Every op is enqueued on one of the device's streams and then waited for by polling, so the wait can
@@ -24,6 +26,7 @@
 //! `ncclCommAbort` and the op returns [`CollectiveError::Aborted`] or `Timeout`; after any
 //! error the communicator is broken for good, as with the TCP ring.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -310,25 +313,44 @@ impl Nccl {
     }
 
     /// Sums gradient buckets over all ranks on the device's side stream while the main stream
-    /// goes on: each bucket `(slot, views)` of f32 is summed in place after the device's ready
-    /// mark `slot` (one NCCL group per bucket), in the order given, which every rank must share
-    /// (the backward's: the last layer first). Returns once every sum is done (polled, as every
-    /// op here), with the main stream ordered after them.
+    /// goes on: bucket `(slot, ranges)` holds the elements `ranges` of `grads` (f32) and is summed
+    /// in place after the device's ready mark `slot` (one NCCL group per bucket), in the order
+    /// given, which every rank must share (the backward's: the last layer first). With `sharded`,
+    /// each element is summed only on the rank whose [`shard`](super::shard) of `grads` holds it
+    /// (a reduce to that owner: ZeRO-1's reduce-scatter, in pieces that follow the buckets);
+    /// otherwise on every rank. Returns once every sum is done (polled, as every op here), with
+    /// the main stream ordered after them.
     ///
     /// # Errors
-    /// Aborted (new generation), timeout, an NCCL or driver error; the device has no side stream.
-    pub fn all_reduce_buckets(&mut self, dev: &CudaDevice, buckets: &[(usize, Vec<View>)]) -> Result<(), crate::backend::cuda::CudaError> {
+    /// Aborted (new generation), timeout, an NCCL or driver error; the device has no side stream;
+    /// a range outside `grads`.
+    pub fn all_reduce_buckets(&mut self, dev: &CudaDevice, grads: View, buckets: &[(usize, Vec<Range<usize>>)], sharded: bool) -> Result<(), crate::backend::cuda::CudaError> {
         let to_cuda = |e: CollectiveError| crate::backend::cuda::CudaError::Nccl { op: "all-reduce (overlapped)", status: e.to_string() };
         self.check().map_err(to_cuda)?;
         let side = dev.side_stream().ok_or_else(|| to_cuda(CollectiveError::Config { reason: format!("{} has no side stream for NCCL", dev.name) }))?;
-        for (slot, views) in buckets {
+        if let Some(r) = buckets.iter().flat_map(|(_, rs)| rs).find(|r| r.start > r.end || r.end > grads.len) {
+            return Err(crate::backend::cuda::CudaError::Shape { op: "all_reduce_buckets", reason: format!("range {r:?} outside {} gradients", grads.len) });
+        }
+        let (n, world) = (grads.len, self.world);
+        for (slot, ranges) in buckets {
             dev.side_after_mark(*slot)?;
             cudarc::nccl::result::group_start().map_err(|e| to_cuda(self.fail("ncclGroupStart", e)))?;
             let mut queued = Ok(());
-            for v in views {
-                queued = self.enqueue_sum_on(side, v.ptr.0, v.len, sys::ncclDataType_t::ncclFloat32);
-                if queued.is_err() {
-                    break;
+            'queue: for r in ranges {
+                let pieces: Vec<(Option<usize>, Range<usize>)> = if sharded {
+                    (0..world).map(|root| (Some(root), overlap(r, &super::shard(n, root, world)))).filter(|(_, p)| !p.is_empty()).collect()
+                } else {
+                    vec![(None, r.clone())]
+                };
+                for (root, p) in pieces {
+                    let ptr = grads.sub(p.start, p.len(), 4).ptr.0;
+                    queued = match root {
+                        Some(root) => self.enqueue_reduce_on(side, ptr, p.len(), root),
+                        None => self.enqueue_sum_on(side, ptr, p.len(), sys::ncclDataType_t::ncclFloat32),
+                    };
+                    if queued.is_err() {
+                        break 'queue;
+                    }
                 }
             }
             // The group is closed even after a failed call, so NCCL's group state is left clean.
@@ -338,6 +360,45 @@ impl Nccl {
         }
         self.wait_until("ncclAllReduce (overlapped)", CudaDevice::side_is_idle).map_err(to_cuda)?;
         dev.main_after_side()
+    }
+
+    /// All-gather of `buf` (f32, device memory) on the main stream: every rank's
+    /// [`shard`](super::shard) broadcast from its owner to every rank, bit for bit (ZeRO-1's
+    /// updated parameters).
+    ///
+    /// # Errors
+    /// Aborted (new generation), timeout, an NCCL or driver error.
+    pub fn all_gather_device(&mut self, dev: &CudaDevice, buf: View) -> Result<(), crate::backend::cuda::CudaError> {
+        let to_cuda = |e: CollectiveError| crate::backend::cuda::CudaError::Nccl { op: "all-gather", status: e.to_string() };
+        let _ = dev; // the communicator's own device; the parameter documents where `buf` lives
+        self.check().map_err(to_cuda)?;
+        self.gather_piece(buf.ptr.0, 0..buf.len, buf.len).map_err(to_cuda)
+    }
+
+    /// Broadcasts, in one group on the main stream, the part of each rank's shard of a
+    /// `total`-element buffer that falls in `piece` (which starts at device address `ptr`), then
+    /// waits.
+    fn gather_piece(&mut self, ptr: u64, piece: Range<usize>, total: usize) -> Result<(), CollectiveError> {
+        cudarc::nccl::result::group_start().map_err(|e| self.fail("ncclGroupStart", e))?;
+        let mut queued = Ok(());
+        for root in 0..self.world {
+            let p = overlap(&piece, &super::shard(total, root, self.world));
+            if p.is_empty() {
+                continue;
+            }
+            let at = ptr + ((p.start - piece.start) * 4) as u64;
+            // SAFETY: `at` addresses `p.len()` f32 inside the caller's checked piece on this
+            // communicator's device; in place is allowed by NCCL; the stream is the device's.
+            let r = unsafe { cudarc::nccl::result::broadcast(at as *const _, at as *mut _, p.len(), sys::ncclDataType_t::ncclFloat32, root as i32, self.comm, self.stream as _) };
+            if let Err(e) = r {
+                queued = Err(self.fail("ncclBroadcast", e));
+                break;
+            }
+        }
+        let closed = cudarc::nccl::result::group_end().map_err(|e| self.fail("ncclGroupEnd", e));
+        queued.and(closed)?;
+        self.settle("ncclGroupEnd")?;
+        self.wait("ncclBroadcast")
     }
 
     /// After a call of a nonblocking communicator returned `ncclInProgress`, NCCL must see its
@@ -374,6 +435,14 @@ impl Nccl {
         let err = nccl_err(op, e);
         self.abort();
         err
+    }
+
+    fn enqueue_reduce_on(&mut self, stream: cudarc::driver::sys::CUstream, ptr: u64, count: usize, root: usize) -> Result<(), CollectiveError> {
+        // SAFETY: as `enqueue_sum_on`; a non-root rank's receive buffer is not written.
+        let r = unsafe {
+            cudarc::nccl::result::reduce(ptr as *const _, ptr as *mut _, count, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, root as i32, self.comm, stream as _)
+        };
+        r.map(|_| ()).map_err(|e| self.fail("ncclReduce", e))
     }
 
     fn enqueue_sum(&mut self, ptr: u64, count: usize, dtype: sys::ncclDataType_t) -> Result<(), CollectiveError> {
@@ -432,6 +501,25 @@ impl Collective for Nccl {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.all_reduce_scalar(0.0).map(|_| ())
     }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.check()?;
+        let dev = self.dev.clone();
+        let dev_err = |e: crate::backend::cuda::CudaError| CollectiveError::Device { op: "staging copy", reason: e.to_string() };
+        let (total, step) = (buf.len(), self.opts.bucket_elems);
+        for (k, chunk) in buf.chunks_mut(step).enumerate() {
+            dev.upload(&self.staging, 0, chunk).map_err(dev_err)?;
+            let ptr = self.staging.ptr().0;
+            self.gather_piece(ptr, k * step..k * step + chunk.len(), total)?;
+            dev.download(&self.staging, 0, chunk).map_err(dev_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// The elements two ranges share (empty when they do not meet).
+fn overlap(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    a.start.max(b.start)..a.end.min(b.end).max(a.start.max(b.start))
 }
 
 impl Drop for Nccl {

@@ -37,7 +37,9 @@
 //! ```
 //!
 //! After the reduce-scatter rank `r` holds the full sum of segment `r+1`; the all-gather passes
-//! each finished segment once around the ring. Each rank sends and receives `2(n−1)/n · len`
+//! each finished segment once around the ring. The reduce-scatter and the all-gather also run
+//! alone (a sharded optimizer's two halves); they shift every segment index by `n−1`, so that
+//! rank `r` owns segment `r`, the [`shard`](super::shard) the other collectives agree on. Each rank sends and receives `2(n−1)/n · len`
 //! values, the bandwidth optimum. The segment received at step `t` is the one sent at step `t+1`,
 //! so the exchange is pipelined in pieces of [`RingOptions::chunk_bytes`]: a piece is read from
 //! the left, reduced, and handed at once to a sender thread that writes it to the right, while
@@ -273,6 +275,15 @@ impl TcpRing {
         result
     }
 
+    /// Runs the ring steps of `op` (a sum, a reduce-scatter or an all-gather) over `buf`.
+    fn ring_op(&mut self, op: Op, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let seq = self.begin()?;
+        let Some(links) = &self.links else { return Ok(()) };
+        let header = Header { seq, op, len: buf.len() as u64 };
+        let result = ring_all_reduce(links, &mut self.pool, buf, header, self.rank, self.world, &self.opts, self.generation);
+        self.finish(result)
+    }
+
     /// Gathers one f64 per rank, in rank order, on every rank.
     fn gather(&mut self, op: Op, x: f64) -> Result<Vec<f64>, CollectiveError> {
         let seq = self.begin()?;
@@ -294,11 +305,15 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let seq = self.begin()?;
-        let Some(links) = &self.links else { return Ok(()) };
-        let header = Header { seq, op: Op::Sum, len: buf.len() as u64 };
-        let result = ring_all_reduce(links, &mut self.pool, buf, header, self.rank, self.world, &self.opts, self.generation);
-        self.finish(result)
+        self.ring_op(Op::Sum, buf)
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.ring_op(Op::ReduceScatter, buf)
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.ring_op(Op::AllGather, buf)
     }
 
     fn all_reduce_scalar(&mut self, x: f64) -> Result<f64, CollectiveError> {
@@ -315,11 +330,12 @@ impl Collective for TcpRing {
 // ---------------------------------------------------------------------------------------------
 // The ops.
 
-/// Reduce-scatter + all-gather of `buf` (see the module docs). This thread receives and reduces;
-/// a scoped sender thread writes what it is handed to the right neighbour.
+/// The ring steps of `header.op` over `buf` (see the module docs): reduce-scatter + all-gather
+/// for a sum, or one of the two. This thread receives and reduces; a scoped sender thread writes
+/// what it is handed to the right neighbour.
 fn ring_all_reduce(links: &Links, pool: &mut Vec<Vec<u8>>, buf: &mut [f32], header: Header, rank: usize, world: usize, opts: &RingOptions, generation: u64) -> Result<(), Fail> {
     let stop = AtomicBool::new(false);
-    let w = Waiter { op: "all_reduce_sum", timeout: opts.timeout, abort: opts.abort.as_deref(), stop: Some(&stop), generation };
+    let w = Waiter { op: header.op.name(), timeout: opts.timeout, abort: opts.abort.as_deref(), stop: Some(&stop), generation };
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     let result = thread::scope(|s| {
@@ -340,7 +356,7 @@ fn ring_all_reduce(links: &Links, pool: &mut Vec<Vec<u8>>, buf: &mut [f32], head
         match (received, sent) {
             (Ok(()), Ok(())) => Ok(()),
             (Err(Fail::Error(e)), _) | (_, Err(Fail::Error(e))) => Err(Fail::Error(e)),
-            _ => Err(protocol("all_reduce_sum stopped without an error")),
+            _ => Err(protocol(&format!("{} stopped without an error", header.op.name()))),
         }
     });
     pool.extend(back_rx.try_iter().take(POOL_MAX.saturating_sub(pool.len())));
@@ -365,8 +381,10 @@ fn receive_and_reduce(
     // A failed send means the sender thread has ended, which it only does on error.
     let queue = |msg: Vec<u8>| tx.send(msg).map_err(|_| Fail::Stopped);
     let len = buf.len();
+    let (shift, steps) = header.op.steps(n);
     queue(header.encode().to_vec())?;
-    for piece in buf[segment(len, n, rank)].chunks(chunk) {
+    // Step t sends segment (r + shift − t) mod n, so the first step sends this one.
+    for piece in buf[segment(len, n, (rank + shift + 2 * n - steps.start) % n)].chunks(chunk) {
         let mut out = take(back, pool, piece.len() * 4);
         encode(piece, &mut out);
         queue(out)?;
@@ -376,13 +394,12 @@ fn receive_and_reduce(
     read_full(&links.left, &mut got, &links.left_name, w)?;
     header.check(&got, &links.left_name)?;
 
-    let steps = 2 * (n - 1);
     let mut incoming = vec![0u8; chunk.min(len.div_ceil(n)) * 4];
-    for t in 0..steps {
-        // Segment (r − t − 1) mod n; t < 2n − 1, so the sum stays positive.
-        let seg = segment(len, n, (rank + 2 * n - 1 - t) % n);
+    for t in steps.clone() {
+        // Segment (r + shift − t − 1) mod n; t < 2n − 1, so the sum stays positive.
+        let seg = segment(len, n, (rank + shift + 2 * n - 1 - t) % n);
         let reduce = t < n - 1;
-        let forward = t + 1 < steps;
+        let forward = t + 1 < steps.end;
         for piece in buf[seg].chunks_mut(chunk) {
             let bytes = piece.len() * 4;
             if reduce {
@@ -390,8 +407,11 @@ fn receive_and_reduce(
                 read_full(&links.left, incoming, &links.left_name, w)?;
                 let mut out = take(back, pool, bytes);
                 add_into(piece, incoming, &mut out);
-                // Every reduce-scatter step is followed by another step (n ≥ 2).
-                queue(out)?;
+                if forward {
+                    queue(out)?;
+                } else if pool.len() < POOL_MAX {
+                    pool.push(out);
+                }
             } else {
                 let mut msg = take(back, pool, bytes);
                 read_full(&links.left, &mut msg, &links.left_name, w)?;
@@ -441,10 +461,9 @@ fn gather_scalars(links: &Links, header: Header, rank: usize, n: usize, x: f64, 
     Ok(values)
 }
 
-/// Elements `s·len/n .. (s+1)·len/n` (u128 so `s·len` cannot overflow).
+/// Elements `s·len/n .. (s+1)·len/n`: rank `s`'s [`shard`](super::shard).
 fn segment(len: usize, n: usize, s: usize) -> Range<usize> {
-    let at = |k: usize| (k as u128 * len as u128 / n as u128) as usize;
-    at(s)..at(s + 1)
+    super::shard(len, s, n)
 }
 
 /// A send buffer of `len` bytes: one the sender returned, one kept from an earlier op, or new.
@@ -489,6 +508,8 @@ enum Op {
     Sum = 1,
     Scalar = 2,
     Barrier = 3,
+    ReduceScatter = 4,
+    AllGather = 5,
 }
 
 impl Op {
@@ -497,11 +518,24 @@ impl Op {
             Op::Sum => "all_reduce_sum",
             Op::Scalar => "all_reduce_scalar",
             Op::Barrier => "barrier",
+            Op::ReduceScatter => "reduce_scatter_sum",
+            Op::AllGather => "all_gather",
         }
     }
 
     fn from_code(code: u32) -> Option<Op> {
-        [Op::Sum, Op::Scalar, Op::Barrier].into_iter().find(|op| *op as u32 == code)
+        [Op::Sum, Op::Scalar, Op::Barrier, Op::ReduceScatter, Op::AllGather].into_iter().find(|op| *op as u32 == code)
+    }
+
+    /// A buffer op's `(shift, steps)` in a ring of `n` (see the module docs). The sum keeps the
+    /// rotation it always had; the reduce-scatter and the all-gather alone turn the ring by one
+    /// more segment so rank `r` owns segment `r` ([`super::shard`]).
+    fn steps(self, n: usize) -> (usize, Range<usize>) {
+        match self {
+            Op::ReduceScatter => (n - 1, 0..n - 1),
+            Op::AllGather => (n - 1, n - 1..2 * (n - 1)),
+            _ => (0, 0..2 * (n - 1)),
+        }
     }
 }
 
@@ -945,6 +979,56 @@ mod tests {
             for (rank, (_, scalar)) in results.iter().enumerate() {
                 assert_eq!(scalar.to_bits(), expected.to_bits(), "world {world} rank {rank}");
             }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_then_all_gather_is_the_sum_on_every_rank() {
+        for world in [2, 3, 4] {
+            let results = with_ring(
+                world,
+                |_| 3,
+                |_| opts(30_000),
+                |rank, ring| {
+                    let mut ring = ring?;
+                    let mut outs = Vec::new();
+                    for len in LENS {
+                        let mut buf = input(rank, len);
+                        ring.reduce_scatter_sum(&mut buf)?;
+                        let own = buf[crate::collective::shard(len, rank, world)].to_vec();
+                        ring.all_gather(&mut buf)?;
+                        assert_eq!(&buf[crate::collective::shard(len, rank, world)], &own[..], "the all-gather keeps the owner's shard");
+                        outs.push(buf);
+                    }
+                    Ok::<_, CollectiveError>(outs)
+                },
+            );
+            let results: Vec<_> = results.into_iter().map(|r| r.unwrap_or_else(|e| panic!("world {world}: {e}"))).collect();
+            for (k, &len) in LENS.iter().enumerate() {
+                let outs: Vec<Vec<f32>> = results.iter().map(|outs| outs[k].clone()).collect();
+                check_sums(world, len, &outs);
+            }
+        }
+    }
+
+    #[test]
+    fn all_gather_copies_each_owners_shard_bit_for_bit() {
+        let (world, len) = (3, 1001);
+        let results = with_ring(
+            world,
+            |_| 4,
+            |rank| RingOptions { chunk_bytes: [4, 64, 1 << 20][rank], ..opts(30_000) },
+            |rank, ring| {
+                let mut ring = ring?;
+                // Only the owner's shard is meaningful; the rest is overwritten.
+                let mut buf: Vec<f32> = (0..len).map(|i| if crate::collective::shard(len, rank, world).contains(&i) { value(7, i) } else { f32::NAN }).collect();
+                ring.all_gather(&mut buf)?;
+                Ok::<_, CollectiveError>(buf)
+            },
+        );
+        for (rank, r) in results.into_iter().enumerate() {
+            let got = r.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+            assert!(got.iter().enumerate().all(|(i, v)| v.to_bits() == value(7, i).to_bits()), "rank {rank} differs");
         }
     }
 

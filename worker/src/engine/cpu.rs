@@ -7,8 +7,9 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::shard::{Gathered, own_part};
 use super::{Engine, Model, Replica};
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::{Collective, CollectiveError, Shard};
 use crate::error::Result;
 use crate::generate::{Generation, Generator, SamplingConfig};
 use crate::model::config::{Family, GptConfig};
@@ -16,7 +17,7 @@ use crate::model::gpt::Gpt;
 use crate::model::llama::Llama;
 use crate::model::params::ParamLayout;
 use crate::model::profile::OpProfile;
-use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm, scale_to_norm, sum_of_squares};
 use crate::rng::Rng;
 
 /// Makes CPU models.
@@ -35,18 +36,10 @@ impl Engine for CpuEngine {
         })
     }
 
-    fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig) -> Result<Box<dyn Replica>> {
+    fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig, shard: Shard) -> Result<Box<dyn Replica>> {
         Ok(match config.family {
-            Family::Gpt2 => {
-                let model = Gpt::new(config.clone(), max_b, max_t)?;
-                let opt = AdamW::new(adamw.clone(), &model.layout);
-                Box::new(CpuReplica { model, opt })
-            }
-            Family::Llama => {
-                let model = Llama::new(config.clone(), max_b, max_t)?;
-                let opt = AdamW::new(adamw.clone(), &model.layout);
-                Box::new(CpuReplica { model, opt })
-            }
+            Family::Gpt2 => Box::new(CpuReplica::sharded(Gpt::new(config.clone(), max_b, max_t)?, adamw.clone(), shard)),
+            Family::Llama => Box::new(CpuReplica::sharded(Llama::new(config.clone(), max_b, max_t)?, adamw.clone(), shard)),
         })
     }
 }
@@ -162,11 +155,26 @@ macro_rules! cpu_model {
 cpu_model!(Gpt, |m: &Gpt, prompt: &[u32], cfg: &SamplingConfig| Generator::new(m).generate(prompt, cfg));
 cpu_model!(Llama, |m: &Llama, prompt: &[u32], cfg: &SamplingConfig| crate::model::llama_generate::generate(m, prompt, cfg));
 
-/// A CPU model with its AdamW.
+/// A CPU model with its AdamW (of every parameter, or of one shard).
 #[derive(Debug)]
 pub struct CpuReplica<M = Gpt> {
     pub model: M,
     pub opt: AdamW,
+    shard: Shard,
+    gathered: Gathered,
+}
+
+impl<M: FlatModel> CpuReplica<M> {
+    /// `model` with `opt`, an optimizer of every parameter.
+    pub fn new(model: M, opt: AdamW) -> Self {
+        CpuReplica { model, opt, shard: Shard::WHOLE, gathered: Gathered::default() }
+    }
+
+    /// `model` with a fresh AdamW of `shard`'s parameters.
+    pub fn sharded(model: M, config: AdamWConfig, shard: Shard) -> Self {
+        let opt = AdamW::sharded(config, model.layout(), shard.range(model.layout().len()));
+        CpuReplica { model, opt, shard, gathered: Gathered::default() }
+    }
 }
 
 impl<M: FlatModel> Replica for CpuReplica<M> {
@@ -179,17 +187,33 @@ impl<M: FlatModel> Replica for CpuReplica<M> {
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
-        coll.all_reduce_sum(self.model.grads_mut())
+        if self.shard.is_whole() {
+            return coll.all_reduce_sum(self.model.grads_mut());
+        }
+        self.shard.check(coll)?;
+        coll.reduce_scatter_sum(self.model.grads_mut())
     }
 
-    fn clip(&mut self, max_norm: f32) -> Result<f32> {
+    fn clip(&mut self, max_norm: f32, coll: &mut dyn Collective) -> Result<f32> {
         let g = self.model.grads_mut();
-        Ok(if max_norm > 0.0 { clip_grad_norm(g, max_norm) } else { global_norm(g) })
+        if self.shard.is_whole() {
+            return Ok(if max_norm > 0.0 { clip_grad_norm(g, max_norm) } else { global_norm(g) });
+        }
+        // Only this rank's shard holds summed gradients: the squares are summed over the group.
+        let own = &mut g[self.opt.shard.clone()];
+        let norm = coll.all_reduce_scalar(sum_of_squares(own))?.sqrt() as f32;
+        if max_norm > 0.0 {
+            scale_to_norm(own, norm, max_norm);
+        }
+        Ok(norm)
     }
 
-    fn step(&mut self, lr: f32) -> Result<()> {
+    fn step(&mut self, lr: f32, coll: &mut dyn Collective) -> Result<()> {
         let (p, g) = self.model.params_and_grads();
         self.opt.step(p, g, lr);
+        if !self.shard.is_whole() {
+            coll.all_gather(self.model.params_mut())?;
+        }
         Ok(())
     }
 
@@ -197,15 +221,24 @@ impl<M: FlatModel> Replica for CpuReplica<M> {
         self.opt.t
     }
 
+    fn gather_moments(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
+        if self.shard.is_whole() {
+            return Ok(());
+        }
+        let n = self.model.layout().len();
+        self.gathered.gather(self.shard, n, (&self.opt.m, &self.opt.v), self.opt.t, coll)
+    }
+
     fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok((self.opt.m.clone(), self.opt.v.clone()))
+        if self.shard.is_whole() {
+            return Ok((self.opt.m.clone(), self.opt.v.clone()));
+        }
+        self.gathered.get(self.opt.t)
     }
 
     fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()> {
         let n = self.model.params_mut().len();
-        if m.len() != n || v.len() != n {
-            return Err(crate::EngineError::BadLength { what: "optimizer moments", expected: n, got: m.len().min(v.len()) });
-        }
+        let (m, v) = own_part(self.shard, n, m, v)?;
         self.opt.m.copy_from_slice(m);
         self.opt.v.copy_from_slice(v);
         self.opt.t = t;

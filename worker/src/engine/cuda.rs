@@ -9,13 +9,14 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use super::shard::{Gathered, own_part};
 use super::{Engine, Model, Replica};
 use crate::backend::cuda::Precision;
 use crate::backend::cuda::device::{CudaDevice, DevBuf};
 use crate::backend::cuda::generate::CudaGenerator;
 use crate::backend::cuda::model::CudaGpt;
 use crate::backend::cuda::ops::{self, AdamWArgs, NORM_BLOCKS};
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::{Collective, CollectiveError, Shard};
 use crate::error::{EngineError, Result};
 use crate::generate::{Generation, SamplingConfig};
 use crate::model::config::GptConfig;
@@ -60,11 +61,11 @@ impl Engine for CudaEngine {
         Ok(Box::new(CudaGpt::new(self.dev.clone(), config.clone(), max_b, max_t, self.precision)?))
     }
 
-    fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig) -> Result<Box<dyn Replica>> {
+    fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig, shard: Shard) -> Result<Box<dyn Replica>> {
         refuse_llama(config)?;
         self.dev.bind_to_thread()?;
         let model = CudaGpt::new(self.dev.clone(), config.clone(), max_b, max_t, self.precision)?;
-        Ok(Box::new(CudaReplica::new(model, adamw.clone())?))
+        Ok(Box::new(CudaReplica::sharded(model, adamw.clone(), shard)?))
     }
 }
 
@@ -168,19 +169,22 @@ impl Model for CudaGpt {
     }
 }
 
-/// A CUDA model with its AdamW moments on the device.
+/// A CUDA model with its AdamW moments on the device (of every parameter, or of one shard).
 #[derive(Debug)]
 pub struct CudaReplica {
     pub model: CudaGpt,
     pub adamw: AdamWConfig,
     /// Updates AdamW has applied (its bias-correction `t`), as the CPU's `AdamW::t`.
     pub opt_t: u64,
+    /// The optimizer state this replica keeps; `m` and `v` hold `shard.range(n)`.
+    shard: Shard,
     m: DevBuf<f32>,
     v: DevBuf<f32>,
     norm: DevBuf<f32>,
     norm_partial: DevBuf<f64>,
-    /// Host staging for the gradients when the collective is not NCCL.
+    /// Host staging for the gradients (and, sharded, the parameters) when the collective is not NCCL.
     staging: Vec<f32>,
+    gathered: Gathered,
 }
 
 impl CudaReplica {
@@ -189,12 +193,36 @@ impl CudaReplica {
     /// # Errors
     /// The device is out of memory.
     pub fn new(model: CudaGpt, adamw: AdamWConfig) -> Result<Self> {
-        let n = model.layout.len();
-        let dev = model.dev.clone();
-        Ok(CudaReplica { m: dev.alloc(n)?, v: dev.alloc(n)?, norm: dev.alloc(1)?, norm_partial: dev.alloc(NORM_BLOCKS)?, model, adamw, opt_t: 0, staging: Vec::new() })
+        Self::sharded(model, adamw, Shard::WHOLE)
     }
 
-    /// AdamW's moments `(m, v)`, copied to the host.
+    /// `model` with zero moments of `shard`'s parameters only (ZeRO-1).
+    ///
+    /// # Errors
+    /// The device is out of memory.
+    pub fn sharded(model: CudaGpt, adamw: AdamWConfig, shard: Shard) -> Result<Self> {
+        let own = shard.range(model.layout.len()).len();
+        let dev = model.dev.clone();
+        Ok(CudaReplica {
+            m: dev.alloc(own)?,
+            v: dev.alloc(own)?,
+            norm: dev.alloc(1)?,
+            norm_partial: dev.alloc(NORM_BLOCKS)?,
+            model,
+            adamw,
+            opt_t: 0,
+            shard,
+            staging: Vec::new(),
+            gathered: Gathered::default(),
+        })
+    }
+
+    /// The parameters whose optimizer state this replica keeps.
+    fn own(&self) -> std::ops::Range<usize> {
+        self.shard.range(self.model.layout.len())
+    }
+
+    /// AdamW's moments of this replica's shard (all of them unless sharded), copied to the host.
     pub fn moments_to_host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         let dev = &self.model.dev;
         Ok((dev.to_host(&self.m)?, dev.to_host(&self.v)?))
@@ -211,31 +239,70 @@ impl CudaReplica {
         Ok(norm[0])
     }
 
-    /// AdamW over every parameter span (the CPU's [`crate::optim::AdamW::step`]); one update.
+    /// The norm over the group when only this rank's shard holds summed gradients: the shard's
+    /// `Σ g²` (f64 parts summed in order on the host) summed over `coll`, then the shard scaled.
+    fn sharded_norm(&mut self, max_norm: f32, coll: &mut dyn Collective) -> Result<f32> {
+        let own = self.own();
+        let dev = &self.model.dev;
+        let grads = self.model.grads.view(own.start, own.len());
+        ops::sum_of_squares(dev, self.norm_partial.all(), grads, own.len())?;
+        let mut partial = [0.0f64; NORM_BLOCKS];
+        dev.download(&self.norm_partial, 0, &mut partial)?;
+        let norm = coll.all_reduce_scalar(partial.iter().sum())?.sqrt() as f32;
+        if max_norm > 0.0 {
+            dev.upload(&self.norm, 0, &[norm])?;
+            ops::clip_scale(dev, grads, self.norm.all(), own.len(), max_norm)?;
+        }
+        Ok(norm)
+    }
+
+    /// AdamW over every parameter span of this replica's shard (the CPU's
+    /// [`crate::optim::AdamW::step`]); one update.
     pub(crate) fn adamw(&mut self, lr: f32) -> Result<()> {
         let t = self.opt_t + 1;
         let c = &self.adamw;
         let bc1 = 1.0 - (c.beta1 as f64).powi(t as i32);
         let bc2 = 1.0 - (c.beta2 as f64).powi(t as i32);
         let base = AdamWArgs { step_size: (lr as f64 / bc1) as f32, bc2_sqrt: bc2.sqrt() as f32, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay: 1.0 };
+        let own = self.own();
         let m = &self.model;
         for kind in ParamKind::ALL {
-            let r = m.layout.range(kind);
+            let kr = m.layout.range(kind);
+            let r = kr.start.max(own.start)..kr.end.min(own.end);
+            if r.start >= r.end {
+                continue;
+            }
             let decay = if kind.decays() { 1.0 - lr * c.weight_decay } else { 1.0 };
             let pb = (m.precision == Precision::Bf16).then(|| m.params_bf16.view(r.start, r.len()));
+            let at = r.start - own.start;
             ops::adamw_step(
                 &m.dev,
                 m.params.view(r.start, r.len()),
                 pb,
                 m.grads.view(r.start, r.len()),
-                self.m.view(r.start, r.len()),
-                self.v.view(r.start, r.len()),
+                self.m.view(at, r.len()),
+                self.v.view(at, r.len()),
                 r.len(),
                 AdamWArgs { decay, ..base },
             )?;
         }
         self.opt_t = t;
         Ok(())
+    }
+
+    /// ZeRO-1's last half: every rank's updated shard of the parameters to every rank (on the
+    /// device through NCCL, else through the host), then their bf16 copy rewritten.
+    fn all_gather_params(&mut self, coll: &mut dyn Collective) -> Result<()> {
+        let n = self.model.layout.len();
+        if let Some(nccl) = coll.as_nccl() {
+            nccl.all_gather_device(&self.model.dev, self.model.params.view(0, n))?;
+        } else {
+            self.staging.resize(n, 0.0);
+            self.model.dev.download(&self.model.params, 0, &mut self.staging)?;
+            coll.all_gather(&mut self.staging)?;
+            self.model.dev.upload(&self.model.params, 0, &self.staging)?;
+        }
+        Ok(self.model.refresh_bf16_params()?)
     }
 }
 
@@ -249,6 +316,10 @@ impl Replica for CudaReplica {
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
+        let sharded = !self.shard.is_whole();
+        if sharded {
+            self.shard.check(coll)?;
+        }
         if coll.world() == 1 {
             return Ok(());
         }
@@ -259,8 +330,8 @@ impl Replica for CudaReplica {
         // The backward's order: the last layer's bucket is final first, the shared tensors last.
         let order = (0..layout.buckets() - 1).rev().chain([layout.buckets() - 1]);
         if let Some(nccl) = coll.as_nccl() {
-            let buckets: Vec<(usize, Vec<_>)> = order.map(|slot| (slot, layout.bucket(slot).into_iter().map(|r| self.model.grads.view(r.start, r.len())).collect())).collect();
-            return nccl.all_reduce_buckets(&self.model.dev, &buckets).map_err(device("NCCL all-reduce"));
+            let buckets: Vec<(usize, Vec<_>)> = order.map(|slot| (slot, layout.bucket(slot))).collect();
+            return nccl.all_reduce_buckets(&self.model.dev, self.model.grads.view(0, n), &buckets, sharded).map_err(device("NCCL all-reduce"));
         }
         // Through the host: ordered as the side stream would be (on the emulated device, this
         // checks that no work after a bucket's ready mark wrote the bucket).
@@ -270,36 +341,53 @@ impl Replica for CudaReplica {
         self.model.dev.main_after_side().map_err(device("wait for the side stream"))?;
         self.staging.resize(n, 0.0);
         self.model.dev.download(&self.model.grads, 0, &mut self.staging).map_err(device("copy gradients to the host"))?;
-        coll.all_reduce_sum(&mut self.staging)?;
-        self.model.dev.upload(&self.model.grads, 0, &self.staging).map_err(device("copy gradients to the device"))
+        if !sharded {
+            coll.all_reduce_sum(&mut self.staging)?;
+            return self.model.dev.upload(&self.model.grads, 0, &self.staging).map_err(device("copy gradients to the device"));
+        }
+        coll.reduce_scatter_sum(&mut self.staging)?;
+        let own = self.own();
+        self.model.dev.upload(&self.model.grads, own.start, &self.staging[own]).map_err(device("copy gradients to the device"))
     }
 
-    fn clip(&mut self, max_norm: f32) -> Result<f32> {
+    fn clip(&mut self, max_norm: f32, coll: &mut dyn Collective) -> Result<f32> {
         self.model.dev.bind_to_thread()?;
-        self.norm(max_norm)
+        if self.shard.is_whole() { self.norm(max_norm) } else { self.sharded_norm(max_norm, coll) }
     }
 
-    fn step(&mut self, lr: f32) -> Result<()> {
+    fn step(&mut self, lr: f32, coll: &mut dyn Collective) -> Result<()> {
         self.model.dev.bind_to_thread()?;
-        self.adamw(lr)
+        self.adamw(lr)?;
+        if !self.shard.is_whole() {
+            self.all_gather_params(coll)?;
+        }
+        Ok(())
     }
 
     fn optimizer_t(&self) -> u64 {
         self.opt_t
     }
 
+    fn gather_moments(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
+        if self.shard.is_whole() {
+            return Ok(());
+        }
+        let to_host = |e: EngineError| CollectiveError::Device { op: "copy optimizer moments to the host", reason: e.to_string() };
+        self.model.dev.bind_to_thread().map_err(|e| to_host(e.into()))?;
+        let (m, v) = self.moments_to_host().map_err(to_host)?;
+        self.gathered.gather(self.shard, self.model.layout.len(), (&m, &v), self.opt_t, coll)
+    }
+
     fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        if !self.shard.is_whole() {
+            return self.gathered.get(self.opt_t);
+        }
         self.model.dev.bind_to_thread()?;
         self.moments_to_host()
     }
 
     fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()> {
-        let n = self.model.layout.len();
-        for (what, x) in [("optimizer m", m), ("optimizer v", v)] {
-            if x.len() != n {
-                return Err(EngineError::BadLength { what, expected: n, got: x.len() });
-            }
-        }
+        let (m, v) = own_part(self.shard, self.model.layout.len(), m, v)?;
         self.model.dev.bind_to_thread()?;
         self.model.dev.upload(&self.m, 0, m)?;
         self.model.dev.upload(&self.v, 0, v)?;

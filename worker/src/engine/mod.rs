@@ -7,7 +7,10 @@
 //!   fused cross-entropy does not express), KV-cache generation, and the parameters to and from
 //!   the host (checkpoints).
 //! - [`Replica`]: a model with its gradients and AdamW state, one rank of a data-parallel
-//!   group: it sums its gradients over a [`Collective`], clips them and steps.
+//!   group: it sums its gradients over a [`Collective`], clips them and steps. Its optimizer
+//!   state may be sharded over the group (ZeRO-1, [`Shard`]): each rank then keeps `m` and `v`
+//!   of its own shard, receives only that shard's summed gradients (a reduce-scatter), updates
+//!   it, and all-gathers the parameters.
 //! - [`Engine`]: makes models and replicas on one device.
 //!
 //! # Layout
@@ -23,12 +26,13 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod shard;
 // The score head is a checkpoint file shared with the coordinator (liandan-plan).
 pub use liandan_plan::head;
 
 use std::borrow::Cow;
 
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::{Collective, CollectiveError, Shard};
 use crate::error::Result;
 use crate::generate::{Generation, SamplingConfig};
 use crate::model::config::GptConfig;
@@ -96,17 +100,27 @@ pub trait Model: Send + std::fmt::Debug {
 pub trait Replica: Send + std::fmt::Debug {
     fn model(&mut self) -> &mut dyn Model;
     fn model_ref(&self) -> &dyn Model;
-    /// Sums the gradients over the group (every rank ends with the same bits).
+    /// Sums the gradients over the group (every rank ends with the same bits). With the
+    /// optimizer sharded only this rank's shard is summed: a reduce-scatter.
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError>;
     /// Scales the gradients to a global norm of at most `max_norm` (0: no clipping); returns the
-    /// norm before clipping.
-    fn clip(&mut self, max_norm: f32) -> Result<f32>;
-    /// One AdamW update at learning rate `lr`.
-    fn step(&mut self, lr: f32) -> Result<()>;
+    /// norm before clipping. A sharded optimizer sums its shard's squares over `coll`.
+    fn clip(&mut self, max_norm: f32, coll: &mut dyn Collective) -> Result<f32>;
+    /// One AdamW update at learning rate `lr`. A sharded optimizer updates its shard of the
+    /// parameters, then all-gathers them over `coll`, so every rank ends with the same bits.
+    fn step(&mut self, lr: f32, coll: &mut dyn Collective) -> Result<()>;
     /// Updates AdamW has applied (its bias-correction `t`).
     fn optimizer_t(&self) -> u64;
-    /// AdamW's `m` and `v`, flat layout.
+    /// Called on every rank before a checkpoint: a sharded optimizer all-gathers its moments so
+    /// that [`Replica::moments`] can return them whole. Nothing to do for an unsharded one.
+    fn gather_moments(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
+        let _ = coll;
+        Ok(())
+    }
+    /// AdamW's `m` and `v`, flat layout (a sharded optimizer's as its last
+    /// [`Replica::gather_moments`] at this step gathered them).
     fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)>;
+    /// Loads the whole `m` and `v` (a sharded optimizer keeps its shard of them).
     fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()>;
 }
 
@@ -116,8 +130,9 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn name(&self) -> String;
     /// A model for batches up to `(max_b, max_t)`, parameters zero.
     fn model(&self, config: &GptConfig, max_b: usize, max_t: usize) -> Result<Box<dyn Model>>;
-    /// A replica: a model and a fresh AdamW.
-    fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig) -> Result<Box<dyn Replica>>;
+    /// A replica: a model and a fresh AdamW that keeps the optimizer state of `shard`
+    /// ([`Shard::WHOLE`], or one rank's part when the optimizer is sharded).
+    fn replica(&self, config: &GptConfig, max_b: usize, max_t: usize, adamw: &AdamWConfig, shard: Shard) -> Result<Box<dyn Replica>>;
 }
 
 /// An engine opened for a worker: what it registers with and what the runtime needs besides.

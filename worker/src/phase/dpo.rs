@@ -335,7 +335,7 @@ pub fn run_dpo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<Ph
     if start.dir().is_none() {
         return Err(PhaseError::Plan("a dpo phase starts from the SFT phase's checkpoint (its reference); none was given".into()));
     }
-    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw())?;
+    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
     let (first, state) = start_replica(replica.as_mut(), plan, start)?;
     let all: Vec<&DpoPair> = pairs.train.iter().chain(&pairs.heldout).collect();
     let fp = fingerprint(&all);

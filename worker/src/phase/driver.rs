@@ -178,7 +178,7 @@ impl Ctx<'_> {
         }
         let mut norms = Vec::with_capacity(replicas.len());
         for (r, _) in replicas.iter_mut() {
-            norms.push(r.clip(self.grad_clip)?);
+            norms.push(r.clip(self.grad_clip, &mut *self.coll).map_err(collective_first)?);
         }
         let norm = norms.first().copied().unwrap_or(0.0);
         // A non-finite norm of any replica counts; the first replica's is the one reported.
@@ -187,10 +187,19 @@ impl Ctx<'_> {
         let applied = self.divergence.check(self.step + 1, loss, worst)?;
         if applied {
             for (r, lr) in replicas.iter_mut() {
-                r.step(*lr)?;
+                r.step(*lr, &mut *self.coll).map_err(collective_first)?;
             }
         }
         Ok(Update { applied, norm })
+    }
+}
+
+/// An engine error that is a collective's (a sharded optimizer's norm or all-gather) stays one,
+/// so the driver ends the generation instead of failing the phase.
+fn collective_first(e: crate::EngineError) -> PhaseError {
+    match e {
+        crate::EngineError::Collective(c) => PhaseError::Collective(c),
+        other => PhaseError::Engine(other),
     }
 }
 
@@ -266,6 +275,10 @@ pub fn drive(run: Run<'_>, phase: &mut dyn PhaseStep, first: u64) -> Result<Phas
             });
         }
         let boundary = step.is_multiple_of(plan.checkpoint_every.max(1)) || step == plan.steps;
+        if boundary && let Err(e) = phase.primary().gather_moments(&mut *coll) {
+            // Every rank gathers a sharded optimizer's moments; rank 0 writes them.
+            return Ok(collective_outcome(e, abort));
+        }
         if boundary && rank == 0 {
             let mut files = phase.boundary_files(step)?;
             // A model's template and stop tokens travel with its tokenizer.

@@ -314,7 +314,7 @@ pub fn run_grpo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<P
     let mut reference = io.engine.model(&plan.model, b_max, t)?;
     reference.set_params(&ref_ck.params)?;
     let reward = reward_model(plan, io.engine, &s, b_max)?;
-    let mut policy = io.engine.replica(&plan.model, b_max, t, &plan.adamw())?;
+    let mut policy = io.engine.replica(&plan.model, b_max, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
     let first = match start {
         Start::Fresh => {
             policy.model().set_params(&ref_ck.params)?;

@@ -159,7 +159,7 @@ pub fn run_reward(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result
     if start.dir().is_none() {
         return Err(PhaseError::Plan("a reward phase starts from the SFT phase's checkpoint; none was given".into()));
     }
-    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw())?;
+    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
     let (first, state) = start_replica(replica.as_mut(), plan, start)?;
     let c = plan.model.n_embd;
     let head = match (start, &state) {

@@ -248,8 +248,14 @@ impl CudaGpt {
             return Err(EngineError::BadLength { what: "params", expected: self.layout.len(), got: params.len() }.into());
         }
         self.dev.upload(&self.params, 0, params)?;
+        self.refresh_bf16_params()
+    }
+
+    /// Rewrites the bf16 copy of the parameters from the f32 master (after the f32 ones were
+    /// written other than by AdamW); nothing to do for f32 matmuls.
+    pub fn refresh_bf16_params(&self) -> Result<()> {
         if self.precision == Precision::Bf16 {
-            ops::cast_to_bf16(&self.dev, self.params_bf16.all(), self.params.all(), params.len())?;
+            ops::cast_to_bf16(&self.dev, self.params_bf16.all(), self.params.all(), self.layout.len())?;
         }
         Ok(())
     }

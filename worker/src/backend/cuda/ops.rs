@@ -680,12 +680,18 @@ pub fn adamw_step(dev: &CudaDevice, params: View, params_bf16: Option<View>, gra
 /// CPU: [`crate::optim::global_norm`]: writes `‖grads‖₂` to `norm[0]` (device), via `partial`
 /// (`NORM_BLOCKS` doubles).
 pub fn global_norm(dev: &CudaDevice, norm: View, partial: View, grads: View, n: usize) -> Result<()> {
-    need("global_norm", "grads", grads, n)?;
-    need("global_norm", "partial", partial, NORM_BLOCKS)?;
     need("global_norm", "norm", norm, 1)?;
-    let cfg = LaunchConfig { grid_dim: (NORM_BLOCKS as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    dev.launch("global_norm_partial", cfg, &[p(partial), p(grads), Arg::L(n as i64)])?;
+    sum_of_squares(dev, partial, grads, n)?;
     dev.launch("global_norm_finish", LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }, &[p(norm), p(partial), Arg::I(NORM_BLOCKS as i32)])
+}
+
+/// CPU: [`crate::optim::sum_of_squares`] in `NORM_BLOCKS` f64 parts: `partial[k]` is block
+/// `k`'s `Σ g²` (their sum, in order, is one shard's part of a sharded optimizer's norm).
+pub fn sum_of_squares(dev: &CudaDevice, partial: View, grads: View, n: usize) -> Result<()> {
+    need("sum_of_squares", "grads", grads, n)?;
+    need("sum_of_squares", "partial", partial, NORM_BLOCKS)?;
+    let cfg = LaunchConfig { grid_dim: (NORM_BLOCKS as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    dev.launch("global_norm_partial", cfg, &[p(partial), p(grads), Arg::L(n as i64)])
 }
 
 /// CPU: [`crate::optim::clip_grad_norm`]'s scaling, reading the norm from the device.

@@ -157,7 +157,7 @@ impl Models {
             Ok(m)
         };
         let trained = |params: &[f32]| -> Result<Box<dyn Replica>, PhaseError> {
-            let mut r = engine.replica(cfg, b, t, &plan.adamw())?;
+            let mut r = engine.replica(cfg, b, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
             r.model().set_params(params)?;
             Ok(r)
         };

@@ -167,8 +167,20 @@ pub(super) fn nccl(cx: &mut Ctx<'_, '_>) -> Result<()> {
     for (slot, v) in halves.iter().enumerate() {
         cx.d().mark(slot, &[*v], 4)?;
     }
-    comm.all_reduce_buckets(cx.d(), &[(1, vec![halves[1]]), (0, vec![halves[0]])])?;
+    let buckets = [(1, vec![1200..1800, 1800..x.len()]), (0, vec![0..500, 500..1200])];
+    comm.all_reduce_buckets(cx.d(), g.view(0, x.len()), &buckets, false)?;
     let got = cx.down(&g, x.len())?;
     cx.push(compare("nccl all_reduce_buckets world=1 (side stream, 2 buckets)", &got, &x, Tolerance::Exact));
+    // ZeRO-1's halves: reduce to the owner, bucket by bucket, then all-gather.
+    for (slot, v) in halves.iter().enumerate() {
+        cx.d().mark(slot, &[*v], 4)?;
+    }
+    comm.all_reduce_buckets(cx.d(), g.view(0, x.len()), &buckets, true)?;
+    comm.all_gather_device(cx.d(), g.view(0, x.len()))?;
+    let got = cx.down(&g, x.len())?;
+    cx.push(compare("nccl reduce to owners + all_gather_device world=1", &got, &x, Tolerance::Exact));
+    let mut y = x.clone();
+    comm.all_gather(&mut y).map_err(nccl_err("all_gather"))?;
+    cx.push(compare("nccl all_gather world=1 (3 buckets)", &y, &x, Tolerance::Exact));
     Ok(())
 }
