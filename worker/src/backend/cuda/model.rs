@@ -93,6 +93,8 @@ pub struct CudaGpt {
     pub params_bf16: DevBuf<u16>,
     /// Gradients, same layout; accumulated by `backward`, cleared by `zero_grad`.
     pub grads: DevBuf<f32>,
+    /// The views of `grads` each gradient bucket covers ([`ParamLayout::bucket`]), made once.
+    bucket_views: Vec<Vec<View>>,
     acts: Acts,
     gacts: GradActs,
     inputs: DevBuf<u32>,
@@ -193,11 +195,14 @@ impl CudaGpt {
             Precision::F32 => 1,
         };
         let attention = AttentionKernels::default_for(&dev, precision, c / nh);
+        let grads = z(layout.len())?;
+        let bucket_views = (0..layout.buckets()).map(|slot| layout.bucket(slot).into_iter().map(|r| grads.view(r.start, r.len())).collect()).collect();
         Ok(CudaGpt {
             attention,
             params: z(layout.len())?,
             params_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { layout.len() } else { 1 })?,
-            grads: z(layout.len())?,
+            grads,
+            bucket_views,
             acts,
             gacts,
             inputs: dev.alloc::<u32>(bt)?,
@@ -777,7 +782,6 @@ impl CudaGpt {
     /// all-reduce of it waits for the work queued so far, and no later work of the step writes
     /// it (the emulated device checks).
     fn mark_bucket(&self, slot: usize) -> Result<()> {
-        let views: Vec<View> = self.layout.bucket(slot).into_iter().map(|r| self.grads.view(r.start, r.len())).collect();
-        self.dev.mark(slot, &views, std::mem::size_of::<f32>())
+        self.dev.mark(slot, &self.bucket_views[slot], std::mem::size_of::<f32>())
     }
 }
