@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::collective::overlap;
 use crate::model::params::{ParamKind, ParamLayout};
 pub use liandan_plan::training::{AdamWConfig, LrSchedule};
 
@@ -32,14 +33,7 @@ impl AdamW {
 
     /// An optimizer of the parameters `shard` only (a range of the flat layout).
     pub fn sharded(config: AdamWConfig, layout: &ParamLayout, shard: std::ops::Range<usize>) -> Self {
-        let spans = ParamKind::ALL
-            .iter()
-            .map(|&k| {
-                let r = layout.range(k);
-                (r.start.max(shard.start)..r.end.min(shard.end), k.decays())
-            })
-            .filter(|(r, _)| r.start < r.end)
-            .collect();
+        let spans = ParamKind::ALL.iter().map(|&k| (overlap(&layout.range(k), &shard), k.decays())).filter(|(r, _)| !r.is_empty()).collect();
         AdamW { config, m: vec![0.0; shard.len()], v: vec![0.0; shard.len()], t: 0, shard, spans }
     }
 

@@ -74,6 +74,12 @@ pub fn shard(len: usize, rank: usize, world: usize) -> Range<usize> {
     at(rank)..at(rank + 1)
 }
 
+/// The elements two ranges share (empty, at `a`'s clamped start, when they do not meet).
+pub fn overlap(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    let start = a.start.max(b.start);
+    start..a.end.min(b.end).max(start)
+}
+
 /// Which part of the optimizer state a replica keeps: all of it (`world` 1), or with the
 /// optimizer sharded over the data-parallel group (ZeRO stage 1), rank `rank`'s [`shard`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use cudarc::nccl::sys;
 
-use super::{Collective, CollectiveError};
+use super::{Collective, CollectiveError, overlap};
 use crate::backend::cuda::device::{CudaDevice, DevBuf, View};
 
 /// NCCL's unique id: 128 opaque bytes, created by rank 0 and shared with every rank.
@@ -515,11 +515,6 @@ impl Collective for Nccl {
         }
         Ok(())
     }
-}
-
-/// The elements two ranges share (empty when they do not meet).
-fn overlap(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
-    a.start.max(b.start)..a.end.min(b.end).max(a.start.max(b.start))
 }
 
 impl Drop for Nccl {

@@ -16,7 +16,7 @@ use crate::backend::cuda::device::{CudaDevice, DevBuf};
 use crate::backend::cuda::generate::CudaGenerator;
 use crate::backend::cuda::model::CudaGpt;
 use crate::backend::cuda::ops::{self, AdamWArgs, NORM_BLOCKS};
-use crate::collective::{Collective, CollectiveError, Shard};
+use crate::collective::{Collective, CollectiveError, Shard, overlap};
 use crate::error::{EngineError, Result};
 use crate::generate::{Generation, SamplingConfig};
 use crate::model::config::GptConfig;
@@ -182,6 +182,9 @@ pub struct CudaReplica {
     v: DevBuf<f32>,
     norm: DevBuf<f32>,
     norm_partial: DevBuf<f64>,
+    /// The gradient buckets `(slot, ranges)` in the order the backward finishes them (the last
+    /// layer first, the shared tensors last), as the all-reduce takes them.
+    buckets: Vec<(usize, Vec<std::ops::Range<usize>>)>,
     /// Host staging for the gradients (and, sharded, the parameters) when the collective is not NCCL.
     staging: Vec<f32>,
     gathered: Gathered,
@@ -203,7 +206,10 @@ impl CudaReplica {
     pub fn sharded(model: CudaGpt, adamw: AdamWConfig, shard: Shard) -> Result<Self> {
         let own = shard.range(model.layout.len()).len();
         let dev = model.dev.clone();
+        let last = model.layout.buckets() - 1;
+        let buckets = (0..last).rev().chain([last]).map(|slot| (slot, model.layout.bucket(slot))).collect();
         Ok(CudaReplica {
+            buckets,
             m: dev.alloc(own)?,
             v: dev.alloc(own)?,
             norm: dev.alloc(1)?,
@@ -267,9 +273,8 @@ impl CudaReplica {
         let own = self.own();
         let m = &self.model;
         for kind in ParamKind::ALL {
-            let kr = m.layout.range(kind);
-            let r = kr.start.max(own.start)..kr.end.min(own.end);
-            if r.start >= r.end {
+            let r = overlap(&m.layout.range(kind), &own);
+            if r.is_empty() {
                 continue;
             }
             let decay = if kind.decays() { 1.0 - lr * c.weight_decay } else { 1.0 };
@@ -326,17 +331,13 @@ impl Replica for CudaReplica {
         let device = |op: &'static str| move |e: crate::backend::cuda::CudaError| CollectiveError::Device { op, reason: e.to_string() };
         self.model.dev.bind_to_thread().map_err(device("bind the CUDA context"))?;
         let n = self.model.layout.len();
-        let layout = &self.model.layout;
-        // The backward's order: the last layer's bucket is final first, the shared tensors last.
-        let order = (0..layout.buckets() - 1).rev().chain([layout.buckets() - 1]);
         if let Some(nccl) = coll.as_nccl() {
-            let buckets: Vec<(usize, Vec<_>)> = order.map(|slot| (slot, layout.bucket(slot))).collect();
-            return nccl.all_reduce_buckets(&self.model.dev, self.model.grads.view(0, n), &buckets, sharded).map_err(device("NCCL all-reduce"));
+            return nccl.all_reduce_buckets(&self.model.dev, self.model.grads.view(0, n), &self.buckets, sharded).map_err(device("NCCL all-reduce"));
         }
         // Through the host: ordered as the side stream would be (on the emulated device, this
         // checks that no work after a bucket's ready mark wrote the bucket).
-        for slot in order {
-            self.model.dev.side_after_mark(slot).map_err(device("wait for a gradient bucket"))?;
+        for (slot, _) in &self.buckets {
+            self.model.dev.side_after_mark(*slot).map_err(device("wait for a gradient bucket"))?;
         }
         self.model.dev.main_after_side().map_err(device("wait for the side stream"))?;
         self.staging.resize(n, 0.0);
