@@ -6,7 +6,10 @@
 //! to 128): the reference the selftest compares the tensor-core kernels with, the path of
 //! [`Precision::F32`] (which checks the model against the CPU), and the fallback where the
 //! tensor-core kernels do not apply. Both keep the same buffers: `lse` `(B,NH,T)` from the
-//! forward, `dqkv` overwritten by the backward, `delta` `(B,NH,T)` scratch.
+//! forward, `dqkv` overwritten by the backward, `delta` `(B,NH,T)` scratch. Both take an
+//! optional bf16 copy of their output (`out_bf16`, `dqkv_bf16`), the operand of the matmul that
+//! reads it next: the tensor-core kernels write it from the same store as the f32 value, the
+//! reference ones are followed by a cast; either way it is the f32 output rounded to nearest even.
 
 use super::device::{Arg, CudaDevice, LaunchConfig, View, grid_1d};
 use super::error::{CudaError, Result};
@@ -121,23 +124,38 @@ fn need(op: &'static str, what: &str, v: View, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The tensor-core forward: `out` `(B,T,C)` and `lse` `(B,NH,T)` from `qkv` `(B,T,3C)`.
+/// The tensor-core forward: `out` `(B,T,C)` (and its bf16 copy `out_bf16`, `(B,T,C)` bf16
+/// bits, when given) and `lse` `(B,NH,T)` from `qkv` `(B,T,3C)`.
 /// CPU: [`crate::backend::cpu::attention::attention_forward`] (which keeps the probabilities).
-pub fn flash_attention_forward(dev: &CudaDevice, out: View, lse: View, qkv: View, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+pub fn flash_attention_forward(dev: &CudaDevice, out: View, out_bf16: Option<View>, lse: View, qkv: View, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
     const OP: &str = "flash_attention_forward";
     let (hs, grid) = dims(OP, dev, b, t, c, nh)?;
     need(OP, "out", out, b * t * c)?;
     need(OP, "lse", lse, b * nh * t)?;
     need(OP, "qkv", qkv, b * t * 3 * c)?;
+    let ob = ops::optional(OP, "out_bf16", out_bf16, b * t * c)?;
     let (bytes, _, _) = shared_bytes(hs);
-    let args = [Arg::P(out.ptr), Arg::P(lse.ptr), Arg::P(qkv.ptr), Arg::I(t as i32), Arg::I(c as i32), Arg::I(nh as i32), Arg::I(bytes as i32)];
+    let args = [Arg::P(out.ptr), Arg::P(lse.ptr), Arg::P(qkv.ptr), Arg::I(t as i32), Arg::I(c as i32), Arg::I(nh as i32), Arg::I(bytes as i32), ob];
     launch_with_shared(dev, names(hs).0, grid, bytes, &args)
 }
 
-/// The tensor-core backward: `dqkv` `(B,T,3C)` (overwritten) from `dout` `(B,T,C)`, with
-/// `out` and `lse` from the forward; `delta` is scratch of `B·NH·T` floats.
-/// CPU: [`crate::backend::cpu::attention::attention_backward`].
-pub fn flash_attention_backward(dev: &CudaDevice, dqkv: View, delta: View, dout: View, qkv: View, out: View, lse: View, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+/// The tensor-core backward: `dqkv` `(B,T,3C)` (overwritten; and its bf16 copy `dqkv_bf16`
+/// when given) from `dout` `(B,T,C)`, with `out` and `lse` from the forward; `delta` is scratch
+/// of `B·NH·T` floats. CPU: [`crate::backend::cpu::attention::attention_backward`].
+pub fn flash_attention_backward(
+    dev: &CudaDevice,
+    dqkv: View,
+    dqkv_bf16: Option<View>,
+    delta: View,
+    dout: View,
+    qkv: View,
+    out: View,
+    lse: View,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
     const OP: &str = "flash_attention_backward";
     let (hs, grid) = dims(OP, dev, b, t, c, nh)?;
     for (what, v, len) in
@@ -145,28 +163,46 @@ pub fn flash_attention_backward(dev: &CudaDevice, dqkv: View, delta: View, dout:
     {
         need(OP, what, v, len)?;
     }
+    let gb = ops::optional(OP, "dqkv_bf16", dqkv_bf16, b * t * 3 * c)?;
     let (ti, ci, nhi) = (Arg::I(t as i32), Arg::I(c as i32), Arg::I(nh as i32));
     dev.launch("attention_backward_delta", grid_1d(b * nh * t, 256), &[Arg::P(delta.ptr), Arg::P(dout.ptr), Arg::P(out.ptr), Arg::I(b as i32), ti, ci, nhi])?;
     let (_, dq_bytes, dkdv_bytes) = shared_bytes(hs);
     let (_, dq, dkdv) = names(hs);
-    let args = |bytes: u32| [Arg::P(dqkv.ptr), Arg::P(dout.ptr), Arg::P(qkv.ptr), Arg::P(lse.ptr), Arg::P(delta.ptr), ti, ci, nhi, Arg::I(bytes as i32)];
+    let args = |bytes: u32| [Arg::P(dqkv.ptr), Arg::P(dout.ptr), Arg::P(qkv.ptr), Arg::P(lse.ptr), Arg::P(delta.ptr), ti, ci, nhi, Arg::I(bytes as i32), gb];
     launch_with_shared(dev, dkdv, grid, dkdv_bytes, &args(dkdv_bytes))?;
     launch_with_shared(dev, dq, grid, dq_bytes, &args(dq_bytes))
 }
 
-/// The forward with the chosen kernels (the model's one call site).
-pub fn attention_forward(dev: &CudaDevice, kernels: AttentionKernels, out: View, lse: View, qkv: View, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+/// The forward with the chosen kernels (the model's one call site); `out_bf16` as in
+/// [`flash_attention_forward`], cast after the reference kernels.
+pub fn attention_forward(
+    dev: &CudaDevice,
+    kernels: AttentionKernels,
+    out: View,
+    out_bf16: Option<View>,
+    lse: View,
+    qkv: View,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
     match kernels {
-        AttentionKernels::Reference => ops::attention_forward(dev, out, lse, qkv, b, t, c, nh),
-        AttentionKernels::TensorCore => flash_attention_forward(dev, out, lse, qkv, b, t, c, nh),
+        AttentionKernels::Reference => {
+            ops::attention_forward(dev, out, lse, qkv, b, t, c, nh)?;
+            out_bf16.map_or(Ok(()), |ob| ops::cast_to_bf16(dev, ob, out, b * t * c))
+        }
+        AttentionKernels::TensorCore => flash_attention_forward(dev, out, out_bf16, lse, qkv, b, t, c, nh),
     }
 }
 
-/// The backward with the chosen kernels (the model's one call site).
+/// The backward with the chosen kernels (the model's one call site); `dqkv_bf16` as in
+/// [`flash_attention_backward`], cast after the reference kernels.
 pub fn attention_backward(
     dev: &CudaDevice,
     kernels: AttentionKernels,
     dqkv: View,
+    dqkv_bf16: Option<View>,
     delta: View,
     dout: View,
     qkv: View,
@@ -178,8 +214,11 @@ pub fn attention_backward(
     nh: usize,
 ) -> Result<()> {
     match kernels {
-        AttentionKernels::Reference => ops::attention_backward(dev, dqkv, delta, dout, qkv, out, lse, b, t, c, nh),
-        AttentionKernels::TensorCore => flash_attention_backward(dev, dqkv, delta, dout, qkv, out, lse, b, t, c, nh),
+        AttentionKernels::Reference => {
+            ops::attention_backward(dev, dqkv, delta, dout, qkv, out, lse, b, t, c, nh)?;
+            dqkv_bf16.map_or(Ok(()), |gb| ops::cast_to_bf16(dev, gb, dqkv, b * t * 3 * c))
+        }
+        AttentionKernels::TensorCore => flash_attention_backward(dev, dqkv, dqkv_bf16, delta, dout, qkv, out, lse, b, t, c, nh),
     }
 }
 

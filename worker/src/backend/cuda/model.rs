@@ -3,8 +3,12 @@
 //!
 //! Mixed precision: parameters, gradients, optimizer moments and activations are f32 (the
 //! master copy); with [`Precision::Bf16`] the optimizer also keeps a bf16 copy of the parameters
-//! and every matmul casts its activation operand to bf16 and runs on cuBLASLt with f32
-//! accumulation. [`Precision::F32`] runs the matmuls in f32, which is what the CPU comparison uses.
+//! and the matmuls run on cuBLASLt with bf16 operands and f32 accumulation. Most activation
+//! operands arrive as bf16 from the kernel that wrote them (the LayerNorms forward and backward,
+//! the attention forward and backward, the fused classifier's logits gradient); two are still cast
+//! by a separate kernel: the GELU output in the forward (once, kept for the backward) and the
+//! GELU backward's output `dfch`, both written by a cuBLASLt epilogue in f32.
+//! [`Precision::F32`] runs the matmuls in f32, which is what the CPU comparison uses.
 //! Attention keeps one log-sum-exp per query row instead of the `(B,NH,T,T)` probabilities; it
 //! runs on the tensor-core kernels for bf16 where they apply, else on the f32 reference kernels
 //! ([`AttentionKernels`], changed with [`CudaGpt::set_attention`]).
@@ -56,8 +60,9 @@ struct Acts {
     ln1_bf16: DevBuf<u16>,
     ln2_bf16: DevBuf<u16>,
     lnf_bf16: DevBuf<u16>,
-    /// bf16 casts of `atty` and `fch_gelu` on the bf16 path, made once in the forward and read
-    /// again by the backward's weight-gradient gemms. One element each on the f32 path.
+    /// bf16 copies of `atty` (written by the attention forward) and `fch_gelu` (cast once) on
+    /// the bf16 path, read by the next matmul and again by the backward's weight-gradient
+    /// gemms. One element each on the f32 path.
     atty_bf16: DevBuf<u16>,
     fch_gelu_bf16: DevBuf<u16>,
 }
@@ -76,6 +81,9 @@ struct GradActs {
     /// bf16 copy of `dresidual` on the bf16 path, written by each LayerNorm backward: the
     /// gradient operand of the matmul backward after it. One element on the f32 path.
     dresidual_bf16: DevBuf<u16>,
+    /// bf16 copy of `dqkv` on the bf16 path, written by the attention backward: the gradient
+    /// operand of the QKV matmul's backward. One element on the f32 path.
+    dqkv_bf16: DevBuf<u16>,
 }
 
 /// A GPT-2 model with its training buffers on one GPU.
@@ -189,6 +197,7 @@ impl CudaGpt {
             dfch: z(bt * 4 * c)?,
             dfch_gelu: z(bt * 4 * c)?,
             dresidual_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { bt * c } else { 1 })?,
+            dqkv_bf16: dev.alloc::<u16>(if precision == Precision::Bf16 { bt * 3 * c } else { 1 })?,
         };
         let scratch = match precision {
             Precision::Bf16 => bt * (4 * c).max(vp),
@@ -408,12 +417,12 @@ impl CudaGpt {
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, 3 * c, true), || {
                 ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c)
             })?;
-            let atty = lv(&a.atty, l, pc, n * c);
+            let (atty, atty_b) = (lv(&a.atty, l, pc, n * c), self.bf16_copy(&a.atty_bf16, l * pc, n * c));
             timed(prof, dev, "fwd.attention", cost::attention_forward(b, t, c, nh), || {
-                flash::attention_forward(dev, self.attention, atty, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh)
+                flash::attention_forward(dev, self.attention, atty, atty_b, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh)
             })?;
             let proj = a.proj.view(0, n * c);
-            let atty_in = self.kept(prof, atty, &a.atty_bf16, l * pc, n * c)?;
+            let atty_in = self.act(atty, atty_b);
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, c, true), || {
                 ops::matmul_forward(dev, prec, proj, atty_in, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
             })?;
@@ -716,12 +725,13 @@ impl CudaGpt {
                     c,
                 )
             })?;
-            let dqkv = g.dqkv.view(0, n * 3 * c);
+            let (dqkv, dqkv_b) = (g.dqkv.view(0, n * 3 * c), self.bf16_copy(&g.dqkv_bf16, 0, n * 3 * c));
             timed(prof, dev, "bwd.attention", cost::attention_backward(b, t, c, nh), || {
                 flash::attention_backward(
                     dev,
                     self.attention,
                     dqkv,
+                    dqkv_b,
                     g.delta.view(0, b * nh * t),
                     datty,
                     lv(&a.qkv, l, p3, n * 3 * c),
@@ -741,7 +751,7 @@ impl CudaGpt {
                     self.g(K::QkvW, l),
                     Some(self.g(K::QkvB, l)),
                     dqkv,
-                    None,
+                    dqkv_b,
                     ln_in(&a.ln1, &a.ln1_bf16, l * pc),
                     self.p(K::QkvW, l),
                     self.pb(K::QkvW, l),

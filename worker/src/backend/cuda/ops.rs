@@ -85,7 +85,7 @@ pub fn layernorm_forward(dev: &CudaDevice, out: View, out_bf16: Option<View>, me
 }
 
 /// An optional pointer argument of `len` elements: null when absent.
-fn optional(op: &'static str, what: &str, v: Option<View>, len: usize) -> Result<Arg> {
+pub(super) fn optional(op: &'static str, what: &str, v: Option<View>, len: usize) -> Result<Arg> {
     match v {
         Some(v) => {
             need(op, what, v, len)?;

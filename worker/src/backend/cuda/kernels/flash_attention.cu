@@ -4,7 +4,9 @@
 // row kept for the backward. Same contract as attention.cu's kernels (which stay as the f32
 // reference and the fallback): qkv (B,T,3C) f32 with Q, K, V side by side, out (B,T,C),
 // lse (B,NH,T), dqkv (B,T,3C) overwritten; Q, K, V, P, dO and dS are rounded to bf16 on their
-// way into shared memory, scores, softmax statistics and every accumulator stay f32.
+// way into shared memory, scores, softmax statistics and every accumulator stay f32. With
+// out_bf16 (dqkv_bf16) not null, each output element rounded to bf16 (nearest even) goes there
+// too, from the same store: the next matmul's operand, with no cast kernel between.
 //
 // Work split: blocks of 4 warps (128 threads) own 64 query rows (forward, dQ) or 64 key rows
 // (dK/dV), 16 per warp; the other side streams through shared memory in tiles of 64 rows.
@@ -94,7 +96,7 @@ __device__ void fa_write_positions(float* idx) {
 
 // CPU reference: backend::cpu::attention::attention_forward (which keeps att (B,NH,T,T) instead of lse).
 template <int HS>
-__device__ void flash_forward_impl(float* out, float* lse, const float* qkv, int T, int C, int NH, int smem_bytes) {
+__device__ void flash_forward_impl(float* out, float* lse, const float* qkv, int T, int C, int NH, int smem_bytes, __nv_bfloat16* out_bf16) {
     constexpr int LDH = HS + FA_PAD, KT = HS / 16;
     extern __shared__ float fa_smem[];
     if (smem_bytes < fa_forward_smem<HS>()) __trap();
@@ -222,13 +224,18 @@ __device__ void flash_forward_impl(float* out, float* lse, const float* qkv, int
     float inv[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) inv[i] = sRw[pos[i] >> 4];
-    float* obase = out + (long long)b * T * C + (long long)h * HS;
+    const long long ooff = (long long)b * T * C + (long long)h * HS;
 #pragma unroll
     for (int n = 0; n < KT; n++)
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int row = q0 + warp * 16 + (pos[i] >> 4);
-            if (row < T) obase[(long long)row * C + n * 16 + (pos[i] & 15)] = of[n].x[i] * inv[i];
+            if (row < T) {
+                const long long e = ooff + (long long)row * C + n * 16 + (pos[i] & 15);
+                const float o = of[n].x[i] * inv[i];
+                out[e] = o;
+                if (out_bf16) out_bf16[e] = __float2bfloat16_rn(o);
+            }
         }
 }
 
@@ -236,7 +243,7 @@ __device__ void flash_forward_impl(float* out, float* lse, const float* qkv, int
 // CPU reference: backend::cpu::attention::attention_backward (the dQ = dpre·K product).
 template <int HS>
 __device__ void flash_backward_dq_impl(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH,
-                                       int smem_bytes) {
+                                       int smem_bytes, __nv_bfloat16* dqkv_bf16) {
     constexpr int LDH = HS + FA_PAD, KT = HS / 16;
     extern __shared__ float fa_smem[];
     if (smem_bytes < fa_dq_smem<HS>()) __trap();
@@ -338,13 +345,18 @@ __device__ void flash_backward_dq_impl(float* dqkv, const float* dout, const flo
             }
         }
     }
-    float* qbase = dqkv + (long long)b * T * rs + (long long)h * HS;
+    const long long qoff = (long long)b * T * rs + (long long)h * HS;
 #pragma unroll
     for (int n = 0; n < KT; n++)
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int row = q0 + warp * 16 + (pos[i] >> 4);
-            if (row < T) qbase[(long long)row * rs + n * 16 + (pos[i] & 15)] = dq[n].x[i] * scale;
+            if (row < T) {
+                const long long e = qoff + (long long)row * rs + n * 16 + (pos[i] & 15);
+                const float g = dq[n].x[i] * scale;
+                dqkv[e] = g;
+                if (dqkv_bf16) dqkv_bf16[e] = __float2bfloat16_rn(g);
+            }
         }
 }
 
@@ -352,7 +364,7 @@ __device__ void flash_backward_dq_impl(float* dqkv, const float* dout, const flo
 // CPU reference: backend::cpu::attention::attention_backward (dV = attᵀ·dout, dK = dpreᵀ·Q).
 template <int HS>
 __device__ void flash_backward_dkdv_impl(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH,
-                                         int smem_bytes) {
+                                         int smem_bytes, __nv_bfloat16* dqkv_bf16) {
     constexpr int LDH = HS + FA_PAD, KT = HS / 16;
     // At HS 64 the warp's K and V fragments stay in registers; at 128 (with 2·8 accumulators
     // for dK and dV) they are reloaded from shared memory, which keeps the kernel from spilling.
@@ -474,7 +486,7 @@ __device__ void flash_backward_dkdv_impl(float* dqkv, const float* dout, const f
             }
         }
     }
-    float* kbase = dqkv + (long long)b * T * rs + (long long)h * HS;
+    const long long koff = (long long)b * T * rs + (long long)h * HS;
 #pragma unroll
     for (int n = 0; n < KT; n++)
 #pragma unroll
@@ -482,8 +494,14 @@ __device__ void flash_backward_dkdv_impl(float* dqkv, const float* dout, const f
             const int row = k0 + warp * 16 + (pos[i] >> 4);
             const int col = n * 16 + (pos[i] & 15);
             if (row < T) {
-                kbase[(long long)row * rs + C + col] = dk[n].x[i] * scale;
-                kbase[(long long)row * rs + 2 * C + col] = dv[n].x[i];
+                const long long e = koff + (long long)row * rs + col;
+                const float gk = dk[n].x[i] * scale, gv = dv[n].x[i];
+                dqkv[e + C] = gk;
+                dqkv[e + 2 * C] = gv;
+                if (dqkv_bf16) {
+                    dqkv_bf16[e + C] = __float2bfloat16_rn(gk);
+                    dqkv_bf16[e + 2 * C] = __float2bfloat16_rn(gv);
+                }
             }
         }
 }
@@ -496,18 +514,19 @@ __device__ void flash_backward_dkdv_impl(float* dqkv, const float* dout, const f
 // per SM for ptxas (up to 255 registers each): with the default target it spills at HS 64.
 #define FA_INSTANTIATE(HS)                                                                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)                                                                        \
-        flash_attention_forward_hs##HS(float* out, float* lse, const float* qkv, int T, int C, int NH, int smem_bytes) {               \
-        FA_CALL((flash_forward_impl<HS>(out, lse, qkv, T, C, NH, smem_bytes)));                                                      \
+        flash_attention_forward_hs##HS(float* out, float* lse, const float* qkv, int T, int C, int NH, int smem_bytes,                \
+                                       __nv_bfloat16* out_bf16) {                                                                    \
+        FA_CALL((flash_forward_impl<HS>(out, lse, qkv, T, C, NH, smem_bytes, out_bf16)));                                            \
     }                                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)                                                                        \
         flash_attention_backward_dq_hs##HS(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,     \
-                                           int T, int C, int NH, int smem_bytes) {                                                   \
-        FA_CALL((flash_backward_dq_impl<HS>(dqkv, dout, qkv, lse, delta, T, C, NH, smem_bytes)));                                    \
+                                           int T, int C, int NH, int smem_bytes, __nv_bfloat16* dqkv_bf16) {                         \
+        FA_CALL((flash_backward_dq_impl<HS>(dqkv, dout, qkv, lse, delta, T, C, NH, smem_bytes, dqkv_bf16)));                         \
     }                                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)                                                                        \
         flash_attention_backward_dkdv_hs##HS(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,   \
-                                             int T, int C, int NH, int smem_bytes) {                                                 \
-        FA_CALL((flash_backward_dkdv_impl<HS>(dqkv, dout, qkv, lse, delta, T, C, NH, smem_bytes)));                                  \
+                                             int T, int C, int NH, int smem_bytes, __nv_bfloat16* dqkv_bf16) {                       \
+        FA_CALL((flash_backward_dkdv_impl<HS>(dqkv, dout, qkv, lse, delta, T, C, NH, smem_bytes, dqkv_bf16)));                       \
     }
 
 FA_INSTANTIATE(64)

@@ -13,16 +13,20 @@
 //!   by P's rounding (measured rel L2 ≤ 1.2e-3, bound 5e-3) and the gradients by P's and dS's
 //!   (measured ≤ 2.3e-3, and 4.0e-3 at T = 1, where the exact dQ and dK cancel to zero and only
 //!   rounding is left; bound 1e-2).
+//! - The bf16 copies of the output and of dqkv (the next matmul's operand), from the
+//!   tensor-core kernels' own stores and from the cast after the reference kernels: bit for bit
+//!   the f32 result rounded to nearest even.
 //! - Whole steps: as the bf16 whole step of [`super::train`] (losses rel L2 ≤ 1e-2, step-0
 //!   gradients ≤ 5e-2 against the CPU), and step-0 gradients ≤ 2e-2 against the same bf16 model
 //!   on the reference attention (only attention differs).
 
+use super::ops::{as_f32, bf16_rne};
 use super::{BF16, Ctx, Tolerance, compare, pick, randn};
 use crate::backend::cpu;
+use crate::backend::cuda::device::DevBuf;
 use crate::backend::cuda::error::{CudaError, Result};
 use crate::backend::cuda::flash::{self, AttentionKernels};
 use crate::backend::cuda::matmul::Precision;
-use crate::backend::cuda::ops;
 use crate::backend::cuda::trainer::CudaTrainer;
 use crate::model::config::GptConfig;
 use crate::train::Trainer;
@@ -33,8 +37,21 @@ const VS_REF_LSE: Tolerance = Tolerance::Elementwise { atol: 1e-4, rtol: 1e-4 };
 const VS_REF_OUT: Tolerance = Tolerance::RelativeL2 { rel: 5e-3 };
 const VS_REF_GRAD: Tolerance = Tolerance::RelativeL2 { rel: 1e-2 };
 
+/// `len` bf16 NaNs on the device: a copy a kernel failed to write stays NaN.
+fn nan_bits(cx: &Ctx<'_, '_>, len: usize) -> Result<DevBuf<u16>> {
+    cx.d().upload_new(&vec![0x7fc1u16; len])
+}
+
+/// Pushes the check that `copy` (bf16 bits, prefilled with a NaN) holds `f32s` rounded to bf16.
+fn check_bf16_copy(cx: &mut Ctx<'_, '_>, name: String, copy: &DevBuf<u16>, f32s: &[f32]) -> Result<()> {
+    let want = as_f32(&f32s.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
+    let got = cx.d().to_host(copy)?;
+    cx.push(compare(name, &as_f32(&got[..f32s.len()]), &want, Tolerance::Exact));
+    Ok(())
+}
+
 fn round_bf16(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| f32::from_bits((super::ops::bf16_rne(v) as u32) << 16)).collect()
+    x.iter().map(|&v| f32::from_bits((bf16_rne(v) as u32) << 16)).collect()
 }
 
 /// Columns `part·C .. (part+1)·C` of every row of `dqkv` `(N, 3C)`: dQ, dK or dV.
@@ -58,16 +75,24 @@ pub(super) fn attention(cx: &mut Ctx<'_, '_>) -> Result<()> {
         // The tensor-core kernels on the f32 inputs.
         let (gq, gdo) = (cx.up(&qkv)?, cx.up(&dout)?);
         let (go, gl, gdq, gdelta) = (cx.out(b * t * c)?, cx.out(b * nh * t)?, cx.out(b * t * 3 * c)?, cx.out(b * nh * t)?);
-        flash::flash_attention_forward(cx.d(), go.all(), gl.all(), gq.all(), b, t, c, nh)?;
-        flash::flash_attention_backward(cx.d(), gdq.all(), gdelta.all(), gdo.all(), gq.all(), go.all(), gl.all(), b, t, c, nh)?;
+        let (gob, gdqb) = (nan_bits(cx, b * t * c)?, nan_bits(cx, b * t * 3 * c)?);
+        flash::flash_attention_forward(cx.d(), go.all(), Some(gob.all()), gl.all(), gq.all(), b, t, c, nh)?;
+        flash::flash_attention_backward(cx.d(), gdq.all(), Some(gdqb.all()), gdelta.all(), gdo.all(), gq.all(), go.all(), gl.all(), b, t, c, nh)?;
         let (out, lse, grad) = (cx.down(&go, b * t * c)?, cx.down(&gl, b * nh * t)?, cx.down(&gdq, b * t * 3 * c)?);
+        check_bf16_copy(cx, format!("flash_attention_forward bf16 out {tag}"), &gob, &out)?;
+        check_bf16_copy(cx, format!("flash_attention_backward bf16 dqkv {tag}"), &gdqb, &grad)?;
 
-        // The reference kernels on the same inputs rounded to bf16.
+        // The reference kernels on the same inputs rounded to bf16, through the model's call
+        // sites (which cast their outputs to the bf16 copies).
         let (qr, dor) = (cx.up(&round_bf16(&qkv))?, cx.up(&round_bf16(&dout))?);
         let (ro, rl, rdq, rdelta) = (cx.out(b * t * c)?, cx.out(b * nh * t)?, cx.out(b * t * 3 * c)?, cx.out(b * nh * t)?);
-        ops::attention_forward(cx.d(), ro.all(), rl.all(), qr.all(), b, t, c, nh)?;
-        ops::attention_backward(cx.d(), rdq.all(), rdelta.all(), dor.all(), qr.all(), ro.all(), rl.all(), b, t, c, nh)?;
+        let (rob, rdqb) = (nan_bits(cx, b * t * c)?, nan_bits(cx, b * t * 3 * c)?);
+        let reference = AttentionKernels::Reference;
+        flash::attention_forward(cx.d(), reference, ro.all(), Some(rob.all()), rl.all(), qr.all(), b, t, c, nh)?;
+        flash::attention_backward(cx.d(), reference, rdq.all(), Some(rdqb.all()), rdelta.all(), dor.all(), qr.all(), ro.all(), rl.all(), b, t, c, nh)?;
         let (ref_out, ref_lse, ref_grad) = (cx.down(&ro, b * t * c)?, cx.down(&rl, b * nh * t)?, cx.down(&rdq, b * t * 3 * c)?);
+        check_bf16_copy(cx, format!("reference attention_forward bf16 out {tag}"), &rob, &ref_out)?;
+        check_bf16_copy(cx, format!("reference attention_backward bf16 dqkv {tag}"), &rdqb, &ref_grad)?;
 
         cx.push(compare(format!("flash_attention_forward out vs CPU {tag}"), &out, &o, VS_CPU_OUT));
         cx.push(compare(format!("flash_attention_forward out vs reference kernels (bf16 inputs) {tag}"), &out, &ref_out, VS_REF_OUT));

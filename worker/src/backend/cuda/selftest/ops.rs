@@ -119,7 +119,7 @@ pub fn bf16_rne(x: f32) -> u16 {
 }
 
 /// bf16 bits widened to f32 (exact).
-fn as_f32(v: &[u16]) -> Vec<f32> {
+pub(super) fn as_f32(v: &[u16]) -> Vec<f32> {
     v.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()
 }
 
