@@ -165,9 +165,10 @@ pub struct PhaseSpec {
     pub max_skipped_steps: u64,
     /// data: the pipeline's settings (`[phases.prepare]`); the output is `data.prepared`.
     pub prepare: Option<liandan_data::prepare::PrepareConfig>,
-    /// pretrain and sft: shard AdamW's state over the phase's data-parallel workers (ZeRO-1),
-    /// so each keeps `1/world` of the moments; the numbers match an unsharded run to f32
-    /// rounding. Default false.
+    /// pretrain, sft, reward, dpo and grpo: shard the trained model's AdamW state over the
+    /// phase's data-parallel workers (ZeRO-1), so each keeps `1/world` of the moments; the
+    /// numbers match an unsharded run to f32 rounding. Not ppo (it trains a value model too).
+    /// Default false.
     #[serde(default)]
     pub shard_optimizer: bool,
 }
@@ -372,8 +373,8 @@ impl JobSpec {
             if p.lr > MAX_LR {
                 return bad(&at("lr"), format!("must be at most {MAX_LR}, got {}", p.lr));
             }
-            if p.shard_optimizer && !matches!(p.kind, PhaseKind::Pretrain | PhaseKind::Sft) {
-                return bad(&at("shard_optimizer"), format!("`shard_optimizer` belongs to pretrain and sft phases, not {kind}"));
+            if p.shard_optimizer && !p.kind.can_shard_optimizer() {
+                return bad(&at("shard_optimizer"), format!("`shard_optimizer` belongs to pretrain, sft, reward, dpo and grpo phases, not {kind}"));
             }
             if p.max_skipped_steps > MAX_SKIPPED {
                 return bad(&at("max_skipped_steps"), format!("must be at most {MAX_SKIPPED}, got {}", p.max_skipped_steps));
@@ -787,11 +788,13 @@ lr = 1e-3
         assert_eq!(e, "job.toml: phases[2].tasks: `tasks` belongs to sft, reward and dpo phases, not grpo (a grpo phase's prompts are chosen by `grpo.tasks`)");
         let e = err(dpo.replace("lr = 1e-5", "lr = 1e-5\ntasks = [\" \"]"));
         assert_eq!(e, "job.toml: phases[2].tasks: a task name must not be empty");
-        // A sharded optimizer is the language-model phases' (their one trained model).
-        assert_eq!(
-            err(dpo.replace("lr = 1e-5", "lr = 1e-5\nshard_optimizer = true")),
-            "job.toml: phases[2].shard_optimizer: `shard_optimizer` belongs to pretrain and sft phases, not dpo"
-        );
+        // A sharded optimizer belongs to the phases that train one model.
+        for one in [dpo, grpo, rm] {
+            let spec = parse(one.replace("lr = 1e-", "shard_optimizer = true\nlr = 1e-")).unwrap();
+            assert!(spec.phases[2].shard_optimizer, "{one}");
+        }
+        let ppo = "[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-5\nshard_optimizer = true\n";
+        assert_eq!(err(format!("{rm}{ppo}")), "job.toml: phases[3].shard_optimizer: `shard_optimizer` belongs to pretrain, sft, reward, dpo and grpo phases, not ppo");
         let spec = parse("shard_optimizer = true\n".into()).unwrap();
         assert!(spec.phases[1].shard_optimizer && !spec.phases[0].shard_optimizer);
         // The example job parses.
@@ -841,13 +844,17 @@ lr = 1e-3
         // Sequences at world 2: the share of the global batch, ×2 for pairs, ×G for groups.
         let b: Vec<_> = (0..spec.phases.len()).map(|i| spec.phase_plan(i, &model, None).sequences_per_rank(2).unwrap()).collect();
         assert_eq!(b, [2, 1, 6, 4, 5, 5, 4]);
-        // A sharded optimizer keeps its rank's share of AdamW's moments; nothing else shrinks.
-        let mut sharded = spec.phase_plan(0, &model, None);
-        sharded.shard_optimizer = true;
-        for world in [1, 2, 3] {
-            let (whole, part) = (spec.phase_plan(0, &model, None).memory_per_rank(world).unwrap(), sharded.memory_per_rank(world).unwrap());
-            assert_eq!(part.optimizer, whole.optimizer.div_ceil(world as u64), "world {world}");
-            assert_eq!((part.weights, part.gradients, part.activations), (whole.weights, whole.gradients, whole.activations));
+        // A sharded optimizer keeps its rank's share of AdamW's moments (the trained model's;
+        // frozen models have none); nothing else shrinks. Ppo (index 3) is not sharded.
+        for i in 0..spec.phases.len() {
+            let mut sharded = spec.phase_plan(i, &model, None);
+            sharded.shard_optimizer = true;
+            for world in [1, 2, 3] {
+                let (whole, part) = (spec.phase_plan(i, &model, None).memory_per_rank(world).unwrap(), sharded.memory_per_rank(world).unwrap());
+                let share = if i == 3 { whole.optimizer } else { whole.optimizer.div_ceil(world as u64) };
+                assert_eq!(part.optimizer, share, "phase {i} world {world}");
+                assert_eq!((part.weights, part.gradients, part.activations), (whole.weights, whole.gradients, whole.activations));
+            }
         }
     }
 

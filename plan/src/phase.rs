@@ -25,6 +25,15 @@ pub enum PhaseKind {
     Dpo,
 }
 
+impl PhaseKind {
+    /// Whether [`PhasePlan::shard_optimizer`] applies: the phases that train one model, whose
+    /// optimizer state is the checkpoint's own. Not ppo, which also trains a value model whose
+    /// moments travel in its boundary files, nor a data phase.
+    pub fn can_shard_optimizer(self) -> bool {
+        matches!(self, PhaseKind::Pretrain | PhaseKind::Sft | PhaseKind::Reward | PhaseKind::Dpo | PhaseKind::Grpo)
+    }
+}
+
 /// One phase, resolved against its data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhasePlan {
@@ -95,9 +104,10 @@ pub struct PhasePlan {
     /// data: the pipeline's settings (`out` is the job's prepared-data directory).
     #[serde(default)]
     pub prepare: Option<liandan_data::prepare::PrepareConfig>,
-    /// pretrain and sft: AdamW's state sharded over the data-parallel ranks (ZeRO-1): each rank
+    /// The trained model's AdamW state sharded over the data-parallel ranks (ZeRO-1): each rank
     /// keeps `m` and `v` of its own `1/world` of the parameters, receives only that part of the
-    /// summed gradients (a reduce-scatter) and all-gathers the updated parameters.
+    /// summed gradients (a reduce-scatter) and all-gathers the updated parameters. Phases where
+    /// [`PhaseKind::can_shard_optimizer`] holds.
     #[serde(default)]
     pub shard_optimizer: bool,
 }
@@ -349,14 +359,18 @@ impl PhasePlan {
     /// reward one trained model on chosen and rejected rows together; ppo a trained policy and
     /// value model and a frozen reference and reward model. None when the sizes overflow.
     pub fn memory_per_rank(&self, world: usize) -> Option<MemoryEstimate> {
+        let m = self.unsharded_memory_per_rank(world)?;
+        // A sharded optimizer keeps its rank's share of the moments (the frozen models have none).
+        if self.shard_optimizer && self.kind.can_shard_optimizer() { Some(MemoryEstimate { optimizer: m.optimizer.div_ceil(world.max(1) as u64), ..m }) } else { Some(m) }
+    }
+
+    fn unsharded_memory_per_rank(&self, world: usize) -> Option<MemoryEstimate> {
         let b = self.global_batch.div_ceil(world.max(1)).max(1);
         let t = self.seq_len;
         let trained = |b| memory::gpt(&self.model, b, t, true);
         match self.kind {
             // The pipeline holds at most its budget, whatever the model.
             PhaseKind::Data => Some(MemoryEstimate { activations: self.prepare.as_ref().map_or(0, |c| c.memory_budget), ..Default::default() }),
-            // A sharded optimizer keeps its rank's share of the moments.
-            PhaseKind::Pretrain | PhaseKind::Sft if self.shard_optimizer => trained(b).map(|m| MemoryEstimate { optimizer: m.optimizer.div_ceil(world.max(1) as u64), ..m }),
             PhaseKind::Pretrain | PhaseKind::Sft => trained(b),
             PhaseKind::Reward => trained(b.checked_mul(2)?),
             PhaseKind::Ppo => {

@@ -163,3 +163,40 @@ fn an_sft_phase_with_a_sharded_optimizer_checkpoints_whole_moments_and_resumes_o
     let resumed = run_ring(&CpuEngine, &plan(true), Start::Continue(&step2), &d.join("resumed"), 3);
     close(&final_params(&resumed[0].1), &final_params(&whole[0].1), 1e-5, "resumed on 3 ranks vs the unsharded run");
 }
+
+#[test]
+fn reward_dpo_and_grpo_phases_with_a_sharded_optimizer_follow_the_unsharded_ones() {
+    use liandan_worker::plan::{DpoSettings, GrpoSettings, RewardSource};
+    let d = scratch_dir("sharded-optimizer-post");
+    let f = fixture(&d);
+    let base = PhasePlan { steps: 2, max_lr: 1e-2, checkpoint_every: 2, ..f.base.clone() };
+    let plans = [
+        ("reward", PhasePlan { kind: PhaseKind::Reward, global_batch: 4, seq_len: 40, examples: Some(f.prefs.clone()), ..base.clone() }),
+        ("dpo", PhasePlan { kind: PhaseKind::Dpo, global_batch: 4, seq_len: 40, examples: Some(f.prefs.clone()), dpo: Some(DpoSettings { beta: 0.5 }), ..base.clone() }),
+        (
+            "grpo",
+            PhasePlan {
+                kind: PhaseKind::Grpo,
+                global_batch: 2,
+                examples: Some(f.prompts.clone()),
+                reward_checkpoint: Some(f.reward.clone()),
+                grpo: Some(GrpoSettings { group_size: 2, reward: RewardSource::Model, max_new_tokens: 8, ..Default::default() }),
+                ..base.clone()
+            },
+        ),
+    ];
+    for (name, plan) in plans {
+        let dir = |what: &str| d.join(format!("{name}-{what}"));
+        let whole = run_ring(&CpuEngine, &plan, Start::From(&f.sft), &dir("whole"), 2);
+        let sharded = run_ring(&CpuEngine, &PhasePlan { shard_optimizer: true, ..plan.clone() }, Start::From(&f.sft), &dir("sharded"), 2);
+        let losses = |runs: &[(liandan_tests::post::Recorder, _)]| runs[0].0.steps.iter().map(|m| m.loss as f32).collect::<Vec<_>>();
+        assert_eq!(losses(&sharded).len(), 2, "{name}: two steps");
+        close(&losses(&sharded), &losses(&whole), 1e-5, &format!("{name}: losses"));
+        close(&final_params(&sharded[0].1), &final_params(&whole[0].1), 1e-5, &format!("{name}: final parameters"));
+        let (a, b) = (checkpoint::load(&checkpoint::step_dir(&dir("whole"), 2), None).unwrap(), checkpoint::load(&checkpoint::step_dir(&dir("sharded"), 2), None).unwrap());
+        let ((am, av), (bm, bv)) = (a.moments.unwrap(), b.moments.unwrap());
+        assert_eq!(bm.len(), a.params.len(), "{name}: whole moments in the checkpoint");
+        close(&bm, &am, 1e-4, &format!("{name}: m"));
+        close(&bv, &av, 1e-4, &format!("{name}: v"));
+    }
+}

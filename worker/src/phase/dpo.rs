@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
+use super::driver::{Ctx, Run, Start, StepOut, drive, optimizer_shard, start_replica};
 use super::ppo::losses::logp_entropy;
 use super::sft::load_tokenizer;
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
@@ -335,7 +335,7 @@ pub fn run_dpo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<Ph
     if start.dir().is_none() {
         return Err(PhaseError::Plan("a dpo phase starts from the SFT phase's checkpoint (its reference); none was given".into()));
     }
-    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
+    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw(), optimizer_shard(plan, &*io.coll))?;
     let (first, state) = start_replica(replica.as_mut(), plan, start)?;
     let all: Vec<&DpoPair> = pairs.train.iter().chain(&pairs.heldout).collect();
     let fp = fingerprint(&all);

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use super::{Divergence, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics, collective_outcome};
 use crate::checkpoint::{self, CheckpointState, DataCursor, SaveInfo};
-use crate::collective::Collective;
+use crate::collective::{Collective, Shard};
 use crate::engine::Replica;
 use crate::optim::LrSchedule;
 use crate::plan::PhasePlan;
@@ -80,6 +80,12 @@ pub struct StepOut {
     pub values: Vec<(String, f64)>,
     /// A few sampled answers to show (RL phases; empty elsewhere).
     pub samples: Vec<super::RolloutSample>,
+}
+
+/// The part of the trained model's optimizer state this rank keeps: its `1/world` when the
+/// plan shards the optimizer (ZeRO-1, where the phase kind allows it), else the whole.
+pub fn optimizer_shard(plan: &PhasePlan, coll: &dyn Collective) -> Shard {
+    if plan.shard_optimizer && plan.kind.can_shard_optimizer() { Shard { rank: coll.rank(), world: coll.world() } } else { Shard::WHOLE }
 }
 
 /// A phase's own part: its data, its models and what one step does with them.

@@ -25,7 +25,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
+use super::driver::{Ctx, Run, Start, StepOut, drive, optimizer_shard, start_replica};
 use super::ppo::losses::{PolicyStats, k3, policy_loss_grad};
 use super::ppo::rollout::{PpoPrompt, Rollout, answer_logps, padded, sample};
 use super::ppo::{load_reward_head, load_role, minibatch, shuffle_for_epoch, to_json};
@@ -314,7 +314,7 @@ pub fn run_grpo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<P
     let mut reference = io.engine.model(&plan.model, b_max, t)?;
     reference.set_params(&ref_ck.params)?;
     let reward = reward_model(plan, io.engine, &s, b_max)?;
-    let mut policy = io.engine.replica(&plan.model, b_max, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
+    let mut policy = io.engine.replica(&plan.model, b_max, t, &plan.adamw(), optimizer_shard(plan, &*io.coll))?;
     let first = match start {
         Start::Fresh => {
             policy.model().set_params(&ref_ck.params)?;

@@ -6,11 +6,10 @@
 //! sum of gradients is the gradient of the global batch's mean loss: the trajectory does not
 //! depend on the world size except through float summation order.
 
-use crate::collective::Shard;
 use liandan_data::shard::{Split, read_split};
 use liandan_plan::inputs::ledger;
 
-use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
+use super::driver::{Ctx, Run, Start, StepOut, drive, optimizer_shard, start_replica};
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
 use crate::engine::{Model, Replica};
 use crate::ledger::Ledger;
@@ -126,8 +125,7 @@ pub fn run_lm_phase(
     let world = io.coll.world();
     let (b_global, t) = (plan.global_batch, plan.seq_len);
     let b_max = b_global.div_ceil(world).max(1);
-    let shard = if plan.shard_optimizer { Shard { rank: io.coll.rank(), world } } else { Shard::WHOLE };
-    let mut replica = io.engine.replica(&plan.model, b_max, t, &plan.adamw(), shard)?;
+    let mut replica = io.engine.replica(&plan.model, b_max, t, &plan.adamw(), optimizer_shard(plan, &*io.coll))?;
     let (first, _) = start_replica(replica.as_mut(), plan, start)?;
     let train_config = TrainConfig { batch_size: b_max, seq_len: t, grad_accum: 1, schedule: plan.schedule(), adamw: plan.adamw(), grad_clip: plan.grad_clip, seed: plan.seed };
     let mut phase = LmStep { replica, source, tokenizer, boundary_eval, t, inputs: Vec::with_capacity(b_max * t), targets: Vec::with_capacity(b_max * t) };

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::driver::{Ctx, Run, Start, StepOut, drive, start_replica};
+use super::driver::{Ctx, Run, Start, StepOut, drive, optimizer_shard, start_replica};
 use super::sft::load_tokenizer;
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
 use crate::engine::head::adam_step;
@@ -159,7 +159,7 @@ pub fn run_reward(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result
     if start.dir().is_none() {
         return Err(PhaseError::Plan("a reward phase starts from the SFT phase's checkpoint; none was given".into()));
     }
-    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
+    let mut replica = io.engine.replica(&plan.model, 2 * b_max, t, &plan.adamw(), optimizer_shard(plan, &*io.coll))?;
     let (first, state) = start_replica(replica.as_mut(), plan, start)?;
     let c = plan.model.n_embd;
     let head = match (start, &state) {
