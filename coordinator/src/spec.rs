@@ -165,9 +165,9 @@ pub struct PhaseSpec {
     pub max_skipped_steps: u64,
     /// data: the pipeline's settings (`[phases.prepare]`); the output is `data.prepared`.
     pub prepare: Option<liandan_data::prepare::PrepareConfig>,
-    /// pretrain, sft, reward, dpo and grpo: shard the trained model's AdamW state over the
-    /// phase's data-parallel workers (ZeRO-1), so each keeps `1/world` of the moments; the
-    /// numbers match an unsharded run to f32 rounding. Not ppo (it trains a value model too).
+    /// Every phase but data: shard the trained models' AdamW state over the phase's
+    /// data-parallel workers (ZeRO-1), so each keeps `1/world` of the moments (ppo: of the
+    /// policy's and the value model's); the numbers match an unsharded run to f32 rounding.
     /// Default false.
     #[serde(default)]
     pub shard_optimizer: bool,
@@ -288,6 +288,20 @@ impl JobSpec {
             }
             let kind = format!("{:?}", p.kind).to_lowercase();
             let a = if p.kind == PhaseKind::Sft { "an" } else { "a" };
+            // Keys of some kinds only, data phases included.
+            if !p.tasks.is_empty() && !matches!(p.kind, PhaseKind::Sft | PhaseKind::Reward | PhaseKind::Dpo) {
+                let hint = if matches!(p.kind, PhaseKind::Ppo | PhaseKind::Grpo) { format!(" (a {kind} phase's prompts are chosen by `{kind}.tasks`)") } else { String::new() };
+                return bad(&at("tasks"), format!("`tasks` belongs to sft, reward and dpo phases, not {kind}{hint}"));
+            }
+            if p.tasks.iter().any(|t| t.trim().is_empty()) {
+                return bad(&at("tasks"), "a task name must not be empty".into());
+            }
+            if !takes_comparisons(p.kind) && p.comparisons != ComparisonSource::File {
+                return bad(&at("comparisons"), format!("`comparisons` belongs to reward and dpo phases, not {kind}"));
+            }
+            if p.shard_optimizer && !p.kind.can_shard_optimizer() {
+                return bad(&at("shard_optimizer"), format!("`shard_optimizer` belongs to phases that train a model, not {kind}"));
+            }
             if p.kind == PhaseKind::Data {
                 self.validate_data_phase(i).map_err(|(k, r)| (at(&k), r))?;
                 continue;
@@ -342,16 +356,6 @@ impl JobSpec {
                 _ if scored => return bad(&at("reward_model"), format!("`reward_model` and `reward_checkpoint` belong to ppo and grpo phases, not {kind}")),
                 _ => {}
             }
-            if !p.tasks.is_empty() && !matches!(p.kind, PhaseKind::Sft | PhaseKind::Reward | PhaseKind::Dpo) {
-                let hint = if matches!(p.kind, PhaseKind::Ppo | PhaseKind::Grpo) { format!(" (a {kind} phase's prompts are chosen by `{kind}.tasks`)") } else { String::new() };
-                return bad(&at("tasks"), format!("`tasks` belongs to sft, reward and dpo phases, not {kind}{hint}"));
-            }
-            if p.tasks.iter().any(|t| t.trim().is_empty()) {
-                return bad(&at("tasks"), "a task name must not be empty".into());
-            }
-            if !takes_comparisons(p.kind) && p.comparisons != ComparisonSource::File {
-                return bad(&at("comparisons"), format!("`comparisons` belongs to reward and dpo phases, not {kind}"));
-            }
             if p.steps == 0 || p.steps > MAX_STEPS {
                 return bad(&at("steps"), if p.steps == 0 { "must be at least 1".into() } else { format!("must be at most {MAX_STEPS}, got {}", p.steps) });
             }
@@ -372,9 +376,6 @@ impl JobSpec {
             }
             if p.lr > MAX_LR {
                 return bad(&at("lr"), format!("must be at most {MAX_LR}, got {}", p.lr));
-            }
-            if p.shard_optimizer && !p.kind.can_shard_optimizer() {
-                return bad(&at("shard_optimizer"), format!("`shard_optimizer` belongs to pretrain, sft, reward, dpo and grpo phases, not {kind}"));
             }
             if p.max_skipped_steps > MAX_SKIPPED {
                 return bad(&at("max_skipped_steps"), format!("must be at most {MAX_SKIPPED}, got {}", p.max_skipped_steps));
@@ -788,13 +789,13 @@ lr = 1e-3
         assert_eq!(e, "job.toml: phases[2].tasks: `tasks` belongs to sft, reward and dpo phases, not grpo (a grpo phase's prompts are chosen by `grpo.tasks`)");
         let e = err(dpo.replace("lr = 1e-5", "lr = 1e-5\ntasks = [\" \"]"));
         assert_eq!(e, "job.toml: phases[2].tasks: a task name must not be empty");
-        // A sharded optimizer belongs to the phases that train one model.
+        // A sharded optimizer belongs to every phase that trains a model.
         for one in [dpo, grpo, rm] {
             let spec = parse(one.replace("lr = 1e-", "shard_optimizer = true\nlr = 1e-")).unwrap();
             assert!(spec.phases[2].shard_optimizer, "{one}");
         }
         let ppo = "[[phases]]\nname = \"ppo\"\nkind = \"ppo\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 32\nlr = 1e-5\nshard_optimizer = true\n";
-        assert_eq!(err(format!("{rm}{ppo}")), "job.toml: phases[3].shard_optimizer: `shard_optimizer` belongs to pretrain, sft, reward, dpo and grpo phases, not ppo");
+        assert!(parse(format!("{rm}{ppo}")).unwrap().phases[3].shard_optimizer);
         let spec = parse("shard_optimizer = true\n".into()).unwrap();
         assert!(spec.phases[1].shard_optimizer && !spec.phases[0].shard_optimizer);
         // The example job parses.
@@ -844,15 +845,14 @@ lr = 1e-3
         // Sequences at world 2: the share of the global batch, ×2 for pairs, ×G for groups.
         let b: Vec<_> = (0..spec.phases.len()).map(|i| spec.phase_plan(i, &model, None).sequences_per_rank(2).unwrap()).collect();
         assert_eq!(b, [2, 1, 6, 4, 5, 5, 4]);
-        // A sharded optimizer keeps its rank's share of AdamW's moments (the trained model's;
-        // frozen models have none); nothing else shrinks. Ppo (index 3) is not sharded.
+        // A sharded optimizer keeps its rank's share of AdamW's moments (the trained models';
+        // frozen models have none); nothing else shrinks.
         for i in 0..spec.phases.len() {
             let mut sharded = spec.phase_plan(i, &model, None);
             sharded.shard_optimizer = true;
             for world in [1, 2, 3] {
                 let (whole, part) = (spec.phase_plan(i, &model, None).memory_per_rank(world).unwrap(), sharded.memory_per_rank(world).unwrap());
-                let share = if i == 3 { whole.optimizer } else { whole.optimizer.div_ceil(world as u64) };
-                assert_eq!(part.optimizer, share, "phase {i} world {world}");
+                assert_eq!(part.optimizer, whole.optimizer.div_ceil(world as u64), "phase {i} world {world}");
                 assert_eq!((part.weights, part.gradients, part.activations), (whole.weights, whole.gradients, whole.activations));
             }
         }
@@ -904,6 +904,12 @@ vocab_size = 512
         let sft = "[[phases]]\nname = \"sft\"\nkind = \"sft\"\ndata = \"s.jsonl\"\nsteps = 2\nglobal_batch = 2\nseq_len = 8\nlr = 1e-3\n";
         let e = JobSpec::parse(&format!("{DATA}{sft}"), "job.toml").unwrap_err().to_string();
         assert!(e.contains("phases[1].kind: an sft phase fine-tunes an earlier phase"), "{e}");
+        let e = JobSpec::parse(&DATA.replace("kind = \"data\"", "kind = \"data\"\nshard_optimizer = true"), "job.toml").unwrap_err().to_string();
+        assert_eq!(e, "job.toml: phases[0].shard_optimizer: `shard_optimizer` belongs to phases that train a model, not data");
+        let e = JobSpec::parse(&DATA.replace("kind = \"data\"", "kind = \"data\"\ntasks = [\"poem\"]"), "job.toml").unwrap_err().to_string();
+        assert_eq!(e, "job.toml: phases[0].tasks: `tasks` belongs to sft, reward and dpo phases, not data");
+        let e = JobSpec::parse(&DATA.replace("kind = \"data\"", "kind = \"data\"\ncomparisons = \"labelled\""), "job.toml").unwrap_err().to_string();
+        assert_eq!(e, "job.toml: phases[0].comparisons: `comparisons` belongs to reward and dpo phases, not data");
         let e = JobSpec::parse(&DATA.replace("kind = \"data\"", "kind = \"data\"\nsteps = 3"), "job.toml").unwrap_err().to_string();
         assert!(e.contains("phases[0].kind: a data phase takes only"), "{e}");
         let e = JobSpec::parse(&DATA.replace("inputs = [\"raw\"]", "inputs = []"), "job.toml").unwrap_err().to_string();

@@ -26,11 +26,10 @@ pub enum PhaseKind {
 }
 
 impl PhaseKind {
-    /// Whether [`PhasePlan::shard_optimizer`] applies: the phases that train one model, whose
-    /// optimizer state is the checkpoint's own. Not ppo, which also trains a value model whose
-    /// moments travel in its boundary files, nor a data phase.
+    /// Whether [`PhasePlan::shard_optimizer`] applies: every phase that trains a model (ppo
+    /// shards both the policy's and the value model's), not a data phase.
     pub fn can_shard_optimizer(self) -> bool {
-        matches!(self, PhaseKind::Pretrain | PhaseKind::Sft | PhaseKind::Reward | PhaseKind::Dpo | PhaseKind::Grpo)
+        self != PhaseKind::Data
     }
 }
 

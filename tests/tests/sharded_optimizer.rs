@@ -165,8 +165,8 @@ fn an_sft_phase_with_a_sharded_optimizer_checkpoints_whole_moments_and_resumes_o
 }
 
 #[test]
-fn reward_dpo_and_grpo_phases_with_a_sharded_optimizer_follow_the_unsharded_ones() {
-    use liandan_worker::plan::{DpoSettings, GrpoSettings, RewardSource};
+fn reward_dpo_grpo_and_ppo_phases_with_a_sharded_optimizer_follow_the_unsharded_ones() {
+    use liandan_worker::plan::{DpoSettings, GrpoSettings, PpoSettings, RewardSource};
     let d = scratch_dir("sharded-optimizer-post");
     let f = fixture(&d);
     let base = PhasePlan { steps: 2, max_lr: 1e-2, checkpoint_every: 2, ..f.base.clone() };
@@ -184,6 +184,20 @@ fn reward_dpo_and_grpo_phases_with_a_sharded_optimizer_follow_the_unsharded_ones
                 ..base.clone()
             },
         ),
+        // Two trained models: the policy (the checkpoint's own moments) and the value model (its
+        // moments in a boundary file), both sharded.
+        (
+            "ppo",
+            PhasePlan {
+                kind: PhaseKind::Ppo,
+                global_batch: 4,
+                seq_len: 40,
+                examples: Some(f.prompts.clone()),
+                reward_checkpoint: Some(f.reward.clone()),
+                ppo: Some(PpoSettings { reward: RewardSource::Model, max_new_tokens: 8, minibatches: 2, ..Default::default() }),
+                ..base.clone()
+            },
+        ),
     ];
     for (name, plan) in plans {
         let dir = |what: &str| d.join(format!("{name}-{what}"));
@@ -198,5 +212,13 @@ fn reward_dpo_and_grpo_phases_with_a_sharded_optimizer_follow_the_unsharded_ones
         assert_eq!(bm.len(), a.params.len(), "{name}: whole moments in the checkpoint");
         close(&bm, &am, 1e-4, &format!("{name}: m"));
         close(&bv, &av, 1e-4, &format!("{name}: v"));
+        // Ppo's value model (the policy's shape) keeps its moments in a boundary file.
+        for file in if name == "ppo" { vec![liandan_worker::phase::ppo::CRITIC_OPT_FILE] } else { Vec::new() } {
+            let read = |what: &str| std::fs::read(checkpoint::step_dir(&dir(what), 2).join(file)).unwrap();
+            let n = a.params.len();
+            let ((am, av), (bm, bv)) = (checkpoint::deserialize_moments(&read("whole"), n).unwrap(), checkpoint::deserialize_moments(&read("sharded"), n).unwrap());
+            close(&bm, &am, 1e-4, &format!("{name}: {file} m"));
+            close(&bv, &av, 1e-4, &format!("{name}: {file} v"));
+        }
     }
 }

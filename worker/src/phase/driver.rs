@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use super::{Divergence, PhaseError, PhaseEvents, PhaseOutcome, StepMetrics, collective_outcome};
 use crate::checkpoint::{self, CheckpointState, DataCursor, SaveInfo};
-use crate::collective::{Collective, Shard};
+use crate::collective::{Collective, CollectiveError, Shard};
 use crate::engine::Replica;
 use crate::optim::LrSchedule;
 use crate::plan::PhasePlan;
@@ -92,6 +92,11 @@ pub fn optimizer_shard(plan: &PhasePlan, coll: &dyn Collective) -> Shard {
 pub trait PhaseStep {
     /// The replica whose weights and optimizer a checkpoint holds (the policy, for ppo).
     fn primary(&mut self) -> &mut dyn Replica;
+    /// On every rank at a boundary, before rank 0 saves: a sharded optimizer's moments are
+    /// gathered whole ([`Replica::gather_moments`]) for every trained model the checkpoint holds.
+    fn gather_moments(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
+        self.primary().gather_moments(coll)
+    }
     /// Runs step `ctx.step()` (0-based) through `ctx`'s collective and updates.
     fn step(&mut self, ctx: &mut Ctx<'_>) -> Result<StepOut, PhaseError>;
     /// Rank 0 at a boundary after `step` steps: files to store with the checkpoint besides the
@@ -281,7 +286,7 @@ pub fn drive(run: Run<'_>, phase: &mut dyn PhaseStep, first: u64) -> Result<Phas
             });
         }
         let boundary = step.is_multiple_of(plan.checkpoint_every.max(1)) || step == plan.steps;
-        if boundary && let Err(e) = phase.primary().gather_moments(&mut *coll) {
+        if boundary && let Err(e) = phase.gather_moments(&mut *coll) {
             // Every rank gathers a sharded optimizer's moments; rank 0 writes them.
             return Ok(collective_outcome(e, abort));
         }

@@ -41,10 +41,11 @@ use self::losses::{PolicyStats, policy_loss_grad, value_backward};
 pub use self::losses::{clipped_surrogate, clipped_value_loss, gae};
 pub use self::rollout::requested_form;
 use self::rollout::{PpoPrompt, Rollout, answer_logps, answer_values, padded, read_prompts};
-use super::driver::{Ctx, Run, Start, StepOut, drive};
+use super::driver::{Ctx, Run, Start, StepOut, drive, optimizer_shard};
 use super::sft::load_tokenizer;
 use super::{PhaseError, PhaseIo, PhaseOutcome, PhaseStep};
 use crate::checkpoint;
+use crate::collective::{Collective, CollectiveError, Shard};
 use crate::engine::head::{ScalarHead, adam_step};
 use crate::engine::{Engine, Model, Replica};
 use crate::generate::SamplingConfig;
@@ -145,7 +146,8 @@ pub fn load_reward_head(dir: &Path, state: &checkpoint::CheckpointState) -> Resu
 impl Models {
     /// From the reference (SFT) and reward checkpoints, the policy from `start` (the reference
     /// itself, or this phase's own checkpoint to continue). Returns the first step.
-    fn load(plan: &PhasePlan, engine: &dyn Engine, reference: &Path, reward: &Path, start: Start<'_>, b: usize) -> Result<(Models, u64), PhaseError> {
+    /// `shard`: the part of the policy's and the value model's optimizer state this rank keeps.
+    fn load(plan: &PhasePlan, engine: &dyn Engine, reference: &Path, reward: &Path, start: Start<'_>, b: usize, shard: Shard) -> Result<(Models, u64), PhaseError> {
         let t = plan.seq_len;
         let cfg = &plan.model;
         let ref_ck = load_role(reference, "reference (SFT)", plan)?;
@@ -157,7 +159,7 @@ impl Models {
             Ok(m)
         };
         let trained = |params: &[f32]| -> Result<Box<dyn Replica>, PhaseError> {
-            let mut r = engine.replica(cfg, b, t, &plan.adamw(), crate::collective::Shard::WHOLE)?;
+            let mut r = engine.replica(cfg, b, t, &plan.adamw(), shard)?;
             r.model().set_params(params)?;
             Ok(r)
         };
@@ -254,6 +256,12 @@ struct PpoStep {
 impl PhaseStep for PpoStep {
     fn primary(&mut self) -> &mut dyn Replica {
         self.m.policy.as_mut()
+    }
+
+    /// The value model's moments travel in the boundary files: both trained models gather.
+    fn gather_moments(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
+        self.m.policy.gather_moments(coll)?;
+        self.m.critic.gather_moments(coll)
     }
 
     fn step(&mut self, ctx: &mut Ctx<'_>) -> Result<StepOut, PhaseError> {
@@ -411,7 +419,7 @@ pub fn run_ppo(plan: &PhasePlan, start: Start<'_>, io: PhaseIo<'_>) -> Result<Ph
     let prompts = read_prompts(file, &tk, &s.tasks, t)?;
     let b_global = plan.global_batch;
     let b_max = b_global.div_ceil(world).max(1);
-    let (m, first) = Models::load(plan, io.engine, &reference, &reward, start, b_max)?;
+    let (m, first) = Models::load(plan, io.engine, &reference, &reward, start, b_max, optimizer_shard(plan, &*io.coll))?;
     let ledger = Ledger::over_rows(prompts.len(), 1, b_global, plan.seed).ok_or_else(|| PhaseError::Data(format!("{}: no prompts", file.display())))?;
     let schedule = plan.schedule();
     let value_max = s.value_lr.unwrap_or(plan.max_lr);
