@@ -106,18 +106,18 @@ impl<'m> CudaGenerator<'m> {
         ops::encoder_forward(dev, x, self.tokens.view(0, n), m.p(K::Wte, 0), m.p(K::Wpe, 0), 1, n, c, pos0)?;
         // Layer 0's first LayerNorm stands alone; the later ones are fused with the residual
         // add before them, as in the training forward.
-        ops::layernorm_forward(dev, ln, None, mean, rstd, x, m.p(K::Ln1W, 0), m.p(K::Ln1B, 0), n, c)?;
+        ops::layernorm_forward(dev, Some(ln), None, mean, rstd, x, m.p(K::Ln1W, 0), m.p(K::Ln1B, 0), n, c)?;
         for l in 0..cfg.n_layer {
             ops::matmul_forward(dev, prec, qkv, Act::F32(ln), m.p(K::QkvW, l), m.pb(K::QkvW, l), Some(m.p(K::QkvB, l)), sc, n, c, 3 * c)?;
             let (kc, vc) = (self.k_cache.view(l * maxt * c, maxt * c), self.v_cache.view(l * maxt * c, maxt * c));
             ops::kv_cache_write(dev, kc, vc, qkv, pos0, n, c)?;
             ops::attention_forward_cached(dev, atty, qkv, kc, vc, pos0, n, c, nh)?;
             ops::matmul_forward(dev, prec, proj, Act::F32(atty), m.p(K::AttProjW, l), m.pb(K::AttProjW, l), Some(m.p(K::AttProjB, l)), sc, n, c, c)?;
-            ops::residual_layernorm_forward(dev, x2, ln, None, mean, rstd, x, proj, m.p(K::Ln2W, l), m.p(K::Ln2B, l), n, c)?;
+            ops::residual_layernorm_forward(dev, x2, Some(ln), None, mean, rstd, x, proj, m.p(K::Ln2W, l), m.p(K::Ln2B, l), n, c)?;
             ops::matmul_forward_gelu(dev, prec, fch_gelu, fch, Act::F32(ln), m.p(K::FcW, l), m.pb(K::FcW, l), m.p(K::FcB, l), sc, n, c, 4 * c)?;
             ops::matmul_forward(dev, prec, proj, Act::F32(fch_gelu), m.p(K::FcProjW, l), m.pb(K::FcProjW, l), Some(m.p(K::FcProjB, l)), sc, n, 4 * c, c)?;
             if l + 1 < cfg.n_layer {
-                ops::residual_layernorm_forward(dev, x, ln, None, mean, rstd, x2, proj, m.p(K::Ln1W, l + 1), m.p(K::Ln1B, l + 1), n, c)?;
+                ops::residual_layernorm_forward(dev, x, Some(ln), None, mean, rstd, x2, proj, m.p(K::Ln1W, l + 1), m.p(K::Ln1B, l + 1), n, c)?;
             } else {
                 // Only the last position goes through the final LayerNorm.
                 ops::residual_forward(dev, x, x2, proj, n * c)?;
@@ -125,7 +125,7 @@ impl<'m> CudaGenerator<'m> {
         }
         let last = self.x.view((n - 1) * c, c);
         let (ln1, mean1, rstd1) = (self.ln.view(0, c), self.mean.view(0, 1), self.rstd.view(0, 1));
-        ops::layernorm_forward(dev, ln1, None, mean1, rstd1, last, m.p(K::LnfW, 0), m.p(K::LnfB, 0), 1, c)?;
+        ops::layernorm_forward(dev, Some(ln1), None, mean1, rstd1, last, m.p(K::LnfW, 0), m.p(K::LnfB, 0), 1, c)?;
         ops::lm_head_forward(dev, prec, self.logits.all(), Act::F32(ln1), m.p(K::Wte, 0), m.pb(K::Wte, 0), sc, 1, c, vp)?;
         dev.download(&self.logits, 0, &mut self.host_logits)?;
         self.len += n;

@@ -2,7 +2,8 @@
 //! [`crate::model::gpt::Gpt`], op for op, on device buffers allocated once.
 //!
 //! Mixed precision: parameters, gradients, optimizer moments and activations are f32 (the
-//! master copy); with [`Precision::Bf16`] the optimizer also keeps a bf16 copy of the parameters
+//! master copy; on the bf16 path the inner LayerNorms' outputs are kept as bf16 only, as nothing
+//! reads them in f32); with [`Precision::Bf16`] the optimizer also keeps a bf16 copy of the parameters
 //! and the matmuls run on cuBLASLt with bf16 operands and f32 accumulation. Most activation
 //! operands arrive as bf16 from the kernel that wrote them (the LayerNorms forward and backward,
 //! the attention forward and backward, the fused classifier's logits gradient); two are still cast
@@ -56,7 +57,9 @@ struct Acts {
     proj: DevBuf<f32>,
     /// bf16 copies of `ln1`, `ln2` and `lnf` (bits in u16), written by the LayerNorm kernels
     /// on the bf16 path: the operands of the matmuls after them, forward and backward, with
-    /// no cast kernel. One element each on the f32 path.
+    /// no cast kernel. One element each on the f32 path. On the bf16 path nothing reads the f32
+    /// `ln1` and `ln2` (one element each, never written); `lnf` stays f32 too, the hidden state
+    /// the reward and value heads read.
     ln1_bf16: DevBuf<u16>,
     ln2_bf16: DevBuf<u16>,
     lnf_bf16: DevBuf<u16>,
@@ -163,14 +166,14 @@ impl CudaGpt {
         let z = |n: usize| dev.alloc::<f32>(n);
         let acts = Acts {
             encoded: z(bt * c)?,
-            ln1: z(l * bt * c)?,
+            ln1: z(if precision == Precision::F32 { l * bt * c } else { 1 })?,
             ln1_mean: z(l * bt)?,
             ln1_rstd: z(l * bt)?,
             qkv: z(l * bt * 3 * c)?,
             lse: z(l * max_b * nh * max_t)?,
             atty: z(l * bt * c)?,
             residual2: z(l * bt * c)?,
-            ln2: z(l * bt * c)?,
+            ln2: z(if precision == Precision::F32 { l * bt * c } else { 1 })?,
             ln2_mean: z(l * bt)?,
             ln2_rstd: z(l * bt)?,
             fch: z(l * bt * 4 * c)?,
@@ -308,6 +311,23 @@ impl CudaGpt {
         (self.precision == Precision::Bf16).then(|| buf.view(offset, len))
     }
 
+    /// An inner LayerNorm's output (`ln1` or `ln2`, `n·C` from `offset`) as the kernels see it:
+    /// `(f32, bf16)`, the f32 view on the f32 path only, the bf16 copy on the bf16 path only.
+    fn ln_out(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> (Option<View>, Option<View>) {
+        match self.precision {
+            Precision::F32 => (Some(f32s.view(offset, len)), None),
+            Precision::Bf16 => (None, Some(bf16.view(offset, len))),
+        }
+    }
+
+    /// An inner LayerNorm's output as the matmuls after it read it ([`CudaGpt::ln_out`]).
+    fn ln_act(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> Act {
+        match self.precision {
+            Precision::F32 => Act::F32(f32s.view(offset, len)),
+            Precision::Bf16 => Act::Bf16(bf16.view(offset, len)),
+        }
+    }
+
     /// An activation as a matmul reads it: its bf16 copy when there is one.
     fn act(&self, f32_view: View, bf16: Option<View>) -> Act {
         bf16.map_or(Act::F32(f32_view), Act::Bf16)
@@ -388,31 +408,21 @@ impl CudaGpt {
         let cap = self.max_b * self.max_t;
         let (pc, p1, p3, p4, pl) = (cap * c, cap, cap * 3 * c, cap * 4 * c, self.max_b * nh * self.max_t);
         let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
-        let (ln1b, ln2b, lnfb) = (|l| self.bf16_copy(&a.ln1_bf16, l * pc, n * c), |l| self.bf16_copy(&a.ln2_bf16, l * pc, n * c), self.bf16_copy(&a.lnf_bf16, 0, n * c));
+        let lnfb = self.bf16_copy(&a.lnf_bf16, 0, n * c);
 
         timed(prof, dev, "fwd.encoder", cost::encoder_forward(b, t, c), || {
             ops::encoder_forward(dev, a.encoded.view(0, n * c), self.inputs.view(0, n), self.p(K::Wte, 0), self.p(K::Wpe, 0), b, t, c, 0)
         })?;
         // Layer 0's first LayerNorm stands alone; every later one (and the final one) is fused
         // with the residual add before it.
+        let (ln1_0, ln1b_0) = self.ln_out(&a.ln1, &a.ln1_bf16, 0, n * c);
         timed(prof, dev, "fwd.layernorm", cost::layernorm_forward(n, c), || {
-            ops::layernorm_forward(
-                dev,
-                a.ln1.view(0, n * c),
-                ln1b(0),
-                a.ln1_mean.view(0, n),
-                a.ln1_rstd.view(0, n),
-                a.encoded.view(0, n * c),
-                self.p(K::Ln1W, 0),
-                self.p(K::Ln1B, 0),
-                n,
-                c,
-            )
+            ops::layernorm_forward(dev, ln1_0, ln1b_0, a.ln1_mean.view(0, n), a.ln1_rstd.view(0, n), a.encoded.view(0, n * c), self.p(K::Ln1W, 0), self.p(K::Ln1B, 0), n, c)
         })?;
         let lnf = a.lnf.view(0, n * c);
         for l in 0..cfg.n_layer {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
-            let ln1 = self.act(lv(&a.ln1, l, pc, n * c), ln1b(l));
+            let ln1 = self.ln_act(&a.ln1, &a.ln1_bf16, l * pc, n * c);
             let qkv = lv(&a.qkv, l, p3, n * 3 * c);
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, 3 * c, true), || {
                 ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c)
@@ -427,13 +437,13 @@ impl CudaGpt {
                 ops::matmul_forward(dev, prec, proj, atty_in, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
             })?;
             let res2 = lv(&a.residual2, l, pc, n * c);
-            let ln2 = lv(&a.ln2, l, pc, n * c);
+            let (ln2, ln2b) = self.ln_out(&a.ln2, &a.ln2_bf16, l * pc, n * c);
             timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
                 ops::residual_layernorm_forward(
                     dev,
                     res2,
                     ln2,
-                    ln2b(l),
+                    ln2b,
                     lv(&a.ln2_mean, l, p1, n),
                     lv(&a.ln2_rstd, l, p1, n),
                     res_in,
@@ -446,7 +456,20 @@ impl CudaGpt {
             })?;
             let (fch, fch_gelu) = (lv(&a.fch, l, p4, n * 4 * c), lv(&a.fch_gelu, l, p4, n * 4 * c));
             timed(prof, dev, "fwd.matmul_gelu", cost::matmul_forward_gelu(prec, n, c, 4 * c), || {
-                ops::matmul_forward_gelu(dev, prec, fch_gelu, fch, self.act(ln2, ln2b(l)), self.p(K::FcW, l), self.pb(K::FcW, l), self.p(K::FcB, l), sc, n, c, 4 * c)
+                ops::matmul_forward_gelu(
+                    dev,
+                    prec,
+                    fch_gelu,
+                    fch,
+                    self.ln_act(&a.ln2, &a.ln2_bf16, l * pc, n * c),
+                    self.p(K::FcW, l),
+                    self.pb(K::FcW, l),
+                    self.p(K::FcB, l),
+                    sc,
+                    n,
+                    c,
+                    4 * c,
+                )
             })?;
             let fch_gelu_in = self.kept(prof, fch_gelu, &a.fch_gelu_bf16, l * p4, n * 4 * c)?;
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, 4 * c, c, true), || {
@@ -454,10 +477,16 @@ impl CudaGpt {
             })?;
             let res3 = lv(&a.residual3, l, pc, n * c);
             // The LayerNorm after this block: the next block's first, or the final one.
-            let (ln, ln_b, mean, rstd, w, bias) = if l + 1 < cfg.n_layer {
-                (lv(&a.ln1, l + 1, pc, n * c), ln1b(l + 1), lv(&a.ln1_mean, l + 1, p1, n), lv(&a.ln1_rstd, l + 1, p1, n), self.p(K::Ln1W, l + 1), self.p(K::Ln1B, l + 1))
+            let ((ln, ln_b), mean, rstd, w, bias) = if l + 1 < cfg.n_layer {
+                (
+                    self.ln_out(&a.ln1, &a.ln1_bf16, (l + 1) * pc, n * c),
+                    lv(&a.ln1_mean, l + 1, p1, n),
+                    lv(&a.ln1_rstd, l + 1, p1, n),
+                    self.p(K::Ln1W, l + 1),
+                    self.p(K::Ln1B, l + 1),
+                )
             } else {
-                (lnf, lnfb, a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), self.p(K::LnfW, 0), self.p(K::LnfB, 0))
+                ((Some(lnf), lnfb), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), self.p(K::LnfW, 0), self.p(K::LnfB, 0))
             };
             timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
                 ops::residual_layernorm_forward(dev, res3, ln, ln_b, mean, rstd, res2, proj, w, bias, n, c)
@@ -615,7 +644,6 @@ impl CudaGpt {
         let (pc, p1, p3, p4, pl) = (cap * c, cap, cap * 3 * c, cap * 4 * c, self.max_b * nh * self.max_t);
         let lv = |buf: &DevBuf<f32>, l: usize, per: usize, len: usize| buf.view(l * per, len);
         let partial = self.partial.all();
-        let ln_in = |buf: &DevBuf<f32>, bf: &DevBuf<u16>, off: usize| self.act(buf.view(off, n * c), self.bf16_copy(bf, off, n * c));
 
         let dres = g.dresidual.view(0, n * c);
         let dres_b = self.bf16_copy(&g.dresidual_bf16, 0, n * c);
@@ -624,7 +652,20 @@ impl CudaGpt {
         if !from_hidden {
             let dlogits = if self.dlogits_bf16 { Act::Bf16(self.scratch_a.view(0, n * vp)) } else { Act::F32(a.logits.view(0, n * vp)) };
             timed(prof, dev, "bwd.lm_head", cost::lm_head_backward(prec, n, c, vp), || {
-                ops::lm_head_backward(dev, prec, dln, self.g(K::Wte, 0), dlogits, ln_in(&a.lnf, &a.lnf_bf16, 0), self.p(K::Wte, 0), self.pb(K::Wte, 0), sc, n, c, vp)
+                ops::lm_head_backward(
+                    dev,
+                    prec,
+                    dln,
+                    self.g(K::Wte, 0),
+                    dlogits,
+                    self.act(a.lnf.view(0, n * c), self.bf16_copy(&a.lnf_bf16, 0, n * c)),
+                    self.p(K::Wte, 0),
+                    self.pb(K::Wte, 0),
+                    sc,
+                    n,
+                    c,
+                    vp,
+                )
             })?;
         }
         let last = lv(&a.residual3, cfg.n_layer - 1, pc, n * c);
@@ -678,7 +719,7 @@ impl CudaGpt {
                     Some(self.g(K::FcB, l)),
                     dfch,
                     None,
-                    ln_in(&a.ln2, &a.ln2_bf16, l * pc),
+                    self.ln_act(&a.ln2, &a.ln2_bf16, l * pc, n * c),
                     self.p(K::FcW, l),
                     self.pb(K::FcW, l),
                     sc,
@@ -752,7 +793,7 @@ impl CudaGpt {
                     Some(self.g(K::QkvB, l)),
                     dqkv,
                     dqkv_b,
-                    ln_in(&a.ln1, &a.ln1_bf16, l * pc),
+                    self.ln_act(&a.ln1, &a.ln1_bf16, l * pc, n * c),
                     self.p(K::QkvW, l),
                     self.pb(K::QkvW, l),
                     sc,

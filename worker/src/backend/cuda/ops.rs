@@ -72,16 +72,36 @@ pub fn encoder_backward(dev: &CudaDevice, dwte: View, dwpe: View, dout: View, in
 }
 
 /// CPU: [`crate::backend::cpu::layernorm::layernorm_forward`].
-/// With `out_bf16`, `out` rounded to bf16 goes there too (the next matmul's operand).
-pub fn layernorm_forward(dev: &CudaDevice, out: View, out_bf16: Option<View>, mean: View, rstd: View, inp: View, weight: View, bias: View, n: usize, c: usize) -> Result<()> {
+/// With `out_bf16`, `out` rounded to bf16 goes there too (the next matmul's operand); `out` may
+/// then be absent, when nothing reads the f32 values. One of the two must be given.
+pub fn layernorm_forward(
+    dev: &CudaDevice,
+    out: Option<View>,
+    out_bf16: Option<View>,
+    mean: View,
+    rstd: View,
+    inp: View,
+    weight: View,
+    bias: View,
+    n: usize,
+    c: usize,
+) -> Result<()> {
     const OP: &str = "layernorm_forward";
-    for (what, v, len) in [("out", out, n * c), ("inp", inp, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)] {
+    for (what, v, len) in [("inp", inp, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)] {
         need(OP, what, v, len)?;
     }
-    let ob = optional(OP, "out_bf16", out_bf16, n * c)?;
+    let (o, ob) = layernorm_outputs(OP, out, out_bf16, n * c)?;
     let warps = BLOCK as usize / 32;
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    dev.launch(OP, cfg, &[p(out), p(mean), p(rstd), p(inp), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
+    dev.launch(OP, cfg, &[o, p(mean), p(rstd), p(inp), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
+}
+
+/// A LayerNorm's f32 and bf16 outputs, each optional but not both absent.
+fn layernorm_outputs(op: &'static str, out: Option<View>, out_bf16: Option<View>, len: usize) -> Result<(Arg, Arg)> {
+    if out.is_none() && out_bf16.is_none() {
+        return Err(CudaError::Shape { op, reason: "neither an f32 nor a bf16 output was given".into() });
+    }
+    Ok((optional(op, "out", out, len)?, optional(op, "out_bf16", out_bf16, len)?))
 }
 
 /// An optional pointer argument of `len` elements: null when absent.
@@ -97,12 +117,12 @@ pub(super) fn optional(op: &'static str, what: &str, v: Option<View>, len: usize
 
 /// `residual = a + b`, then `out = LayerNorm(residual)` in one launch. CPU:
 /// [`crate::backend::cpu::residual::residual_forward`] then
-/// [`crate::backend::cpu::layernorm::layernorm_forward`]; bit for bit the two kernels'. `out_bf16`
-/// as in [`layernorm_forward`].
+/// [`crate::backend::cpu::layernorm::layernorm_forward`]; bit for bit the two kernels'. `out` and
+/// `out_bf16` as in [`layernorm_forward`].
 pub fn residual_layernorm_forward(
     dev: &CudaDevice,
     residual: View,
-    out: View,
+    out: Option<View>,
     out_bf16: Option<View>,
     mean: View,
     rstd: View,
@@ -114,15 +134,13 @@ pub fn residual_layernorm_forward(
     c: usize,
 ) -> Result<()> {
     const OP: &str = "residual_layernorm_forward";
-    for (what, v, len) in
-        [("residual", residual, n * c), ("out", out, n * c), ("a", a, n * c), ("b", b, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)]
-    {
+    for (what, v, len) in [("residual", residual, n * c), ("a", a, n * c), ("b", b, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)] {
         need(OP, what, v, len)?;
     }
-    let ob = optional(OP, "out_bf16", out_bf16, n * c)?;
+    let (o, ob) = layernorm_outputs(OP, out, out_bf16, n * c)?;
     let warps = BLOCK as usize / 32;
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    dev.launch(OP, cfg, &[p(residual), p(out), p(mean), p(rstd), p(a), p(b), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
+    dev.launch(OP, cfg, &[p(residual), o, p(mean), p(rstd), p(a), p(b), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
 }
 
 /// CPU: [`crate::backend::cpu::layernorm::layernorm_backward`]. `partial` is scratch of

@@ -4,8 +4,8 @@
 
 // One row of LayerNorm by one warp, given this lane's partial sum `s` of the row x (its elements
 // lane, lane + 32, ...): the mean, the variance from squared deviations (a second pass, like the
-// CPU), and out = (x − mean)·rstd·weight + bias, also as bf16 (round to nearest even) to `ob`
-// when it is not null; lane 0 writes mean and rstd.
+// CPU), and out = (x − mean)·rstd·weight + bias to `o` and as bf16 (round to nearest even) to
+// `ob`, each when it is not null; lane 0 writes mean and rstd.
 __device__ __forceinline__ void layernorm_row(float* o, __nv_bfloat16* ob, float* mean, float* rstd, const float* x,
                                               float s, const float* weight, const float* bias, int C, int lane) {
     const float mu = warp_sum(s) / C;
@@ -17,7 +17,7 @@ __device__ __forceinline__ void layernorm_row(float* o, __nv_bfloat16* ob, float
     const float r = 1.0f / sqrtf(warp_sum(v) / C + LN_EPS);
     for (int i = lane; i < C; i += LD_WARP) {
         const float y = (x[i] - mu) * r * weight[i] + bias[i];
-        o[i] = y;
+        if (o) o[i] = y;
         if (ob) ob[i] = __float2bfloat16_rn(y);
     }
     if (lane == 0) {
@@ -30,7 +30,10 @@ __device__ __forceinline__ void layernorm_row(float* o, __nv_bfloat16* ob, float
 // out = (inp − mean)·rstd·weight + bias per row; out, inp (N,C); mean, rstd (N); weight, bias (C).
 // One warp per row, two passes (mean, then squared deviations) like the CPU. With out_bf16 not
 // null, out rounded to bf16 goes there too: the next matmul's operand, with no cast kernel.
-extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+// out may then be null, when nothing reads the f32 values (a bf16 model's inner LayerNorms).
+// Launched with 256 threads; __launch_bounds__(256, 8) keeps ptxas at 32 registers (eight
+// blocks, a full SM on sm_90), which the optional outputs would otherwise push to 40.
+extern "C" __global__ void __launch_bounds__(256, 8) layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
                                              const float* weight, const float* bias, int N, int C,
                                              __nv_bfloat16* out_bf16) {
     const int warps = blockDim.x / LD_WARP;
@@ -41,7 +44,7 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     float s = 0.0f;
     for (int i = lane; i < C; i += LD_WARP) s += x[i];
     __nv_bfloat16* ob = out_bf16 ? out_bf16 + (long long)row * C : nullptr;
-    layernorm_row(out + (long long)row * C, ob, mean + row, rstd + row, x, s, weight, bias, C, lane);
+    layernorm_row(out ? out + (long long)row * C : nullptr, ob, mean + row, rstd + row, x, s, weight, bias, C, lane);
 }
 
 // CPU reference: backend::cpu::residual::residual_forward, then backend::cpu::layernorm::layernorm_forward
@@ -49,9 +52,9 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
 // that follows it (the next block's first, or the final one) in one launch, so the residual
 // stream is read twice and written once instead of read three times and written once. One
 // warp per row; each lane reads back only the elements it wrote itself, and the sums run in
-// layernorm_forward's order, so the results are those two kernels' bit for bit. out_bf16 as in
-// layernorm_forward.
-extern "C" __global__ void residual_layernorm_forward(float* residual, float* out, float* mean, float* rstd,
+// layernorm_forward's order, so the results are those two kernels' bit for bit. out and out_bf16
+// as in layernorm_forward.
+extern "C" __global__ void __launch_bounds__(256, 8) residual_layernorm_forward(float* residual, float* out, float* mean, float* rstd,
                                                       const float* a, const float* b, const float* weight,
                                                       const float* bias, int N, int C, __nv_bfloat16* out_bf16) {
     const int warps = blockDim.x / LD_WARP;
@@ -66,7 +69,7 @@ extern "C" __global__ void residual_layernorm_forward(float* residual, float* ou
         x[i] = r;
         s += r;
     }
-    layernorm_row(out + base, out_bf16 ? out_bf16 + base : nullptr, mean + row, rstd + row, x, s, weight, bias, C, lane);
+    layernorm_row(out ? out + base : nullptr, out_bf16 ? out_bf16 + base : nullptr, mean + row, rstd + row, x, s, weight, bias, C, lane);
 }
 
 // CPU reference: backend::cpu::layernorm::layernorm_backward (the dinp half)

@@ -37,12 +37,16 @@ pub(super) fn layernorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
         cpu::layernorm::layernorm_forward(&mut o, &mut m, &mut s, &x, &w, &bias, n, c);
         let (gx, gw, gb, go, gm, gs) = (cx.up(&x)?, cx.up(&w)?, cx.up(&bias)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
         let gob = cx.d().upload_new(&vec![0x7fc1u16; n * c])?;
-        ops::layernorm_forward(cx.d(), go.all(), Some(gob.all()), gm.all(), gs.all(), gx.all(), gw.all(), gb.all(), n, c)?;
+        ops::layernorm_forward(cx.d(), Some(go.all()), Some(gob.all()), gm.all(), gs.all(), gx.all(), gw.all(), gb.all(), n, c)?;
         let (g_o, g_m, g_s) = (cx.down(&go, n * c)?, cx.down(&gm, n)?, cx.down(&gs, n)?);
         cx.push(compare(format!("layernorm_forward out N={n} C={c}"), &g_o, &o, EW));
         // The bf16 copy (the next matmul's operand) is the f32 output rounded to nearest even.
         let want_b = as_f32(&g_o.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
         cx.push(compare(format!("layernorm_forward bf16 out N={n} C={c}"), &as_f32(&cx.d().to_host(&gob)?), &want_b, Tolerance::Exact));
+        // Without the f32 output (a bf16 model's inner LayerNorms): the same bf16 copy.
+        let gob_only = cx.d().upload_new(&vec![0x7fc1u16; n * c])?;
+        ops::layernorm_forward(cx.d(), None, Some(gob_only.all()), gm.all(), gs.all(), gx.all(), gw.all(), gb.all(), n, c)?;
+        cx.push(compare(format!("layernorm_forward bf16 out only N={n} C={c}"), &as_f32(&cx.d().to_host(&gob_only)?), &want_b, Tolerance::Exact));
         cx.push(compare(format!("layernorm_forward mean N={n} C={c}"), &g_m, &m, EW));
         cx.push(compare(format!("layernorm_forward rstd N={n} C={c}"), &g_s, &s, EW));
         let (mut di, mut dw, mut db) = (vec![0.1; n * c], vec![0.2; c], vec![0.3; c]);
@@ -67,12 +71,16 @@ pub(super) fn layernorm(cx: &mut Ctx<'_, '_>) -> Result<()> {
         let gy = cx.up(&y)?;
         let (fr, fo, fm, fs) = (cx.out(n * c)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
         let fob = cx.d().upload_new(&vec![0x7fc1u16; n * c])?;
-        ops::residual_layernorm_forward(cx.d(), fr.all(), fo.all(), Some(fob.all()), fm.all(), fs.all(), gx.all(), gy.all(), gw.all(), gb.all(), n, c)?;
+        ops::residual_layernorm_forward(cx.d(), fr.all(), Some(fo.all()), Some(fob.all()), fm.all(), fs.all(), gx.all(), gy.all(), gw.all(), gb.all(), n, c)?;
         let (ur, uo, um, us) = (cx.out(n * c)?, cx.out(n * c)?, cx.out(n)?, cx.out(n)?);
         ops::residual_forward(cx.d(), ur.all(), gx.all(), gy.all(), n * c)?;
-        ops::layernorm_forward(cx.d(), uo.all(), None, um.all(), us.all(), ur.all(), gw.all(), gb.all(), n, c)?;
+        ops::layernorm_forward(cx.d(), Some(uo.all()), None, um.all(), us.all(), ur.all(), gw.all(), gb.all(), n, c)?;
         let want_b = as_f32(&cx.down(&fo, n * c)?.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
         cx.push(compare(format!("residual_layernorm_forward bf16 out N={n} C={c}"), &as_f32(&cx.d().to_host(&fob)?), &want_b, Tolerance::Exact));
+        let (fr_only, fob_only) = (cx.out(n * c)?, cx.d().upload_new(&vec![0x7fc1u16; n * c])?);
+        ops::residual_layernorm_forward(cx.d(), fr_only.all(), None, Some(fob_only.all()), fm.all(), fs.all(), gx.all(), gy.all(), gw.all(), gb.all(), n, c)?;
+        cx.push(compare(format!("residual_layernorm_forward bf16 out only N={n} C={c}"), &as_f32(&cx.d().to_host(&fob_only)?), &want_b, Tolerance::Exact));
+        cx.push(compare(format!("residual_layernorm_forward residual (bf16 out only) N={n} C={c}"), &cx.down(&fr_only, n * c)?, &cx.down(&fr, n * c)?, Tolerance::Exact));
         for (what, fused, unfused, want, len) in [("residual", &fr, &ur, &res, n * c), ("out", &fo, &uo, &o, n * c), ("mean", &fm, &um, &m, n), ("rstd", &fs, &us, &s, n)] {
             let got = cx.down(fused, len)?;
             cx.push(compare(format!("residual_layernorm_forward {what} N={n} C={c}"), &got, want, EW));
