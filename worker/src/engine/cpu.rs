@@ -233,7 +233,7 @@ impl<M: FlatModel> Replica for CpuReplica<M> {
         if self.shard.is_whole() {
             return Ok((self.opt.m.clone(), self.opt.v.clone()));
         }
-        self.gathered.get(self.opt.t)
+        self.gathered.take(self.opt.t)
     }
 
     fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()> {

@@ -381,7 +381,7 @@ impl Replica for CudaReplica {
 
     fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         if !self.shard.is_whole() {
-            return self.gathered.get(self.opt_t);
+            return self.gathered.take(self.opt_t);
         }
         self.model.dev.bind_to_thread()?;
         self.moments_to_host()

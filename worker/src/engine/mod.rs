@@ -112,13 +112,15 @@ pub trait Replica: Send + std::fmt::Debug {
     /// Updates AdamW has applied (its bias-correction `t`).
     fn optimizer_t(&self) -> u64;
     /// Called on every rank before a checkpoint: a sharded optimizer all-gathers its moments so
-    /// that [`Replica::moments`] can return them whole. Nothing to do for an unsharded one.
+    /// that [`Replica::moments`] on rank 0 can return them whole (the other ranks drop theirs).
+    /// Nothing to do for an unsharded one.
     fn gather_moments(&mut self, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
         let _ = coll;
         Ok(())
     }
-    /// AdamW's `m` and `v`, flat layout (a sharded optimizer's as its last
-    /// [`Replica::gather_moments`] at this step gathered them).
+    /// AdamW's `m` and `v`, flat layout. A sharded optimizer's are those its last
+    /// [`Replica::gather_moments`] at this step gathered, on rank 0 only (the rank that writes
+    /// checkpoints), and they can be read once: the save takes them.
     fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)>;
     /// Loads the whole `m` and `v` (a sharded optimizer keeps its shard of them).
     fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()>;

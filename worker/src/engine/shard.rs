@@ -3,22 +3,32 @@
 //! so a job can resume on another number of ranks) needs them gathered first, and a
 //! checkpoint's whole moments are cut to the shard when loaded.
 
+use std::sync::{Mutex, PoisonError};
+
 use crate::collective::{Collective, CollectiveError, Shard};
 use crate::error::{EngineError, Result};
 
-/// A sharded optimizer's moments as the last [`Gathered::gather`] left them: whole, on every
-/// rank, for the checkpoint rank 0 writes.
+/// A sharded optimizer's moments as the last [`Gathered::gather`] left them: whole on rank 0,
+/// which writes checkpoints, until the checkpoint takes them ([`Gathered::take`]); the other
+/// ranks take part in the gather and drop the result at once, so no rank holds `2·n` host
+/// floats between checkpoints.
 #[derive(Debug, Default)]
-pub struct Gathered(Option<(u64, Vec<f32>, Vec<f32>)>);
+pub struct Gathered(Mutex<Option<Moments>>);
+
+/// The update `t` they were gathered at, then whole `m` and `v`.
+type Moments = (u64, Vec<f32>, Vec<f32>);
 
 impl Gathered {
     /// All-gathers `own` (this rank's `m` and `v` of `shard.range(n)`) over `coll` into whole
-    /// `n`-element moments, kept as those of update `t`.
+    /// `n`-element moments, kept on rank 0 as those of update `t`.
     ///
     /// # Errors
     /// The collective fails, or is not the group the shard was made for.
     pub fn gather(&mut self, shard: Shard, n: usize, own: (&[f32], &[f32]), t: u64, coll: &mut dyn Collective) -> Result<(), CollectiveError> {
         shard.check(coll)?;
+        let keep = coll.rank() == 0;
+        let slot = self.0.get_mut().unwrap_or_else(PoisonError::into_inner);
+        *slot = None;
         let r = shard.range(n);
         let mut whole = |part: &[f32]| -> Result<Vec<f32>, CollectiveError> {
             let mut full = vec![0.0f32; n];
@@ -26,22 +36,34 @@ impl Gathered {
             coll.all_gather(&mut full)?;
             Ok(full)
         };
-        let (m, v) = (whole(own.0)?, whole(own.1)?);
-        self.0 = Some((t, m, v));
+        let m = whole(own.0)?;
+        // Off rank 0 each gathered vector is dropped before the next one is made.
+        let m = if keep { m } else { Vec::new() };
+        let v = whole(own.1)?;
+        if keep {
+            *slot = Some((t, m, v));
+        }
         Ok(())
     }
 
-    /// The moments gathered at update `t`.
+    /// The moments gathered at update `t`, moved out: a checkpoint's save reads them once.
     ///
     /// # Errors
-    /// None were gathered at `t` (every rank must call `gather_moments` before a checkpoint).
-    pub fn get(&self, t: u64) -> Result<(Vec<f32>, Vec<f32>)> {
-        match &self.0 {
-            Some((at, m, v)) if *at == t => Ok((m.clone(), v.clone())),
-            _ => Err(EngineError::InvalidConfig {
-                field: "optimizer moments",
-                reason: format!("the optimizer is sharded and its moments were not gathered after update {t}: every rank gathers them before a checkpoint"),
-            }),
+    /// None were gathered at `t`, or this is not rank 0 (every rank must call
+    /// `gather_moments` before a checkpoint; rank 0 writes it), or they were taken already.
+    pub fn take(&self, t: u64) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match slot.take() {
+            Some((at, m, v)) if at == t => Ok((m, v)),
+            other => {
+                *slot = other;
+                Err(EngineError::InvalidConfig {
+                    field: "optimizer moments",
+                    reason: format!(
+                        "the optimizer is sharded and its moments of update {t} are not here: every rank gathers them before a checkpoint, rank 0 keeps them, and its save takes them once"
+                    ),
+                })
+            }
         }
     }
 }
@@ -69,11 +91,12 @@ mod tests {
     fn moments_are_gathered_per_update_and_cut_to_the_shard() {
         let shard = Shard { rank: 0, world: 1 };
         let mut g = Gathered::default();
-        assert!(g.get(0).is_err(), "nothing gathered yet");
+        assert!(g.take(0).is_err(), "nothing gathered yet");
         g.gather(shard, 3, (&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]), 7, &mut Local).unwrap();
-        assert_eq!(g.get(7).unwrap(), (vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]));
-        let err = g.get(8).unwrap_err().to_string();
-        assert!(err.contains("not gathered after update 8"), "{err}");
+        let err = g.take(8).unwrap_err().to_string();
+        assert!(err.contains("moments of update 8 are not here"), "{err}");
+        assert_eq!(g.take(7).unwrap(), (vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]), "a wrong update leaves them");
+        assert!(g.take(7).is_err(), "taken once");
         let wrong = Shard { rank: 1, world: 2 }.check(&Local).unwrap_err().to_string();
         assert!(wrong.contains("rank 1 of 2") && wrong.contains("rank 0 of 1"), "{wrong}");
         let (m, v) = own_part(Shard { rank: 1, world: 2 }, 4, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]).unwrap();
