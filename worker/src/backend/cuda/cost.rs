@@ -59,9 +59,14 @@ pub fn matmul_backward(prec: Precision, n: usize, k: usize, oc: usize, bias: boo
     Cost::new(4.0 * n * k * oc, bytes) + db
 }
 
-/// [`matmul_forward`] with GELU in the epilogue: GELU's input is written too.
+/// [`matmul_forward`] then GELU: at f32 in the gemm's epilogue (GELU's input written too); at
+/// bf16 by `gelu_forward`, which reads GELU's input and writes the output as bf16 only.
 pub fn matmul_forward_gelu(prec: Precision, n: usize, k: usize, oc: usize) -> Cost {
-    matmul_forward(prec, n, k, oc, true) + elementwise(n * oc, 0, 1, 10.0)
+    let gelu = match prec {
+        Precision::F32 => elementwise(n * oc, 0, 1, 10.0),
+        Precision::Bf16 => Cost::new(10.0 * (n * oc) as f64, (n * oc) as f64 * (F32 + 2.0)),
+    };
+    matmul_forward(prec, n, k, oc, true) + gelu
 }
 
 /// [`matmul_backward`] with GELU's backward in the input gradient's epilogue: GELU's input read.

@@ -114,7 +114,7 @@ impl<'m> CudaGenerator<'m> {
             ops::attention_forward_cached(dev, atty, qkv, kc, vc, pos0, n, c, nh)?;
             ops::matmul_forward(dev, prec, proj, Act::F32(atty), m.p(K::AttProjW, l), m.pb(K::AttProjW, l), Some(m.p(K::AttProjB, l)), sc, n, c, c)?;
             ops::residual_layernorm_forward(dev, x2, Some(ln), None, mean, rstd, x, proj, m.p(K::Ln2W, l), m.p(K::Ln2B, l), n, c)?;
-            ops::matmul_forward_gelu(dev, prec, fch_gelu, fch, Act::F32(ln), m.p(K::FcW, l), m.pb(K::FcW, l), m.p(K::FcB, l), sc, n, c, 4 * c)?;
+            ops::matmul_forward_gelu(dev, prec, Some(fch_gelu), None, fch, Act::F32(ln), m.p(K::FcW, l), m.pb(K::FcW, l), m.p(K::FcB, l), sc, n, c, 4 * c)?;
             ops::matmul_forward(dev, prec, proj, Act::F32(fch_gelu), m.p(K::FcProjW, l), m.pb(K::FcProjW, l), Some(m.p(K::FcProjB, l)), sc, n, 4 * c, c)?;
             if l + 1 < cfg.n_layer {
                 ops::residual_layernorm_forward(dev, x, Some(ln), None, mean, rstd, x2, proj, m.p(K::Ln1W, l + 1), m.p(K::Ln1B, l + 1), n, c)?;

@@ -2,13 +2,13 @@
 //! [`crate::model::gpt::Gpt`], op for op, on device buffers allocated once.
 //!
 //! Mixed precision: parameters, gradients, optimizer moments and activations are f32 (the
-//! master copy; on the bf16 path the inner LayerNorms' outputs are kept as bf16 only, as nothing
-//! reads them in f32); with [`Precision::Bf16`] the optimizer also keeps a bf16 copy of the parameters
-//! and the matmuls run on cuBLASLt with bf16 operands and f32 accumulation. Most activation
-//! operands arrive as bf16 from the kernel that wrote them (the LayerNorms forward and backward,
-//! the attention forward and backward, the fused classifier's logits gradient); two are still cast
-//! by a separate kernel: the GELU output in the forward (once, kept for the backward) and the
-//! GELU backward's output `dfch`, both written by a cuBLASLt epilogue in f32.
+//! master copy; on the bf16 path the inner LayerNorms' and GELU's outputs are kept as bf16 only,
+//! as nothing reads them in f32); with [`Precision::Bf16`] the optimizer also keeps a bf16 copy of
+//! the parameters and the matmuls run on cuBLASLt with bf16 operands and f32 accumulation. The
+//! activation operands arrive as bf16 from the kernel that wrote them (the LayerNorms forward and
+//! backward, the attention forward and backward, `gelu_forward`, the fused classifier's logits
+//! gradient), except the GELU backward's output `dfch`, written in f32 by cuBLASLt's DGELU
+//! epilogue and cast once per layer.
 //! [`Precision::F32`] runs the matmuls in f32, which is what the CPU comparison uses.
 //! Attention keeps one log-sum-exp per query row instead of the `(B,NH,T,T)` probabilities; it
 //! runs on the tensor-core kernels for bf16 where they apply, else on the f32 reference kernels
@@ -63,9 +63,11 @@ struct Acts {
     ln1_bf16: DevBuf<u16>,
     ln2_bf16: DevBuf<u16>,
     lnf_bf16: DevBuf<u16>,
-    /// bf16 copies of `atty` (written by the attention forward) and `fch_gelu` (cast once) on
-    /// the bf16 path, read by the next matmul and again by the backward's weight-gradient
-    /// gemms. One element each on the f32 path.
+    /// bf16 copies of `atty` (written by the attention forward next to its f32 output, which
+    /// the attention backward reads) and `fch_gelu` (written by `gelu_forward`, whose f32
+    /// `fch_gelu` nothing reads on this path: one element, never written) on the bf16 path,
+    /// read by the next matmul and again by the backward's weight-gradient gemms. One element
+    /// each on the f32 path.
     atty_bf16: DevBuf<u16>,
     fch_gelu_bf16: DevBuf<u16>,
 }
@@ -177,7 +179,7 @@ impl CudaGpt {
             ln2_mean: z(l * bt)?,
             ln2_rstd: z(l * bt)?,
             fch: z(l * bt * 4 * c)?,
-            fch_gelu: z(l * bt * 4 * c)?,
+            fch_gelu: z(if precision == Precision::F32 { l * bt * 4 * c } else { 1 })?,
             residual3: z(l * bt * c)?,
             lnf: z(bt * c)?,
             lnf_mean: z(bt)?,
@@ -311,17 +313,18 @@ impl CudaGpt {
         (self.precision == Precision::Bf16).then(|| buf.view(offset, len))
     }
 
-    /// An inner LayerNorm's output (`ln1` or `ln2`, `n·C` from `offset`) as the kernels see it:
-    /// `(f32, bf16)`, the f32 view on the f32 path only, the bf16 copy on the bf16 path only.
-    fn ln_out(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> (Option<View>, Option<View>) {
+    /// An activation kept in f32 on the f32 path and only as bf16 on the bf16 path (the inner
+    /// LayerNorms' outputs, GELU's output), `len` from `offset`, as the kernel that writes it
+    /// sees it: `(f32, bf16)`, one of the two.
+    fn out_views(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> (Option<View>, Option<View>) {
         match self.precision {
             Precision::F32 => (Some(f32s.view(offset, len)), None),
             Precision::Bf16 => (None, Some(bf16.view(offset, len))),
         }
     }
 
-    /// An inner LayerNorm's output as the matmuls after it read it ([`CudaGpt::ln_out`]).
-    fn ln_act(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> Act {
+    /// An activation of [`CudaGpt::out_views`] as the matmuls after it read it.
+    fn operand_view(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> Act {
         match self.precision {
             Precision::F32 => Act::F32(f32s.view(offset, len)),
             Precision::Bf16 => Act::Bf16(bf16.view(offset, len)),
@@ -331,19 +334,6 @@ impl CudaGpt {
     /// An activation as a matmul reads it: its bf16 copy when there is one.
     fn act(&self, f32_view: View, bf16: Option<View>) -> Act {
         bf16.map_or(Act::F32(f32_view), Act::Bf16)
-    }
-
-    /// `f32_view` as the matmul after it reads it, forward and backward: on the bf16 path cast
-    /// into its own slot of `bf16` (`len` elements from `offset`), so the backward reads that
-    /// copy instead of casting again.
-    fn kept(&self, prof: &mut Option<OpProfile>, f32_view: View, bf16: &DevBuf<u16>, offset: usize, len: usize) -> Result<Act> {
-        match self.bf16_copy(bf16, offset, len) {
-            Some(copy) => {
-                timed(prof, &self.dev, "fwd.cast", cost::cast_to_bf16(len), || ops::cast_to_bf16(&self.dev, copy, f32_view, len))?;
-                Ok(Act::Bf16(copy))
-            }
-            None => Ok(Act::F32(f32_view)),
-        }
     }
 
     /// Clears the gradients and the deferred loss: the start of a step.
@@ -415,14 +405,14 @@ impl CudaGpt {
         })?;
         // Layer 0's first LayerNorm stands alone; every later one (and the final one) is fused
         // with the residual add before it.
-        let (ln1_0, ln1b_0) = self.ln_out(&a.ln1, &a.ln1_bf16, 0, n * c);
+        let (ln1_0, ln1b_0) = self.out_views(&a.ln1, &a.ln1_bf16, 0, n * c);
         timed(prof, dev, "fwd.layernorm", cost::layernorm_forward(n, c), || {
             ops::layernorm_forward(dev, ln1_0, ln1b_0, a.ln1_mean.view(0, n), a.ln1_rstd.view(0, n), a.encoded.view(0, n * c), self.p(K::Ln1W, 0), self.p(K::Ln1B, 0), n, c)
         })?;
         let lnf = a.lnf.view(0, n * c);
         for l in 0..cfg.n_layer {
             let res_in = if l == 0 { a.encoded.view(0, n * c) } else { lv(&a.residual3, l - 1, pc, n * c) };
-            let ln1 = self.ln_act(&a.ln1, &a.ln1_bf16, l * pc, n * c);
+            let ln1 = self.operand_view(&a.ln1, &a.ln1_bf16, l * pc, n * c);
             let qkv = lv(&a.qkv, l, p3, n * 3 * c);
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, c, 3 * c, true), || {
                 ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c)
@@ -437,7 +427,7 @@ impl CudaGpt {
                 ops::matmul_forward(dev, prec, proj, atty_in, self.p(K::AttProjW, l), self.pb(K::AttProjW, l), Some(self.p(K::AttProjB, l)), sc, n, c, c)
             })?;
             let res2 = lv(&a.residual2, l, pc, n * c);
-            let (ln2, ln2b) = self.ln_out(&a.ln2, &a.ln2_bf16, l * pc, n * c);
+            let (ln2, ln2b) = self.out_views(&a.ln2, &a.ln2_bf16, l * pc, n * c);
             timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c), || {
                 ops::residual_layernorm_forward(
                     dev,
@@ -454,14 +444,15 @@ impl CudaGpt {
                     c,
                 )
             })?;
-            let (fch, fch_gelu) = (lv(&a.fch, l, p4, n * 4 * c), lv(&a.fch_gelu, l, p4, n * 4 * c));
+            let (fch, (fch_gelu, fch_gelu_b)) = (lv(&a.fch, l, p4, n * 4 * c), self.out_views(&a.fch_gelu, &a.fch_gelu_bf16, l * p4, n * 4 * c));
             timed(prof, dev, "fwd.matmul_gelu", cost::matmul_forward_gelu(prec, n, c, 4 * c), || {
                 ops::matmul_forward_gelu(
                     dev,
                     prec,
                     fch_gelu,
+                    fch_gelu_b,
                     fch,
-                    self.ln_act(&a.ln2, &a.ln2_bf16, l * pc, n * c),
+                    self.operand_view(&a.ln2, &a.ln2_bf16, l * pc, n * c),
                     self.p(K::FcW, l),
                     self.pb(K::FcW, l),
                     self.p(K::FcB, l),
@@ -471,7 +462,7 @@ impl CudaGpt {
                     4 * c,
                 )
             })?;
-            let fch_gelu_in = self.kept(prof, fch_gelu, &a.fch_gelu_bf16, l * p4, n * 4 * c)?;
+            let fch_gelu_in = self.operand_view(&a.fch_gelu, &a.fch_gelu_bf16, l * p4, n * 4 * c);
             timed(prof, dev, "fwd.matmul", cost::matmul_forward(prec, n, 4 * c, c, true), || {
                 ops::matmul_forward(dev, prec, proj, fch_gelu_in, self.p(K::FcProjW, l), self.pb(K::FcProjW, l), Some(self.p(K::FcProjB, l)), sc, n, 4 * c, c)
             })?;
@@ -479,7 +470,7 @@ impl CudaGpt {
             // The LayerNorm after this block: the next block's first, or the final one.
             let ((ln, ln_b), mean, rstd, w, bias) = if l + 1 < cfg.n_layer {
                 (
-                    self.ln_out(&a.ln1, &a.ln1_bf16, (l + 1) * pc, n * c),
+                    self.out_views(&a.ln1, &a.ln1_bf16, (l + 1) * pc, n * c),
                     lv(&a.ln1_mean, l + 1, p1, n),
                     lv(&a.ln1_rstd, l + 1, p1, n),
                     self.p(K::Ln1W, l + 1),
@@ -699,7 +690,7 @@ impl CudaGpt {
                     Some(self.g(K::FcProjB, l)),
                     dres,
                     dres_b,
-                    self.act(lv(&a.fch_gelu, l, p4, n * 4 * c), self.bf16_copy(&a.fch_gelu_bf16, l * p4, n * 4 * c)),
+                    self.operand_view(&a.fch_gelu, &a.fch_gelu_bf16, l * p4, n * 4 * c),
                     lv(&a.fch, l, p4, n * 4 * c),
                     self.p(K::FcProjW, l),
                     self.pb(K::FcProjW, l),
@@ -719,7 +710,7 @@ impl CudaGpt {
                     Some(self.g(K::FcB, l)),
                     dfch,
                     None,
-                    self.ln_act(&a.ln2, &a.ln2_bf16, l * pc, n * c),
+                    self.operand_view(&a.ln2, &a.ln2_bf16, l * pc, n * c),
                     self.p(K::FcW, l),
                     self.pb(K::FcW, l),
                     sc,
@@ -793,7 +784,7 @@ impl CudaGpt {
                     Some(self.g(K::QkvB, l)),
                     dqkv,
                     dqkv_b,
-                    self.ln_act(&a.ln1, &a.ln1_bf16, l * pc, n * c),
+                    self.operand_view(&a.ln1, &a.ln1_bf16, l * pc, n * c),
                     self.p(K::QkvW, l),
                     self.pb(K::QkvW, l),
                     sc,

@@ -90,14 +90,14 @@ pub fn layernorm_forward(
     for (what, v, len) in [("inp", inp, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)] {
         need(OP, what, v, len)?;
     }
-    let (o, ob) = layernorm_outputs(OP, out, out_bf16, n * c)?;
+    let (o, ob) = outputs(OP, out, out_bf16, n * c)?;
     let warps = BLOCK as usize / 32;
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     dev.launch(OP, cfg, &[o, p(mean), p(rstd), p(inp), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
 }
 
-/// A LayerNorm's f32 and bf16 outputs, each optional but not both absent.
-fn layernorm_outputs(op: &'static str, out: Option<View>, out_bf16: Option<View>, len: usize) -> Result<(Arg, Arg)> {
+/// An op's f32 and bf16 outputs of `len` elements, each optional but not both absent.
+fn outputs(op: &'static str, out: Option<View>, out_bf16: Option<View>, len: usize) -> Result<(Arg, Arg)> {
     if out.is_none() && out_bf16.is_none() {
         return Err(CudaError::Shape { op, reason: "neither an f32 nor a bf16 output was given".into() });
     }
@@ -137,7 +137,7 @@ pub fn residual_layernorm_forward(
     for (what, v, len) in [("residual", residual, n * c), ("a", a, n * c), ("b", b, n * c), ("mean", mean, n), ("rstd", rstd, n), ("weight", weight, c), ("bias", bias, c)] {
         need(OP, what, v, len)?;
     }
-    let (o, ob) = layernorm_outputs(OP, out, out_bf16, n * c)?;
+    let (o, ob) = outputs(OP, out, out_bf16, n * c)?;
     let warps = BLOCK as usize / 32;
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(warps) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     dev.launch(OP, cfg, &[p(residual), o, p(mean), p(rstd), p(a), p(b), p(weight), p(bias), Arg::I(int(OP, "N", n)?), Arg::I(int(OP, "C", c)?), ob])
@@ -295,12 +295,16 @@ fn gelu_epilogue_fits(width: usize, pointers: &[View]) -> bool {
 
 /// `pre(N,OC) = inp(N,C)·w(C,OC) + bias` and `out = GELU(pre)`: in the gemm's GELU_AUX_BIAS
 /// epilogue where it applies (`OC` a multiple of 8, `bias` and `pre` 16-byte aligned), else the
-/// matmul then `gelu_forward`. CPU: [`crate::backend::cpu::matmul::matmul_forward`] then
+/// matmul then `gelu_forward`. With `out_bf16` (a bf16 model, whose next matmul reads the GELU
+/// output as bf16) always the matmul then `gelu_forward`, which writes the bf16 copy (and `out`
+/// when given): `pre` written, read and 2 bytes written per element, where the epilogue's f32
+/// output and a cast would move 14. CPU: [`crate::backend::cpu::matmul::matmul_forward`] then
 /// [`crate::backend::cpu::gelu::gelu_forward`].
 pub fn matmul_forward_gelu(
     dev: &CudaDevice,
     prec: Precision,
-    out: View,
+    out: Option<View>,
+    out_bf16: Option<View>,
     pre: View,
     inp: Act,
     w: View,
@@ -312,13 +316,15 @@ pub fn matmul_forward_gelu(
     oc: usize,
 ) -> Result<()> {
     const OP: &str = "matmul_forward_gelu";
-    for (what, v, len) in [("out", out, n * oc), ("pre", pre, n * oc), ("w", w, c * oc), ("bias", bias, oc)] {
+    for (what, v, len) in [("pre", pre, n * oc), ("w", w, c * oc), ("bias", bias, oc)] {
         need(OP, what, v, len)?;
     }
+    outputs(OP, out, out_bf16, n * oc)?;
     let unfused = || {
         matmul_forward(dev, prec, pre, inp, w, w_bf16, Some(bias), scratch, n, c, oc)?;
-        gelu_forward(dev, out, pre, n * oc)
+        gelu_forward(dev, out, out_bf16, pre, n * oc)
     };
+    let Some(out) = out.filter(|_| out_bf16.is_none()) else { return unfused() };
     if !gelu_epilogue_fits(oc, &[bias, pre]) {
         return unfused();
     }
@@ -591,10 +597,12 @@ pub fn kv_cache_write(dev: &CudaDevice, k_cache: View, v_cache: View, qkv: View,
 }
 
 /// CPU: [`crate::backend::cpu::gelu::gelu_forward`].
-pub fn gelu_forward(dev: &CudaDevice, out: View, inp: View, n: usize) -> Result<()> {
-    need("gelu_forward", "out", out, n)?;
-    need("gelu_forward", "inp", inp, n)?;
-    dev.launch("gelu_forward", grid_1d(n, BLOCK), &[p(out), p(inp), Arg::L(n as i64)])
+/// `out` and `out_bf16` as in [`layernorm_forward`].
+pub fn gelu_forward(dev: &CudaDevice, out: Option<View>, out_bf16: Option<View>, inp: View, n: usize) -> Result<()> {
+    const OP: &str = "gelu_forward";
+    need(OP, "inp", inp, n)?;
+    let (o, ob) = outputs(OP, out, out_bf16, n)?;
+    dev.launch(OP, grid_1d(n, BLOCK), &[o, p(inp), Arg::L(n as i64), ob])
 }
 
 /// CPU: [`crate::backend::cpu::gelu::gelu_backward`].

@@ -97,9 +97,16 @@ pub(super) fn gelu_residual(cx: &mut Ctx<'_, '_>) -> Result<()> {
         cpu::gelu::gelu_forward(&mut o, &x);
         let (gx, gg, gy) = (cx.up(&x)?, cx.up(&g)?, cx.up(&y)?);
         let go = cx.out(n)?;
-        ops::gelu_forward(cx.d(), go.all(), gx.all(), n)?;
+        let gob = cx.d().upload_new(&vec![0x7fc1u16; n])?;
+        ops::gelu_forward(cx.d(), Some(go.all()), Some(gob.all()), gx.all(), n)?;
         let got = cx.down(&go, n)?;
         cx.push(compare(format!("gelu_forward n={n}"), &got, &o, EW));
+        // The bf16 copy, with and without the f32 output: the f32 result rounded to nearest even.
+        let want_b = as_f32(&got.iter().map(|&x| bf16_rne(x)).collect::<Vec<_>>());
+        cx.push(compare(format!("gelu_forward bf16 out n={n}"), &as_f32(&cx.d().to_host(&gob)?), &want_b, Tolerance::Exact));
+        let gob_only = cx.d().upload_new(&vec![0x7fc1u16; n])?;
+        ops::gelu_forward(cx.d(), None, Some(gob_only.all()), gx.all(), n)?;
+        cx.push(compare(format!("gelu_forward bf16 out only n={n}"), &as_f32(&cx.d().to_host(&gob_only)?), &want_b, Tolerance::Exact));
         cpu::gelu::gelu_backward(&mut o, &x, &g);
         let go = cx.out(n)?;
         ops::gelu_backward(cx.d(), go.all(), gx.all(), gg.all(), n)?;
@@ -182,10 +189,36 @@ pub(super) fn matmul_gelu(cx: &mut Ctx<'_, '_>) -> Result<()> {
             let gbias = cx.up(&[vec![0.0; at], bias.clone()].concat())?;
             for (prec, tol) in [(Precision::F32, MM), (Precision::Bf16, BF16)] {
                 let (gact, gpre) = (cx.out(n * oc)?, cx.out(at + n * oc)?);
-                ops::matmul_forward_gelu(cx.d(), prec, gact.all(), gpre.view(at, n * oc), Act::F32(gx.all()), gw.all(), gwb.all(), gbias.view(at, oc), sc, n, k, oc)?;
+                ops::matmul_forward_gelu(cx.d(), prec, Some(gact.all()), None, gpre.view(at, n * oc), Act::F32(gx.all()), gw.all(), gwb.all(), gbias.view(at, oc), sc, n, k, oc)?;
                 let tag = format!("{prec:?} {path} N={n} K={k} OC={oc}");
-                cx.push(compare(format!("matmul_forward_gelu out {tag}"), &cx.down(&gact, n * oc)?, &act, tol));
+                let got_act = cx.down(&gact, n * oc)?;
+                cx.push(compare(format!("matmul_forward_gelu out {tag}"), &got_act, &act, tol));
                 cx.push(compare(format!("matmul_forward_gelu pre {tag}"), &cx.down(&gpre, at + n * oc)?[at..], &pre, tol));
+                if prec == Precision::Bf16 {
+                    // A bf16 model's call: only the bf16 GELU output, by gelu_forward after the
+                    // matmul; against the CPU, and bit for bit its own pre through gelu_forward.
+                    let (gpre2, gob) = (cx.out(at + n * oc)?, cx.d().upload_new(&vec![0x7fc1u16; n * oc])?);
+                    ops::matmul_forward_gelu(
+                        cx.d(),
+                        prec,
+                        None,
+                        Some(gob.all()),
+                        gpre2.view(at, n * oc),
+                        Act::F32(gx.all()),
+                        gw.all(),
+                        gwb.all(),
+                        gbias.view(at, oc),
+                        sc,
+                        n,
+                        k,
+                        oc,
+                    )?;
+                    let got_b = as_f32(&cx.d().to_host(&gob)?);
+                    cx.push(compare(format!("matmul_forward_gelu bf16 out only {tag}"), &got_b, &act, tol));
+                    let (gact2, gob2) = (cx.out(n * oc)?, cx.d().upload_new(&vec![0x7fc1u16; n * oc])?);
+                    ops::gelu_forward(cx.d(), Some(gact2.all()), Some(gob2.all()), gpre2.view(at, n * oc), n * oc)?;
+                    cx.push(compare(format!("matmul_forward_gelu bf16 out only {tag} vs gelu_forward of its pre"), &got_b, &as_f32(&cx.d().to_host(&gob2)?), Tolerance::Exact));
+                }
                 // The backward reads the CPU's pre and GELU(pre), so only its own error counts.
                 let gpre_in = cx.up(&[vec![0.0; at], pre.clone()].concat())?;
                 let gact_in = cx.up(&act)?;
