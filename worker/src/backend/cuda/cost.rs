@@ -4,11 +4,11 @@
 //! FLOPs count the math an op must do (a multiply-add is 2), not what a kernel recomputes: the
 //! attention backward is 4 products of `T × T × hs` halved by the causal mask, although the
 //! kernels recompute the scores in each of their two passes. Bytes count each operand read
-//! once and each result written once, in the element types the wrapper uses. A bf16 matmul's
-//! bound is the gemm's own traffic (bf16 operands and weights, f32 output): where the op still
-//! casts an f32 operand first, that cast shows as time above the bound; the casts the model
-//! keeps for the backward are charged as their own op ([`cast_to_bf16`]). Element-wise FLOP counts are rough (a `tanh` as a few); those
-//! ops are memory-bound by far, so their roofline is their bytes.
+//! once and each result written once, in the element types the wrapper uses (an output a bf16
+//! model keeps as f32 and bf16 counts both). A bf16 matmul's bound is the gemm's own traffic
+//! (bf16 operands and weights, f32 output): where the op still casts an f32 operand first (the
+//! MLP's `dfch`), that cast shows as time above the bound. Element-wise FLOP counts are rough (a
+//! `tanh` as a few); those ops are memory-bound by far, so their roofline is their bytes.
 
 use super::matmul::Precision;
 use super::ops::Grad;
@@ -27,11 +27,6 @@ fn operand_bytes(prec: Precision) -> f64 {
 /// Bytes a gemm reads of an activation operand of `len` elements it reads `reads` times.
 fn activation(prec: Precision, len: f64, reads: f64) -> f64 {
     reads * len * operand_bytes(prec)
-}
-
-/// `len` f32 values rounded to bf16 (read f32, write bf16).
-pub fn cast_to_bf16(len: usize) -> Cost {
-    Cost::new(0.0, len as f64 * (F32 + 2.0))
 }
 
 /// `n` elements of each of `reads` f32 inputs read and `writes` f32 outputs written, with
@@ -74,34 +69,42 @@ pub fn matmul_backward_gelu(prec: Precision, n: usize, k: usize, oc: usize) -> C
     matmul_backward(prec, n, k, oc, true) + elementwise(n * k, 1, 0, 16.0)
 }
 
-/// Causal attention forward: `S = Q·Kᵀ`, softmax, `O = P·V`, over `B·NH` heads.
-pub fn attention_forward(b: usize, t: usize, c: usize, nh: usize) -> Cost {
+/// Bytes per element of an output written as f32 and, when `bf16_copy`, as bf16 too.
+pub fn written(bf16_copy: bool) -> f64 {
+    F32 + if bf16_copy { 2.0 } else { 0.0 }
+}
+
+/// Causal attention forward: `S = Q·Kᵀ`, softmax, `O = P·V`, over `B·NH` heads; `out_bytes`
+/// per output element ([`written`]).
+pub fn attention_forward(b: usize, t: usize, c: usize, nh: usize, out_bytes: f64) -> Cost {
     let (n, t_, c_) = ((b * t) as f64, t as f64, c as f64);
     let pairs = (b * nh) as f64 * t_ * (t_ + 1.0) / 2.0;
     let hs = c_ / nh as f64;
     // Two products of 2·hs FLOPs per visible (query, key) pair, plus a few for the softmax.
-    Cost::new(pairs * (4.0 * hs + 5.0), n * 3.0 * c_ * F32 + n * c_ * F32 + (b * nh * t) as f64 * F32)
+    Cost::new(pairs * (4.0 * hs + 5.0), n * 3.0 * c_ * F32 + n * c_ * out_bytes + (b * nh * t) as f64 * F32)
 }
 
 /// Causal attention backward: `dP = dO·Vᵀ`, `dS`, `dV = Pᵀ·dO`, `dQ = dS·K`, `dK = dSᵀ·Q` (the
-/// kernels also recompute the scores, which is not counted).
-pub fn attention_backward(b: usize, t: usize, c: usize, nh: usize) -> Cost {
+/// kernels also recompute the scores, which is not counted); `dqkv_bytes` per element of dqkv.
+pub fn attention_backward(b: usize, t: usize, c: usize, nh: usize, dqkv_bytes: f64) -> Cost {
     let (n, t_, c_) = ((b * t) as f64, t as f64, c as f64);
     let pairs = (b * nh) as f64 * t_ * (t_ + 1.0) / 2.0;
     let hs = c_ / nh as f64;
     let rows = (b * nh * t) as f64;
     // Reads qkv, out and dout; writes dqkv; lse and delta per row (delta written then read).
-    Cost::new(pairs * (8.0 * hs + 8.0) + n * c_ * 2.0, n * (3.0 + 1.0 + 1.0 + 3.0) * c_ * F32 + 3.0 * rows * F32)
+    Cost::new(pairs * (8.0 * hs + 8.0) + n * c_ * 2.0, n * (3.0 + 1.0 + 1.0) * c_ * F32 + n * 3.0 * c_ * dqkv_bytes + 3.0 * rows * F32)
 }
 
-/// LayerNorm forward over `n` rows of `c`.
-pub fn layernorm_forward(n: usize, c: usize) -> Cost {
-    Cost::new(8.0 * (n * c) as f64, (2 * n * c + 2 * c + 2 * n) as f64 * F32)
+/// LayerNorm forward over `n` rows of `c`; `out_bytes` per output element (4 for f32, 2 for
+/// a bf16 model's inner LayerNorms, 6 for both).
+pub fn layernorm_forward(n: usize, c: usize, out_bytes: f64) -> Cost {
+    Cost::new(8.0 * (n * c) as f64, (n * c + 2 * c + 2 * n) as f64 * F32 + (n * c) as f64 * out_bytes)
 }
 
-/// The fused residual add + LayerNorm: reads `a`, `b`; writes the residual and the norm.
-pub fn residual_layernorm_forward(n: usize, c: usize) -> Cost {
-    Cost::new(9.0 * (n * c) as f64, (4 * n * c + 2 * c + 2 * n) as f64 * F32)
+/// The fused residual add + LayerNorm: reads `a`, `b`; writes the residual and the norm
+/// (`out_bytes` as in [`layernorm_forward`]).
+pub fn residual_layernorm_forward(n: usize, c: usize, out_bytes: f64) -> Cost {
+    Cost::new(9.0 * (n * c) as f64, (3 * n * c + 2 * c + 2 * n) as f64 * F32 + (n * c) as f64 * out_bytes)
 }
 
 /// LayerNorm backward: `dinp` accumulated, `dweight`, `dbias` from row chunks.
@@ -175,19 +178,21 @@ mod tests {
         // Attention: the usual 6·L·C·T per token is 2 products × 2 FLOPs × 3 (forward +
         // backward) over the T/2 keys a query sees on average; the count here adds the softmax
         // and the diagonal, under 3%.
-        let att = l as f64 * (attention_forward(b, t, c, 12).flops + attention_backward(b, t, c, 12).flops);
+        let att = l as f64 * (attention_forward(b, t, c, 12, F32).flops + attention_backward(b, t, c, 12, F32).flops);
         let ratio = att / (6.0 * (l * c * t) as f64 * n as f64);
         assert!((1.0..1.03).contains(&ratio), "{ratio}");
     }
 
     #[test]
-    fn bf16_operands_halve_the_gemm_operand_bytes_and_a_cast_is_its_own_cost() {
+    fn bf16_operands_halve_the_gemm_operand_bytes_and_bf16_outputs_count_their_bytes() {
         let f = matmul_forward(Precision::F32, 1024, 768, 3072, true);
         let h = matmul_forward(Precision::Bf16, 1024, 768, 3072, true);
         assert_eq!(f.flops, h.flops);
         // Weights and the activation operand halve; the f32 output does not.
         let diff = f.bytes - h.bytes;
         assert_eq!(diff, 768.0 * 3072.0 * 2.0 + 1024.0 * 768.0 * 2.0);
-        assert_eq!(cast_to_bf16(1000).bytes, 6000.0);
+        // A bf16-only LayerNorm output saves 2 bytes per element; a bf16 copy adds 2.
+        assert_eq!(layernorm_forward(10, 8, F32).bytes - layernorm_forward(10, 8, 2.0).bytes, 160.0);
+        assert_eq!(attention_forward(1, 4, 8, 2, written(true)).bytes - attention_forward(1, 4, 8, 2, written(false)).bytes, 64.0);
     }
 }
