@@ -10,6 +10,7 @@
 //! MLP's `dfch`), that cast shows as time above the bound. Element-wise FLOP counts are rough (a
 //! `tanh` as a few); those ops are memory-bound by far, so their roofline is their bytes.
 
+use super::device::View;
 use super::matmul::Precision;
 use super::ops::Grad;
 use crate::model::profile::Cost;
@@ -69,9 +70,9 @@ pub fn matmul_backward_gelu(prec: Precision, n: usize, k: usize, oc: usize) -> C
     matmul_backward(prec, n, k, oc, true) + elementwise(n * k, 1, 0, 16.0)
 }
 
-/// Bytes per element of an output written as f32 and, when `bf16_copy`, as bf16 too.
-pub fn written(bf16_copy: bool) -> f64 {
-    F32 + if bf16_copy { 2.0 } else { 0.0 }
+/// Bytes per element of an output written to the f32 and bf16 views given.
+pub fn written(f32s: Option<View>, bf16: Option<View>) -> f64 {
+    f32s.map_or(0.0, |_| F32) + bf16.map_or(0.0, |_| 2.0)
 }
 
 /// Causal attention forward: `S = Q·Kᵀ`, softmax, `O = P·V`, over `B·NH` heads; `out_bytes`
@@ -193,6 +194,6 @@ mod tests {
         assert_eq!(diff, 768.0 * 3072.0 * 2.0 + 1024.0 * 768.0 * 2.0);
         // A bf16-only LayerNorm output saves 2 bytes per element; a bf16 copy adds 2.
         assert_eq!(layernorm_forward(10, 8, F32).bytes - layernorm_forward(10, 8, 2.0).bytes, 160.0);
-        assert_eq!(attention_forward(1, 4, 8, 2, written(true)).bytes - attention_forward(1, 4, 8, 2, written(false)).bytes, 64.0);
+        assert_eq!(attention_forward(1, 4, 8, 2, F32 + 2.0).bytes - attention_forward(1, 4, 8, 2, F32).bytes, 64.0);
     }
 }

@@ -317,13 +317,14 @@ impl CudaGpt {
     /// LayerNorms' outputs, GELU's output), `len` from `offset`, as the kernel that writes it
     /// sees it: `(f32, bf16)`, one of the two.
     fn out_views(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> (Option<View>, Option<View>) {
-        match self.precision {
-            Precision::F32 => (Some(f32s.view(offset, len)), None),
-            Precision::Bf16 => (None, Some(bf16.view(offset, len))),
+        match self.operand_view(f32s, bf16, offset, len) {
+            Act::F32(v) => (Some(v), None),
+            Act::Bf16(b) => (None, Some(b)),
         }
     }
 
-    /// An activation of [`CudaGpt::out_views`] as the matmuls after it read it.
+    /// An activation of [`CudaGpt::out_views`] as the matmuls after it read it (and the one
+    /// place that decides which of the two it is kept as).
     fn operand_view(&self, f32s: &DevBuf<f32>, bf16: &DevBuf<u16>, offset: usize, len: usize) -> Act {
         match self.precision {
             Precision::F32 => Act::F32(f32s.view(offset, len)),
@@ -406,11 +407,7 @@ impl CudaGpt {
         // Layer 0's first LayerNorm stands alone; every later one (and the final one) is fused
         // with the residual add before it.
         let (ln1_0, ln1b_0) = self.out_views(&a.ln1, &a.ln1_bf16, 0, n * c);
-        // Bytes per output element of an inner LayerNorm (bf16 only on the bf16 path) and of the
-        // final one (f32, and bf16 too on the bf16 path).
-        let bf16 = self.precision == Precision::Bf16;
-        let (inner_bytes, final_bytes) = (if bf16 { 2.0 } else { cost::written(false) }, cost::written(bf16));
-        timed(prof, dev, "fwd.layernorm", cost::layernorm_forward(n, c, inner_bytes), || {
+        timed(prof, dev, "fwd.layernorm", cost::layernorm_forward(n, c, cost::written(ln1_0, ln1b_0)), || {
             ops::layernorm_forward(dev, ln1_0, ln1b_0, a.ln1_mean.view(0, n), a.ln1_rstd.view(0, n), a.encoded.view(0, n * c), self.p(K::Ln1W, 0), self.p(K::Ln1B, 0), n, c)
         })?;
         let lnf = a.lnf.view(0, n * c);
@@ -422,7 +419,7 @@ impl CudaGpt {
                 ops::matmul_forward(dev, prec, qkv, ln1, self.p(K::QkvW, l), self.pb(K::QkvW, l), Some(self.p(K::QkvB, l)), sc, n, c, 3 * c)
             })?;
             let (atty, atty_b) = (lv(&a.atty, l, pc, n * c), self.bf16_copy(&a.atty_bf16, l * pc, n * c));
-            timed(prof, dev, "fwd.attention", cost::attention_forward(b, t, c, nh, cost::written(atty_b.is_some())), || {
+            timed(prof, dev, "fwd.attention", cost::attention_forward(b, t, c, nh, cost::written(Some(atty), atty_b)), || {
                 flash::attention_forward(dev, self.attention, atty, atty_b, lv(&a.lse, l, pl, b * nh * t), qkv, b, t, c, nh)
             })?;
             let proj = a.proj.view(0, n * c);
@@ -432,7 +429,7 @@ impl CudaGpt {
             })?;
             let res2 = lv(&a.residual2, l, pc, n * c);
             let (ln2, ln2b) = self.out_views(&a.ln2, &a.ln2_bf16, l * pc, n * c);
-            timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c, inner_bytes), || {
+            timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c, cost::written(ln2, ln2b)), || {
                 ops::residual_layernorm_forward(
                     dev,
                     res2,
@@ -483,8 +480,7 @@ impl CudaGpt {
             } else {
                 ((Some(lnf), lnfb), a.lnf_mean.view(0, n), a.lnf_rstd.view(0, n), self.p(K::LnfW, 0), self.p(K::LnfB, 0))
             };
-            let out_bytes = if l + 1 < cfg.n_layer { inner_bytes } else { final_bytes };
-            timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c, out_bytes), || {
+            timed(prof, dev, "fwd.residual_layernorm", cost::residual_layernorm_forward(n, c, cost::written(ln, ln_b)), || {
                 ops::residual_layernorm_forward(dev, res3, ln, ln_b, mean, rstd, res2, proj, w, bias, n, c)
             })?;
         }
@@ -763,7 +759,7 @@ impl CudaGpt {
                 )
             })?;
             let (dqkv, dqkv_b) = (g.dqkv.view(0, n * 3 * c), self.bf16_copy(&g.dqkv_bf16, 0, n * 3 * c));
-            timed(prof, dev, "bwd.attention", cost::attention_backward(b, t, c, nh, cost::written(dqkv_b.is_some())), || {
+            timed(prof, dev, "bwd.attention", cost::attention_backward(b, t, c, nh, cost::written(Some(dqkv), dqkv_b)), || {
                 flash::attention_backward(
                     dev,
                     self.attention,
