@@ -163,7 +163,11 @@ fn strangers_and_non_members_move_nothing_and_the_job_finishes() {
     let answered = forged.into_iter().filter_map(|h| h.join().ok()).filter(|a| *a).count();
     assert!(answered >= 1, "no forged hello was even handshaken");
     let logs = l.log("worker-0.log") + &l.log("worker-1.log");
-    assert!(logs.contains("ring: dropped a connection") && logs.contains("MAC is wrong"), "strangers dropped and logged:\n{logs}");
+    // The forged hello that claims the expected rank is refused for its MAC, unless the real
+    // neighbour's handshake went through first (a race on 2 cores); either way it is logged. The
+    // MAC refusal itself is pinned by the ring's own test.
+    let forger_logged = logs.contains("MAC is wrong") || logs.contains("its handshake was unfinished");
+    assert!(logs.contains("ring: dropped a connection") && forger_logged, "strangers dropped and logged:\n{logs}");
     let st = Store::open_read_only(&d.join("store.db")).unwrap();
     let m = st.metrics(job, 0).unwrap();
     assert_eq!(m.iter().map(|r| r.step).collect::<Vec<_>>(), (1..=3000).collect::<Vec<_>>(), "every step once, none forged");

@@ -711,7 +711,7 @@ fn accept_left(listener: &TcpListener, name: &str, allowed: &[std::net::IpAddr],
     let (tx, rx) = mpsc::channel::<(SocketAddr, Result<TcpStream, Fail>)>();
     let mut refused: Vec<String> = Vec::new();
     let mut in_flight = 0usize;
-    thread::scope(|s| {
+    let result = thread::scope(|s| {
         let result = 'accept: loop {
             while let Ok((from, r)) = rx.try_recv() {
                 in_flight -= 1;
@@ -766,7 +766,17 @@ fn accept_left(listener: &TcpListener, name: &str, allowed: &[std::net::IpAddr],
         // Stop the handshakes still running; the scope waits for them (within one poll).
         done.store(true, Ordering::Relaxed);
         result
-    })
+    });
+    // Every connection that was not the neighbour is logged, including those whose handshake
+    // was still running (or had just been refused) when the neighbour's went through.
+    for (from, r) in rx.try_iter() {
+        match r {
+            Ok(_) => tracing::warn!("ring: dropped a second connection from {from} that handshook as the {name}"),
+            Err(Fail::Stopped) => tracing::warn!("ring: dropped a connection from {from}: its handshake was unfinished when the {name} connected"),
+            Err(Fail::Error(e)) => tracing::warn!("ring: dropped a connection from {from} while waiting for the {name}: {e}"),
+        }
+    }
+    result
 }
 
 /// The accepting end of a handshake: read the peer's hello, answer with ours and our MAC (even
@@ -1139,6 +1149,34 @@ mod tests {
             assert_eq!(r.expect("ring with a stranger"), 2.0);
         }
         drop(stranger);
+    }
+
+    /// A hello that says all the right things (generation, world, the expected rank) but whose
+    /// MAC is not under the ring key is answered, then refused for its MAC, and named in the
+    /// error when the real neighbour never comes.
+    #[test]
+    fn a_forged_hello_with_the_right_rank_is_refused_for_its_mac() {
+        let listener = TcpRing::listen("127.0.0.1:0").expect("binding loopback");
+        let addr = listener.local_addr();
+        let forger = thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("forger connects");
+            let forged = Hello { generation: 3, rank: 1, world: 2, nonce: [7; 16] }.encode();
+            c.write_all(&forged).expect("forger writes its hello");
+            let mut answer = [0u8; HELLO_LEN + MAC_LEN];
+            c.read_exact(&mut answer).expect("the listener answers a well-formed hello");
+            c.write_all(&[0x5a; MAC_LEN]).expect("forger writes a made-up MAC");
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+        });
+        let hello = Hello { generation: 3, rank: 0, world: 2, nonce: [1; 16] }.encode();
+        let expect = Expect { generation: 3, world: 2, peer_rank: 1, key: b"the generation's ring key" };
+        let w = Waiter { op: "accept", timeout: Duration::from_millis(1500), abort: None, stop: None, generation: 3 };
+        let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+        let r = accept_left(&listener.listener, "left neighbour rank 1", &loopback, &hello, &expect, &w);
+        let Err(Fail::Error(e)) = r else { panic!("the forger was taken for the neighbour") };
+        assert!(matches!(e, CollectiveError::Handshake { .. }), "{e}");
+        assert!(e.to_string().contains("MAC is wrong"), "{e}");
+        forger.join().expect("forger thread");
     }
 
     #[test]
