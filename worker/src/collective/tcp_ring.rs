@@ -720,7 +720,7 @@ fn accept_left(listener: &TcpListener, name: &str, allowed: &[std::net::IpAddr],
                     Err(Fail::Error(e @ CollectiveError::Aborted { .. })) => break 'accept Err(Fail::Error(e)),
                     Err(Fail::Stopped) => {}
                     Err(Fail::Error(e)) => {
-                        tracing::warn!("ring: dropped a connection from {from} while waiting for the {name}: {e}");
+                        log_refused(from, name, &e);
                         if refused.len() < REFUSED_MAX {
                             refused.push(format!("{from}: {e}"));
                         }
@@ -768,15 +768,21 @@ fn accept_left(listener: &TcpListener, name: &str, allowed: &[std::net::IpAddr],
         result
     });
     // Every connection that was not the neighbour is logged, including those whose handshake
-    // was still running (or had just been refused) when the neighbour's went through.
+    // was still running (or had just been refused) when the neighbour's went through. An abort
+    // is the result's own error; the handshakes it ended are not strangers.
     for (from, r) in rx.try_iter() {
         match r {
             Ok(_) => tracing::warn!("ring: dropped a second connection from {from} that handshook as the {name}"),
             Err(Fail::Stopped) => tracing::warn!("ring: dropped a connection from {from}: its handshake was unfinished when the {name} connected"),
-            Err(Fail::Error(e)) => tracing::warn!("ring: dropped a connection from {from} while waiting for the {name}: {e}"),
+            Err(Fail::Error(CollectiveError::Aborted { .. })) => {}
+            Err(Fail::Error(e)) => log_refused(from, name, &e),
         }
     }
     result
+}
+
+fn log_refused(from: SocketAddr, name: &str, e: &CollectiveError) {
+    tracing::warn!("ring: dropped a connection from {from} while waiting for the {name}: {e}");
 }
 
 /// The accepting end of a handshake: read the peer's hello, answer with ours and our MAC (even
